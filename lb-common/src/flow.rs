@@ -1,0 +1,82 @@
+//! Connection tracking and NAT state.
+use crate::assert_layout;
+
+/// A flow as seen on the wire: key of `conntrack` (client to VIP) and of `nat_reverse`
+/// (backend to the balancer's SNAT address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+assert_layout!(FlowKey, size = 16, align = 2);
+
+/// Value of `conntrack`: where a client's flow was balanced to and which SNAT address
+/// and port it uses towards the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub backend_id: u32,
+    /// The backend's generation when the flow was balanced; a mismatch re-balances.
+    pub backend_generation: u32,
+    pub snat_addr: [u8; 4],
+    pub snat_port: u16,
+    /// `CONN_CLOSING` once a FIN or RST was seen in either direction.
+    pub flags: u16,
+    /// `bpf_ktime_get_coarse_ns` of the last packet, refreshed at most once a second.
+    pub last_seen_ns: u64,
+}
+assert_layout!(Conn, size = 24, align = 8);
+
+pub const CONN_CLOSING: u16 = 1;
+
+/// A tracked flow older than this (since its last packet) no longer holds its SNAT port.
+pub const TCP_IDLE_TIMEOUT_NS: u64 = 3600 * 1_000_000_000;
+/// After a FIN or RST: long enough for the backend's TIME_WAIT (60 s on Linux).
+pub const TCP_CLOSING_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
+pub const UDP_IDLE_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
+/// `last_seen_ns` is rewritten only when it is older than this, to keep the fast path
+/// free of a cache-line write on every packet.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+impl FlowKey {
+    pub const fn new(src_addr: [u8; 4], src_port: u16, dst_addr: [u8; 4], dst_port: u16, proto: u8) -> Self {
+        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
+    }
+}
+
+impl Conn {
+    /// Whether the flow has been idle longer than its protocol allows.
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, now_ns: u64) -> bool {
+        let timeout = if self.flags & CONN_CLOSING != 0 {
+            TCP_CLOSING_TIMEOUT_NS
+        } else if proto == crate::IPPROTO_TCP {
+            TCP_IDLE_TIMEOUT_NS
+        } else {
+            UDP_IDLE_TIMEOUT_NS
+        };
+        now_ns.saturating_sub(self.last_seen_ns) > timeout
+    }
+}
+
+/// Value of `nat_reverse`: how to turn a backend's reply back into what the client expects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReverse {
+    pub client_addr: [u8; 4],
+    pub vip_addr: [u8; 4],
+    pub client_port: u16,
+    pub vip_port: u16,
+    /// Replies are counted on the same service and backend as the requests.
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// When the reply path last refreshed the client flow's `Conn::last_seen_ns`.
+    pub last_seen_ns: u64,
+}
+assert_layout!(NatReverse, size = 32, align = 8);

@@ -1,0 +1,10 @@
+//! `aya::Pod` for every shared type, so the daemon can read and write them in BPF maps.
+use crate::{config::*, flow::*, service::*, stats::*};
+
+macro_rules! pod {
+    ($($t:ty),*) => { $(
+        // SAFETY: `#[repr(C)]`, every field is plain data and padding is explicit.
+        unsafe impl aya::Pod for $t {}
+    )* };
+}
+pod!(ServiceKey, ServiceInfo, Backend, FlowKey, Conn, NatReverse, Config, IfaceAddr, Counters);

@@ -1,0 +1,19 @@
+//! Backend selection: the service's Maglev slot for the flow's hash.
+use lb_common::service::{Backend, ServiceInfo};
+
+use crate::maps;
+
+/// The backend id and backend in the slot `hash` falls on, if that backend is usable.
+#[inline(always)]
+pub fn pick(svc: &ServiceInfo, hash: u32) -> Option<(u32, Backend)> {
+    if svc.table_size == 0 {
+        return None;
+    }
+    let slot = svc.table_offset.wrapping_add(hash % svc.table_size);
+    let id = *maps::maglev.get(slot)?;
+    let backend = *maps::backends.get(id)?;
+    if id == 0 || !backend.is_active() {
+        return None;
+    }
+    Some((id, backend))
+}

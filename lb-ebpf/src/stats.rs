@@ -1,0 +1,29 @@
+//! Per-CPU counters: per service, per backend, and drops by reason.
+use aya_ebpf::btf_maps::PerCpuArray;
+use lb_common::stats::{Counters, DropReason};
+
+use crate::maps;
+
+#[inline(always)]
+fn add<const N: usize>(map: &PerCpuArray<Counters, N>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer, no atomics needed.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count(service_id: u32, backend_id: u32, bytes: u64) {
+    add(&maps::service_stats, service_id, bytes);
+    add(&maps::backend_stats, backend_id, bytes);
+}
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    if let Some(c) = maps::drops.get_ptr_mut(reason as u32) {
+        unsafe { *c += 1 };
+    }
+}

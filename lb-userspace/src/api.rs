@@ -1,0 +1,126 @@
+//! The HTTP API: JSON in and out, every error a JSON object naming the field at fault.
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde_json::json;
+
+use crate::{
+    controller::{ControlError, Controller},
+    model::ServiceSpec,
+};
+
+pub type Shared = Arc<Mutex<Controller>>;
+
+/// An error answer: status, message and (for bad input) the field.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = f.into();
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Invalid(v) => {
+                ApiError { status: StatusCode::BAD_REQUEST, message: v.to_string(), field: Some(v.field) }
+            }
+            ControlError::NotFound(_) => {
+                ApiError { status: StatusCode::NOT_FOUND, message: e.to_string(), field: Some("name".into()) }
+            }
+            ControlError::Dataplane(d) => {
+                tracing::error!(error = %d, "applying to the data plane");
+                ApiError { status: StatusCode::INSUFFICIENT_STORAGE, message: d.to_string(), field: None }
+            }
+        }
+    }
+}
+
+/// Parses a JSON body, naming the field a type error is in.
+fn parse_spec(body: &[u8]) -> Result<ServiceSpec, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." { "body".to_string() } else { path };
+        // serde names an unknown field in its message; point at it.
+        let field = match inner.to_string().strip_prefix("unknown field `") {
+            Some(rest) => rest.split('`').next().unwrap_or(&field).to_string(),
+            None => field,
+        };
+        ApiError { status: StatusCode::BAD_REQUEST, message: format!("{field}: {inner}"), field: Some(field) }
+    })
+}
+
+/// Runs `f` on the controller off the async threads: map updates are syscalls.
+async fn with_controller<T: Send + 'static>(
+    state: &Shared,
+    f: impl FnOnce(&mut Controller) -> Result<T, ControlError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut ctrl = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut ctrl)
+    })
+    .await
+    .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string(), field: None })?
+    .map_err(ApiError::from)
+}
+
+async fn put_service(State(s): State<Shared>, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let spec = parse_spec(&body)?;
+    let svc = with_controller(&s, move |c| c.put(&name, spec)).await?;
+    Ok(Json(svc).into_response())
+}
+
+async fn get_service(State(s): State<Shared>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let view = with_controller(&s, move |c| c.get(&name)).await?;
+    Ok(Json(view).into_response())
+}
+
+async fn delete_service(State(s): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    with_controller(&s, move |c| c.delete(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_services(State(s): State<Shared>) -> Result<Response, ApiError> {
+    let list = with_controller(&s, |c| Ok(c.list())).await?;
+    Ok(Json(list).into_response())
+}
+
+async fn stats(State(s): State<Shared>) -> Result<Response, ApiError> {
+    let drops = with_controller(&s, |c| Ok(c.drops())).await?;
+    let drops: serde_json::Map<String, serde_json::Value> =
+        drops.into_iter().map(|(r, n)| (r.name().to_string(), n.into())).collect();
+    Ok(Json(json!({ "drops": drops })).into_response())
+}
+
+async fn not_found() -> ApiError {
+    ApiError { status: StatusCode::NOT_FOUND, message: "no such endpoint".into(), field: None }
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{name}", get(get_service).put(put_service).delete(delete_service))
+        .route("/v1/stats", get(stats))
+        .route("/health", get(|| async { "ok" }))
+        .fallback(not_found)
+        .with_state(state)
+}

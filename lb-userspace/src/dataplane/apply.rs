@@ -1,0 +1,151 @@
+//! Applying a service to the maps. Make before break: new backends and table slots are
+//! written before the service entry points at them, and old ones are retired only after
+//! it no longer does; on removal the service entry goes first.
+use std::net::SocketAddrV4;
+
+use lb_common::{
+    maglev,
+    service::{BACKEND_ACTIVE, Backend, ServiceInfo, ServiceKey},
+    stats::Counters,
+};
+
+use super::{Dataplane, DataplaneError};
+use crate::model::Service;
+
+/// What a service occupies in the maps.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub key: ServiceKey,
+    pub id: u32,
+    pub table_offset: u32,
+    pub table_size: u32,
+    /// Each backend and its backend id.
+    pub backends: Vec<(SocketAddrV4, u32)>,
+    /// The table as written: backend id per slot.
+    pub table: Vec<u32>,
+}
+
+pub fn service_key(svc: &Service) -> ServiceKey {
+    ServiceKey::new(svc.vip.ip().octets(), svc.vip.port(), svc.protocol.number())
+}
+
+impl Dataplane {
+    fn zero_counters(&mut self, service: Option<u32>, backend: Option<u32>) -> Result<(), DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let zeros = || aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(DataplaneError::Cpus);
+        if let Some(id) = service {
+            self.service_stats.set(id, zeros()?, 0)?;
+        }
+        if let Some(id) = backend {
+            self.backend_stats.set(id, zeros()?, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Creates or replaces `svc` in the maps.
+    pub fn upsert(&mut self, svc: &Service) -> Result<(), DataplaneError> {
+        let old = self.installed.get(&svc.name).cloned();
+        let key = service_key(svc);
+
+        // Backend ids: kept for backends that stay, new ones for the others.
+        let mut backends = Vec::with_capacity(svc.backends.len());
+        let mut added = Vec::new();
+        let needed = svc.backends.iter().filter(|b| !old.as_ref().is_some_and(|o| o.backends.iter().any(|(a, _)| a == *b))).count();
+        if needed as u32 > self.backend_ids.available() {
+            return Err(DataplaneError::Full(format!("no room for {needed} more backends (raise --max-backends)")));
+        }
+        let id = match &old {
+            Some(o) => o.id,
+            None => self.service_ids.alloc().ok_or_else(|| DataplaneError::Full("no room for another service (raise --max-services)".into()))?,
+        };
+        let reuse_region = old.as_ref().is_some_and(|o| o.table_size == svc.table_size);
+        let offset = if reuse_region {
+            old.as_ref().unwrap().table_offset
+        } else {
+            match self.slots.alloc(svc.table_size) {
+                Some(o) => o,
+                None => {
+                    if old.is_none() {
+                        self.service_ids.release(id);
+                    }
+                    return Err(DataplaneError::Full(format!(
+                        "no room for a {}-slot Maglev table (raise --maglev-slots)",
+                        svc.table_size
+                    )));
+                }
+            }
+        };
+        if old.is_none() {
+            self.zero_counters(Some(id), None)?;
+        }
+        for &addr in &svc.backends {
+            if let Some(&(_, bid)) = old.as_ref().and_then(|o| o.backends.iter().find(|(a, _)| *a == addr)) {
+                backends.push((addr, bid));
+                continue;
+            }
+            let bid = self.backend_ids.alloc().expect("counted above");
+            self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
+            self.zero_counters(None, Some(bid))?;
+            self.backends.set(
+                bid,
+                Backend { addr: addr.ip().octets(), port: addr.port(), _pad: 0, flags: BACKEND_ACTIVE, generation: self.generations[bid as usize] },
+                0,
+            )?;
+            backends.push((addr, bid));
+            added.push(bid);
+        }
+
+        // The table: only the slots that change when it stays in place.
+        let addrs: Vec<SocketAddrV4> = backends.iter().map(|&(a, _)| a).collect();
+        let table: Vec<u32> = maglev::build_table(&addrs, svc.table_size).into_iter().map(|i| backends[i as usize].1).collect();
+        for (slot, &bid) in table.iter().enumerate() {
+            let unchanged = reuse_region && old.as_ref().unwrap().table[slot] == bid;
+            if !unchanged {
+                self.maglev.set(offset + slot as u32, bid, 0)?;
+            }
+        }
+
+        // Switch the service entry over.
+        let info = ServiceInfo { id, table_offset: offset, table_size: svc.table_size, flags: 0 };
+        self.services.insert(key, info, 0)?;
+
+        // Retire what the old version had and the new one does not.
+        if let Some(o) = &old {
+            if o.key != key {
+                self.services.remove(&o.key)?;
+            }
+            for &(addr, bid) in &o.backends {
+                if !svc.backends.contains(&addr) {
+                    self.retire_backend(bid)?;
+                }
+            }
+            if !reuse_region {
+                self.slots.release(o.table_offset, o.table_size);
+            }
+        }
+        self.installed.insert(
+            svc.name.clone(),
+            Installed { key, id, table_offset: offset, table_size: svc.table_size, backends, table },
+        );
+        Ok(())
+    }
+
+    fn retire_backend(&mut self, bid: u32) -> Result<(), DataplaneError> {
+        // Inactive: tracked flows see it and are balanced again on their next packet.
+        self.backends.set(bid, Backend::default(), 0)?;
+        self.backend_ids.release(bid);
+        Ok(())
+    }
+
+    /// Removes a service: its entry first, then its backends and table.
+    pub fn remove(&mut self, name: &str) -> Result<bool, DataplaneError> {
+        let Some(inst) = self.installed.remove(name) else { return Ok(false) };
+        self.services.remove(&inst.key)?;
+        for &(_, bid) in &inst.backends {
+            self.retire_backend(bid)?;
+        }
+        self.slots.release(inst.table_offset, inst.table_size);
+        self.service_ids.release(inst.id);
+        Ok(true)
+    }
+}

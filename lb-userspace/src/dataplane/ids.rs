@@ -1,0 +1,51 @@
+//! Id allocation with a free list; id 0 is never handed out (it means "none" in maps).
+
+#[derive(Debug)]
+pub struct IdAllocator {
+    next: u32,
+    limit: u32,
+    free: Vec<u32>,
+}
+
+impl IdAllocator {
+    /// Ids `1 .. limit`.
+    pub fn new(limit: u32) -> Self {
+        Self { next: 1, limit, free: Vec::new() }
+    }
+
+    pub fn alloc(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop() {
+            return Some(id);
+        }
+        if self.next >= self.limit {
+            return None;
+        }
+        self.next += 1;
+        Some(self.next - 1)
+    }
+
+    pub fn release(&mut self, id: u32) {
+        debug_assert!(id != 0 && id < self.next);
+        self.free.push(id);
+    }
+
+    /// How many more ids can be handed out.
+    pub fn available(&self) -> u32 {
+        self.limit - self.next + self.free.len() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_start_at_one_are_reused_and_run_out() {
+        let mut ids = IdAllocator::new(4);
+        assert_eq!((ids.alloc(), ids.alloc(), ids.alloc()), (Some(1), Some(2), Some(3)));
+        assert_eq!(ids.alloc(), None);
+        ids.release(2);
+        assert_eq!(ids.available(), 1);
+        assert_eq!(ids.alloc(), Some(2));
+    }
+}

@@ -1,0 +1,255 @@
+//! The only code that touches BPF: loads lb's XDP program, pins its maps, attaches it to
+//! interfaces and applies services to the maps in an order packets can never observe
+//! half done.
+mod apply;
+mod ids;
+mod slots;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    ffi::CString,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    config::{Config, IfaceAddr},
+    service::{Backend, ServiceInfo, ServiceKey},
+    stats::{Counters, DropReason},
+};
+
+pub use apply::Installed;
+use ids::IdAllocator;
+use slots::SlotAllocator;
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
+
+/// The forwarding program and the do-nothing floor used by benchmarks.
+pub const PROGRAM: &str = "lb_xdp";
+pub const PASS_PROGRAM: &str = "lb_pass";
+
+/// Every map, by the name it has in the object and under the pin directory.
+pub const MAPS: [&str; 10] = [
+    "services",
+    "backends",
+    "maglev",
+    "conntrack",
+    "nat_reverse",
+    "config",
+    "iface_addrs",
+    "service_stats",
+    "backend_stats",
+    "drops",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("BPF map: {0}")]
+    Map(#[from] MapError),
+    #[error("pinning under {path}: {source}")]
+    Pin { path: PathBuf, source: std::io::Error },
+    #[error("{0} is not on a bpffs mount (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpffs(PathBuf),
+    #[error("interface {0:?} does not exist")]
+    NoSuchInterface(String),
+    #[error("attaching XDP to {iface}: {source}")]
+    Attach { iface: String, source: ProgramError },
+    #[error("the eBPF object has no map or program named {0}")]
+    Missing(&'static str),
+    #[error("{0}")]
+    Full(String),
+    #[error("counting CPUs: {0}")]
+    Cpus(std::io::Error),
+}
+
+/// Sizes of the maps, chosen at load time.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub maglev_slots: u32,
+    pub conntrack_entries: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_services: 65536, max_backends: 65536, maglev_slots: 4_194_304, conntrack_entries: 524_288 }
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    services: HashMap<MapData, ServiceKey, ServiceInfo>,
+    backends: Array<MapData, Backend>,
+    maglev: Array<MapData, u32>,
+    config: Array<MapData, Config>,
+    iface_addrs: HashMap<MapData, u32, IfaceAddr>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    drops: PerCpuArray<MapData, u64>,
+    links: Vec<(String, XdpLinkId)>,
+    service_ids: IdAllocator,
+    backend_ids: IdAllocator,
+    /// Generation last given to each backend id (index = id).
+    generations: Vec<u32>,
+    slots: SlotAllocator,
+    installed: StdHashMap<String, Installed>,
+}
+
+fn is_bpffs(dir: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(path) = CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    Ok(T::try_from(ebpf.take_map(name).ok_or(DataplaneError::Missing(name))?)?)
+}
+
+impl Dataplane {
+    /// Loads the program and its maps and pins the maps under `pin_dir` (created if
+    /// needed; pins left there by an earlier run are replaced).
+    pub fn load(pin_dir: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
+        let pin_err = |source| DataplaneError::Pin { path: pin_dir.to_path_buf(), source };
+        std::fs::create_dir_all(pin_dir).map_err(pin_err)?;
+        if !is_bpffs(pin_dir) {
+            return Err(DataplaneError::NotBpffs(pin_dir.to_path_buf()));
+        }
+        for name in MAPS {
+            let pin = pin_dir.join(name);
+            if pin.exists() {
+                tracing::warn!(pin = %pin.display(), "replacing a pin left by an earlier run");
+                std::fs::remove_file(&pin).map_err(pin_err)?;
+            }
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("services", limits.max_services)
+            .map_max_entries("service_stats", limits.max_services)
+            .map_max_entries("backends", limits.max_backends)
+            .map_max_entries("backend_stats", limits.max_backends)
+            .map_max_entries("maglev", limits.maglev_slots)
+            .map_max_entries("conntrack", limits.conntrack_entries)
+            .map_max_entries("nat_reverse", limits.conntrack_entries)
+            .load(EBPF_OBJECT)?;
+        for name in [PROGRAM, PASS_PROGRAM] {
+            let prog: &mut Xdp = ebpf.program_mut(name).ok_or(DataplaneError::Missing(name))?.try_into()?;
+            prog.load()?;
+        }
+        for name in MAPS {
+            let map = ebpf.map(name).ok_or(DataplaneError::Missing(name))?;
+            map.pin(pin_dir.join(name)).map_err(|e| pin_err(std::io::Error::other(e.to_string())))?;
+        }
+        Ok(Self {
+            services: take(&mut ebpf, "services")?,
+            backends: take(&mut ebpf, "backends")?,
+            maglev: take(&mut ebpf, "maglev")?,
+            config: take(&mut ebpf, "config")?,
+            iface_addrs: take(&mut ebpf, "iface_addrs")?,
+            service_stats: take(&mut ebpf, "service_stats")?,
+            backend_stats: take(&mut ebpf, "backend_stats")?,
+            drops: take(&mut ebpf, "drops")?,
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            links: Vec::new(),
+            service_ids: IdAllocator::new(limits.max_services),
+            backend_ids: IdAllocator::new(limits.max_backends),
+            generations: vec![0; limits.max_backends as usize],
+            slots: SlotAllocator::new(limits.maglev_slots),
+            installed: StdHashMap::new(),
+        })
+    }
+
+    /// Sets the SNAT source port range (inclusive).
+    pub fn set_snat_ports(&mut self, min: u16, max: u16) -> Result<(), DataplaneError> {
+        self.config.set(0, Config { snat_port_min: min, snat_port_max: max, flags: 0 }, 0)?;
+        Ok(())
+    }
+
+    /// Makes `addrs` (ifindex -> IPv4) the SNAT source addresses, removing others.
+    pub fn set_iface_addrs(&mut self, addrs: &StdHashMap<u32, [u8; 4]>) -> Result<(), DataplaneError> {
+        for (&ifindex, &addr) in addrs {
+            if self.iface_addrs.get(&ifindex, 0).ok().map(|a| a.addr) != Some(addr) {
+                self.iface_addrs.insert(ifindex, IfaceAddr { addr }, 0)?;
+            }
+        }
+        let stale: Vec<u32> = self.iface_addrs.keys().filter_map(Result::ok).filter(|k| !addrs.contains_key(k)).collect();
+        for k in stale {
+            self.iface_addrs.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the program to `iface` (native XDP where the driver has it).
+    pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).ok_or(DataplaneError::Missing(PROGRAM))?.try_into()?;
+        let link = prog
+            .attach(iface, XdpMode::Default)
+            .map_err(|source| DataplaneError::Attach { iface: iface.to_string(), source })?;
+        self.links.push((iface.to_string(), link));
+        Ok(())
+    }
+
+    /// A loaded program, for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self, name: &str) -> Option<&Xdp> {
+        self.ebpf.program(name)?.try_into().ok()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn installed(&self, name: &str) -> Option<&Installed> {
+        self.installed.get(name)
+    }
+
+    fn sum(values: PerCpuValues<Counters>) -> Counters {
+        values.iter().fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+    }
+
+    /// Packets and bytes of a service, and of each of its backends, summed over CPUs.
+    pub fn counters(&self, name: &str) -> Option<(Counters, Vec<(SocketAddrV4, Counters)>)> {
+        let inst = self.installed.get(name)?;
+        let service = self.service_stats.get(&inst.id, 0).map(Self::sum).unwrap_or_default();
+        let backends = inst
+            .backends
+            .iter()
+            .map(|&(addr, id)| (addr, self.backend_stats.get(&id, 0).map(Self::sum).unwrap_or_default()))
+            .collect();
+        Some((service, backends))
+    }
+
+    /// Dropped packets by reason, summed over CPUs.
+    pub fn drops(&self) -> Vec<(DropReason, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|&r| (r, self.drops.get(&(r as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)))
+            .collect()
+    }
+
+}
+
+impl Drop for Dataplane {
+    /// Detaches (links are closed with the program) and removes the pins.
+    fn drop(&mut self) {
+        self.links.clear();
+        for name in MAPS {
+            let _ = std::fs::remove_file(self.pin_dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}

@@ -1,0 +1,158 @@
+//! `lb`: an XDP load balancer. `lb run` loads the data plane, attaches it and serves the
+//! HTTP API until SIGINT or SIGTERM.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use lb::{
+    api,
+    controller::Controller,
+    dataplane::{Dataplane, Limits},
+    net,
+};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "An XDP layer-4 load balancer with full NAT, driven over HTTP")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the XDP program and serve the HTTP API (needs root).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Interface to attach to; repeat for each interface clients or backends are reached
+    /// through (replies from backends must arrive on an attached interface too).
+    #[arg(long = "iface", required = true, value_name = "IF")]
+    ifaces: Vec<String>,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:9090", value_name = "ADDR")]
+    api: SocketAddr,
+    /// bpffs directory the maps are pinned under.
+    #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
+    bpffs: PathBuf,
+    /// Source ports for the balancer's side of forwarded flows. Must not overlap the
+    /// host's ephemeral range (net.ipv4.ip_local_port_range).
+    #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX", value_parser = parse_range)]
+    snat_ports: (u16, u16),
+    /// Capacity of the services map.
+    #[arg(long, default_value_t = Limits::default().max_services)]
+    max_services: u32,
+    /// Capacity of the backends map (over all services).
+    #[arg(long, default_value_t = Limits::default().max_backends)]
+    max_backends: u32,
+    /// Capacity of the shared Maglev slot array (about 8 bytes of kernel memory a slot).
+    #[arg(long, default_value_t = Limits::default().maglev_slots)]
+    maglev_slots: u32,
+    /// Capacity of the connection-tracking and reverse-NAT maps.
+    #[arg(long, default_value_t = Limits::default().conntrack_entries)]
+    conntrack_entries: u32,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX, like 61000-65535")?;
+    let min: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let max: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    if min == 0 || min > max {
+        return Err("MIN must be at least 1 and not above MAX".into());
+    }
+    Ok((min, max))
+}
+
+/// Refuses a SNAT range that overlaps the ports the host picks for its own connections.
+fn check_ephemeral_overlap((min, max): (u16, u16)) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else { return Ok(()) };
+    let mut it = text.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+    if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
+        if min <= hi && lo <= max {
+            bail!(
+                "--snat-ports {min}-{max} overlaps the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range); choose a range outside it"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    check_ephemeral_overlap(args.snat_ports)?;
+    for iface in &args.ifaces {
+        net::ifindex(iface)?;
+    }
+    let limits = Limits {
+        max_services: args.max_services,
+        max_backends: args.max_backends,
+        maglev_slots: args.maglev_slots,
+        conntrack_entries: args.conntrack_entries,
+    };
+    let mut dataplane = Dataplane::load(&args.bpffs, &limits)?;
+    dataplane.set_snat_ports(args.snat_ports.0, args.snat_ports.1)?;
+    dataplane.set_iface_addrs(&net::interface_addresses()?)?;
+    for iface in &args.ifaces {
+        net::enable_forwarding(iface)?;
+        dataplane.attach(iface)?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.api).await.with_context(|| format!("binding the API to {}", args.api))?;
+    let state = Arc::new(Mutex::new(Controller::new(dataplane)));
+    tracing::info!(api = %args.api, ifaces = ?args.ifaces, bpffs = %args.bpffs.display(), "lb is running");
+
+    // Interface addresses can change under us; keep the SNAT sources current.
+    let refresher = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                match net::interface_addresses() {
+                    Ok(addrs) => {
+                        let mut c = state.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Err(e) = c.dataplane().set_iface_addrs(&addrs) {
+                            tracing::warn!(error = %e, "updating interface addresses");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading interface addresses"),
+                }
+            }
+        })
+    };
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    };
+    axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(shutdown).await?;
+    refresher.abort();
+    // Dropping the controller detaches XDP and removes the pins.
+    drop(state);
+    tracing::info!("stopped; XDP detached and pins removed");
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = match cli.command {
+        Command::Run(args) => runtime.block_on(run(args)),
+    };
+    if let Err(e) = result {
+        eprintln!("lb: error: {e:#}");
+        std::process::exit(1);
+    }
+}

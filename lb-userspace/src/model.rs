@@ -1,0 +1,168 @@
+//! Services as users describe them, and their validation. A [`Service`] is always valid:
+//! the only way to get one is [`ServiceSpec::validate`].
+use std::{collections::HashSet, net::SocketAddrV4};
+
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, maglev};
+use serde::{Deserialize, Serialize};
+
+pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_BACKENDS: usize = 4096;
+
+/// Bad input, with the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+/// The body of `PUT /v1/services/{name}`, as sent. Fields are strings so that a bad value
+/// gets an error naming its field rather than a generic parse error.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub vip: Option<String>,
+    pub protocol: Option<String>,
+    pub backends: Option<Vec<String>>,
+    /// Maglev table size; a prime. Default: grows with the backend count.
+    pub table_size: Option<u32>,
+}
+
+/// A validated service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+    pub backends: Vec<SocketAddrV4>,
+    pub table_size: u32,
+}
+
+pub fn validate_name(name: &str) -> Result<(), ValidationError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(ValidationError::new("name", format!("must be 1 to {MAX_NAME_LEN} characters")));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err(ValidationError::new("name", "may hold only letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+fn parse_addr(field: &str, value: &str) -> Result<SocketAddrV4, ValidationError> {
+    let addr: SocketAddrV4 = value.parse().map_err(|_| {
+        ValidationError::new(field, format!("{value:?} is not an IPv4 address with a port (like 10.0.0.1:80)"))
+    })?;
+    if addr.port() == 0 {
+        return Err(ValidationError::new(field, "port 0 is not allowed"));
+    }
+    let ip = addr.ip();
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(ValidationError::new(field, format!("{ip} cannot be used")));
+    }
+    Ok(addr)
+}
+
+impl ServiceSpec {
+    pub fn validate(self, name: &str) -> Result<Service, ValidationError> {
+        validate_name(name)?;
+        let vip = parse_addr("vip", self.vip.as_deref().ok_or_else(|| ValidationError::new("vip", "is required"))?)?;
+        let protocol = match self.protocol.as_deref().unwrap_or("tcp") {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => return Err(ValidationError::new("protocol", format!("{other:?} is not tcp or udp"))),
+        };
+        let raw = self.backends.ok_or_else(|| ValidationError::new("backends", "is required"))?;
+        if raw.is_empty() {
+            return Err(ValidationError::new("backends", "must list at least one backend"));
+        }
+        if raw.len() > MAX_BACKENDS {
+            return Err(ValidationError::new("backends", format!("at most {MAX_BACKENDS} backends")));
+        }
+        let mut seen = HashSet::new();
+        let mut backends = Vec::with_capacity(raw.len());
+        for (i, b) in raw.iter().enumerate() {
+            let field = format!("backends[{i}]");
+            let addr = parse_addr(&field, b)?;
+            if !seen.insert(addr) {
+                return Err(ValidationError::new(field, format!("{addr} is listed twice")));
+            }
+            backends.push(addr);
+        }
+        let table_size = match self.table_size {
+            None => maglev::default_table_size(backends.len()),
+            Some(m) => {
+                if !maglev::is_prime(m) || m > maglev::MAX_TABLE_SIZE || (m as usize) < backends.len() {
+                    return Err(ValidationError::new(
+                        "table_size",
+                        format!("must be a prime from the backend count up to {}", maglev::MAX_TABLE_SIZE),
+                    ));
+                }
+                m
+            }
+        };
+        Ok(Service { name: name.to_string(), vip, protocol, backends, table_size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(vip: &str, proto: &str, backends: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            vip: Some(vip.into()),
+            protocol: Some(proto.into()),
+            backends: Some(backends.iter().map(|s| s.to_string()).collect()),
+            table_size: None,
+        }
+    }
+
+    fn field_of(r: Result<Service, ValidationError>) -> String {
+        r.unwrap_err().field
+    }
+
+    #[test]
+    fn a_good_spec_validates() {
+        let s = spec("10.0.0.100:80", "tcp", &["10.0.1.11:8080", "10.0.1.12:8080"]).validate("web").unwrap();
+        assert_eq!(s.vip, "10.0.0.100:80".parse().unwrap());
+        assert_eq!(s.backends.len(), 2);
+        assert_eq!(s.table_size, 251);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert_eq!(field_of(spec("10.0.0.100", "tcp", &["10.0.1.1:1"]).validate("a")), "vip");
+        assert_eq!(field_of(spec("10.0.0.100:0", "tcp", &["10.0.1.1:1"]).validate("a")), "vip");
+        assert_eq!(field_of(spec("10.0.0.100:80", "sctp", &["10.0.1.1:1"]).validate("a")), "protocol");
+        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &[]).validate("a")), "backends");
+        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1", "nope"]).validate("a")), "backends[1]");
+        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1", "10.0.1.1:1"]).validate("a")), "backends[1]");
+        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]).validate(&"x".repeat(64))), "name");
+        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]).validate("a/b")), "name");
+        let mut s = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]);
+        s.table_size = Some(1000);
+        assert_eq!(field_of(s.validate("a")), "table_size");
+    }
+}
