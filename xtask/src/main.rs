@@ -1,1 +1,102 @@
-fn main(){}
+//! lb's developer commands. Each does its own set-up first, so a fresh Debian or Ubuntu
+//! host (as root) needs nothing but `cargo xtask demo` or `cargo xtask test`.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "lb developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install or check what building and testing lb needs (Debian packages, rust-src for
+    /// nightly, bpf-linker against LLVM 22, a bpffs mount).
+    Setup,
+    /// Build the eBPF object (lb-ebpf) with nightly and bpf-linker.
+    BuildEbpf,
+    /// Build everything and run every test: unit, BPF_PROG_TEST_RUN packet tables and
+    /// end-to-end suites in network namespaces (needs root).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Build, then run lb in a small namespace topology and show how it balances.
+    Demo,
+    /// Print per-packet costs of the XDP program measured with BPF_PROG_TEST_RUN.
+    Bench,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root().join("lb-ebpf"))
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
+        .args(["+nightly", "build", "-Z", "build-std=core", "--target", "bpfel-unknown-none", "--release"]))
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root()).args(args);
+    c
+}
+
+fn build_release() -> anyhow::Result<()> {
+    run(&mut cargo(&["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Test { filter } => {
+            setup::setup()?;
+            build_ebpf()?;
+            build_release()?;
+            let mut unit = cargo(&["test", "--release", "-p", "lb-common", "-p", "lb-userspace", "-p", "xtask"]);
+            let mut privileged = cargo(&["test", "--release", "-p", "lb-tests", "--"]);
+            privileged.arg("--test-threads=1");
+            if let Some(f) = &filter {
+                unit.args(["--", f]);
+                privileged.arg(f);
+            }
+            run(&mut unit)?;
+            run(privileged.env("LB_BIN", root().join("target/release/lb")))
+        }
+        Cmd::Demo => {
+            setup::setup()?;
+            build_ebpf()?;
+            build_release()?;
+            run(Command::new(root().join("target/release/lb-demo")).env("LB_BIN", root().join("target/release/lb")))
+        }
+        Cmd::Bench => {
+            setup::setup()?;
+            build_ebpf()?;
+            build_release()?;
+            run(&mut Command::new(root().join("target/release/lb-bench")))
+        }
+    }
+}

@@ -28,7 +28,7 @@ use ids::IdAllocator;
 use slots::SlotAllocator;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
 
 /// The forwarding program and the do-nothing floor used by benchmarks.
 pub const PROGRAM: &str = "lb_xdp";
@@ -114,6 +114,21 @@ fn is_bpffs(dir: &Path) -> bool {
     unsafe { libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
+/// Mounts bpffs on /sys/fs/bpf, as systemd does at boot, when `dir` is under it and
+/// nothing is mounted there (containers and minimal hosts).
+fn mount_bpffs_if_missing(dir: &Path) -> std::io::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) || is_bpffs(root) || !root.is_dir() {
+        return Ok(());
+    }
+    let (src, fstype, target) = (c"bpf", c"bpf", c"/sys/fs/bpf");
+    if unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    tracing::info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -126,6 +141,7 @@ impl Dataplane {
     /// needed; pins left there by an earlier run are replaced).
     pub fn load(pin_dir: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
         let pin_err = |source| DataplaneError::Pin { path: pin_dir.to_path_buf(), source };
+        mount_bpffs_if_missing(pin_dir).map_err(pin_err)?;
         std::fs::create_dir_all(pin_dir).map_err(pin_err)?;
         if !is_bpffs(pin_dir) {
             return Err(DataplaneError::NotBpffs(pin_dir.to_path_buf()));

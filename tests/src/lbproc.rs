@@ -1,0 +1,124 @@
+//! An `lb run` process under test, inside a namespace, with its API client.
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::netns::{Netns, in_netns};
+
+/// The `lb` binary: `$LB_BIN` (set by `cargo xtask test`), else the release build.
+pub fn lb_bin() -> PathBuf {
+    std::env::var_os("LB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"))
+}
+
+pub struct LbProcess {
+    child: Option<Child>,
+    ns_path: String,
+    pub api: String,
+    pub bpffs: PathBuf,
+    log: PathBuf,
+}
+
+impl LbProcess {
+    /// Starts `lb run --iface IF...` in `ns` and waits until its API answers.
+    pub fn start(ns: &Netns, ifaces: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
+        let bpffs = PathBuf::from("/sys/fs/bpf").join(crate::unique("lbt"));
+        let log = std::env::temp_dir().join(format!("{}.log", crate::unique("lb-")));
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path())).arg(lb_bin()).arg("run");
+        for i in ifaces {
+            cmd.args(["--iface", i]);
+        }
+        cmd.args(["--api", "127.0.0.1:9090", "--bpffs"]).arg(&bpffs).args(extra);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting lb")?;
+        let mut lb = Self { child: Some(child), ns_path: ns.path(), api: "http://127.0.0.1:9090".into(), bpffs, log };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok((200, _)) = lb.request("GET", "/health", None) {
+                return Ok(lb);
+            }
+            if let Some(status) = lb.child.as_mut().unwrap().try_wait()? {
+                bail!("lb exited ({status}): {}", lb.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("lb's API did not come up: {}", lb.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One API call: status and JSON body (Null when empty).
+    pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}{path}", self.api);
+        let method = method.to_string();
+        let body = body.map(str::to_string);
+        in_netns(&self.ns_path, move || {
+            let req = ureq::request(&method, &url).timeout(Duration::from_secs(10));
+            let resp = match body {
+                Some(b) => req.set("content-type", "application/json").send_string(&b),
+                None => req.call(),
+            };
+            let resp = match resp {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => return Err(anyhow::anyhow!("{e}")),
+            };
+            let status = resp.status();
+            let text = resp.into_string()?;
+            let json = if text.trim().is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+            Ok((status, json))
+        })
+    }
+
+    /// `PUT /v1/services/NAME`, which must succeed.
+    pub fn put_service(&self, name: &str, body: &Value) -> anyhow::Result<Value> {
+        let (status, v) = self.request("PUT", &format!("/v1/services/{name}"), Some(&body.to_string()))?;
+        if status != 200 {
+            bail!("PUT {name}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        Ok(child.wait()?)
+    }
+}
+
+impl Drop for LbProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Pins of an lb that was killed: remove them so tests leave nothing behind.
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

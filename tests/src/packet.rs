@@ -1,0 +1,1 @@
+//! Packet building and checking for BPF_PROG_TEST_RUN tables.

@@ -1,0 +1,186 @@
+//! Backends and clients for the tests and the demo. A backend answers every HTTP request
+//! (keep-alive) and every UDP datagram with its own name, so a client sees where the
+//! balancer sent it.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+use crate::netns::Netns;
+
+/// An HTTP and UDP "who am I" server in a namespace; stops on drop.
+pub struct Backend {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn serve_http(mut stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        // Read one request head; answer it.
+        let mut content_length = 0usize;
+        let mut first = true;
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if first {
+                        continue;
+                    }
+                    continue;
+                }
+                Err(_) => return,
+            }
+            first = false;
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{name}", name.len());
+        if stream.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+impl Backend {
+    /// Serves HTTP on `tcp` and answers datagrams on `udp` (if given), inside `ns`.
+    pub fn start(ns: &Netns, name: &str, tcp: SocketAddr, udp: Option<SocketAddr>) -> anyhow::Result<Self> {
+        let (listener, socket) = ns.run(move || -> anyhow::Result<_> {
+            let l = TcpListener::bind(tcp)?;
+            let u = match udp {
+                Some(a) => Some(UdpSocket::bind(a)?),
+                None => None,
+            };
+            Ok((l, u))
+        })?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let (stop, name) = (stop.clone(), name.to_string());
+            threads.push(std::thread::spawn(move || {
+                let mut conns = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let (stop, name) = (stop.clone(), name.clone());
+                            conns.push(std::thread::spawn(move || serve_http(s, name, stop)));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+                for c in conns {
+                    let _ = c.join();
+                }
+            }));
+        }
+        if let Some(sock) = socket {
+            let (stop, name) = (stop.clone(), name.to_string());
+            sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(name.as_bytes(), from);
+                    }
+                }
+            }));
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A keep-alive HTTP connection made from inside a namespace.
+pub struct HttpConn {
+    reader: BufReader<TcpStream>,
+}
+
+impl HttpConn {
+    pub fn connect(ns: &Netns, to: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let stream = ns.run(move || TcpStream::connect_timeout(&to, timeout)).with_context(|| format!("connecting to {to}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(Self { reader: BufReader::new(stream) })
+    }
+
+    /// Sends `GET /` and returns the body (the backend's name).
+    pub fn get(&mut self) -> anyhow::Result<String> {
+        self.reader.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        let mut line = String::new();
+        let mut len = None;
+        let mut status = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("connection closed before the response");
+            }
+            if status.is_empty() {
+                status = line.trim().to_string();
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = Some(v.trim().parse::<usize>()?);
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        if !status.contains(" 200 ") {
+            bail!("unexpected status {status:?}");
+        }
+        let mut body = vec![0u8; len.context("no content-length")?];
+        self.reader.read_exact(&mut body)?;
+        Ok(String::from_utf8(body)?)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.reader.get_ref().local_addr().expect("local addr")
+    }
+}
+
+/// One request on a new connection: which backend answered.
+pub fn http_get_once(ns: &Netns, to: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    HttpConn::connect(ns, to, timeout)?.get()
+}
+
+/// Sends one datagram from a new socket in `ns` and returns the answer.
+pub fn udp_ask(ns: &Netns, to: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let sock = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send_to(b"who", to)?;
+    let mut buf = [0u8; 256];
+    let (n, _) = sock.recv_from(&mut buf).context("no UDP answer")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
