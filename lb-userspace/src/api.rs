@@ -54,17 +54,21 @@ impl From<ControlError> for ApiError {
 
 /// Parses a JSON body, naming the field a type error is in.
 fn parse_spec(body: &[u8]) -> Result<ServiceSpec, ApiError> {
+    let bad = |field: String, message: String| ApiError { status: StatusCode::BAD_REQUEST, message, field: Some(field) };
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let field = if path == "." { "body".to_string() } else { path };
+        if inner.is_syntax() || inner.is_eof() {
+            return bad("body".into(), format!("body: not valid JSON: {inner}"));
+        }
         // serde names an unknown field in its message; point at it.
         let field = match inner.to_string().strip_prefix("unknown field `") {
-            Some(rest) => rest.split('`').next().unwrap_or(&field).to_string(),
-            None => field,
+            Some(rest) => rest.split('`').next().unwrap_or_default().to_string(),
+            None if path == "." => "body".to_string(),
+            None => path,
         };
-        ApiError { status: StatusCode::BAD_REQUEST, message: format!("{field}: {inner}"), field: Some(field) }
+        bad(field.clone(), format!("{field}: {inner}"))
     })
 }
 

@@ -81,3 +81,119 @@ fn one_armed_many_connections_spread_over_three_backends() {
 fn two_armed_many_connections_spread_over_three_backends() {
     many_connections_spread_over_three_backends(Topology::two_armed(3).unwrap());
 }
+
+fn removed_backend_gets_no_new_connections(topo: Topology) {
+    let _backends = start_backends(&topo, 8080);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080)).unwrap();
+    assert_eq!(spread(&topo, &lb, topo.vip(80).into(), 60).len(), 3);
+    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 2], 8080)).unwrap();
+    let counts = spread(&topo, &lb, topo.vip(80).into(), 200);
+    assert!(!counts.contains_key("be1"), "removed backend still got connections: {counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+}
+
+#[test]
+fn one_armed_removed_backend_gets_no_new_connections() {
+    removed_backend_gets_no_new_connections(Topology::one_armed(3).unwrap());
+}
+
+#[test]
+fn two_armed_removed_backend_gets_no_new_connections() {
+    removed_backend_gets_no_new_connections(Topology::two_armed(3).unwrap());
+}
+
+fn long_lived_connection_keeps_its_backend_while_backends_are_added(topo: Topology) {
+    let _backends = start_backends(&topo, 8080);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[1], 8080)).unwrap();
+    let mut conns: Vec<HttpConn> = (0..20).map(|_| HttpConn::connect(&topo.client, topo.vip(80).into(), T).unwrap()).collect();
+    for c in &mut conns {
+        assert_eq!(c.get().unwrap(), "be1");
+    }
+    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080)).unwrap();
+    // New connections now go to all three (so the table really changed)...
+    assert_eq!(spread(&topo, &lb, topo.vip(80).into(), 60).len(), 3);
+    // ...while every established connection stays where it was, request after request.
+    for round in 0..3 {
+        for (i, c) in conns.iter_mut().enumerate() {
+            let who = c.get().unwrap_or_else(|e| panic!("round {round}, connection {i}: {e:#}"));
+            assert_eq!(who, "be1", "round {round}, connection {i} moved");
+        }
+    }
+}
+
+#[test]
+fn one_armed_long_lived_connection_keeps_its_backend_while_backends_are_added() {
+    long_lived_connection_keeps_its_backend_while_backends_are_added(Topology::one_armed(3).unwrap());
+}
+
+#[test]
+fn two_armed_long_lived_connection_keeps_its_backend_while_backends_are_added() {
+    long_lived_connection_keeps_its_backend_while_backends_are_added(Topology::two_armed(3).unwrap());
+}
+
+fn udp_service_works(topo: Topology) {
+    let _backends = start_backends(&topo, 5353);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    lb.put_service("dns", &service(&topo, 53, "udp", &[0, 1, 2], 5353)).unwrap();
+    let mut counts = HashMap::new();
+    for i in 0..150 {
+        let who = udp_ask(&topo.client, topo.vip(53).into(), T)
+            .unwrap_or_else(|e| panic!("datagram {i}: {e:#}\n{}", diagnose(&topo, &lb)));
+        *counts.entry(who).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (who, n) in &counts {
+        assert!(*n >= 20, "{who} got only {n} of 150: {counts:?}");
+    }
+}
+
+#[test]
+fn one_armed_udp_service_works() {
+    udp_service_works(Topology::one_armed(3).unwrap());
+}
+
+#[test]
+fn two_armed_udp_service_works() {
+    udp_service_works(Topology::two_armed(3).unwrap());
+}
+
+/// A flow whose own backend is removed is balanced again on its next packet, instead
+/// of being sent to a backend that is gone.
+#[test]
+fn flow_of_a_removed_backend_is_rebalanced() {
+    let topo = Topology::two_armed(3).unwrap();
+    let _backends = start_backends(&topo, 5353);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    lb.put_service("dns", &service(&topo, 53, "udp", &[0, 1, 2], 5353)).unwrap();
+    let sock = topo.client.run(|| std::net::UdpSocket::bind("0.0.0.0:0")).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    let ask = || {
+        sock.send_to(b"who", topo.vip(53)).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = sock.recv_from(&mut buf).expect("answer");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = ask();
+    assert_eq!(ask(), first, "one flow, one backend");
+    let index: usize = first.trim_start_matches("be").parse().unwrap();
+    let rest: Vec<usize> = (0..3).filter(|&i| i != index).collect();
+    lb.put_service("dns", &service(&topo, 53, "udp", &rest, 5353)).unwrap();
+    let second = ask();
+    assert_ne!(second, first, "the flow still reached its removed backend");
+    assert_eq!(ask(), second, "after re-balancing the flow stays on its new backend");
+}
+
+#[test]
+fn deleted_service_is_no_longer_forwarded() {
+    let topo = Topology::two_armed(1).unwrap();
+    let _backends = start_backends(&topo, 5353);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    lb.put_service("dns", &service(&topo, 53, "udp", &[0], 5353)).unwrap();
+    assert_eq!(udp_ask(&topo.client, topo.vip(53).into(), T).unwrap(), "be0");
+    assert_eq!(lb.request("DELETE", "/v1/services/dns", None).unwrap().0, 204);
+    assert!(udp_ask(&topo.client, topo.vip(53).into(), Duration::from_millis(500)).is_err());
+    assert_eq!(lb.request("DELETE", "/v1/services/dns", None).unwrap().0, 404);
+    assert_eq!(lb.request("GET", "/v1/services/dns", None).unwrap().0, 404);
+}
