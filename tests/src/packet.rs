@@ -1,1 +1,186 @@
-//! Packet building and checking for BPF_PROG_TEST_RUN tables.
+//! Packets for BPF_PROG_TEST_RUN: a builder (etherparse, so checksums come from an
+//! implementation independent of lb's) and a lab in which the XDP program runs against a
+//! known routing table and neighbour set, so its output can be predicted byte for byte.
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use anyhow::Context;
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::PacketBuilder;
+use lb::{
+    dataplane::{Dataplane, Limits, PASS_PROGRAM, PROGRAM},
+    model::{Service, ServiceSpec},
+};
+use lb_common::flow::{Conn, FlowKey};
+
+use crate::{netns::Netns, unique};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP with SYN, ACK, FIN, RST flags.
+    Tcp { syn: bool, ack: bool, fin: bool, rst: bool },
+    /// UDP; `checksum: false` sends a zero ("none") checksum.
+    Udp { checksum: bool },
+}
+
+pub const SYN: L4 = L4::Tcp { syn: true, ack: false, fin: false, rst: false };
+pub const ACK: L4 = L4::Tcp { syn: false, ack: true, fin: false, rst: false };
+pub const UDP: L4 = L4::Udp { checksum: true };
+
+/// Everything a test packet is made of.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn bytes(&self) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(self.src_mac, self.dst_mac).ipv4(self.src.octets(), self.dst.octets(), self.ttl);
+        let mut out = Vec::new();
+        match self.l4 {
+            L4::Tcp { syn, ack, fin, rst } => {
+                let mut t = b.tcp(self.sport, self.dport, 1000, 64240);
+                if syn {
+                    t = t.syn();
+                }
+                if ack {
+                    t = t.ack(2000);
+                }
+                if fin {
+                    t = t.fin();
+                }
+                if rst {
+                    t = t.rst();
+                }
+                t.write(&mut out, &self.payload).unwrap();
+            }
+            L4::Udp { checksum } => {
+                b.udp(self.sport, self.dport).write(&mut out, &self.payload).unwrap();
+                if !checksum {
+                    out[14 + 20 + 6] = 0;
+                    out[14 + 20 + 7] = 0;
+                }
+            }
+        }
+        out
+    }
+}
+
+pub fn mac(last: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, last]
+}
+
+/// A namespace with two veth pairs and static neighbours (a neighbour's MAC ends in the
+/// last byte of its address), and lb's program loaded:
+///
+/// - `v0` 10.70.0.1/24 (MAC ..:01): client 10.70.0.10, backends 10.70.0.11-13. The VIP
+///   10.70.0.100 is on this segment too. Egress = ingress: XDP_TX.
+/// - `v2` 10.71.0.1/24 (MAC ..:02): backend 10.71.0.21. Egress != ingress: XDP_REDIRECT.
+pub struct PacketLab {
+    pub dataplane: Dataplane,
+    pub v0: u32,
+    pub v2: u32,
+    /// The thread that made the lab has entered `ns`; it must be the one that runs packets.
+    pub ns: Netns,
+}
+
+pub const LB0: Ipv4Addr = Ipv4Addr::new(10, 70, 0, 1);
+pub const LB2: Ipv4Addr = Ipv4Addr::new(10, 71, 0, 1);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 70, 0, 10);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 70, 0, 100);
+pub const FAR_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 71, 0, 21);
+
+impl PacketLab {
+    /// Builds the lab and moves the calling thread into its network namespace.
+    pub fn new(limits: &Limits, snat: (u16, u16)) -> anyhow::Result<Self> {
+        let ns = Netns::new(&unique("lbt-pkt"))?;
+        ns.ip("link add v0 type veth peer name v1")?;
+        ns.ip("link add v2 type veth peer name v3")?;
+        ns.ip("link set v0 address 02:00:00:00:00:01")?;
+        ns.ip("link set v2 address 02:00:00:00:00:02")?;
+        for i in ["v0", "v1", "v2", "v3"] {
+            ns.ip(&format!("link set {i} up"))?;
+        }
+        ns.ip("addr add 10.70.0.1/24 dev v0")?;
+        ns.ip("addr add 10.71.0.1/24 dev v2")?;
+        for (addr, dev) in [(CLIENT, "v0"), ([10, 70, 0, 11].into(), "v0"), ([10, 70, 0, 12].into(), "v0"), ([10, 70, 0, 13].into(), "v0"), (FAR_BACKEND, "v2")] {
+            let m = mac(addr.octets()[3]).map(|b| format!("{b:02x}")).join(":");
+            ns.ip(&format!("neigh replace {addr} lladdr {m} dev {dev} nud permanent"))?;
+        }
+        ns.sh("echo 1 > /proc/sys/net/ipv4/conf/v0/forwarding; echo 1 > /proc/sys/net/ipv4/conf/v2/forwarding")?;
+        let (v0, v2) = (ns.ifindex("v0")?, ns.ifindex("v2")?);
+
+        let file = std::fs::File::open(ns.path())?;
+        nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)?;
+
+        let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt-pkt"));
+        let mut dataplane = Dataplane::load(&pins, limits)?;
+        dataplane.set_snat_ports(snat.0, snat.1)?;
+        dataplane.set_iface_addrs(&HashMap::from([(v0, LB0.octets()), (v2, LB2.octets())]))?;
+        Ok(Self { dataplane, v0, v2, ns })
+    }
+
+    pub fn service(&mut self, name: &str, vip: &str, protocol: &str, backends: &[&str]) -> Service {
+        let spec = ServiceSpec {
+            vip: Some(vip.into()),
+            protocol: Some(protocol.into()),
+            backends: Some(backends.iter().map(|s| s.to_string()).collect()),
+            table_size: None,
+        };
+        let svc = spec.validate(name).expect("valid service");
+        self.dataplane.upsert(&svc).expect("upsert");
+        svc
+    }
+
+    /// Runs `program` once on `packet` as if it arrived on ifindex `ingress`: verdict,
+    /// the packet as the program left it, and the run time the kernel measured (ns).
+    pub fn run_on(&self, program: &str, ingress: u32, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>, u64)> {
+        let prog = self.dataplane.program(program).context("program")?;
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        // The kernel wants data_end to be the packet's length.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = 1;
+        let r = prog.test_run(opts)?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out, r.duration.as_nanos() as u64))
+    }
+
+    pub fn run(&self, ingress: u32, packet: &[u8]) -> (u32, Vec<u8>) {
+        let (v, out, _) = self.run_on(PROGRAM, ingress, packet).expect("BPF_PROG_TEST_RUN");
+        (v, out)
+    }
+
+    pub fn run_pass(&self, packet: &[u8]) -> u64 {
+        self.run_on(PASS_PROGRAM, self.v0, packet).expect("BPF_PROG_TEST_RUN").2
+    }
+
+    /// The tracked state of a client flow, read from the pinned conntrack map.
+    pub fn conn(&self, client: Ipv4Addr, cport: u16, vip: Ipv4Addr, vport: u16, proto: u8) -> Option<Conn> {
+        let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")).ok()?;
+        let map: aya::maps::HashMap<_, FlowKey, Conn> = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
+        map.get(&FlowKey::new(client.octets(), cport, vip.octets(), vport, proto), 0).ok()
+    }
+
+    pub fn drops(&self, reason: lb_common::stats::DropReason) -> u64 {
+        self.dataplane.drops().into_iter().find(|(r, _)| *r == reason).map(|(_, n)| n).unwrap_or(0)
+    }
+}

@@ -1,0 +1,292 @@
+//! The XDP program on exact packets through BPF_PROG_TEST_RUN: verdicts, rewritten bytes
+//! (compared whole, checksums included, against packets built by etherparse), drop counters.
+use std::net::Ipv4Addr;
+
+use lb::dataplane::Limits;
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, stats::DropReason};
+use lb_tests::packet::*;
+
+const SNAT: (u16, u16) = (61000, 65535);
+const CLIENT_PORT: u16 = 40000;
+
+fn lab() -> PacketLab {
+    let limits = Limits { max_services: 64, max_backends: 64, maglev_slots: 8192, conntrack_entries: 4096 };
+    PacketLab::new(&limits, SNAT).unwrap()
+}
+
+/// A client packet to VIP:80 arriving on v0.
+fn to_vip(l4: L4, payload: &[u8]) -> Frame {
+    Frame {
+        src_mac: mac(10),
+        dst_mac: mac(0x01),
+        src: CLIENT,
+        dst: VIP,
+        ttl: 64,
+        sport: CLIENT_PORT,
+        dport: 80,
+        l4,
+        payload: payload.to_vec(),
+    }
+}
+
+fn backend_mac(ip: Ipv4Addr) -> [u8; 6] {
+    mac(ip.octets()[3])
+}
+
+/// What lb must send to the backend for `f`: SNAT source, backend destination, one hop less.
+fn forwarded(f: &Frame, snat: Ipv4Addr, snat_port: u16, backend: Ipv4Addr, bport: u16, smac: [u8; 6]) -> Frame {
+    Frame { src_mac: smac, dst_mac: backend_mac(backend), src: snat, dst: backend, ttl: f.ttl - 1, sport: snat_port, dport: bport, ..f.clone() }
+}
+
+/// Table rows for packets that lb must leave to the kernel untouched.
+struct PassCase {
+    what: &'static str,
+    packet: Vec<u8>,
+}
+
+fn with(mut p: Vec<u8>, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    edit(&mut p);
+    p
+}
+
+/// Re-computes the IPv4 header checksum after a test edited the header.
+fn fix_ip_checksum(p: &mut [u8]) {
+    let ihl = (p[14] & 0x0f) as usize * 4;
+    p[24] = 0;
+    p[25] = 0;
+    let mut sum = 0u32;
+    for w in p[14..14 + ihl].chunks(2) {
+        sum += u16::from_be_bytes([w[0], w[1]]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let c = !(sum as u16);
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
+    let mut lab = lab();
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"]);
+
+    // New flow: balanced, SNATed from lb's address on v0, sent back out of v0.
+    let syn = to_vip(SYN, b"");
+    let (verdict, out) = lab.run(lab.v0, &syn.bytes());
+    assert_eq!(verdict, XDP_TX);
+    let conn = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).expect("flow tracked");
+    assert!((SNAT.0..=SNAT.1).contains(&conn.snat_port), "{conn:?}");
+    assert_eq!(conn.snat_addr, LB0.octets());
+    let backend = Ipv4Addr::from(
+        lab.dataplane.installed("web").unwrap().backends.iter().find(|(_, id)| *id == conn.backend_id).unwrap().0.ip().octets(),
+    );
+    assert_eq!(out, forwarded(&syn, LB0, conn.snat_port, backend, 8080, mac(0x01)).bytes(), "new flow");
+
+    // Established: same backend, same SNAT port, payload intact.
+    let data = to_vip(ACK, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    for _ in 0..3 {
+        let (verdict, out) = lab.run(lab.v0, &data.bytes());
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, forwarded(&data, LB0, conn.snat_port, backend, 8080, mac(0x01)).bytes(), "established flow");
+    }
+    assert_eq!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap().snat_port, conn.snat_port);
+
+    // Reply: from the backend to lb's SNAT port, back to the client from the VIP.
+    let reply = Frame {
+        src_mac: backend_mac(backend),
+        dst_mac: mac(0x01),
+        src: backend,
+        dst: LB0,
+        ttl: 64,
+        sport: 8080,
+        dport: conn.snat_port,
+        l4: L4::Tcp { syn: true, ack: true, fin: false, rst: false },
+        payload: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
+    };
+    let (verdict, out) = lab.run(lab.v0, &reply.bytes());
+    assert_eq!(verdict, XDP_TX);
+    let expected = Frame { src_mac: mac(0x01), dst_mac: mac(10), src: VIP, dst: CLIENT, ttl: 63, sport: 80, dport: CLIENT_PORT, ..reply.clone() };
+    assert_eq!(out, expected.bytes(), "reply");
+
+    // A reply to a SNAT port nobody holds is not ours: the kernel gets it.
+    let stray = Frame { dport: if conn.snat_port == SNAT.0 { SNAT.0 + 1 } else { SNAT.0 }, ..reply };
+    assert_eq!(lab.run(lab.v0, &stray.bytes()), (XDP_PASS, stray.bytes()));
+}
+
+#[test]
+fn egress_on_another_interface_is_redirected_with_that_interfaces_address() {
+    let mut lab = lab();
+    lab.service("far", "10.70.0.100:443", "tcp", &["10.71.0.21:8443"]);
+    let syn = Frame { dport: 443, ..to_vip(SYN, b"") };
+    let (verdict, out) = lab.run(lab.v0, &syn.bytes());
+    assert_eq!(verdict, XDP_REDIRECT);
+    let conn = lab.conn(CLIENT, CLIENT_PORT, VIP, 443, IPPROTO_TCP).unwrap();
+    assert_eq!(conn.snat_addr, LB2.octets());
+    assert_eq!(out, forwarded(&syn, LB2, conn.snat_port, FAR_BACKEND, 8443, mac(0x02)).bytes());
+    // Its reply comes in on v2 and leaves through v0.
+    let reply = Frame {
+        src_mac: mac(21),
+        dst_mac: mac(0x02),
+        src: FAR_BACKEND,
+        dst: LB2,
+        ttl: 64,
+        sport: 8443,
+        dport: conn.snat_port,
+        l4: ACK,
+        payload: b"hello".to_vec(),
+    };
+    let (verdict, out) = lab.run(lab.v2, &reply.bytes());
+    assert_eq!(verdict, XDP_REDIRECT);
+    let expected = Frame { src_mac: mac(0x01), dst_mac: mac(10), src: VIP, dst: CLIENT, ttl: 63, sport: 443, dport: CLIENT_PORT, ..reply };
+    assert_eq!(out, expected.bytes());
+}
+
+#[test]
+fn udp_checksums_are_updated_or_left_absent() {
+    let mut lab = lab();
+    lab.service("dns", "10.70.0.100:53", "udp", &["10.70.0.11:5353"]);
+    for (i, checksum) in [true, false].into_iter().enumerate() {
+        let q = Frame { dport: 53, sport: 5000 + i as u16, ..to_vip(L4::Udp { checksum }, b"query") };
+        let (verdict, out) = lab.run(lab.v0, &q.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let conn = lab.conn(CLIENT, q.sport, VIP, 53, IPPROTO_UDP).unwrap();
+        let expected = forwarded(&q, LB0, conn.snat_port, Ipv4Addr::new(10, 70, 0, 11), 5353, mac(0x01));
+        assert_eq!(out, expected.bytes(), "checksum {checksum}");
+        if !checksum {
+            assert_eq!(&out[40..42], &[0, 0], "an absent UDP checksum stays absent");
+        }
+    }
+}
+
+#[test]
+fn packets_that_are_not_for_a_service_pass_untouched() {
+    let mut lab = lab();
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080"]);
+    let syn = to_vip(SYN, b"");
+    let mut arp = syn.bytes();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let mut icmp = syn.bytes();
+    icmp[23] = 1;
+    fix_ip_checksum(&mut icmp);
+    let cases = vec![
+        PassCase { what: "not a VIP", packet: Frame { dst: Ipv4Addr::new(10, 70, 0, 99), ..syn.clone() }.bytes() },
+        PassCase { what: "VIP, other port", packet: Frame { dport: 81, ..syn.clone() }.bytes() },
+        PassCase { what: "VIP and port, other protocol", packet: Frame { l4: UDP, ..syn.clone() }.bytes() },
+        PassCase { what: "ARP", packet: arp },
+        PassCase { what: "ICMP", packet: icmp },
+        PassCase {
+            what: "first fragment",
+            packet: with(syn.bytes(), |p| {
+                p[20] = 0x20;
+                fix_ip_checksum(p)
+            }),
+        },
+        PassCase {
+            what: "later fragment",
+            packet: with(syn.bytes(), |p| {
+                p[20] = 0x00;
+                p[21] = 0x10;
+                fix_ip_checksum(p)
+            }),
+        },
+        PassCase {
+            what: "IP options",
+            packet: with(syn.bytes(), |p| {
+                // IHL 6: four bytes of options (NOPs) before the TCP header.
+                p.splice(34..34, [1u8, 1, 1, 1]);
+                p[14] = 0x46;
+                let len = u16::from_be_bytes([p[16], p[17]]) + 4;
+                p[16..18].copy_from_slice(&len.to_be_bytes());
+                fix_ip_checksum(p)
+            }),
+        },
+    ];
+    for case in cases {
+        let (verdict, out) = lab.run(lab.v0, &case.packet);
+        assert_eq!(verdict, XDP_PASS, "{}", case.what);
+        assert_eq!(out, case.packet, "{}: changed", case.what);
+    }
+    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none(), "nothing was tracked");
+}
+
+#[test]
+fn every_truncation_of_the_headers_is_dropped_and_counted() {
+    let mut lab = lab();
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080"]);
+    lab.service("dns", "10.70.0.100:53", "udp", &["10.70.0.11:5353"]);
+    let tcp = to_vip(SYN, b"").bytes();
+    let udp = Frame { dport: 53, ..to_vip(UDP, b"") }.bytes();
+    let mut dropped = 0;
+    // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet header.
+    for (what, full) in [("tcp", &tcp), ("udp", &udp)] {
+        for len in 14..full.len() {
+            let (verdict, _) = lab.run(lab.v0, &full[..len]);
+            assert_eq!(verdict, XDP_DROP, "{what} cut to {len} bytes");
+            dropped += 1;
+        }
+    }
+    assert_eq!(lab.drops(DropReason::Truncated) + lab.drops(DropReason::Malformed), dropped);
+    assert!(lab.drops(DropReason::Truncated) > 0);
+    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none(), "a truncated packet created a flow");
+}
+
+#[test]
+fn malformed_headers_are_dropped_and_counted() {
+    let mut lab = lab();
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080"]);
+    lab.service("dns", "10.70.0.100:53", "udp", &["10.70.0.11:5353"]);
+    let tcp = to_vip(SYN, b"payload").bytes();
+    let udp = Frame { dport: 53, ..to_vip(UDP, b"payload") }.bytes();
+    let cases: Vec<(&str, Vec<u8>, DropReason)> = vec![
+        ("IHL below 5", with(tcp.clone(), |p| p[14] = 0x44), DropReason::Malformed),
+        ("IP version 6 in an IPv4 frame", with(tcp.clone(), |p| p[14] = 0x65), DropReason::Malformed),
+        ("total length below the header", with(tcp.clone(), |p| p[16..18].copy_from_slice(&10u16.to_be_bytes())), DropReason::Malformed),
+        ("total length beyond the frame", with(tcp.clone(), |p| p[16..18].copy_from_slice(&1400u16.to_be_bytes())), DropReason::Truncated),
+        ("TCP data offset below 5", with(tcp.clone(), |p| p[46] = 0x40), DropReason::Malformed),
+        ("TCP data offset beyond the packet", with(tcp.clone(), |p| p[46] = 0xf0), DropReason::Malformed),
+        ("UDP length below 8", with(udp.clone(), |p| p[38..40].copy_from_slice(&4u16.to_be_bytes())), DropReason::Malformed),
+        ("UDP length beyond the packet", with(udp.clone(), |p| p[38..40].copy_from_slice(&400u16.to_be_bytes())), DropReason::Malformed),
+        ("TTL 1", with(tcp.clone(), |p| p[22] = 1), DropReason::TtlExceeded),
+    ];
+    for (what, packet, reason) in cases {
+        let before = lab.drops(reason);
+        let (verdict, _) = lab.run(lab.v0, &packet);
+        assert_eq!(verdict, XDP_DROP, "{what}");
+        assert_eq!(lab.drops(reason), before + 1, "{what}: not counted as {}", reason.name());
+    }
+    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none());
+}
+
+#[test]
+fn a_flow_keeps_its_backend_until_that_backend_is_removed() {
+    let mut lab = lab();
+    let all = ["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"];
+    lab.service("web", "10.70.0.100:80", "tcp", &all);
+    let syn = to_vip(SYN, b"");
+    lab.run(lab.v0, &syn.bytes());
+    let first = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap();
+    let dst_of = |out: &[u8]| Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    let (_, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
+    let backend = dst_of(&out);
+    // Removing the other backends leaves the flow where it is.
+    let others: Vec<&str> = all.iter().copied().filter(|b| !b.starts_with(&format!("{backend}:"))).collect();
+    lab.service("web", "10.70.0.100:80", "tcp", &[&format!("{backend}:8080"), others[0]]);
+    let (_, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
+    assert_eq!(dst_of(&out), backend);
+    assert_eq!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap().snat_port, first.snat_port);
+    // Removing its own backend balances it again on the next packet.
+    lab.service("web", "10.70.0.100:80", "tcp", &[others[0]]);
+    let (verdict, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(dst_of(&out).to_string() + ":8080", others[0]);
+}
+
+#[test]
+fn a_service_without_a_routable_backend_drops_and_counts() {
+    let mut lab = lab();
+    // 10.99.0.0/16 is not routed in the lab.
+    lab.service("nowhere", "10.70.0.100:80", "tcp", &["10.99.0.1:80"]);
+    let (verdict, _) = lab.run(lab.v0, &to_vip(SYN, b"").bytes());
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(lab.drops(DropReason::NoRoute), 1);
+}
