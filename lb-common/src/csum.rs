@@ -11,20 +11,36 @@ const fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The change (unfolded one's-complement sum of ~old + new) of a 16-bit word.
+#[inline(always)]
+pub const fn diff_u16(old: u16, new: u16) -> u32 {
+    !old as u32 + new as u32
+}
+
+/// The change of a 4-byte field (an address), as two 16-bit words.
+#[inline(always)]
+pub const fn diff_addr(old: [u8; 4], new: [u8; 4]) -> u32 {
+    diff_u16(u16::from_ne_bytes([old[0], old[1]]), u16::from_ne_bytes([new[0], new[1]]))
+        + diff_u16(u16::from_ne_bytes([old[2], old[3]]), u16::from_ne_bytes([new[2], new[3]]))
+}
+
+/// Applies the sum of up to a few hundred `diff_*` values to checksum `check`; summing
+/// first lets several fields (and both the IP and L4 checksums) share the work.
+#[inline(always)]
+pub const fn apply(check: u16, diff: u32) -> u16 {
+    !fold(!check as u32 + diff)
+}
+
 /// Updates checksum `check` for a 16-bit word that changed from `old` to `new`.
 #[inline(always)]
 pub const fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
-    !fold(!check as u32 + !old as u32 + new as u32)
+    apply(check, diff_u16(old, new))
 }
 
 /// Updates checksum `check` for a 4-byte field (an address) that changed from `old` to `new`.
 #[inline(always)]
 pub const fn replace_addr(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let o1 = u16::from_ne_bytes([old[0], old[1]]);
-    let o2 = u16::from_ne_bytes([old[2], old[3]]);
-    let n1 = u16::from_ne_bytes([new[0], new[1]]);
-    let n2 = u16::from_ne_bytes([new[2], new[3]]);
-    !fold(!check as u32 + !o1 as u32 + !o2 as u32 + n1 as u32 + n2 as u32)
+    apply(check, diff_addr(old, new))
 }
 
 /// The wire form of a host-order port, as a native-order word read from the packet.
@@ -75,6 +91,7 @@ mod tests {
             data[12..16].copy_from_slice(&new_addr);
             data[16..18].copy_from_slice(&new_port.to_ne_bytes());
             let updated = replace_u16(replace_addr(check, old_addr, new_addr), old_port, new_port);
+            assert_eq!(updated, apply(check, diff_addr(old_addr, new_addr) + diff_u16(old_port, new_port)));
             let mut reference = data.clone();
             reference = with_checksum(reference, 10);
             let expected = u16::from_ne_bytes([reference[10], reference[11]]);

@@ -1,5 +1,8 @@
 //! Connection tracking and NAT state.
-use crate::assert_layout;
+use crate::{
+    assert_layout,
+    config::{Config, NextHop},
+};
 
 /// A flow as seen on the wire: key of `conntrack` (client to VIP) and of `nat_reverse`
 /// (backend to the balancer's SNAT address).
@@ -15,6 +18,12 @@ pub struct FlowKey {
 }
 assert_layout!(FlowKey, size = 16, align = 2);
 
+impl FlowKey {
+    pub const fn new(src_addr: [u8; 4], src_port: u16, dst_addr: [u8; 4], dst_port: u16, proto: u8) -> Self {
+        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
+    }
+}
+
 /// Value of `conntrack`: where a client's flow was balanced to and which SNAT address
 /// and port it uses towards the backend.
 #[repr(C)]
@@ -27,42 +36,45 @@ pub struct Conn {
     pub snat_port: u16,
     /// `CONN_CLOSING` once a FIN or RST was seen in either direction.
     pub flags: u16,
-    /// `bpf_ktime_get_coarse_ns` of the last packet, refreshed at most once a second.
-    pub last_seen_ns: u64,
+    /// Jiffies at the last packet, refreshed at most once a second.
+    pub last_seen: u64,
+    /// Towards the backend.
+    pub hop: NextHop,
 }
-assert_layout!(Conn, size = 24, align = 8);
+assert_layout!(Conn, size = 56, align = 8);
 
 pub const CONN_CLOSING: u16 = 1;
 
-/// A tracked flow older than this (since its last packet) no longer holds its SNAT port.
-pub const TCP_IDLE_TIMEOUT_NS: u64 = 3600 * 1_000_000_000;
+/// Idle timeouts, in seconds. A tracked flow idle for longer no longer holds its SNAT port.
+pub const TCP_IDLE_TIMEOUT_S: u32 = 3600;
 /// After a FIN or RST: long enough for the backend's TIME_WAIT (60 s on Linux).
-pub const TCP_CLOSING_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
-pub const UDP_IDLE_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
-/// `last_seen_ns` is rewritten only when it is older than this, to keep the fast path
-/// free of a cache-line write on every packet.
-pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
-
-impl FlowKey {
-    pub const fn new(src_addr: [u8; 4], src_port: u16, dst_addr: [u8; 4], dst_port: u16, proto: u8) -> Self {
-        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
-    }
-}
+pub const TCP_CLOSING_TIMEOUT_S: u32 = 60;
+pub const UDP_IDLE_TIMEOUT_S: u32 = 120;
+/// A new flow's SNAT port is held this long for its first answer (or second packet)
+/// before the flow is tracked in `conntrack`; SYN retries fit well inside it.
+pub const PENDING_TIMEOUT_S: u32 = 30;
+/// `last_seen` is rewritten only when it is older than this, to keep the fast path free
+/// of a cache-line write on every packet.
+pub const LAST_SEEN_GRANULARITY_S: u32 = 1;
 
 impl Conn {
     /// Whether the flow has been idle longer than its protocol allows.
     #[inline(always)]
-    pub fn expired(&self, proto: u8, now_ns: u64) -> bool {
+    pub fn expired(&self, proto: u8, now: u64, cfg: &Config) -> bool {
         let timeout = if self.flags & CONN_CLOSING != 0 {
-            TCP_CLOSING_TIMEOUT_NS
+            TCP_CLOSING_TIMEOUT_S
         } else if proto == crate::IPPROTO_TCP {
-            TCP_IDLE_TIMEOUT_NS
+            TCP_IDLE_TIMEOUT_S
         } else {
-            UDP_IDLE_TIMEOUT_NS
+            UDP_IDLE_TIMEOUT_S
         };
-        now_ns.saturating_sub(self.last_seen_ns) > timeout
+        now.saturating_sub(self.last_seen) > cfg.jiffies(timeout)
     }
 }
+
+/// `NatReverse::flags`: the flow has no `conntrack` entry yet. Creating it is left to the
+/// flow's second packet in either direction, so a new flow costs one map insert.
+pub const REV_PENDING: u32 = 1;
 
 /// Value of `nat_reverse`: how to turn a backend's reply back into what the client expects.
 #[repr(C)]
@@ -75,8 +87,14 @@ pub struct NatReverse {
     /// Replies are counted on the same service and backend as the requests.
     pub service_id: u32,
     pub backend_id: u32,
+    pub backend_generation: u32,
+    /// `REV_PENDING` until the flow is in `conntrack`.
+    pub flags: u32,
     pub _pad: u32,
-    /// When the reply path last refreshed the client flow's `Conn::last_seen_ns`.
-    pub last_seen_ns: u64,
+    /// Jiffies when the flow was created or the reply path last refreshed the client
+    /// flow's `Conn::last_seen`.
+    pub last_seen: u64,
+    /// Towards the client.
+    pub hop: NextHop,
 }
-assert_layout!(NatReverse, size = 32, align = 8);
+assert_layout!(NatReverse, size = 72, align = 8);

@@ -1,16 +1,21 @@
 //! Connection tracking and SNAT port allocation.
 //!
-//! A client flow's `Conn` says which backend and SNAT port it uses. The matching
-//! `nat_reverse` entry, keyed by the backend's side of the flow, restores the client's view
-//! on replies. Both are LRU maps; a SNAT port held by a flow that is gone, closed or idle
-//! past its timeout is taken over by a new flow.
+//! A new flow costs one map insert: its `nat_reverse` entry, keyed by the backend's side
+//! of the flow, which restores the client's view on replies and holds the SNAT port. The
+//! `conntrack` entry (client flow -> backend, SNAT port) follows on the flow's second
+//! packet in either direction: the backend's first answer or the client's next packet.
+//! Both maps are LRU; a SNAT port held by a flow that is gone, closed or idle past its
+//! timeout is taken over by a new flow.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::bpf_jiffies64,
 };
 use lb_common::{
-    config::Config,
-    flow::{CONN_CLOSING, Conn, FlowKey, LAST_SEEN_GRANULARITY_NS, NatReverse},
+    config::{Config, NextHop},
+    flow::{
+        CONN_CLOSING, Conn, FlowKey, LAST_SEEN_GRANULARITY_S, NatReverse, PENDING_TIMEOUT_S,
+        REV_PENDING,
+    },
     service::Backend,
     stats::DropReason,
 };
@@ -20,56 +25,95 @@ use crate::{maps, parse::Packet};
 /// How many SNAT ports a new flow tries before it is dropped as exhausted.
 const SNAT_TRIES: u32 = 8;
 
+/// Jiffies: the cheapest clock the program can read; all its timeouts are in seconds.
 #[inline(always)]
-pub fn now_ns() -> u64 {
-    unsafe { bpf_ktime_get_coarse_ns() }
+pub fn now() -> u64 {
+    unsafe { bpf_jiffies64() }
 }
 
 /// Refreshes a tracked flow's idle time and notes a FIN or RST.
 #[inline(always)]
-pub fn touch(conn: *mut Conn, pkt: &Packet, now: u64) {
-    let conn = unsafe { &mut *conn };
-    if now.wrapping_sub(conn.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-        conn.last_seen_ns = now;
+pub fn touch(conn: &mut Conn, pkt: &Packet, now: u64, cfg: &Config) {
+    if now.wrapping_sub(conn.last_seen) > cfg.jiffies(LAST_SEEN_GRANULARITY_S) {
+        conn.last_seen = now;
     }
     if pkt.closes() && conn.flags & CONN_CLOSING == 0 {
         conn.flags |= CONN_CLOSING;
-        conn.last_seen_ns = now;
+        conn.last_seen = now;
     }
 }
 
-/// The reply path's share of [`touch`]: at most once a second (or on FIN/RST) it finds
-/// the client flow and refreshes it, so flows that only receive do not expire.
 #[inline(always)]
-pub fn touch_from_reply(rev: *mut NatReverse, pkt: &Packet, now: u64) {
-    let r = unsafe { &mut *rev };
-    if now.wrapping_sub(r.last_seen_ns) <= LAST_SEEN_GRANULARITY_NS && !pkt.closes() {
+fn client_flow(r: &NatReverse, proto: u8) -> FlowKey {
+    FlowKey::new(r.client_addr, r.client_port, r.vip_addr, r.vip_port, proto)
+}
+
+/// The reply path's bookkeeping: tracks a pending flow on its first answer; otherwise,
+/// at most once a second (or on FIN/RST), refreshes the client flow so that flows which
+/// mostly receive do not expire.
+#[inline(always)]
+pub fn on_reply(r: &mut NatReverse, pkt: &Packet, now: u64, cfg: &Config) {
+    if r.flags & REV_PENDING != 0 {
+        let conn = Conn {
+            backend_id: r.backend_id,
+            backend_generation: r.backend_generation,
+            snat_addr: pkt.dst_addr(),
+            snat_port: pkt.dst_port(),
+            flags: if pkt.closes() { CONN_CLOSING } else { 0 },
+            last_seen: now,
+            // Expired: the client's next packet looks up the way to the backend.
+            hop: NextHop::default(),
+        };
+        // The first answer wins; a flow tracked meanwhile keeps its entry.
+        let _ = maps::conntrack.insert(&client_flow(r, pkt.proto), &conn, BPF_NOEXIST as u64);
+        r.flags &= !REV_PENDING;
+        r.last_seen = now;
         return;
     }
-    r.last_seen_ns = now;
-    let key = FlowKey::new(r.client_addr, r.client_port, r.vip_addr, r.vip_port, pkt.proto);
-    if let Some(conn) = maps::conntrack.get_ptr_mut(&key) {
-        touch(conn, pkt, now);
+    if now.wrapping_sub(r.last_seen) <= cfg.jiffies(LAST_SEEN_GRANULARITY_S) && !pkt.closes() {
+        return;
+    }
+    r.last_seen = now;
+    if let Some(conn) = maps::conntrack.get_ptr_mut(&client_flow(r, pkt.proto)) {
+        touch(unsafe { &mut *conn }, pkt, now, cfg);
     }
 }
 
 /// Whether the flow that holds a SNAT port through `rev` is still using it.
 #[inline(always)]
-fn holder_alive(rev: &NatReverse, snat_addr: [u8; 4], port: u16, proto: u8, now: u64) -> bool {
-    let key = FlowKey::new(rev.client_addr, rev.client_port, rev.vip_addr, rev.vip_port, proto);
-    match unsafe { maps::conntrack.get(&key) } {
+fn holder_alive(
+    rev: &NatReverse,
+    snat_addr: [u8; 4],
+    port: u16,
+    proto: u8,
+    now: u64,
+    cfg: &Config,
+) -> bool {
+    if rev.flags & REV_PENDING != 0 {
+        return now.wrapping_sub(rev.last_seen) <= cfg.jiffies(PENDING_TIMEOUT_S);
+    }
+    match unsafe { maps::conntrack.get(&client_flow(rev, proto)) } {
         Some(c) => {
             c.snat_port == port
                 && c.snat_addr == snat_addr
                 && c.backend_id == rev.backend_id
-                && !c.expired(proto, now)
+                && !c.expired(proto, now, cfg)
         }
         None => false,
     }
 }
 
+/// A SNAT port for the flow described by `rev`.
+pub enum SnatPort {
+    /// Newly taken: the flow's first packet.
+    New(u16),
+    /// Already the flow's own: a packet after the first, before the flow was tracked.
+    Own(u16),
+}
+
 /// Finds a SNAT port for a flow to `backend` from `snat_addr` and records the reverse
-/// translation under it. Ports start at a hash of the flow, so allocation needs no lock.
+/// translation under it. Ports start at a hash of the flow, so allocation needs no lock,
+/// and a flow's later packets find the port its first one took.
 #[inline(always)]
 pub fn alloc_snat_port(
     cfg: &Config,
@@ -79,7 +123,7 @@ pub fn alloc_snat_port(
     hash: u32,
     rev: &NatReverse,
     now: u64,
-) -> Result<u16, DropReason> {
+) -> Result<SnatPort, DropReason> {
     let min = cfg.snat_port_min as u32;
     let range = (cfg.snat_port_max as u32).wrapping_sub(min) + 1;
     if min == 0 || range == 0 || range > 65535 {
@@ -89,15 +133,29 @@ pub fn alloc_snat_port(
     for i in 0..SNAT_TRIES {
         let port = (min + start.wrapping_add(i.wrapping_mul(40503)) % range) as u16;
         let key = FlowKey::new(backend.addr, backend.port, snat_addr, port, proto);
-        if maps::nat_reverse.insert(&key, rev, BPF_NOEXIST as u64).is_ok() {
-            return Ok(port);
+        if maps::nat_reverse
+            .insert(&key, rev, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return Ok(SnatPort::New(port));
         }
-        let taken = match unsafe { maps::nat_reverse.get(&key) } {
-            Some(existing) => holder_alive(existing, snat_addr, port, proto, now),
+        let taken = match maps::nat_reverse.get_ptr_mut(&key) {
+            Some(existing) => {
+                let e = unsafe { &mut *existing };
+                if e.client_addr == rev.client_addr
+                    && e.client_port == rev.client_port
+                    && e.vip_addr == rev.vip_addr
+                    && e.vip_port == rev.vip_port
+                {
+                    e.flags &= !REV_PENDING;
+                    return Ok(SnatPort::Own(port));
+                }
+                holder_alive(e, snat_addr, port, proto, now, cfg)
+            }
             None => false,
         };
         if !taken && maps::nat_reverse.insert(&key, rev, BPF_ANY as u64).is_ok() {
-            return Ok(port);
+            return Ok(SnatPort::New(port));
         }
     }
     Err(DropReason::SnatExhausted)

@@ -7,27 +7,55 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::stats::DropReason;
+use lb_common::{
+    config::{Config, FIB_CACHE_TTL_S, FibKey, NextHop},
+    stats::DropReason,
+};
 
-use crate::parse::Packet;
+use crate::{maps, parse::Packet};
 
 const AF_INET: u8 = 2;
 
-/// Where a rewritten packet leaves: the egress ifindex and the MACs to put on it.
-pub struct NextHop {
-    pub ifindex: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
+/// Whether a remembered next hop may still be used for `pkt`: not expired, and the packet
+/// no larger than one the FIB accepted for the egress MTU.
+#[inline(always)]
+pub fn fresh(hop: &NextHop, pkt: &Packet, now: u64) -> bool {
+    hop.expires > now && pkt.ip_len <= hop.max_len
 }
 
-/// Asks the FIB for the route from `src` to `dst` of a packet that came in on the
-/// context's interface.
+/// The route from `src` to `dst` of a packet that came in on the context's interface:
+/// from `fib_cache` while that is fresh, else from the FIB (and then cached).
 #[inline(always)]
 pub fn lookup(
     ctx: &XdpContext,
     pkt: &Packet,
     src: [u8; 4],
     dst: [u8; 4],
+    now: u64,
+    cfg: &Config,
+) -> Result<NextHop, DropReason> {
+    let key = FibKey {
+        dst,
+        ingress_ifindex: ctx.ingress_ifindex() as u32,
+    };
+    if let Some(e) = unsafe { maps::fib_cache.get(&key) } {
+        if fresh(e, pkt, now) {
+            return Ok(*e);
+        }
+    }
+    let hop = fib_lookup(ctx, pkt, src, dst, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
+    // A full cache only costs speed, never correctness.
+    let _ = maps::fib_cache.insert(&key, &hop, 0);
+    Ok(hop)
+}
+
+#[inline(always)]
+fn fib_lookup(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: [u8; 4],
+    dst: [u8; 4],
+    expires: u64,
 ) -> Result<NextHop, DropReason> {
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -45,7 +73,16 @@ pub fn lookup(
         )
     } as u32;
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac }),
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
+            ifindex: p.ifindex,
+            max_len: pkt.ip_len,
+            smac: p.smac,
+            dmac: p.dmac,
+            // No address on the egress interface: forwarding a new flow there fails, later.
+            src_addr: unsafe { maps::iface_addrs.get(&p.ifindex) }.map(|a| a.addr).unwrap_or([0; 4]),
+            _pad: [0; 2],
+            expires,
+        }),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbor),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::FragNeeded),
         _ => Err(DropReason::NoRoute),

@@ -16,13 +16,17 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    flow::{Conn, FlowKey, NatReverse},
+    config::{Config, NextHop},
+    flow::{CONN_CLOSING, Conn, FlowKey, NatReverse, REV_PENDING},
     hash::flow_hash,
     service::{ServiceInfo, ServiceKey},
     stats::DropReason,
 };
 
-use crate::parse::{Packet, Parsed};
+use crate::{
+    conntrack::SnatPort,
+    parse::{Packet, Parsed},
+};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -52,9 +56,15 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     let dport = pkt.dst_port();
     if dport >= cfg.snat_port_min && dport <= cfg.snat_port_max {
-        let key = FlowKey::new(pkt.src_addr(), pkt.src_port(), pkt.dst_addr(), dport, pkt.proto);
+        let key = FlowKey::new(
+            pkt.src_addr(),
+            pkt.src_port(),
+            pkt.dst_addr(),
+            dport,
+            pkt.proto,
+        );
         if let Some(rev) = maps::nat_reverse.get_ptr_mut(&key) {
-            return reply(ctx, &pkt, rev);
+            return reply(ctx, &pkt, rev, cfg);
         }
     }
     let key = ServiceKey::new(pkt.dst_addr(), dport, pkt.proto);
@@ -71,39 +81,43 @@ fn to_backend(
     ctx: &XdpContext,
     pkt: &Packet,
     svc: &ServiceInfo,
-    cfg: &lb_common::config::Config,
+    cfg: &Config,
 ) -> Result<u32, DropReason> {
+    if pkt.ttl_expires() {
+        return Err(DropReason::TtlExceeded);
+    }
     let client = pkt.src_addr();
     let client_port = pkt.src_port();
     let vip = pkt.dst_addr();
     let vip_port = pkt.dst_port();
-    if pkt.ttl_expires() {
-        return Err(DropReason::TtlExceeded);
-    }
     let flow = FlowKey::new(client, client_port, vip, vip_port, pkt.proto);
-    let now = conntrack::now_ns();
+    let now = conntrack::now();
 
-    if let Some(conn) = maps::conntrack.get_ptr_mut(&flow) {
-        let c = unsafe { *conn };
+    let tracked = maps::conntrack.get_ptr_mut(&flow);
+    if let Some(conn) = tracked {
+        let c = unsafe { &mut *conn };
         if let Some(backend) = maps::backends.get(c.backend_id) {
             if backend.is_active() && backend.generation == c.backend_generation {
-                let hop = forward::lookup(ctx, pkt, [0; 4], backend.addr)?;
-                conntrack::touch(conn, pkt, now);
+                if !forward::fresh(&c.hop, pkt, now) {
+                    c.hop = forward::lookup(ctx, pkt, [0; 4], backend.addr, now, cfg)?;
+                }
+                conntrack::touch(c, pkt, now, cfg);
                 nat::rewrite(pkt, c.snat_addr, c.snat_port, backend.addr, backend.port);
                 stats::count(svc.id, c.backend_id, pkt.ip_len as u64);
-                return Ok(forward::send(ctx, pkt, &hop));
+                return Ok(forward::send(ctx, pkt, &c.hop));
             }
         }
-        // Its backend is gone: balance the flow again below.
+        // Its backend is gone: balance the flow again below, and track it at once.
     }
 
     let hash = flow_hash(client, vip, client_port, vip_port, pkt.proto);
     let (backend_id, backend) = select::pick(svc, hash).ok_or(DropReason::NoBackend)?;
-    let hop = forward::lookup(ctx, pkt, [0; 4], backend.addr)?;
-    let snat_addr = match unsafe { maps::iface_addrs.get(&hop.ifindex) } {
-        Some(a) => a.addr,
-        None => return Err(DropReason::NoSnatAddress),
-    };
+    let hop = forward::lookup(ctx, pkt, [0; 4], backend.addr, now, cfg)?;
+    let snat_addr = hop.src_addr;
+    if snat_addr == [0; 4] {
+        return Err(DropReason::NoSnatAddress);
+    }
+    let rebalanced = tracked.is_some();
     let rev = NatReverse {
         client_addr: client,
         vip_addr: vip,
@@ -111,22 +125,33 @@ fn to_backend(
         vip_port,
         service_id: svc.id,
         backend_id,
+        backend_generation: backend.generation,
+        flags: if rebalanced { 0 } else { REV_PENDING },
         _pad: 0,
-        last_seen_ns: now,
+        last_seen: now,
+        // Expired: the first reply looks up the way back to the client.
+        hop: NextHop::default(),
     };
     let snat_port =
-        conntrack::alloc_snat_port(cfg, &backend, snat_addr, pkt.proto, hash, &rev, now)?;
-    let conn = Conn {
-        backend_id,
-        backend_generation: backend.generation,
-        snat_addr,
-        snat_port,
-        flags: if pkt.closes() { lb_common::flow::CONN_CLOSING } else { 0 },
-        last_seen_ns: now,
-    };
-    maps::conntrack
-        .insert(&flow, &conn, 0)
-        .map_err(|_| DropReason::MapUpdate)?;
+        match conntrack::alloc_snat_port(cfg, &backend, snat_addr, pkt.proto, hash, &rev, now)? {
+            // The first packet of a flow: one insert, the flow is tracked on its next packet.
+            SnatPort::New(port) if !rebalanced => port,
+            SnatPort::New(port) | SnatPort::Own(port) => {
+                let conn = Conn {
+                    backend_id,
+                    backend_generation: backend.generation,
+                    snat_addr,
+                    snat_port: port,
+                    flags: if pkt.closes() { CONN_CLOSING } else { 0 },
+                    last_seen: now,
+                    hop,
+                };
+                maps::conntrack
+                    .insert(&flow, &conn, 0)
+                    .map_err(|_| DropReason::MapUpdate)?;
+                port
+            }
+        };
     nat::rewrite(pkt, snat_addr, snat_port, backend.addr, backend.port);
     stats::count(svc.id, backend_id, pkt.ip_len as u64);
     Ok(forward::send(ctx, pkt, &hop))
@@ -135,16 +160,24 @@ fn to_backend(
 /// A backend's reply to a flow lb balanced: restore the VIP as source, the client as
 /// destination.
 #[inline(always)]
-fn reply(ctx: &XdpContext, pkt: &Packet, rev: *mut NatReverse) -> Result<u32, DropReason> {
+fn reply(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    rev: *mut NatReverse,
+    cfg: &Config,
+) -> Result<u32, DropReason> {
     if pkt.ttl_expires() {
         return Err(DropReason::TtlExceeded);
     }
-    let r = unsafe { *rev };
-    let hop = forward::lookup(ctx, pkt, r.vip_addr, r.client_addr)?;
-    conntrack::touch_from_reply(rev, pkt, conntrack::now_ns());
+    let r = unsafe { &mut *rev };
+    let now = conntrack::now();
+    if !forward::fresh(&r.hop, pkt, now) {
+        r.hop = forward::lookup(ctx, pkt, r.vip_addr, r.client_addr, now, cfg)?;
+    }
+    conntrack::on_reply(r, pkt, now, cfg);
     nat::rewrite(pkt, r.vip_addr, r.vip_port, r.client_addr, r.client_port);
     stats::count(r.service_id, r.backend_id, pkt.ip_len as u64);
-    Ok(forward::send(ctx, pkt, &hop))
+    Ok(forward::send(ctx, pkt, &r.hop))
 }
 
 #[cfg(not(test))]

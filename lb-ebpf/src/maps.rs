@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    config::{Config, IfaceAddr},
+    config::{Config, FibKey, IfaceAddr, NextHop},
     flow::{Conn, FlowKey, NatReverse},
     service::{Backend, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
@@ -26,11 +26,11 @@ pub static backends: Array<Backend, 65536> = Array::new();
 #[btf_map]
 pub static maglev: Array<u32, 4194304> = Array::new();
 
-/// Client flow (client -> VIP) -> chosen backend and SNAT address and port.
+/// Client flow (client -> VIP) -> chosen backend, SNAT address and port, next hop.
 #[btf_map]
 pub static conntrack: LruHashMap<FlowKey, Conn, 524288> = LruHashMap::new();
 
-/// Backend flow (backend -> SNAT address and port) -> client and VIP to restore.
+/// Backend flow (backend -> SNAT address and port) -> client and VIP to restore, next hop.
 #[btf_map]
 pub static nat_reverse: LruHashMap<FlowKey, NatReverse, 524288> = LruHashMap::new();
 
@@ -41,6 +41,10 @@ pub static config: Array<Config, 1> = Array::new();
 /// Egress ifindex -> IPv4 address used as SNAT source there.
 #[btf_map]
 pub static iface_addrs: HashMap<u32, IfaceAddr, 1024> = HashMap::new();
+
+/// (destination, ingress ifindex) -> egress ifindex and MACs, for `FIB_CACHE_TTL_NS`.
+#[btf_map]
+pub static fib_cache: LruHashMap<FibKey, NextHop, 65536> = LruHashMap::new();
 
 /// Service id -> packets and bytes, both directions, per CPU.
 #[btf_map]

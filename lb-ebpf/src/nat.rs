@@ -1,35 +1,29 @@
 //! Address and port rewriting with incremental checksum updates.
 use lb_common::{
     IPPROTO_UDP,
-    csum::{port_word, replace_addr, replace_u16},
+    csum::{apply, diff_addr, diff_u16, port_word},
 };
 
 use crate::parse::Packet;
 
 /// Rewrites the packet to `src:sport -> dst:dport` (ports in host order), decrementing
-/// the TTL, and fixes the IP and L4 checksums.
+/// the TTL, and fixes the IP and L4 checksums. The address change enters both checksums
+/// (the L4 one through the pseudo-header) and is summed once.
 #[inline(always)]
 pub fn rewrite(pkt: &Packet, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) {
     unsafe {
         let ip = &mut *pkt.ip;
-        let old_src = ip.src_addr;
-        let old_dst = ip.dst_addr;
+        let addrs = diff_addr(ip.src_addr, src) + diff_addr(ip.dst_addr, dst);
         let old_ttl_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
         ip.ttl -= 1;
-        let new_ttl_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        let mut check = u16::from_ne_bytes(ip.check);
-        check = replace_addr(check, old_src, src);
-        check = replace_addr(check, old_dst, dst);
-        check = replace_u16(check, old_ttl_word, new_ttl_word);
-        ip.check = check.to_ne_bytes();
+        let ttl = diff_u16(old_ttl_word, u16::from_ne_bytes([ip.ttl, ip.proto]));
+        ip.check = apply(u16::from_ne_bytes(ip.check), addrs + ttl).to_ne_bytes();
         ip.src_addr = src;
         ip.dst_addr = dst;
 
         let ports = &mut *pkt.ports;
-        let old_sport = ports[0];
-        let old_dport = ports[1];
-        let new_sport = port_word(sport);
-        let new_dport = port_word(dport);
+        let (new_sport, new_dport) = (port_word(sport), port_word(dport));
+        let port_diff = diff_u16(ports[0], new_sport) + diff_u16(ports[1], new_dport);
         ports[0] = new_sport;
         ports[1] = new_dport;
 
@@ -38,10 +32,7 @@ pub fn rewrite(pkt: &Packet, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16)
         if pkt.proto == IPPROTO_UDP && l4_check == 0 {
             return;
         }
-        let mut c = replace_addr(l4_check, old_src, src);
-        c = replace_addr(c, old_dst, dst);
-        c = replace_u16(c, old_sport, new_sport);
-        c = replace_u16(c, old_dport, new_dport);
+        let mut c = apply(l4_check, addrs + port_diff);
         if pkt.proto == IPPROTO_UDP && c == 0 {
             c = 0xffff;
         }

@@ -53,7 +53,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
         return Ok(Parsed::Pass);
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
-    let (vihl, frags, proto, tot_len) = unsafe { ((*ip).vihl, (*ip).frags, (*ip).proto, (*ip).tot_len) };
+    let (vihl, frags, proto, tot_len) =
+        unsafe { ((*ip).vihl, (*ip).frags, (*ip).proto, (*ip).tot_len) };
     if vihl >> 4 != 4 {
         return Err(DropReason::Malformed);
     }

@@ -10,7 +10,7 @@ use lb::{
     dataplane::{Dataplane, Limits, PASS_PROGRAM, PROGRAM},
     model::{Service, ServiceSpec},
 };
-use lb_common::flow::{Conn, FlowKey};
+use lb_common::flow::{Conn, FlowKey, NatReverse};
 
 use crate::{netns::Netns, unique};
 
@@ -178,6 +178,13 @@ impl PacketLab {
         let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")).ok()?;
         let map: aya::maps::HashMap<_, FlowKey, Conn> = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
         map.get(&FlowKey::new(client.octets(), cport, vip.octets(), vport, proto), 0).ok()
+    }
+
+    /// The reverse-NAT entry of a client flow (found by its client side), with its key.
+    pub fn reverse(&self, client: Ipv4Addr, cport: u16) -> Option<(FlowKey, NatReverse)> {
+        let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")).ok()?;
+        let map: aya::maps::HashMap<_, FlowKey, NatReverse> = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
+        map.iter().filter_map(Result::ok).find(|(_, r)| r.client_addr == client.octets() && r.client_port == cport)
     }
 
     pub fn drops(&self, reason: lb_common::stats::DropReason) -> u64 {

@@ -70,20 +70,25 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
     let mut lab = lab();
     lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"]);
 
-    // New flow: balanced, SNATed from lb's address on v0, sent back out of v0.
+    // New flow: balanced, SNATed from lb's address on v0, sent back out of v0. Its first
+    // packet takes a SNAT port (the reverse entry); the flow is tracked on its second.
     let syn = to_vip(SYN, b"");
     let (verdict, out) = lab.run(lab.v0, &syn.bytes());
     assert_eq!(verdict, XDP_TX);
-    let conn = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).expect("flow tracked");
-    assert!((SNAT.0..=SNAT.1).contains(&conn.snat_port), "{conn:?}");
-    assert_eq!(conn.snat_addr, LB0.octets());
-    let backend = Ipv4Addr::from(
-        lab.dataplane.installed("web").unwrap().backends.iter().find(|(_, id)| *id == conn.backend_id).unwrap().0.ip().octets(),
-    );
-    assert_eq!(out, forwarded(&syn, LB0, conn.snat_port, backend, 8080, mac(0x01)).bytes(), "new flow");
+    let (key, rev) = lab.reverse(CLIENT, CLIENT_PORT).expect("SNAT port taken");
+    assert!((SNAT.0..=SNAT.1).contains(&key.dst_port), "{key:?}");
+    assert_eq!((key.dst_addr, rev.vip_addr, rev.vip_port), (LB0.octets(), VIP.octets(), 80));
+    let backend = Ipv4Addr::from(key.src_addr);
+    assert_eq!(out, forwarded(&syn, LB0, key.dst_port, backend, 8080, mac(0x01)).bytes(), "new flow");
+    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none());
 
     // Established: same backend, same SNAT port, payload intact.
     let data = to_vip(ACK, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (verdict, out) = lab.run(lab.v0, &data.bytes());
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, forwarded(&data, LB0, key.dst_port, backend, 8080, mac(0x01)).bytes(), "second packet");
+    let conn = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).expect("flow tracked");
+    assert_eq!((conn.snat_port, conn.snat_addr), (key.dst_port, LB0.octets()));
     for _ in 0..3 {
         let (verdict, out) = lab.run(lab.v0, &data.bytes());
         assert_eq!(verdict, XDP_TX);
@@ -120,9 +125,9 @@ fn egress_on_another_interface_is_redirected_with_that_interfaces_address() {
     let syn = Frame { dport: 443, ..to_vip(SYN, b"") };
     let (verdict, out) = lab.run(lab.v0, &syn.bytes());
     assert_eq!(verdict, XDP_REDIRECT);
-    let conn = lab.conn(CLIENT, CLIENT_PORT, VIP, 443, IPPROTO_TCP).unwrap();
-    assert_eq!(conn.snat_addr, LB2.octets());
-    assert_eq!(out, forwarded(&syn, LB2, conn.snat_port, FAR_BACKEND, 8443, mac(0x02)).bytes());
+    let (key, _) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
+    assert_eq!(key.dst_addr, LB2.octets());
+    assert_eq!(out, forwarded(&syn, LB2, key.dst_port, FAR_BACKEND, 8443, mac(0x02)).bytes());
     // Its reply comes in on v2 and leaves through v0.
     let reply = Frame {
         src_mac: mac(21),
@@ -131,7 +136,7 @@ fn egress_on_another_interface_is_redirected_with_that_interfaces_address() {
         dst: LB2,
         ttl: 64,
         sport: 8443,
-        dport: conn.snat_port,
+        dport: key.dst_port,
         l4: ACK,
         payload: b"hello".to_vec(),
     };
@@ -149,8 +154,8 @@ fn udp_checksums_are_updated_or_left_absent() {
         let q = Frame { dport: 53, sport: 5000 + i as u16, ..to_vip(L4::Udp { checksum }, b"query") };
         let (verdict, out) = lab.run(lab.v0, &q.bytes());
         assert_eq!(verdict, XDP_TX);
-        let conn = lab.conn(CLIENT, q.sport, VIP, 53, IPPROTO_UDP).unwrap();
-        let expected = forwarded(&q, LB0, conn.snat_port, Ipv4Addr::new(10, 70, 0, 11), 5353, mac(0x01));
+        let (key, _) = lab.reverse(CLIENT, q.sport).unwrap();
+        let expected = forwarded(&q, LB0, key.dst_port, Ipv4Addr::new(10, 70, 0, 11), 5353, mac(0x01));
         assert_eq!(out, expected.bytes(), "checksum {checksum}");
         if !checksum {
             assert_eq!(&out[40..42], &[0, 0], "an absent UDP checksum stays absent");
@@ -206,7 +211,7 @@ fn packets_that_are_not_for_a_service_pass_untouched() {
         assert_eq!(verdict, XDP_PASS, "{}", case.what);
         assert_eq!(out, case.packet, "{}: changed", case.what);
     }
-    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none(), "nothing was tracked");
+    assert!(lab.reverse(CLIENT, CLIENT_PORT).is_none(), "nothing was tracked");
 }
 
 #[test]
@@ -227,7 +232,7 @@ fn every_truncation_of_the_headers_is_dropped_and_counted() {
     }
     assert_eq!(lab.drops(DropReason::Truncated) + lab.drops(DropReason::Malformed), dropped);
     assert!(lab.drops(DropReason::Truncated) > 0);
-    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none(), "a truncated packet created a flow");
+    assert!(lab.reverse(CLIENT, CLIENT_PORT).is_none(), "a truncated packet created a flow");
 }
 
 #[test]
@@ -254,7 +259,7 @@ fn malformed_headers_are_dropped_and_counted() {
         assert_eq!(verdict, XDP_DROP, "{what}");
         assert_eq!(lab.drops(reason), before + 1, "{what}: not counted as {}", reason.name());
     }
-    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none());
+    assert!(lab.reverse(CLIENT, CLIENT_PORT).is_none());
 }
 
 #[test]
@@ -264,10 +269,10 @@ fn a_flow_keeps_its_backend_until_that_backend_is_removed() {
     lab.service("web", "10.70.0.100:80", "tcp", &all);
     let syn = to_vip(SYN, b"");
     lab.run(lab.v0, &syn.bytes());
-    let first = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap();
     let dst_of = |out: &[u8]| Ipv4Addr::new(out[30], out[31], out[32], out[33]);
     let (_, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
     let backend = dst_of(&out);
+    let first = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap();
     // Removing the other backends leaves the flow where it is.
     let others: Vec<&str> = all.iter().copied().filter(|b| !b.starts_with(&format!("{backend}:"))).collect();
     lab.service("web", "10.70.0.100:80", "tcp", &[&format!("{backend}:8080"), others[0]]);

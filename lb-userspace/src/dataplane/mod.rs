@@ -2,6 +2,7 @@
 //! interfaces and applies services to the maps in an order packets can never observe
 //! half done.
 mod apply;
+mod clock;
 mod ids;
 mod slots;
 
@@ -35,7 +36,7 @@ pub const PROGRAM: &str = "lb_xdp";
 pub const PASS_PROGRAM: &str = "lb_pass";
 
 /// Every map, by the name it has in the object and under the pin directory.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 11] = [
     "services",
     "backends",
     "maglev",
@@ -43,6 +44,7 @@ pub const MAPS: [&str; 10] = [
     "nat_reverse",
     "config",
     "iface_addrs",
+    "fib_cache",
     "service_stats",
     "backend_stats",
     "drops",
@@ -105,6 +107,7 @@ pub struct Dataplane {
     generations: Vec<u32>,
     slots: SlotAllocator,
     installed: StdHashMap<String, Installed>,
+    hz: u32,
 }
 
 fn is_bpffs(dir: &Path) -> bool {
@@ -187,12 +190,14 @@ impl Dataplane {
             generations: vec![0; limits.max_backends as usize],
             slots: SlotAllocator::new(limits.maglev_slots),
             installed: StdHashMap::new(),
+            hz: clock::kernel_hz(),
         })
     }
 
-    /// Sets the SNAT source port range (inclusive).
+    /// Sets the SNAT source port range (inclusive), with the kernel's tick rate that the
+    /// program's timeouts are counted in.
     pub fn set_snat_ports(&mut self, min: u16, max: u16) -> Result<(), DataplaneError> {
-        self.config.set(0, Config { snat_port_min: min, snat_port_max: max, flags: 0 }, 0)?;
+        self.config.set(0, Config { snat_port_min: min, snat_port_max: max, hz: self.hz }, 0)?;
         Ok(())
     }
 
