@@ -7,7 +7,10 @@ fn main() {
     let object = root.join("lb-ebpf/target/bpfel-unknown-none/release/lb-ebpf");
     println!("cargo:rerun-if-changed={}", object.display());
     if object.is_file() {
-        println!("cargo:rustc-env=LB_EBPF_OBJECT={}", object.canonicalize().unwrap().display());
+        println!(
+            "cargo:rustc-env=LB_EBPF_OBJECT={}",
+            object.canonicalize().unwrap().display()
+        );
     } else {
         println!(
             "cargo::error=the eBPF object {} is missing: run `cargo xtask build-ebpf` first",

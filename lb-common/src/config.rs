@@ -55,8 +55,9 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     /// lb's address on the egress interface (from `iface_addrs`): the SNAT source there.
     pub src_addr: [u8; 4],
-    /// Explicit: the verifier rejects copies of uninitialised padding.
-    pub _pad: [u8; 2],
+    /// Explicit: the verifier rejects copies of uninitialised padding. (Padding is never
+    /// an array: the BPF backend zeroes byte arrays with a byte-loop subprogram.)
+    pub _pad: u16,
     /// In jiffies; 0 means "look it up".
     pub expires: u64,
 }

@@ -20,8 +20,13 @@ pub const fn diff_u16(old: u16, new: u16) -> u32 {
 /// The change of a 4-byte field (an address), as two 16-bit words.
 #[inline(always)]
 pub const fn diff_addr(old: [u8; 4], new: [u8; 4]) -> u32 {
-    diff_u16(u16::from_ne_bytes([old[0], old[1]]), u16::from_ne_bytes([new[0], new[1]]))
-        + diff_u16(u16::from_ne_bytes([old[2], old[3]]), u16::from_ne_bytes([new[2], new[3]]))
+    diff_u16(
+        u16::from_ne_bytes([old[0], old[1]]),
+        u16::from_ne_bytes([new[0], new[1]]),
+    ) + diff_u16(
+        u16::from_ne_bytes([old[2], old[3]]),
+        u16::from_ne_bytes([new[2], new[3]]),
+    )
 }
 
 /// Applies the sum of up to a few hundred `diff_*` values to checksum `check`; summing
@@ -91,13 +96,20 @@ mod tests {
             data[12..16].copy_from_slice(&new_addr);
             data[16..18].copy_from_slice(&new_port.to_ne_bytes());
             let updated = replace_u16(replace_addr(check, old_addr, new_addr), old_port, new_port);
-            assert_eq!(updated, apply(check, diff_addr(old_addr, new_addr) + diff_u16(old_port, new_port)));
+            assert_eq!(
+                updated,
+                apply(
+                    check,
+                    diff_addr(old_addr, new_addr) + diff_u16(old_port, new_port)
+                )
+            );
             let mut reference = data.clone();
             reference = with_checksum(reference, 10);
             let expected = u16::from_ne_bytes([reference[10], reference[11]]);
             // 0x0000 and 0xffff are the same value in one's complement.
             assert!(
-                updated == expected || (updated ^ expected) == 0xffff && (updated == 0 || expected == 0),
+                updated == expected
+                    || (updated ^ expected) == 0xffff && (updated == 0 || expected == 0),
                 "updated {updated:#x} expected {expected:#x}"
             );
             // And the packet with the updated checksum verifies.

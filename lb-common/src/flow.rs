@@ -14,13 +14,28 @@ pub struct FlowKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 assert_layout!(FlowKey, size = 16, align = 2);
 
 impl FlowKey {
-    pub const fn new(src_addr: [u8; 4], src_port: u16, dst_addr: [u8; 4], dst_port: u16, proto: u8) -> Self {
-        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
+    pub const fn new(
+        src_addr: [u8; 4],
+        src_port: u16,
+        dst_addr: [u8; 4],
+        dst_port: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
     }
 }
 
@@ -29,6 +44,9 @@ impl FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
+    /// Counted under this service; a tracked flow needs no service lookup.
+    pub service_id: u32,
+    pub _pad: u32,
     pub backend_id: u32,
     /// The backend's generation when the flow was balanced; a mismatch re-balances.
     pub backend_generation: u32,
@@ -41,7 +59,7 @@ pub struct Conn {
     /// Towards the backend.
     pub hop: NextHop,
 }
-assert_layout!(Conn, size = 56, align = 8);
+assert_layout!(Conn, size = 64, align = 8);
 
 pub const CONN_CLOSING: u16 = 1;
 

@@ -27,6 +27,13 @@ pub fn flow_hash(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16, proto
     fmix32(h ^ c.rotate_left(7))
 }
 
+/// Maps a 32-bit hash onto `0..n` without a division (Lemire's multiply-shift), which
+/// the BPF JIT turns into one multiplication instead of a slow divide.
+#[inline(always)]
+pub const fn reduce(hash: u32, n: u32) -> u32 {
+    ((hash as u64 * n as u64) >> 32) as u32
+}
+
 /// 64-bit FNV-1a with a seed, finished by the splitmix64 mixer; used on the host only to
 /// derive a backend's Maglev offset and skip.
 pub fn hash64(bytes: &[u8], seed: u64) -> u64 {
@@ -47,11 +54,47 @@ mod tests {
     #[test]
     fn flow_hash_depends_on_every_field() {
         let base = flow_hash([10, 0, 0, 1], [10, 0, 0, 100], 40000, 80, 6);
-        assert_ne!(base, flow_hash([10, 0, 0, 2], [10, 0, 0, 100], 40000, 80, 6));
-        assert_ne!(base, flow_hash([10, 0, 0, 1], [10, 0, 0, 101], 40000, 80, 6));
-        assert_ne!(base, flow_hash([10, 0, 0, 1], [10, 0, 0, 100], 40001, 80, 6));
-        assert_ne!(base, flow_hash([10, 0, 0, 1], [10, 0, 0, 100], 40000, 81, 6));
-        assert_ne!(base, flow_hash([10, 0, 0, 1], [10, 0, 0, 100], 40000, 80, 17));
+        assert_ne!(
+            base,
+            flow_hash([10, 0, 0, 2], [10, 0, 0, 100], 40000, 80, 6)
+        );
+        assert_ne!(
+            base,
+            flow_hash([10, 0, 0, 1], [10, 0, 0, 101], 40000, 80, 6)
+        );
+        assert_ne!(
+            base,
+            flow_hash([10, 0, 0, 1], [10, 0, 0, 100], 40001, 80, 6)
+        );
+        assert_ne!(
+            base,
+            flow_hash([10, 0, 0, 1], [10, 0, 0, 100], 40000, 81, 6)
+        );
+        assert_ne!(
+            base,
+            flow_hash([10, 0, 0, 1], [10, 0, 0, 100], 40000, 80, 17)
+        );
+    }
+
+    #[test]
+    fn reduce_stays_in_range_and_spreads() {
+        let n = 1021;
+        let mut counts = vec![0u32; n as usize];
+        for i in 0..1_021_000u32 {
+            let r = reduce(
+                flow_hash([10, 0, 0, 1], [10, 0, 0, 2], i as u16, (i >> 16) as u16, 6),
+                n,
+            );
+            assert!(r < n);
+            counts[r as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (850..1150).contains(&c)),
+            "{:?}",
+            counts.iter().min()
+        );
+        assert_eq!(reduce(u32::MAX, 7), 6);
+        assert_eq!(reduce(0, 7), 0);
     }
 
     #[test]

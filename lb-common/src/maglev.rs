@@ -48,7 +48,10 @@ pub fn build_table(backends: &[SocketAddrV4], size: u32) -> Vec<u32> {
     if n == 0 {
         return Vec::new();
     }
-    assert!(is_prime(size) && size as usize >= n, "table size {size} for {n} backends");
+    assert!(
+        is_prime(size) && size as usize >= n,
+        "table size {size} for {n} backends"
+    );
     let m = size as u64;
     // Canonical order: sorted by address and port.
     let mut order: Vec<usize> = (0..n).collect();
@@ -93,7 +96,12 @@ mod tests {
 
     fn backends(n: usize) -> Vec<SocketAddrV4> {
         (0..n)
-            .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250) as u8 + 1), 8080))
+            .map(|i| {
+                SocketAddrV4::new(
+                    Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250) as u8 + 1),
+                    8080,
+                )
+            })
             .collect()
     }
 
@@ -128,8 +136,14 @@ mod tests {
             for (i, c) in shares(&table, n).into_iter().enumerate() {
                 let dev = (c as f64 - ideal).abs() / ideal;
                 // Maglev fills round robin, so shares differ by at most one slot.
-                assert!(c as f64 >= ideal.floor() && c as f64 <= ideal.ceil(), "n={n} backend {i}: {c} slots, ideal {ideal:.1}");
-                assert!(dev <= 0.03 || n * 100 > size as usize, "n={n} backend {i}: {dev:.3}");
+                assert!(
+                    c as f64 >= ideal.floor() && c as f64 <= ideal.ceil(),
+                    "n={n} backend {i}: {c} slots, ideal {ideal:.1}"
+                );
+                assert!(
+                    dev <= 0.03 || n * 100 > size as usize,
+                    "n={n} backend {i}: {dev:.3}"
+                );
             }
         }
     }
@@ -143,7 +157,9 @@ mod tests {
         before
             .iter()
             .zip(&after)
-            .filter(|&(&old, &new)| old as usize != removed && b[old as usize] != rest[new as usize])
+            .filter(|&(&old, &new)| {
+                old as usize != removed && b[old as usize] != rest[new as usize]
+            })
             .count()
     }
 
@@ -171,7 +187,10 @@ mod tests {
         for n in [200usize, 400, 655, 1000] {
             let b = backends(n);
             let moved = moved_others(&b, n / 2, MAX_TABLE_SIZE);
-            assert!(moved as f64 <= MAX_TABLE_SIZE as f64 * 0.01, "n={n}: moved {moved} other slots");
+            assert!(
+                moved as f64 <= MAX_TABLE_SIZE as f64 * 0.01,
+                "n={n}: moved {moved} other slots"
+            );
         }
     }
 
@@ -181,8 +200,14 @@ mod tests {
         let mut shuffled = b.clone();
         shuffled.reverse();
         shuffled.swap(1, 4);
-        let t1: Vec<_> = build_table(&b, 1021).into_iter().map(|i| b[i as usize]).collect();
-        let t2: Vec<_> = build_table(&shuffled, 1021).into_iter().map(|i| shuffled[i as usize]).collect();
+        let t1: Vec<_> = build_table(&b, 1021)
+            .into_iter()
+            .map(|i| b[i as usize])
+            .collect();
+        let t2: Vec<_> = build_table(&shuffled, 1021)
+            .into_iter()
+            .map(|i| shuffled[i as usize])
+            .collect();
         assert_eq!(t1, t2);
     }
 }

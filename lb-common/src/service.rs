@@ -14,9 +14,24 @@ assert_layout!(ServiceKey, size = 8, align = 2);
 
 impl ServiceKey {
     pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
-        Self { addr, port, proto, _pad: 0 }
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+
+    /// This key's slot in `vip_filter`.
+    #[inline(always)]
+    pub fn filter_slot(&self) -> u32 {
+        crate::hash::flow_hash(self.addr, [0; 4], self.port, 0, self.proto) & (VIP_FILTER_SLOTS - 1)
     }
 }
+
+/// Slots in `vip_filter`, a counting filter over service keys: a packet whose key falls on
+/// an empty slot is no service's, which one array read tells, before any hash lookup.
+pub const VIP_FILTER_SLOTS: u32 = 1 << 16;
 
 /// Value of the `services` map. The service's Maglev table is the run
 /// `maglev[table_offset .. table_offset + table_size]`.

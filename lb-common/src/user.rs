@@ -7,4 +7,16 @@ macro_rules! pod {
         unsafe impl aya::Pod for $t {}
     )* };
 }
-pod!(ServiceKey, ServiceInfo, Backend, FlowKey, Conn, NatReverse, Config, IfaceAddr, FibKey, NextHop, Counters);
+pod!(
+    ServiceKey,
+    ServiceInfo,
+    Backend,
+    FlowKey,
+    Conn,
+    NatReverse,
+    Config,
+    IfaceAddr,
+    FibKey,
+    NextHop,
+    Counters
+);

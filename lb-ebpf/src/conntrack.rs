@@ -11,11 +11,12 @@ use aya_ebpf::{
     helpers::generated::bpf_jiffies64,
 };
 use lb_common::{
-    config::{Config, NextHop},
+    config::Config,
     flow::{
         CONN_CLOSING, Conn, FlowKey, LAST_SEEN_GRANULARITY_S, NatReverse, PENDING_TIMEOUT_S,
         REV_PENDING,
     },
+    hash::reduce,
     service::Backend,
     stats::DropReason,
 };
@@ -54,18 +55,23 @@ fn client_flow(r: &NatReverse, proto: u8) -> FlowKey {
 #[inline(always)]
 pub fn on_reply(r: &mut NatReverse, pkt: &Packet, now: u64, cfg: &Config) {
     if r.flags & REV_PENDING != 0 {
-        let conn = Conn {
-            backend_id: r.backend_id,
-            backend_generation: r.backend_generation,
-            snat_addr: pkt.dst_addr(),
-            snat_port: pkt.dst_port(),
-            flags: if pkt.closes() { CONN_CLOSING } else { 0 },
-            last_seen: now,
-            // Expired: the client's next packet looks up the way to the backend.
-            hop: NextHop::default(),
+        let Some(scratch) = maps::scratch_space() else {
+            return;
         };
+        let conn = &mut scratch.conn;
+        conn.service_id = r.service_id;
+        conn._pad = 0;
+        conn.backend_id = r.backend_id;
+        conn.backend_generation = r.backend_generation;
+        conn.snat_addr = pkt.dst_addr();
+        conn.snat_port = pkt.dst_port();
+        conn.flags = if pkt.closes() { CONN_CLOSING } else { 0 };
+        conn.last_seen = now;
+        // Expired: the client's next packet looks up the way to the backend.
+        conn.hop = r.hop;
+        conn.hop.expires = 0;
         // The first answer wins; a flow tracked meanwhile keeps its entry.
-        let _ = maps::conntrack.insert(&client_flow(r, pkt.proto), &conn, BPF_NOEXIST as u64);
+        let _ = maps::conntrack.insert(&client_flow(r, pkt.proto), conn, BPF_NOEXIST as u64);
         r.flags &= !REV_PENDING;
         r.last_seen = now;
         return;
@@ -131,7 +137,7 @@ pub fn alloc_snat_port(
     }
     let start = (hash >> 7) ^ hash.rotate_left(11);
     for i in 0..SNAT_TRIES {
-        let port = (min + start.wrapping_add(i.wrapping_mul(40503)) % range) as u16;
+        let port = (min + reduce(start.wrapping_add(i.wrapping_mul(0x9e37_79b9)), range)) as u16;
         let key = FlowKey::new(backend.addr, backend.port, snat_addr, port, proto);
         if maps::nat_reverse
             .insert(&key, rev, BPF_NOEXIST as u64)

@@ -23,6 +23,29 @@ pub fn fresh(hop: &NextHop, pkt: &Packet, now: u64) -> bool {
     hop.expires > now && pkt.ip_len <= hop.max_len
 }
 
+/// The next hop to backend `id` at `addr`: from `backend_hops` while that is fresh, else
+/// from the FIB (and then kept there).
+#[inline(always)]
+pub fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    addr: [u8; 4],
+    now: u64,
+    cfg: &Config,
+) -> Result<NextHop, DropReason> {
+    let Some(kept) = maps::backend_hops.get_ptr_mut(id) else {
+        return Err(DropReason::NoRoute);
+    };
+    let kept = unsafe { &mut *kept };
+    if fresh(kept, pkt, now) {
+        return Ok(*kept);
+    }
+    let hop = fib(ctx, pkt, [0; 4], addr, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
+    *kept = hop;
+    Ok(hop)
+}
+
 /// The route from `src` to `dst` of a packet that came in on the context's interface:
 /// from `fib_cache` while that is fresh, else from the FIB (and then cached).
 #[inline(always)]
@@ -43,31 +66,40 @@ pub fn lookup(
             return Ok(*e);
         }
     }
-    let hop = fib_lookup(ctx, pkt, src, dst, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
+    let hop = fib(ctx, pkt, src, dst, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
     // A full cache only costs speed, never correctness.
     let _ = maps::fib_cache.insert(&key, &hop, 0);
     Ok(hop)
 }
 
+/// Asks the FIB for the route from `src` to `dst` of a packet that came in on the
+/// context's interface; the answer may be kept until `expires`. The parameter block lives
+/// in the per-CPU scratch map, not on the stack.
 #[inline(always)]
-fn fib_lookup(
+fn fib(
     ctx: &XdpContext,
     pkt: &Packet,
     src: [u8; 4],
     dst: [u8; 4],
     expires: u64,
 ) -> Result<NextHop, DropReason> {
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let scratch = maps::scratch_space().ok_or(DropReason::NoRoute)?;
+    let p = &mut scratch.fib;
+    // Every field the helper reads is set; the output fields are written by it.
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
+    p.sport = 0;
+    p.dport = 0;
     p.__bindgen_anon_1.tot_len = pkt.ip_len;
     p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_2.tos = 0;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    p.__bindgen_anon_5.tbid = 0;
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut p,
+            p,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
@@ -78,9 +110,11 @@ fn fib_lookup(
             max_len: pkt.ip_len,
             smac: p.smac,
             dmac: p.dmac,
-            // No address on the egress interface: forwarding a new flow there fails, later.
-            src_addr: unsafe { maps::iface_addrs.get(&p.ifindex) }.map(|a| a.addr).unwrap_or([0; 4]),
-            _pad: [0; 2],
+            // No address on the egress interface: a new flow there is dropped.
+            src_addr: unsafe { maps::iface_addrs.get(&p.ifindex) }
+                .map(|a| a.addr)
+                .unwrap_or([0; 4]),
+            _pad: 0,
             expires,
         }),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbor),
@@ -93,9 +127,14 @@ fn fib_lookup(
 /// with `XDP_TX`, or to another one with `XDP_REDIRECT`.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> u32 {
+    // Word writes: a plain `[u8; 6]` assignment becomes a call to a byte-loop memmove.
+    let (d, s) = (&hop.dmac, &hop.smac);
     unsafe {
-        (*pkt.eth).dst_addr = hop.dmac;
-        (*pkt.eth).src_addr = hop.smac;
+        let eth = pkt.eth as *mut u8;
+        (eth as *mut u32).write_unaligned(u32::from_ne_bytes([d[0], d[1], d[2], d[3]]));
+        (eth.add(4) as *mut u16).write_unaligned(u16::from_ne_bytes([d[4], d[5]]));
+        (eth.add(6) as *mut u16).write_unaligned(u16::from_ne_bytes([s[0], s[1]]));
+        (eth.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([s[2], s[3], s[4], s[5]]));
     }
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         xdp_action::XDP_TX

@@ -16,8 +16,8 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    config::{Config, NextHop},
-    flow::{CONN_CLOSING, Conn, FlowKey, NatReverse, REV_PENDING},
+    config::Config,
+    flow::{CONN_CLOSING, FlowKey, NatReverse, REV_PENDING},
     hash::flow_hash,
     service::{ServiceInfo, ServiceKey},
     stats::DropReason,
@@ -45,6 +45,12 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Does nothing but answer XDP_TX: shows what that verdict alone costs in the benchmark.
+#[xdp]
+pub fn lb_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
 #[inline(always)]
 fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     let pkt = match parse::parse(ctx)? {
@@ -68,86 +74,137 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         }
     }
     let key = ServiceKey::new(pkt.dst_addr(), dport, pkt.proto);
-    let Some(svc) = (unsafe { maps::services.get(&key) }) else {
-        return Ok(xdp_action::XDP_PASS);
-    };
-    let svc = *svc;
-    to_backend(ctx, &pkt, &svc, cfg)
+    match maps::vip_filter.get(key.filter_slot()) {
+        Some(&n) if n > 0 => to_service(ctx, &pkt, &key, cfg),
+        _ => Ok(xdp_action::XDP_PASS),
+    }
 }
 
-/// A client's packet to a service: keep its tracked backend, or balance it.
+/// A client's packet that may be for a service: a tracked flow keeps its backend (its
+/// `Conn` proves the service, so no service lookup); anything else is balanced, if the
+/// service exists.
 #[inline(always)]
-fn to_backend(
+fn to_service(
     ctx: &XdpContext,
     pkt: &Packet,
-    svc: &ServiceInfo,
+    key: &ServiceKey,
     cfg: &Config,
 ) -> Result<u32, DropReason> {
-    if pkt.ttl_expires() {
-        return Err(DropReason::TtlExceeded);
-    }
-    let client = pkt.src_addr();
-    let client_port = pkt.src_port();
-    let vip = pkt.dst_addr();
-    let vip_port = pkt.dst_port();
-    let flow = FlowKey::new(client, client_port, vip, vip_port, pkt.proto);
-    let now = conntrack::now();
-
-    let tracked = maps::conntrack.get_ptr_mut(&flow);
+    let flow = FlowKey::new(
+        pkt.src_addr(),
+        pkt.src_port(),
+        key.addr,
+        key.port,
+        pkt.proto,
+    );
+    // A SYN opens a connection: no tracked state can apply to it (a flow is tracked only
+    // from its second packet), so it skips the lookup. Its retries find their SNAT port
+    // again in `alloc_snat_port`.
+    let tracked = if pkt.opens() {
+        None
+    } else {
+        maps::conntrack.get_ptr_mut(&flow)
+    };
     if let Some(conn) = tracked {
         let c = unsafe { &mut *conn };
+        // Backends are retired when their service goes, so an active one means the
+        // service is still there.
         if let Some(backend) = maps::backends.get(c.backend_id) {
             if backend.is_active() && backend.generation == c.backend_generation {
+                if pkt.ttl_expires() {
+                    return Err(DropReason::TtlExceeded);
+                }
+                let now = conntrack::now();
                 if !forward::fresh(&c.hop, pkt, now) {
-                    c.hop = forward::lookup(ctx, pkt, [0; 4], backend.addr, now, cfg)?;
+                    c.hop = forward::to_backend(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
                 }
                 conntrack::touch(c, pkt, now, cfg);
                 nat::rewrite(pkt, c.snat_addr, c.snat_port, backend.addr, backend.port);
-                stats::count(svc.id, c.backend_id, pkt.ip_len as u64);
+                stats::count(c.service_id, c.backend_id, pkt.ip_len as u64);
                 return Ok(forward::send(ctx, pkt, &c.hop));
             }
         }
         // Its backend is gone: balance the flow again below, and track it at once.
     }
+    let Some(svc) = (unsafe { maps::services.get(key) }) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let balance = Balance {
+        flow,
+        svc: *svc,
+        rebalanced: tracked.is_some(),
+    };
+    new_flow(ctx, pkt, &balance, cfg)
+}
 
-    let hash = flow_hash(client, vip, client_port, vip_port, pkt.proto);
+/// What `new_flow` balances: the client flow, its service, and whether the flow was
+/// tracked before (its backend went away).
+struct Balance {
+    flow: FlowKey,
+    svc: ServiceInfo,
+    rebalanced: bool,
+}
+
+/// Balances a flow: Maglev picks the backend, a SNAT port is taken, and the flow is
+/// tracked from its second packet on (or at once when it is being re-balanced).
+#[inline(always)]
+fn new_flow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    balance: &Balance,
+    cfg: &Config,
+) -> Result<u32, DropReason> {
+    let (flow, svc, rebalanced) = (&balance.flow, &balance.svc, balance.rebalanced);
+    if pkt.ttl_expires() {
+        return Err(DropReason::TtlExceeded);
+    }
+    let now = conntrack::now();
+    let hash = flow_hash(
+        flow.src_addr,
+        flow.dst_addr,
+        flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    );
     let (backend_id, backend) = select::pick(svc, hash).ok_or(DropReason::NoBackend)?;
-    let hop = forward::lookup(ctx, pkt, [0; 4], backend.addr, now, cfg)?;
+    let hop = forward::to_backend(ctx, pkt, backend_id, backend.addr, now, cfg)?;
     let snat_addr = hop.src_addr;
     if snat_addr == [0; 4] {
         return Err(DropReason::NoSnatAddress);
     }
-    let rebalanced = tracked.is_some();
-    let rev = NatReverse {
-        client_addr: client,
-        vip_addr: vip,
-        client_port,
-        vip_port,
-        service_id: svc.id,
-        backend_id,
-        backend_generation: backend.generation,
-        flags: if rebalanced { 0 } else { REV_PENDING },
-        _pad: 0,
-        last_seen: now,
-        // Expired: the first reply looks up the way back to the client.
-        hop: NextHop::default(),
-    };
+    // Built in the per-CPU scratch map: the stack has no room for it.
+    let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
+    let rev = &mut scratch.rev;
+    rev.client_addr = flow.src_addr;
+    rev.vip_addr = flow.dst_addr;
+    rev.client_port = flow.src_port;
+    rev.vip_port = flow.dst_port;
+    rev.service_id = svc.id;
+    rev.backend_id = backend_id;
+    rev.backend_generation = backend.generation;
+    rev.flags = if rebalanced { 0 } else { REV_PENDING };
+    rev._pad = 0;
+    rev.last_seen = now;
+    // Expired: the first reply looks up the way back to the client.
+    rev.hop = hop;
+    rev.hop.expires = 0;
     let snat_port =
-        match conntrack::alloc_snat_port(cfg, &backend, snat_addr, pkt.proto, hash, &rev, now)? {
+        match conntrack::alloc_snat_port(cfg, &backend, snat_addr, pkt.proto, hash, rev, now)? {
             // The first packet of a flow: one insert, the flow is tracked on its next packet.
             SnatPort::New(port) if !rebalanced => port,
             SnatPort::New(port) | SnatPort::Own(port) => {
-                let conn = Conn {
-                    backend_id,
-                    backend_generation: backend.generation,
-                    snat_addr,
-                    snat_port: port,
-                    flags: if pkt.closes() { CONN_CLOSING } else { 0 },
-                    last_seen: now,
-                    hop,
-                };
+                let conn = &mut scratch.conn;
+                conn.service_id = svc.id;
+                conn._pad = 0;
+                conn.backend_id = backend_id;
+                conn.backend_generation = backend.generation;
+                conn.snat_addr = snat_addr;
+                conn.snat_port = port;
+                conn.flags = if pkt.closes() { CONN_CLOSING } else { 0 };
+                conn.last_seen = now;
+                conn.hop = hop;
                 maps::conntrack
-                    .insert(&flow, &conn, 0)
+                    .insert(flow, conn, 0)
                     .map_err(|_| DropReason::MapUpdate)?;
                 port
             }

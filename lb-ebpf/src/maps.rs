@@ -18,6 +18,11 @@ use lb_common::{
 #[btf_map]
 pub static services: HashMap<ServiceKey, ServiceInfo, 65536> = HashMap::new();
 
+/// Counting filter over service keys (`ServiceKey::filter_slot`): 0 means no service
+/// has a key on this slot, so the packet is passed without a hash lookup.
+#[btf_map]
+pub static vip_filter: Array<u32, { lb_common::service::VIP_FILTER_SLOTS as usize }> = Array::new();
+
 /// Backend id -> address, port, active flag and generation. Id 0 is unused.
 #[btf_map]
 pub static backends: Array<Backend, 65536> = Array::new();
@@ -42,7 +47,12 @@ pub static config: Array<Config, 1> = Array::new();
 #[btf_map]
 pub static iface_addrs: HashMap<u32, IfaceAddr, 1024> = HashMap::new();
 
-/// (destination, ingress ifindex) -> egress ifindex and MACs, for `FIB_CACHE_TTL_NS`.
+/// Backend id -> the next hop towards it, refreshed from the FIB once it expires.
+#[btf_map]
+pub static backend_hops: Array<NextHop, 65536> = Array::new();
+
+/// (destination, ingress ifindex) -> next hop, for a client's replies; kept for
+/// `FIB_CACHE_TTL_S`.
 #[btf_map]
 pub static fib_cache: LruHashMap<FibKey, NextHop, 65536> = LruHashMap::new();
 
@@ -53,6 +63,25 @@ pub static service_stats: PerCpuArray<Counters, 65536> = PerCpuArray::new();
 /// Backend id -> packets and bytes, both directions, per CPU.
 #[btf_map]
 pub static backend_stats: PerCpuArray<Counters, 65536> = PerCpuArray::new();
+
+/// Per-CPU room for the large values a packet builds (BPF gives a program 512 bytes of
+/// stack): the reverse and conntrack entries of a new flow, the FIB lookup's parameters.
+/// Not pinned: it holds nothing between packets.
+#[btf_map]
+pub static scratch: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+#[repr(C)]
+pub struct Scratch {
+    pub rev: NatReverse,
+    pub conn: Conn,
+    pub fib: aya_ebpf::bindings::bpf_fib_lookup,
+}
+
+/// This CPU's scratch space.
+#[inline(always)]
+pub fn scratch_space() -> Option<&'static mut Scratch> {
+    scratch.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 
 /// Drop reason -> packets dropped, per CPU.
 #[btf_map]

@@ -12,7 +12,9 @@ const TCP_CHECK_OFF: usize = 16;
 const UDP_CHECK_OFF: usize = 6;
 const TCP_FLAGS_OFF: usize = 13;
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A pointer to a `T` at `offset` from the start of the packet, if the packet holds it.
 #[inline(always)]
@@ -139,6 +141,11 @@ impl Packet {
     #[inline(always)]
     pub fn ttl_expires(&self) -> bool {
         unsafe { (*self.ip).ttl <= 1 }
+    }
+    /// A TCP SYN without ACK: the first packet of a connection.
+    #[inline(always)]
+    pub fn opens(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
     #[inline(always)]
     pub fn closes(&self) -> bool {

@@ -1,5 +1,8 @@
 //! Backend selection: the service's Maglev slot for the flow's hash.
-use lb_common::service::{Backend, ServiceInfo};
+use lb_common::{
+    hash::reduce,
+    service::{Backend, ServiceInfo},
+};
 
 use crate::maps;
 
@@ -9,7 +12,7 @@ pub fn pick(svc: &ServiceInfo, hash: u32) -> Option<(u32, Backend)> {
     if svc.table_size == 0 {
         return None;
     }
-    let slot = svc.table_offset.wrapping_add(hash % svc.table_size);
+    let slot = svc.table_offset.wrapping_add(reduce(hash, svc.table_size));
     let id = *maps::maglev.get(slot)?;
     let backend = *maps::backends.get(id)?;
     if id == 0 || !backend.is_active() {

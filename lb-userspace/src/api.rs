@@ -38,15 +38,23 @@ impl IntoResponse for ApiError {
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         match e {
-            ControlError::Invalid(v) => {
-                ApiError { status: StatusCode::BAD_REQUEST, message: v.to_string(), field: Some(v.field) }
-            }
-            ControlError::NotFound(_) => {
-                ApiError { status: StatusCode::NOT_FOUND, message: e.to_string(), field: Some("name".into()) }
-            }
+            ControlError::Invalid(v) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: v.to_string(),
+                field: Some(v.field),
+            },
+            ControlError::NotFound(_) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: e.to_string(),
+                field: Some("name".into()),
+            },
             ControlError::Dataplane(d) => {
                 tracing::error!(error = %d, "applying to the data plane");
-                ApiError { status: StatusCode::INSUFFICIENT_STORAGE, message: d.to_string(), field: None }
+                ApiError {
+                    status: StatusCode::INSUFFICIENT_STORAGE,
+                    message: d.to_string(),
+                    field: None,
+                }
             }
         }
     }
@@ -54,7 +62,11 @@ impl From<ControlError> for ApiError {
 
 /// Parses a JSON body, naming the field a type error is in.
 fn parse_spec(body: &[u8]) -> Result<ServiceSpec, ApiError> {
-    let bad = |field: String, message: String| ApiError { status: StatusCode::BAD_REQUEST, message, field: Some(field) };
+    let bad = |field: String, message: String| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message,
+        field: Some(field),
+    };
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -79,26 +91,42 @@ async fn with_controller<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
-        let mut ctrl = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut ctrl = state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut ctrl)
     })
     .await
-    .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string(), field: None })?
+    .map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: e.to_string(),
+        field: None,
+    })?
     .map_err(ApiError::from)
 }
 
-async fn put_service(State(s): State<Shared>, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn put_service(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let spec = parse_spec(&body)?;
     let svc = with_controller(&s, move |c| c.put(&name, spec)).await?;
     Ok(Json(svc).into_response())
 }
 
-async fn get_service(State(s): State<Shared>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn get_service(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let view = with_controller(&s, move |c| c.get(&name)).await?;
     Ok(Json(view).into_response())
 }
 
-async fn delete_service(State(s): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_service(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     with_controller(&s, move |c| c.delete(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -110,19 +138,28 @@ async fn list_services(State(s): State<Shared>) -> Result<Response, ApiError> {
 
 async fn stats(State(s): State<Shared>) -> Result<Response, ApiError> {
     let drops = with_controller(&s, |c| Ok(c.drops())).await?;
-    let drops: serde_json::Map<String, serde_json::Value> =
-        drops.into_iter().map(|(r, n)| (r.name().to_string(), n.into())).collect();
+    let drops: serde_json::Map<String, serde_json::Value> = drops
+        .into_iter()
+        .map(|(r, n)| (r.name().to_string(), n.into()))
+        .collect();
     Ok(Json(json!({ "drops": drops })).into_response())
 }
 
 async fn not_found() -> ApiError {
-    ApiError { status: StatusCode::NOT_FOUND, message: "no such endpoint".into(), field: None }
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint".into(),
+        field: None,
+    }
 }
 
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/services", get(list_services))
-        .route("/v1/services/{name}", get(get_service).put(put_service).delete(delete_service))
+        .route(
+            "/v1/services/{name}",
+            get(get_service).put(put_service).delete(delete_service),
+        )
         .route("/v1/stats", get(stats))
         .route("/health", get(|| async { "ok" }))
         .fallback(not_found)

@@ -32,7 +32,10 @@ pub struct CounterView {
 
 impl From<Counters> for CounterView {
     fn from(c: Counters) -> Self {
-        Self { packets: c.packets, bytes: c.bytes }
+        Self {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
     }
 }
 
@@ -59,12 +62,19 @@ pub struct Controller {
 }
 
 fn backend_ips(services: &BTreeMap<String, Service>) -> HashSet<Ipv4Addr> {
-    services.values().flat_map(|s| s.backends.iter().map(|b| *b.ip())).collect()
+    services
+        .values()
+        .flat_map(|s| s.backends.iter().map(|b| *b.ip()))
+        .collect()
 }
 
 impl Controller {
     pub fn new(dataplane: Dataplane) -> Self {
-        Self { services: BTreeMap::new(), dataplane, neighbors: Neighbors::default() }
+        Self {
+            services: BTreeMap::new(),
+            dataplane,
+            neighbors: Neighbors::default(),
+        }
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
@@ -81,13 +91,21 @@ impl Controller {
         {
             return Err(ValidationError::new(
                 "vip",
-                format!("{} {:?} is already served by service {:?}", svc.vip, svc.protocol, other.name),
+                format!(
+                    "{} {:?} is already served by service {:?}",
+                    svc.vip, svc.protocol, other.name
+                ),
             )
             .into());
         }
         let before = backend_ips(&self.services);
         // Next hops first, so the first packet to a new backend finds its MAC address.
-        self.neighbors.add(svc.backends.iter().map(|b| *b.ip()).filter(|ip| !before.contains(ip)));
+        self.neighbors.add(
+            svc.backends
+                .iter()
+                .map(|b| *b.ip())
+                .filter(|ip| !before.contains(ip)),
+        );
         if let Err(e) = self.dataplane.upsert(&svc) {
             self.forget_unused_neighbors(&before);
             return Err(e.into());
@@ -101,7 +119,8 @@ impl Controller {
     fn forget_unused_neighbors(&mut self, before: &HashSet<Ipv4Addr>) {
         let now = backend_ips(&self.services);
         let all: HashSet<Ipv4Addr> = before.union(&now).copied().collect();
-        self.neighbors.remove(all.into_iter().filter(|ip| !now.contains(ip)));
+        self.neighbors
+            .remove(all.into_iter().filter(|ip| !now.contains(ip)));
     }
 
     pub fn delete(&mut self, name: &str) -> Result<(), ControlError> {
@@ -121,14 +140,21 @@ impl Controller {
     }
 
     pub fn get(&self, name: &str) -> Result<ServiceView, ControlError> {
-        let service = self.services.get(name).ok_or_else(|| ControlError::NotFound(name.to_string()))?.clone();
+        let service = self
+            .services
+            .get(name)
+            .ok_or_else(|| ControlError::NotFound(name.to_string()))?
+            .clone();
         let (counters, backends) = self.dataplane.counters(name).unwrap_or_default();
         Ok(ServiceView {
             service,
             counters: counters.into(),
             backend_counters: backends
                 .into_iter()
-                .map(|(addr, c)| BackendView { address: addr.to_string(), counters: c.into() })
+                .map(|(addr, c)| BackendView {
+                    address: addr.to_string(),
+                    counters: c.into(),
+                })
                 .collect(),
         })
     }

@@ -18,7 +18,11 @@ use lb::{
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "An XDP layer-4 load balancer with full NAT, driven over HTTP")]
+#[command(
+    name = "lb",
+    version,
+    about = "An XDP layer-4 load balancer with full NAT, driven over HTTP"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,9 +65,17 @@ struct RunArgs {
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX, like 61000-65535")?;
-    let min: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
-    let max: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or("expected MIN-MAX, like 61000-65535")?;
+    let min: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{a:?} is not a port"))?;
+    let max: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{b:?} is not a port"))?;
     if min == 0 || min > max {
         return Err("MIN must be at least 1 and not above MAX".into());
     }
@@ -72,8 +84,12 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
 
 /// Refuses a SNAT range that overlaps the ports the host picks for its own connections.
 fn check_ephemeral_overlap((min, max): (u16, u16)) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else { return Ok(()) };
-    let mut it = text.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return Ok(());
+    };
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u16>().ok());
     if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
         if min <= hi && lo <= max {
             bail!(
@@ -102,7 +118,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         net::enable_forwarding(iface)?;
         dataplane.attach(iface)?;
     }
-    let listener = tokio::net::TcpListener::bind(args.api).await.with_context(|| format!("binding the API to {}", args.api))?;
+    let listener = tokio::net::TcpListener::bind(args.api)
+        .await
+        .with_context(|| format!("binding the API to {}", args.api))?;
     let state = Arc::new(Mutex::new(Controller::new(dataplane)));
     tracing::info!(api = %args.api, ifaces = ?args.ifaces, bpffs = %args.bpffs.display(), "lb is running");
 
@@ -133,7 +151,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = int.recv() => {},
         }
     };
-    axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, api::router(state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await?;
     refresher.abort();
     // Dropping the controller detaches XDP and removes the pins.
     drop(state);
@@ -143,7 +163,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

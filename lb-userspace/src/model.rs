@@ -18,7 +18,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -62,17 +65,29 @@ pub struct Service {
 
 pub fn validate_name(name: &str) -> Result<(), ValidationError> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(ValidationError::new("name", format!("must be 1 to {MAX_NAME_LEN} characters")));
+        return Err(ValidationError::new(
+            "name",
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-        return Err(ValidationError::new("name", "may hold only letters, digits, '-', '_' and '.'"));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(ValidationError::new(
+            "name",
+            "may hold only letters, digits, '-', '_' and '.'",
+        ));
     }
     Ok(())
 }
 
 fn parse_addr(field: &str, value: &str) -> Result<SocketAddrV4, ValidationError> {
     let addr: SocketAddrV4 = value.parse().map_err(|_| {
-        ValidationError::new(field, format!("{value:?} is not an IPv4 address with a port (like 10.0.0.1:80)"))
+        ValidationError::new(
+            field,
+            format!("{value:?} is not an IPv4 address with a port (like 10.0.0.1:80)"),
+        )
     })?;
     if addr.port() == 0 {
         return Err(ValidationError::new(field, "port 0 is not allowed"));
@@ -87,18 +102,36 @@ fn parse_addr(field: &str, value: &str) -> Result<SocketAddrV4, ValidationError>
 impl ServiceSpec {
     pub fn validate(self, name: &str) -> Result<Service, ValidationError> {
         validate_name(name)?;
-        let vip = parse_addr("vip", self.vip.as_deref().ok_or_else(|| ValidationError::new("vip", "is required"))?)?;
+        let vip = parse_addr(
+            "vip",
+            self.vip
+                .as_deref()
+                .ok_or_else(|| ValidationError::new("vip", "is required"))?,
+        )?;
         let protocol = match self.protocol.as_deref().unwrap_or("tcp") {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
-            other => return Err(ValidationError::new("protocol", format!("{other:?} is not tcp or udp"))),
+            other => {
+                return Err(ValidationError::new(
+                    "protocol",
+                    format!("{other:?} is not tcp or udp"),
+                ));
+            }
         };
-        let raw = self.backends.ok_or_else(|| ValidationError::new("backends", "is required"))?;
+        let raw = self
+            .backends
+            .ok_or_else(|| ValidationError::new("backends", "is required"))?;
         if raw.is_empty() {
-            return Err(ValidationError::new("backends", "must list at least one backend"));
+            return Err(ValidationError::new(
+                "backends",
+                "must list at least one backend",
+            ));
         }
         if raw.len() > MAX_BACKENDS {
-            return Err(ValidationError::new("backends", format!("at most {MAX_BACKENDS} backends")));
+            return Err(ValidationError::new(
+                "backends",
+                format!("at most {MAX_BACKENDS} backends"),
+            ));
         }
         let mut seen = HashSet::new();
         let mut backends = Vec::with_capacity(raw.len());
@@ -106,23 +139,38 @@ impl ServiceSpec {
             let field = format!("backends[{i}]");
             let addr = parse_addr(&field, b)?;
             if !seen.insert(addr) {
-                return Err(ValidationError::new(field, format!("{addr} is listed twice")));
+                return Err(ValidationError::new(
+                    field,
+                    format!("{addr} is listed twice"),
+                ));
             }
             backends.push(addr);
         }
         let table_size = match self.table_size {
             None => maglev::default_table_size(backends.len()),
             Some(m) => {
-                if !maglev::is_prime(m) || m > maglev::MAX_TABLE_SIZE || (m as usize) < backends.len() {
+                if !maglev::is_prime(m)
+                    || m > maglev::MAX_TABLE_SIZE
+                    || (m as usize) < backends.len()
+                {
                     return Err(ValidationError::new(
                         "table_size",
-                        format!("must be a prime from the backend count up to {}", maglev::MAX_TABLE_SIZE),
+                        format!(
+                            "must be a prime from the backend count up to {}",
+                            maglev::MAX_TABLE_SIZE
+                        ),
                     ));
                 }
                 m
             }
         };
-        Ok(Service { name: name.to_string(), vip, protocol, backends, table_size })
+        Ok(Service {
+            name: name.to_string(),
+            vip,
+            protocol,
+            backends,
+            table_size,
+        })
     }
 }
 
@@ -145,7 +193,13 @@ mod tests {
 
     #[test]
     fn a_good_spec_validates() {
-        let s = spec("10.0.0.100:80", "tcp", &["10.0.1.11:8080", "10.0.1.12:8080"]).validate("web").unwrap();
+        let s = spec(
+            "10.0.0.100:80",
+            "tcp",
+            &["10.0.1.11:8080", "10.0.1.12:8080"],
+        )
+        .validate("web")
+        .unwrap();
         assert_eq!(s.vip, "10.0.0.100:80".parse().unwrap());
         assert_eq!(s.backends.len(), 2);
         assert_eq!(s.table_size, 251);
@@ -153,14 +207,38 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        assert_eq!(field_of(spec("10.0.0.100", "tcp", &["10.0.1.1:1"]).validate("a")), "vip");
-        assert_eq!(field_of(spec("10.0.0.100:0", "tcp", &["10.0.1.1:1"]).validate("a")), "vip");
-        assert_eq!(field_of(spec("10.0.0.100:80", "sctp", &["10.0.1.1:1"]).validate("a")), "protocol");
-        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &[]).validate("a")), "backends");
-        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1", "nope"]).validate("a")), "backends[1]");
-        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1", "10.0.1.1:1"]).validate("a")), "backends[1]");
-        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]).validate(&"x".repeat(64))), "name");
-        assert_eq!(field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]).validate("a/b")), "name");
+        assert_eq!(
+            field_of(spec("10.0.0.100", "tcp", &["10.0.1.1:1"]).validate("a")),
+            "vip"
+        );
+        assert_eq!(
+            field_of(spec("10.0.0.100:0", "tcp", &["10.0.1.1:1"]).validate("a")),
+            "vip"
+        );
+        assert_eq!(
+            field_of(spec("10.0.0.100:80", "sctp", &["10.0.1.1:1"]).validate("a")),
+            "protocol"
+        );
+        assert_eq!(
+            field_of(spec("10.0.0.100:80", "tcp", &[]).validate("a")),
+            "backends"
+        );
+        assert_eq!(
+            field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1", "nope"]).validate("a")),
+            "backends[1]"
+        );
+        assert_eq!(
+            field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1", "10.0.1.1:1"]).validate("a")),
+            "backends[1]"
+        );
+        assert_eq!(
+            field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]).validate(&"x".repeat(64))),
+            "name"
+        );
+        assert_eq!(
+            field_of(spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]).validate("a/b")),
+            "name"
+        );
         let mut s = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]);
         s.table_size = Some(1000);
         assert_eq!(field_of(s.validate("a")), "table_size");

@@ -1,18 +1,17 @@
 //! What lb needs from the host's network stack: interface indexes and addresses, IPv4
 //! forwarding on the interfaces it serves (`bpf_fib_lookup` refuses to route for an
 //! interface without it), and next-hop MAC addresses of backends kept resolved.
-use std::{
-    collections::HashMap,
-    net::Ipv4Addr,
-    process::Command,
-};
+use std::{collections::HashMap, net::Ipv4Addr, process::Command};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("interface {0:?} does not exist")]
     NoSuchInterface(String),
     #[error("enabling IPv4 forwarding on {iface}: {source}")]
-    Forwarding { iface: String, source: std::io::Error },
+    Forwarding {
+        iface: String,
+        source: std::io::Error,
+    },
     #[error("reading interface addresses: {0}")]
     Addresses(nix::Error),
 }
@@ -26,7 +25,10 @@ pub fn enable_forwarding(iface: &str) -> Result<(), NetError> {
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
     let current = std::fs::read_to_string(&path).unwrap_or_default();
     if current.trim() != "1" {
-        std::fs::write(&path, "1").map_err(|source| NetError::Forwarding { iface: iface.to_string(), source })?;
+        std::fs::write(&path, "1").map_err(|source| NetError::Forwarding {
+            iface: iface.to_string(),
+            source,
+        })?;
         tracing::info!(%iface, "enabled IPv4 forwarding");
     }
     Ok(())
@@ -36,8 +38,17 @@ pub fn enable_forwarding(iface: &str) -> Result<(), NetError> {
 pub fn interface_addresses() -> Result<HashMap<u32, [u8; 4]>, NetError> {
     let mut out = HashMap::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(NetError::Addresses)? {
-        let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()).map(|s| s.ip()) else { continue };
-        let Ok(index) = nix::net::if_::if_nametoindex(ifa.interface_name.as_str()) else { continue };
+        let Some(addr) = ifa
+            .address
+            .as_ref()
+            .and_then(|a| a.as_sockaddr_in())
+            .map(|s| s.ip())
+        else {
+            continue;
+        };
+        let Ok(index) = nix::net::if_::if_nametoindex(ifa.interface_name.as_str()) else {
+            continue;
+        };
         out.entry(index).or_insert(addr.octets());
     }
     Ok(out)
@@ -45,7 +56,10 @@ pub fn interface_addresses() -> Result<HashMap<u32, [u8; 4]>, NetError> {
 
 /// The next hop (gateway or the address itself) and device the kernel routes `dst` by.
 fn next_hop(dst: Ipv4Addr) -> Option<(Ipv4Addr, String)> {
-    let out = Command::new("ip").args(["-j", "route", "get", &dst.to_string()]).output().ok()?;
+    let out = Command::new("ip")
+        .args(["-j", "route", "get", &dst.to_string()])
+        .output()
+        .ok()?;
     let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let route = routes.get(0)?;
     let dev = route.get("dev")?.as_str()?.to_string();
@@ -82,7 +96,15 @@ impl Neighbors {
             };
             if self.users(&hop) == 0 {
                 let ok = Command::new("ip")
-                    .args(["neigh", "replace", &hop.0.to_string(), "dev", &hop.1, "managed", "extern_learn"])
+                    .args([
+                        "neigh",
+                        "replace",
+                        &hop.0.to_string(),
+                        "dev",
+                        &hop.1,
+                        "managed",
+                        "extern_learn",
+                    ])
                     .status()
                     .is_ok_and(|s| s.success());
                 if !ok {
@@ -96,9 +118,13 @@ impl Neighbors {
     /// Stops keeping next hops that only `backends` used.
     pub fn remove(&mut self, backends: impl IntoIterator<Item = Ipv4Addr>) {
         for b in backends {
-            let Some(hop) = self.backends.remove(&b) else { continue };
+            let Some(hop) = self.backends.remove(&b) else {
+                continue;
+            };
             if self.users(&hop) == 0 {
-                let _ = Command::new("ip").args(["neigh", "del", &hop.0.to_string(), "dev", &hop.1]).status();
+                let _ = Command::new("ip")
+                    .args(["neigh", "del", &hop.0.to_string(), "dev", &hop.1])
+                    .status();
             }
         }
     }

@@ -31,18 +31,28 @@ impl LbProcess {
         let bpffs = PathBuf::from("/sys/fs/bpf").join(crate::unique("lbt"));
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique("lb-")));
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", ns.path())).arg(lb_bin()).arg("run");
+        cmd.arg(format!("--net={}", ns.path()))
+            .arg(lb_bin())
+            .arg("run");
         for i in ifaces {
             cmd.args(["--iface", i]);
         }
-        cmd.args(["--api", "127.0.0.1:9090", "--bpffs"]).arg(&bpffs).args(extra);
+        cmd.args(["--api", "127.0.0.1:9090", "--bpffs"])
+            .arg(&bpffs)
+            .args(extra);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting lb")?;
-        let mut lb = Self { child: Some(child), ns_path: ns.path(), api: "http://127.0.0.1:9090".into(), bpffs, log };
+        let mut lb = Self {
+            child: Some(child),
+            ns_path: ns.path(),
+            api: "http://127.0.0.1:9090".into(),
+            bpffs,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok((200, _)) = lb.request("GET", "/health", None) {
@@ -63,7 +73,12 @@ impl LbProcess {
     }
 
     /// One API call: status and JSON body (Null when empty).
-    pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, Value)> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
         let url = format!("{}{path}", self.api);
         let method = method.to_string();
         let body = body.map(str::to_string);
@@ -80,14 +95,22 @@ impl LbProcess {
             };
             let status = resp.status();
             let text = resp.into_string()?;
-            let json = if text.trim().is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+            let json = if text.trim().is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap_or(Value::String(text))
+            };
             Ok((status, json))
         })
     }
 
     /// `PUT /v1/services/NAME`, which must succeed.
     pub fn put_service(&self, name: &str, body: &Value) -> anyhow::Result<Value> {
-        let (status, v) = self.request("PUT", &format!("/v1/services/{name}"), Some(&body.to_string()))?;
+        let (status, v) = self.request(
+            "PUT",
+            &format!("/v1/services/{name}"),
+            Some(&body.to_string()),
+        )?;
         if status != 200 {
             bail!("PUT {name}: {status} {v}");
         }
@@ -97,7 +120,10 @@ impl LbProcess {
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
         Ok(child.wait()?)
     }
 }

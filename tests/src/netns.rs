@@ -6,9 +6,16 @@ use std::{fs::File, os::fd::AsFd, process::Command};
 use anyhow::{Context, bail};
 
 pub fn sh(cmd: &str) -> anyhow::Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().with_context(|| cmd.to_string())?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .with_context(|| cmd.to_string())?;
     if !out.status.success() {
-        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -32,7 +39,9 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         sh(&format!("ip netns add {name}"))?;
-        let ns = Self { name: name.to_string() };
+        let ns = Self {
+            name: name.to_string(),
+        };
         ns.ip("link set lo up")?;
         Ok(ns)
     }
@@ -60,7 +69,10 @@ impl Netns {
     pub fn ifindex(&self, iface: &str) -> anyhow::Result<u32> {
         let out = self.ip(&format!("-j link show {iface}"))?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        v[0]["ifindex"].as_u64().map(|i| i as u32).context("ifindex")
+        v[0]["ifindex"]
+            .as_u64()
+            .map(|i| i as u32)
+            .context("ifindex")
     }
 
     pub fn mac(&self, iface: &str) -> anyhow::Result<[u8; 6]> {
@@ -88,7 +100,10 @@ impl Drop for Netns {
 /// program), and checksum offload is off (a veth otherwise passes packets on with only the
 /// pseudo-header checksum filled in, which XDP cannot finish).
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> {
-    sh(&format!("ip link add {a_if} netns {} type veth peer name {b_if} netns {}", a.name, b.name))?;
+    sh(&format!(
+        "ip link add {a_if} netns {} type veth peer name {b_if} netns {}",
+        a.name, b.name
+    ))?;
     a.ip(&format!("link set {a_if} up"))?;
     b.ip(&format!("link set {b_if} up"))?;
     a.sh(&format!("ethtool -K {a_if} gro on tx off >/dev/null"))?;
@@ -114,7 +129,10 @@ impl PeerXdp {
                 loader.map_max_entries(m, 1);
             }
             let mut ebpf = loader.load(lb::dataplane::EBPF_OBJECT)?;
-            let prog: &mut aya::programs::Xdp = ebpf.program_mut(lb::dataplane::PASS_PROGRAM).context("lb_pass")?.try_into()?;
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut(lb::dataplane::PASS_PROGRAM)
+                .context("lb_pass")?
+                .try_into()?;
             prog.load()?;
             prog.attach(&iface, aya::programs::XdpMode::Default)?;
             Ok(ebpf)

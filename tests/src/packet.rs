@@ -22,13 +22,28 @@ pub const XDP_REDIRECT: u32 = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
     /// TCP with SYN, ACK, FIN, RST flags.
-    Tcp { syn: bool, ack: bool, fin: bool, rst: bool },
+    Tcp {
+        syn: bool,
+        ack: bool,
+        fin: bool,
+        rst: bool,
+    },
     /// UDP; `checksum: false` sends a zero ("none") checksum.
     Udp { checksum: bool },
 }
 
-pub const SYN: L4 = L4::Tcp { syn: true, ack: false, fin: false, rst: false };
-pub const ACK: L4 = L4::Tcp { syn: false, ack: true, fin: false, rst: false };
+pub const SYN: L4 = L4::Tcp {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+pub const ACK: L4 = L4::Tcp {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
 pub const UDP: L4 = L4::Udp { checksum: true };
 
 /// Everything a test packet is made of.
@@ -47,7 +62,11 @@ pub struct Frame {
 
 impl Frame {
     pub fn bytes(&self) -> Vec<u8> {
-        let b = PacketBuilder::ethernet2(self.src_mac, self.dst_mac).ipv4(self.src.octets(), self.dst.octets(), self.ttl);
+        let b = PacketBuilder::ethernet2(self.src_mac, self.dst_mac).ipv4(
+            self.src.octets(),
+            self.dst.octets(),
+            self.ttl,
+        );
         let mut out = Vec::new();
         match self.l4 {
             L4::Tcp { syn, ack, fin, rst } => {
@@ -67,7 +86,9 @@ impl Frame {
                 t.write(&mut out, &self.payload).unwrap();
             }
             L4::Udp { checksum } => {
-                b.udp(self.sport, self.dport).write(&mut out, &self.payload).unwrap();
+                b.udp(self.sport, self.dport)
+                    .write(&mut out, &self.payload)
+                    .unwrap();
                 if !checksum {
                     out[14 + 20 + 6] = 0;
                     out[14 + 20 + 7] = 0;
@@ -115,21 +136,37 @@ impl PacketLab {
         }
         ns.ip("addr add 10.70.0.1/24 dev v0")?;
         ns.ip("addr add 10.71.0.1/24 dev v2")?;
-        for (addr, dev) in [(CLIENT, "v0"), ([10, 70, 0, 11].into(), "v0"), ([10, 70, 0, 12].into(), "v0"), ([10, 70, 0, 13].into(), "v0"), (FAR_BACKEND, "v2")] {
+        for (addr, dev) in [
+            (CLIENT, "v0"),
+            ([10, 70, 0, 11].into(), "v0"),
+            ([10, 70, 0, 12].into(), "v0"),
+            ([10, 70, 0, 13].into(), "v0"),
+            (FAR_BACKEND, "v2"),
+        ] {
             let m = mac(addr.octets()[3]).map(|b| format!("{b:02x}")).join(":");
-            ns.ip(&format!("neigh replace {addr} lladdr {m} dev {dev} nud permanent"))?;
+            ns.ip(&format!(
+                "neigh replace {addr} lladdr {m} dev {dev} nud permanent"
+            ))?;
         }
         ns.sh("echo 1 > /proc/sys/net/ipv4/conf/v0/forwarding; echo 1 > /proc/sys/net/ipv4/conf/v2/forwarding")?;
         let (v0, v2) = (ns.ifindex("v0")?, ns.ifindex("v2")?);
 
         let file = std::fs::File::open(ns.path())?;
-        nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        nix::sched::setns(
+            std::os::fd::AsFd::as_fd(&file),
+            nix::sched::CloneFlags::CLONE_NEWNET,
+        )?;
 
         let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt-pkt"));
         let mut dataplane = Dataplane::load(&pins, limits)?;
         dataplane.set_snat_ports(snat.0, snat.1)?;
         dataplane.set_iface_addrs(&HashMap::from([(v0, LB0.octets()), (v2, LB2.octets())]))?;
-        Ok(Self { dataplane, v0, v2, ns })
+        Ok(Self {
+            dataplane,
+            v0,
+            v2,
+            ns,
+        })
     }
 
     pub fn service(&mut self, name: &str, vip: &str, protocol: &str, backends: &[&str]) -> Service {
@@ -146,7 +183,12 @@ impl PacketLab {
 
     /// Runs `program` once on `packet` as if it arrived on ifindex `ingress`: verdict,
     /// the packet as the program left it, and the run time the kernel measured (ns).
-    pub fn run_on(&self, program: &str, ingress: u32, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>, u64)> {
+    pub fn run_on(
+        &self,
+        program: &str,
+        ingress: u32,
+        packet: &[u8],
+    ) -> anyhow::Result<(u32, Vec<u8>, u64)> {
         let prog = self.dataplane.program(program).context("program")?;
         let mut out = vec![0u8; packet.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
@@ -165,29 +207,54 @@ impl PacketLab {
     }
 
     pub fn run(&self, ingress: u32, packet: &[u8]) -> (u32, Vec<u8>) {
-        let (v, out, _) = self.run_on(PROGRAM, ingress, packet).expect("BPF_PROG_TEST_RUN");
+        let (v, out, _) = self
+            .run_on(PROGRAM, ingress, packet)
+            .expect("BPF_PROG_TEST_RUN");
         (v, out)
     }
 
     pub fn run_pass(&self, packet: &[u8]) -> u64 {
-        self.run_on(PASS_PROGRAM, self.v0, packet).expect("BPF_PROG_TEST_RUN").2
+        self.run_on(PASS_PROGRAM, self.v0, packet)
+            .expect("BPF_PROG_TEST_RUN")
+            .2
     }
 
     /// The tracked state of a client flow, read from the pinned conntrack map.
-    pub fn conn(&self, client: Ipv4Addr, cport: u16, vip: Ipv4Addr, vport: u16, proto: u8) -> Option<Conn> {
+    pub fn conn(
+        &self,
+        client: Ipv4Addr,
+        cport: u16,
+        vip: Ipv4Addr,
+        vport: u16,
+        proto: u8,
+    ) -> Option<Conn> {
         let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")).ok()?;
-        let map: aya::maps::HashMap<_, FlowKey, Conn> = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
-        map.get(&FlowKey::new(client.octets(), cport, vip.octets(), vport, proto), 0).ok()
+        let map: aya::maps::HashMap<_, FlowKey, Conn> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
+        map.get(
+            &FlowKey::new(client.octets(), cport, vip.octets(), vport, proto),
+            0,
+        )
+        .ok()
     }
 
     /// The reverse-NAT entry of a client flow (found by its client side), with its key.
     pub fn reverse(&self, client: Ipv4Addr, cport: u16) -> Option<(FlowKey, NatReverse)> {
-        let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")).ok()?;
-        let map: aya::maps::HashMap<_, FlowKey, NatReverse> = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
-        map.iter().filter_map(Result::ok).find(|(_, r)| r.client_addr == client.octets() && r.client_port == cport)
+        let map =
+            aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")).ok()?;
+        let map: aya::maps::HashMap<_, FlowKey, NatReverse> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
+        map.iter()
+            .filter_map(Result::ok)
+            .find(|(_, r)| r.client_addr == client.octets() && r.client_port == cport)
     }
 
     pub fn drops(&self, reason: lb_common::stats::DropReason) -> u64 {
-        self.dataplane.drops().into_iter().find(|(r, _)| *r == reason).map(|(_, n)| n).unwrap_or(0)
+        self.dataplane
+            .drops()
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, n)| n)
+            .unwrap_or(0)
     }
 }

@@ -35,7 +35,12 @@ fn serve_http(mut stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
             match reader.read_line(&mut line) {
                 Ok(0) => return,
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
@@ -58,7 +63,10 @@ fn serve_http(mut stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{name}", name.len());
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{name}",
+            name.len()
+        );
         if stream.write_all(resp.as_bytes()).is_err() {
             return;
         }
@@ -67,7 +75,12 @@ fn serve_http(mut stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
 
 impl Backend {
     /// Serves HTTP on `tcp` and answers datagrams on `udp` (if given), inside `ns`.
-    pub fn start(ns: &Netns, name: &str, tcp: SocketAddr, udp: Option<SocketAddr>) -> anyhow::Result<Self> {
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        tcp: SocketAddr,
+        udp: Option<SocketAddr>,
+    ) -> anyhow::Result<Self> {
         let (listener, socket) = ns.run(move || -> anyhow::Result<_> {
             let l = TcpListener::bind(tcp)?;
             let u = match udp {
@@ -130,15 +143,21 @@ pub struct HttpConn {
 
 impl HttpConn {
     pub fn connect(ns: &Netns, to: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
-        let stream = ns.run(move || TcpStream::connect_timeout(&to, timeout)).with_context(|| format!("connecting to {to}"))?;
+        let stream = ns
+            .run(move || TcpStream::connect_timeout(&to, timeout))
+            .with_context(|| format!("connecting to {to}"))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
-        Ok(Self { reader: BufReader::new(stream) })
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
     }
 
     /// Sends `GET /` and returns the body (the backend's name).
     pub fn get(&mut self) -> anyhow::Result<String> {
-        self.reader.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        self.reader
+            .get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
         let mut line = String::new();
         let mut len = None;
         let mut status = String::new();

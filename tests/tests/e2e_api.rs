@@ -3,7 +3,12 @@
 //! detaches and removes the pins.
 use std::process::Command;
 
-use lb_tests::{lbproc::{LbProcess, lb_bin}, netns::Netns, topology::Topology, unique};
+use lb_tests::{
+    lbproc::{LbProcess, lb_bin},
+    netns::Netns,
+    topology::Topology,
+    unique,
+};
 use serde_json::{Value, json};
 
 #[test]
@@ -14,38 +19,99 @@ fn bad_input_is_a_400_naming_the_field_and_changes_nothing() {
     let stored = lb.put_service("web", &good).unwrap();
     assert_eq!(stored["name"], "web");
     assert_eq!(stored["vip"], "10.202.9.100:80");
-    assert_eq!(stored["backends"], json!(["10.202.2.11:8080", "10.202.2.12:8080"]));
+    assert_eq!(
+        stored["backends"],
+        json!(["10.202.2.11:8080", "10.202.2.12:8080"])
+    );
     let before = lb.request("GET", "/v1/services", None).unwrap().1;
 
     let long_name = "n".repeat(64);
     let cases: Vec<(&str, String, &str)> = vec![
         ("web", "{not json".into(), "body"),
-        ("web", json!({"vip": "10.202.9.300:80", "backends": ["10.202.2.11:1"]}).to_string(), "vip"),
-        ("web", json!({"vip": "10.202.9.100", "backends": ["10.202.2.11:1"]}).to_string(), "vip"),
-        ("web", json!({"vip": "10.202.9.100:80", "protocol": "sctp", "backends": ["10.202.2.11:1"]}).to_string(), "protocol"),
-        ("web", json!({"vip": "10.202.9.100:80", "backends": []}).to_string(), "backends"),
-        ("web", json!({"vip": "10.202.9.100:80", "backends": "10.202.2.11:1"}).to_string(), "backends"),
-        ("web", json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1", "10.202.2.11:1"]}).to_string(), "backends[1]"),
-        ("web", json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1", "10.202.2.x:1"]}).to_string(), "backends[1]"),
-        ("web", json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1"], "weight": 3}).to_string(), "weight"),
-        ("web", json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1"], "table_size": 1000}).to_string(), "table_size"),
+        (
+            "web",
+            json!({"vip": "10.202.9.300:80", "backends": ["10.202.2.11:1"]}).to_string(),
+            "vip",
+        ),
+        (
+            "web",
+            json!({"vip": "10.202.9.100", "backends": ["10.202.2.11:1"]}).to_string(),
+            "vip",
+        ),
+        (
+            "web",
+            json!({"vip": "10.202.9.100:80", "protocol": "sctp", "backends": ["10.202.2.11:1"]})
+                .to_string(),
+            "protocol",
+        ),
+        (
+            "web",
+            json!({"vip": "10.202.9.100:80", "backends": []}).to_string(),
+            "backends",
+        ),
+        (
+            "web",
+            json!({"vip": "10.202.9.100:80", "backends": "10.202.2.11:1"}).to_string(),
+            "backends",
+        ),
+        (
+            "web",
+            json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1", "10.202.2.11:1"]})
+                .to_string(),
+            "backends[1]",
+        ),
+        (
+            "web",
+            json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1", "10.202.2.x:1"]})
+                .to_string(),
+            "backends[1]",
+        ),
+        (
+            "web",
+            json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1"], "weight": 3})
+                .to_string(),
+            "weight",
+        ),
+        (
+            "web",
+            json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1"], "table_size": 1000})
+                .to_string(),
+            "table_size",
+        ),
         // Another service may not take a VIP, port and protocol that is served already.
-        ("other", json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1"]}).to_string(), "vip"),
+        (
+            "other",
+            json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:1"]}).to_string(),
+            "vip",
+        ),
         (long_name.as_str(), good.to_string(), "name"),
     ];
     for (name, body, field) in cases {
-        let (status, answer) = lb.request("PUT", &format!("/v1/services/{name}"), Some(&body)).unwrap();
+        let (status, answer) = lb
+            .request("PUT", &format!("/v1/services/{name}"), Some(&body))
+            .unwrap();
         assert_eq!(status, 400, "{body} -> {answer}");
         assert_eq!(answer["field"], field, "{body} -> {answer}");
-        assert!(answer["error"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
-        assert_eq!(lb.request("GET", "/v1/services", None).unwrap().1, before, "{body} changed the services");
+        assert!(
+            answer["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
+        assert_eq!(
+            lb.request("GET", "/v1/services", None).unwrap().1,
+            before,
+            "{body} changed the services"
+        );
     }
     // The same VIP and port with the other protocol is a different service.
-    let udp = json!({"vip": "10.202.9.100:80", "protocol": "udp", "backends": ["10.202.2.11:8080"]});
+    let udp =
+        json!({"vip": "10.202.9.100:80", "protocol": "udp", "backends": ["10.202.2.11:8080"]});
     lb.put_service("web-udp", &udp).unwrap();
 
     let (status, answer) = lb.request("GET", "/v1/services/nope", None).unwrap();
-    assert_eq!((status, answer["field"].clone()), (404, Value::from("name")));
+    assert_eq!(
+        (status, answer["field"].clone()),
+        (404, Value::from("name"))
+    );
     let (status, _) = lb.request("DELETE", "/v1/services/nope", None).unwrap();
     assert_eq!(status, 404);
     let (status, list) = lb.request("GET", "/v1/services", None).unwrap();
@@ -65,13 +131,23 @@ fn start_up_errors_are_one_line_and_a_non_zero_exit() {
             .env("RUST_LOG", "off")
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, err) = run(&["--iface", "nosuch0", "--bpffs", "/sys/fs/bpf/lbt-never"]);
     assert_ne!(code, Some(0));
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("nosuch0"), "{err}");
-    let (code, err) = run(&["--iface", "lo", "--snat-ports", "40000-41000", "--bpffs", "/sys/fs/bpf/lbt-never"]);
+    let (code, err) = run(&[
+        "--iface",
+        "lo",
+        "--snat-ports",
+        "40000-41000",
+        "--bpffs",
+        "/sys/fs/bpf/lbt-never",
+    ]);
     assert_ne!(code, Some(0));
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("ip_local_port_range"), "{err}");
@@ -86,7 +162,11 @@ fn sigterm_detaches_and_removes_the_pins() {
     assert!(pins.join("services").exists());
     assert!(topo.lb.ip("link show eth0").unwrap().contains("xdp"));
     // bpftool shows the maps with their fields.
-    let dump = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pins.join("config")).output().unwrap();
+    let dump = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(pins.join("config"))
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&dump.stdout).contains("snat_port_min"));
     let status = lb.stop().unwrap();
     assert!(status.success(), "{status}");

@@ -20,7 +20,13 @@ fn start_backends(topo: &Topology, port: u16) -> Vec<Backend> {
         .collect()
 }
 
-fn service(topo: &Topology, vip_port: u16, proto: &str, backends: &[usize], port: u16) -> serde_json::Value {
+fn service(
+    topo: &Topology,
+    vip_port: u16,
+    proto: &str,
+    backends: &[usize],
+    port: u16,
+) -> serde_json::Value {
     json!({
         "vip": topo.vip(vip_port).to_string(),
         "protocol": proto,
@@ -30,17 +36,36 @@ fn service(topo: &Topology, vip_port: u16, proto: &str, backends: &[usize], port
 
 /// What to look at when a flow fails: drop counters, lb's log, neighbours.
 fn diagnose(topo: &Topology, lb: &LbProcess) -> String {
-    let stats = lb.request("GET", "/v1/stats", None).map(|(_, v)| v.to_string()).unwrap_or_default();
+    let stats = lb
+        .request("GET", "/v1/stats", None)
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_default();
     let neigh = topo.lb.ip("neigh show").unwrap_or_default();
-    let maps: String = ["services", "conntrack", "nat_reverse", "iface_addrs", "config"]
-        .iter()
-        .map(|m| {
-            let path = lb.bpffs.join(m);
-            let out = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&path).output();
-            format!("{m}: {}", out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default())
-        })
-        .collect();
-    format!("stats: {stats}\nneighbours:\n{neigh}\nmaps:\n{maps}\nlb log:\n{}", lb.log_text())
+    let maps: String = [
+        "services",
+        "conntrack",
+        "nat_reverse",
+        "iface_addrs",
+        "config",
+    ]
+    .iter()
+    .map(|m| {
+        let path = lb.bpffs.join(m);
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(&path)
+            .output();
+        format!(
+            "{m}: {}",
+            out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        )
+    })
+    .collect();
+    format!(
+        "stats: {stats}\nneighbours:\n{neigh}\nmaps:\n{maps}\nlb log:\n{}",
+        lb.log_text()
+    )
 }
 
 /// Opens `n` connections, one request each; counts answers by backend.
@@ -57,7 +82,8 @@ fn spread(topo: &Topology, lb: &LbProcess, vip: SocketAddr, n: usize) -> HashMap
 fn many_connections_spread_over_three_backends(topo: Topology) {
     let _backends = start_backends(&topo, 8080);
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
-    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080)).unwrap();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080))
+        .unwrap();
     let counts = spread(&topo, &lb, topo.vip(80).into(), 300);
     assert_eq!(counts.len(), 3, "{counts:?}");
     for (who, n) in &counts {
@@ -66,7 +92,10 @@ fn many_connections_spread_over_three_backends(topo: Topology) {
     // The API counts what went through, per backend.
     let (status, view) = lb.request("GET", "/v1/services/web", None).unwrap();
     assert_eq!(status, 200);
-    assert!(view["counters"]["packets"].as_u64().unwrap() >= 300 * 4, "{view}");
+    assert!(
+        view["counters"]["packets"].as_u64().unwrap() >= 300 * 4,
+        "{view}"
+    );
     for b in view["backend_counters"].as_array().unwrap() {
         assert!(b["packets"].as_u64().unwrap() > 0, "{view}");
     }
@@ -85,11 +114,16 @@ fn two_armed_many_connections_spread_over_three_backends() {
 fn removed_backend_gets_no_new_connections(topo: Topology) {
     let _backends = start_backends(&topo, 8080);
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
-    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080)).unwrap();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080))
+        .unwrap();
     assert_eq!(spread(&topo, &lb, topo.vip(80).into(), 60).len(), 3);
-    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 2], 8080)).unwrap();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 2], 8080))
+        .unwrap();
     let counts = spread(&topo, &lb, topo.vip(80).into(), 200);
-    assert!(!counts.contains_key("be1"), "removed backend still got connections: {counts:?}");
+    assert!(
+        !counts.contains_key("be1"),
+        "removed backend still got connections: {counts:?}"
+    );
     assert_eq!(counts.len(), 2, "{counts:?}");
 }
 
@@ -106,18 +140,24 @@ fn two_armed_removed_backend_gets_no_new_connections() {
 fn long_lived_connection_keeps_its_backend_while_backends_are_added(topo: Topology) {
     let _backends = start_backends(&topo, 8080);
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
-    lb.put_service("web", &service(&topo, 80, "tcp", &[1], 8080)).unwrap();
-    let mut conns: Vec<HttpConn> = (0..20).map(|_| HttpConn::connect(&topo.client, topo.vip(80).into(), T).unwrap()).collect();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[1], 8080))
+        .unwrap();
+    let mut conns: Vec<HttpConn> = (0..20)
+        .map(|_| HttpConn::connect(&topo.client, topo.vip(80).into(), T).unwrap())
+        .collect();
     for c in &mut conns {
         assert_eq!(c.get().unwrap(), "be1");
     }
-    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080)).unwrap();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080))
+        .unwrap();
     // New connections now go to all three (so the table really changed)...
     assert_eq!(spread(&topo, &lb, topo.vip(80).into(), 60).len(), 3);
     // ...while every established connection stays where it was, request after request.
     for round in 0..3 {
         for (i, c) in conns.iter_mut().enumerate() {
-            let who = c.get().unwrap_or_else(|e| panic!("round {round}, connection {i}: {e:#}"));
+            let who = c
+                .get()
+                .unwrap_or_else(|e| panic!("round {round}, connection {i}: {e:#}"));
             assert_eq!(who, "be1", "round {round}, connection {i} moved");
         }
     }
@@ -125,18 +165,23 @@ fn long_lived_connection_keeps_its_backend_while_backends_are_added(topo: Topolo
 
 #[test]
 fn one_armed_long_lived_connection_keeps_its_backend_while_backends_are_added() {
-    long_lived_connection_keeps_its_backend_while_backends_are_added(Topology::one_armed(3).unwrap());
+    long_lived_connection_keeps_its_backend_while_backends_are_added(
+        Topology::one_armed(3).unwrap(),
+    );
 }
 
 #[test]
 fn two_armed_long_lived_connection_keeps_its_backend_while_backends_are_added() {
-    long_lived_connection_keeps_its_backend_while_backends_are_added(Topology::two_armed(3).unwrap());
+    long_lived_connection_keeps_its_backend_while_backends_are_added(
+        Topology::two_armed(3).unwrap(),
+    );
 }
 
 fn udp_service_works(topo: Topology) {
     let _backends = start_backends(&topo, 5353);
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
-    lb.put_service("dns", &service(&topo, 53, "udp", &[0, 1, 2], 5353)).unwrap();
+    lb.put_service("dns", &service(&topo, 53, "udp", &[0, 1, 2], 5353))
+        .unwrap();
     let mut counts = HashMap::new();
     for i in 0..150 {
         let who = udp_ask(&topo.client, topo.vip(53).into(), T)
@@ -166,8 +211,12 @@ fn flow_of_a_removed_backend_is_rebalanced() {
     let topo = Topology::two_armed(3).unwrap();
     let _backends = start_backends(&topo, 5353);
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
-    lb.put_service("dns", &service(&topo, 53, "udp", &[0, 1, 2], 5353)).unwrap();
-    let sock = topo.client.run(|| std::net::UdpSocket::bind("0.0.0.0:0")).unwrap();
+    lb.put_service("dns", &service(&topo, 53, "udp", &[0, 1, 2], 5353))
+        .unwrap();
+    let sock = topo
+        .client
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .unwrap();
     sock.set_read_timeout(Some(T)).unwrap();
     let ask = || {
         sock.send_to(b"who", topo.vip(53)).unwrap();
@@ -179,10 +228,15 @@ fn flow_of_a_removed_backend_is_rebalanced() {
     assert_eq!(ask(), first, "one flow, one backend");
     let index: usize = first.trim_start_matches("be").parse().unwrap();
     let rest: Vec<usize> = (0..3).filter(|&i| i != index).collect();
-    lb.put_service("dns", &service(&topo, 53, "udp", &rest, 5353)).unwrap();
+    lb.put_service("dns", &service(&topo, 53, "udp", &rest, 5353))
+        .unwrap();
     let second = ask();
     assert_ne!(second, first, "the flow still reached its removed backend");
-    assert_eq!(ask(), second, "after re-balancing the flow stays on its new backend");
+    assert_eq!(
+        ask(),
+        second,
+        "after re-balancing the flow stays on its new backend"
+    );
 }
 
 #[test]
@@ -190,10 +244,27 @@ fn deleted_service_is_no_longer_forwarded() {
     let topo = Topology::two_armed(1).unwrap();
     let _backends = start_backends(&topo, 5353);
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
-    lb.put_service("dns", &service(&topo, 53, "udp", &[0], 5353)).unwrap();
-    assert_eq!(udp_ask(&topo.client, topo.vip(53).into(), T).unwrap(), "be0");
-    assert_eq!(lb.request("DELETE", "/v1/services/dns", None).unwrap().0, 204);
-    assert!(udp_ask(&topo.client, topo.vip(53).into(), Duration::from_millis(500)).is_err());
-    assert_eq!(lb.request("DELETE", "/v1/services/dns", None).unwrap().0, 404);
+    lb.put_service("dns", &service(&topo, 53, "udp", &[0], 5353))
+        .unwrap();
+    assert_eq!(
+        udp_ask(&topo.client, topo.vip(53).into(), T).unwrap(),
+        "be0"
+    );
+    assert_eq!(
+        lb.request("DELETE", "/v1/services/dns", None).unwrap().0,
+        204
+    );
+    assert!(
+        udp_ask(
+            &topo.client,
+            topo.vip(53).into(),
+            Duration::from_millis(500)
+        )
+        .is_err()
+    );
+    assert_eq!(
+        lb.request("DELETE", "/v1/services/dns", None).unwrap().0,
+        404
+    );
     assert_eq!(lb.request("GET", "/v1/services/dns", None).unwrap().0, 404);
 }

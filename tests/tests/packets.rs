@@ -10,7 +10,12 @@ const SNAT: (u16, u16) = (61000, 65535);
 const CLIENT_PORT: u16 = 40000;
 
 fn lab() -> PacketLab {
-    let limits = Limits { max_services: 64, max_backends: 64, maglev_slots: 8192, conntrack_entries: 4096 };
+    let limits = Limits {
+        max_services: 64,
+        max_backends: 64,
+        maglev_slots: 8192,
+        conntrack_entries: 4096,
+    };
     PacketLab::new(&limits, SNAT).unwrap()
 }
 
@@ -34,8 +39,24 @@ fn backend_mac(ip: Ipv4Addr) -> [u8; 6] {
 }
 
 /// What lb must send to the backend for `f`: SNAT source, backend destination, one hop less.
-fn forwarded(f: &Frame, snat: Ipv4Addr, snat_port: u16, backend: Ipv4Addr, bport: u16, smac: [u8; 6]) -> Frame {
-    Frame { src_mac: smac, dst_mac: backend_mac(backend), src: snat, dst: backend, ttl: f.ttl - 1, sport: snat_port, dport: bport, ..f.clone() }
+fn forwarded(
+    f: &Frame,
+    snat: Ipv4Addr,
+    snat_port: u16,
+    backend: Ipv4Addr,
+    bport: u16,
+    smac: [u8; 6],
+) -> Frame {
+    Frame {
+        src_mac: smac,
+        dst_mac: backend_mac(backend),
+        src: snat,
+        dst: backend,
+        ttl: f.ttl - 1,
+        sport: snat_port,
+        dport: bport,
+        ..f.clone()
+    }
 }
 
 /// Table rows for packets that lb must leave to the kernel untouched.
@@ -68,7 +89,12 @@ fn fix_ip_checksum(p: &mut [u8]) {
 #[test]
 fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
     let mut lab = lab();
-    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"]);
+    lab.service(
+        "web",
+        "10.70.0.100:80",
+        "tcp",
+        &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
+    );
 
     // New flow: balanced, SNATed from lb's address on v0, sent back out of v0. Its first
     // packet takes a SNAT port (the reverse entry); the flow is tracked on its second.
@@ -77,24 +103,52 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
     assert_eq!(verdict, XDP_TX);
     let (key, rev) = lab.reverse(CLIENT, CLIENT_PORT).expect("SNAT port taken");
     assert!((SNAT.0..=SNAT.1).contains(&key.dst_port), "{key:?}");
-    assert_eq!((key.dst_addr, rev.vip_addr, rev.vip_port), (LB0.octets(), VIP.octets(), 80));
+    assert_eq!(
+        (key.dst_addr, rev.vip_addr, rev.vip_port),
+        (LB0.octets(), VIP.octets(), 80)
+    );
     let backend = Ipv4Addr::from(key.src_addr);
-    assert_eq!(out, forwarded(&syn, LB0, key.dst_port, backend, 8080, mac(0x01)).bytes(), "new flow");
-    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none());
+    assert_eq!(
+        out,
+        forwarded(&syn, LB0, key.dst_port, backend, 8080, mac(0x01)).bytes(),
+        "new flow"
+    );
+    assert!(
+        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+            .is_none()
+    );
 
     // Established: same backend, same SNAT port, payload intact.
     let data = to_vip(ACK, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     let (verdict, out) = lab.run(lab.v0, &data.bytes());
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(out, forwarded(&data, LB0, key.dst_port, backend, 8080, mac(0x01)).bytes(), "second packet");
-    let conn = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).expect("flow tracked");
-    assert_eq!((conn.snat_port, conn.snat_addr), (key.dst_port, LB0.octets()));
+    assert_eq!(
+        out,
+        forwarded(&data, LB0, key.dst_port, backend, 8080, mac(0x01)).bytes(),
+        "second packet"
+    );
+    let conn = lab
+        .conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+        .expect("flow tracked");
+    assert_eq!(
+        (conn.snat_port, conn.snat_addr),
+        (key.dst_port, LB0.octets())
+    );
     for _ in 0..3 {
         let (verdict, out) = lab.run(lab.v0, &data.bytes());
         assert_eq!(verdict, XDP_TX);
-        assert_eq!(out, forwarded(&data, LB0, conn.snat_port, backend, 8080, mac(0x01)).bytes(), "established flow");
+        assert_eq!(
+            out,
+            forwarded(&data, LB0, conn.snat_port, backend, 8080, mac(0x01)).bytes(),
+            "established flow"
+        );
     }
-    assert_eq!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap().snat_port, conn.snat_port);
+    assert_eq!(
+        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+            .unwrap()
+            .snat_port,
+        conn.snat_port
+    );
 
     // Reply: from the backend to lb's SNAT port, back to the client from the VIP.
     let reply = Frame {
@@ -105,16 +159,37 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
         ttl: 64,
         sport: 8080,
         dport: conn.snat_port,
-        l4: L4::Tcp { syn: true, ack: true, fin: false, rst: false },
+        l4: L4::Tcp {
+            syn: true,
+            ack: true,
+            fin: false,
+            rst: false,
+        },
         payload: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
     };
     let (verdict, out) = lab.run(lab.v0, &reply.bytes());
     assert_eq!(verdict, XDP_TX);
-    let expected = Frame { src_mac: mac(0x01), dst_mac: mac(10), src: VIP, dst: CLIENT, ttl: 63, sport: 80, dport: CLIENT_PORT, ..reply.clone() };
+    let expected = Frame {
+        src_mac: mac(0x01),
+        dst_mac: mac(10),
+        src: VIP,
+        dst: CLIENT,
+        ttl: 63,
+        sport: 80,
+        dport: CLIENT_PORT,
+        ..reply.clone()
+    };
     assert_eq!(out, expected.bytes(), "reply");
 
     // A reply to a SNAT port nobody holds is not ours: the kernel gets it.
-    let stray = Frame { dport: if conn.snat_port == SNAT.0 { SNAT.0 + 1 } else { SNAT.0 }, ..reply };
+    let stray = Frame {
+        dport: if conn.snat_port == SNAT.0 {
+            SNAT.0 + 1
+        } else {
+            SNAT.0
+        },
+        ..reply
+    };
     assert_eq!(lab.run(lab.v0, &stray.bytes()), (XDP_PASS, stray.bytes()));
 }
 
@@ -122,12 +197,18 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
 fn egress_on_another_interface_is_redirected_with_that_interfaces_address() {
     let mut lab = lab();
     lab.service("far", "10.70.0.100:443", "tcp", &["10.71.0.21:8443"]);
-    let syn = Frame { dport: 443, ..to_vip(SYN, b"") };
+    let syn = Frame {
+        dport: 443,
+        ..to_vip(SYN, b"")
+    };
     let (verdict, out) = lab.run(lab.v0, &syn.bytes());
     assert_eq!(verdict, XDP_REDIRECT);
     let (key, _) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
     assert_eq!(key.dst_addr, LB2.octets());
-    assert_eq!(out, forwarded(&syn, LB2, key.dst_port, FAR_BACKEND, 8443, mac(0x02)).bytes());
+    assert_eq!(
+        out,
+        forwarded(&syn, LB2, key.dst_port, FAR_BACKEND, 8443, mac(0x02)).bytes()
+    );
     // Its reply comes in on v2 and leaves through v0.
     let reply = Frame {
         src_mac: mac(21),
@@ -142,7 +223,16 @@ fn egress_on_another_interface_is_redirected_with_that_interfaces_address() {
     };
     let (verdict, out) = lab.run(lab.v2, &reply.bytes());
     assert_eq!(verdict, XDP_REDIRECT);
-    let expected = Frame { src_mac: mac(0x01), dst_mac: mac(10), src: VIP, dst: CLIENT, ttl: 63, sport: 443, dport: CLIENT_PORT, ..reply };
+    let expected = Frame {
+        src_mac: mac(0x01),
+        dst_mac: mac(10),
+        src: VIP,
+        dst: CLIENT,
+        ttl: 63,
+        sport: 443,
+        dport: CLIENT_PORT,
+        ..reply
+    };
     assert_eq!(out, expected.bytes());
 }
 
@@ -151,11 +241,22 @@ fn udp_checksums_are_updated_or_left_absent() {
     let mut lab = lab();
     lab.service("dns", "10.70.0.100:53", "udp", &["10.70.0.11:5353"]);
     for (i, checksum) in [true, false].into_iter().enumerate() {
-        let q = Frame { dport: 53, sport: 5000 + i as u16, ..to_vip(L4::Udp { checksum }, b"query") };
+        let q = Frame {
+            dport: 53,
+            sport: 5000 + i as u16,
+            ..to_vip(L4::Udp { checksum }, b"query")
+        };
         let (verdict, out) = lab.run(lab.v0, &q.bytes());
         assert_eq!(verdict, XDP_TX);
         let (key, _) = lab.reverse(CLIENT, q.sport).unwrap();
-        let expected = forwarded(&q, LB0, key.dst_port, Ipv4Addr::new(10, 70, 0, 11), 5353, mac(0x01));
+        let expected = forwarded(
+            &q,
+            LB0,
+            key.dst_port,
+            Ipv4Addr::new(10, 70, 0, 11),
+            5353,
+            mac(0x01),
+        );
         assert_eq!(out, expected.bytes(), "checksum {checksum}");
         if !checksum {
             assert_eq!(&out[40..42], &[0, 0], "an absent UDP checksum stays absent");
@@ -174,11 +275,38 @@ fn packets_that_are_not_for_a_service_pass_untouched() {
     icmp[23] = 1;
     fix_ip_checksum(&mut icmp);
     let cases = vec![
-        PassCase { what: "not a VIP", packet: Frame { dst: Ipv4Addr::new(10, 70, 0, 99), ..syn.clone() }.bytes() },
-        PassCase { what: "VIP, other port", packet: Frame { dport: 81, ..syn.clone() }.bytes() },
-        PassCase { what: "VIP and port, other protocol", packet: Frame { l4: UDP, ..syn.clone() }.bytes() },
-        PassCase { what: "ARP", packet: arp },
-        PassCase { what: "ICMP", packet: icmp },
+        PassCase {
+            what: "not a VIP",
+            packet: Frame {
+                dst: Ipv4Addr::new(10, 70, 0, 99),
+                ..syn.clone()
+            }
+            .bytes(),
+        },
+        PassCase {
+            what: "VIP, other port",
+            packet: Frame {
+                dport: 81,
+                ..syn.clone()
+            }
+            .bytes(),
+        },
+        PassCase {
+            what: "VIP and port, other protocol",
+            packet: Frame {
+                l4: UDP,
+                ..syn.clone()
+            }
+            .bytes(),
+        },
+        PassCase {
+            what: "ARP",
+            packet: arp,
+        },
+        PassCase {
+            what: "ICMP",
+            packet: icmp,
+        },
         PassCase {
             what: "first fragment",
             packet: with(syn.bytes(), |p| {
@@ -211,7 +339,10 @@ fn packets_that_are_not_for_a_service_pass_untouched() {
         assert_eq!(verdict, XDP_PASS, "{}", case.what);
         assert_eq!(out, case.packet, "{}: changed", case.what);
     }
-    assert!(lab.reverse(CLIENT, CLIENT_PORT).is_none(), "nothing was tracked");
+    assert!(
+        lab.reverse(CLIENT, CLIENT_PORT).is_none(),
+        "nothing was tracked"
+    );
 }
 
 #[test]
@@ -220,7 +351,11 @@ fn every_truncation_of_the_headers_is_dropped_and_counted() {
     lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080"]);
     lab.service("dns", "10.70.0.100:53", "udp", &["10.70.0.11:5353"]);
     let tcp = to_vip(SYN, b"").bytes();
-    let udp = Frame { dport: 53, ..to_vip(UDP, b"") }.bytes();
+    let udp = Frame {
+        dport: 53,
+        ..to_vip(UDP, b"")
+    }
+    .bytes();
     let mut dropped = 0;
     // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet header.
     for (what, full) in [("tcp", &tcp), ("udp", &udp)] {
@@ -230,9 +365,15 @@ fn every_truncation_of_the_headers_is_dropped_and_counted() {
             dropped += 1;
         }
     }
-    assert_eq!(lab.drops(DropReason::Truncated) + lab.drops(DropReason::Malformed), dropped);
+    assert_eq!(
+        lab.drops(DropReason::Truncated) + lab.drops(DropReason::Malformed),
+        dropped
+    );
     assert!(lab.drops(DropReason::Truncated) > 0);
-    assert!(lab.reverse(CLIENT, CLIENT_PORT).is_none(), "a truncated packet created a flow");
+    assert!(
+        lab.reverse(CLIENT, CLIENT_PORT).is_none(),
+        "a truncated packet created a flow"
+    );
 }
 
 #[test]
@@ -241,23 +382,76 @@ fn malformed_headers_are_dropped_and_counted() {
     lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080"]);
     lab.service("dns", "10.70.0.100:53", "udp", &["10.70.0.11:5353"]);
     let tcp = to_vip(SYN, b"payload").bytes();
-    let udp = Frame { dport: 53, ..to_vip(UDP, b"payload") }.bytes();
+    let udp = Frame {
+        dport: 53,
+        ..to_vip(UDP, b"payload")
+    }
+    .bytes();
     let cases: Vec<(&str, Vec<u8>, DropReason)> = vec![
-        ("IHL below 5", with(tcp.clone(), |p| p[14] = 0x44), DropReason::Malformed),
-        ("IP version 6 in an IPv4 frame", with(tcp.clone(), |p| p[14] = 0x65), DropReason::Malformed),
-        ("total length below the header", with(tcp.clone(), |p| p[16..18].copy_from_slice(&10u16.to_be_bytes())), DropReason::Malformed),
-        ("total length beyond the frame", with(tcp.clone(), |p| p[16..18].copy_from_slice(&1400u16.to_be_bytes())), DropReason::Truncated),
-        ("TCP data offset below 5", with(tcp.clone(), |p| p[46] = 0x40), DropReason::Malformed),
-        ("TCP data offset beyond the packet", with(tcp.clone(), |p| p[46] = 0xf0), DropReason::Malformed),
-        ("UDP length below 8", with(udp.clone(), |p| p[38..40].copy_from_slice(&4u16.to_be_bytes())), DropReason::Malformed),
-        ("UDP length beyond the packet", with(udp.clone(), |p| p[38..40].copy_from_slice(&400u16.to_be_bytes())), DropReason::Malformed),
-        ("TTL 1", with(tcp.clone(), |p| p[22] = 1), DropReason::TtlExceeded),
+        (
+            "IHL below 5",
+            with(tcp.clone(), |p| p[14] = 0x44),
+            DropReason::Malformed,
+        ),
+        (
+            "IP version 6 in an IPv4 frame",
+            with(tcp.clone(), |p| p[14] = 0x65),
+            DropReason::Malformed,
+        ),
+        (
+            "total length below the header",
+            with(tcp.clone(), |p| {
+                p[16..18].copy_from_slice(&10u16.to_be_bytes())
+            }),
+            DropReason::Malformed,
+        ),
+        (
+            "total length beyond the frame",
+            with(tcp.clone(), |p| {
+                p[16..18].copy_from_slice(&1400u16.to_be_bytes())
+            }),
+            DropReason::Truncated,
+        ),
+        (
+            "TCP data offset below 5",
+            with(tcp.clone(), |p| p[46] = 0x40),
+            DropReason::Malformed,
+        ),
+        (
+            "TCP data offset beyond the packet",
+            with(tcp.clone(), |p| p[46] = 0xf0),
+            DropReason::Malformed,
+        ),
+        (
+            "UDP length below 8",
+            with(udp.clone(), |p| {
+                p[38..40].copy_from_slice(&4u16.to_be_bytes())
+            }),
+            DropReason::Malformed,
+        ),
+        (
+            "UDP length beyond the packet",
+            with(udp.clone(), |p| {
+                p[38..40].copy_from_slice(&400u16.to_be_bytes())
+            }),
+            DropReason::Malformed,
+        ),
+        (
+            "TTL 1",
+            with(tcp.clone(), |p| p[22] = 1),
+            DropReason::TtlExceeded,
+        ),
     ];
     for (what, packet, reason) in cases {
         let before = lab.drops(reason);
         let (verdict, _) = lab.run(lab.v0, &packet);
         assert_eq!(verdict, XDP_DROP, "{what}");
-        assert_eq!(lab.drops(reason), before + 1, "{what}: not counted as {}", reason.name());
+        assert_eq!(
+            lab.drops(reason),
+            before + 1,
+            "{what}: not counted as {}",
+            reason.name()
+        );
     }
     assert!(lab.reverse(CLIENT, CLIENT_PORT).is_none());
 }
@@ -274,11 +468,25 @@ fn a_flow_keeps_its_backend_until_that_backend_is_removed() {
     let backend = dst_of(&out);
     let first = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap();
     // Removing the other backends leaves the flow where it is.
-    let others: Vec<&str> = all.iter().copied().filter(|b| !b.starts_with(&format!("{backend}:"))).collect();
-    lab.service("web", "10.70.0.100:80", "tcp", &[&format!("{backend}:8080"), others[0]]);
+    let others: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|b| !b.starts_with(&format!("{backend}:")))
+        .collect();
+    lab.service(
+        "web",
+        "10.70.0.100:80",
+        "tcp",
+        &[&format!("{backend}:8080"), others[0]],
+    );
     let (_, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
     assert_eq!(dst_of(&out), backend);
-    assert_eq!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap().snat_port, first.snat_port);
+    assert_eq!(
+        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+            .unwrap()
+            .snat_port,
+        first.snat_port
+    );
     // Removing its own backend balances it again on the next packet.
     lab.service("web", "10.70.0.100:80", "tcp", &[others[0]]);
     let (verdict, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
@@ -294,4 +502,76 @@ fn a_service_without_a_routable_backend_drops_and_counts() {
     let (verdict, _) = lab.run(lab.v0, &to_vip(SYN, b"").bytes());
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(lab.drops(DropReason::NoRoute), 1);
+}
+
+#[test]
+fn a_flow_is_tracked_by_its_second_packet_in_either_direction() {
+    let mut lab = lab();
+    lab.service(
+        "web",
+        "10.70.0.100:80",
+        "tcp",
+        &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
+    );
+    // A retried SYN finds the SNAT port and backend its first try took.
+    let syn = to_vip(SYN, b"");
+    let (_, first) = lab.run(lab.v0, &syn.bytes());
+    let (verdict, again) = lab.run(lab.v0, &syn.bytes());
+    assert_eq!(
+        (verdict, &again),
+        (XDP_TX, &first),
+        "a SYN retry went elsewhere"
+    );
+    assert!(
+        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+            .is_some(),
+        "tracked on the retry"
+    );
+
+    // Another flow: tracked when the backend answers first.
+    let syn2 = Frame {
+        sport: CLIENT_PORT + 1,
+        ..to_vip(SYN, b"")
+    };
+    lab.run(lab.v0, &syn2.bytes());
+    let (key, rev) = lab.reverse(CLIENT, CLIENT_PORT + 1).unwrap();
+    assert!(
+        lab.conn(CLIENT, CLIENT_PORT + 1, VIP, 80, IPPROTO_TCP)
+            .is_none()
+    );
+    let backend = Ipv4Addr::from(key.src_addr);
+    let syn_ack = Frame {
+        src_mac: backend_mac(backend),
+        dst_mac: mac(0x01),
+        src: backend,
+        dst: LB0,
+        ttl: 64,
+        sport: 8080,
+        dport: key.dst_port,
+        l4: L4::Tcp {
+            syn: true,
+            ack: true,
+            fin: false,
+            rst: false,
+        },
+        payload: vec![],
+    };
+    assert_eq!(lab.run(lab.v0, &syn_ack.bytes()).0, XDP_TX);
+    let conn = lab
+        .conn(CLIENT, CLIENT_PORT + 1, VIP, 80, IPPROTO_TCP)
+        .expect("tracked by the answer");
+    assert_eq!(
+        (conn.snat_port, conn.backend_id),
+        (key.dst_port, rev.backend_id)
+    );
+    let (verdict, out) = lab.run(
+        lab.v0,
+        &Frame {
+            sport: CLIENT_PORT + 1,
+            ..to_vip(ACK, b"x")
+        }
+        .bytes(),
+    );
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), backend);
 }

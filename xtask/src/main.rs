@@ -37,7 +37,10 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -55,7 +58,15 @@ fn build_ebpf() -> anyhow::Result<()> {
         .env_remove("RUSTC_WRAPPER")
         .env_remove("CARGO_TARGET_DIR")
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
-        .args(["+nightly", "build", "-Z", "build-std=core", "--target", "bpfel-unknown-none", "--release"]))
+        .args([
+            "+nightly",
+            "build",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+        ]))
 }
 
 fn cargo(args: &[&str]) -> Command {
@@ -65,7 +76,15 @@ fn cargo(args: &[&str]) -> Command {
 }
 
 fn build_release() -> anyhow::Result<()> {
-    run(&mut cargo(&["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "lb-tests",
+        "--bins",
+    ]))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,7 +95,16 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             build_ebpf()?;
             build_release()?;
-            let mut unit = cargo(&["test", "--release", "-p", "lb-common", "-p", "lb-userspace", "-p", "xtask"]);
+            let mut unit = cargo(&[
+                "test",
+                "--release",
+                "-p",
+                "lb-common",
+                "-p",
+                "lb-userspace",
+                "-p",
+                "xtask",
+            ]);
             let mut privileged = cargo(&["test", "--release", "-p", "lb-tests", "--"]);
             privileged.arg("--test-threads=1");
             if let Some(f) = &filter {
@@ -90,7 +118,8 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             build_ebpf()?;
             build_release()?;
-            run(Command::new(root().join("target/release/lb-demo")).env("LB_BIN", root().join("target/release/lb")))
+            run(Command::new(root().join("target/release/lb-demo"))
+                .env("LB_BIN", root().join("target/release/lb")))
         }
         Cmd::Bench => {
             setup::setup()?;

@@ -8,7 +8,14 @@ use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool to inspect maps, iproute2 and ethtool
 /// for the namespace topologies.
-const PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "clang-22", "bpftool", "iproute2", "ethtool"];
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "clang-22",
+    "bpftool",
+    "iproute2",
+    "ethtool",
+];
 const BPF_LINKER_VERSION: &str = "0.13";
 
 fn installed(pkg: &str) -> bool {
@@ -20,7 +27,9 @@ fn installed(pkg: &str) -> bool {
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
     let o = Command::new(cmd).args(args).output().ok()?;
-    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -29,7 +38,9 @@ fn is_root() -> bool {
 
 pub fn setup() -> anyhow::Result<()> {
     if !is_root() {
-        bail!("lb's set-up, tests and demo load XDP programs and create network namespaces: run as root (sudo)");
+        bail!(
+            "lb's set-up, tests and demo load XDP programs and create network namespaces: run as root (sudo)"
+        );
     }
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
@@ -42,23 +53,49 @@ pub fn setup() -> anyhow::Result<()> {
     }
     let toolchains = output("rustup", &["toolchain", "list"]).context("rustup is needed")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let components = output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]).unwrap_or_default();
+    let components = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )
+    .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
     if !linker.contains(&format!("bpf-linker {BPF_LINKER_VERSION}")) {
-        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+        eprintln!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
         run(Command::new("cargo")
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .args(["install", "bpf-linker", "--version", &format!("~{BPF_LINKER_VERSION}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                &format!("~{BPF_LINKER_VERSION}"),
+            ])
             .args(["--no-default-features", "--features", "llvm-22", "--locked"]))?;
     }
     // The maps are pinned under /sys/fs/bpf; systemd mounts it, containers often do not.
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())

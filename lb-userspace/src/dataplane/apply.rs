@@ -4,6 +4,7 @@
 use std::net::SocketAddrV4;
 
 use lb_common::{
+    config::NextHop,
     maglev,
     service::{BACKEND_ACTIVE, Backend, ServiceInfo, ServiceKey},
     stats::Counters,
@@ -30,9 +31,29 @@ pub fn service_key(svc: &Service) -> ServiceKey {
 }
 
 impl Dataplane {
-    fn zero_counters(&mut self, service: Option<u32>, backend: Option<u32>) -> Result<(), DataplaneError> {
+    /// Counts `key` in (`by` = 1) or out (`by` = -1) of the VIP filter.
+    fn filter_add(&mut self, key: &ServiceKey, by: i32) -> Result<(), DataplaneError> {
+        let slot = key.filter_slot();
+        let count = self.filter_counts.entry(slot).or_default();
+        *count = count.saturating_add_signed(by);
+        let value = *count;
+        if value == 0 {
+            self.filter_counts.remove(&slot);
+        }
+        self.vip_filter.set(slot, value, 0)?;
+        Ok(())
+    }
+
+    fn zero_counters(
+        &mut self,
+        service: Option<u32>,
+        backend: Option<u32>,
+    ) -> Result<(), DataplaneError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
-        let zeros = || aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(DataplaneError::Cpus);
+        let zeros = || {
+            aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
+                .map_err(DataplaneError::Cpus)
+        };
         if let Some(id) = service {
             self.service_stats.set(id, zeros()?, 0)?;
         }
@@ -50,13 +71,24 @@ impl Dataplane {
         // Backend ids: kept for backends that stay, new ones for the others.
         let mut backends = Vec::with_capacity(svc.backends.len());
         let mut added = Vec::new();
-        let needed = svc.backends.iter().filter(|b| !old.as_ref().is_some_and(|o| o.backends.iter().any(|(a, _)| a == *b))).count();
+        let needed = svc
+            .backends
+            .iter()
+            .filter(|b| {
+                !old.as_ref()
+                    .is_some_and(|o| o.backends.iter().any(|(a, _)| a == *b))
+            })
+            .count();
         if needed as u32 > self.backend_ids.available() {
-            return Err(DataplaneError::Full(format!("no room for {needed} more backends (raise --max-backends)")));
+            return Err(DataplaneError::Full(format!(
+                "no room for {needed} more backends (raise --max-backends)"
+            )));
         }
         let id = match &old {
             Some(o) => o.id,
-            None => self.service_ids.alloc().ok_or_else(|| DataplaneError::Full("no room for another service (raise --max-services)".into()))?,
+            None => self.service_ids.alloc().ok_or_else(|| {
+                DataplaneError::Full("no room for another service (raise --max-services)".into())
+            })?,
         };
         let reuse_region = old.as_ref().is_some_and(|o| o.table_size == svc.table_size);
         let offset = if reuse_region {
@@ -79,16 +111,27 @@ impl Dataplane {
             self.zero_counters(Some(id), None)?;
         }
         for &addr in &svc.backends {
-            if let Some(&(_, bid)) = old.as_ref().and_then(|o| o.backends.iter().find(|(a, _)| *a == addr)) {
+            if let Some(&(_, bid)) = old
+                .as_ref()
+                .and_then(|o| o.backends.iter().find(|(a, _)| *a == addr))
+            {
                 backends.push((addr, bid));
                 continue;
             }
             let bid = self.backend_ids.alloc().expect("counted above");
             self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
             self.zero_counters(None, Some(bid))?;
+            // A reused id must not inherit the next hop of the backend it was before.
+            self.backend_hops.set(bid, NextHop::default(), 0)?;
             self.backends.set(
                 bid,
-                Backend { addr: addr.ip().octets(), port: addr.port(), _pad: 0, flags: BACKEND_ACTIVE, generation: self.generations[bid as usize] },
+                Backend {
+                    addr: addr.ip().octets(),
+                    port: addr.port(),
+                    _pad: 0,
+                    flags: BACKEND_ACTIVE,
+                    generation: self.generations[bid as usize],
+                },
                 0,
             )?;
             backends.push((addr, bid));
@@ -97,7 +140,10 @@ impl Dataplane {
 
         // The table: only the slots that change when it stays in place.
         let addrs: Vec<SocketAddrV4> = backends.iter().map(|&(a, _)| a).collect();
-        let table: Vec<u32> = maglev::build_table(&addrs, svc.table_size).into_iter().map(|i| backends[i as usize].1).collect();
+        let table: Vec<u32> = maglev::build_table(&addrs, svc.table_size)
+            .into_iter()
+            .map(|i| backends[i as usize].1)
+            .collect();
         for (slot, &bid) in table.iter().enumerate() {
             let unchanged = reuse_region && old.as_ref().unwrap().table[slot] == bid;
             if !unchanged {
@@ -105,14 +151,24 @@ impl Dataplane {
             }
         }
 
-        // Switch the service entry over.
-        let info = ServiceInfo { id, table_offset: offset, table_size: svc.table_size, flags: 0 };
+        // Switch the service entry over (the filter lets its packets through first).
+        let moved = old.as_ref().is_none_or(|o| o.key != key);
+        if moved {
+            self.filter_add(&key, 1)?;
+        }
+        let info = ServiceInfo {
+            id,
+            table_offset: offset,
+            table_size: svc.table_size,
+            flags: 0,
+        };
         self.services.insert(key, info, 0)?;
 
         // Retire what the old version had and the new one does not.
         if let Some(o) = &old {
             if o.key != key {
                 self.services.remove(&o.key)?;
+                self.filter_add(&o.key, -1)?;
             }
             for &(addr, bid) in &o.backends {
                 if !svc.backends.contains(&addr) {
@@ -125,7 +181,14 @@ impl Dataplane {
         }
         self.installed.insert(
             svc.name.clone(),
-            Installed { key, id, table_offset: offset, table_size: svc.table_size, backends, table },
+            Installed {
+                key,
+                id,
+                table_offset: offset,
+                table_size: svc.table_size,
+                backends,
+                table,
+            },
         );
         Ok(())
     }
@@ -139,8 +202,11 @@ impl Dataplane {
 
     /// Removes a service: its entry first, then its backends and table.
     pub fn remove(&mut self, name: &str) -> Result<bool, DataplaneError> {
-        let Some(inst) = self.installed.remove(name) else { return Ok(false) };
+        let Some(inst) = self.installed.remove(name) else {
+            return Ok(false);
+        };
         self.services.remove(&inst.key)?;
+        self.filter_add(&inst.key, -1)?;
         for &(_, bid) in &inst.backends {
             self.retire_backend(bid)?;
         }

@@ -6,13 +6,18 @@ const RATES: [u32; 4] = [100, 250, 300, 1000];
 
 fn jiffies() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/timer_list").ok()?;
-    text.lines().find_map(|l| l.strip_prefix("jiffies: ")).and_then(|j| j.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))
+        .and_then(|j| j.trim().parse().ok())
 }
 
 fn from_config() -> Option<u32> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
     let config = std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()?;
-    config.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")).and_then(|v| v.parse().ok())
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.parse().ok())
 }
 
 /// CONFIG_HZ, measured from the global jiffies counter over a short interval (and rounded
@@ -23,10 +28,16 @@ pub fn kernel_hz() -> u32 {
         std::thread::sleep(Duration::from_millis(120));
         let (j1, t1) = (jiffies()?, Instant::now());
         let rate = (j1 - j0) as f64 / (t1 - t0).as_secs_f64();
-        RATES.iter().copied().min_by(|a, b| (*a as f64 - rate).abs().total_cmp(&(*b as f64 - rate).abs()))
+        RATES.iter().copied().min_by(|a, b| {
+            (*a as f64 - rate)
+                .abs()
+                .total_cmp(&(*b as f64 - rate).abs())
+        })
     })();
     measured.or_else(from_config).unwrap_or_else(|| {
-        tracing::warn!("could not tell the kernel's HZ; assuming 250 (timeouts scale with the error)");
+        tracing::warn!(
+            "could not tell the kernel's HZ; assuming 250 (timeouts scale with the error)"
+        );
         250
     })
 }

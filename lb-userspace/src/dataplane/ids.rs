@@ -10,7 +10,11 @@ pub struct IdAllocator {
 impl IdAllocator {
     /// Ids `1 .. limit`.
     pub fn new(limit: u32) -> Self {
-        Self { next: 1, limit, free: Vec::new() }
+        Self {
+            next: 1,
+            limit,
+            free: Vec::new(),
+        }
     }
 
     pub fn alloc(&mut self) -> Option<u32> {
@@ -42,7 +46,10 @@ mod tests {
     #[test]
     fn ids_start_at_one_are_reused_and_run_out() {
         let mut ids = IdAllocator::new(4);
-        assert_eq!((ids.alloc(), ids.alloc(), ids.alloc()), (Some(1), Some(2), Some(3)));
+        assert_eq!(
+            (ids.alloc(), ids.alloc(), ids.alloc()),
+            (Some(1), Some(2), Some(3))
+        );
         assert_eq!(ids.alloc(), None);
         ids.release(2);
         assert_eq!(ids.available(), 1);

@@ -19,7 +19,7 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    config::{Config, IfaceAddr},
+    config::{Config, IfaceAddr, NextHop},
     service::{Backend, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
 };
@@ -31,14 +31,17 @@ use slots::SlotAllocator;
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
 
-/// The forwarding program and the do-nothing floor used by benchmarks.
+/// The forwarding program, and two do-nothing programs the benchmark measures against.
 pub const PROGRAM: &str = "lb_xdp";
 pub const PASS_PROGRAM: &str = "lb_pass";
+pub const TX_PROGRAM: &str = "lb_tx";
 
 /// Every map, by the name it has in the object and under the pin directory.
-pub const MAPS: [&str; 11] = [
+pub const MAPS: [&str; 13] = [
     "services",
+    "vip_filter",
     "backends",
+    "backend_hops",
     "maglev",
     "conntrack",
     "nat_reverse",
@@ -59,7 +62,10 @@ pub enum DataplaneError {
     #[error("BPF map: {0}")]
     Map(#[from] MapError),
     #[error("pinning under {path}: {source}")]
-    Pin { path: PathBuf, source: std::io::Error },
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0} is not on a bpffs mount (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
     NotBpffs(PathBuf),
     #[error("interface {0:?} does not exist")]
@@ -85,7 +91,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_services: 65536, max_backends: 65536, maglev_slots: 4_194_304, conntrack_entries: 524_288 }
+        Self {
+            max_services: 65536,
+            max_backends: 65536,
+            maglev_slots: 4_194_304,
+            conntrack_entries: 524_288,
+        }
     }
 }
 
@@ -93,7 +104,11 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceInfo>,
+    vip_filter: Array<MapData, u32>,
+    /// What `vip_filter` holds, slot -> count.
+    filter_counts: StdHashMap<u32, u32>,
     backends: Array<MapData, Backend>,
+    backend_hops: Array<MapData, NextHop>,
     maglev: Array<MapData, u32>,
     config: Array<MapData, Config>,
     iface_addrs: HashMap<MapData, u32, IfaceAddr>,
@@ -112,7 +127,9 @@ pub struct Dataplane {
 
 fn is_bpffs(dir: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let Ok(path) = CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(path) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     unsafe { libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
@@ -125,7 +142,16 @@ fn mount_bpffs_if_missing(dir: &Path) -> std::io::Result<()> {
         return Ok(());
     }
     let (src, fstype, target) = (c"bpf", c"bpf", c"/sys/fs/bpf");
-    if unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
+    if unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
         return Err(std::io::Error::last_os_error());
     }
     tracing::info!("mounted bpffs on /sys/fs/bpf");
@@ -136,14 +162,34 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    Ok(T::try_from(ebpf.take_map(name).ok_or(DataplaneError::Missing(name))?)?)
+    Ok(T::try_from(
+        ebpf.take_map(name).ok_or(DataplaneError::Missing(name))?,
+    )?)
 }
 
 impl Dataplane {
     /// Loads the program and its maps and pins the maps under `pin_dir` (created if
-    /// needed; pins left there by an earlier run are replaced).
+    /// needed; pins left there by an earlier run are replaced). On failure nothing that
+    /// was created is left behind.
     pub fn load(pin_dir: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
-        let pin_err = |source| DataplaneError::Pin { path: pin_dir.to_path_buf(), source };
+        let existed = pin_dir.exists();
+        let result = Self::load_and_pin(pin_dir, limits);
+        if result.is_err() {
+            for name in MAPS {
+                let _ = std::fs::remove_file(pin_dir.join(name));
+            }
+            if !existed {
+                let _ = std::fs::remove_dir(pin_dir);
+            }
+        }
+        result
+    }
+
+    fn load_and_pin(pin_dir: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
+        let pin_err = |source| DataplaneError::Pin {
+            path: pin_dir.to_path_buf(),
+            source,
+        };
         mount_bpffs_if_missing(pin_dir).map_err(pin_err)?;
         std::fs::create_dir_all(pin_dir).map_err(pin_err)?;
         if !is_bpffs(pin_dir) {
@@ -161,21 +207,29 @@ impl Dataplane {
             .map_max_entries("service_stats", limits.max_services)
             .map_max_entries("backends", limits.max_backends)
             .map_max_entries("backend_stats", limits.max_backends)
+            .map_max_entries("backend_hops", limits.max_backends)
             .map_max_entries("maglev", limits.maglev_slots)
             .map_max_entries("conntrack", limits.conntrack_entries)
             .map_max_entries("nat_reverse", limits.conntrack_entries)
             .load(EBPF_OBJECT)?;
-        for name in [PROGRAM, PASS_PROGRAM] {
-            let prog: &mut Xdp = ebpf.program_mut(name).ok_or(DataplaneError::Missing(name))?.try_into()?;
+        for name in [PROGRAM, PASS_PROGRAM, TX_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing(name))?
+                .try_into()?;
             prog.load()?;
         }
         for name in MAPS {
             let map = ebpf.map(name).ok_or(DataplaneError::Missing(name))?;
-            map.pin(pin_dir.join(name)).map_err(|e| pin_err(std::io::Error::other(e.to_string())))?;
+            map.pin(pin_dir.join(name))
+                .map_err(|e| pin_err(std::io::Error::other(e.to_string())))?;
         }
         Ok(Self {
             services: take(&mut ebpf, "services")?,
+            vip_filter: take(&mut ebpf, "vip_filter")?,
+            filter_counts: StdHashMap::new(),
             backends: take(&mut ebpf, "backends")?,
+            backend_hops: take(&mut ebpf, "backend_hops")?,
             maglev: take(&mut ebpf, "maglev")?,
             config: take(&mut ebpf, "config")?,
             iface_addrs: take(&mut ebpf, "iface_addrs")?,
@@ -197,18 +251,34 @@ impl Dataplane {
     /// Sets the SNAT source port range (inclusive), with the kernel's tick rate that the
     /// program's timeouts are counted in.
     pub fn set_snat_ports(&mut self, min: u16, max: u16) -> Result<(), DataplaneError> {
-        self.config.set(0, Config { snat_port_min: min, snat_port_max: max, hz: self.hz }, 0)?;
+        self.config.set(
+            0,
+            Config {
+                snat_port_min: min,
+                snat_port_max: max,
+                hz: self.hz,
+            },
+            0,
+        )?;
         Ok(())
     }
 
     /// Makes `addrs` (ifindex -> IPv4) the SNAT source addresses, removing others.
-    pub fn set_iface_addrs(&mut self, addrs: &StdHashMap<u32, [u8; 4]>) -> Result<(), DataplaneError> {
+    pub fn set_iface_addrs(
+        &mut self,
+        addrs: &StdHashMap<u32, [u8; 4]>,
+    ) -> Result<(), DataplaneError> {
         for (&ifindex, &addr) in addrs {
             if self.iface_addrs.get(&ifindex, 0).ok().map(|a| a.addr) != Some(addr) {
                 self.iface_addrs.insert(ifindex, IfaceAddr { addr }, 0)?;
             }
         }
-        let stale: Vec<u32> = self.iface_addrs.keys().filter_map(Result::ok).filter(|k| !addrs.contains_key(k)).collect();
+        let stale: Vec<u32> = self
+            .iface_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !addrs.contains_key(k))
+            .collect();
         for k in stale {
             self.iface_addrs.remove(&k)?;
         }
@@ -217,10 +287,17 @@ impl Dataplane {
 
     /// Attaches the program to `iface` (native XDP where the driver has it).
     pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).ok_or(DataplaneError::Missing(PROGRAM))?.try_into()?;
-        let link = prog
-            .attach(iface, XdpMode::Default)
-            .map_err(|source| DataplaneError::Attach { iface: iface.to_string(), source })?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DataplaneError::Missing(PROGRAM))?
+            .try_into()?;
+        let link =
+            prog.attach(iface, XdpMode::Default)
+                .map_err(|source| DataplaneError::Attach {
+                    iface: iface.to_string(),
+                    source,
+                })?;
         self.links.push((iface.to_string(), link));
         Ok(())
     }
@@ -239,17 +316,32 @@ impl Dataplane {
     }
 
     fn sum(values: PerCpuValues<Counters>) -> Counters {
-        values.iter().fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+        values.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        })
     }
 
     /// Packets and bytes of a service, and of each of its backends, summed over CPUs.
     pub fn counters(&self, name: &str) -> Option<(Counters, Vec<(SocketAddrV4, Counters)>)> {
         let inst = self.installed.get(name)?;
-        let service = self.service_stats.get(&inst.id, 0).map(Self::sum).unwrap_or_default();
+        let service = self
+            .service_stats
+            .get(&inst.id, 0)
+            .map(Self::sum)
+            .unwrap_or_default();
         let backends = inst
             .backends
             .iter()
-            .map(|&(addr, id)| (addr, self.backend_stats.get(&id, 0).map(Self::sum).unwrap_or_default()))
+            .map(|&(addr, id)| {
+                (
+                    addr,
+                    self.backend_stats
+                        .get(&id, 0)
+                        .map(Self::sum)
+                        .unwrap_or_default(),
+                )
+            })
             .collect();
         Some((service, backends))
     }
@@ -258,10 +350,17 @@ impl Dataplane {
     pub fn drops(&self) -> Vec<(DropReason, u64)> {
         DropReason::ALL
             .iter()
-            .map(|&r| (r, self.drops.get(&(r as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)))
+            .map(|&r| {
+                (
+                    r,
+                    self.drops
+                        .get(&(r as u32), 0)
+                        .map(|v| v.iter().sum())
+                        .unwrap_or(0),
+                )
+            })
             .collect()
     }
-
 }
 
 impl Drop for Dataplane {
