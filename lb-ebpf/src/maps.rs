@@ -27,9 +27,10 @@ pub static vip_filter: Array<u32, { lb_common::service::VIP_FILTER_SLOTS as usiz
 #[btf_map]
 pub static backends: Array<Backend, 65536> = Array::new();
 
-/// All services' Maglev tables, one after another: slot -> backend id.
+/// All services' Maglev tables, one after another: slot -> backend id. Memory-mappable
+/// (`BPF_F_MMAPABLE`), so the daemon writes tables with plain stores, not a syscall a slot.
 #[btf_map]
-pub static maglev: Array<u32, 4194304> = Array::new();
+pub static maglev: Array<u32, 4194304, { aya_ebpf::bindings::BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Client flow (client -> VIP) -> chosen backend, SNAT address and port, next hop.
 #[btf_map]

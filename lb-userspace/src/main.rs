@@ -31,8 +31,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the XDP program and serve the HTTP API (needs root).
+    #[command(after_help = RUN_HELP)]
     Run(RunArgs),
 }
+
+const RUN_HELP: &str = "\
+The API (JSON):
+  PUT    /v1/services/NAME  {\"vip\": \"10.0.0.100:80\", \"protocol\": \"tcp\", \"backends\": [\"10.0.1.11:8080\"]}
+  GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats    GET /health
+
+The host: lb enables IPv4 forwarding on the interfaces it serves, keeps backends' next hops
+resolved with `ip neigh` (iproute2), and pins its maps under --bpffs (mounting bpffs on
+/sys/fs/bpf if nothing is there). Inspect them with `bpftool map dump pinned DIR/services`.
+SIGINT or SIGTERM detaches the program and removes the pins.";
 
 #[derive(Args)]
 struct RunArgs {
@@ -90,12 +101,13 @@ fn check_ephemeral_overlap((min, max): (u16, u16)) -> anyhow::Result<()> {
     let mut it = text
         .split_whitespace()
         .filter_map(|p| p.parse::<u16>().ok());
-    if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
-        if min <= hi && lo <= max {
-            bail!(
-                "--snat-ports {min}-{max} overlaps the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range); choose a range outside it"
-            );
-        }
+    if let (Some(lo), Some(hi)) = (it.next(), it.next())
+        && min <= hi
+        && lo <= max
+    {
+        bail!(
+            "--snat-ports {min}-{max} overlaps the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range); choose a range outside it"
+        );
     }
     Ok(())
 }

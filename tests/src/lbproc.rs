@@ -120,10 +120,12 @@ impl LbProcess {
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
         Ok(child.wait()?)
     }
 }

@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use lb::dataplane::Limits;
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, stats::DropReason};
+use lb_common::{IPPROTO_TCP, stats::DropReason};
 use lb_tests::packet::*;
 
 const SNAT: (u16, u16) = (61000, 65535);

@@ -147,7 +147,7 @@ impl Dataplane {
         for (slot, &bid) in table.iter().enumerate() {
             let unchanged = reuse_region && old.as_ref().unwrap().table[slot] == bid;
             if !unchanged {
-                self.maglev.set(offset + slot as u32, bid, 0)?;
+                self.maglev.set(offset + slot as u32, bid);
             }
         }
 

@@ -8,7 +8,7 @@ pub struct IdAllocator {
 }
 
 impl IdAllocator {
-    /// Ids `1 .. limit`.
+    /// Ids `1 .. limit` (so `limit - 1` of them).
     pub fn new(limit: u32) -> Self {
         Self {
             next: 1,

@@ -4,6 +4,7 @@
 mod apply;
 mod clock;
 mod ids;
+mod maglev_array;
 mod slots;
 
 use std::{
@@ -109,7 +110,7 @@ pub struct Dataplane {
     filter_counts: StdHashMap<u32, u32>,
     backends: Array<MapData, Backend>,
     backend_hops: Array<MapData, NextHop>,
-    maglev: Array<MapData, u32>,
+    maglev: maglev_array::MaglevArray,
     config: Array<MapData, Config>,
     iface_addrs: HashMap<MapData, u32, IfaceAddr>,
     service_stats: PerCpuArray<MapData, Counters>,
@@ -204,10 +205,11 @@ impl Dataplane {
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("services", limits.max_services)
-            .map_max_entries("service_stats", limits.max_services)
-            .map_max_entries("backends", limits.max_backends)
-            .map_max_entries("backend_stats", limits.max_backends)
-            .map_max_entries("backend_hops", limits.max_backends)
+            // Ids start at 1 (0 means "none"): arrays indexed by id get one more entry.
+            .map_max_entries("service_stats", limits.max_services + 1)
+            .map_max_entries("backends", limits.max_backends + 1)
+            .map_max_entries("backend_stats", limits.max_backends + 1)
+            .map_max_entries("backend_hops", limits.max_backends + 1)
             .map_max_entries("maglev", limits.maglev_slots)
             .map_max_entries("conntrack", limits.conntrack_entries)
             .map_max_entries("nat_reverse", limits.conntrack_entries)
@@ -230,7 +232,17 @@ impl Dataplane {
             filter_counts: StdHashMap::new(),
             backends: take(&mut ebpf, "backends")?,
             backend_hops: take(&mut ebpf, "backend_hops")?,
-            maglev: take(&mut ebpf, "maglev")?,
+            maglev: match ebpf.take_map("maglev") {
+                Some(aya::maps::Map::Array(data)) => {
+                    maglev_array::MaglevArray::new(data, limits.maglev_slots).map_err(|source| {
+                        DataplaneError::Pin {
+                            path: pin_dir.join("maglev"),
+                            source,
+                        }
+                    })?
+                }
+                _ => return Err(DataplaneError::Missing("maglev")),
+            },
             config: take(&mut ebpf, "config")?,
             iface_addrs: take(&mut ebpf, "iface_addrs")?,
             service_stats: take(&mut ebpf, "service_stats")?,
@@ -239,9 +251,9 @@ impl Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             links: Vec::new(),
-            service_ids: IdAllocator::new(limits.max_services),
-            backend_ids: IdAllocator::new(limits.max_backends),
-            generations: vec![0; limits.max_backends as usize],
+            service_ids: IdAllocator::new(limits.max_services + 1),
+            backend_ids: IdAllocator::new(limits.max_backends + 1),
+            generations: vec![0; limits.max_backends as usize + 1],
             slots: SlotAllocator::new(limits.maglev_slots),
             installed: StdHashMap::new(),
             hz: clock::kernel_hz(),
@@ -313,6 +325,39 @@ impl Dataplane {
 
     pub fn installed(&self, name: &str) -> Option<&Installed> {
         self.installed.get(name)
+    }
+
+    /// A service's Maglev table as the kernel sees it (backend id per slot), read back
+    /// from the map.
+    pub fn table_in_map(&self, name: &str) -> Option<Vec<u32>> {
+        let inst = self.installed.get(name)?;
+        Some(
+            (0..inst.table_size)
+                .map(|i| self.maglev.get(inst.table_offset + i))
+                .collect(),
+        )
+    }
+
+    /// Kernel memory charged to each map (`memlock` in its fdinfo), in bytes.
+    pub fn map_memory(&self) -> Vec<(&'static str, u64)> {
+        let memlock = |fd: std::os::fd::BorrowedFd<'_>| -> u64 {
+            use std::os::fd::AsRawFd;
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+                .ok()
+                .and_then(|t| {
+                    t.lines().find_map(|l| {
+                        l.strip_prefix("memlock:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                })
+                .unwrap_or(0)
+        };
+        MAPS.iter()
+            .filter_map(|&name| {
+                let map = aya::maps::MapData::from_pin(self.pin_dir.join(name)).ok()?;
+                Some((name, memlock(std::os::fd::AsFd::as_fd(map.fd()))))
+            })
+            .collect()
     }
 
     fn sum(values: PerCpuValues<Counters>) -> Counters {

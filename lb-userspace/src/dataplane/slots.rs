@@ -29,12 +29,12 @@ impl SlotAllocator {
 
     pub fn release(&mut self, offset: u32, len: u32) {
         let (mut start, mut length) = (offset, len);
-        if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back() {
-            if prev + prev_len == offset {
-                self.free.remove(&prev);
-                start = prev;
-                length += prev_len;
-            }
+        if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back()
+            && prev + prev_len == offset
+        {
+            self.free.remove(&prev);
+            start = prev;
+            length += prev_len;
         }
         if let Some(&next_len) = self.free.get(&(offset + len)) {
             self.free.remove(&(offset + len));

@@ -17,8 +17,8 @@ fn main() -> anyhow::Result<()> {
     println!("== topology (network namespaces, veth pairs, a bridge)");
     let topo = Topology::two_armed(3)?;
     println!(
-        "   client {} --route 10.202.9.0/24--> lb {} (eth0) | lb {} (eth1) --bridge--> backends {:?}",
-        "10.202.1.10", "10.202.1.1", topo.lb_backend_side, topo.backend_addrs
+        "   client 10.202.1.10 --route 10.202.9.0/24--> lb 10.202.1.1 (eth0) | lb {} (eth1) --bridge--> backends {:?}",
+        topo.lb_backend_side, topo.backend_addrs
     );
     let _backends: Vec<Backend> = (0..3)
         .map(|i| {
