@@ -90,6 +90,21 @@ impl Conn {
     }
 }
 
+/// Value of `syn_seen`, indexed by a flow's hash: the last SYN whose flow hashed there.
+/// A tracked flow that sees a SYN for its own hash after its last packet is a new
+/// connection on a reused port, and is balanced afresh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynSeen {
+    pub hash: u32,
+    pub _pad: u32,
+    /// Jiffies.
+    pub at: u64,
+}
+assert_layout!(SynSeen, size = 16, align = 8);
+
+pub const SYN_SEEN_SLOTS: u32 = 1 << 14;
+
 /// `NatReverse::flags`: the flow has no `conntrack` entry yet. Creating it is left to the
 /// flow's second packet in either direction, so a new flow costs one map insert.
 pub const REV_PENDING: u32 = 1;

@@ -22,10 +22,6 @@ mod user;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Bumped whenever a map's layout changes, so that a daemon can tell whether pinned maps
-/// left by an earlier version can be adopted.
-pub const LAYOUT_VERSION: u32 = 1;
-
 /// Fails the build when a shared type's size or alignment is not what both sides expect.
 macro_rules! assert_layout {
     ($t:ty, size = $size:expr, align = $align:expr) => {

@@ -8,6 +8,7 @@ macro_rules! pod {
     )* };
 }
 pod!(
+    SynSeen,
     ServiceKey,
     ServiceInfo,
     Backend,

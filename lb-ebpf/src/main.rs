@@ -17,7 +17,7 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     config::Config,
-    flow::{CONN_CLOSING, FlowKey, NatReverse, REV_PENDING},
+    flow::{CONN_CLOSING, FlowKey, NatReverse, REV_PENDING, SYN_SEEN_SLOTS, SynSeen},
     hash::flow_hash,
     service::{ServiceInfo, ServiceKey},
     stats::DropReason,
@@ -97,20 +97,48 @@ fn to_service(
         key.port,
         pkt.proto,
     );
-    // A SYN opens a connection: no tracked state can apply to it (a flow is tracked only
-    // from its second packet), so it skips the lookup. Its retries find their SNAT port
-    // again in `alloc_snat_port`.
-    let tracked = if pkt.opens() {
-        None
-    } else {
-        maps::conntrack.get_ptr_mut(&flow)
-    };
+    let hash = flow_hash(
+        flow.src_addr,
+        flow.dst_addr,
+        flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    );
+    let mark = maps::syn_seen.get_ptr_mut(hash & (SYN_SEEN_SLOTS - 1));
+    // A SYN opens a connection: it skips the conntrack lookup (a flow is tracked only from
+    // its second packet; its retries find their SNAT port again) and leaves a mark, so that
+    // an entry left by an earlier connection on the same 5-tuple is not used for this one.
+    if pkt.opens() {
+        if let Some(m) = mark {
+            unsafe {
+                *m = SynSeen {
+                    hash,
+                    _pad: 0,
+                    at: conntrack::now(),
+                }
+            };
+        }
+        let Some(svc) = (unsafe { maps::services.get(key) }) else {
+            return Ok(xdp_action::XDP_PASS);
+        };
+        let balance = Balance {
+            flow,
+            hash,
+            svc: *svc,
+            rebalanced: false,
+        };
+        return new_flow(ctx, pkt, &balance, cfg);
+    }
+    let tracked = maps::conntrack.get_ptr_mut(&flow);
     if let Some(conn) = tracked {
         let c = unsafe { &mut *conn };
         // Backends are retired when their service goes, so an active one means the
         // service is still there.
+        // A SYN for this 5-tuple since the flow's last packet: a new connection on a
+        // reused port, balanced afresh like a flow whose backend went away.
+        let reopened = mark.is_some_and(|m| unsafe { (*m).hash == hash && (*m).at > c.last_seen });
         if let Some(backend) = maps::backends.get(c.backend_id) {
-            if backend.is_active() && backend.generation == c.backend_generation {
+            if backend.is_active() && backend.generation == c.backend_generation && !reopened {
                 if pkt.ttl_expires() {
                     return Err(DropReason::TtlExceeded);
                 }
@@ -124,13 +152,15 @@ fn to_service(
                 return Ok(forward::send(ctx, pkt, &c.hop));
             }
         }
-        // Its backend is gone: balance the flow again below, and track it at once.
+        // Its backend is gone, or it is a new connection: balance it again below, and track
+        // it at once.
     }
     let Some(svc) = (unsafe { maps::services.get(key) }) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let balance = Balance {
         flow,
+        hash,
         svc: *svc,
         rebalanced: tracked.is_some(),
     };
@@ -141,6 +171,8 @@ fn to_service(
 /// tracked before (its backend went away).
 struct Balance {
     flow: FlowKey,
+    /// `flow_hash` of `flow`.
+    hash: u32,
     svc: ServiceInfo,
     rebalanced: bool,
 }
@@ -159,13 +191,7 @@ fn new_flow(
         return Err(DropReason::TtlExceeded);
     }
     let now = conntrack::now();
-    let hash = flow_hash(
-        flow.src_addr,
-        flow.dst_addr,
-        flow.src_port,
-        flow.dst_port,
-        flow.proto,
-    );
+    let hash = balance.hash;
     let (backend_id, backend) = select::pick(svc, hash).ok_or(DropReason::NoBackend)?;
     let hop = forward::to_backend(ctx, pkt, backend_id, backend.addr, now, cfg)?;
     let snat_addr = hop.src_addr;

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     config::{Config, FibKey, IfaceAddr, NextHop},
-    flow::{Conn, FlowKey, NatReverse},
+    flow::{Conn, FlowKey, NatReverse, SYN_SEEN_SLOTS, SynSeen},
     service::{Backend, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
 };
@@ -30,11 +30,17 @@ pub static backends: Array<Backend, 65536> = Array::new();
 /// All services' Maglev tables, one after another: slot -> backend id. Memory-mappable
 /// (`BPF_F_MMAPABLE`), so the daemon writes tables with plain stores, not a syscall a slot.
 #[btf_map]
-pub static maglev: Array<u32, 4194304, { aya_ebpf::bindings::BPF_F_MMAPABLE as usize }> = Array::new();
+pub static maglev: Array<u32, 4194304, { aya_ebpf::bindings::BPF_F_MMAPABLE as usize }> =
+    Array::new();
 
 /// Client flow (client -> VIP) -> chosen backend, SNAT address and port, next hop.
 #[btf_map]
 pub static conntrack: LruHashMap<FlowKey, Conn, 524288> = LruHashMap::new();
+
+/// Flow hash (low 16 bits) -> the last SYN that hashed there. A SYN skips the conntrack
+/// lookup; this tells a tracked flow's later packets that their 5-tuple was reused.
+#[btf_map]
+pub static syn_seen: Array<SynSeen, { SYN_SEEN_SLOTS as usize }> = Array::new();
 
 /// Backend flow (backend -> SNAT address and port) -> client and VIP to restore, next hop.
 #[btf_map]

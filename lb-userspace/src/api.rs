@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::{
     controller::{ControlError, Controller},
+    dataplane::DataplaneError,
     model::ServiceSpec,
 };
 
@@ -50,8 +51,13 @@ impl From<ControlError> for ApiError {
             },
             ControlError::Dataplane(d) => {
                 tracing::error!(error = %d, "applying to the data plane");
+                // A full map is the user's to fix (a flag); anything else is ours.
+                let status = match d {
+                    DataplaneError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
                 ApiError {
-                    status: StatusCode::INSUFFICIENT_STORAGE,
+                    status,
                     message: d.to_string(),
                     field: None,
                 }

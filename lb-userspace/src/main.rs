@@ -124,7 +124,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         conntrack_entries: args.conntrack_entries,
     };
     let mut dataplane = Dataplane::load(&args.bpffs, &limits)?;
-    dataplane.set_snat_ports(args.snat_ports.0, args.snat_ports.1)?;
+    dataplane.configure(args.snat_ports.0, args.snat_ports.1)?;
     dataplane.set_iface_addrs(&net::interface_addresses()?)?;
     for iface in &args.ifaces {
         net::enable_forwarding(iface)?;

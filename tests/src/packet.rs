@@ -159,7 +159,7 @@ impl PacketLab {
 
         let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt-pkt"));
         let mut dataplane = Dataplane::load(&pins, limits)?;
-        dataplane.set_snat_ports(snat.0, snat.1)?;
+        dataplane.configure(snat.0, snat.1)?;
         dataplane.set_iface_addrs(&HashMap::from([(v0, LB0.octets()), (v2, LB2.octets())]))?;
         Ok(Self {
             dataplane,

@@ -22,44 +22,36 @@ pub struct Backend {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Answers HTTP/1.1 requests on one connection (keep-alive) until the client closes or
+/// the server stops; a read timeout only serves to notice the stop.
 fn serve_http(mut stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut line = String::new();
+    let mut content_length = 0usize;
     while !stop.load(Ordering::Relaxed) {
-        // Read one request head; answer it.
-        let mut content_length = 0usize;
-        let mut first = true;
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    if first {
-                        continue;
-                    }
-                    continue;
-                }
-                Err(_) => return,
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
             }
-            first = false;
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                content_length = v.trim().parse().unwrap_or(0);
-            }
-            if line == "\r\n" || line == "\n" {
-                break;
-            }
+            Err(_) => return,
         }
-        let mut body = vec![0u8; content_length];
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            content_length = v.trim().parse().unwrap_or(0);
+        }
+        if line != "\r\n" && line != "\n" {
+            continue;
+        }
+        // End of a request head: skip its body, answer.
+        let mut body = vec![0u8; std::mem::take(&mut content_length)];
         if reader.read_exact(&mut body).is_err() {
             return;
         }

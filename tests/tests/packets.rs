@@ -575,3 +575,77 @@ fn a_flow_is_tracked_by_its_second_packet_in_either_direction() {
     assert_eq!(verdict, XDP_TX);
     assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), backend);
 }
+
+/// The backend Maglev gives a client flow, computed on the host as the program does.
+fn maglev_pick(lab: &PacketLab, service: &str, cport: u16) -> Ipv4Addr {
+    let inst = lab.dataplane.installed(service).unwrap();
+    let addrs: Vec<std::net::SocketAddrV4> = inst.backends.iter().map(|&(a, _)| a).collect();
+    let table = lb_common::maglev::build_table(&addrs, inst.table_size);
+    let hash = lb_common::hash::flow_hash(CLIENT.octets(), VIP.octets(), cport, 80, IPPROTO_TCP);
+    *addrs[table[lb_common::hash::reduce(hash, inst.table_size) as usize] as usize].ip()
+}
+
+#[test]
+fn a_new_connection_on_a_reused_port_is_balanced_afresh() {
+    let mut lab = lab();
+    let first = ["10.70.0.11:8080", "10.70.0.12:8080"];
+    lab.service("web", "10.70.0.100:80", "tcp", &first);
+    // Find a client port whose backend changes when a third backend comes.
+    let mut port = CLIENT_PORT;
+    let old = loop {
+        let before = maglev_pick(&lab, "web", port);
+        lab.service(
+            "web",
+            "10.70.0.100:80",
+            "tcp",
+            &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
+        );
+        let after = maglev_pick(&lab, "web", port);
+        lab.service("web", "10.70.0.100:80", "tcp", &first);
+        if before != after {
+            break before;
+        }
+        port += 1;
+    };
+    let dst_of = |out: &[u8]| Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    let flow = |l4| Frame {
+        sport: port,
+        ..to_vip(l4, b"")
+    };
+    // A connection, tracked, then closed by the client.
+    lab.run(lab.v0, &flow(SYN).bytes());
+    assert_eq!(dst_of(&lab.run(lab.v0, &flow(ACK).bytes()).1), old);
+    lab.run(
+        lab.v0,
+        &flow(L4::Tcp {
+            syn: false,
+            ack: true,
+            fin: true,
+            rst: false,
+        })
+        .bytes(),
+    );
+    // The third backend arrives; the client reuses its port a little later.
+    lab.service(
+        "web",
+        "10.70.0.100:80",
+        "tcp",
+        &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (verdict, out) = lab.run(lab.v0, &flow(SYN).bytes());
+    assert_eq!(verdict, XDP_TX);
+    let new = dst_of(&out);
+    assert_eq!(new, maglev_pick(&lab, "web", port));
+    assert_ne!(new, old);
+    // The new connection's next packet follows its SYN, not the old connection's entry.
+    let (verdict, out) = lab.run(lab.v0, &flow(ACK).bytes());
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(
+        dst_of(&out),
+        new,
+        "the reused port went to the old connection's backend"
+    );
+    let conn = lab.conn(CLIENT, port, VIP, 80, IPPROTO_TCP).unwrap();
+    assert_eq!(conn.snat_port, u16::from_be_bytes([out[34], out[35]]));
+}

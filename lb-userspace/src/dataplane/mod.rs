@@ -79,6 +79,8 @@ pub enum DataplaneError {
     Full(String),
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
+    #[error("mapping the maglev array: {0}")]
+    Mmap(std::io::Error),
 }
 
 /// Sizes of the maps, chosen at load time.
@@ -234,12 +236,8 @@ impl Dataplane {
             backend_hops: take(&mut ebpf, "backend_hops")?,
             maglev: match ebpf.take_map("maglev") {
                 Some(aya::maps::Map::Array(data)) => {
-                    maglev_array::MaglevArray::new(data, limits.maglev_slots).map_err(|source| {
-                        DataplaneError::Pin {
-                            path: pin_dir.join("maglev"),
-                            source,
-                        }
-                    })?
+                    maglev_array::MaglevArray::new(data, limits.maglev_slots)
+                        .map_err(DataplaneError::Mmap)?
                 }
                 _ => return Err(DataplaneError::Missing("maglev")),
             },
@@ -260,9 +258,9 @@ impl Dataplane {
         })
     }
 
-    /// Sets the SNAT source port range (inclusive), with the kernel's tick rate that the
-    /// program's timeouts are counted in.
-    pub fn set_snat_ports(&mut self, min: u16, max: u16) -> Result<(), DataplaneError> {
+    /// Writes the balancer-wide settings: the SNAT source port range (inclusive), and the
+    /// kernel's tick rate that the program's timeouts are counted in.
+    pub fn configure(&mut self, min: u16, max: u16) -> Result<(), DataplaneError> {
         self.config.set(
             0,
             Config {
