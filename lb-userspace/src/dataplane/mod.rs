@@ -38,7 +38,7 @@ pub const PASS_PROGRAM: &str = "lb_pass";
 pub const TX_PROGRAM: &str = "lb_tx";
 
 /// Every map, by the name it has in the object and under the pin directory.
-pub const MAPS: [&str; 13] = [
+pub const MAPS: [&str; 14] = [
     "services",
     "vip_filter",
     "backends",
@@ -46,6 +46,7 @@ pub const MAPS: [&str; 13] = [
     "maglev",
     "conntrack",
     "nat_reverse",
+    "syn_seen",
     "config",
     "iface_addrs",
     "fib_cache",
