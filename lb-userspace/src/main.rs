@@ -187,7 +187,15 @@ fn main() {
         Command::Run(args) => runtime.block_on(run(args)),
     };
     if let Err(e) = result {
-        eprintln!("lb: error: {e:#}");
+        // One line; a kernel refusal carries the verifier's log, which goes to the debug log.
+        let full = format!("{e:#}");
+        let first = full.lines().next().unwrap_or_default();
+        if full.lines().nth(1).is_some() {
+            tracing::debug!("{full}");
+            eprintln!("lb: error: {first} (the whole message with RUST_LOG=debug)");
+        } else {
+            eprintln!("lb: error: {first}");
+        }
         std::process::exit(1);
     }
 }

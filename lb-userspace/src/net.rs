@@ -1,7 +1,11 @@
 //! What lb needs from the host's network stack: interface indexes and addresses, IPv4
 //! forwarding on the interfaces it serves (`bpf_fib_lookup` refuses to route for an
 //! interface without it), and next-hop MAC addresses of backends kept resolved.
-use std::{collections::HashMap, net::Ipv4Addr, process::Command};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    process::Command,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -70,18 +74,45 @@ fn next_hop(dst: Ipv4Addr) -> Option<(Ipv4Addr, String)> {
     Some((hop, dev))
 }
 
+/// Runs `ip ARGS`, quietly; whether it succeeded.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A next hop: its address and the device it is on.
+type Hop = (Ipv4Addr, String);
+
+/// Whether the kernel already has a neighbour entry for `hop` that never goes stale
+/// (configured by hand: permanent or no-ARP); lb leaves such entries alone.
+fn fixed_entry(hop: &Hop) -> bool {
+    let Ok(out) = Command::new("ip")
+        .args(["-j", "neigh", "show", &hop.0.to_string(), "dev", &hop.1])
+        .output()
+    else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.contains("PERMANENT") || text.contains("NOARP")
+}
+
 /// Keeps the MAC addresses of backends' next hops resolved, as "managed" neighbour
 /// entries the kernel refreshes by itself, so that the first packet of a flow to a
 /// backend never meets an unresolved neighbour in XDP (which can not wait for ARP).
+/// Entries lb added are removed when no backend needs them, and when lb stops.
 #[derive(Default)]
 pub struct Neighbors {
-    /// Backend -> the next hop and device it is reached through.
-    backends: HashMap<Ipv4Addr, (Ipv4Addr, String)>,
+    /// Backend -> the next hop it is reached through.
+    backends: HashMap<Ipv4Addr, Hop>,
+    /// The entries lb added (and so may delete).
+    owned: HashSet<Hop>,
 }
 
 impl Neighbors {
-    fn users(&self, hop: &(Ipv4Addr, String)) -> usize {
-        self.backends.values().filter(|h| *h == hop).count()
+    fn used(&self, hop: &Hop) -> bool {
+        self.backends.values().any(|h| h == hop)
     }
 
     /// Starts keeping the next hops of `backends` resolved (those not already kept).
@@ -94,20 +125,19 @@ impl Neighbors {
                 tracing::warn!(backend = %b, "no route to backend");
                 continue;
             };
-            if self.users(&hop) == 0 {
-                let ok = Command::new("ip")
-                    .args([
-                        "neigh",
-                        "replace",
-                        &hop.0.to_string(),
-                        "dev",
-                        &hop.1,
-                        "managed",
-                        "extern_learn",
-                    ])
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if !ok {
+            if !self.used(&hop) && !self.owned.contains(&hop) && !fixed_entry(&hop) {
+                let addr = hop.0.to_string();
+                if ip(&[
+                    "neigh",
+                    "replace",
+                    &addr,
+                    "dev",
+                    &hop.1,
+                    "managed",
+                    "extern_learn",
+                ]) {
+                    self.owned.insert(hop.clone());
+                } else {
                     tracing::warn!(hop = %hop.0, dev = %hop.1, "could not add a managed neighbour entry");
                 }
             }
@@ -121,11 +151,17 @@ impl Neighbors {
             let Some(hop) = self.backends.remove(&b) else {
                 continue;
             };
-            if self.users(&hop) == 0 {
-                let _ = Command::new("ip")
-                    .args(["neigh", "del", &hop.0.to_string(), "dev", &hop.1])
-                    .status();
+            if !self.used(&hop) && self.owned.remove(&hop) {
+                ip(&["neigh", "del", &hop.0.to_string(), "dev", &hop.1]);
             }
+        }
+    }
+}
+
+impl Drop for Neighbors {
+    fn drop(&mut self) {
+        for (addr, dev) in self.owned.drain() {
+            ip(&["neigh", "del", &addr.to_string(), "dev", &dev]);
         }
     }
 }

@@ -158,6 +158,15 @@ fn start_up_errors_are_one_line_and_a_non_zero_exit() {
 fn sigterm_detaches_and_removes_the_pins() {
     let topo = Topology::two_armed(1).unwrap();
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let service = json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:8080"]});
+    lb.put_service("web", &service).unwrap();
+    // The backend's next hop is kept resolved while lb serves it.
+    assert!(
+        topo.lb
+            .ip("neigh show 10.202.2.11")
+            .unwrap()
+            .contains("managed")
+    );
     let pins = lb.bpffs.clone();
     assert!(pins.join("services").exists());
     assert!(topo.lb.ip("link show eth0").unwrap().contains("xdp"));
@@ -173,4 +182,12 @@ fn sigterm_detaches_and_removes_the_pins() {
     assert!(!pins.exists(), "pins left behind");
     assert!(!topo.lb.ip("link show eth0").unwrap().contains("xdp"));
     assert!(!topo.lb.ip("link show eth1").unwrap().contains("xdp"));
+    assert!(
+        !topo
+            .lb
+            .ip("neigh show 10.202.2.11")
+            .unwrap()
+            .contains("managed"),
+        "neighbour entry left behind"
+    );
 }
