@@ -97,11 +97,18 @@ impl Conn {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SynSeen {
     pub hash: u32,
-    pub _pad: u32,
-    /// Jiffies.
-    pub at: u64,
+    /// The low 32 bits of jiffies (compared with wrapping arithmetic: good for weeks).
+    pub at: u32,
 }
-assert_layout!(SynSeen, size = 16, align = 8);
+assert_layout!(SynSeen, size = 8, align = 4);
+
+impl SynSeen {
+    /// Whether this mark is a SYN of the flow with `hash`, later than jiffies `since`.
+    #[inline(always)]
+    pub fn reopens(&self, hash: u32, since: u64) -> bool {
+        self.hash == hash && (self.at.wrapping_sub(since as u32) as i32) > 0
+    }
+}
 
 pub const SYN_SEEN_SLOTS: u32 = 1 << 14;
 

@@ -67,8 +67,10 @@ pub fn on_reply(r: &mut NatReverse, pkt: &Packet, now: u64, cfg: &Config) {
         conn.snat_port = pkt.dst_port();
         conn.flags = if pkt.closes() { CONN_CLOSING } else { 0 };
         conn.last_seen = now;
-        // Expired: the client's next packet looks up the way to the backend.
-        conn.hop = r.hop;
+        // Expired: the client's next packet looks up the way to the backend. (Through a
+        // local: a map-to-map struct copy becomes a byte-loop memmove.)
+        let hop = r.hop;
+        conn.hop = hop;
         conn.hop.expires = 0;
         // The first answer wins; a flow tracked meanwhile keeps its entry.
         let _ = maps::conntrack.insert(&client_flow(r, pkt.proto), conn, BPF_NOEXIST as u64);

@@ -108,35 +108,22 @@ fn to_service(
     // A SYN opens a connection: it skips the conntrack lookup (a flow is tracked only from
     // its second packet; its retries find their SNAT port again) and leaves a mark, so that
     // an entry left by an earlier connection on the same 5-tuple is not used for this one.
-    if pkt.opens() {
+    let tracked = if pkt.opens() {
         if let Some(m) = mark {
-            unsafe {
-                *m = SynSeen {
-                    hash,
-                    _pad: 0,
-                    at: conntrack::now(),
-                }
-            };
+            let at = conntrack::now() as u32;
+            unsafe { *m = SynSeen { hash, at } };
         }
-        let Some(svc) = (unsafe { maps::services.get(key) }) else {
-            return Ok(xdp_action::XDP_PASS);
-        };
-        let balance = Balance {
-            flow,
-            hash,
-            svc: *svc,
-            rebalanced: false,
-        };
-        return new_flow(ctx, pkt, &balance, cfg);
-    }
-    let tracked = maps::conntrack.get_ptr_mut(&flow);
+        None
+    } else {
+        maps::conntrack.get_ptr_mut(&flow)
+    };
     if let Some(conn) = tracked {
         let c = unsafe { &mut *conn };
-        // Backends are retired when their service goes, so an active one means the
-        // service is still there.
         // A SYN for this 5-tuple since the flow's last packet: a new connection on a
         // reused port, balanced afresh like a flow whose backend went away.
-        let reopened = mark.is_some_and(|m| unsafe { (*m).hash == hash && (*m).at > c.last_seen });
+        let reopened = mark.is_some_and(|m| unsafe { (*m).reopens(hash, c.last_seen) });
+        // Backends are retired when their service goes, so an active one means the
+        // service is still there.
         if let Some(backend) = maps::backends.get(c.backend_id) {
             if backend.is_active() && backend.generation == c.backend_generation && !reopened {
                 if pkt.ttl_expires() {

@@ -32,6 +32,24 @@ fn bridge(seg: &Netns) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `n` backend hosts on the bridge in `seg`, addressed `prefix.11` up (in a /24).
+fn backends_on(
+    seg: &Netns,
+    n: usize,
+    prefix: [u8; 3],
+) -> anyhow::Result<(Vec<Netns>, Vec<Ipv4Addr>)> {
+    let mut nss = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..n {
+        let ns = Netns::new(&unique("lbt-be"))?;
+        let addr = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 11 + i as u8);
+        plug(seg, &ns, &format!("p-b{i}"), &format!("{addr}/24"))?;
+        nss.push(ns);
+        addrs.push(addr);
+    }
+    Ok((nss, addrs))
+}
+
 fn plug(seg: &Netns, ns: &Netns, port: &str, addr: &str) -> anyhow::Result<()> {
     veth(ns, "eth0", seg, port)?;
     seg.ip(&format!("link set {port} master br0"))?;
@@ -49,15 +67,7 @@ impl Topology {
         let peer_xdp = PeerXdp::attach(&seg, "p-lb")?;
         let client = Netns::new(&unique("lbt-cl"))?;
         plug(&seg, &client, "p-cl", "10.201.0.10/24")?;
-        let mut nss = Vec::new();
-        let mut addrs = Vec::new();
-        for i in 0..backends {
-            let ns = Netns::new(&unique("lbt-be"))?;
-            let addr = Ipv4Addr::new(10, 201, 0, 11 + i as u8);
-            plug(&seg, &ns, &format!("p-b{i}"), &format!("{addr}/24"))?;
-            nss.push(ns);
-            addrs.push(addr);
-        }
+        let (nss, addrs) = backends_on(&seg, backends, [10, 201, 0])?;
         Ok(Self {
             client,
             lb,
@@ -85,15 +95,7 @@ impl Topology {
         veth(&lb, "eth1", &seg, "p-lb")?;
         seg.ip("link set p-lb master br0")?;
         lb.ip("addr add 10.202.2.1/24 dev eth1")?;
-        let mut nss = Vec::new();
-        let mut addrs = Vec::new();
-        for i in 0..backends {
-            let ns = Netns::new(&unique("lbt-be"))?;
-            let addr = Ipv4Addr::new(10, 202, 2, 11 + i as u8);
-            plug(&seg, &ns, &format!("p-b{i}"), &format!("{addr}/24"))?;
-            nss.push(ns);
-            addrs.push(addr);
-        }
+        let (nss, addrs) = backends_on(&seg, backends, [10, 202, 2])?;
         Ok(Self {
             client,
             lb,
