@@ -13,8 +13,7 @@ fn main() {
         );
     } else {
         println!(
-            "cargo::error=the eBPF object {} is missing: run `cargo xtask build-ebpf` first",
-            object.display()
+            "cargo::error=the eBPF object lb-ebpf/target/bpfel-unknown-none/release/lb-ebpf is missing: run `cargo xtask build-ebpf` first"
         );
     }
 }
