@@ -69,8 +69,9 @@ pub const TCP_IDLE_TIMEOUT_S: u32 = 3600;
 pub const TCP_CLOSING_TIMEOUT_S: u32 = 60;
 pub const UDP_IDLE_TIMEOUT_S: u32 = 120;
 /// A new flow's SNAT port is held this long for its first answer (or second packet)
-/// before the flow is tracked in `conntrack`; SYN retries fit well inside it.
-pub const PENDING_TIMEOUT_S: u32 = 30;
+/// before the flow is tracked in `conntrack`: the first SYN retries (1, 3 and 7 s) fit
+/// in it, and a SYN flood holds ports for no longer.
+pub const PENDING_TIMEOUT_S: u32 = 10;
 /// `last_seen` is rewritten only when it is older than this, to keep the fast path free
 /// of a cache-line write on every packet.
 pub const LAST_SEEN_GRANULARITY_S: u32 = 1;

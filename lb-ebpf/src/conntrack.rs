@@ -32,16 +32,59 @@ pub fn now() -> u64 {
     unsafe { bpf_jiffies64() }
 }
 
+/// Whether a tracked flow's once-a-second bookkeeping is due.
+#[inline(always)]
+pub fn due(conn: &Conn, now: u64, cfg: &Config) -> bool {
+    now.wrapping_sub(conn.last_seen) > cfg.jiffies(LAST_SEEN_GRANULARITY_S)
+}
+
 /// Refreshes a tracked flow's idle time and notes a FIN or RST.
 #[inline(always)]
 pub fn touch(conn: &mut Conn, pkt: &Packet, now: u64, cfg: &Config) {
-    if now.wrapping_sub(conn.last_seen) > cfg.jiffies(LAST_SEEN_GRANULARITY_S) {
+    if due(conn, now, cfg) {
         conn.last_seen = now;
     }
     if pkt.closes() && conn.flags & CONN_CLOSING == 0 {
         conn.flags |= CONN_CLOSING;
         conn.last_seen = now;
     }
+}
+
+/// Keeps a tracked flow's reverse entry in the LRU (a lookup marks it used) and, if the
+/// LRU dropped it anyway, puts it back, so that the flow's SNAT port is not given away
+/// while the flow lives. Called once a second per flow.
+#[inline(always)]
+pub fn keep_reverse(conn: &Conn, flow: &FlowKey, backend: &Backend, now: u64) {
+    let key = FlowKey::new(
+        backend.addr,
+        backend.port,
+        conn.snat_addr,
+        conn.snat_port,
+        flow.proto,
+    );
+    if maps::nat_reverse.get_ptr_mut(&key).is_some() {
+        return;
+    }
+    let Some(scratch) = maps::scratch_space() else {
+        return;
+    };
+    let rev = &mut scratch.rev;
+    rev.client_addr = flow.src_addr;
+    rev.vip_addr = flow.dst_addr;
+    rev.client_port = flow.src_port;
+    rev.vip_port = flow.dst_port;
+    rev.service_id = conn.service_id;
+    rev.backend_id = conn.backend_id;
+    rev.backend_generation = conn.backend_generation;
+    rev.flags = 0;
+    rev._pad = 0;
+    rev.last_seen = now;
+    // Expired: the next reply looks up the way back to the client.
+    let hop = conn.hop;
+    rev.hop = hop;
+    rev.hop.expires = 0;
+    // If another flow took the port meanwhile, it keeps it.
+    let _ = maps::nat_reverse.insert(&key, rev, BPF_NOEXIST as u64);
 }
 
 #[inline(always)]
@@ -72,8 +115,28 @@ pub fn on_reply(r: &mut NatReverse, pkt: &Packet, now: u64, cfg: &Config) {
         let hop = r.hop;
         conn.hop = hop;
         conn.hop.expires = 0;
-        // The first answer wins; a flow tracked meanwhile keeps its entry.
-        let _ = maps::conntrack.insert(&client_flow(r, pkt.proto), conn, BPF_NOEXIST as u64);
+        // The first answer wins; a flow tracked meanwhile keeps its entry, unless that entry
+        // is older than this flow (an earlier connection on the same 5-tuple).
+        let key = client_flow(r, pkt.proto);
+        if maps::conntrack
+            .insert(&key, &*conn, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            if let Some(old) = maps::conntrack.get_ptr_mut(&key) {
+                let old = unsafe { &mut *old };
+                let other = old.backend_id != conn.backend_id || old.snat_port != conn.snat_port;
+                if other && old.last_seen <= r.last_seen {
+                    old.service_id = conn.service_id;
+                    old.backend_id = conn.backend_id;
+                    old.backend_generation = conn.backend_generation;
+                    old.snat_addr = conn.snat_addr;
+                    old.snat_port = conn.snat_port;
+                    old.flags = conn.flags;
+                    old.last_seen = now;
+                    old.hop.expires = 0;
+                }
+            }
+        }
         r.flags &= !REV_PENDING;
         r.last_seen = now;
         return;
@@ -155,7 +218,13 @@ pub fn alloc_snat_port(
                     && e.vip_addr == rev.vip_addr
                     && e.vip_port == rev.vip_port
                 {
-                    e.flags &= !REV_PENDING;
+                    // The flow's own entry, maybe from before a re-balance: bring it up to
+                    // date, as tracked from now on.
+                    e.service_id = rev.service_id;
+                    e.backend_id = rev.backend_id;
+                    e.backend_generation = rev.backend_generation;
+                    e.last_seen = now;
+                    e.flags = 0;
                     return Ok(SnatPort::Own(port));
                 }
                 holder_alive(e, snat_addr, port, proto, now, cfg)

@@ -42,7 +42,15 @@ pub fn to_backend(
         return Ok(*kept);
     }
     let hop = fib(ctx, pkt, [0; 4], addr, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
-    *kept = hop;
+    // Shared by all CPUs: invalidated first and made valid last, so that a reader never
+    // takes a half-written entry for a fresh one.
+    kept.expires = 0;
+    kept.ifindex = hop.ifindex;
+    kept.max_len = hop.max_len;
+    kept.smac = hop.smac;
+    kept.dmac = hop.dmac;
+    kept.src_addr = hop.src_addr;
+    kept.expires = hop.expires;
     Ok(hop)
 }
 

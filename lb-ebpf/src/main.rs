@@ -124,14 +124,23 @@ fn to_service(
         let reopened = mark.is_some_and(|m| unsafe { (*m).reopens(hash, c.last_seen) });
         // Backends are retired when their service goes, so an active one means the
         // service is still there.
+        // A flow idle past its timeout may have lost its SNAT port to another flow.
+        let now = conntrack::now();
+        let expired = c.expired(pkt.proto, now, cfg);
         if let Some(backend) = maps::backends.get(c.backend_id) {
-            if backend.is_active() && backend.generation == c.backend_generation && !reopened {
+            if backend.is_active()
+                && backend.generation == c.backend_generation
+                && !reopened
+                && !expired
+            {
                 if pkt.ttl_expires() {
                     return Err(DropReason::TtlExceeded);
                 }
-                let now = conntrack::now();
                 if !forward::fresh(&c.hop, pkt, now) {
                     c.hop = forward::to_backend(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
+                }
+                if conntrack::due(c, now, cfg) {
+                    conntrack::keep_reverse(c, &flow, backend, now);
                 }
                 conntrack::touch(c, pkt, now, cfg);
                 nat::rewrite(pkt, c.snat_addr, c.snat_port, backend.addr, backend.port);
@@ -139,8 +148,8 @@ fn to_service(
                 return Ok(forward::send(ctx, pkt, &c.hop));
             }
         }
-        // Its backend is gone, or it is a new connection: balance it again below, and track
-        // it at once.
+        // Its backend is gone, it expired, or it is a new connection: balance it again
+        // below, and track it at once.
     }
     let Some(svc) = (unsafe { maps::services.get(key) }) else {
         return Ok(xdp_action::XDP_PASS);

@@ -52,7 +52,7 @@ pub static config: Array<Config, 1> = Array::new();
 
 /// Egress ifindex -> IPv4 address used as SNAT source there.
 #[btf_map]
-pub static iface_addrs: HashMap<u32, IfaceAddr, 1024> = HashMap::new();
+pub static iface_addrs: HashMap<u32, IfaceAddr, 4096> = HashMap::new();
 
 /// Backend id -> the next hop towards it, refreshed from the FIB once it expires.
 #[btf_map]

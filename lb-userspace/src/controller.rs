@@ -83,7 +83,7 @@ impl Controller {
 
     /// Creates or replaces service `name`; nothing changes when it fails.
     pub fn put(&mut self, name: &str, spec: ServiceSpec) -> Result<Service, ControlError> {
-        let svc = spec.validate(name)?;
+        let svc = spec.validate_after(name, self.services.get(name))?;
         if let Some(other) = self
             .services
             .values()

@@ -100,7 +100,19 @@ fn parse_addr(field: &str, value: &str) -> Result<SocketAddrV4, ValidationError>
 }
 
 impl ServiceSpec {
+    /// Validates a new service (its table gets the default size).
     pub fn validate(self, name: &str) -> Result<Service, ValidationError> {
+        self.validate_after(name, None)
+    }
+
+    /// Validates a service that replaces `previous` (if any): unless `table_size` is given,
+    /// the table keeps its size while that still suits the backend count (see
+    /// [`table_size_after`]).
+    pub fn validate_after(
+        self,
+        name: &str,
+        previous: Option<&Service>,
+    ) -> Result<Service, ValidationError> {
         validate_name(name)?;
         let vip = parse_addr(
             "vip",
@@ -147,7 +159,7 @@ impl ServiceSpec {
             backends.push(addr);
         }
         let table_size = match self.table_size {
-            None => maglev::default_table_size(backends.len()),
+            None => table_size_after(previous.map(|p| p.table_size), backends.len()),
             Some(m) => {
                 if !maglev::is_prime(m)
                     || m > maglev::MAX_TABLE_SIZE
@@ -171,6 +183,23 @@ impl ServiceSpec {
             backends,
             table_size,
         })
+    }
+}
+
+/// The table size of a service with `backends` backends that had `previous`. A size that
+/// still gives every backend its 100 slots, and is no more than 4 times the default, is
+/// kept: a table re-deals every slot when its size changes, so removing backends then
+/// moves only theirs, and adding them re-deals the table only when it must grow.
+pub fn table_size_after(previous: Option<u32>, backends: usize) -> u32 {
+    let default = maglev::default_table_size(backends);
+    match previous {
+        Some(size)
+            if size as u64 >= backends as u64 * maglev::SLOTS_PER_BACKEND as u64
+                && size as u64 <= default as u64 * 4 =>
+        {
+            size
+        }
+        _ => default,
     }
 }
 
@@ -203,6 +232,33 @@ mod tests {
         assert_eq!(s.vip, "10.0.0.100:80".parse().unwrap());
         assert_eq!(s.backends.len(), 2);
         assert_eq!(s.table_size, 251);
+    }
+
+    #[test]
+    fn a_table_keeps_its_size_while_it_suits() {
+        // Growing past 100 slots a backend takes the next size; shrinking keeps it.
+        assert_eq!(table_size_after(None, 2), 251);
+        assert_eq!(table_size_after(Some(251), 3), 509);
+        assert_eq!(table_size_after(Some(509), 2), 509);
+        assert_eq!(table_size_after(Some(509), 1), 509);
+        assert_eq!(
+            table_size_after(Some(4093), 1),
+            251,
+            "far too large for one backend"
+        );
+        assert_eq!(table_size_after(Some(65537), 700), 65537);
+        let prev = spec(
+            "10.0.0.100:80",
+            "tcp",
+            &["10.0.1.1:1", "10.0.1.2:1", "10.0.1.3:1"],
+        )
+        .validate("a")
+        .unwrap();
+        assert_eq!(prev.table_size, 509);
+        let next = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1", "10.0.1.2:1"])
+            .validate_after("a", Some(&prev))
+            .unwrap();
+        assert_eq!(next.table_size, 509);
     }
 
     #[test]

@@ -126,7 +126,21 @@ impl LbProcess {
             let _ = child.wait();
             return Err(e.into());
         }
-        Ok(child.wait()?)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "lb did not stop within 10 s of SIGTERM: {}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

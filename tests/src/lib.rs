@@ -7,13 +7,15 @@ pub mod packet;
 pub mod servers;
 pub mod topology;
 
-/// A name unique to this process and call, short enough for an interface name.
+/// A name unique to this process and call (for namespaces and pin directories), also
+/// across runs: a run killed before its guards ran cannot leave a name a later run takes.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}x{}",
-        std::process::id() % 100_000,
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}x{:x}", std::process::id(), nanos & 0xffff)
 }

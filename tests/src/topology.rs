@@ -20,7 +20,7 @@ pub struct Topology {
     /// Suggested VIP address for services.
     pub vip: Ipv4Addr,
     pub lb_ifaces: Vec<&'static str>,
-    /// Detached before the namespaces go.
+    /// Attached in the segment; detached before that namespace goes.
     _peer_xdp: Option<PeerXdp>,
     /// The segment the backends hang on; dropped last.
     _segment: Netns,

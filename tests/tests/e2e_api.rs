@@ -191,3 +191,24 @@ fn sigterm_detaches_and_removes_the_pins() {
         "neighbour entry left behind"
     );
 }
+
+#[test]
+fn a_second_lb_on_the_same_pins_is_refused_and_harms_nothing() {
+    let topo = Topology::two_armed(1).unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let other = Netns::new(&unique("lbt-x")).unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", other.path()))
+        .arg(lb_bin())
+        .args(["run", "--iface", "lo", "--api", "127.0.0.1:9091", "--bpffs"])
+        .arg(&lb.bpffs)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("in use"), "{err}");
+    // The first one still has its pins and still answers.
+    assert!(lb.bpffs.join("services").exists());
+    assert_eq!(lb.request("GET", "/health", None).unwrap().0, 200);
+}

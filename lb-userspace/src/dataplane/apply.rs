@@ -67,6 +67,15 @@ impl Dataplane {
     pub fn upsert(&mut self, svc: &Service) -> Result<(), DataplaneError> {
         let old = self.installed.get(&svc.name).cloned();
         let key = service_key(svc);
+        // Every capacity is checked before the first write, so that a full map fails the
+        // call without changing anything. A new key (a new service, or a moved VIP, whose
+        // old key goes only after the new one is in) needs room in `services`.
+        let new_key = old.as_ref().is_none_or(|o| o.key != key);
+        if new_key && self.installed.len() as u32 >= self.max_services {
+            return Err(DataplaneError::Full(
+                "no room for another service key (raise --max-services)".into(),
+            ));
+        }
 
         // Backend ids: kept for backends that stay, new ones for the others.
         let mut backends = Vec::with_capacity(svc.backends.len());
@@ -202,10 +211,11 @@ impl Dataplane {
 
     /// Removes a service: its entry first, then its backends and table.
     pub fn remove(&mut self, name: &str) -> Result<bool, DataplaneError> {
-        let Some(inst) = self.installed.remove(name) else {
+        let Some(inst) = self.installed.get(name).cloned() else {
             return Ok(false);
         };
         self.services.remove(&inst.key)?;
+        self.installed.remove(name);
         self.filter_add(&inst.key, -1)?;
         for &(_, bid) in &inst.backends {
             self.retire_backend(bid)?;

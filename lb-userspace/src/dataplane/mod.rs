@@ -72,6 +72,8 @@ pub enum DataplaneError {
     NotBpffs(PathBuf),
     #[error("interface {0:?} does not exist")]
     NoSuchInterface(String),
+    #[error("{0} is in use by another lb (choose another --bpffs)")]
+    InUse(PathBuf),
     #[error("attaching XDP to {iface}: {source}")]
     Attach { iface: String, source: ProgramError },
     #[error("the eBPF object has no map or program named {0}")]
@@ -126,7 +128,10 @@ pub struct Dataplane {
     generations: Vec<u32>,
     slots: SlotAllocator,
     installed: StdHashMap<String, Installed>,
+    max_services: u32,
     hz: u32,
+    /// An exclusive lock on the pin directory, held while this daemon uses it.
+    _lock: std::fs::File,
 }
 
 fn is_bpffs(dir: &Path) -> bool {
@@ -178,7 +183,8 @@ impl Dataplane {
     pub fn load(pin_dir: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
         let existed = pin_dir.exists();
         let result = Self::load_and_pin(pin_dir, limits);
-        if result.is_err() {
+        // The pins of another daemon are not ours to clean up.
+        if result.is_err() && !matches!(result, Err(DataplaneError::InUse(_))) {
             for name in MAPS {
                 let _ = std::fs::remove_file(pin_dir.join(name));
             }
@@ -198,6 +204,17 @@ impl Dataplane {
         std::fs::create_dir_all(pin_dir).map_err(pin_err)?;
         if !is_bpffs(pin_dir) {
             return Err(DataplaneError::NotBpffs(pin_dir.to_path_buf()));
+        }
+        // One daemon per pin directory: a second one would unpin the first one's maps.
+        let lock = std::fs::File::open(pin_dir).map_err(pin_err)?;
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            return Err(DataplaneError::InUse(pin_dir.to_path_buf()));
         }
         for name in MAPS {
             let pin = pin_dir.join(name);
@@ -255,7 +272,9 @@ impl Dataplane {
             generations: vec![0; limits.max_backends as usize + 1],
             slots: SlotAllocator::new(limits.maglev_slots),
             installed: StdHashMap::new(),
+            max_services: limits.max_services,
             hz: clock::kernel_hz(),
+            _lock: lock,
         })
     }
 
@@ -279,11 +298,7 @@ impl Dataplane {
         &mut self,
         addrs: &StdHashMap<u32, [u8; 4]>,
     ) -> Result<(), DataplaneError> {
-        for (&ifindex, &addr) in addrs {
-            if self.iface_addrs.get(&ifindex, 0).ok().map(|a| a.addr) != Some(addr) {
-                self.iface_addrs.insert(ifindex, IfaceAddr { addr }, 0)?;
-            }
-        }
+        // Stale ones first, so that interface churn never fills the map.
         let stale: Vec<u32> = self
             .iface_addrs
             .keys()
@@ -292,6 +307,11 @@ impl Dataplane {
             .collect();
         for k in stale {
             self.iface_addrs.remove(&k)?;
+        }
+        for (&ifindex, &addr) in addrs {
+            if self.iface_addrs.get(&ifindex, 0).ok().map(|a| a.addr) != Some(addr) {
+                self.iface_addrs.insert(ifindex, IfaceAddr { addr }, 0)?;
+            }
         }
         Ok(())
     }
