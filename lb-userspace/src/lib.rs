@@ -5,3 +5,4 @@ pub mod controller;
 pub mod dataplane;
 pub mod model;
 pub mod net;
+pub mod store;

@@ -1,0 +1,88 @@
+//! Where the configuration lives: one document per service under `<prefix>/services/`, in
+//! a store that outlives the balancer. Writes are compare-and-set; a watch delivers every
+//! change after a revision, in order, so that any number of lb nodes converge on one store.
+//!
+//! Implementations: [`file::FileStore`] (embedded, the default). etcd and Consul follow
+//! (issue 3).
+pub mod file;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+/// One stored document and the store revision that last wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub value: Vec<u8>,
+    pub revision: u64,
+}
+
+/// Everything under the prefix, as of `revision`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub entries: Vec<Entry>,
+    pub revision: u64,
+}
+
+/// A change, as a watch delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(Entry),
+    Deleted { name: String, revision: u64 },
+}
+
+impl Event {
+    pub fn revision(&self) -> u64 {
+        match self {
+            Event::Put(e) => e.revision,
+            Event::Deleted { revision, .. } => *revision,
+        }
+    }
+}
+
+/// What a write expects to find, for compare-and-set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever is there.
+    Any,
+    /// Nothing: create only.
+    Absent,
+    /// The entry as written at this revision.
+    Revision(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{name}: changed by someone else (expected {expected:?}, found revision {found:?})")]
+    Conflict {
+        name: String,
+        expected: Expect,
+        found: Option<u64>,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Every entry, and the revision the listing is as of.
+    async fn list(&self) -> Result<Snapshot, StoreError>;
+    /// Writes `value` under `name` if `expect` holds; the new revision.
+    async fn put(&self, name: &str, value: &[u8], expect: Expect) -> Result<u64, StoreError>;
+    /// Deletes `name` if `expect` holds; whether it was there.
+    async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError>;
+    /// Every change after revision `after`, in order, until the receiver is dropped. An
+    /// error ends the stream; the caller lists again.
+    fn watch(&self, after: u64) -> mpsc::Receiver<Result<Event, StoreError>>;
+}
+
+/// Store names: the same rule as service names, so a name is always a safe file name and
+/// key segment.
+pub fn check_name(name: &str) -> Result<(), StoreError> {
+    crate::model::validate_name(name).map_err(|e| StoreError::Invalid(e.to_string()))
+}
