@@ -1,5 +1,5 @@
 //! The HTTP API: JSON in and out, every error a JSON object naming the field at fault.
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -15,9 +15,11 @@ use crate::{
     controller::{ControlError, Controller},
     dataplane::DataplaneError,
     model::ServiceSpec,
+    reconcile::{ReconcileError, Reconciler},
+    store::StoreError,
 };
 
-pub type Shared = Arc<Mutex<Controller>>;
+pub type Shared = Arc<Reconciler>;
 
 /// An error answer: status, message and (for bad input) the field.
 pub struct ApiError {
@@ -66,6 +68,29 @@ impl From<ControlError> for ApiError {
     }
 }
 
+impl From<ReconcileError> for ApiError {
+    fn from(e: ReconcileError) -> Self {
+        match e {
+            ReconcileError::Control(c) => c.into(),
+            ReconcileError::Store(StoreError::Conflict { .. }) => ApiError {
+                status: StatusCode::CONFLICT,
+                message: format!("{e}; read the service again and retry"),
+                field: None,
+            },
+            ReconcileError::Store(StoreError::Invalid(m)) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: m,
+                field: Some("name".into()),
+            },
+            ReconcileError::Store(_) => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: e.to_string(),
+                field: None,
+            },
+        }
+    }
+}
+
 /// Parses a JSON body, naming the field a type error is in.
 fn parse_spec(body: &[u8]) -> Result<ServiceSpec, ApiError> {
     let bad = |field: String, message: String| ApiError {
@@ -90,14 +115,14 @@ fn parse_spec(body: &[u8]) -> Result<ServiceSpec, ApiError> {
     })
 }
 
-/// Runs `f` on the controller off the async threads: map updates are syscalls.
+/// Runs `f` on the controller off the async threads: map reads are syscalls.
 async fn with_controller<T: Send + 'static>(
     state: &Shared,
     f: impl FnOnce(&mut Controller) -> Result<T, ControlError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let state = state.clone();
+    let controller = state.controller().clone();
     tokio::task::spawn_blocking(move || {
-        let mut ctrl = state
+        let mut ctrl = controller
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut ctrl)
@@ -117,7 +142,7 @@ async fn put_service(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let spec = parse_spec(&body)?;
-    let svc = with_controller(&s, move |c| c.put(&name, spec)).await?;
+    let svc = s.put(&name, spec).await?;
     Ok(Json(svc).into_response())
 }
 
@@ -133,7 +158,7 @@ async fn delete_service(
     State(s): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    with_controller(&s, move |c| c.delete(&name)).await?;
+    s.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -149,6 +174,19 @@ async fn stats(State(s): State<Shared>) -> Result<Response, ApiError> {
         .map(|(r, n)| (r.name().to_string(), n.into()))
         .collect();
     Ok(Json(json!({ "drops": drops })).into_response())
+}
+
+/// 200 once every stored service has been restored, 503 before.
+async fn ready(State(s): State<Shared>) -> Response {
+    if s.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "restoring services from the store",
+        )
+            .into_response()
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -168,6 +206,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/stats", get(stats))
         .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
         .fallback(not_found)
         .with_state(state)
 }

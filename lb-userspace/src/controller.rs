@@ -81,8 +81,8 @@ impl Controller {
         &mut self.dataplane
     }
 
-    /// Creates or replaces service `name`; nothing changes when it fails.
-    pub fn put(&mut self, name: &str, spec: ServiceSpec) -> Result<Service, ControlError> {
+    /// Validates `spec` as the new version of service `name`, against the other services.
+    pub fn check(&self, name: &str, spec: ServiceSpec) -> Result<Service, ControlError> {
         let svc = spec.validate_after(name, self.services.get(name))?;
         if let Some(other) = self
             .services
@@ -98,6 +98,17 @@ impl Controller {
             )
             .into());
         }
+        Ok(svc)
+    }
+
+    /// Creates or replaces service `name`; nothing changes when it fails.
+    pub fn put(&mut self, name: &str, spec: ServiceSpec) -> Result<Service, ControlError> {
+        let svc = self.check(name, spec)?;
+        self.apply(svc)
+    }
+
+    /// Makes the data plane serve `svc` (already checked).
+    pub fn apply(&mut self, svc: Service) -> Result<Service, ControlError> {
         let before = backend_ips(&self.services);
         // Next hops first, so the first packet to a new backend finds its MAC address.
         self.neighbors.add(
@@ -121,6 +132,10 @@ impl Controller {
         let all: HashSet<Ipv4Addr> = before.union(&now).copied().collect();
         self.neighbors
             .remove(all.into_iter().filter(|ip| !now.contains(ip)));
+    }
+
+    pub fn get_service(&self, name: &str) -> Option<&Service> {
+        self.services.get(name)
     }
 
     pub fn delete(&mut self, name: &str) -> Result<(), ControlError> {

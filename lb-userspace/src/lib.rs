@@ -5,4 +5,5 @@ pub mod controller;
 pub mod dataplane;
 pub mod model;
 pub mod net;
+pub mod reconcile;
 pub mod store;

@@ -14,6 +14,7 @@ use lb::{
     controller::Controller,
     dataplane::{Dataplane, Limits},
     net,
+    reconcile::Reconciler,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -38,7 +39,8 @@ enum Command {
 const RUN_HELP: &str = "\
 The API (JSON):
   PUT    /v1/services/NAME  {\"vip\": \"10.0.0.100:80\", \"protocol\": \"tcp\", \"backends\": [\"10.0.1.11:8080\"]}
-  GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats    GET /health
+  GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats
+  GET    /health (liveness)     GET /ready (200 once the stored services are restored)
 
 The host: lb enables IPv4 forwarding on the interfaces it serves, keeps backends' next hops
 resolved with `ip neigh` (iproute2), and pins its maps under --bpffs (mounting bpffs on
@@ -61,6 +63,14 @@ struct RunArgs {
     /// host's ephemeral range (net.ipv4.ip_local_port_range).
     #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX", value_parser = parse_range)]
     snat_ports: (u16, u16),
+    /// Where the configuration is kept: file:///DIR (embedded, the default). Every service
+    /// stored there is restored at start. (etcd:// and consul:// are being built.)
+    #[arg(long, default_value = "file:///var/lib/lb", value_name = "URL")]
+    store: String,
+    /// Prefix of this balancer group's entries in the store: groups with different prefixes
+    /// share a store without touching each other's services.
+    #[arg(long, default_value = "lb", value_name = "PREFIX")]
+    store_prefix: String,
     /// Capacity of the services map.
     #[arg(long, default_value_t = Limits::default().max_services)]
     max_services: u32,
@@ -133,12 +143,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("binding the API to {}", args.api))?;
-    let state = Arc::new(Mutex::new(Controller::new(dataplane)));
+    let store = lb::store::open(&args.store, &args.store_prefix)?;
+    let controller = Arc::new(Mutex::new(Controller::new(dataplane)));
+    let state = Reconciler::new(store, controller.clone());
+    let restoring = tokio::spawn(state.clone().run());
     tracing::info!(api = %args.api, ifaces = ?args.ifaces, bpffs = %args.bpffs.display(), "lb is running");
 
     // Interface addresses can change under us; keep the SNAT sources current.
     let refresher = {
-        let state = state.clone();
+        let state = controller.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -167,8 +180,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown)
         .await?;
     refresher.abort();
+    restoring.abort();
     // Dropping the controller detaches XDP and removes the pins.
     drop(state);
+    drop(controller);
     tracing::info!("stopped; XDP detached and pins removed");
     Ok(())
 }

@@ -23,11 +23,24 @@ pub struct LbProcess {
     pub api: String,
     pub bpffs: PathBuf,
     log: PathBuf,
+    /// A store directory this process was given by `start` and removes on drop.
+    own_store: Option<PathBuf>,
+}
+
+/// A fresh store directory for a test (the caller removes it, or `LbProcess` does).
+pub fn temp_store() -> PathBuf {
+    std::env::temp_dir().join(crate::unique("lbt-store"))
 }
 
 impl LbProcess {
-    /// Starts `lb run --iface IF...` in `ns` and waits until its API answers.
+    /// Starts `lb run --iface IF...` in `ns`, with a store of its own unless `extra` names
+    /// one, and waits until it is ready.
     pub fn start(ns: &Netns, ifaces: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
+        let own_store = (!extra.contains(&"--store")).then(temp_store);
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let Some(dir) = &own_store {
+            args.extend(["--store".to_string(), format!("file://{}", dir.display())]);
+        }
         let bpffs = PathBuf::from("/sys/fs/bpf").join(crate::unique("lbt"));
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique("lb-")));
         let mut cmd = Command::new("nsenter");
@@ -39,7 +52,7 @@ impl LbProcess {
         }
         cmd.args(["--api", "127.0.0.1:9090", "--bpffs"])
             .arg(&bpffs)
-            .args(extra);
+            .args(&args);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -52,10 +65,11 @@ impl LbProcess {
             api: "http://127.0.0.1:9090".into(),
             bpffs,
             log,
+            own_store,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Ok((200, _)) = lb.request("GET", "/health", None) {
+            if let Ok((200, _)) = lb.request("GET", "/ready", None) {
                 return Ok(lb);
             }
             if let Some(status) = lb.child.as_mut().unwrap().try_wait()? {
@@ -162,5 +176,8 @@ impl Drop for LbProcess {
         // Pins of an lb that was killed: remove them so tests leave nothing behind.
         let _ = std::fs::remove_dir_all(&self.bpffs);
         let _ = std::fs::remove_file(&self.log);
+        if let Some(dir) = &self.own_store {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

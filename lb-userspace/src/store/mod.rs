@@ -81,6 +81,26 @@ pub trait Store: Send + Sync {
     fn watch(&self, after: u64) -> mpsc::Receiver<Result<Event, StoreError>>;
 }
 
+/// Opens the store a `--store` URL names, for the group `prefix`.
+pub fn open(url: &str, prefix: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(StoreError::Invalid(format!(
+                "--store {url}: a file store needs an absolute path (file:///var/lib/lb)"
+            )));
+        }
+        let store = file::FileStore::open(
+            std::path::Path::new(path),
+            prefix,
+            std::time::Duration::from_millis(100),
+        )?;
+        return Ok(std::sync::Arc::new(store));
+    }
+    Err(StoreError::Invalid(format!(
+        "--store {url}: only file:///DIR is supported so far"
+    )))
+}
+
 /// Store names: the same rule as service names, so a name is always a safe file name and
 /// key segment.
 pub fn check_name(name: &str) -> Result<(), StoreError> {

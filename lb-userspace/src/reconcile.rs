@@ -1,0 +1,283 @@
+//! The store is the source of truth; this is how it reaches the data plane.
+//!
+//! API writes go to the store first (compare-and-set against the revision this node last
+//! applied), then to the maps, so the call returns once packets are balanced the new way.
+//! A watch applies every change made anywhere (this node's own come back and are skipped by
+//! revision), so several nodes on one store converge without calling each other. At start
+//! every stored service is restored before the node reports ready; an entry that does not
+//! parse or validate is skipped with an error naming its key.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    controller::{ControlError, Controller},
+    model::{Service, ServiceSpec, ValidationError},
+    store::{Entry, Event, Expect, Store, StoreError},
+};
+
+/// The stored form of a service: its whole spec, with a schema version.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredService {
+    pub schema: u32,
+    pub vip: String,
+    pub protocol: String,
+    pub backends: Vec<String>,
+    pub table_size: u32,
+}
+
+pub const SCHEMA: u32 = 1;
+
+impl StoredService {
+    pub fn of(svc: &Service) -> Self {
+        Self {
+            schema: SCHEMA,
+            vip: svc.vip.to_string(),
+            protocol: format!("{:?}", svc.protocol).to_lowercase(),
+            backends: svc.backends.iter().map(ToString::to_string).collect(),
+            table_size: svc.table_size,
+        }
+    }
+
+    /// Parses and validates a stored entry.
+    pub fn parse(entry: &Entry) -> Result<ServiceSpec, String> {
+        let doc: StoredService = serde_json::from_slice(&entry.value)
+            .map_err(|e| format!("not a service document: {e}"))?;
+        if doc.schema != SCHEMA {
+            return Err(format!("schema {} (this lb reads {SCHEMA})", doc.schema));
+        }
+        Ok(ServiceSpec {
+            vip: Some(doc.vip),
+            protocol: Some(doc.protocol),
+            backends: Some(doc.backends),
+            table_size: Some(doc.table_size),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("the store: {0}")]
+    Store(#[from] StoreError),
+}
+
+pub struct Reconciler {
+    store: Arc<dyn Store>,
+    controller: Arc<Mutex<Controller>>,
+    /// The store revision each applied service was written at.
+    revisions: Mutex<HashMap<String, u64>>,
+    /// One API write at a time on this node, from check to apply.
+    writes: tokio::sync::Mutex<()>,
+    ready: AtomicBool,
+}
+
+impl Reconciler {
+    pub fn new(store: Arc<dyn Store>, controller: Arc<Mutex<Controller>>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            controller,
+            revisions: Mutex::new(HashMap::new()),
+            writes: tokio::sync::Mutex::new(()),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn controller(&self) -> &Arc<Mutex<Controller>> {
+        &self.controller
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn ctrl(&self) -> std::sync::MutexGuard<'_, Controller> {
+        self.controller.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn revision_of(&self, name: &str) -> Option<u64> {
+        self.revisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    fn set_revision(&self, name: &str, revision: Option<u64>) {
+        let mut r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+        match revision {
+            Some(rev) => r.insert(name.to_string(), rev),
+            None => r.remove(name),
+        };
+    }
+
+    /// `PUT`: store, then maps. Nothing changes when it fails.
+    pub async fn put(&self, name: &str, spec: ServiceSpec) -> Result<Service, ReconcileError> {
+        let _one = self.writes.lock().await;
+        let svc = self.ctrl().check(name, spec)?;
+        let expect = self
+            .revision_of(name)
+            .map_or(Expect::Absent, Expect::Revision);
+        let previous = self.ctrl().get_service(name).cloned();
+        let doc = serde_json::to_vec(&StoredService::of(&svc)).expect("serialisable");
+        let revision = self.store.put(name, &doc, expect).await?;
+        let applied = tokio::task::block_in_place(|| self.ctrl().apply(svc));
+        match applied {
+            Ok(svc) => {
+                self.set_revision(name, Some(revision));
+                Ok(svc)
+            }
+            Err(e) => {
+                // The maps refused (a full map): put the store back as it was.
+                let undo = match &previous {
+                    Some(p) => self
+                        .store
+                        .put(
+                            name,
+                            &serde_json::to_vec(&StoredService::of(p)).expect("serialisable"),
+                            Expect::Revision(revision),
+                        )
+                        .await
+                        .map(Some),
+                    None => self
+                        .store
+                        .delete(name, Expect::Revision(revision))
+                        .await
+                        .map(|_| None),
+                };
+                match undo {
+                    Ok(rev) => self.set_revision(name, rev.or(self.revision_of(name))),
+                    Err(u) => {
+                        tracing::error!(service = name, error = %u, "could not undo a store write the maps refused")
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `DELETE`: store, then maps.
+    pub async fn delete(&self, name: &str) -> Result<(), ReconcileError> {
+        let _one = self.writes.lock().await;
+        crate::model::validate_name(name).map_err(ControlError::from)?;
+        let Some(revision) = self.revision_of(name) else {
+            return Err(ControlError::NotFound(name.to_string()).into());
+        };
+        self.store.delete(name, Expect::Revision(revision)).await?;
+        tokio::task::block_in_place(|| self.ctrl().delete(name))?;
+        self.set_revision(name, None);
+        Ok(())
+    }
+
+    /// Applies one stored entry, unless this node already has it at that revision or later.
+    fn apply_entry(&self, entry: &Entry) {
+        if self
+            .revision_of(&entry.name)
+            .is_some_and(|r| r >= entry.revision)
+        {
+            return;
+        }
+        let spec = match StoredService::parse(entry) {
+            Ok(spec) => spec,
+            Err(e) => {
+                tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
+                return;
+            }
+        };
+        let mut ctrl = self.ctrl();
+        let result = ctrl
+            .check(&entry.name, spec)
+            .and_then(|svc| ctrl.apply(svc));
+        drop(ctrl);
+        match result {
+            Ok(_) => self.set_revision(&entry.name, Some(entry.revision)),
+            Err(e) => {
+                tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}")
+            }
+        }
+    }
+
+    fn apply_event(&self, event: &Event) {
+        match event {
+            Event::Put(entry) => self.apply_entry(entry),
+            Event::Deleted { name, revision } => {
+                if self.revision_of(name).is_some_and(|r| r < *revision) {
+                    if let Err(e) = self.ctrl().delete(name) {
+                        tracing::error!(key = %name, "removing a service deleted from the store: {e}");
+                    }
+                    self.set_revision(name, None);
+                }
+            }
+        }
+    }
+
+    /// Lists the store (retrying with backoff while it cannot be reached), restores every
+    /// service, reports ready, then follows the store's changes for as long as it runs.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let snapshot = match self.store.list().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot list the store");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            tokio::task::block_in_place(|| {
+                for entry in &snapshot.entries {
+                    self.apply_entry(entry);
+                }
+                // Services this node has that the store no longer has (deleted while the
+                // watch was down).
+                let gone: Vec<String> = {
+                    let r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+                    r.keys()
+                        .filter(|n| !snapshot.entries.iter().any(|e| &e.name == *n))
+                        .cloned()
+                        .collect()
+                };
+                for name in gone {
+                    self.apply_event(&Event::Deleted {
+                        name,
+                        revision: u64::MAX,
+                    });
+                }
+            });
+            if !self.ready.swap(true, Ordering::AcqRel) {
+                tracing::info!(
+                    services = snapshot.entries.len(),
+                    revision = snapshot.revision,
+                    "restored from the store; ready"
+                );
+            }
+            let mut watch = self.store.watch(snapshot.revision);
+            while let Some(event) = watch.recv().await {
+                match event {
+                    Ok(event) => tokio::task::block_in_place(|| self.apply_event(&event)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the store's watch ended; listing again");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl From<ValidationError> for ReconcileError {
+    fn from(e: ValidationError) -> Self {
+        ReconcileError::Control(e.into())
+    }
+}

@@ -1,0 +1,122 @@
+//! The configuration outlives the balancer: every service comes back from the store after
+//! a restart, two nodes on one store converge without calling each other, and a bad entry
+//! in the store is skipped without costing the others.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use lb::store::{Expect, Store, file::FileStore};
+use lb_tests::{
+    lbproc::{LbProcess, temp_store},
+    netns::Netns,
+    servers::{Backend, http_get_once, udp_ask},
+    topology::Topology,
+    unique,
+};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(3);
+
+fn store_arg(dir: &std::path::Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+/// Polls `f` until it holds or `within` passes.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+fn services(lb: &LbProcess) -> Value {
+    lb.request("GET", "/v1/services", None).unwrap().1
+}
+
+#[test]
+fn a_restarted_lb_restores_every_service_from_the_store() {
+    let topo = Topology::two_armed(2).unwrap();
+    let _backends: Vec<Backend> = (0..2)
+        .map(|i| {
+            let a = SocketAddr::from(topo.backend(i, 8080));
+            Backend::start(&topo.backends[i], &format!("be{i}"), a, Some(a)).unwrap()
+        })
+        .collect();
+    let store = temp_store();
+    let arg = store_arg(&store);
+    let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
+    let both = [topo.backend(0, 8080).to_string(), topo.backend(1, 8080).to_string()];
+    first.put_service("web", &json!({"vip": topo.vip(80).to_string(), "backends": both})).unwrap();
+    first.put_service("dns", &json!({"vip": topo.vip(53).to_string(), "protocol": "udp", "backends": both})).unwrap();
+    let before = services(&first);
+    assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
+    assert!(first.stop().unwrap().success());
+
+    let second = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
+    assert_eq!(services(&second), before, "the services came back unchanged");
+    assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
+    assert!(udp_ask(&topo.client, topo.vip(53).into(), T).is_ok());
+    drop(second);
+    std::fs::remove_dir_all(&store).unwrap();
+}
+
+#[test]
+fn two_nodes_on_one_store_converge() {
+    let topo = Topology::two_armed(1).unwrap();
+    let _backend = Backend::start(&topo.backends[0], "be0", topo.backend(0, 8080).into(), None).unwrap();
+    let store = temp_store();
+    let arg = store_arg(&store);
+    let a = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
+    // Node B: another namespace, another bpffs directory, the same store.
+    let other = Netns::new(&unique("lbt-nodeb")).unwrap();
+    let b = LbProcess::start(&other, &["lo"], &["--store", &arg]).unwrap();
+
+    let spec = json!({"vip": topo.vip(80).to_string(), "backends": [topo.backend(0, 8080).to_string()]});
+    let stored = a.put_service("web", &spec).unwrap();
+    assert!(eventually(Duration::from_secs(3), || b.request("GET", "/v1/services/web", None).unwrap().0 == 200));
+    assert_eq!(services(&b), json!([stored]));
+
+    // A change made on B reaches A, whose data plane then serves it.
+    let spec2 = json!({"vip": topo.vip(81).to_string(), "backends": [topo.backend(0, 8080).to_string()]});
+    b.put_service("web81", &spec2).unwrap();
+    assert!(eventually(Duration::from_secs(3), || a.request("GET", "/v1/services/web81", None).unwrap().0 == 200));
+    assert_eq!(http_get_once(&topo.client, topo.vip(81).into(), T).unwrap(), "be0");
+
+    // Deletes travel too.
+    assert_eq!(a.request("DELETE", "/v1/services/web", None).unwrap().0, 204);
+    assert!(eventually(Duration::from_secs(3), || b.request("GET", "/v1/services/web", None).unwrap().0 == 404));
+    drop((a, b));
+    std::fs::remove_dir_all(&store).unwrap();
+}
+
+#[test]
+fn a_bad_store_entry_is_skipped_and_the_others_restored() {
+    let store = temp_store();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = FileStore::open(&store, "lb", Duration::from_millis(50)).unwrap();
+        let good = json!({"schema": 1, "vip": "10.9.9.1:80", "protocol": "tcp", "backends": ["10.9.8.1:80"], "table_size": 251});
+        s.put("good", good.to_string().as_bytes(), Expect::Absent).await.unwrap();
+        s.put("broken", b"{ not json", Expect::Absent).await.unwrap();
+        let bad_vip = json!({"schema": 1, "vip": "10.9.9.300:80", "protocol": "tcp", "backends": ["10.9.8.1:80"], "table_size": 251});
+        s.put("badvip", bad_vip.to_string().as_bytes(), Expect::Absent).await.unwrap();
+        let future = json!({"schema": 2, "vip": "10.9.9.2:80"});
+        s.put("future", future.to_string().as_bytes(), Expect::Absent).await.unwrap();
+    });
+    let ns = Netns::new(&unique("lbt-x")).unwrap();
+    let lb = LbProcess::start(&ns, &["lo"], &["--store", &store_arg(&store)]).unwrap();
+    let names: Vec<String> = services(&lb).as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["good"]);
+    let log = lb.log_text();
+    for key in ["broken", "badvip", "future"] {
+        assert!(log.contains(&format!("key={key}")), "no error names {key}: {log}");
+    }
+    assert_eq!(lb.request("GET", "/ready", None).unwrap().0, 200);
+    drop(lb);
+    std::fs::remove_dir_all(&store).unwrap();
+}
