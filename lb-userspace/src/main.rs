@@ -63,8 +63,9 @@ struct RunArgs {
     /// host's ephemeral range (net.ipv4.ip_local_port_range).
     #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX", value_parser = parse_range)]
     snat_ports: (u16, u16),
-    /// Where the configuration is kept: file:///DIR (embedded, the default). Every service
-    /// stored there is restored at start. (etcd:// and consul:// are being built.)
+    /// Where the configuration is kept: file:///DIR (embedded, the default) or
+    /// etcd://HOST:PORT[,HOST:PORT...] (etcd v3; every member listed is failed over to).
+    /// Every service stored there is restored at start. (consul:// is being built.)
     #[arg(long, default_value = "file:///var/lib/lb", value_name = "URL")]
     store: String,
     /// Prefix of this balancer group's entries in the store: groups with different prefixes
@@ -122,6 +123,26 @@ fn check_ephemeral_overlap((min, max): (u16, u16)) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the store, retrying with backoff while its server cannot be reached (saying which
+/// and why); a bad URL is an error at once.
+async fn open_store(
+    url: &str,
+    prefix: &str,
+) -> anyhow::Result<std::sync::Arc<dyn lb::store::Store>> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match lb::store::open(url, prefix).await {
+            Ok(store) => return Ok(store),
+            Err(lb::store::StoreError::Unavailable(why)) => {
+                tracing::warn!(retry_in = ?backoff, "cannot reach the store: {why}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_ephemeral_overlap(args.snat_ports)?;
     for iface in &args.ifaces {
@@ -143,7 +164,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("binding the API to {}", args.api))?;
-    let store = lb::store::open(&args.store, &args.store_prefix)?;
+    let store = open_store(&args.store, &args.store_prefix).await?;
     let controller = Arc::new(Mutex::new(Controller::new(dataplane)));
     let state = Reconciler::new(store, controller.clone());
     let restoring = tokio::spawn(state.clone().run());

@@ -8,8 +8,9 @@ use std::{
 
 use lb::store::{Expect, Store, file::FileStore};
 use lb_tests::{
+    etcd::EtcdCluster,
     lbproc::{LbProcess, temp_store},
-    netns::Netns,
+    netns::{Netns, veth},
     servers::{Backend, http_get_once, udp_ask},
     topology::Topology,
     unique,
@@ -50,15 +51,32 @@ fn a_restarted_lb_restores_every_service_from_the_store() {
     let store = temp_store();
     let arg = store_arg(&store);
     let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
-    let both = [topo.backend(0, 8080).to_string(), topo.backend(1, 8080).to_string()];
-    first.put_service("web", &json!({"vip": topo.vip(80).to_string(), "backends": both})).unwrap();
-    first.put_service("dns", &json!({"vip": topo.vip(53).to_string(), "protocol": "udp", "backends": both})).unwrap();
+    let both = [
+        topo.backend(0, 8080).to_string(),
+        topo.backend(1, 8080).to_string(),
+    ];
+    first
+        .put_service(
+            "web",
+            &json!({"vip": topo.vip(80).to_string(), "backends": both}),
+        )
+        .unwrap();
+    first
+        .put_service(
+            "dns",
+            &json!({"vip": topo.vip(53).to_string(), "protocol": "udp", "backends": both}),
+        )
+        .unwrap();
     let before = services(&first);
     assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
     assert!(first.stop().unwrap().success());
 
     let second = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
-    assert_eq!(services(&second), before, "the services came back unchanged");
+    assert_eq!(
+        services(&second),
+        before,
+        "the services came back unchanged"
+    );
     assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
     assert!(udp_ask(&topo.client, topo.vip(53).into(), T).is_ok());
     drop(second);
@@ -68,7 +86,8 @@ fn a_restarted_lb_restores_every_service_from_the_store() {
 #[test]
 fn two_nodes_on_one_store_converge() {
     let topo = Topology::two_armed(1).unwrap();
-    let _backend = Backend::start(&topo.backends[0], "be0", topo.backend(0, 8080).into(), None).unwrap();
+    let _backend =
+        Backend::start(&topo.backends[0], "be0", topo.backend(0, 8080).into(), None).unwrap();
     let store = temp_store();
     let arg = store_arg(&store);
     let a = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
@@ -76,20 +95,40 @@ fn two_nodes_on_one_store_converge() {
     let other = Netns::new(&unique("lbt-nodeb")).unwrap();
     let b = LbProcess::start(&other, &["lo"], &["--store", &arg]).unwrap();
 
-    let spec = json!({"vip": topo.vip(80).to_string(), "backends": [topo.backend(0, 8080).to_string()]});
+    let spec =
+        json!({"vip": topo.vip(80).to_string(), "backends": [topo.backend(0, 8080).to_string()]});
     let stored = a.put_service("web", &spec).unwrap();
-    assert!(eventually(Duration::from_secs(3), || b.request("GET", "/v1/services/web", None).unwrap().0 == 200));
+    assert!(eventually(Duration::from_secs(3), || b
+        .request("GET", "/v1/services/web", None)
+        .unwrap()
+        .0
+        == 200));
     assert_eq!(services(&b), json!([stored]));
 
     // A change made on B reaches A, whose data plane then serves it.
-    let spec2 = json!({"vip": topo.vip(81).to_string(), "backends": [topo.backend(0, 8080).to_string()]});
+    let spec2 =
+        json!({"vip": topo.vip(81).to_string(), "backends": [topo.backend(0, 8080).to_string()]});
     b.put_service("web81", &spec2).unwrap();
-    assert!(eventually(Duration::from_secs(3), || a.request("GET", "/v1/services/web81", None).unwrap().0 == 200));
-    assert_eq!(http_get_once(&topo.client, topo.vip(81).into(), T).unwrap(), "be0");
+    assert!(eventually(Duration::from_secs(3), || a
+        .request("GET", "/v1/services/web81", None)
+        .unwrap()
+        .0
+        == 200));
+    assert_eq!(
+        http_get_once(&topo.client, topo.vip(81).into(), T).unwrap(),
+        "be0"
+    );
 
     // Deletes travel too.
-    assert_eq!(a.request("DELETE", "/v1/services/web", None).unwrap().0, 204);
-    assert!(eventually(Duration::from_secs(3), || b.request("GET", "/v1/services/web", None).unwrap().0 == 404));
+    assert_eq!(
+        a.request("DELETE", "/v1/services/web", None).unwrap().0,
+        204
+    );
+    assert!(eventually(Duration::from_secs(3), || b
+        .request("GET", "/v1/services/web", None)
+        .unwrap()
+        .0
+        == 404));
     drop((a, b));
     std::fs::remove_dir_all(&store).unwrap();
 }
@@ -110,13 +149,93 @@ fn a_bad_store_entry_is_skipped_and_the_others_restored() {
     });
     let ns = Netns::new(&unique("lbt-x")).unwrap();
     let lb = LbProcess::start(&ns, &["lo"], &["--store", &store_arg(&store)]).unwrap();
-    let names: Vec<String> = services(&lb).as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = services(&lb)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, ["good"]);
     let log = lb.log_text();
     for key in ["broken", "badvip", "future"] {
-        assert!(log.contains(&format!("key={key}")), "no error names {key}: {log}");
+        assert!(
+            log.contains(&format!("key={key}")),
+            "no error names {key}: {log}"
+        );
     }
     assert_eq!(lb.request("GET", "/ready", None).unwrap().0, 200);
     drop(lb);
     std::fs::remove_dir_all(&store).unwrap();
+}
+
+/// Sends one datagram from `client:port` (inside `ns`) to `to`; the backend that answers.
+fn udp_from(ns: &Netns, port: u16, to: SocketAddr) -> String {
+    let sock = ns
+        .run(move || std::net::UdpSocket::bind(("10.202.1.10", port)))
+        .unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    sock.send_to(b"who", to).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = sock.recv_from(&mut buf).expect("an answer");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn two_nodes_on_one_etcd_send_a_flow_to_the_same_backend() {
+    // Two sites built alike: each a client, a balancer and three backends with the same
+    // addresses, so a 5-tuple means the same thing at both.
+    let sites: Vec<Topology> = (0..2).map(|_| Topology::two_armed(3).unwrap()).collect();
+    // etcd in a namespace of its own, on a bridge both balancers are linked to.
+    let control = Netns::new(&unique("lbt-etcd")).unwrap();
+    control.ip("link add br0 type bridge").unwrap();
+    control.ip("link set br0 up").unwrap();
+    control.ip("addr add 10.210.0.1/24 dev br0").unwrap();
+    for (i, topo) in sites.iter().enumerate() {
+        veth(&topo.lb, "st0", &control, &format!("p-st{i}")).unwrap();
+        control.ip(&format!("link set p-st{i} master br0")).unwrap();
+        topo.lb
+            .ip(&format!("addr add 10.210.0.{}/24 dev st0", 10 + i))
+            .unwrap();
+    }
+    let etcd = EtcdCluster::start_in(&control, "10.210.0.1").unwrap();
+    let url = etcd.url();
+    let mut backends = Vec::new();
+    for topo in &sites {
+        for i in 0..3 {
+            let a = SocketAddr::from(topo.backend(i, 5353));
+            backends
+                .push(Backend::start(&topo.backends[i], &format!("be{i}"), a, Some(a)).unwrap());
+        }
+    }
+    let prefix = unique("lbt");
+    let nodes: Vec<LbProcess> = sites
+        .iter()
+        .map(|topo| {
+            LbProcess::start(
+                &topo.lb,
+                &topo.lb_ifaces,
+                &["--store", &url, "--store-prefix", &prefix],
+            )
+            .unwrap()
+        })
+        .collect();
+    let addrs: Vec<String> = (0..3)
+        .map(|i| sites[0].backend(i, 5353).to_string())
+        .collect();
+    let spec = json!({"vip": sites[0].vip(53).to_string(), "protocol": "udp", "backends": addrs});
+    nodes[0].put_service("dns", &spec).unwrap();
+    assert!(eventually(Duration::from_secs(3), || nodes[1]
+        .request("GET", "/v1/services/dns", None)
+        .unwrap()
+        .0
+        == 200));
+    let mut seen = std::collections::HashSet::new();
+    for port in 40_000..40_030u16 {
+        let a = udp_from(&sites[0].client, port, sites[0].vip(53).into());
+        let b = udp_from(&sites[1].client, port, sites[1].vip(53).into());
+        assert_eq!(a, b, "client port {port}");
+        seen.insert(a);
+    }
+    assert_eq!(seen.len(), 3, "the flows spread over all backends");
+    drop(nodes);
 }

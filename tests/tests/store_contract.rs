@@ -3,7 +3,8 @@
 //! spoils nothing else.
 use std::time::Duration;
 
-use lb::store::{Event, Expect, Store, StoreError, file::FileStore};
+use lb::store::{Event, Expect, Store, StoreError, etcd::EtcdStore, file::FileStore};
+use lb_tests::etcd::EtcdCluster;
 
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<Result<Event, StoreError>>) -> Event {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -176,4 +177,76 @@ async fn file_store_prefixes_do_not_share_entries() {
     b.put("web", b"{\"b\":1}", Expect::Absent).await.unwrap();
     assert_eq!(a.list().await.unwrap().entries[0].value, b"{}");
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+fn etcdctl(endpoints: &[String], args: &[&str]) {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoints.join(",")])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_store_keeps_the_contract() {
+    let cluster = EtcdCluster::start(1).unwrap();
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("http://{e}"))
+        .collect();
+    let prefix = lb_tests::unique("lbt");
+    let store = EtcdStore::connect(&endpoints, &prefix).await.unwrap();
+    let raw = cluster.endpoints();
+    let key_prefix = format!("{prefix}/services/");
+    contract(&store, |name| {
+        etcdctl(
+            &raw,
+            &["put", &format!("{key_prefix}{name}"), "\u{1}garbage{"],
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_store_carries_on_when_a_member_dies() {
+    let mut cluster = EtcdCluster::start(3).unwrap();
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("http://{e}"))
+        .collect();
+    let store = EtcdStore::connect(&endpoints, &lb_tests::unique("lbt"))
+        .await
+        .unwrap();
+    let start = store.list().await.unwrap().revision;
+    let mut watch = store.watch(start);
+    let r1 = store.put("a", b"1", Expect::Absent).await.unwrap();
+    assert_eq!(next(&mut watch).await.revision(), r1);
+    // One of three members dies: the other two are a quorum, and every write, read and the
+    // open watch carry on (the client balances over all three, so some requests were
+    // headed for the dead one).
+    cluster.kill(0);
+    let mut written = Vec::new();
+    for i in 0..20 {
+        let name = format!("s{i}");
+        let rev = store
+            .put(&name, b"x", Expect::Absent)
+            .await
+            .unwrap_or_else(|e| panic!("write {i} after a member died: {e}"));
+        written.push((name, rev));
+    }
+    assert_eq!(store.list().await.unwrap().entries.len(), 21);
+    for (name, rev) in written {
+        match next(&mut watch).await {
+            Event::Put(e) => assert_eq!((e.name, e.revision), (name, rev)),
+            other => panic!("{other:?}"),
+        }
+    }
 }

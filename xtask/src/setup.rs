@@ -7,7 +7,8 @@ use anyhow::{Context, bail};
 use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool to inspect maps, iproute2 and ethtool
-/// for the namespace topologies.
+/// for the namespace topologies, protoc for the etcd client's build, and etcd itself (server
+/// and etcdctl) for the store tests.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -15,6 +16,9 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "ethtool",
+    "protobuf-compiler",
+    "etcd-server",
+    "etcd-client",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 

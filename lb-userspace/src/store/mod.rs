@@ -4,6 +4,7 @@
 //!
 //! Implementations: [`file::FileStore`] (embedded, the default). etcd and Consul follow
 //! (issue 3).
+pub mod etcd;
 pub mod file;
 
 use async_trait::async_trait;
@@ -66,6 +67,9 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// The store's server could not be reached or answered with an error.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[async_trait]
@@ -82,7 +86,22 @@ pub trait Store: Send + Sync {
 }
 
 /// Opens the store a `--store` URL names, for the group `prefix`.
-pub fn open(url: &str, prefix: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+pub async fn open(url: &str, prefix: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if let Some(list) = url.strip_prefix("etcd://") {
+        let endpoints: Vec<String> = list
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(|e| format!("http://{e}"))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "--store {url}: no endpoint (etcd://host:2379[,host:2379...])"
+            )));
+        }
+        return Ok(std::sync::Arc::new(
+            etcd::EtcdStore::connect(&endpoints, prefix).await?,
+        ));
+    }
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
             return Err(StoreError::Invalid(format!(
@@ -97,7 +116,7 @@ pub fn open(url: &str, prefix: &str) -> Result<std::sync::Arc<dyn Store>, StoreE
         return Ok(std::sync::Arc::new(store));
     }
     Err(StoreError::Invalid(format!(
-        "--store {url}: only file:///DIR is supported so far"
+        "--store {url}: expected file:///DIR or etcd://HOST:PORT[,HOST:PORT...]"
     )))
 }
 

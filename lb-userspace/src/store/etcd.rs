@@ -1,0 +1,239 @@
+//! The etcd store, through etcd's v3 API. Entries are keys `<prefix>/services/<name>`;
+//! revisions are etcd's own (`mod_revision`), compare-and-set is a transaction, and a watch
+//! is an etcd watch from a revision. The client balances over every endpoint given, so a
+//! member that dies is failed over.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
+
+pub struct EtcdStore {
+    client: Client,
+    /// `<prefix>/services/`
+    keys: String,
+    endpoints: String,
+}
+
+impl EtcdStore {
+    /// Connects to the cluster at `endpoints` (`host:port`) for the group `prefix`.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        check_name(prefix)?;
+        let joined = endpoints.join(",");
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("etcd at {joined}: {e}")))?;
+        Ok(Self {
+            client,
+            keys: format!("{prefix}/services/"),
+            endpoints: joined,
+        })
+    }
+
+    /// Runs `f` again (up to three times, 300 ms apart) while the cluster cannot be reached:
+    /// a request sent to a member that just died fails once before the client moves on.
+    async fn retrying<T, F, Fut>(&self, mut f: F) -> Result<T, etcd_client::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut tries = 0;
+        loop {
+            match f().await {
+                Err(etcd_client::Error::TransportError(_) | etcd_client::Error::GRpcStatus(_))
+                    if tries < 3 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.keys)
+    }
+
+    fn unavailable(&self, e: etcd_client::Error) -> StoreError {
+        StoreError::Unavailable(format!("etcd at {}: {e}", self.endpoints))
+    }
+
+    fn entry(&self, kv: &etcd_client::KeyValue) -> Option<Entry> {
+        let name = kv.key_str().ok()?.strip_prefix(&self.keys)?.to_string();
+        Some(Entry {
+            name,
+            value: kv.value().to_vec(),
+            revision: kv.mod_revision() as u64,
+        })
+    }
+
+    /// The compare for `expect` on `key`, if any.
+    fn compare(key: &str, expect: Expect) -> Option<Compare> {
+        match expect {
+            Expect::Any => None,
+            Expect::Absent => Some(Compare::create_revision(key, CompareOp::Equal, 0)),
+            Expect::Revision(r) => Some(Compare::mod_revision(key, CompareOp::Equal, r as i64)),
+        }
+    }
+
+    /// Runs `op` on `name` if `expect` holds; else a conflict naming what was found.
+    async fn guarded(
+        &self,
+        name: &str,
+        op: TxnOp,
+        expect: Expect,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        check_name(name)?;
+        let key = self.key(name);
+        let txn = match Self::compare(&key, expect) {
+            Some(c) => Txn::new()
+                .when([c])
+                .and_then([op])
+                .or_else([TxnOp::get(key.as_str(), None)]),
+            None => Txn::new().and_then([op]),
+        };
+        let resp = self
+            .retrying(|| {
+                let (mut kv, txn) = (self.client.kv_client(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        if resp.succeeded() {
+            return Ok(resp);
+        }
+        let found = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| kv.mod_revision() as u64)),
+            _ => None,
+        });
+        Err(StoreError::Conflict {
+            name: name.to_string(),
+            expected: expect,
+            found: found.flatten(),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn list(&self) -> Result<Snapshot, StoreError> {
+        let resp = self
+            .retrying(|| {
+                let (mut kv, keys) = (self.client.kv_client(), self.keys.clone());
+                async move { kv.get(keys, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let revision = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+        let mut entries: Vec<Entry> = resp.kvs().iter().filter_map(|kv| self.entry(kv)).collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Snapshot { entries, revision })
+    }
+
+    async fn put(&self, name: &str, value: &[u8], expect: Expect) -> Result<u64, StoreError> {
+        let resp = self
+            .guarded(name, TxnOp::put(self.key(name), value, None), expect)
+            .await?;
+        Ok(resp.header().map(|h| h.revision() as u64).unwrap_or(0))
+    }
+
+    async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError> {
+        let resp = self
+            .guarded(name, TxnOp::delete(self.key(name), None), expect)
+            .await?;
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .any(|r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0)))
+    }
+
+    fn watch(&self, after: u64) -> mpsc::Receiver<Result<Event, StoreError>> {
+        let (tx, rx) = mpsc::channel(256);
+        let (client, keys, endpoints) = (
+            self.client.clone(),
+            self.keys.clone(),
+            self.endpoints.clone(),
+        );
+        tokio::spawn(async move {
+            let fail = |e: String| StoreError::Unavailable(format!("etcd at {endpoints}: {e}"));
+            // Resumed from the next revision whenever the stream breaks (a member went
+            // away: the client reconnects to another one); given up only after a while
+            // without any member, or when etcd has compacted the revisions needed.
+            let mut next = after as i64 + 1;
+            let mut failures = 0u32;
+            loop {
+                let options = WatchOptions::new().with_prefix().with_start_revision(next);
+                let mut stream = match client
+                    .watch_client()
+                    .watch(keys.as_str(), Some(options))
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        failures += 1;
+                        if failures > 20 {
+                            let _ = tx.send(Err(fail(e.to_string()))).await;
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100 * failures.min(10) as u64))
+                            .await;
+                        continue;
+                    }
+                };
+                loop {
+                    let message = tokio::select! {
+                        m = stream.message() => m,
+                        _ = tx.closed() => return,
+                    };
+                    let resp = match message {
+                        Ok(Some(r)) => r,
+                        Ok(None) | Err(_) => break,
+                    };
+                    failures = 0;
+                    if resp.canceled() {
+                        let why = format!(
+                            "the watch was cancelled ({}; compacted at {})",
+                            resp.cancel_reason(),
+                            resp.compact_revision()
+                        );
+                        let _ = tx.send(Err(fail(why))).await;
+                        return;
+                    }
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        next = next.max(kv.mod_revision() + 1);
+                        let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&keys))
+                        else {
+                            continue;
+                        };
+                        let event = match ev.event_type() {
+                            EventType::Put => Event::Put(Entry {
+                                name: name.to_string(),
+                                value: kv.value().to_vec(),
+                                revision: kv.mod_revision() as u64,
+                            }),
+                            EventType::Delete => Event::Deleted {
+                                name: name.to_string(),
+                                revision: kv.mod_revision() as u64,
+                            },
+                        };
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    }
+}

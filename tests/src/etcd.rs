@@ -1,0 +1,143 @@
+//! Real etcd servers for the store tests (Debian's etcd-server), each with a data directory
+//! of its own; stopped by PID and removed on drop. On loopback for tests that talk to etcd
+//! themselves, or inside a test namespace for lb processes in other namespaces.
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::netns::Netns;
+
+/// A free port (taken from the kernel, then released for etcd to bind).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Member {
+    child: Option<Child>,
+    client: String,
+}
+
+/// An etcd cluster of one or more members.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    data: PathBuf,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members on loopback and waits until the cluster takes writes.
+    pub fn start(n: usize) -> anyhow::Result<Self> {
+        Self::start_at(None, "127.0.0.1", n)
+    }
+
+    /// Starts one member inside `ns`, listening on `ip` (an address of `ns`).
+    pub fn start_in(ns: &Netns, ip: &str) -> anyhow::Result<Self> {
+        Self::start_at(Some(ns), ip, 1)
+    }
+
+    fn start_at(ns: Option<&Netns>, ip: &str, n: usize) -> anyhow::Result<Self> {
+        let data = std::env::temp_dir().join(crate::unique("lbt-etcd"));
+        let mut ports = Vec::new();
+        for _ in 0..n {
+            ports.push((free_port()?, free_port()?));
+        }
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://{ip}:{peer}"))
+            .collect();
+        let enter = ns.map(|ns| format!("--net={}", ns.path()));
+        let command = |program: &str| {
+            let mut c = Command::new("nsenter");
+            if let Some(e) = &enter {
+                c.arg(e);
+            }
+            c.arg(program);
+            c
+        };
+        let mut cluster = Self {
+            members: Vec::new(),
+            data,
+        };
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let dir = cluster.data.join(format!("m{i}"));
+            std::fs::create_dir_all(&dir)?;
+            let child = command("etcd")
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(&dir)
+                .args(["--listen-client-urls", &format!("http://{ip}:{client}")])
+                .args(["--advertise-client-urls", &format!("http://{ip}:{client}")])
+                .args(["--listen-peer-urls", &format!("http://{ip}:{peer}")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://{ip}:{peer}"),
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new", "--log-level", "error"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(
+                    cluster.data.join(format!("m{i}.log")),
+                )?)
+                .spawn()
+                .context("starting etcd (Debian package etcd-server)")?;
+            cluster.members.push(Member {
+                child: Some(child),
+                client: format!("{ip}:{client}"),
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = command("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args([
+                    "--endpoints",
+                    &cluster.endpoints().join(","),
+                    "put",
+                    "lbt-probe",
+                    "1",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return Ok(cluster);
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(cluster.data.join("m0.log")).unwrap_or_default();
+                bail!("etcd did not come up: {log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `host:port` of every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
+    /// The `--store` URL of the whole cluster.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoints().join(","))
+    }
+
+    /// Kills member `i` (SIGKILL), as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
