@@ -58,44 +58,87 @@ pub fn interface_addresses() -> Result<HashMap<u32, [u8; 4]>, NetError> {
     Ok(out)
 }
 
-/// The next hop (gateway or the address itself) and device the kernel routes `dst` by.
-fn next_hop(dst: Ipv4Addr) -> Option<(Ipv4Addr, String)> {
-    let out = Command::new("ip")
-        .args(["-j", "route", "get", &dst.to_string()])
-        .output()
-        .ok()?;
-    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let route = routes.get(0)?;
-    let dev = route.get("dev")?.as_str()?.to_string();
-    let hop = match route.get("gateway").and_then(|g| g.as_str()) {
-        Some(g) => g.parse().ok()?,
-        None => dst,
+/// Runs `ip -force -batch -` with `commands` (one per line) and `extra` options: one
+/// process however many commands, which is what keeps thousands of backends quick. Its
+/// standard output.
+fn ip_batch(extra: &[&str], commands: &str) -> String {
+    use std::io::Write;
+    let child = Command::new("ip")
+        .args(extra)
+        .args(["-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return String::new();
     };
-    Some((hop, dev))
-}
-
-/// Runs `ip ARGS`, quietly; whether it succeeded.
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success())
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(commands.as_bytes());
+    }
+    child
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// A next hop: its address and the device it is on.
 type Hop = (Ipv4Addr, String);
 
-/// Whether the kernel already has a neighbour entry for `hop` that never goes stale
-/// (configured by hand: permanent or no-ARP); lb leaves such entries alone.
-fn fixed_entry(hop: &Hop) -> bool {
-    let Ok(out) = Command::new("ip")
-        .args(["-j", "neigh", "show", &hop.0.to_string(), "dev", &hop.1])
-        .output()
-    else {
-        return false;
+/// The next hop (gateway or the address itself) and device the kernel routes each of
+/// `dsts` by; those without a route are left out.
+fn next_hops(dsts: &[Ipv4Addr]) -> HashMap<Ipv4Addr, Hop> {
+    let commands: String = dsts.iter().map(|d| format!("route get {d}\n")).collect();
+    let mut out = HashMap::new();
+    for line in ip_batch(&["-j"], &commands).lines() {
+        let Ok(routes) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(route) = routes.get(0) else { continue };
+        let (Some(dst), Some(dev)) = (
+            route
+                .get("dst")
+                .and_then(|d| d.as_str())
+                .and_then(|d| d.parse::<Ipv4Addr>().ok()),
+            route.get("dev").and_then(|d| d.as_str()),
+        ) else {
+            continue;
+        };
+        let hop = route
+            .get("gateway")
+            .and_then(|g| g.as_str())
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(dst);
+        out.insert(dst, (hop, dev.to_string()));
+    }
+    out
+}
+
+/// Neighbour entries that never go stale (configured by hand: permanent or no-ARP); lb
+/// leaves them alone.
+fn fixed_entries() -> HashSet<Hop> {
+    let Ok(out) = Command::new("ip").args(["-j", "neigh", "show"]).output() else {
+        return HashSet::new();
     };
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.contains("PERMANENT") || text.contains("NOARP")
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    entries
+        .iter()
+        .filter(|e| {
+            e.get("state")
+                .and_then(|s| s.as_array())
+                .is_some_and(|states| {
+                    states
+                        .iter()
+                        .any(|s| s.as_str().is_some_and(|s| s == "PERMANENT" || s == "NOARP"))
+                })
+        })
+        .filter_map(|e| {
+            Some((
+                e.get("dst")?.as_str()?.parse().ok()?,
+                e.get("dev")?.as_str()?.to_string(),
+            ))
+        })
+        .collect()
 }
 
 /// Keeps the MAC addresses of backends' next hops resolved, as "managed" neighbour
@@ -117,51 +160,65 @@ impl Neighbors {
 
     /// Starts keeping the next hops of `backends` resolved (those not already kept).
     pub fn add(&mut self, backends: impl IntoIterator<Item = Ipv4Addr>) {
-        for b in backends {
-            if self.backends.contains_key(&b) {
-                continue;
-            }
-            let Some(hop) = next_hop(b) else {
+        let new: Vec<Ipv4Addr> = backends
+            .into_iter()
+            .filter(|b| !self.backends.contains_key(b))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let hops = next_hops(&new);
+        let fixed = fixed_entries();
+        let in_use: HashSet<Hop> = self.backends.values().cloned().collect();
+        let mut commands = String::new();
+        let mut adding = HashSet::new();
+        for b in &new {
+            let Some(hop) = hops.get(b) else {
                 tracing::warn!(backend = %b, "no route to backend");
                 continue;
             };
-            if !self.used(&hop) && !self.owned.contains(&hop) && !fixed_entry(&hop) {
-                let addr = hop.0.to_string();
-                if ip(&[
-                    "neigh",
-                    "replace",
-                    &addr,
-                    "dev",
-                    &hop.1,
-                    "managed",
-                    "extern_learn",
-                ]) {
-                    self.owned.insert(hop.clone());
-                } else {
-                    tracing::warn!(hop = %hop.0, dev = %hop.1, "could not add a managed neighbour entry");
-                }
+            if !in_use.contains(hop)
+                && !self.owned.contains(hop)
+                && !fixed.contains(hop)
+                && adding.insert(hop.clone())
+            {
+                commands.push_str(&format!(
+                    "neigh replace {} dev {} managed extern_learn\n",
+                    hop.0, hop.1
+                ));
             }
-            self.backends.insert(b, hop);
+            self.backends.insert(*b, hop.clone());
+        }
+        if !commands.is_empty() {
+            ip_batch(&[], &commands);
+            self.owned.extend(adding);
         }
     }
 
     /// Stops keeping next hops that only `backends` used.
     pub fn remove(&mut self, backends: impl IntoIterator<Item = Ipv4Addr>) {
+        let mut commands = String::new();
         for b in backends {
             let Some(hop) = self.backends.remove(&b) else {
                 continue;
             };
             if !self.used(&hop) && self.owned.remove(&hop) {
-                ip(&["neigh", "del", &hop.0.to_string(), "dev", &hop.1]);
+                commands.push_str(&format!("neigh del {} dev {}\n", hop.0, hop.1));
             }
+        }
+        if !commands.is_empty() {
+            ip_batch(&[], &commands);
         }
     }
 }
 
 impl Drop for Neighbors {
     fn drop(&mut self) {
-        for (addr, dev) in self.owned.drain() {
-            ip(&["neigh", "del", &addr.to_string(), "dev", &dev]);
-        }
+        let commands: String = self
+            .owned
+            .drain()
+            .map(|(addr, dev)| format!("neigh del {addr} dev {dev}\n"))
+            .collect();
+        ip_batch(&[], &commands);
     }
 }

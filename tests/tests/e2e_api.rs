@@ -212,3 +212,34 @@ fn a_second_lb_on_the_same_pins_is_refused_and_harms_nothing() {
     assert!(lb.bpffs.join("services").exists());
     assert_eq!(lb.request("GET", "/health", None).unwrap().0, 200);
 }
+
+#[test]
+fn hand_made_neighbour_entries_are_left_alone() {
+    let topo = Topology::two_armed(2).unwrap();
+    topo.lb
+        .ip("neigh replace 10.202.2.12 lladdr 02:00:00:00:00:0c dev eth1 nud permanent")
+        .unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let spec =
+        json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:8080", "10.202.2.12:8080"]});
+    lb.put_service("web", &spec).unwrap();
+    assert!(
+        topo.lb
+            .ip("neigh show 10.202.2.11")
+            .unwrap()
+            .contains("managed")
+    );
+    let fixed = topo.lb.ip("neigh show 10.202.2.12").unwrap();
+    assert!(
+        fixed.contains("PERMANENT") && !fixed.contains("managed"),
+        "{fixed}"
+    );
+    assert!(lb.stop().unwrap().success());
+    assert!(
+        topo.lb
+            .ip("neigh show 10.202.2.12")
+            .unwrap()
+            .contains("PERMANENT"),
+        "lb removed a hand-made entry"
+    );
+}
