@@ -73,45 +73,90 @@ fn ip_batch(extra: &[&str], commands: &str) -> String {
     let Ok(mut child) = child else {
         return String::new();
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(commands.as_bytes());
-    }
-    child
+    // Fed from another thread: with many commands, `ip` blocks on a full stdout pipe
+    // until its output is read.
+    let writer = child.stdin.take().map(|mut stdin| {
+        let commands = commands.to_string();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(commands.as_bytes());
+        })
+    });
+    let out = child
         .wait_with_output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    out
 }
 
 /// A next hop: its address and the device it is on.
 type Hop = (Ipv4Addr, String);
 
-/// The next hop (gateway or the address itself) and device the kernel routes each of
-/// `dsts` by; those without a route are left out.
+/// A route of the main table: the prefix it covers, its gateway (if any) and device.
+struct Route {
+    net: u32,
+    len: u32,
+    gateway: Option<Ipv4Addr>,
+    dev: String,
+}
+
+/// The main routing table, read once (`ip -j route show table main`).
+fn routes() -> Vec<Route> {
+    let Ok(out) = Command::new("ip")
+        .args(["-j", "route", "show", "table", "main"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    entries
+        .iter()
+        .filter(|r| {
+            r.get("type")
+                .and_then(|t| t.as_str())
+                .is_none_or(|t| t == "unicast")
+        })
+        .filter_map(|r| {
+            let dst = r.get("dst")?.as_str()?;
+            let (net, len) = match dst {
+                "default" => (0, 0),
+                d => match d.split_once('/') {
+                    Some((a, l)) => (u32::from(a.parse::<Ipv4Addr>().ok()?), l.parse().ok()?),
+                    None => (u32::from(d.parse::<Ipv4Addr>().ok()?), 32),
+                },
+            };
+            let gateway = r
+                .get("gateway")
+                .and_then(|g| g.as_str())
+                .and_then(|g| g.parse().ok());
+            Some(Route {
+                net,
+                len,
+                gateway,
+                dev: r.get("dev")?.as_str()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The next hop (gateway or the address itself) and device the main table routes each of
+/// `dsts` by, by longest prefix; those without a route are left out. One read of the table
+/// however many backends (policy routing rules are not consulted).
 fn next_hops(dsts: &[Ipv4Addr]) -> HashMap<Ipv4Addr, Hop> {
-    let commands: String = dsts.iter().map(|d| format!("route get {d}\n")).collect();
-    let mut out = HashMap::new();
-    for line in ip_batch(&["-j"], &commands).lines() {
-        let Ok(routes) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let Some(route) = routes.get(0) else { continue };
-        let (Some(dst), Some(dev)) = (
-            route
-                .get("dst")
-                .and_then(|d| d.as_str())
-                .and_then(|d| d.parse::<Ipv4Addr>().ok()),
-            route.get("dev").and_then(|d| d.as_str()),
-        ) else {
-            continue;
-        };
-        let hop = route
-            .get("gateway")
-            .and_then(|g| g.as_str())
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(dst);
-        out.insert(dst, (hop, dev.to_string()));
-    }
-    out
+    let mut table = routes();
+    table.sort_by(|a, b| b.len.cmp(&a.len));
+    let mask = |len: u32| if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    dsts.iter()
+        .filter_map(|&dst| {
+            let d = u32::from(dst);
+            let route = table
+                .iter()
+                .find(|r| d & mask(r.len) == r.net & mask(r.len))?;
+            Some((dst, (route.gateway.unwrap_or(dst), route.dev.clone())))
+        })
+        .collect()
 }
 
 /// Neighbour entries that never go stale (configured by hand: permanent or no-ARP); lb

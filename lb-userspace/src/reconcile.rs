@@ -236,9 +236,11 @@ impl Reconciler {
             };
             backoff = Duration::from_millis(100);
             tokio::task::block_in_place(|| {
+                self.ctrl().defer_neighbors();
                 for entry in &snapshot.entries {
                     self.apply_entry(entry);
                 }
+                self.ctrl().resolve_deferred_neighbors();
                 // Services this node has that the store no longer has (deleted while the
                 // watch was down).
                 let gone: Vec<String> = {

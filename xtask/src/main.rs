@@ -125,7 +125,10 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             build_ebpf()?;
             build_release()?;
-            run(&mut Command::new(root().join("target/release/lb-bench")))
+            run(&mut Command::new(root().join("target/release/lb-bench")))?;
+            run(&mut Command::new(
+                root().join("target/release/lb-bench-store"),
+            ))
         }
     }
 }

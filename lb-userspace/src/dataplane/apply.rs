@@ -93,9 +93,9 @@ impl Dataplane {
                 "no room for {needed} more backends (raise --max-backends)"
             )));
         }
-        let id = match &old {
-            Some(o) => o.id,
-            None => self.service_ids.alloc().ok_or_else(|| {
+        let (id, reused_id) = match &old {
+            Some(o) => (o.id, false),
+            None => self.service_ids.alloc_noting_reuse().ok_or_else(|| {
                 DataplaneError::Full("no room for another service (raise --max-services)".into())
             })?,
         };
@@ -116,7 +116,9 @@ impl Dataplane {
                 }
             }
         };
-        if old.is_none() {
+        // Entries under a fresh id are zero already: a cold start of thousands of
+        // services skips these writes.
+        if reused_id {
             self.zero_counters(Some(id), None)?;
         }
         for &addr in &svc.backends {
@@ -127,11 +129,16 @@ impl Dataplane {
                 backends.push((addr, bid));
                 continue;
             }
-            let bid = self.backend_ids.alloc().expect("counted above");
+            let (bid, reused) = self
+                .backend_ids
+                .alloc_noting_reuse()
+                .expect("counted above");
             self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
-            self.zero_counters(None, Some(bid))?;
-            // A reused id must not inherit the next hop of the backend it was before.
-            self.backend_hops.set(bid, NextHop::default(), 0)?;
+            if reused {
+                self.zero_counters(None, Some(bid))?;
+                // It must not inherit the next hop of the backend it was before.
+                self.backend_hops.set(bid, NextHop::default(), 0)?;
+            }
             self.backends.set(
                 bid,
                 Backend {

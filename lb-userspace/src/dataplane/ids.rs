@@ -17,15 +17,22 @@ impl IdAllocator {
         }
     }
 
+    #[cfg(test)]
     pub fn alloc(&mut self) -> Option<u32> {
+        self.alloc_noting_reuse().map(|(id, _)| id)
+    }
+
+    /// An id, and whether it was handed out before (so what maps hold under it is stale;
+    /// a never-used id's entries are still as the kernel created them: zero).
+    pub fn alloc_noting_reuse(&mut self) -> Option<(u32, bool)> {
         if let Some(id) = self.free.pop() {
-            return Some(id);
+            return Some((id, true));
         }
         if self.next >= self.limit {
             return None;
         }
         self.next += 1;
-        Some(self.next - 1)
+        Some((self.next - 1, false))
     }
 
     pub fn release(&mut self, id: u32) {
