@@ -146,7 +146,7 @@ fn routes() -> Vec<Route> {
 /// however many backends (policy routing rules are not consulted).
 fn next_hops(dsts: &[Ipv4Addr]) -> HashMap<Ipv4Addr, Hop> {
     let mut table = routes();
-    table.sort_by(|a, b| b.len.cmp(&a.len));
+    table.sort_by_key(|r| std::cmp::Reverse(r.len));
     let mask = |len: u32| if len == 0 { 0 } else { u32::MAX << (32 - len) };
     dsts.iter()
         .filter_map(|&dst| {
