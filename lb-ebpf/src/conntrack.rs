@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::generated::bpf_jiffies64,
 };
 use lb_common::{
-    config::Config,
+    config::{Config, NextHop},
     flow::{
         CONN_CLOSING, Conn, FlowKey, LAST_SEEN_GRANULARITY_S, NatReverse, PENDING_TIMEOUT_S,
         REV_PENDING,
@@ -30,6 +30,62 @@ const SNAT_TRIES: u32 = 8;
 #[inline(always)]
 pub fn now() -> u64 {
     unsafe { bpf_jiffies64() }
+}
+
+/// Which service and backend a flow is balanced to.
+pub struct Assignment {
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub backend_generation: u32,
+}
+
+/// Fills a reverse entry for client `flow` (whose next hop back is not known yet).
+#[inline(always)]
+pub fn write_reverse(
+    rev: &mut NatReverse,
+    flow: &FlowKey,
+    to: &Assignment,
+    flags: u32,
+    now: u64,
+    hop: &NextHop,
+) {
+    rev.client_addr = flow.src_addr;
+    rev.vip_addr = flow.dst_addr;
+    rev.client_port = flow.src_port;
+    rev.vip_port = flow.dst_port;
+    rev.service_id = to.service_id;
+    rev.backend_id = to.backend_id;
+    rev.backend_generation = to.backend_generation;
+    rev.flags = flags;
+    rev._pad = 0;
+    rev.last_seen = now;
+    // Any hop, expired: the first reply looks up the way back to the client. (Field by
+    // field: a struct copy between map values becomes a byte-loop memmove.)
+    let hop = *hop;
+    rev.hop = hop;
+    rev.hop.expires = 0;
+}
+
+/// Fills a conntrack entry.
+#[inline(always)]
+pub fn write_conn(
+    conn: &mut Conn,
+    to: &Assignment,
+    snat: ([u8; 4], u16),
+    flags: u16,
+    now: u64,
+    hop: &NextHop,
+) {
+    conn.service_id = to.service_id;
+    conn._pad = 0;
+    conn.backend_id = to.backend_id;
+    conn.backend_generation = to.backend_generation;
+    conn.snat_addr = snat.0;
+    conn.snat_port = snat.1;
+    conn.flags = flags;
+    conn.last_seen = now;
+    let hop = *hop;
+    conn.hop = hop;
 }
 
 /// Whether a tracked flow's once-a-second bookkeeping is due.
@@ -68,21 +124,13 @@ pub fn keep_reverse(conn: &Conn, flow: &FlowKey, backend: &Backend, now: u64) {
     let Some(scratch) = maps::scratch_space() else {
         return;
     };
-    let rev = &mut scratch.rev;
-    rev.client_addr = flow.src_addr;
-    rev.vip_addr = flow.dst_addr;
-    rev.client_port = flow.src_port;
-    rev.vip_port = flow.dst_port;
-    rev.service_id = conn.service_id;
-    rev.backend_id = conn.backend_id;
-    rev.backend_generation = conn.backend_generation;
-    rev.flags = 0;
-    rev._pad = 0;
-    rev.last_seen = now;
-    // Expired: the next reply looks up the way back to the client.
-    let hop = conn.hop;
-    rev.hop = hop;
-    rev.hop.expires = 0;
+    let to = Assignment {
+        service_id: conn.service_id,
+        backend_id: conn.backend_id,
+        backend_generation: conn.backend_generation,
+    };
+    write_reverse(&mut scratch.rev, flow, &to, 0, now, &conn.hop);
+    let rev = &scratch.rev;
     // If another flow took the port meanwhile, it keeps it.
     let _ = maps::nat_reverse.insert(&key, rev, BPF_NOEXIST as u64);
 }
@@ -101,19 +149,16 @@ pub fn on_reply(r: &mut NatReverse, pkt: &Packet, now: u64, cfg: &Config) {
         let Some(scratch) = maps::scratch_space() else {
             return;
         };
+        let to = Assignment {
+            service_id: r.service_id,
+            backend_id: r.backend_id,
+            backend_generation: r.backend_generation,
+        };
+        let snat = (pkt.dst_addr(), pkt.dst_port());
+        let flags = if pkt.closes() { CONN_CLOSING } else { 0 };
         let conn = &mut scratch.conn;
-        conn.service_id = r.service_id;
-        conn._pad = 0;
-        conn.backend_id = r.backend_id;
-        conn.backend_generation = r.backend_generation;
-        conn.snat_addr = pkt.dst_addr();
-        conn.snat_port = pkt.dst_port();
-        conn.flags = if pkt.closes() { CONN_CLOSING } else { 0 };
-        conn.last_seen = now;
-        // Expired: the client's next packet looks up the way to the backend. (Through a
-        // local: a map-to-map struct copy becomes a byte-loop memmove.)
-        let hop = r.hop;
-        conn.hop = hop;
+        write_conn(conn, &to, snat, flags, now, &r.hop);
+        // Expired: the client's next packet looks up the way to the backend.
         conn.hop.expires = 0;
         // The first answer wins; a flow tracked meanwhile keeps its entry, unless that entry
         // is older than this flow (an earlier connection on the same 5-tuple).
@@ -124,15 +169,10 @@ pub fn on_reply(r: &mut NatReverse, pkt: &Packet, now: u64, cfg: &Config) {
         {
             if let Some(old) = maps::conntrack.get_ptr_mut(&key) {
                 let old = unsafe { &mut *old };
-                let other = old.backend_id != conn.backend_id || old.snat_port != conn.snat_port;
+                let other = old.backend_id != to.backend_id || old.snat_port != snat.1;
                 if other && old.last_seen <= r.last_seen {
-                    old.service_id = conn.service_id;
-                    old.backend_id = conn.backend_id;
-                    old.backend_generation = conn.backend_generation;
-                    old.snat_addr = conn.snat_addr;
-                    old.snat_port = conn.snat_port;
-                    old.flags = conn.flags;
-                    old.last_seen = now;
+                    let hop = old.hop;
+                    write_conn(old, &to, snat, flags, now, &hop);
                     old.hop.expires = 0;
                 }
             }

@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::SnatPort,
+    conntrack::{Assignment, SnatPort},
     parse::{Packet, Parsed},
 };
 
@@ -196,35 +196,22 @@ fn new_flow(
     }
     // Built in the per-CPU scratch map: the stack has no room for it.
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
-    let rev = &mut scratch.rev;
-    rev.client_addr = flow.src_addr;
-    rev.vip_addr = flow.dst_addr;
-    rev.client_port = flow.src_port;
-    rev.vip_port = flow.dst_port;
-    rev.service_id = svc.id;
-    rev.backend_id = backend_id;
-    rev.backend_generation = backend.generation;
-    rev.flags = if rebalanced { 0 } else { REV_PENDING };
-    rev._pad = 0;
-    rev.last_seen = now;
-    // Expired: the first reply looks up the way back to the client.
-    rev.hop = hop;
-    rev.hop.expires = 0;
+    let to = Assignment {
+        service_id: svc.id,
+        backend_id,
+        backend_generation: backend.generation,
+    };
+    let flags = if rebalanced { 0 } else { REV_PENDING };
+    conntrack::write_reverse(&mut scratch.rev, flow, &to, flags, now, &hop);
+    let rev = &scratch.rev;
     let snat_port =
         match conntrack::alloc_snat_port(cfg, &backend, snat_addr, pkt.proto, hash, rev, now)? {
             // The first packet of a flow: one insert, the flow is tracked on its next packet.
             SnatPort::New(port) if !rebalanced => port,
             SnatPort::New(port) | SnatPort::Own(port) => {
                 let conn = &mut scratch.conn;
-                conn.service_id = svc.id;
-                conn._pad = 0;
-                conn.backend_id = backend_id;
-                conn.backend_generation = backend.generation;
-                conn.snat_addr = snat_addr;
-                conn.snat_port = port;
-                conn.flags = if pkt.closes() { CONN_CLOSING } else { 0 };
-                conn.last_seen = now;
-                conn.hop = hop;
+                let flags = if pkt.closes() { CONN_CLOSING } else { 0 };
+                conntrack::write_conn(conn, &to, (snat_addr, port), flags, now, &hop);
                 maps::conntrack
                     .insert(flow, conn, 0)
                     .map_err(|_| DropReason::MapUpdate)?;
