@@ -239,3 +239,55 @@ fn two_nodes_on_one_etcd_send_a_flow_to_the_same_backend() {
     assert_eq!(seen.len(), 3, "the flows spread over all backends");
     drop(nodes);
 }
+
+#[test]
+fn an_unreachable_store_is_retried_and_named() {
+    let ns = Netns::new(&unique("lbt-x")).unwrap();
+    // A port nothing listens on (in a fresh namespace, every port).
+    let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
+    let log = std::env::temp_dir().join(unique("lbt-log"));
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .arg(lb_tests::lbproc::lb_bin())
+        .args([
+            "run",
+            "--iface",
+            "lo",
+            "--store",
+            "etcd://127.0.0.1:2",
+            "--bpffs",
+        ])
+        .arg(&bpffs)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let still_running = child.try_wait().unwrap().is_none();
+    // The API is up meanwhile, and says it is not ready.
+    let ready = lb_tests::netns::in_netns(&ns.path(), || {
+        match ureq::get("http://127.0.0.1:9090/ready")
+            .timeout(Duration::from_secs(2))
+            .call()
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(_) => 0,
+        }
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_dir_all(&bpffs);
+    assert!(still_running, "lb gave up: {text}");
+    assert_eq!(ready, 503, "{text}");
+    // Each attempt says which address failed and why, and attempts are repeated.
+    let attempts = text
+        .lines()
+        .filter(|l| l.contains("the store") && l.contains("127.0.0.1:2") && l.contains("refused"))
+        .count();
+    assert!(attempts >= 2, "{text}");
+}
