@@ -108,12 +108,6 @@ impl Controller {
         Ok(svc)
     }
 
-    /// Creates or replaces service `name`; nothing changes when it fails.
-    pub fn put(&mut self, name: &str, spec: ServiceSpec) -> Result<Service, ControlError> {
-        let svc = self.check(name, spec)?;
-        self.apply(svc)
-    }
-
     /// From now until `resolve_deferred_neighbors`, new backends' next hops are collected
     /// and then resolved in one go: restoring thousands of services at start.
     pub fn defer_neighbors(&mut self) {

@@ -102,16 +102,20 @@ struct Route {
     dev: String,
 }
 
+/// What `ip -j ARGS` prints, as JSON objects (none if it fails).
+fn ip_json(args: &[&str]) -> Vec<serde_json::Value> {
+    Command::new("ip")
+        .arg("-j")
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|out| serde_json::from_slice(&out.stdout).ok())
+        .unwrap_or_default()
+}
+
 /// The main routing table, read once (`ip -j route show table main`).
 fn routes() -> Vec<Route> {
-    let Ok(out) = Command::new("ip")
-        .args(["-j", "route", "show", "table", "main"])
-        .output()
-    else {
-        return Vec::new();
-    };
-    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    entries
+    ip_json(&["route", "show", "table", "main"])
         .iter()
         .filter(|r| {
             r.get("type")
@@ -162,11 +166,7 @@ fn next_hops(dsts: &[Ipv4Addr]) -> HashMap<Ipv4Addr, Hop> {
 /// Neighbour entries that never go stale (configured by hand: permanent or no-ARP); lb
 /// leaves them alone.
 fn fixed_entries() -> HashSet<Hop> {
-    let Ok(out) = Command::new("ip").args(["-j", "neigh", "show"]).output() else {
-        return HashSet::new();
-    };
-    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    entries
+    ip_json(&["neigh", "show"])
         .iter()
         .filter(|e| {
             e.get("state")

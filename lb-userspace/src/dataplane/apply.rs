@@ -79,7 +79,6 @@ impl Dataplane {
 
         // Backend ids: kept for backends that stay, new ones for the others.
         let mut backends = Vec::with_capacity(svc.backends.len());
-        let mut added = Vec::new();
         let needed = svc
             .backends
             .iter()
@@ -151,7 +150,6 @@ impl Dataplane {
                 0,
             )?;
             backends.push((addr, bid));
-            added.push(bid);
         }
 
         // The table: only the slots that change when it stays in place.

@@ -70,8 +70,6 @@ pub enum DataplaneError {
     },
     #[error("{0} is not on a bpffs mount (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
     NotBpffs(PathBuf),
-    #[error("interface {0:?} does not exist")]
-    NoSuchInterface(String),
     #[error("{0} is in use by another lb (choose another --bpffs)")]
     InUse(PathBuf),
     #[error("attaching XDP to {iface}: {source}")]
