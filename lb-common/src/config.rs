@@ -11,8 +11,16 @@ pub struct Config {
     /// The kernel's jiffies per second (CONFIG_HZ): the program keeps time in jiffies,
     /// the cheapest clock it can read. 0 is taken as 250.
     pub hz: u32,
+    /// [`LAYOUT_VERSION`] of the daemon that created the maps: a restarted daemon adopts
+    /// pinned maps only when it matches its own.
+    pub layout: u32,
 }
-assert_layout!(Config, size = 8, align = 4);
+assert_layout!(Config, size = 12, align = 4);
+
+/// The version of the maps' layout (every key and value type here and what its fields
+/// mean). Bump it with any such change: a daemon then builds fresh maps instead of adopting
+/// pinned ones it would misread.
+pub const LAYOUT_VERSION: u32 = 1;
 
 impl Config {
     /// Jiffies in `seconds` (whole seconds only: every timeout lb has is).

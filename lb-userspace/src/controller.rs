@@ -84,6 +84,13 @@ impl Controller {
         }
     }
 
+    /// Leaves the data plane attached and forwarding (maps, links and backends' next
+    /// hops) when this is dropped, for the next daemon to take over.
+    pub fn keep_on_exit(&mut self) {
+        self.dataplane.keep_on_exit();
+        self.neighbors.keep_on_exit();
+    }
+
     pub fn dataplane(&mut self) -> &mut Dataplane {
         &mut self.dataplane
     }

@@ -34,6 +34,15 @@ enum Command {
     /// Load and attach the XDP program and serve the HTTP API (needs root).
     #[command(after_help = RUN_HELP)]
     Run(RunArgs),
+    /// Detach the XDP program and remove the pinned maps a stopped `lb run` left behind.
+    Down(DownArgs),
+}
+
+#[derive(Args)]
+struct DownArgs {
+    /// The bpffs directory `lb run` pinned under.
+    #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
+    bpffs: PathBuf,
 }
 
 const RUN_HELP: &str = "\
@@ -43,9 +52,13 @@ The API (JSON):
   GET    /health (liveness)     GET /ready (200 once the stored services are restored)
 
 The host: lb enables IPv4 forwarding on the interfaces it serves, keeps backends' next hops
-resolved with `ip neigh` (iproute2), and pins its maps under --bpffs (mounting bpffs on
-/sys/fs/bpf if nothing is there). Inspect them with `bpftool map dump pinned DIR/services`.
-SIGINT or SIGTERM detaches the program and removes the pins.";
+resolved with `ip neigh` (iproute2), and pins its maps and XDP links under --bpffs (mounting
+bpffs on /sys/fs/bpf if nothing is there). Inspect them with
+`bpftool map dump pinned DIR/services`.
+
+Restarts are hitless: on SIGINT, SIGTERM or a crash the program stays attached and keeps
+forwarding with the pinned maps; the next `lb run` on the same --bpffs adopts them (when their
+layout matches) and swaps its program in atomically. `lb down` detaches and removes it all.";
 
 #[derive(Args)]
 struct RunArgs {
@@ -161,11 +174,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         net::enable_forwarding(iface)?;
         dataplane.attach(iface)?;
     }
+    dataplane.detach_others();
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("binding the API to {}", args.api))?;
     let store = open_store(&args.store, &args.store_prefix).await?;
-    let controller = Arc::new(Mutex::new(Controller::new(dataplane)));
+    let mut controller = Controller::new(dataplane);
+    // From here on the data plane outlives this process: a restart takes it over.
+    controller.keep_on_exit();
+    let controller = Arc::new(Mutex::new(controller));
     let state = Reconciler::new(store, controller.clone());
     let restoring = tokio::spawn(state.clone().run());
     tracing::info!(api = %args.api, ifaces = ?args.ifaces, bpffs = %args.bpffs.display(), "lb is running");
@@ -202,10 +219,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?;
     refresher.abort();
     restoring.abort();
-    // Dropping the controller detaches XDP and removes the pins.
     drop(state);
     drop(controller);
-    tracing::info!("stopped; XDP detached and pins removed");
+    tracing::info!(
+        bpffs = %args.bpffs.display(),
+        "stopped; XDP stays attached and forwarding until the next `lb run` takes over (`lb down` removes it)"
+    );
+    Ok(())
+}
+
+fn down(args: DownArgs) -> anyhow::Result<()> {
+    if !args.bpffs.exists() {
+        eprintln!("lb: nothing pinned under {}", args.bpffs.display());
+        return Ok(());
+    }
+    let backends = Dataplane::pinned_backends(&args.bpffs);
+    let removed = Dataplane::remove_pins(&args.bpffs)?;
+    let neighbours = net::release_next_hops(&backends);
+    eprintln!(
+        "lb: detached and removed {removed} pins under {} and {neighbours} next-hop entries",
+        args.bpffs.display()
+    );
     Ok(())
 }
 
@@ -221,6 +255,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
+        Command::Down(args) => down(args),
     };
     if let Err(e) = result {
         // One line; a kernel refusal carries the verifier's log, which goes to the debug log.

@@ -189,16 +189,39 @@ fn fixed_entries() -> HashSet<Hop> {
 /// Keeps the MAC addresses of backends' next hops resolved, as "managed" neighbour
 /// entries the kernel refreshes by itself, so that the first packet of a flow to a
 /// backend never meets an unresolved neighbour in XDP (which can not wait for ARP).
-/// Entries lb added are removed when no backend needs them, and when lb stops.
+/// Entries lb added are removed when no backend needs them, and when lb stops, unless the
+/// data plane stays behind to keep forwarding (then `lb down` removes them).
 #[derive(Default)]
 pub struct Neighbors {
     /// Backend -> the next hop it is reached through.
     backends: HashMap<Ipv4Addr, Hop>,
     /// The entries lb added (and so may delete).
     owned: HashSet<Hop>,
+    keep_on_drop: bool,
+}
+
+/// Deletes the neighbour entries of `backends`' next hops, except hand-made ones: what
+/// `lb down` does for the backends a stopped daemon left in the maps.
+pub fn release_next_hops(backends: &[Ipv4Addr]) -> usize {
+    let fixed = fixed_entries();
+    let hops: HashSet<Hop> = next_hops(backends)
+        .into_values()
+        .filter(|h| !fixed.contains(h))
+        .collect();
+    let commands: String = hops
+        .iter()
+        .map(|(addr, dev)| format!("neigh del {addr} dev {dev}\n"))
+        .collect();
+    ip_batch(&[], &commands);
+    hops.len()
 }
 
 impl Neighbors {
+    /// Leave the entries in place on drop: a data plane that outlives the daemon needs them.
+    pub fn keep_on_exit(&mut self) {
+        self.keep_on_drop = true;
+    }
+
     fn used(&self, hop: &Hop) -> bool {
         self.backends.values().any(|h| h == hop)
     }
@@ -259,6 +282,9 @@ impl Neighbors {
 
 impl Drop for Neighbors {
     fn drop(&mut self) {
+        if self.keep_on_drop {
+            return;
+        }
         let commands: String = self
             .owned
             .drain()

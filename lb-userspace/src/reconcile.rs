@@ -256,6 +256,10 @@ impl Reconciler {
                         revision: u64::MAX,
                     });
                 }
+                // What an earlier daemon left in the maps and the store no longer has.
+                if let Err(e) = self.ctrl().dataplane().finish_adoption() {
+                    tracing::error!(error = %e, "removing adopted services the store does not have");
+                }
             });
             if !self.ready.swap(true, Ordering::AcqRel) {
                 tracing::info!(

@@ -22,9 +22,51 @@ pub struct LbProcess {
     ns_path: String,
     pub api: String,
     pub bpffs: PathBuf,
+    /// Whether drop removes the pins (`lb down`): not after `kill` or `stop_keeping_pins`,
+    /// which hand them on.
+    own_pins: bool,
     log: PathBuf,
     /// A store directory this process was given by `start` and removes on drop.
     own_store: Option<PathBuf>,
+}
+
+/// A pin directory an lb left attached and forwarding, for the next one to adopt;
+/// `lb down` in the lb's namespace (and a directory removal, should that fail) on drop.
+pub struct Pins {
+    dir: PathBuf,
+    ns_path: String,
+}
+
+impl Pins {
+    pub fn path(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    fn take(mut self) -> PathBuf {
+        std::mem::take(&mut self.dir)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if !self.dir.as_os_str().is_empty() {
+            lb_down(&self.ns_path, &self.dir);
+        }
+    }
+}
+
+/// `lb down --bpffs DIR` in the namespace at `ns_path` (where it also lets go of the
+/// backends' next hops); the directory is removed whatever happens.
+pub fn lb_down(ns_path: &str, bpffs: &std::path::Path) {
+    let _ = Command::new("nsenter")
+        .arg(format!("--net={ns_path}"))
+        .arg(lb_bin())
+        .args(["down", "--bpffs"])
+        .arg(bpffs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(bpffs);
 }
 
 /// A fresh store directory for a test (the caller removes it, or `LbProcess` does).
@@ -36,12 +78,40 @@ impl LbProcess {
     /// Starts `lb run --iface IF...` in `ns`, with a store of its own unless `extra` names
     /// one, and waits until it is ready.
     pub fn start(ns: &Netns, ifaces: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
+        let bpffs = PathBuf::from("/sys/fs/bpf").join(crate::unique("lbt"));
+        let mut lb = Self::spawn(ns, ifaces, extra, bpffs)?;
+        lb.wait_ready(Duration::from_secs(15))?;
+        Ok(lb)
+    }
+
+    /// Starts an lb on the pins an earlier one left (a restart), and waits until ready.
+    pub fn start_on(
+        ns: &Netns,
+        ifaces: &[&str],
+        extra: &[&str],
+        pins: Pins,
+    ) -> anyhow::Result<Self> {
+        let mut lb = Self::spawn(ns, ifaces, extra, pins.take())?;
+        lb.wait_ready(Duration::from_secs(15))?;
+        Ok(lb)
+    }
+
+    /// Starts an lb on `pins` without waiting for it to be ready.
+    pub fn spawn_on(
+        ns: &Netns,
+        ifaces: &[&str],
+        extra: &[&str],
+        pins: Pins,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(ns, ifaces, extra, pins.take())
+    }
+
+    fn spawn(ns: &Netns, ifaces: &[&str], extra: &[&str], bpffs: PathBuf) -> anyhow::Result<Self> {
         let own_store = (!extra.contains(&"--store")).then(temp_store);
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if let Some(dir) = &own_store {
             args.extend(["--store".to_string(), format!("file://{}", dir.display())]);
         }
-        let bpffs = PathBuf::from("/sys/fs/bpf").join(crate::unique("lbt"));
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique("lb-")));
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", ns.path()))
@@ -59,27 +129,56 @@ impl LbProcess {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting lb")?;
-        let mut lb = Self {
+        Ok(Self {
             child: Some(child),
             ns_path: ns.path(),
             api: "http://127.0.0.1:9090".into(),
             bpffs,
+            own_pins: true,
             log,
             own_store,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        })
+    }
+
+    /// Waits until `GET /ready` answers 200.
+    pub fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
         loop {
-            if let Ok((200, _)) = lb.request("GET", "/ready", None) {
-                return Ok(lb);
+            if let Ok((200, _)) = self.request("GET", "/ready", None) {
+                return Ok(());
             }
-            if let Some(status) = lb.child.as_mut().unwrap().try_wait()? {
-                bail!("lb exited ({status}): {}", lb.log_text());
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                bail!("lb exited ({status}): {}", self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("lb's API did not come up: {}", lb.log_text());
+                bail!("lb did not become ready: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `kill -9`: the process dies at once; its pins stay, attached and forwarding.
+    pub fn kill(mut self) -> Pins {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.own_pins = false;
+        Pins {
+            dir: self.bpffs.clone(),
+            ns_path: self.ns_path.clone(),
+        }
+    }
+
+    /// SIGTERM, keeping the pins (as a stopped lb leaves them) for the next one.
+    pub fn stop_keeping_pins(mut self) -> anyhow::Result<(std::process::ExitStatus, Pins)> {
+        let status = self.terminate()?;
+        self.own_pins = false;
+        let pins = Pins {
+            dir: self.bpffs.clone(),
+            ns_path: self.ns_path.clone(),
+        };
+        Ok((status, pins))
     }
 
     pub fn log_text(&self) -> String {
@@ -131,8 +230,12 @@ impl LbProcess {
         Ok(v)
     }
 
-    /// Sends SIGTERM and waits for a clean exit.
+    /// Sends SIGTERM and waits for a clean exit; drop then removes the pins.
     pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().unwrap();
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
@@ -173,8 +276,11 @@ impl Drop for LbProcess {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Pins of an lb that was killed: remove them so tests leave nothing behind.
-        let _ = std::fs::remove_dir_all(&self.bpffs);
+        // A stopped lb leaves its data plane attached: remove it so tests leave nothing
+        // behind, unless it was handed on to the next lb.
+        if self.own_pins {
+            lb_down(&self.ns_path, &self.bpffs);
+        }
         let _ = std::fs::remove_file(&self.log);
         if let Some(dir) = &self.own_store {
             let _ = std::fs::remove_dir_all(dir);

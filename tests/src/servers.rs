@@ -195,3 +195,92 @@ pub fn udp_ask(ns: &Netns, to: SocketAddr, timeout: Duration) -> anyhow::Result<
     let (n, _) = sock.recv_from(&mut buf).context("no UDP answer")?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// What a [`ClientLoad`] saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Requests on new connections that got their answer.
+    pub answered: usize,
+    /// Requests that did not (connection refused, reset, timed out), with the error.
+    pub failures: Vec<String>,
+    /// Requests on the one long-lived connection that got their answer, and which
+    /// backends answered it (one, if the flow never moved).
+    pub kept_answered: usize,
+    pub kept_backends: std::collections::BTreeSet<String>,
+}
+
+/// A client in a namespace that keeps opening connections to `to` (one request each)
+/// and keeps one keep-alive connection busy, until stopped.
+pub struct ClientLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<LoadReport>>,
+}
+
+impl ClientLoad {
+    pub fn start(ns: &Netns, to: SocketAddr) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let path = ns.path();
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&file),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .expect("setns");
+            let timeout = Duration::from_secs(2);
+            let mut report = LoadReport::default();
+            let once = || -> anyhow::Result<String> {
+                let stream = TcpStream::connect_timeout(&to, timeout)?;
+                stream.set_read_timeout(Some(timeout))?;
+                HttpConn {
+                    reader: BufReader::new(stream),
+                }
+                .get()
+            };
+            let mut kept = TcpStream::connect_timeout(&to, timeout).map(|s| {
+                let _ = s.set_read_timeout(Some(timeout));
+                HttpConn {
+                    reader: BufReader::new(s),
+                }
+            });
+            let _ = ready_tx.send(());
+            while !flag.load(Ordering::Relaxed) {
+                match once() {
+                    Ok(_) => report.answered += 1,
+                    Err(e) => report.failures.push(format!("new connection: {e:#}")),
+                }
+                match kept.as_mut().map_err(|e| anyhow::anyhow!("{e}")).and_then(|c| c.get()) {
+                    Ok(backend) => {
+                        report.kept_answered += 1;
+                        report.kept_backends.insert(backend);
+                    }
+                    Err(e) => report.failures.push(format!("kept connection: {e:#}")),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            report
+        });
+        ready_rx.recv()?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(mut self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().expect("client thread")
+    }
+}
+
+impl Drop for ClientLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

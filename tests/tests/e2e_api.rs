@@ -1,6 +1,6 @@
 //! The daemon's API and command line as a user meets them: bad input is a 400 naming the
 //! field and changes nothing; start-up errors are one line and a non-zero exit; SIGTERM
-//! detaches and removes the pins.
+//! leaves the data plane forwarding and `lb down` removes it.
 use std::process::Command;
 
 use lb_tests::{
@@ -155,18 +155,19 @@ fn start_up_errors_are_one_line_and_a_non_zero_exit() {
 }
 
 #[test]
-fn sigterm_detaches_and_removes_the_pins() {
+fn sigterm_leaves_forwarding_running_and_lb_down_removes_it() {
     let topo = Topology::two_armed(1).unwrap();
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
     let service = json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:8080"]});
     lb.put_service("web", &service).unwrap();
     // The backend's next hop is kept resolved while lb serves it.
-    assert!(
+    let managed = || {
         topo.lb
             .ip("neigh show 10.202.2.11")
             .unwrap()
             .contains("managed")
-    );
+    };
+    assert!(managed());
     let pins = lb.bpffs.clone();
     assert!(pins.join("services").exists());
     assert!(topo.lb.ip("link show eth0").unwrap().contains("xdp"));
@@ -177,19 +178,26 @@ fn sigterm_detaches_and_removes_the_pins() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&dump.stdout).contains("snat_port_min"));
-    let status = lb.stop().unwrap();
+    let (status, kept) = lb.stop_keeping_pins().unwrap();
     assert!(status.success(), "{status}");
+    // Stopped, the data plane carries on: program attached, maps pinned, next hop kept.
+    assert!(pins.join("services").exists());
+    assert!(topo.lb.ip("link show eth0").unwrap().contains("xdp"));
+    assert!(managed());
+
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", topo.lb.path()))
+        .arg(lb_bin())
+        .args(["down", "--bpffs"])
+        .arg(&pins)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
     assert!(!pins.exists(), "pins left behind");
     assert!(!topo.lb.ip("link show eth0").unwrap().contains("xdp"));
     assert!(!topo.lb.ip("link show eth1").unwrap().contains("xdp"));
-    assert!(
-        !topo
-            .lb
-            .ip("neigh show 10.202.2.11")
-            .unwrap()
-            .contains("managed"),
-        "neighbour entry left behind"
-    );
+    assert!(!managed(), "next-hop entry left behind");
+    drop(kept);
 }
 
 #[test]

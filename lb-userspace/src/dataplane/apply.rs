@@ -32,7 +32,7 @@ pub fn service_key(svc: &Service) -> ServiceKey {
 
 impl Dataplane {
     /// Counts `key` in (`by` = 1) or out (`by` = -1) of the VIP filter.
-    fn filter_add(&mut self, key: &ServiceKey, by: i32) -> Result<(), DataplaneError> {
+    pub(super) fn filter_add(&mut self, key: &ServiceKey, by: i32) -> Result<(), DataplaneError> {
         let slot = key.filter_slot();
         let count = self.filter_counts.entry(slot).or_default();
         *count = count.saturating_add_signed(by);
@@ -65,13 +65,41 @@ impl Dataplane {
 
     /// Creates or replaces `svc` in the maps.
     pub fn upsert(&mut self, svc: &Service) -> Result<(), DataplaneError> {
-        let old = self.installed.get(&svc.name).cloned();
         let key = service_key(svc);
+        if let Some(o) = self.installed.get(&svc.name).cloned() {
+            if let Some(stale) = self.claim_adopted(&key) {
+                // The key it moves to was another service's before the restart.
+                self.remove_unclaimed(stale)?;
+            }
+            return self.upsert_over(svc, key, Some(o));
+        }
+        // A service first applied after a restart takes over the entry an earlier daemon
+        // left for its key, so that its tracked flows keep their ids.
+        match self.claim_adopted(&key) {
+            Some(adopted) => {
+                let result = self.upsert_over(svc, key, Some(adopted.clone()));
+                if result.is_err() {
+                    self.adopted.insert(key, adopted);
+                }
+                result
+            }
+            None => self.upsert_over(svc, key, None),
+        }
+    }
+
+    /// Writes `svc` over `old`, what its key or name had in the maps.
+    fn upsert_over(
+        &mut self,
+        svc: &Service,
+        key: ServiceKey,
+        old: Option<Installed>,
+    ) -> Result<(), DataplaneError> {
         // Every capacity is checked before the first write, so that a full map fails the
         // call without changing anything. A new key (a new service, or a moved VIP, whose
         // old key goes only after the new one is in) needs room in `services`.
         let new_key = old.as_ref().is_none_or(|o| o.key != key);
-        if new_key && self.installed.len() as u32 >= self.max_services {
+        let used = self.installed.len() + self.adopted.len();
+        if new_key && used as u32 >= self.max_services {
             return Err(DataplaneError::Full(
                 "no room for another service key (raise --max-services)".into(),
             ));
@@ -207,9 +235,14 @@ impl Dataplane {
         Ok(())
     }
 
-    fn retire_backend(&mut self, bid: u32) -> Result<(), DataplaneError> {
-        // Inactive: tracked flows see it and are balanced again on their next packet.
-        self.backends.set(bid, Backend::default(), 0)?;
+    pub(super) fn retire_backend(&mut self, bid: u32) -> Result<(), DataplaneError> {
+        // Inactive: tracked flows see it and are balanced again on their next packet. The
+        // generation stays, for a later daemon that adopts these maps.
+        let retired = Backend {
+            generation: self.generations[bid as usize],
+            ..Backend::default()
+        };
+        self.backends.set(bid, retired, 0)?;
         self.backend_ids.release(bid);
         Ok(())
     }

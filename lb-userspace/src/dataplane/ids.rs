@@ -5,6 +5,8 @@ pub struct IdAllocator {
     next: u32,
     limit: u32,
     free: Vec<u32>,
+    /// Set when adopting an earlier daemon's maps: any id may hold its leftovers.
+    all_reused: bool,
 }
 
 impl IdAllocator {
@@ -14,6 +16,19 @@ impl IdAllocator {
             next: 1,
             limit,
             free: Vec::new(),
+            all_reused: false,
+        }
+    }
+
+    /// Ids `1 .. limit` of which `used` are taken already (by the maps an earlier daemon
+    /// left). Every id handed out counts as reused: that daemon may have used any of them.
+    pub fn adopting(limit: u32, used: &std::collections::HashSet<u32>) -> Self {
+        let next = used.iter().max().map_or(1, |m| m + 1);
+        Self {
+            next,
+            limit,
+            free: (1..next).rev().filter(|id| !used.contains(id)).collect(),
+            all_reused: true,
         }
     }
 
@@ -32,7 +47,7 @@ impl IdAllocator {
             return None;
         }
         self.next += 1;
-        Some((self.next - 1, false))
+        Some((self.next - 1, self.all_reused))
     }
 
     pub fn release(&mut self, id: u32) {
@@ -61,5 +76,18 @@ mod tests {
         ids.release(2);
         assert_eq!(ids.available(), 1);
         assert_eq!(ids.alloc(), Some(2));
+    }
+
+    #[test]
+    fn adopted_ids_are_not_handed_out_again() {
+        let used = std::collections::HashSet::from([2, 5]);
+        let mut ids = IdAllocator::adopting(8, &used);
+        let mut got = Vec::new();
+        while let Some((id, reused)) = ids.alloc_noting_reuse() {
+            assert!(reused, "an adopted allocator treats every id as used before");
+            got.push(id);
+        }
+        got.sort();
+        assert_eq!(got, [1, 3, 4, 6, 7]);
     }
 }

@@ -1,10 +1,13 @@
 //! The only code that touches BPF: loads lb's XDP program, pins its maps, attaches it to
-//! interfaces and applies services to the maps in an order packets can never observe
-//! half done.
+//! interfaces through pinned links and applies services to the maps in an order packets can
+//! never observe half done. A restarted daemon adopts what an earlier one pinned (see
+//! `pins`), so forwarding never stops for a control-plane restart.
+mod adopt;
 mod apply;
 mod clock;
 mod ids;
 mod maglev_array;
+mod pins;
 mod slots;
 
 use std::{
@@ -17,10 +20,14 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
-    config::{Config, IfaceAddr, NextHop},
+    config::{Config, IfaceAddr, LAYOUT_VERSION, NextHop},
     service::{Backend, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
 };
@@ -74,6 +81,10 @@ pub enum DataplaneError {
     InUse(PathBuf),
     #[error("attaching XDP to {iface}: {source}")]
     Attach { iface: String, source: ProgramError },
+    #[error("the XDP link on {iface}: {source}")]
+    Link { iface: String, source: LinkError },
+    #[error("no interface named {0}")]
+    NoInterface(String),
     #[error("the eBPF object has no map or program named {0}")]
     Missing(&'static str),
     #[error("{0}")]
@@ -119,7 +130,13 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     drops: PerCpuArray<MapData, u64>,
-    links: Vec<(String, XdpLinkId)>,
+    /// Our descriptors of the XDP links (pinned: closing them detaches nothing).
+    links: Vec<(u32, FdLink)>,
+    /// Services found in adopted maps and not yet claimed by a restored service, by key.
+    adopted: StdHashMap<ServiceKey, Installed>,
+    /// Whether dropping this leaves the program attached and the maps pinned (a daemon's
+    /// normal exit) or removes them (tests, and a start that failed).
+    keep_on_drop: bool,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     /// Generation last given to each backend id (index = id).
@@ -175,17 +192,28 @@ where
 }
 
 impl Dataplane {
-    /// Loads the program and its maps and pins the maps under `pin_dir` (created if
-    /// needed; pins left there by an earlier run are replaced). On failure nothing that
-    /// was created is left behind.
+    /// Loads the program with its maps pinned under `pin_dir` (created if needed). Pinned
+    /// maps an earlier daemon left are adopted when their layout matches, with every
+    /// service and tracked flow in them; otherwise they are replaced by fresh ones. On
+    /// failure nothing this call created is left behind, and adopted pins stay as they were.
     pub fn load(pin_dir: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
         let existed = pin_dir.exists();
-        let result = Self::load_and_pin(pin_dir, limits);
-        // The pins of another daemon are not ours to clean up.
-        if result.is_err() && !matches!(result, Err(DataplaneError::InUse(_))) {
-            for name in MAPS {
-                let _ = std::fs::remove_file(pin_dir.join(name));
+        let lock = Self::lock_pin_dir(pin_dir)?;
+        let adopt = match pins::inspect(pin_dir, limits) {
+            pins::Pinned::Nothing => false,
+            pins::Pinned::Adoptable => true,
+            pins::Pinned::Incompatible(why) => {
+                tracing::warn!(
+                    "not adopting the maps pinned under {}: {why}; starting with fresh maps (tracked flows are balanced again)",
+                    pin_dir.display()
+                );
+                Self::remove_map_pins(pin_dir);
+                false
             }
+        };
+        let result = Self::load_maps(pin_dir, limits, lock, adopt);
+        if result.is_err() && !adopt {
+            Self::remove_map_pins(pin_dir);
             if !existed {
                 let _ = std::fs::remove_dir(pin_dir);
             }
@@ -193,7 +221,8 @@ impl Dataplane {
         result
     }
 
-    fn load_and_pin(pin_dir: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
+    /// Creates `pin_dir` on bpffs and takes its lock: one daemon per pin directory.
+    fn lock_pin_dir(pin_dir: &Path) -> Result<std::fs::File, DataplaneError> {
         let pin_err = |source| DataplaneError::Pin {
             path: pin_dir.to_path_buf(),
             source,
@@ -203,7 +232,6 @@ impl Dataplane {
         if !is_bpffs(pin_dir) {
             return Err(DataplaneError::NotBpffs(pin_dir.to_path_buf()));
         }
-        // One daemon per pin directory: a second one would unpin the first one's maps.
         let lock = std::fs::File::open(pin_dir).map_err(pin_err)?;
         if unsafe {
             libc::flock(
@@ -214,24 +242,69 @@ impl Dataplane {
         {
             return Err(DataplaneError::InUse(pin_dir.to_path_buf()));
         }
+        Ok(lock)
+    }
+
+    fn remove_map_pins(pin_dir: &Path) {
         for name in MAPS {
-            let pin = pin_dir.join(name);
-            if pin.exists() {
-                tracing::warn!(pin = %pin.display(), "replacing a pin left by an earlier run");
-                std::fs::remove_file(&pin).map_err(pin_err)?;
-            }
+            let _ = std::fs::remove_file(pin_dir.join(name));
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("services", limits.max_services)
-            // Ids start at 1 (0 means "none"): arrays indexed by id get one more entry.
-            .map_max_entries("service_stats", limits.max_services + 1)
-            .map_max_entries("backends", limits.max_backends + 1)
-            .map_max_entries("backend_stats", limits.max_backends + 1)
-            .map_max_entries("backend_hops", limits.max_backends + 1)
-            .map_max_entries("maglev", limits.maglev_slots)
-            .map_max_entries("conntrack", limits.conntrack_entries)
-            .map_max_entries("nat_reverse", limits.conntrack_entries)
-            .load(EBPF_OBJECT)?;
+    }
+
+    /// Detaches and removes everything an lb pinned under `pin_dir` (`lb down`): the XDP
+    /// links, then the maps. Refused while a daemon uses the directory.
+    pub fn remove_pins(pin_dir: &Path) -> Result<usize, DataplaneError> {
+        let lock = Self::lock_pin_dir(pin_dir)?;
+        let removed = Self::unpin_all(pin_dir);
+        drop(lock);
+        Ok(removed)
+    }
+
+    /// The addresses of the active backends in the maps pinned under `pin_dir`.
+    pub fn pinned_backends(pin_dir: &Path) -> Vec<std::net::Ipv4Addr> {
+        let Ok(data) = MapData::from_pin(pin_dir.join("backends")) else {
+            return Vec::new();
+        };
+        let Ok(backends) = Array::<MapData, Backend>::try_from(aya::maps::Map::Array(data)) else {
+            return Vec::new();
+        };
+        let mut addrs: Vec<std::net::Ipv4Addr> = (1..backends.len())
+            .filter_map(|id| backends.get(&id, 0).ok())
+            .filter(Backend::is_active)
+            .map(|b| b.addr.into())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    fn unpin_all(pin_dir: &Path) -> usize {
+        let mut removed = 0;
+        for (_, pin) in pins::link_pins(pin_dir) {
+            removed += std::fs::remove_file(pin).is_ok() as usize;
+        }
+        for name in MAPS {
+            removed += std::fs::remove_file(pin_dir.join(name)).is_ok() as usize;
+        }
+        let _ = std::fs::remove_dir(pin_dir);
+        removed
+    }
+
+    fn load_maps(
+        pin_dir: &Path,
+        limits: &Limits,
+        lock: std::fs::File,
+        adopt: bool,
+    ) -> Result<Self, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        for (name, entries) in pins::max_entries(limits) {
+            loader.map_max_entries(name, entries);
+        }
+        // Opened when pinned (adopted), else created and pinned.
+        for name in MAPS {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [PROGRAM, PASS_PROGRAM, TX_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -239,12 +312,7 @@ impl Dataplane {
                 .try_into()?;
             prog.load()?;
         }
-        for name in MAPS {
-            let map = ebpf.map(name).ok_or(DataplaneError::Missing(name))?;
-            map.pin(pin_dir.join(name))
-                .map_err(|e| pin_err(std::io::Error::other(e.to_string())))?;
-        }
-        Ok(Self {
+        let mut dataplane = Self {
             services: take(&mut ebpf, "services")?,
             vip_filter: take(&mut ebpf, "vip_filter")?,
             filter_counts: StdHashMap::new(),
@@ -265,6 +333,8 @@ impl Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             links: Vec::new(),
+            adopted: StdHashMap::new(),
+            keep_on_drop: false,
             service_ids: IdAllocator::new(limits.max_services + 1),
             backend_ids: IdAllocator::new(limits.max_backends + 1),
             generations: vec![0; limits.max_backends as usize + 1],
@@ -273,7 +343,27 @@ impl Dataplane {
             max_services: limits.max_services,
             hz: clock::kernel_hz(),
             _lock: lock,
-        })
+        };
+        if adopt {
+            // From here on the pins are an earlier daemon's state, serving traffic: a
+            // failure must not remove them.
+            dataplane.keep_on_drop = true;
+            dataplane.read_adopted(limits)?;
+            dataplane.keep_on_drop = false;
+        }
+        Ok(dataplane)
+    }
+
+    /// Whether the maps came from an earlier daemon, and how many of its services are not
+    /// yet restored (see [`Dataplane::finish_adoption`]).
+    pub fn adopted_services(&self) -> usize {
+        self.adopted.len()
+    }
+
+    /// Leave the program attached and the maps pinned when this is dropped, so that the
+    /// next daemon takes over without a lost packet. `lb down` removes them.
+    pub fn keep_on_exit(&mut self) {
+        self.keep_on_drop = true;
     }
 
     /// Writes the balancer-wide settings: the SNAT source port range (inclusive), and the
@@ -285,6 +375,7 @@ impl Dataplane {
                 snat_port_min: min,
                 snat_port_max: max,
                 hz: self.hz,
+                layout: LAYOUT_VERSION,
             },
             0,
         )?;
@@ -314,21 +405,54 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Attaches the program to `iface` (native XDP where the driver has it).
+    /// Attaches the program to `iface` (native XDP where the driver has it) through a
+    /// pinned link. When an earlier daemon's link is pinned for it, the program is swapped
+    /// in through that link instead: atomically, so no packet goes unhandled.
     pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let ifindex = nix::net::if_::if_nametoindex(iface)
+            .map_err(|_| DataplaneError::NoInterface(iface.to_string()))?;
+        let pin = pins::link_pin(&self.pin_dir, ifindex);
+        let link_err = |source| DataplaneError::Link {
+            iface: iface.to_string(),
+            source,
+        };
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(PROGRAM)
             .ok_or(DataplaneError::Missing(PROGRAM))?
             .try_into()?;
-        let link =
-            prog.attach(iface, XdpMode::Default)
-                .map_err(|source| DataplaneError::Attach {
-                    iface: iface.to_string(),
-                    source,
-                })?;
-        self.links.push((iface.to_string(), link));
+        if let Some(link) = pins::open_link(&pin, ifindex) {
+            let link = XdpLink::try_from(link).map_err(link_err)?;
+            let id = prog.attach_to_link(link).map_err(attach_err)?;
+            let link = FdLink::try_from(prog.take_link(id)?).map_err(link_err)?;
+            tracing::info!(iface, "replaced the program on the pinned XDP link");
+            self.links.push((ifindex, link));
+            return Ok(());
+        }
+        // A pin for a device that is gone (the index was reused) holds a dead link.
+        let _ = std::fs::remove_file(&pin);
+        let id = prog.attach(iface, XdpMode::Default).map_err(attach_err)?;
+        let link = FdLink::try_from(prog.take_link(id)?).map_err(link_err)?;
+        let pinned = link.pin(&pin).map_err(|e| DataplaneError::Pin {
+            path: pin.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.links.push((ifindex, pinned.into()));
         Ok(())
+    }
+
+    /// Detaches from interfaces an earlier daemon served and this one does not.
+    pub fn detach_others(&mut self) {
+        for (ifindex, pin) in pins::link_pins(&self.pin_dir) {
+            if !self.links.iter().any(|(i, _)| *i == ifindex) {
+                tracing::info!(ifindex, "detaching from an interface no --iface names");
+                let _ = std::fs::remove_file(pin);
+            }
+        }
     }
 
     /// A loaded program, for `BPF_PROG_TEST_RUN`.
@@ -426,12 +550,12 @@ impl Dataplane {
 }
 
 impl Drop for Dataplane {
-    /// Detaches (links are closed with the program) and removes the pins.
+    /// Leaves everything attached and pinned after [`Dataplane::keep_on_exit`]; otherwise
+    /// detaches and removes the pins.
     fn drop(&mut self) {
         self.links.clear();
-        for name in MAPS {
-            let _ = std::fs::remove_file(self.pin_dir.join(name));
+        if !self.keep_on_drop {
+            Self::unpin_all(&self.pin_dir);
         }
-        let _ = std::fs::remove_dir(&self.pin_dir);
     }
 }

@@ -27,6 +27,28 @@ impl SlotAllocator {
         Some(offset)
     }
 
+    /// Takes the run `offset .. offset + len` (an adopted table) if it is free.
+    pub fn reserve(&mut self, offset: u32, len: u32) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let Some((&start, &run)) = self.free.range(..=offset).next_back() else {
+            return false;
+        };
+        let (end, want_end) = (start as u64 + run as u64, offset as u64 + len as u64);
+        if want_end > end {
+            return false;
+        }
+        self.free.remove(&start);
+        if offset > start {
+            self.free.insert(start, offset - start);
+        }
+        if end > want_end {
+            self.free.insert(want_end as u32, (end - want_end) as u32);
+        }
+        true
+    }
+
     pub fn release(&mut self, offset: u32, len: u32) {
         let (mut start, mut length) = (offset, len);
         if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back()
@@ -68,5 +90,16 @@ mod tests {
         s.release(c, 200);
         assert_eq!(s.free_slots(), 1000);
         assert_eq!(s.alloc(1000), Some(0));
+    }
+
+    #[test]
+    fn adopted_runs_are_reserved_once() {
+        let mut s = SlotAllocator::new(1000);
+        assert!(s.reserve(100, 251));
+        assert!(!s.reserve(300, 10), "overlaps the first");
+        assert!(s.reserve(0, 100));
+        assert!(!s.reserve(990, 20), "past the end");
+        assert_eq!(s.free_slots(), 1000 - 351);
+        assert_eq!(s.alloc(649), Some(351));
     }
 }

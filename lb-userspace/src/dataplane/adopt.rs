@@ -1,0 +1,142 @@
+//! Taking over the maps an earlier daemon left pinned. Tracked flows name services and
+//! backends by id, so the ids, table runs and generations found in the maps are kept: a
+//! service restored from the store takes over its entry as it stands (rewriting only the
+//! slots that differ), and entries no stored service claims are removed afterwards.
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use lb_common::service::{ServiceInfo, ServiceKey};
+
+use super::{Dataplane, DataplaneError, Installed, Limits, ids::IdAllocator};
+
+impl Dataplane {
+    /// Reads the services, tables and backends in adopted maps into `self.adopted`, and
+    /// marks their ids and slots as taken.
+    pub(super) fn read_adopted(&mut self, limits: &Limits) -> Result<(), DataplaneError> {
+        // Every backend id's generation, also of ids free now: a flow tracked to a retired
+        // backend must never match the id's next holder.
+        for id in 1..=limits.max_backends {
+            if let Ok(b) = self.backends.get(&id, 0) {
+                self.generations[id as usize] = b.generation;
+            }
+        }
+        let entries: Vec<(ServiceKey, ServiceInfo)> =
+            self.services.iter().filter_map(Result::ok).collect();
+        let (mut service_ids, mut backend_ids) = (HashSet::new(), HashSet::new());
+        let mut bad = Vec::new();
+        for (key, info) in entries {
+            match self.read_service(key, info, limits, &service_ids, &backend_ids) {
+                Ok(inst) => {
+                    service_ids.insert(inst.id);
+                    backend_ids.extend(inst.backends.iter().map(|&(_, id)| id));
+                    self.adopted.insert(key, inst);
+                }
+                Err(why) => bad.push((key, why)),
+            }
+        }
+        for (key, why) in bad {
+            // Nothing can be trusted about it: its traffic goes to the kernel until a
+            // stored service claims the address again.
+            tracing::warn!(vip = %service_addr(&key), proto = key.proto, "dropping an adopted service: {why}");
+            self.services.remove(&key)?;
+        }
+        self.service_ids = IdAllocator::adopting(limits.max_services + 1, &service_ids);
+        self.backend_ids = IdAllocator::adopting(limits.max_backends + 1, &backend_ids);
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for key in self.adopted.keys() {
+            *counts.entry(key.filter_slot()).or_default() += 1;
+        }
+        for (&slot, &count) in &counts {
+            self.vip_filter.set(slot, count, 0)?;
+        }
+        self.filter_counts = counts;
+        tracing::info!(
+            services = self.adopted.len(),
+            backends = backend_ids.len(),
+            "adopted the pinned maps"
+        );
+        Ok(())
+    }
+
+    /// One adopted service as `Installed`, after checking that it is consistent and does
+    /// not collide with the ones read before it.
+    fn read_service(
+        &mut self,
+        key: ServiceKey,
+        info: ServiceInfo,
+        limits: &Limits,
+        service_ids: &HashSet<u32>,
+        backend_ids: &HashSet<u32>,
+    ) -> Result<Installed, String> {
+        if info.id == 0 || info.id > limits.max_services || service_ids.contains(&info.id) {
+            return Err(format!("service id {} is out of range or taken", info.id));
+        }
+        let end = info.table_offset as u64 + info.table_size as u64;
+        if end > limits.maglev_slots as u64 {
+            return Err(format!("table run ends at {end}, past the slot array"));
+        }
+        let table: Vec<u32> = (0..info.table_size)
+            .map(|i| self.maglev.get(info.table_offset + i))
+            .collect();
+        let mut backends: Vec<(SocketAddrV4, u32)> = Vec::new();
+        for &id in &table {
+            if backends.iter().any(|&(_, b)| b == id) {
+                continue;
+            }
+            if id == 0 || id > limits.max_backends || backend_ids.contains(&id) {
+                return Err(format!("backend id {id} is out of range or taken"));
+            }
+            let b = self.backends.get(&id, 0).map_err(|e| e.to_string())?;
+            if !b.is_active() {
+                return Err(format!("its table names inactive backend {id}"));
+            }
+            backends.push((SocketAddrV4::new(Ipv4Addr::from(b.addr), b.port), id));
+        }
+        if !self.slots.reserve(info.table_offset, info.table_size) {
+            return Err("its table run overlaps another".into());
+        }
+        Ok(Installed {
+            key,
+            id: info.id,
+            table_offset: info.table_offset,
+            table_size: info.table_size,
+            backends,
+            table,
+        })
+    }
+
+    /// The adopted entry for `key`, claimed by a service being applied.
+    pub(super) fn claim_adopted(&mut self, key: &ServiceKey) -> Option<Installed> {
+        self.adopted.remove(key)
+    }
+
+    /// Removes `inst` (not in `installed`) from the maps: entry first, then what it held.
+    pub(super) fn remove_unclaimed(&mut self, inst: Installed) -> Result<(), DataplaneError> {
+        self.services.remove(&inst.key)?;
+        self.filter_add(&inst.key, -1)?;
+        for &(_, bid) in &inst.backends {
+            self.retire_backend(bid)?;
+        }
+        self.slots.release(inst.table_offset, inst.table_size);
+        self.service_ids.release(inst.id);
+        Ok(())
+    }
+
+    /// Removes the adopted services no stored service claimed (deleted while no daemon
+    /// ran); called once every stored service is restored. How many there were.
+    pub fn finish_adoption(&mut self) -> Result<usize, DataplaneError> {
+        let unclaimed: Vec<Installed> = self.adopted.drain().map(|(_, i)| i).collect();
+        let n = unclaimed.len();
+        for inst in unclaimed {
+            tracing::info!(vip = %service_addr(&inst.key), "removing an adopted service the store no longer has");
+            self.remove_unclaimed(inst)?;
+        }
+        Ok(n)
+    }
+}
+
+fn service_addr(key: &ServiceKey) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(key.addr), key.port)
+}

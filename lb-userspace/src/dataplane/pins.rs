@@ -1,0 +1,196 @@
+//! What lives under the pin directory, and whether a restarted daemon may adopt it.
+//!
+//! The maps and one XDP link per interface are pinned, so forwarding carries on while no
+//! daemon runs. A new daemon adopts pinned maps when their kinds, sizes and the layout
+//! version in `config` match its own, and always swaps its program in through the pinned
+//! links (an atomic replace: no packet meets an interface without a program).
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{Array, Map, MapData, MapInfo},
+    programs::links::{FdLink, PinnedLink},
+};
+use lb_common::config::{Config, LAYOUT_VERSION};
+
+use super::{EBPF_OBJECT, Limits, MAPS};
+
+/// The pin of the XDP link on interface `ifindex`. Keyed by index, not name: a renamed
+/// interface keeps its link, a re-created one (new index) does not inherit a dead one.
+pub fn link_pin(dir: &Path, ifindex: u32) -> PathBuf {
+    dir.join(format!("xdp_link_if{ifindex}"))
+}
+
+/// Every link pin under `dir`, with its interface index.
+pub fn link_pins(dir: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let ifindex = name.strip_prefix("xdp_link_if")?.parse().ok()?;
+            Some((ifindex, e.path()))
+        })
+        .collect()
+}
+
+/// The map sizes a daemon with `limits` creates (ids start at 1: arrays indexed by id get
+/// one more entry).
+pub fn max_entries(limits: &Limits) -> [(&'static str, u32); 8] {
+    [
+        ("services", limits.max_services),
+        ("service_stats", limits.max_services + 1),
+        ("backends", limits.max_backends + 1),
+        ("backend_stats", limits.max_backends + 1),
+        ("backend_hops", limits.max_backends + 1),
+        ("maglev", limits.maglev_slots),
+        ("conntrack", limits.conntrack_entries),
+        ("nat_reverse", limits.conntrack_entries),
+    ]
+}
+
+/// What the pin directory holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pinned {
+    /// No maps (a first start, or after a reboot).
+    Nothing,
+    /// Maps this daemon can use as they are.
+    Adoptable,
+    /// Maps it cannot use, and why.
+    Incompatible(String),
+}
+
+/// Compares the pinned maps with the ones this daemon would create.
+pub fn inspect(dir: &Path, limits: &Limits) -> Pinned {
+    let present = MAPS.iter().filter(|m| dir.join(m).exists()).count();
+    if present == 0 {
+        return Pinned::Nothing;
+    }
+    match check(dir, limits) {
+        Ok(()) => Pinned::Adoptable,
+        Err(why) => Pinned::Incompatible(why),
+    }
+}
+
+fn check(dir: &Path, limits: &Limits) -> Result<(), String> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| e.to_string())?;
+    let sizes = max_entries(limits);
+    for name in MAPS {
+        let def = object
+            .maps
+            .get(name)
+            .ok_or_else(|| format!("the program has no map {name}"))?;
+        let info = MapInfo::from_pin(dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
+        let want_entries = sizes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(def.max_entries(), |&(_, n)| n);
+        let kind = info.map_type().map_err(|e| format!("{name}: {e}"))? as u32;
+        let found = (
+            kind,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        let want = (
+            def.map_type(),
+            def.key_size(),
+            def.value_size(),
+            want_entries,
+            def.map_flags(),
+        );
+        if found != want {
+            return Err(format!(
+                "{name} is (type, key, value, entries, flags) {found:?}, this lb makes {want:?}"
+            ));
+        }
+    }
+    let config: Array<MapData, Config> = Array::try_from(Map::Array(
+        MapData::from_pin(dir.join("config")).map_err(|e| e.to_string())?,
+    ))
+    .map_err(|e| e.to_string())?;
+    let layout = config.get(&0, 0).map_err(|e| e.to_string())?.layout;
+    if layout != LAYOUT_VERSION {
+        return Err(format!(
+            "layout version {layout}, this lb has {LAYOUT_VERSION}"
+        ));
+    }
+    Ok(())
+}
+
+/// The interface index the XDP link pinned at `pin` is attached to (from
+/// `bpf_link_info.xdp.ifindex`, which aya does not expose), or `None` when it is not an
+/// XDP link or its device is gone.
+fn pinned_link_ifindex(pin: &Path) -> Option<u32> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then a union aligned to 8 whose
+    // xdp member starts with ifindex.
+    #[allow(dead_code)]
+    #[repr(C, align(8))]
+    struct LinkInfo {
+        kind: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        ifindex: u32,
+        rest: [u32; 15],
+    }
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
+    let mut get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut get as *mut ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let mut info: LinkInfo = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    (rc == 0 && info.kind == BPF_LINK_TYPE_XDP && info.ifindex != 0).then_some(info.ifindex)
+}
+
+/// Opens the link pinned at `pin` if it is an XDP link still attached to `ifindex`.
+pub fn open_link(pin: &Path, ifindex: u32) -> Option<FdLink> {
+    if pinned_link_ifindex(pin) != Some(ifindex) {
+        return None;
+    }
+    Some(PinnedLink::from_pin(pin).ok()?.into())
+}
