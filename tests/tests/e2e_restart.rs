@@ -27,6 +27,18 @@ fn backends(topo: &Topology, n: usize) -> Vec<Backend> {
         .collect()
 }
 
+/// The `services` map as bpftool shows it: every VIP with its id and table run, sorted.
+fn services_map(lb: &LbProcess) -> Vec<Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(lb.bpffs.join("services"))
+        .output()
+        .unwrap();
+    let mut entries: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    entries.sort_by_key(|e| e.to_string());
+    entries
+}
+
 fn xdp_on(topo: &Topology, iface: &str) -> bool {
     topo.lb
         .ip(&format!("link show {iface}"))
@@ -53,6 +65,8 @@ fn kill_9_and_restarts_lose_no_connection() {
         )
         .unwrap();
     let before = services(&first);
+    let map_before = services_map(&first);
+    assert_eq!(map_before.len(), 2);
 
     let load = ClientLoad::start(&topo.client, topo.vip(80).into()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -68,13 +82,17 @@ fn kill_9_and_restarts_lose_no_connection() {
         "{}",
         second.log_text()
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Restored services took over their entries as they were: same ids, same tables, so
+    // tracked flows keep their backends.
+    assert_eq!(services_map(&second), map_before);
+    std::thread::sleep(Duration::from_millis(1000));
     // A clean stop and start (an upgrade) leaves it running in between too.
     let (status, pins) = second.stop_keeping_pins().unwrap();
     assert!(status.success());
     std::thread::sleep(Duration::from_millis(300));
     let third = LbProcess::start_on(&topo.lb, &topo.lb_ifaces, &extra, pins).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(services_map(&third), map_before);
+    std::thread::sleep(Duration::from_millis(1000));
     let report = load.stop();
     assert!(
         report.failures.is_empty(),
