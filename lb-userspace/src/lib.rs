@@ -3,6 +3,7 @@
 pub mod api;
 pub mod controller;
 pub mod dataplane;
+pub mod discovery;
 pub mod model;
 pub mod net;
 pub mod reconcile;

@@ -13,7 +13,7 @@ use lb::{
     api,
     controller::Controller,
     dataplane::{Dataplane, Limits},
-    net,
+    discovery, net,
     reconcile::Reconciler,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -85,6 +85,11 @@ struct RunArgs {
     /// share a store without touching each other's services.
     #[arg(long, default_value = "lb", value_name = "PREFIX")]
     store_prefix: String,
+    /// etcd registry for services with `"discovery": {"kind": "etcd"}`: instances are keys
+    /// PREFIX/registry/SERVICE/INSTANCE holding ip:port. Default: the --store, when it is
+    /// etcd.
+    #[arg(long, value_name = "etcd://HOST:PORT[,...]")]
+    discovery_etcd: Option<String>,
     /// Capacity of the services map.
     #[arg(long, default_value_t = Limits::default().max_services)]
     max_services: u32,
@@ -156,6 +161,26 @@ async fn open_store(
     }
 }
 
+/// The discovery sources named by the flags, or by the store's URL.
+async fn discovery_sources(args: &RunArgs) -> anyhow::Result<discovery::Sources> {
+    let mut sources = discovery::Sources::default();
+    let etcd = args.discovery_etcd.clone().or_else(|| {
+        args.store
+            .starts_with("etcd://")
+            .then(|| args.store.clone())
+    });
+    if let Some(url) = etcd {
+        let endpoints =
+            discovery::etcd_endpoints(&url).map_err(|e| anyhow::anyhow!("--discovery-etcd {e}"))?;
+        sources.etcd = Some(
+            discovery::etcd::EtcdRegistry::connect(&endpoints, &args.store_prefix)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    Ok(sources)
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_ephemeral_overlap(args.snat_ports)?;
     for iface in &args.ifaces {
@@ -183,7 +208,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // From here on the data plane outlives this process: a restart takes it over.
     controller.keep_on_exit();
     let controller = Arc::new(Mutex::new(controller));
-    let state = Reconciler::new(store, controller.clone());
+    let sources = discovery_sources(&args).await?;
+    let state = Reconciler::new(store, controller.clone(), sources);
     let restoring = tokio::spawn(state.clone().run());
     tracing::info!(api = %args.api, ifaces = ?args.ifaces, bpffs = %args.bpffs.display(), "lb is running");
 

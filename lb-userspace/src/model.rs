@@ -51,6 +51,85 @@ pub struct ServiceSpec {
     pub backends: Option<Vec<String>>,
     /// Maglev table size; a prime. Default: grows with the backend count.
     pub table_size: Option<u32>,
+    /// Where the backends come from, instead of `backends`.
+    pub discovery: Option<DiscoverySpec>,
+    /// The instances discovery found (filled in by lb, never sent).
+    #[serde(skip)]
+    pub discovered: Option<Vec<SocketAddrV4>>,
+}
+
+/// `"discovery": {"kind": "etcd" | "consul", "service": NAME, "include_warning": false}`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySpec {
+    pub kind: Option<String>,
+    pub service: Option<String>,
+    pub include_warning: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryKind {
+    /// Instances under `<prefix>/registry/<service>/` in etcd, each holding `ip:port`.
+    Etcd,
+    /// Consul's health API: `/v1/health/service/<service>`.
+    Consul,
+}
+
+/// A validated discovery source: the backends of a service are whatever instances it
+/// lists at the moment, followed as they change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    pub kind: DiscoveryKind,
+    pub service: String,
+    /// Consul: also take instances whose checks are only warning (default: passing only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_warning: bool,
+}
+
+impl DiscoverySpec {
+    pub fn validate(&self) -> Result<Discovery, ValidationError> {
+        let kind = match self.kind.as_deref() {
+            Some("etcd") => DiscoveryKind::Etcd,
+            Some("consul") => DiscoveryKind::Consul,
+            Some(other) => {
+                return Err(ValidationError::new(
+                    "discovery.kind",
+                    format!("{other:?} is not etcd or consul"),
+                ));
+            }
+            None => return Err(ValidationError::new("discovery.kind", "is required")),
+        };
+        let service = self
+            .service
+            .clone()
+            .ok_or_else(|| ValidationError::new("discovery.service", "is required"))?;
+        validate_name(&service)
+            .map_err(|e| ValidationError::new("discovery.service", e.message))?;
+        let include_warning = self.include_warning.unwrap_or(false);
+        if include_warning && kind != DiscoveryKind::Consul {
+            return Err(ValidationError::new(
+                "discovery.include_warning",
+                "applies to consul only",
+            ));
+        }
+        Ok(Discovery {
+            kind,
+            service,
+            include_warning,
+        })
+    }
+}
+
+impl From<&Discovery> for DiscoverySpec {
+    fn from(d: &Discovery) -> Self {
+        Self {
+            kind: Some(format!("{:?}", d.kind).to_lowercase()),
+            service: Some(d.service.clone()),
+            include_warning: Some(d.include_warning),
+        }
+    }
 }
 
 /// A validated service.
@@ -59,8 +138,11 @@ pub struct Service {
     pub name: String,
     pub vip: SocketAddrV4,
     pub protocol: Protocol,
+    /// With `discovery`: the instances found now.
     pub backends: Vec<SocketAddrV4>,
     pub table_size: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Discovery>,
 }
 
 pub fn validate_name(name: &str) -> Result<(), ValidationError> {
@@ -130,9 +212,46 @@ impl ServiceSpec {
                 ));
             }
         };
+        let discovery = self
+            .discovery
+            .as_ref()
+            .map(DiscoverySpec::validate)
+            .transpose()?;
+        if discovery.is_some() {
+            if self.backends.is_some() {
+                return Err(ValidationError::new(
+                    "backends",
+                    "give backends or discovery, not both",
+                ));
+            }
+            if self.table_size.is_some() {
+                return Err(ValidationError::new(
+                    "table_size",
+                    "follows the instance count when backends come from discovery",
+                ));
+            }
+            // Instances come and go; none at all is a service whose packets are dropped
+            // (and counted) until one registers.
+            let mut found = self.discovered.clone().unwrap_or_default();
+            found.sort();
+            found.dedup();
+            found.truncate(MAX_BACKENDS);
+            // Every node must build the same table from the same instances, whatever
+            // order of changes it saw: the size follows the count only.
+            let table_size = maglev::default_table_size(found.len().max(1));
+            return Ok(Service {
+                name: name.to_string(),
+                vip,
+                protocol,
+                backends: found,
+                table_size,
+                discovery,
+            });
+        }
         let raw = self
             .backends
-            .ok_or_else(|| ValidationError::new("backends", "is required"))?;
+            .as_deref()
+            .ok_or_else(|| ValidationError::new("backends", "is required (or discovery)"))?;
         if raw.is_empty() {
             return Err(ValidationError::new(
                 "backends",
@@ -160,21 +279,7 @@ impl ServiceSpec {
         }
         let table_size = match self.table_size {
             None => table_size_after(previous.map(|p| p.table_size), backends.len()),
-            Some(m) => {
-                if !maglev::is_prime(m)
-                    || m > maglev::MAX_TABLE_SIZE
-                    || (m as usize) < backends.len()
-                {
-                    return Err(ValidationError::new(
-                        "table_size",
-                        format!(
-                            "must be a prime from the backend count up to {}",
-                            maglev::MAX_TABLE_SIZE
-                        ),
-                    ));
-                }
-                m
-            }
+            Some(_) => self.checked_table_size(backends.len())?,
         };
         Ok(Service {
             name: name.to_string(),
@@ -182,7 +287,23 @@ impl ServiceSpec {
             protocol,
             backends,
             table_size,
+            discovery: None,
         })
+    }
+
+    /// The `table_size` given, if it suits `backends` backends.
+    fn checked_table_size(&self, backends: usize) -> Result<u32, ValidationError> {
+        let m = self.table_size.unwrap_or(0);
+        if !maglev::is_prime(m) || m > maglev::MAX_TABLE_SIZE || (m as usize) < backends {
+            return Err(ValidationError::new(
+                "table_size",
+                format!(
+                    "must be a prime from the backend count up to {}",
+                    maglev::MAX_TABLE_SIZE
+                ),
+            ));
+        }
+        Ok(m)
     }
 }
 
@@ -212,7 +333,7 @@ mod tests {
             vip: Some(vip.into()),
             protocol: Some(proto.into()),
             backends: Some(backends.iter().map(|s| s.to_string()).collect()),
-            table_size: None,
+            ..ServiceSpec::default()
         }
     }
 
@@ -298,5 +419,66 @@ mod tests {
         let mut s = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]);
         s.table_size = Some(1000);
         assert_eq!(field_of(s.validate("a")), "table_size");
+    }
+
+    fn discovered(kind: &str, found: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            vip: Some("10.0.0.100:80".into()),
+            discovery: Some(DiscoverySpec {
+                kind: Some(kind.into()),
+                service: Some("web".into()),
+                include_warning: None,
+            }),
+            discovered: Some(found.iter().map(|a| a.parse().unwrap()).collect()),
+            ..ServiceSpec::default()
+        }
+    }
+
+    #[test]
+    fn discovered_backends_are_sorted_and_sized_by_count_alone() {
+        let s = discovered("etcd", &["10.0.1.2:80", "10.0.1.1:80", "10.0.1.2:80"])
+            .validate("a")
+            .unwrap();
+        assert_eq!(
+            s.backends,
+            [
+                "10.0.1.1:80".parse().unwrap(),
+                "10.0.1.2:80".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.table_size, maglev::default_table_size(2));
+        // No instance yet is a valid service (its packets are dropped and counted).
+        assert!(
+            discovered("consul", &[])
+                .validate("a")
+                .unwrap()
+                .backends
+                .is_empty()
+        );
+        // The same instances give the same table size whatever came before.
+        let big = discovered("etcd", &["10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80"])
+            .validate("a")
+            .unwrap();
+        let after = discovered("etcd", &["10.0.1.1:80", "10.0.1.2:80"])
+            .validate_after("a", Some(&big))
+            .unwrap();
+        assert_eq!(after.table_size, s.table_size);
+    }
+
+    #[test]
+    fn bad_discovery_fields_are_named() {
+        assert_eq!(
+            field_of(discovered("zookeeper", &[]).validate("a")),
+            "discovery.kind"
+        );
+        let mut s = discovered("etcd", &[]);
+        s.discovery.as_mut().unwrap().service = Some("a/b".into());
+        assert_eq!(field_of(s.validate("a")), "discovery.service");
+        let mut s = discovered("etcd", &[]);
+        s.discovery.as_mut().unwrap().include_warning = Some(true);
+        assert_eq!(field_of(s.validate("a")), "discovery.include_warning");
+        let mut s = discovered("etcd", &[]);
+        s.backends = Some(vec!["10.0.1.1:1".into()]);
+        assert_eq!(field_of(s.validate("a")), "backends");
     }
 }

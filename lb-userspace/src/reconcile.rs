@@ -5,11 +5,13 @@
 //! A watch applies every change made anywhere (this node's own come back and are skipped by
 //! revision), so several nodes on one store converge without calling each other. At start
 //! every stored service is restored before the node reports ready; an entry that does not
-//! parse or validate is skipped with an error naming its key.
+//! parse or validate is skipped with an error naming its key. A service whose backends
+//! come from discovery is stored without them: each node follows the source itself.
 use std::{
     collections::HashMap,
+    net::SocketAddrV4,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -19,7 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     controller::{ControlError, Controller},
-    model::{Service, ServiceSpec, ValidationError},
+    discovery::{Instances, Sources},
+    model::{Discovery, DiscoverySpec, Service, ServiceSpec, ValidationError},
     store::{Entry, Event, Expect, Store, StoreError},
 };
 
@@ -30,20 +33,29 @@ pub struct StoredService {
     pub schema: u32,
     pub vip: String,
     pub protocol: String,
+    /// Empty when `discovery` names where they come from.
     pub backends: Vec<String>,
     pub table_size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Discovery>,
 }
 
 pub const SCHEMA: u32 = 1;
 
 impl StoredService {
     pub fn of(svc: &Service) -> Self {
+        let discovered = svc.discovery.is_some();
         Self {
             schema: SCHEMA,
             vip: svc.vip.to_string(),
             protocol: format!("{:?}", svc.protocol).to_lowercase(),
-            backends: svc.backends.iter().map(ToString::to_string).collect(),
-            table_size: svc.table_size,
+            backends: if discovered {
+                Vec::new()
+            } else {
+                svc.backends.iter().map(ToString::to_string).collect()
+            },
+            table_size: if discovered { 0 } else { svc.table_size },
+            discovery: svc.discovery.clone(),
         }
     }
 
@@ -54,11 +66,20 @@ impl StoredService {
         if doc.schema != SCHEMA {
             return Err(format!("schema {} (this lb reads {SCHEMA})", doc.schema));
         }
+        if let Some(d) = &doc.discovery {
+            return Ok(ServiceSpec {
+                vip: Some(doc.vip),
+                protocol: Some(doc.protocol),
+                discovery: Some(DiscoverySpec::from(d)),
+                ..ServiceSpec::default()
+            });
+        }
         Ok(ServiceSpec {
             vip: Some(doc.vip),
             protocol: Some(doc.protocol),
             backends: Some(doc.backends),
             table_size: Some(doc.table_size),
+            ..ServiceSpec::default()
         })
     }
 }
@@ -79,16 +100,31 @@ pub struct Reconciler {
     /// One API write at a time on this node, from check to apply.
     writes: tokio::sync::Mutex<()>,
     ready: AtomicBool,
+    sources: Sources,
+    /// The discovery watch each discovered service is followed by.
+    followers: Mutex<HashMap<String, (Discovery, tokio::task::JoinHandle<()>)>>,
+    me: Weak<Self>,
 }
 
+/// How long a new discovery source gets to list its instances before the service is
+/// applied without any (they are added when the source answers).
+const FIRST_ANSWER: Duration = Duration::from_secs(3);
+
 impl Reconciler {
-    pub fn new(store: Arc<dyn Store>, controller: Arc<Mutex<Controller>>) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        controller: Arc<Mutex<Controller>>,
+        sources: Sources,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             store,
             controller,
             revisions: Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
+            sources,
+            followers: Mutex::new(HashMap::new()),
+            me: me.clone(),
         })
     }
 
@@ -120,9 +156,118 @@ impl Reconciler {
         };
     }
 
-    /// `PUT`: store, then maps. Nothing changes when it fails.
-    pub async fn put(&self, name: &str, spec: ServiceSpec) -> Result<Service, ReconcileError> {
+    fn followers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Discovery, tokio::task::JoinHandle<()>)>> {
+        self.followers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For a spec that names a discovery source: fills in the instances it lists now, and
+    /// returns the watch to follow it by (none when the service already follows it).
+    async fn discover(
+        &self,
+        name: &str,
+        spec: &mut ServiceSpec,
+    ) -> Result<Option<(Discovery, Instances)>, ValidationError> {
+        let Some(wanted) = spec
+            .discovery
+            .as_ref()
+            .map(DiscoverySpec::validate)
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let followed = self
+            .followers()
+            .get(name)
+            .is_some_and(|(d, task)| *d == wanted && !task.is_finished());
+        if followed {
+            let current = self.ctrl().get_service(name).map(|s| s.backends.clone());
+            spec.discovered = Some(current.unwrap_or_default());
+            return Ok(None);
+        }
+        let mut watch = self.sources.watch(&wanted)?;
+        let found = match tokio::time::timeout(FIRST_ANSWER, watch.recv()).await {
+            Ok(Some(Ok(found))) => found,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(
+                    service = name,
+                    "discovery: {e}; no backends until it answers"
+                );
+                Vec::new()
+            }
+            _ => {
+                tracing::warn!(service = name, source = ?wanted, "discovery did not answer within {FIRST_ANSWER:?}; no backends until it does");
+                Vec::new()
+            }
+        };
+        spec.discovered = Some(found);
+        Ok(Some((wanted, watch)))
+    }
+
+    /// After `svc` is applied: follows its discovery source with `watch`, or stops
+    /// following one it no longer names.
+    fn follow(&self, svc: &Service, watch: Option<(Discovery, Instances)>) {
+        if svc.discovery.is_none() {
+            self.unfollow(&svc.name);
+            return;
+        }
+        let Some((source, mut instances)) = watch else {
+            return;
+        };
+        let (me, name, followed) = (self.me.clone(), svc.name.clone(), source.clone());
+        let task = tokio::spawn(async move {
+            while let Some(update) = instances.recv().await {
+                let Some(this) = me.upgrade() else { return };
+                match update {
+                    Ok(found) => this.rediscovered(&name, &followed, found).await,
+                    Err(e) => tracing::warn!(service = %name, "discovery: {e}"),
+                }
+            }
+        });
+        if let Some((_, old)) = self.followers().insert(svc.name.clone(), (source, task)) {
+            old.abort();
+        }
+    }
+
+    fn unfollow(&self, name: &str) {
+        if let Some((_, task)) = self.followers().remove(name) {
+            task.abort();
+        }
+    }
+
+    /// The source of `name` lists `found` now: its backends become those.
+    async fn rediscovered(&self, name: &str, source: &Discovery, found: Vec<SocketAddrV4>) {
         let _one = self.writes.lock().await;
+        tokio::task::block_in_place(|| {
+            let mut ctrl = self.ctrl();
+            let Some(current) = ctrl.get_service(name).cloned() else {
+                return;
+            };
+            if current.discovery.as_ref() != Some(source) || current.backends == found {
+                return;
+            }
+            let spec = ServiceSpec {
+                vip: Some(current.vip.to_string()),
+                protocol: Some(format!("{:?}", current.protocol).to_lowercase()),
+                discovery: Some(DiscoverySpec::from(source)),
+                discovered: Some(found),
+                ..ServiceSpec::default()
+            };
+            match ctrl.check(name, spec).and_then(|svc| ctrl.apply(svc)) {
+                Ok(svc) => {
+                    tracing::info!(service = name, backends = ?svc.backends, "discovery changed the backends")
+                }
+                Err(e) => tracing::error!(service = name, "applying discovered backends: {e}"),
+            }
+        });
+    }
+
+    /// `PUT`: store, then maps. Nothing changes when it fails.
+    pub async fn put(&self, name: &str, mut spec: ServiceSpec) -> Result<Service, ReconcileError> {
+        let _one = self.writes.lock().await;
+        crate::model::validate_name(name).map_err(ControlError::from)?;
+        let watch = self.discover(name, &mut spec).await?;
         let svc = self.ctrl().check(name, spec)?;
         let expect = self
             .revision_of(name)
@@ -134,6 +279,7 @@ impl Reconciler {
         match applied {
             Ok(svc) => {
                 self.set_revision(name, Some(revision));
+                self.follow(&svc, watch);
                 Ok(svc)
             }
             Err(e) => {
@@ -175,46 +321,58 @@ impl Reconciler {
         self.store.delete(name, Expect::Revision(revision)).await?;
         tokio::task::block_in_place(|| self.ctrl().delete(name))?;
         self.set_revision(name, None);
+        self.unfollow(name);
         Ok(())
     }
 
     /// Applies one stored entry, unless this node already has it at that revision or later.
-    fn apply_entry(&self, entry: &Entry) {
+    async fn apply_entry(&self, entry: &Entry) {
         if self
             .revision_of(&entry.name)
             .is_some_and(|r| r >= entry.revision)
         {
             return;
         }
-        let spec = match StoredService::parse(entry) {
+        let mut spec = match StoredService::parse(entry) {
             Ok(spec) => spec,
             Err(e) => {
                 tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
                 return;
             }
         };
-        let mut ctrl = self.ctrl();
-        let result = ctrl
-            .check(&entry.name, spec)
-            .and_then(|svc| ctrl.apply(svc));
-        drop(ctrl);
+        let watch = match self.discover(&entry.name, &mut spec).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
+                return;
+            }
+        };
+        let result = tokio::task::block_in_place(|| {
+            let mut ctrl = self.ctrl();
+            ctrl.check(&entry.name, spec)
+                .and_then(|svc| ctrl.apply(svc))
+        });
         match result {
-            Ok(_) => self.set_revision(&entry.name, Some(entry.revision)),
+            Ok(svc) => {
+                self.set_revision(&entry.name, Some(entry.revision));
+                self.follow(&svc, watch);
+            }
             Err(e) => {
                 tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}")
             }
         }
     }
 
-    fn apply_event(&self, event: &Event) {
+    async fn apply_event(&self, event: &Event) {
         match event {
-            Event::Put(entry) => self.apply_entry(entry),
+            Event::Put(entry) => self.apply_entry(entry).await,
             Event::Deleted { name, revision } => {
                 if self.revision_of(name).is_some_and(|r| r < *revision) {
-                    if let Err(e) = self.ctrl().delete(name) {
+                    if let Err(e) = tokio::task::block_in_place(|| self.ctrl().delete(name)) {
                         tracing::error!(key = %name, "removing a service deleted from the store: {e}");
                     }
                     self.set_revision(name, None);
+                    self.unfollow(name);
                 }
             }
         }
@@ -235,32 +393,33 @@ impl Reconciler {
                 }
             };
             backoff = Duration::from_millis(100);
-            tokio::task::block_in_place(|| {
-                self.ctrl().defer_neighbors();
-                for entry in &snapshot.entries {
-                    self.apply_entry(entry);
-                }
-                self.ctrl().resolve_deferred_neighbors();
-                // Services this node has that the store no longer has (deleted while the
-                // watch was down).
-                let gone: Vec<String> = {
-                    let r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
-                    r.keys()
-                        .filter(|n| !snapshot.entries.iter().any(|e| &e.name == *n))
-                        .cloned()
-                        .collect()
-                };
-                for name in gone {
-                    self.apply_event(&Event::Deleted {
-                        name,
-                        revision: u64::MAX,
-                    });
-                }
-                // What an earlier daemon left in the maps and the store no longer has.
-                if let Err(e) = self.ctrl().dataplane().finish_adoption() {
-                    tracing::error!(error = %e, "removing adopted services the store does not have");
-                }
-            });
+            self.ctrl().defer_neighbors();
+            for entry in &snapshot.entries {
+                self.apply_entry(entry).await;
+            }
+            tokio::task::block_in_place(|| self.ctrl().resolve_deferred_neighbors());
+            // Services this node has that the store no longer has (deleted while the
+            // watch was down).
+            let gone: Vec<String> = {
+                let r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+                r.keys()
+                    .filter(|n| !snapshot.entries.iter().any(|e| &e.name == *n))
+                    .cloned()
+                    .collect()
+            };
+            for name in gone {
+                self.apply_event(&Event::Deleted {
+                    name,
+                    revision: u64::MAX,
+                })
+                .await;
+            }
+            // What an earlier daemon left in the maps and the store no longer has.
+            if let Err(e) =
+                tokio::task::block_in_place(|| self.ctrl().dataplane().finish_adoption())
+            {
+                tracing::error!(error = %e, "removing adopted services the store does not have");
+            }
             if !self.ready.swap(true, Ordering::AcqRel) {
                 tracing::info!(
                     services = snapshot.entries.len(),
@@ -271,7 +430,7 @@ impl Reconciler {
             let mut watch = self.store.watch(snapshot.revision);
             while let Some(event) = watch.recv().await {
                 match event {
-                    Ok(event) => tokio::task::block_in_place(|| self.apply_event(&event)),
+                    Ok(event) => self.apply_event(&event).await,
                     Err(e) => {
                         tracing::warn!(error = %e, "the store's watch ended; listing again");
                         break;

@@ -175,6 +175,7 @@ impl PacketLab {
             protocol: Some(protocol.into()),
             backends: Some(backends.iter().map(|s| s.to_string()).collect()),
             table_size: None,
+            ..Default::default()
         };
         let svc = spec.validate(name).expect("valid service");
         self.dataplane.upsert(&svc).expect("upsert");

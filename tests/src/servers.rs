@@ -252,7 +252,11 @@ impl ClientLoad {
                     Ok(_) => report.answered += 1,
                     Err(e) => report.failures.push(format!("new connection: {e:#}")),
                 }
-                match kept.as_mut().map_err(|e| anyhow::anyhow!("{e}")).and_then(|c| c.get()) {
+                match kept
+                    .as_mut()
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .and_then(|c| c.get())
+                {
                     Ok(backend) => {
                         report.kept_answered += 1;
                         report.kept_backends.insert(backend);

@@ -56,7 +56,10 @@ fn kill_9_and_restarts_lose_no_connection() {
     let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &extra).unwrap();
     let all: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();
     first
-        .put_service("web", &json!({"vip": topo.vip(80).to_string(), "backends": all}))
+        .put_service(
+            "web",
+            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
+        )
         .unwrap();
     first
         .put_service(
@@ -78,7 +81,9 @@ fn kill_9_and_restarts_lose_no_connection() {
     // The next lb adopts the maps and swaps its program in through the pinned links.
     let second = LbProcess::start_on(&topo.lb, &topo.lb_ifaces, &extra, pins).unwrap();
     assert!(
-        second.log_text().contains("adopted the pinned maps services=2"),
+        second
+            .log_text()
+            .contains("adopted the pinned maps services=2"),
         "{}",
         second.log_text()
     );
@@ -134,7 +139,10 @@ fn pins_of_another_layout_are_replaced_through_the_link() {
     let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
     let all: Vec<String> = (0..2).map(|i| topo.backend(i, 8080).to_string()).collect();
     first
-        .put_service("web", &json!({"vip": topo.vip(80).to_string(), "backends": all}))
+        .put_service(
+            "web",
+            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
+        )
         .unwrap();
     let pins = first.kill();
     // Maps of another size cannot be adopted: fresh ones, the program replaced through the
@@ -149,12 +157,11 @@ fn pins_of_another_layout_are_replaced_through_the_link() {
     let log = second.log_text();
     assert!(log.contains("not adopting the maps"), "{log}");
     assert!(log.contains("conntrack"), "the log names the map: {log}");
-    assert!(log.contains("replaced the program on the pinned XDP link"), "{log}");
-    assert_eq!(
-        services(&second).as_array().map(Vec::len),
-        Some(1),
+    assert!(
+        log.contains("replaced the program on the pinned XDP link"),
         "{log}"
     );
+    assert_eq!(services(&second).as_array().map(Vec::len), Some(1), "{log}");
     assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
     drop(second);
     std::fs::remove_dir_all(&store).unwrap();
@@ -169,7 +176,10 @@ fn pinned_state_keeps_serving_while_the_store_is_unreachable() {
     let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &url]).unwrap();
     let all: Vec<String> = (0..2).map(|i| topo.backend(i, 8080).to_string()).collect();
     first
-        .put_service("web", &json!({"vip": topo.vip(80).to_string(), "backends": all}))
+        .put_service(
+            "web",
+            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
+        )
         .unwrap();
     let pins = first.kill();
     drop(etcd);

@@ -38,6 +38,7 @@ fn ten_thousand_services_of_ten_backends_fit_in_a_few_hundred_mib() {
             protocol: Some("tcp".into()),
             backends: Some((0..BACKENDS).map(backend).collect()),
             table_size: None,
+            ..Default::default()
         };
         let svc = spec.validate(&format!("svc-{s}")).unwrap();
         dp.upsert(&svc)

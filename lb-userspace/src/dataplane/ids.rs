@@ -84,7 +84,10 @@ mod tests {
         let mut ids = IdAllocator::adopting(8, &used);
         let mut got = Vec::new();
         while let Some((id, reused)) = ids.alloc_noting_reuse() {
-            assert!(reused, "an adopted allocator treats every id as used before");
+            assert!(
+                reused,
+                "an adopted allocator treats every id as used before"
+            );
             got.push(id);
         }
         got.sort();

@@ -50,7 +50,11 @@ async fn cold_start(store: Arc<dyn Store>) -> (Duration, f64, Arc<Reconciler>) {
         .set_iface_addrs(&lb::net::interface_addresses().expect("addresses"))
         .expect("addresses");
     let loaded = start.elapsed();
-    let reconciler = Reconciler::new(store, Arc::new(Mutex::new(Controller::new(dataplane))));
+    let reconciler = Reconciler::new(
+        store,
+        Arc::new(Mutex::new(Controller::new(dataplane))),
+        Default::default(),
+    );
     tokio::spawn(reconciler.clone().run());
     while !reconciler.is_ready() {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -118,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                 protocol: Some("udp".into()),
                 backends: Some(vec![format!("10.{}.{}.{}:53", 103, 200, i % 250)]),
                 table_size: None,
+            ..Default::default()
             };
             reconciler
                 .put("probe", spec)

@@ -1,0 +1,149 @@
+//! An etcd registry: each instance of service S is a key `<prefix>/registry/S/<instance>`
+//! whose value is `ip:port`, normally written under a lease so that an instance that stops
+//! renewing it disappears by itself. Read with one range request, then followed by an etcd
+//! watch from the revision read.
+use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use tokio::sync::mpsc;
+
+use super::{Instances, parse_instance};
+
+pub struct EtcdRegistry {
+    client: Client,
+    /// `<prefix>/registry/`
+    keys: String,
+    endpoints: String,
+}
+
+impl EtcdRegistry {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, String> {
+        let joined = endpoints.join(",");
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| format!("etcd registry at {joined}: {e}"))?;
+        Ok(Self {
+            client,
+            keys: format!("{prefix}/registry/"),
+            endpoints: joined,
+        })
+    }
+
+    /// Follows the instances of `service` until the receiver is dropped.
+    pub fn watch(&self, service: &str) -> Instances {
+        let (tx, rx) = mpsc::channel(16);
+        let (client, keys, endpoints) = (
+            self.client.clone(),
+            format!("{}{service}/", self.keys),
+            self.endpoints.clone(),
+        );
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            let mut last: Option<Vec<SocketAddrV4>> = None;
+            loop {
+                let result = follow(&client, &keys, &tx, &mut last).await;
+                if tx.is_closed() {
+                    return;
+                }
+                let why = result.err().unwrap_or_else(|| "the watch ended".into());
+                let message = format!("etcd registry at {endpoints}, {keys}: {why}");
+                if tx.send(Err(message)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        });
+        rx
+    }
+}
+
+/// Reads the instances under `keys`, then follows them; returns when the watch breaks.
+async fn follow(
+    client: &Client,
+    keys: &str,
+    tx: &mpsc::Sender<Result<Vec<SocketAddrV4>, String>>,
+    last: &mut Option<Vec<SocketAddrV4>>,
+) -> Result<(), String> {
+    let resp = client
+        .kv_client()
+        .get(keys, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut instances: BTreeMap<String, SocketAddrV4> = BTreeMap::new();
+    for kv in resp.kvs() {
+        record(
+            &mut instances,
+            kv.key_str().unwrap_or_default(),
+            Some(kv.value()),
+        );
+    }
+    send(tx, &instances, last).await?;
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let mut stream = client
+        .watch_client()
+        .watch(keys, Some(options))
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let message = tokio::select! {
+            m = stream.message() => m.map_err(|e| e.to_string())?,
+            _ = tx.closed() => return Ok(()),
+        };
+        let Some(resp) = message else {
+            return Err("the watch stream closed".into());
+        };
+        if resp.canceled() {
+            return Err(format!("the watch was cancelled: {}", resp.cancel_reason()));
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = kv.key_str().unwrap_or_default();
+            match ev.event_type() {
+                EventType::Put => record(&mut instances, key, Some(kv.value())),
+                EventType::Delete => record(&mut instances, key, None),
+            }
+        }
+        send(tx, &instances, last).await?;
+    }
+}
+
+/// Notes one instance key (`None`: deleted); a value that is not `ip:port` is skipped.
+fn record(instances: &mut BTreeMap<String, SocketAddrV4>, key: &str, value: Option<&[u8]>) {
+    let Some(value) = value else {
+        instances.remove(key);
+        return;
+    };
+    match std::str::from_utf8(value).ok().and_then(parse_instance) {
+        Some(addr) => {
+            instances.insert(key.to_string(), addr);
+        }
+        None => {
+            instances.remove(key);
+            tracing::warn!(key, "skipping a registry entry that is not ip:port");
+        }
+    }
+}
+
+/// Sends the instance list if it changed.
+async fn send(
+    tx: &mpsc::Sender<Result<Vec<SocketAddrV4>, String>>,
+    instances: &BTreeMap<String, SocketAddrV4>,
+    last: &mut Option<Vec<SocketAddrV4>>,
+) -> Result<(), String> {
+    let mut now: Vec<SocketAddrV4> = instances.values().copied().collect();
+    now.sort();
+    now.dedup();
+    if last.as_ref() == Some(&now) {
+        return Ok(());
+    }
+    *last = Some(now.clone());
+    tx.send(Ok(now)).await.map_err(|_| "closed".to_string())
+}

@@ -1,0 +1,64 @@
+//! Where a service's backends come from when it names a discovery source instead of a
+//! list: an etcd registry or Consul's health API. Each source is watched; every change in
+//! the instances it lists reaches the maps without an API call.
+pub mod etcd;
+
+use std::net::SocketAddrV4;
+
+use tokio::sync::mpsc;
+
+use crate::model::{Discovery, DiscoveryKind, ValidationError};
+
+/// The instances a source lists now (sorted, no duplicates), sent on every change; an
+/// `Err` says why the source cannot be read at the moment (the watch goes on retrying).
+pub type Instances = mpsc::Receiver<Result<Vec<SocketAddrV4>, String>>;
+
+/// The discovery sources this lb was started with.
+#[derive(Default)]
+pub struct Sources {
+    pub etcd: Option<etcd::EtcdRegistry>,
+}
+
+impl Sources {
+    /// Starts following the instances of `d`.
+    pub fn watch(&self, d: &Discovery) -> Result<Instances, ValidationError> {
+        match d.kind {
+            DiscoveryKind::Etcd => match &self.etcd {
+                Some(r) => Ok(r.watch(&d.service)),
+                None => Err(ValidationError::new(
+                    "discovery.kind",
+                    "no etcd registry: run lb with an etcd:// --store or --discovery-etcd",
+                )),
+            },
+            DiscoveryKind::Consul => Err(ValidationError::new(
+                "discovery.kind",
+                "no Consul: run lb with a consul:// --store or --discovery-consul",
+            )),
+        }
+    }
+}
+
+/// The endpoints of an `etcd://host:port[,host:port...]` URL, as the etcd client takes
+/// them.
+pub fn etcd_endpoints(url: &str) -> Result<Vec<String>, String> {
+    let list = url
+        .strip_prefix("etcd://")
+        .ok_or_else(|| format!("{url}: expected etcd://HOST:PORT[,HOST:PORT...]"))?;
+    let endpoints: Vec<String> = list
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(|e| format!("http://{e}"))
+        .collect();
+    if endpoints.is_empty() {
+        return Err(format!("{url}: no endpoint"));
+    }
+    Ok(endpoints)
+}
+
+/// Parses an instance's `ip:port`.
+pub fn parse_instance(value: &str) -> Option<SocketAddrV4> {
+    let addr: SocketAddrV4 = value.trim().parse().ok()?;
+    let ip = addr.ip();
+    (addr.port() != 0 && !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast())
+        .then_some(addr)
+}

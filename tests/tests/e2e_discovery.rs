@@ -1,0 +1,186 @@
+//! Services whose backends come from a registry: lb follows it, so scaling a service up
+//! or down needs no API call, and the store holds the source, not the instances.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    etcd::EtcdCluster,
+    lbproc::LbProcess,
+    netns::Netns,
+    servers::{Backend, http_get_once},
+    topology::Topology,
+    unique,
+};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(3);
+
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// `etcdctl ARGS` against `url`'s members, from inside `ns`.
+fn etcdctl(ns: &Netns, url: &str, args: &str) -> String {
+    let endpoints = url.trim_start_matches("etcd://");
+    ns.sh(&format!(
+        "ETCDCTL_API=3 etcdctl --endpoints {endpoints} {args}"
+    ))
+    .unwrap()
+}
+
+fn backends_of(lb: &LbProcess, name: &str) -> Vec<String> {
+    let (_, v) = lb
+        .request("GET", &format!("/v1/services/{name}"), None)
+        .unwrap();
+    v["backends"]
+        .as_array()
+        .map(|a| a.iter().map(|b| b.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Which backends answer 40 new connections to `vip`.
+fn answering(topo: &Topology, vip: SocketAddr) -> BTreeSet<String> {
+    (0..40)
+        .map(|_| http_get_once(&topo.client, vip, T).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_service_scaled_through_the_etcd_registry_is_followed_without_an_api_call() {
+    let topo = Topology::two_armed(3).unwrap();
+    let _backends: Vec<Backend> = (0..3)
+        .map(|i| {
+            let a = SocketAddr::from(topo.backend(i, 8080));
+            Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
+        })
+        .collect();
+    let etcd = EtcdCluster::start_in(&topo.lb, "127.0.0.1").unwrap();
+    let url = etcd.url();
+    let prefix = unique("lbt");
+    let registry = format!("{prefix}/registry/web");
+    let be = |i: usize| topo.backend(i, 8080).to_string();
+    // Two instances before the service exists; the second under a lease, as a
+    // registrator would write it.
+    etcdctl(&topo.lb, &url, &format!("put {registry}/i0 {}", be(0)));
+    let lease = etcdctl(&topo.lb, &url, "lease grant 300");
+    let lease = lease.split_whitespace().nth(1).unwrap().to_string();
+    etcdctl(
+        &topo.lb,
+        &url,
+        &format!("put --lease={lease} {registry}/i1 {}", be(1)),
+    );
+    // A value that is not ip:port is skipped.
+    etcdctl(
+        &topo.lb,
+        &url,
+        &format!("put {registry}/junk not-an-address"),
+    );
+
+    let lb = LbProcess::start(
+        &topo.lb,
+        &topo.lb_ifaces,
+        &["--store", &url, "--store-prefix", &prefix],
+    )
+    .unwrap();
+    let vip = SocketAddr::from(topo.vip(80));
+    let created = lb
+        .put_service(
+            "web",
+            &json!({"vip": vip.to_string(), "discovery": {"kind": "etcd", "service": "web"}}),
+        )
+        .unwrap();
+    assert_eq!(created["backends"], json!([be(0), be(1)]));
+    assert_eq!(
+        created["discovery"],
+        json!({"kind": "etcd", "service": "web"})
+    );
+    assert_eq!(
+        answering(&topo, vip),
+        BTreeSet::from(["be0".into(), "be1".into()])
+    );
+    // The store keeps the source, not the instances.
+    let stored = etcdctl(
+        &topo.lb,
+        &url,
+        &format!("get --print-value-only {prefix}/services/web"),
+    );
+    let doc: Value = serde_json::from_str(stored.trim()).unwrap();
+    assert_eq!(doc["backends"], json!([]));
+    assert_eq!(doc["discovery"]["service"], "web");
+
+    // Scale up: a third instance registers.
+    etcdctl(&topo.lb, &url, &format!("put {registry}/i2 {}", be(2)));
+    assert!(
+        eventually(T, || backends_of(&lb, "web").len() == 3),
+        "{:?}",
+        backends_of(&lb, "web")
+    );
+    assert_eq!(
+        answering(&topo, vip),
+        BTreeSet::from(["be0".into(), "be1".into(), "be2".into()])
+    );
+    // Scale down: the lease of the second instance ends (its process died).
+    etcdctl(&topo.lb, &url, &format!("lease revoke {lease}"));
+    assert!(
+        eventually(T, || backends_of(&lb, "web") == [be(0), be(2)]),
+        "{:?}",
+        backends_of(&lb, "web")
+    );
+    assert_eq!(
+        answering(&topo, vip),
+        BTreeSet::from(["be0".into(), "be2".into()])
+    );
+    assert!(lb.log_text().contains("not ip:port"), "{}", lb.log_text());
+
+    // A bad source is a 400 naming the field, and changes nothing.
+    let (code, err) = lb
+        .request(
+            "PUT",
+            "/v1/services/other",
+            Some(&json!({"vip": topo.vip(81).to_string(), "discovery": {"kind": "consul", "service": "web"}}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(code, 400, "{err}");
+    assert_eq!(err["field"], "discovery.kind");
+    let (code, err) = lb
+        .request(
+            "PUT",
+            "/v1/services/other",
+            Some(&json!({"vip": topo.vip(81).to_string(), "backends": [be(0)], "discovery": {"kind": "etcd", "service": "web"}}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(code, 400, "{err}");
+    assert_eq!(err["field"], "backends");
+    assert_eq!(
+        lb.request("GET", "/v1/services/other", None).unwrap().0,
+        404
+    );
+
+    // After a restart the service follows the registry again.
+    let pins = lb.kill();
+    let lb = LbProcess::start_on(
+        &topo.lb,
+        &topo.lb_ifaces,
+        &["--store", &url, "--store-prefix", &prefix],
+        pins,
+    )
+    .unwrap();
+    assert_eq!(backends_of(&lb, "web"), [be(0), be(2)]);
+    etcdctl(&topo.lb, &url, &format!("del {registry}/i0"));
+    assert!(
+        eventually(T, || backends_of(&lb, "web") == [be(2)]),
+        "{:?}",
+        backends_of(&lb, "web")
+    );
+    assert_eq!(answering(&topo, vip), BTreeSet::from(["be2".into()]));
+}
