@@ -1,8 +1,11 @@
 //! lb's control plane as a library: the CLI in `main.rs` is a thin shell over it, and the
 //! privileged tests drive it directly.
 pub mod api;
+pub mod consul_http;
 pub mod controller;
 pub mod dataplane;
+/// Where backends come from besides the API: service catalogues (Consul's health API).
+pub mod discovery;
 pub mod model;
 pub mod net;
 pub mod reconcile;

@@ -63,11 +63,16 @@ struct RunArgs {
     /// host's ephemeral range (net.ipv4.ip_local_port_range).
     #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX", value_parser = parse_range)]
     snat_ports: (u16, u16),
-    /// Where the configuration is kept: file:///DIR (embedded, the default) or
-    /// etcd://HOST:PORT[,HOST:PORT...] (etcd v3; every member listed is failed over to).
-    /// Every service stored there is restored at start. (consul:// is being built.)
+    /// Where the configuration is kept: file:///DIR (embedded, the default),
+    /// etcd://HOST:PORT[,HOST:PORT...] (etcd v3) or consul://HOST:PORT[,HOST:PORT...]
+    /// (Consul's KV store); every address listed is failed over to. Every service stored
+    /// there is restored at start.
     #[arg(long, default_value = "file:///var/lib/lb", value_name = "URL")]
     store: String,
+    /// A file holding the ACL token for a consul:// store (surrounding whitespace is
+    /// ignored).
+    #[arg(long, value_name = "FILE")]
+    store_token_file: Option<PathBuf>,
     /// Prefix of this balancer group's entries in the store: groups with different prefixes
     /// share a store without touching each other's services.
     #[arg(long, default_value = "lb", value_name = "PREFIX")]
@@ -123,15 +128,37 @@ fn check_ephemeral_overlap((min, max): (u16, u16)) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ACL token in `--store-token-file`, if given: only for a consul:// store, and the file
+/// must hold one.
+fn read_store_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
+    let Some(path) = &args.store_token_file else {
+        return Ok(None);
+    };
+    if !args.store.starts_with("consul://") {
+        bail!(
+            "--store-token-file is for consul:// stores; --store {} takes no token",
+            args.store
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--store-token-file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("--store-token-file {}: the file is empty", path.display());
+    }
+    Ok(Some(token.to_string()))
+}
+
 /// Opens the store, retrying with backoff while its server cannot be reached (saying which
 /// and why); a bad URL is an error at once.
 async fn open_store(
     url: &str,
     prefix: &str,
+    token: Option<String>,
 ) -> anyhow::Result<std::sync::Arc<dyn lb::store::Store>> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match lb::store::open(url, prefix).await {
+        match lb::store::open(url, prefix, token.clone()).await {
             Ok(store) => return Ok(store),
             Err(lb::store::StoreError::Unavailable(why)) => {
                 tracing::warn!(retry_in = ?backoff, "cannot reach the store: {why}");
@@ -145,6 +172,7 @@ async fn open_store(
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_ephemeral_overlap(args.snat_ports)?;
+    let store_token = read_store_token(&args)?;
     for iface in &args.ifaces {
         net::ifindex(iface)?;
     }
@@ -164,7 +192,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("binding the API to {}", args.api))?;
-    let store = open_store(&args.store, &args.store_prefix).await?;
+    let store = open_store(&args.store, &args.store_prefix, store_token).await?;
     let controller = Arc::new(Mutex::new(Controller::new(dataplane)));
     let state = Reconciler::new(store, controller.clone());
     let restoring = tokio::spawn(state.clone().run());
@@ -233,5 +261,43 @@ fn main() {
             eprintln!("lb: error: {first}");
         }
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(store: &str, token_file: Option<&std::path::Path>) -> RunArgs {
+        let mut argv = vec!["lb", "run", "--iface", "lo", "--store", store];
+        if let Some(f) = token_file {
+            argv.extend(["--store-token-file", f.to_str().unwrap()]);
+        }
+        match Cli::parse_from(argv).command {
+            Command::Run(a) => a,
+        }
+    }
+
+    #[test]
+    fn store_token_file() {
+        let dir = std::env::temp_dir().join(format!("lb-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, empty) = (dir.join("good"), dir.join("empty"));
+        std::fs::write(&good, " s3cret\n").unwrap();
+        std::fs::write(&empty, "\n \n").unwrap();
+
+        let consul = "consul://127.0.0.1:8500";
+        assert_eq!(read_store_token(&args(consul, None)).unwrap(), None);
+        assert_eq!(
+            read_store_token(&args(consul, Some(&good))).unwrap(),
+            Some("s3cret".to_string())
+        );
+        let e = read_store_token(&args(consul, Some(&empty))).unwrap_err();
+        assert!(format!("{e:#}").contains("empty"), "{e:#}");
+        let e = read_store_token(&args(consul, Some(&dir.join("missing")))).unwrap_err();
+        assert!(format!("{e:#}").contains("No such file"), "{e:#}");
+        let e = read_store_token(&args("etcd://127.0.0.1:2379", Some(&good))).unwrap_err();
+        assert!(e.to_string().contains("for consul://"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
