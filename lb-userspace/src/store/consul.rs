@@ -278,7 +278,7 @@ impl Store for ConsulStore {
             // Someone else wrote after us already: report a revision just older than
             // theirs (and newer than ours), so a compare-and-set against it fails as it
             // must and the watch's event for their write still counts as newer.
-            Some((index, _)) => index - 1,
+            Some((index, _)) => index.saturating_sub(1).max(1),
             // Already deleted again: the oldest revision there is, so that every later
             // change, the deletion included, counts as newer.
             None => 1,
