@@ -1,6 +1,7 @@
 //! lb's control plane as a library: the CLI in `main.rs` is a thin shell over it, and the
 //! privileged tests drive it directly.
 pub mod api;
+pub mod consul_http;
 pub mod controller;
 pub mod dataplane;
 pub mod discovery;

@@ -76,11 +76,16 @@ struct RunArgs {
     /// host's ephemeral range (net.ipv4.ip_local_port_range).
     #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX", value_parser = parse_range)]
     snat_ports: (u16, u16),
-    /// Where the configuration is kept: file:///DIR (embedded, the default) or
-    /// etcd://HOST:PORT[,HOST:PORT...] (etcd v3; every member listed is failed over to).
-    /// Every service stored there is restored at start. (consul:// is being built.)
+    /// Where the configuration is kept: file:///DIR (embedded, the default),
+    /// etcd://HOST:PORT[,HOST:PORT...] (etcd v3) or consul://HOST:PORT[,HOST:PORT...]
+    /// (Consul's KV store); every address listed is failed over to. Every service stored
+    /// there is restored at start.
     #[arg(long, default_value = "file:///var/lib/lb", value_name = "URL")]
     store: String,
+    /// A file holding the ACL token (X-Consul-Token) for Consul: a consul:// store and
+    /// --discovery-consul (surrounding whitespace is ignored).
+    #[arg(long, value_name = "FILE")]
+    store_token_file: Option<PathBuf>,
     /// Prefix of this balancer group's entries in the store: groups with different prefixes
     /// share a store without touching each other's services.
     #[arg(long, default_value = "lb", value_name = "PREFIX")]
@@ -90,6 +95,11 @@ struct RunArgs {
     /// etcd.
     #[arg(long, value_name = "etcd://HOST:PORT[,...]")]
     discovery_etcd: Option<String>,
+    /// Consul agents for services with `"discovery": {"kind": "consul"}`, read through the
+    /// health API (passing instances; with "include_warning", warning ones too). Default:
+    /// the --store, when it is consul.
+    #[arg(long, value_name = "consul://HOST:PORT[,...]")]
+    discovery_consul: Option<String>,
     /// Capacity of the services map.
     #[arg(long, default_value_t = Limits::default().max_services)]
     max_services: u32,
@@ -141,15 +151,37 @@ fn check_ephemeral_overlap((min, max): (u16, u16)) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ACL token in `--store-token-file`, if given: only for Consul, and the file must hold
+/// one.
+fn read_store_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
+    let Some(path) = &args.store_token_file else {
+        return Ok(None);
+    };
+    if !args.store.starts_with("consul://") && args.discovery_consul.is_none() {
+        bail!(
+            "--store-token-file is for Consul (a consul:// --store or --discovery-consul); --store {} takes no token",
+            args.store
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--store-token-file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("--store-token-file {}: the file is empty", path.display());
+    }
+    Ok(Some(token.to_string()))
+}
+
 /// Opens the store, retrying with backoff while its server cannot be reached (saying which
 /// and why); a bad URL is an error at once.
 async fn open_store(
     url: &str,
     prefix: &str,
+    token: Option<String>,
 ) -> anyhow::Result<std::sync::Arc<dyn lb::store::Store>> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match lb::store::open(url, prefix).await {
+        match lb::store::open(url, prefix, token.clone()).await {
             Ok(store) => return Ok(store),
             Err(lb::store::StoreError::Unavailable(why)) => {
                 tracing::warn!(retry_in = ?backoff, "cannot reach the store: {why}");
@@ -162,8 +194,23 @@ async fn open_store(
 }
 
 /// The discovery sources named by the flags, or by the store's URL.
-async fn discovery_sources(args: &RunArgs) -> anyhow::Result<discovery::Sources> {
+async fn discovery_sources(
+    args: &RunArgs,
+    token: Option<String>,
+) -> anyhow::Result<discovery::Sources> {
     let mut sources = discovery::Sources::default();
+    let consul = args.discovery_consul.clone().or_else(|| {
+        args.store
+            .starts_with("consul://")
+            .then(|| args.store.clone())
+    });
+    if let Some(url) = consul {
+        let addrs =
+            discovery::consul_addrs(&url).map_err(|e| anyhow::anyhow!("--discovery-consul {e}"))?;
+        let client =
+            lb::consul_http::ConsulClient::new(addrs, token).map_err(anyhow::Error::msg)?;
+        sources.consul = Some(Arc::new(client));
+    }
     let etcd = args.discovery_etcd.clone().or_else(|| {
         args.store
             .starts_with("etcd://")
@@ -183,6 +230,7 @@ async fn discovery_sources(args: &RunArgs) -> anyhow::Result<discovery::Sources>
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_ephemeral_overlap(args.snat_ports)?;
+    let store_token = read_store_token(&args)?;
     for iface in &args.ifaces {
         net::ifindex(iface)?;
     }
@@ -203,12 +251,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("binding the API to {}", args.api))?;
-    let store = open_store(&args.store, &args.store_prefix).await?;
+    let store = open_store(
+        &args.store,
+        &args.store_prefix,
+        store_token
+            .clone()
+            .filter(|_| args.store.starts_with("consul://")),
+    )
+    .await?;
     let mut controller = Controller::new(dataplane);
     // From here on the data plane outlives this process: a restart takes it over.
     controller.keep_on_exit();
     let controller = Arc::new(Mutex::new(controller));
-    let sources = discovery_sources(&args).await?;
+    let sources = discovery_sources(&args, store_token).await?;
     let state = Reconciler::new(store, controller.clone(), sources);
     let restoring = tokio::spawn(state.clone().run());
     tracing::info!(api = %args.api, ifaces = ?args.ifaces, bpffs = %args.bpffs.display(), "lb is running");
@@ -294,5 +349,44 @@ fn main() {
             eprintln!("lb: error: {first}");
         }
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(store: &str, token_file: Option<&std::path::Path>) -> RunArgs {
+        let mut argv = vec!["lb", "run", "--iface", "lo", "--store", store];
+        if let Some(f) = token_file {
+            argv.extend(["--store-token-file", f.to_str().unwrap()]);
+        }
+        match Cli::parse_from(argv).command {
+            Command::Run(a) => a,
+            Command::Down(_) => unreachable!("parsed a run command"),
+        }
+    }
+
+    #[test]
+    fn store_token_file() {
+        let dir = std::env::temp_dir().join(format!("lb-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, empty) = (dir.join("good"), dir.join("empty"));
+        std::fs::write(&good, " s3cret\n").unwrap();
+        std::fs::write(&empty, "\n \n").unwrap();
+
+        let consul = "consul://127.0.0.1:8500";
+        assert_eq!(read_store_token(&args(consul, None)).unwrap(), None);
+        assert_eq!(
+            read_store_token(&args(consul, Some(&good))).unwrap(),
+            Some("s3cret".to_string())
+        );
+        let e = read_store_token(&args(consul, Some(&empty))).unwrap_err();
+        assert!(format!("{e:#}").contains("empty"), "{e:#}");
+        let e = read_store_token(&args(consul, Some(&dir.join("missing")))).unwrap_err();
+        assert!(format!("{e:#}").contains("No such file"), "{e:#}");
+        let e = read_store_token(&args("etcd://127.0.0.1:2379", Some(&good))).unwrap_err();
+        assert!(e.to_string().contains("is for Consul"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

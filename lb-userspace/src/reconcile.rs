@@ -427,7 +427,7 @@ impl Reconciler {
                     "restored from the store; ready"
                 );
             }
-            let mut watch = self.store.watch(snapshot.revision);
+            let mut watch = self.store.watch(&snapshot);
             while let Some(event) = watch.recv().await {
                 match event {
                     Ok(event) => self.apply_event(&event).await,

@@ -1,6 +1,7 @@
 //! lb's test kit: network namespaces and veth links that remove themselves, servers and
-//! clients that live inside a namespace, an `lb` process under test, and packet builders
-//! for BPF_PROG_TEST_RUN. Used by the suites in `tests/`, by the demo and the benchmark.
+//! clients that live inside a namespace, real etcd and a Consul test server, an `lb`
+//! process under test, and packet builders for BPF_PROG_TEST_RUN. Used by the suites in `tests/`, by the demo and the benchmark.
+pub mod consul;
 pub mod etcd;
 pub mod lbproc;
 pub mod netns;

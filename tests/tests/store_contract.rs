@@ -1,10 +1,21 @@
 //! One contract, run against every store implementation: put, list, compare-and-set
-//! conflicts, delete, a watch that delivers every change in order, and a corrupt entry that
-//! spoils nothing else.
-use std::time::Duration;
+//! conflicts, delete, a watch that delivers the changes in order, and a corrupt entry that
+//! spoils nothing else. Then what only some stores have: etcd's member failover, Consul's
+//! address failover, ACL token and blocking queries, and Consul's health API.
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
-use lb::store::{Event, Expect, Store, StoreError, etcd::EtcdStore, file::FileStore};
-use lb_tests::etcd::EtcdCluster;
+use lb::{
+    consul_http::ConsulClient,
+    discovery::consul::{HealthOptions, watch_service},
+    store::{
+        Entry, Event, Expect, Store, StoreError, consul::ConsulStore, etcd::EtcdStore,
+        file::FileStore,
+    },
+};
+use lb_tests::{consul::ConsulServer, etcd::EtcdCluster};
 
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<Result<Event, StoreError>>) -> Event {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -14,11 +25,21 @@ async fn next(rx: &mut tokio::sync::mpsc::Receiver<Result<Event, StoreError>>) -
         .expect("no watch error")
 }
 
+/// What a store's watch promises about the changes it delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum History {
+    /// Every change, in order (file, etcd).
+    Every,
+    /// The latest state of each key, in revision order; changes made between two looks at
+    /// the store may arrive as one (Consul, which keeps no history).
+    LatestPerKey,
+}
+
 /// The contract. `corrupt(name)` must damage the stored entry `name` behind the store's back.
-async fn contract(store: &dyn Store, corrupt: impl Fn(&str)) {
+async fn contract(store: &dyn Store, history: History, corrupt: impl Fn(&str)) {
     let start = store.list().await.unwrap();
     assert!(start.entries.is_empty(), "a fresh store is empty");
-    let mut watch = store.watch(start.revision);
+    let mut watch = store.watch(&start);
 
     // Create, read back.
     let r1 = store
@@ -71,7 +92,21 @@ async fn contract(store: &dyn Store, corrupt: impl Fn(&str)) {
         store.put("web", br#"{"who":"b"}"#, Expect::Revision(r2)),
     );
     assert_eq!(a.is_ok() as u8 + b.is_ok() as u8, 1, "{a:?} {b:?}");
+    let winner: &[u8] = if a.is_ok() {
+        br#"{"who":"a"}"#
+    } else {
+        br#"{"who":"b"}"#
+    };
     let r3 = a.or(b).unwrap();
+    let after_r3 = store.list().await.unwrap();
+    assert_eq!(
+        after_r3.entries,
+        [Entry {
+            name: "web".into(),
+            value: winner.to_vec(),
+            revision: r3
+        }]
+    );
 
     // Another entry, then deletes.
     let r4 = store
@@ -93,39 +128,84 @@ async fn contract(store: &dyn Store, corrupt: impl Fn(&str)) {
         .collect();
     assert_eq!(names, ["db"]);
 
-    // The watch saw every change, in order.
-    let mut seen = Vec::new();
-    for _ in 0..5 {
-        seen.push(next(&mut watch).await);
+    match history {
+        History::Every => {
+            // The watch saw every change, in order.
+            let mut seen = Vec::new();
+            for _ in 0..5 {
+                seen.push(next(&mut watch).await);
+            }
+            let summary: Vec<(String, bool, u64)> = seen
+                .iter()
+                .map(|e| match e {
+                    Event::Put(x) => (x.name.clone(), true, x.revision),
+                    Event::Deleted { name, revision } => (name.clone(), false, *revision),
+                })
+                .collect();
+            assert_eq!(
+                summary
+                    .iter()
+                    .map(|s| (s.0.as_str(), s.1))
+                    .collect::<Vec<_>>(),
+                [
+                    ("web", true),
+                    ("web", true),
+                    ("web", true),
+                    ("db", true),
+                    ("web", false)
+                ]
+            );
+            assert!(
+                summary.windows(2).all(|w| w[0].2 < w[1].2),
+                "revisions in order: {summary:?}"
+            );
+            assert_eq!(summary[0].2, r1);
+            assert_eq!(summary[3].2, r4);
+        }
+        History::LatestPerKey => {
+            // Every event is one of the changes made, in strictly increasing revision
+            // order, and the last one of each key is its final state.
+            let puts: [(&str, u64, &[u8]); 4] = [
+                ("web", r1, br#"{"schema":1,"vip":"10.0.0.1:80"}"#),
+                ("web", r2, br#"{"schema":1,"vip":"10.0.0.2:80"}"#),
+                ("web", r3, winner),
+                ("db", r4, br#"{"schema":1}"#),
+            ];
+            let mut seen: Vec<Event> = Vec::new();
+            let mut last: HashMap<String, Event> = HashMap::new();
+            let done = |last: &HashMap<String, Event>| {
+                matches!(last.get("web"), Some(Event::Deleted { .. }))
+                    && matches!(last.get("db"), Some(Event::Put(e)) if e.revision == r4)
+            };
+            while !done(&last) {
+                assert!(seen.len() < 5, "more events than changes: {seen:?}");
+                let e = next(&mut watch).await;
+                match &e {
+                    Event::Put(x) => assert!(
+                        puts.iter()
+                            .any(|(n, r, v)| x.name == *n && x.revision == *r && x.value == *v),
+                        "not a put that was made: {e:?}"
+                    ),
+                    Event::Deleted { name, revision } => {
+                        assert_eq!(name, "web", "only web was deleted");
+                        assert!(*revision > r3, "deleted after its last put: {e:?}");
+                    }
+                }
+                let name = match &e {
+                    Event::Put(x) => x.name.clone(),
+                    Event::Deleted { name, .. } => name.clone(),
+                };
+                last.insert(name, e.clone());
+                seen.push(e);
+            }
+            assert!(
+                seen.windows(2).all(|w| w[0].revision() < w[1].revision()),
+                "revisions in order: {seen:?}"
+            );
+        }
     }
-    let summary: Vec<(String, bool, u64)> = seen
-        .iter()
-        .map(|e| match e {
-            Event::Put(x) => (x.name.clone(), true, x.revision),
-            Event::Deleted { name, revision } => (name.clone(), false, *revision),
-        })
-        .collect();
-    assert_eq!(
-        summary
-            .iter()
-            .map(|s| (s.0.as_str(), s.1))
-            .collect::<Vec<_>>(),
-        [
-            ("web", true),
-            ("web", true),
-            ("web", true),
-            ("db", true),
-            ("web", false)
-        ]
-    );
-    assert!(
-        summary.windows(2).all(|w| w[0].2 < w[1].2),
-        "revisions in order: {summary:?}"
-    );
-    assert_eq!(summary[0].2, r1);
-    assert_eq!(summary[3].2, r4);
-    // A watch from a revision replays only what came after it.
-    let mut late = store.watch(r3);
+    // A watch from a listing replays only what came after it.
+    let mut late = store.watch(&after_r3);
     assert_eq!(next(&mut late).await.revision(), r4);
 
     // A corrupt entry is listed as what it is; the others are unaffected.
@@ -157,7 +237,7 @@ async fn file_store_keeps_the_contract() {
     let root = std::env::temp_dir().join(lb_tests::unique("lbt-store"));
     let store = FileStore::open(&root, "lb", Duration::from_millis(20)).unwrap();
     let dir = root.join("lb/services");
-    contract(&store, |name| {
+    contract(&store, History::Every, |name| {
         std::fs::write(dir.join(name), b"\x00garbage{").unwrap()
     })
     .await;
@@ -205,7 +285,7 @@ async fn etcd_store_keeps_the_contract() {
     let store = EtcdStore::connect(&endpoints, &prefix).await.unwrap();
     let raw = cluster.endpoints();
     let key_prefix = format!("{prefix}/services/");
-    contract(&store, |name| {
+    contract(&store, History::Every, |name| {
         etcdctl(
             &raw,
             &["put", &format!("{key_prefix}{name}"), "\u{1}garbage{"],
@@ -225,8 +305,8 @@ async fn etcd_store_carries_on_when_a_member_dies() {
     let store = EtcdStore::connect(&endpoints, &lb_tests::unique("lbt"))
         .await
         .unwrap();
-    let start = store.list().await.unwrap().revision;
-    let mut watch = store.watch(start);
+    let start = store.list().await.unwrap();
+    let mut watch = store.watch(&start);
     let r1 = store.put("a", b"1", Expect::Absent).await.unwrap();
     assert_eq!(next(&mut watch).await.revision(), r1);
     // One of three members dies: the other two are a quorum, and every write, read and the
@@ -249,4 +329,315 @@ async fn etcd_store_carries_on_when_a_member_dies() {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// A Consul store on `addrs` for a prefix of its own.
+fn consul_store(addrs: &[String], token: Option<&str>) -> (ConsulStore, String) {
+    let prefix = lb_tests::unique("lbt");
+    let store = ConsulStore::new(addrs.to_vec(), &prefix, token.map(str::to_string)).unwrap();
+    (store, format!("{prefix}/services/"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_store_keeps_the_contract() {
+    let server = ConsulServer::start().unwrap();
+    let (store, keys) = consul_store(&[server.addr().to_string()], None);
+    contract(&store, History::LatestPerKey, |name| {
+        server.kv_put_raw(&format!("{keys}{name}"), b"\x00garbage{")
+    })
+    .await;
+}
+
+/// The same contract against a real Consul agent, when `LB_TEST_CONSUL=host:port` names
+/// one (and `LB_TEST_CONSUL_TOKEN` its ACL token, if it needs one).
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_store_keeps_the_contract_on_a_real_agent() {
+    let Ok(agent) = std::env::var("LB_TEST_CONSUL") else {
+        println!(
+            "skipped: set LB_TEST_CONSUL=host:port to run the contract against a real Consul agent"
+        );
+        return;
+    };
+    let token = std::env::var("LB_TEST_CONSUL_TOKEN").ok();
+    let (store, keys) = consul_store(std::slice::from_ref(&agent), token.as_deref());
+    contract(&store, History::LatestPerKey, |name| {
+        let mut req = ureq::put(&format!("http://{agent}/v1/kv/{keys}{name}"));
+        if let Some(t) = &token {
+            req = req.set("X-Consul-Token", t);
+        }
+        let answer = req
+            .send_bytes(b"\x00garbage{")
+            .unwrap()
+            .into_string()
+            .unwrap();
+        assert_eq!(answer.trim(), "true");
+    })
+    .await;
+    // Leave the agent as it was.
+    let mut req = ureq::delete(&format!("http://{agent}/v1/kv/{keys}?recurse"));
+    if let Some(t) = &token {
+        req = req.set("X-Consul-Token", t);
+    }
+    req.call().unwrap();
+}
+
+/// A port on loopback that nothing listens on.
+fn closed_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_store_falls_over_to_the_next_address() {
+    let server = ConsulServer::start().unwrap();
+    let (store, keys) = consul_store(&[closed_port(), server.addr().to_string()], None);
+    contract(&store, History::LatestPerKey, |name| {
+        server.kv_put_raw(&format!("{keys}{name}"), b"\x00garbage{")
+    })
+    .await;
+
+    // When no address answers, the error names each one and why.
+    let dead = closed_port();
+    drop(server);
+    let (store, _) = consul_store(std::slice::from_ref(&dead), None);
+    let err = store.list().await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("consul at {dead}: cannot connect")),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_store_sends_its_acl_token() {
+    let server = ConsulServer::start().unwrap().with_token("s3cret-token");
+    let addrs = [server.addr().to_string()];
+    let (store, _) = consul_store(&addrs, Some("s3cret-token"));
+    let r = store.put("web", b"{}", Expect::Absent).await.unwrap();
+    assert_eq!(store.list().await.unwrap().entries[0].revision, r);
+    assert!(store.delete("web", Expect::Revision(r)).await.unwrap());
+
+    for token in [Some("wrong"), None] {
+        let (store, _) = consul_store(&addrs, token);
+        let err = store.list().await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
+        assert!(
+            text.contains("403") && text.contains("ACL") && text.contains(&addrs[0]),
+            "{text}"
+        );
+        // A watch reports the refusal at once rather than retrying.
+        let start = lb::store::Snapshot::default();
+        let mut watch = store.watch(&start);
+        let ended = tokio::time::timeout(Duration::from_secs(5), watch.recv())
+            .await
+            .expect("the watch reports within 5 s")
+            .expect("an error, not a silent end");
+        assert!(ended.unwrap_err().to_string().contains("403"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_watch_blocks_until_a_change() {
+    let server = ConsulServer::start().unwrap();
+    let (store, _) = consul_store(&[server.addr().to_string()], None);
+    let store = store.with_watch_wait(Duration::from_secs(10));
+    store.put("web", b"1", Expect::Absent).await.unwrap();
+    let start = store.list().await.unwrap();
+    let before = server.requests();
+    let mut watch = store.watch(&start);
+    let t0 = Instant::now();
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        store.put("db", b"2", Expect::Absent).await.unwrap()
+    });
+    let event = next(&mut watch).await;
+    let waited = t0.elapsed();
+    let r = writer.await.unwrap();
+    assert_eq!(
+        event,
+        Event::Put(Entry {
+            name: "db".into(),
+            value: b"2".to_vec(),
+            revision: r
+        })
+    );
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    // One blocking query held until the write (and the write's own PUT and GET), not a
+    // loop of quick ones.
+    let requests = server.requests() - before;
+    assert!(requests <= 4, "{requests} requests in {waited:?}");
+    // Nothing happens: the watch asks again only when its wait (10 s) runs out.
+    let before = server.requests();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(server.requests() - before <= 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_watch_survives_an_index_that_goes_back() {
+    // Consul forgets deletions after a while; a listing whose last change was a deletion
+    // then answers an older index, and a watch must start its loop over, not stall or spin.
+    let server = ConsulServer::start().unwrap();
+    let (store, _) = consul_store(&[server.addr().to_string()], None);
+    let store = store.with_watch_wait(Duration::from_millis(300));
+    store.put("a", b"1", Expect::Absent).await.unwrap();
+    store.put("b", b"2", Expect::Absent).await.unwrap();
+    assert!(store.delete("b", Expect::Any).await.unwrap());
+    let start = store.list().await.unwrap();
+    let mut watch = store.watch(&start);
+    server.reap_tombstones();
+    assert!(store.list().await.unwrap().revision < start.revision);
+    let before = server.requests();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let requests = server.requests() - before;
+    assert!(requests <= 8, "{requests} requests in 1 s");
+    let r = store.put("c", b"3", Expect::Absent).await.unwrap();
+    assert_eq!(next(&mut watch).await.revision(), r);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_store_lists_empty_and_corrupt_values() {
+    let server = ConsulServer::start().unwrap();
+    let (store, keys) = consul_store(&[server.addr().to_string()], None);
+    // An empty value (Consul's null), a nested key and the folder key are not lb's entries
+    // or are listed as they are.
+    server.kv_put_raw(&format!("{keys}empty"), b"");
+    server.kv_put_raw(&format!("{keys}nested/x"), b"{}");
+    server.kv_put_raw(&keys, b"");
+    let snap = store.list().await.unwrap();
+    assert_eq!(snap.entries.len(), 1);
+    assert_eq!(snap.entries[0].name, "empty");
+    assert!(snap.entries[0].value.is_empty());
+    // Compare-and-set against a revision that never exists is a conflict, not a create.
+    assert!(matches!(
+        store.put("new", b"{}", Expect::Revision(0)).await,
+        Err(StoreError::Conflict { found: None, .. })
+    ));
+    assert!(matches!(
+        store.delete("new", Expect::Revision(7)).await,
+        Err(StoreError::Conflict { found: None, .. })
+    ));
+    assert!(matches!(
+        store.delete("empty", Expect::Absent).await,
+        Err(StoreError::Conflict { found: Some(_), .. })
+    ));
+    assert!(!store.delete("new", Expect::Absent).await.unwrap());
+}
+
+#[test]
+fn consul_server_runs_inside_a_namespace() {
+    let ns = lb_tests::netns::Netns::new(&lb_tests::unique("lbt-consul")).unwrap();
+    let server = ConsulServer::start_in(&ns, "127.0.0.1").unwrap();
+    let addr = server.addr().to_string();
+    // Nothing answers there from the host's namespace...
+    let from_host = ureq::get(&format!("http://{addr}/v1/kv/x"))
+        .timeout(Duration::from_secs(2))
+        .call();
+    assert!(
+        !matches!(from_host, Err(ureq::Error::Status(404, _))),
+        "the host reached the namespace's server"
+    );
+    // ...but from inside the namespace the store works.
+    let listed = ns.run(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let (store, _) = consul_store(&[addr], None);
+            store.put("web", b"{}", Expect::Absent).await.unwrap();
+            store.list().await.unwrap().entries.len()
+        })
+    });
+    assert_eq!(listed, 1);
+}
+
+async fn next_list(
+    rx: &mut tokio::sync::mpsc::Receiver<Result<Vec<std::net::SocketAddrV4>, String>>,
+) -> Vec<String> {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("an instance list within 5 s")
+        .expect("watch open")
+        .expect("no error")
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_health_watch_follows_instances() {
+    let server = ConsulServer::start().unwrap().with_token("t");
+    server.register("web", "web-1", "10.0.0.1", 80, "passing");
+    server.register("web", "web-2", "10.0.0.2", 80, "passing");
+    server.register("web", "web-3", "10.0.0.3", 80, "critical");
+    server.register("db", "db-1", "10.0.0.9", 5432, "passing");
+    let client = std::sync::Arc::new(
+        ConsulClient::new(
+            vec![closed_port(), server.addr().to_string()],
+            Some("t".into()),
+        )
+        .unwrap(),
+    );
+    let options = HealthOptions {
+        passing_only: true,
+        wait: Duration::from_secs(10),
+    };
+    let mut passing = watch_service(client.clone(), "web", options);
+    let mut usable = watch_service(
+        client.clone(),
+        "web",
+        HealthOptions {
+            passing_only: false,
+            ..options
+        },
+    );
+    assert_eq!(
+        next_list(&mut passing).await,
+        ["10.0.0.1:80", "10.0.0.2:80"]
+    );
+    assert_eq!(next_list(&mut usable).await, ["10.0.0.1:80", "10.0.0.2:80"]);
+
+    // A warning counts only for passing-and-warning (whose list does not change, so it
+    // sends nothing).
+    server.set_status("web-2", "warning");
+    assert_eq!(next_list(&mut passing).await, ["10.0.0.1:80"]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), usable.recv())
+            .await
+            .is_err(),
+        "the warning instance is still usable"
+    );
+    // Back to passing; and the critical one recovers, with the node's address.
+    server.set_status("web-2", "passing");
+    assert_eq!(
+        next_list(&mut passing).await,
+        ["10.0.0.1:80", "10.0.0.2:80"]
+    );
+    server.register("web", "web-3", "", 8080, "passing");
+    let all = ["10.0.0.1:80", "10.0.0.2:80", "127.0.0.1:8080"];
+    assert_eq!(next_list(&mut passing).await, all);
+    assert_eq!(next_list(&mut usable).await, all);
+
+    // Deregistered: the list shrinks.
+    server.deregister("web-1");
+    assert_eq!(
+        next_list(&mut passing).await,
+        ["10.0.0.2:80", "127.0.0.1:8080"]
+    );
+    assert_eq!(
+        next_list(&mut usable).await,
+        ["10.0.0.2:80", "127.0.0.1:8080"]
+    );
+
+    // A wrong token: errors name the 403 and keep coming while it lasts.
+    let refused = std::sync::Arc::new(
+        ConsulClient::new(vec![server.addr().to_string()], Some("nope".into())).unwrap(),
+    );
+    let mut rx = watch_service(refused, "web", options);
+    let err = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(err.contains("403") && err.contains("ACL"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! Where a service's backends come from when it names a discovery source instead of a
 //! list: an etcd registry or Consul's health API. Each source is watched; every change in
 //! the instances it lists reaches the maps without an API call.
+pub mod consul;
 pub mod etcd;
 
 use std::net::SocketAddrV4;
@@ -17,6 +18,7 @@ pub type Instances = mpsc::Receiver<Result<Vec<SocketAddrV4>, String>>;
 #[derive(Default)]
 pub struct Sources {
     pub etcd: Option<etcd::EtcdRegistry>,
+    pub consul: Option<std::sync::Arc<crate::consul_http::ConsulClient>>,
 }
 
 impl Sources {
@@ -30,10 +32,20 @@ impl Sources {
                     "no etcd registry: run lb with an etcd:// --store or --discovery-etcd",
                 )),
             },
-            DiscoveryKind::Consul => Err(ValidationError::new(
-                "discovery.kind",
-                "no Consul: run lb with a consul:// --store or --discovery-consul",
-            )),
+            DiscoveryKind::Consul => match &self.consul {
+                Some(client) => Ok(consul::watch_service(
+                    client.clone(),
+                    &d.service,
+                    consul::HealthOptions {
+                        passing_only: !d.include_warning,
+                        ..consul::HealthOptions::default()
+                    },
+                )),
+                None => Err(ValidationError::new(
+                    "discovery.kind",
+                    "no Consul: run lb with a consul:// --store or --discovery-consul",
+                )),
+            },
         }
     }
 }
@@ -53,6 +65,22 @@ pub fn etcd_endpoints(url: &str) -> Result<Vec<String>, String> {
         return Err(format!("{url}: no endpoint"));
     }
     Ok(endpoints)
+}
+
+/// The agent addresses of a `consul://host:port[,host:port...]` URL.
+pub fn consul_addrs(url: &str) -> Result<Vec<String>, String> {
+    let list = url
+        .strip_prefix("consul://")
+        .ok_or_else(|| format!("{url}: expected consul://HOST:PORT[,HOST:PORT...]"))?;
+    let addrs: Vec<String> = list
+        .split(',')
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{url}: no address"));
+    }
+    Ok(addrs)
 }
 
 /// Parses an instance's `ip:port`.

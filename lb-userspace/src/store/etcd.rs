@@ -157,8 +157,9 @@ impl Store for EtcdStore {
             .any(|r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0)))
     }
 
-    fn watch(&self, after: u64) -> mpsc::Receiver<Result<Event, StoreError>> {
+    fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>> {
         let (tx, rx) = mpsc::channel(256);
+        let after = from.revision;
         let (client, keys, endpoints) = (
             self.client.clone(),
             self.keys.clone(),

@@ -324,9 +324,9 @@ impl Store for FileStore {
         .map_err(|e| StoreError::Invalid(e.to_string()))?
     }
 
-    fn watch(&self, after: u64) -> mpsc::Receiver<Result<Event, StoreError>> {
+    fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>> {
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(follow(self.dir.join("log"), after, self.poll, tx));
+        tokio::spawn(follow(self.dir.join("log"), from.revision, self.poll, tx));
         rx
     }
 }

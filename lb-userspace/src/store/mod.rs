@@ -1,9 +1,10 @@
 //! Where the configuration lives: one document per service under `<prefix>/services/`, in
-//! a store that outlives the balancer. Writes are compare-and-set; a watch delivers every
-//! change after a revision, in order, so that any number of lb nodes converge on one store.
+//! a store that outlives the balancer. Writes are compare-and-set; a watch delivers the
+//! changes after a listing, in order, so that any number of lb nodes converge on one store.
 //!
-//! Implementations: [`file::FileStore`] (embedded, the default). etcd and Consul follow
-//! (issue 3).
+//! Implementations: [`file::FileStore`] (embedded, the default), [`etcd::EtcdStore`] and
+//! [`consul::ConsulStore`].
+pub mod consul;
 pub mod etcd;
 pub mod file;
 
@@ -80,13 +81,40 @@ pub trait Store: Send + Sync {
     async fn put(&self, name: &str, value: &[u8], expect: Expect) -> Result<u64, StoreError>;
     /// Deletes `name` if `expect` holds; whether it was there.
     async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError>;
-    /// Every change after revision `after`, in order, until the receiver is dropped. An
-    /// error ends the stream; the caller lists again.
-    fn watch(&self, after: u64) -> mpsc::Receiver<Result<Event, StoreError>>;
+    /// Every change after `from`, as listed, in revision order, until the receiver is
+    /// dropped. The file and etcd stores deliver every single change; Consul, which keeps no
+    /// history, delivers the latest state of each key that changed. An error ends the
+    /// stream; the caller lists again.
+    fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>>;
 }
 
-/// Opens the store a `--store` URL names, for the group `prefix`.
-pub async fn open(url: &str, prefix: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+/// Opens the store a `--store` URL names, for the group `prefix`; `token` is an ACL token
+/// (Consul only).
+pub async fn open(
+    url: &str,
+    prefix: &str,
+    token: Option<String>,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if let Some(list) = url.strip_prefix("consul://") {
+        let addrs: Vec<String> = list
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        if addrs.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "--store {url}: no address (consul://host:8500[,host:8500...])"
+            )));
+        }
+        return Ok(std::sync::Arc::new(consul::ConsulStore::new(
+            addrs, prefix, token,
+        )?));
+    }
+    if token.is_some() {
+        return Err(StoreError::Invalid(format!(
+            "--store {url}: an ACL token (--store-token-file) is for consul:// stores only"
+        )));
+    }
     if let Some(list) = url.strip_prefix("etcd://") {
         let endpoints: Vec<String> = list
             .split(',')
@@ -116,7 +144,7 @@ pub async fn open(url: &str, prefix: &str) -> Result<std::sync::Arc<dyn Store>, 
         return Ok(std::sync::Arc::new(store));
     }
     Err(StoreError::Invalid(format!(
-        "--store {url}: expected file:///DIR or etcd://HOST:PORT[,HOST:PORT...]"
+        "--store {url}: expected file:///DIR, etcd://HOST:PORT[,HOST:PORT...] or consul://HOST:PORT[,HOST:PORT...]"
     )))
 }
 

@@ -1,0 +1,257 @@
+//! A small client for Consul's HTTP API, shared by the Consul store and the health watcher.
+//!
+//! It knows several agent addresses and sticks to the last one that answered: a request
+//! that cannot connect, times out or gets a 5xx moves on to the next address. An ACL token,
+//! when given, goes with every request as `X-Consul-Token`; a 403 is reported at once (every
+//! agent of a datacenter judges a token alike).
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use reqwest::{Method, StatusCode};
+
+/// How long an ordinary (not blocking) request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    /// No address gave a usable answer; the message names each address tried and why.
+    #[error("{0}")]
+    Unreachable(String),
+    /// Consul refused the request's token (403).
+    #[error(
+        "consul at {addr}: 403 Forbidden: the ACL token was refused or lacks permission ({body})"
+    )]
+    Refused { addr: String, body: String },
+}
+
+/// One answer from an agent.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    /// `X-Consul-Index`, when the answer carried one.
+    pub index: Option<u64>,
+    pub body: Vec<u8>,
+    /// The agent that answered (`host:port`).
+    pub addr: String,
+}
+
+impl Reply {
+    /// The body as text, shortened for error messages.
+    pub fn body_text(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let text = text.trim();
+        match text.char_indices().nth(200) {
+            Some((cut, _)) => format!("{}...", &text[..cut]),
+            None => text.to_string(),
+        }
+    }
+
+    /// "consul at ADDR: STATUS: BODY", for an answer the caller did not expect.
+    pub fn unexpected(&self) -> String {
+        format!(
+            "consul at {}: {}: {}",
+            self.addr,
+            self.status,
+            self.body_text()
+        )
+    }
+}
+
+pub struct ConsulClient {
+    http: reqwest::Client,
+    addrs: Vec<String>,
+    /// The address that answered last; requests start there.
+    current: AtomicUsize,
+    token: Option<String>,
+}
+
+impl ConsulClient {
+    /// A client for the agents at `addrs` (`host:port`, at least one), sending `token` if
+    /// given.
+    pub fn new(addrs: Vec<String>, token: Option<String>) -> Result<Self, String> {
+        if addrs.is_empty() {
+            return Err("no Consul address given".into());
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(Self {
+            http,
+            addrs,
+            current: AtomicUsize::new(0),
+            token,
+        })
+    }
+
+    /// Every address, joined with commas.
+    pub fn addrs(&self) -> String {
+        self.addrs.join(",")
+    }
+
+    /// Sends `method path_and_query` (a path starting with `/v1/`), trying each address in
+    /// turn from the one that answered last, until one answers with anything but a 5xx.
+    /// `timeout` bounds each attempt.
+    pub async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Reply, ConsulError> {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for step in 0..self.addrs.len() {
+            let i = (first + step) % self.addrs.len();
+            let addr = &self.addrs[i];
+            let mut req = self
+                .http
+                .request(method.clone(), format!("http://{addr}{path_and_query}"))
+                .timeout(timeout);
+            if let Some(token) = &self.token {
+                req = req.header("X-Consul-Token", token);
+            }
+            if let Some(b) = body {
+                req = req.body(b.to_vec());
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(format!("consul at {addr}: {}", reason(&e, timeout)));
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let index = resp
+                .headers()
+                .get("X-Consul-Index")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let body = match resp.bytes().await {
+                Ok(b) => b.to_vec(),
+                Err(e) => {
+                    failures.push(format!("consul at {addr}: {}", reason(&e, timeout)));
+                    continue;
+                }
+            };
+            let reply = Reply {
+                status,
+                index,
+                body,
+                addr: addr.clone(),
+            };
+            if status.is_server_error() {
+                failures.push(reply.unexpected());
+                continue;
+            }
+            self.current.store(i, Ordering::Relaxed);
+            if status == StatusCode::FORBIDDEN {
+                return Err(ConsulError::Refused {
+                    addr: addr.clone(),
+                    body: reply.body_text(),
+                });
+            }
+            return Ok(reply);
+        }
+        Err(ConsulError::Unreachable(failures.join("; ")))
+    }
+}
+
+/// Why a request failed, in a few words: reqwest's own message names only the URL, the
+/// cause is at the bottom of the chain.
+fn reason(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!("no answer within {timeout:?}");
+    }
+    let mut root: &dyn std::error::Error = e;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    if e.is_connect() {
+        format!("cannot connect ({root})")
+    } else {
+        root.to_string()
+    }
+}
+
+/// The `wait` parameter of a blocking query (whole seconds, or milliseconds below one
+/// second).
+pub fn wait_param(wait: Duration) -> String {
+    if wait.as_millis().is_multiple_of(1000) {
+        format!("{}s", wait.as_secs())
+    } else {
+        format!("{}ms", wait.as_millis())
+    }
+}
+
+/// How long to let a blocking query with this `wait` run before giving up on it: Consul
+/// adds up to wait/16 of its own, and the answer needs time to travel.
+pub fn blocking_timeout(wait: Duration) -> Duration {
+    wait + wait / 16 + REQUEST_TIMEOUT
+}
+
+/// The index for the next blocking query after an answer at `answered`, when the last one
+/// was `previous`, following Consul's rules for blocking queries: an index that went
+/// backwards starts the loop over (0: the next query does not block), and an index below
+/// 1 is never waited on (1 always is safe).
+pub fn next_index(previous: u64, answered: u64) -> u64 {
+    if answered < previous {
+        0
+    } else {
+        answered.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocking_index_rules() {
+        assert_eq!(next_index(0, 0), 1, "never wait on index 0");
+        assert_eq!(next_index(5, 9), 9);
+        assert_eq!(next_index(5, 5), 5, "no change: wait again");
+        assert_eq!(next_index(9, 5), 0, "backwards: start over");
+    }
+
+    #[test]
+    fn wait_parameter() {
+        assert_eq!(wait_param(Duration::from_secs(30)), "30s");
+        assert_eq!(wait_param(Duration::from_millis(250)), "250ms");
+        assert_eq!(
+            blocking_timeout(Duration::from_secs(32)),
+            Duration::from_secs(39)
+        );
+    }
+
+    #[tokio::test]
+    async fn every_address_is_named_when_none_answers() {
+        // Two ports nothing listens on.
+        let ports: Vec<u16> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let client = ConsulClient::new(addrs.clone(), None).unwrap();
+        let err = client
+            .request(Method::GET, "/v1/kv/x", None, REQUEST_TIMEOUT)
+            .await
+            .unwrap_err()
+            .to_string();
+        for a in &addrs {
+            assert!(
+                err.contains(&format!("consul at {a}: cannot connect")),
+                "{err}"
+            );
+        }
+    }
+}
