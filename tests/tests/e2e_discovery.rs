@@ -184,3 +184,78 @@ fn a_service_scaled_through_the_etcd_registry_is_followed_without_an_api_call() 
     );
     assert_eq!(answering(&topo, vip), BTreeSet::from(["be2".into()]));
 }
+
+#[test]
+fn a_service_from_consul_follows_its_health_checks() {
+    let topo = Topology::two_armed(3).unwrap();
+    let _backends: Vec<Backend> = (0..3)
+        .map(|i| {
+            let a = SocketAddr::from(topo.backend(i, 8080));
+            Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
+        })
+        .collect();
+    // Consul (the test server) is both the store and the catalogue, behind an ACL token.
+    let consul = lb_tests::consul::ConsulServer::start_in(&topo.lb, "127.0.0.1")
+        .unwrap()
+        .with_token("s3cret");
+    let token_file = std::env::temp_dir().join(unique("lbt-token"));
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let ip = |i: usize| topo.backend(i, 8080).ip().to_string();
+    let be = |i: usize| topo.backend(i, 8080).to_string();
+    consul.register("web", "web-0", &ip(0), 8080, "passing");
+    consul.register("web", "web-1", &ip(1), 8080, "passing");
+    consul.register("web", "web-2", &ip(2), 8080, "warning");
+
+    let url = consul.url();
+    let token_arg = token_file.to_str().unwrap();
+    let lb = LbProcess::start(
+        &topo.lb,
+        &topo.lb_ifaces,
+        &["--store", &url, "--store-token-file", token_arg],
+    )
+    .unwrap();
+    let vip = SocketAddr::from(topo.vip(80));
+    let created = lb
+        .put_service(
+            "web",
+            &json!({"vip": vip.to_string(), "discovery": {"kind": "consul", "service": "web"}}),
+        )
+        .unwrap();
+    // Passing only, by default.
+    assert_eq!(created["backends"], json!([be(0), be(1)]));
+    assert_eq!(answering(&topo, vip), BTreeSet::from(["be0".into(), "be1".into()]));
+    // A service that asks for it takes warning instances too.
+    let vip81 = SocketAddr::from(topo.vip(81));
+    let lenient = lb
+        .put_service(
+            "web-lenient",
+            &json!({"vip": vip81.to_string(), "discovery": {"kind": "consul", "service": "web", "include_warning": true}}),
+        )
+        .unwrap();
+    assert_eq!(lenient["backends"], json!([be(0), be(1), be(2)]));
+
+    // A failing check takes the instance out of both; recovery puts it back.
+    consul.set_status("web-1", "critical");
+    assert!(
+        eventually(T, || backends_of(&lb, "web") == [be(0)]
+            && backends_of(&lb, "web-lenient") == [be(0), be(2)]),
+        "{:?} {:?}",
+        backends_of(&lb, "web"),
+        backends_of(&lb, "web-lenient")
+    );
+    assert_eq!(answering(&topo, vip), BTreeSet::from(["be0".into()]));
+    consul.set_status("web-1", "passing");
+    consul.deregister("web-0");
+    assert!(
+        eventually(T, || backends_of(&lb, "web") == [be(1)]),
+        "{:?}",
+        backends_of(&lb, "web")
+    );
+    assert_eq!(answering(&topo, vip), BTreeSet::from(["be1".into()]));
+    // The store is Consul's KV: the service is there, with its source.
+    let stored = consul.kv_get_raw("lb/services/web").expect("stored in Consul's KV");
+    let doc: Value = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(doc["discovery"], json!({"kind": "consul", "service": "web"}));
+    drop(lb);
+    let _ = std::fs::remove_file(&token_file);
+}
