@@ -48,6 +48,7 @@ struct DownArgs {
 const RUN_HELP: &str = "\
 The API (JSON):
   PUT    /v1/services/NAME  {\"vip\": \"10.0.0.100:80\", \"protocol\": \"tcp\", \"backends\": [\"10.0.1.11:8080\"]}
+         or, instead of backends,  \"discovery\": {\"kind\": \"etcd\" | \"consul\", \"service\": \"web\"}
   GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats
   GET    /health (liveness)     GET /ready (200 once the stored services are restored)
 
