@@ -26,8 +26,8 @@ pub struct LbProcess {
     /// which hand them on.
     own_pins: bool,
     log: PathBuf,
-    /// A store directory this process was given by `start` and removes on drop.
-    own_store: Option<PathBuf>,
+    /// A store directory this process was given by `start`, removed on drop.
+    _own_store: Option<TempStore>,
 }
 
 /// A pin directory an lb left attached and forwarding, for the next one to adopt;
@@ -69,9 +69,31 @@ pub fn lb_down(ns_path: &str, bpffs: &std::path::Path) {
     let _ = std::fs::remove_dir_all(bpffs);
 }
 
-/// A fresh store directory for a test (the caller removes it, or `LbProcess` does).
-pub fn temp_store() -> PathBuf {
-    std::env::temp_dir().join(crate::unique("lbt-store"))
+/// A fresh store directory for a test, removed on drop (also when the test fails).
+pub struct TempStore(PathBuf);
+
+impl TempStore {
+    /// Its `--store` URL.
+    pub fn url(&self) -> String {
+        format!("file://{}", self.0.display())
+    }
+}
+
+impl std::ops::Deref for TempStore {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn temp_store() -> TempStore {
+    TempStore(std::env::temp_dir().join(crate::unique("lbt-store")))
 }
 
 impl LbProcess {
@@ -136,7 +158,7 @@ impl LbProcess {
             bpffs,
             own_pins: true,
             log,
-            own_store,
+            _own_store: own_store,
         })
     }
 
@@ -282,8 +304,5 @@ impl Drop for LbProcess {
             lb_down(&self.ns_path, &self.bpffs);
         }
         let _ = std::fs::remove_file(&self.log);
-        if let Some(dir) = &self.own_store {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }

@@ -198,7 +198,9 @@ fn a_service_from_consul_follows_its_health_checks() {
     let consul = lb_tests::consul::ConsulServer::start_in(&topo.lb, "127.0.0.1")
         .unwrap()
         .with_token("s3cret");
-    let token_file = std::env::temp_dir().join(unique("lbt-token"));
+    let secrets = lb_tests::lbproc::temp_store();
+    std::fs::create_dir_all(&*secrets).unwrap();
+    let token_file = secrets.join("token");
     std::fs::write(&token_file, "s3cret\n").unwrap();
     let ip = |i: usize| topo.backend(i, 8080).ip().to_string();
     let be = |i: usize| topo.backend(i, 8080).to_string();
@@ -223,7 +225,10 @@ fn a_service_from_consul_follows_its_health_checks() {
         .unwrap();
     // Passing only, by default.
     assert_eq!(created["backends"], json!([be(0), be(1)]));
-    assert_eq!(answering(&topo, vip), BTreeSet::from(["be0".into(), "be1".into()]));
+    assert_eq!(
+        answering(&topo, vip),
+        BTreeSet::from(["be0".into(), "be1".into()])
+    );
     // A service that asks for it takes warning instances too.
     let vip81 = SocketAddr::from(topo.vip(81));
     let lenient = lb
@@ -253,9 +258,12 @@ fn a_service_from_consul_follows_its_health_checks() {
     );
     assert_eq!(answering(&topo, vip), BTreeSet::from(["be1".into()]));
     // The store is Consul's KV: the service is there, with its source.
-    let stored = consul.kv_get_raw("lb/services/web").expect("stored in Consul's KV");
+    let stored = consul
+        .kv_get_raw("lb/services/web")
+        .expect("stored in Consul's KV");
     let doc: Value = serde_json::from_slice(&stored).unwrap();
-    assert_eq!(doc["discovery"], json!({"kind": "consul", "service": "web"}));
-    drop(lb);
-    let _ = std::fs::remove_file(&token_file);
+    assert_eq!(
+        doc["discovery"],
+        json!({"kind": "consul", "service": "web"})
+    );
 }

@@ -127,7 +127,6 @@ fn kill_9_and_restarts_lose_no_connection() {
     assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
     assert!(udp_ask(&topo.client, topo.vip(53).into(), T).is_ok());
     drop(fourth);
-    std::fs::remove_dir_all(&store).unwrap();
 }
 
 #[test]
@@ -164,7 +163,6 @@ fn pins_of_another_layout_are_replaced_through_the_link() {
     assert_eq!(services(&second).as_array().map(Vec::len), Some(1), "{log}");
     assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
     drop(second);
-    std::fs::remove_dir_all(&store).unwrap();
 }
 
 #[test]

@@ -80,7 +80,6 @@ fn a_restarted_lb_restores_every_service_from_the_store() {
     assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
     assert!(udp_ask(&topo.client, topo.vip(53).into(), T).is_ok());
     drop(second);
-    std::fs::remove_dir_all(&store).unwrap();
 }
 
 #[test]
@@ -130,7 +129,6 @@ fn two_nodes_on_one_store_converge() {
         .0
         == 404));
     drop((a, b));
-    std::fs::remove_dir_all(&store).unwrap();
 }
 
 #[test]
@@ -165,7 +163,6 @@ fn a_bad_store_entry_is_skipped_and_the_others_restored() {
     }
     assert_eq!(lb.request("GET", "/ready", None).unwrap().0, 200);
     drop(lb);
-    std::fs::remove_dir_all(&store).unwrap();
 }
 
 /// Sends one datagram from `client:port` (inside `ns`) to `to`; the backend that answers.
