@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
+    health::{Checker, HealthEvent},
     model::{Protocol, Service, ServiceSpec, ValidationError, validate_name},
     net::Neighbors,
 };
@@ -44,6 +45,13 @@ pub struct BackendView {
     pub address: String,
     #[serde(flatten)]
     pub counters: CounterView,
+    /// "up" or "down", from this node's health checks.
+    pub health: &'static str,
+    /// When it last changed (RFC 3339), or when the backend was added.
+    pub since: String,
+    /// Why the check that took it down failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// `GET /v1/services/{name}`: the service as stored plus its counters.
@@ -55,20 +63,54 @@ pub struct ServiceView {
     pub backend_counters: Vec<BackendView>,
 }
 
+/// A backend's state as this node's checks see it.
+#[derive(Debug, Clone)]
+pub struct BackendHealth {
+    pub up: bool,
+    pub since: std::time::SystemTime,
+    pub reason: Option<String>,
+}
+
+impl BackendHealth {
+    fn up_now() -> Self {
+        Self {
+            up: true,
+            since: std::time::SystemTime::now(),
+            reason: None,
+        }
+    }
+}
+
+/// An HTTP service and the backends it may use now (its healthy ones).
+#[derive(Debug, Clone)]
+pub struct HttpService {
+    pub service: Service,
+    pub healthy: Vec<SocketAddrV4>,
+}
+
 pub struct Controller {
     services: BTreeMap<String, Service>,
-    /// (VIP, protocol) -> the service that has it.
+    /// (VIP, protocol) -> the layer-4 service that has it.
     vips: HashMap<(SocketAddrV4, Protocol), String>,
-    /// Backend address -> how many services use it (for next-hop upkeep).
+    /// Backend address -> how many layer-4 services use it (for next-hop upkeep).
     backend_users: HashMap<Ipv4Addr, usize>,
     dataplane: Dataplane,
     neighbors: Neighbors,
     /// While set, next hops of new backends are collected rather than resolved one
     /// service at a time (see `defer_neighbors`).
     deferred: Option<HashSet<Ipv4Addr>>,
+    /// Service -> backend -> health.
+    health: HashMap<String, HashMap<SocketAddrV4, BackendHealth>>,
+    checker: Option<Checker>,
+    /// Bumped whenever an HTTP service or the health of its backends changes.
+    http_version: tokio::sync::watch::Sender<u64>,
 }
 
 fn ips(svc: &Service) -> HashSet<Ipv4Addr> {
+    if svc.http.is_some() {
+        // HTTP backends are reached through the kernel's stack, not from XDP.
+        return HashSet::new();
+    }
     svc.backends.iter().map(|b| *b.ip()).collect()
 }
 
@@ -81,6 +123,89 @@ impl Controller {
             dataplane,
             neighbors: Neighbors::default(),
             deferred: None,
+            health: HashMap::new(),
+            checker: None,
+            http_version: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Starts checking backends (from now on, for every service applied); the returned
+    /// receiver gets each state change, for [`Controller::set_health`].
+    pub fn start_health_checks(&mut self) -> tokio::sync::mpsc::UnboundedReceiver<HealthEvent> {
+        let (mut checker, events) = Checker::new();
+        for svc in self.services.values() {
+            checker.sync(&svc.name, &svc.backends, &svc.check);
+        }
+        self.checker = Some(checker);
+        events
+    }
+
+    /// Notified whenever the HTTP routes change (see [`Controller::http_services`]).
+    pub fn http_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.http_version.subscribe()
+    }
+
+    fn http_changed(&self) {
+        self.http_version.send_modify(|v| *v += 1);
+    }
+
+    /// Every HTTP service with the backends it may use now.
+    pub fn http_services(&self) -> Vec<HttpService> {
+        self.services
+            .values()
+            .filter(|s| s.http.is_some())
+            .map(|s| HttpService {
+                service: s.clone(),
+                healthy: s
+                    .backends
+                    .iter()
+                    .filter(|b| self.is_up(&s.name, b))
+                    .copied()
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn is_up(&self, service: &str, backend: &SocketAddrV4) -> bool {
+        self.health
+            .get(service)
+            .and_then(|h| h.get(backend))
+            .is_none_or(|h| h.up)
+    }
+
+    /// A health check result: a backend that went down leaves its service's Maglev table
+    /// or HTTP pool, one that came back returns.
+    pub fn set_health(&mut self, event: &HealthEvent) {
+        let Some(svc) = self.services.get(&event.service).cloned() else {
+            return;
+        };
+        let Some(state) = self
+            .health
+            .get_mut(&event.service)
+            .and_then(|h| h.get_mut(&event.backend))
+        else {
+            return;
+        };
+        if state.up == event.up {
+            return;
+        }
+        *state = BackendHealth {
+            up: event.up,
+            since: std::time::SystemTime::now(),
+            reason: (!event.up).then(|| event.reason.clone()),
+        };
+        if event.up {
+            tracing::info!(service = %event.service, backend = %event.backend, "backend up");
+        } else {
+            tracing::warn!(service = %event.service, backend = %event.backend, reason = %event.reason, "backend down");
+        }
+        if svc.http.is_some() {
+            self.http_changed();
+        } else if let Err(e) =
+            self.dataplane
+                .set_backend_health(&event.service, event.backend, event.up)
+        {
+            tracing::error!(service = %event.service, backend = %event.backend, "applying a health change: {e}");
         }
     }
 
@@ -98,19 +223,52 @@ impl Controller {
     /// Validates `spec` as the new version of service `name`, against the other services.
     pub fn check(&self, name: &str, spec: ServiceSpec) -> Result<Service, ControlError> {
         let svc = spec.validate_after(name, self.services.get(name))?;
-        if let Some(other) = self
-            .vips
-            .get(&(svc.vip, svc.protocol))
-            .filter(|o| **o != svc.name)
+        if let Some(vip) = svc.l4_vip()
+            && let Some(other) = self
+                .vips
+                .get(&(vip, svc.protocol))
+                .filter(|o| **o != svc.name)
         {
             return Err(ValidationError::new(
                 "vip",
                 format!(
-                    "{} {:?} is already served by service {other:?}",
-                    svc.vip, svc.protocol
+                    "{vip} {:?} is already served by service {other:?}",
+                    svc.protocol
                 ),
             )
             .into());
+        }
+        if let Some(route) = &svc.http {
+            for other in self.services.values().filter(|o| o.name != svc.name) {
+                let Some(theirs) = &other.http else { continue };
+                if route.default_backend && theirs.default_backend {
+                    return Err(ValidationError::new(
+                        "http.default_backend",
+                        format!("service {:?} is the default backend already", other.name),
+                    )
+                    .into());
+                }
+                if route.domain == theirs.domain
+                    && let Some(p) = route.paths.iter().find(|p| theirs.paths.contains(p))
+                {
+                    return Err(ValidationError::new(
+                        "http.paths",
+                        format!("{p} on this domain is routed to service {:?}", other.name),
+                    )
+                    .into());
+                }
+                if route.domain.is_some()
+                    && route.domain == theirs.domain
+                    && route.paths.is_empty()
+                    && theirs.paths.is_empty()
+                {
+                    return Err(ValidationError::new(
+                        "http.domain",
+                        format!("{:?} is routed to service {:?}", theirs.domain, other.name),
+                    )
+                    .into());
+                }
+            }
         }
         Ok(svc)
     }
@@ -129,7 +287,8 @@ impl Controller {
 
     /// Makes the data plane serve `svc` (already checked).
     pub fn apply(&mut self, svc: Service) -> Result<Service, ControlError> {
-        let old = self.services.get(&svc.name).map(ips).unwrap_or_default();
+        let previous = self.services.get(&svc.name).cloned();
+        let old = previous.as_ref().map(ips).unwrap_or_default();
         let new_ips = ips(&svc);
         let first_users: Vec<Ipv4Addr> = new_ips
             .iter()
@@ -141,7 +300,12 @@ impl Controller {
             Some(queue) => queue.extend(first_users.iter().copied()),
             None => self.neighbors.add(first_users.iter().copied()),
         }
-        if let Err(e) = self.dataplane.upsert(&svc) {
+        let applied = match svc.l4_vip() {
+            Some(_) => self.dataplane.upsert(&svc).map(|_| ()),
+            // Now an HTTP service: out of the maps if it was a layer-4 one.
+            None => self.dataplane.remove(&svc.name).map(|_| ()),
+        };
+        if let Err(e) = applied {
             match &mut self.deferred {
                 Some(queue) => queue.retain(|ip| !first_users.contains(ip)),
                 None => self.neighbors.remove(first_users),
@@ -152,10 +316,36 @@ impl Controller {
             *self.backend_users.entry(*ip).or_default() += 1;
         }
         self.release_backends(old.difference(&new_ips).copied().collect());
-        if let Some(previous) = self.services.insert(svc.name.clone(), svc.clone()) {
-            self.vips.remove(&(previous.vip, previous.protocol));
+        if let Some(previous) = &previous
+            && let Some(vip) = previous.l4_vip()
+        {
+            self.vips.remove(&(vip, previous.protocol));
         }
-        self.vips.insert((svc.vip, svc.protocol), svc.name.clone());
+        if let Some(vip) = svc.l4_vip() {
+            self.vips.insert((vip, svc.protocol), svc.name.clone());
+        }
+        // Health: kept for backends that stay (unless the check changed), new ones up.
+        let same_check = previous.as_ref().is_some_and(|p| p.check == svc.check);
+        let states = self.health.entry(svc.name.clone()).or_default();
+        states.retain(|b, _| same_check && svc.backends.contains(b));
+        for b in &svc.backends {
+            states.entry(*b).or_insert_with(BackendHealth::up_now);
+        }
+        if !same_check && svc.l4_vip().is_some() {
+            for b in &svc.backends {
+                if let Err(e) = self.dataplane.set_backend_health(&svc.name, *b, true) {
+                    tracing::error!(service = %svc.name, "resetting health: {e}");
+                }
+            }
+        }
+        if let Some(checker) = &mut self.checker {
+            checker.sync(&svc.name, &svc.backends, &svc.check);
+        }
+        let http = svc.http.is_some() || previous.is_some_and(|p| p.http.is_some());
+        self.services.insert(svc.name.clone(), svc.clone());
+        if http {
+            self.http_changed();
+        }
         Ok(svc)
     }
 
@@ -198,8 +388,17 @@ impl Controller {
         };
         self.dataplane.remove(name)?;
         self.services.remove(name);
-        self.vips.remove(&(svc.vip, svc.protocol));
+        if let Some(vip) = svc.l4_vip() {
+            self.vips.remove(&(vip, svc.protocol));
+        }
         self.release_backends(ips(&svc).into_iter().collect());
+        self.health.remove(name);
+        if let Some(checker) = &mut self.checker {
+            checker.stop(name);
+        }
+        if svc.http.is_some() {
+            self.http_changed();
+        }
         Ok(())
     }
 
@@ -213,17 +412,35 @@ impl Controller {
             .get(name)
             .ok_or_else(|| ControlError::NotFound(name.to_string()))?
             .clone();
-        let (counters, backends) = self.dataplane.counters(name).unwrap_or_default();
+        let (counters, per_backend) = self.dataplane.counters(name).unwrap_or_default();
+        let backend_counters = service
+            .backends
+            .iter()
+            .map(|addr| {
+                let c = per_backend
+                    .iter()
+                    .find(|(a, _)| a == addr)
+                    .map(|(_, c)| *c)
+                    .unwrap_or_default();
+                let h = self
+                    .health
+                    .get(name)
+                    .and_then(|h| h.get(addr))
+                    .cloned()
+                    .unwrap_or_else(BackendHealth::up_now);
+                BackendView {
+                    address: addr.to_string(),
+                    counters: c.into(),
+                    health: if h.up { "up" } else { "down" },
+                    since: humantime::format_rfc3339_millis(h.since).to_string(),
+                    reason: h.reason,
+                }
+            })
+            .collect();
         Ok(ServiceView {
             service,
             counters: counters.into(),
-            backend_counters: backends
-                .into_iter()
-                .map(|(addr, c)| BackendView {
-                    address: addr.to_string(),
-                    counters: c.into(),
-                })
-                .collect(),
+            backend_counters,
         })
     }
 

@@ -263,7 +263,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut controller = Controller::new(dataplane);
     // From here on the data plane outlives this process: a restart takes it over.
     controller.keep_on_exit();
+    let mut health_events = controller.start_health_checks();
     let controller = Arc::new(Mutex::new(controller));
+    // Health check results steer the maps and the HTTP pools.
+    let health = {
+        let state = controller.clone();
+        tokio::spawn(async move {
+            while let Some(event) = health_events.recv().await {
+                tokio::task::block_in_place(|| {
+                    state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .set_health(&event)
+                });
+            }
+        })
+    };
     let sources = discovery_sources(&args, store_token).await?;
     let state = Reconciler::new(store, controller.clone(), sources);
     let restoring = tokio::spawn(state.clone().run());
@@ -301,6 +316,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?;
     refresher.abort();
     restoring.abort();
+    health.abort();
     drop(state);
     drop(controller);
     tracing::info!(

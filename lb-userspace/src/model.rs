@@ -56,6 +56,321 @@ pub struct ServiceSpec {
     /// The instances discovery found (filled in by lb, never sent).
     #[serde(skip)]
     pub discovered: Option<Vec<SocketAddrV4>>,
+    /// Makes this an HTTP service, routed by path and host on the `--http` listener.
+    pub http: Option<HttpSpec>,
+    /// How backends are checked (default: a TCP connect every 2 s, rise 2, fall 3).
+    pub check: Option<CheckSpec>,
+}
+
+/// `"http": {"paths": ["/demo"], "paths_exclude": [], "domain": "example.com",
+/// "default_backend": false, "balance": "round_robin" | "least_outstanding"}`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    pub paths: Option<Vec<String>>,
+    pub paths_exclude: Option<Vec<String>>,
+    pub domain: Option<String>,
+    pub default_backend: Option<bool>,
+    pub balance: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastOutstanding,
+}
+
+/// A validated HTTP route: requests whose host matches `domain` (exact, or any subdomain
+/// for `*.example.com`; any host when none) and whose path starts with one of `paths`
+/// (`/demo` matches `/demo` and `/demo/...`; the longest wins) and none of `paths_exclude`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRoute {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths_exclude: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Takes the requests no other route matches.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub default_backend: bool,
+    #[serde(default)]
+    pub balance: Balance,
+}
+
+/// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
+/// "timeout_ms": 500, "rise": 2, "fall": 3}`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub expect: Option<u16>,
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// `GET path` answers `expect`.
+    Http,
+    /// Not checked: always up (the default for UDP services).
+    None,
+}
+
+/// A validated health check, with HAProxy's meaning of rise and fall: a backend goes
+/// down after `fall` failed checks in a row, and up again after `rise` good ones.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub kind: CheckKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<u16>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+    /// Checks go to this port instead of the backend's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl Check {
+    /// No checking.
+    pub fn none() -> Self {
+        Self {
+            kind: CheckKind::None,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for Check {
+    fn default() -> Self {
+        Self {
+            kind: CheckKind::Tcp,
+            path: None,
+            expect: None,
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+            port: None,
+        }
+    }
+}
+
+impl From<&Check> for CheckSpec {
+    fn from(c: &Check) -> Self {
+        Self {
+            kind: Some(format!("{:?}", c.kind).to_lowercase()),
+            path: c.path.clone(),
+            expect: c.expect,
+            interval_ms: Some(c.interval_ms),
+            timeout_ms: Some(c.timeout_ms),
+            rise: Some(c.rise),
+            fall: Some(c.fall),
+            port: c.port,
+        }
+    }
+}
+
+impl From<&HttpRoute> for HttpSpec {
+    fn from(r: &HttpRoute) -> Self {
+        Self {
+            paths: Some(r.paths.clone()),
+            paths_exclude: Some(r.paths_exclude.clone()),
+            domain: r.domain.clone(),
+            default_backend: Some(r.default_backend),
+            balance: Some(
+                match r.balance {
+                    Balance::RoundRobin => "round_robin",
+                    Balance::LeastOutstanding => "least_outstanding",
+                }
+                .into(),
+            ),
+        }
+    }
+}
+
+impl CheckSpec {
+    pub fn validate(&self) -> Result<Check, ValidationError> {
+        let d = Check::default();
+        let kind = match self.kind.as_deref().unwrap_or("tcp") {
+            "tcp" => CheckKind::Tcp,
+            "http" => CheckKind::Http,
+            "none" => CheckKind::None,
+            other => {
+                return Err(ValidationError::new(
+                    "check.kind",
+                    format!("{other:?} is not http, tcp or none"),
+                ));
+            }
+        };
+        if self.port == Some(0) {
+            return Err(ValidationError::new("check.port", "port 0 is not allowed"));
+        }
+        let (path, expect) = match kind {
+            CheckKind::Http => {
+                let path = self.path.clone().unwrap_or_else(|| "/".into());
+                if !path.starts_with('/')
+                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(ValidationError::new(
+                        "check.path",
+                        "must be a path starting with /",
+                    ));
+                }
+                let expect = self.expect.unwrap_or(200);
+                if !(100..=599).contains(&expect) {
+                    return Err(ValidationError::new(
+                        "check.expect",
+                        "must be an HTTP status (100 to 599)",
+                    ));
+                }
+                (Some(path), Some(expect))
+            }
+            CheckKind::Tcp | CheckKind::None => {
+                if self.path.is_some() {
+                    return Err(ValidationError::new(
+                        "check.path",
+                        "applies to http checks only",
+                    ));
+                }
+                if self.expect.is_some() {
+                    return Err(ValidationError::new(
+                        "check.expect",
+                        "applies to http checks only",
+                    ));
+                }
+                (None, None)
+            }
+        };
+        let interval_ms = self.interval_ms.unwrap_or(d.interval_ms);
+        if !(100..=3_600_000).contains(&interval_ms) {
+            return Err(ValidationError::new(
+                "check.interval_ms",
+                "must be 100 to 3600000",
+            ));
+        }
+        let timeout_ms = self.timeout_ms.unwrap_or(d.timeout_ms.min(interval_ms));
+        if timeout_ms == 0 || timeout_ms > interval_ms {
+            return Err(ValidationError::new(
+                "check.timeout_ms",
+                "must be at least 1 and not above interval_ms",
+            ));
+        }
+        let rise = self.rise.unwrap_or(d.rise);
+        let fall = self.fall.unwrap_or(d.fall);
+        for (field, v) in [("check.rise", rise), ("check.fall", fall)] {
+            if !(1..=100).contains(&v) {
+                return Err(ValidationError::new(field, "must be 1 to 100"));
+            }
+        }
+        Ok(Check {
+            kind,
+            path,
+            expect,
+            interval_ms,
+            timeout_ms,
+            rise,
+            fall,
+            port: self.port,
+        })
+    }
+}
+
+fn validate_path(field: &str, p: &str) -> Result<(), ValidationError> {
+    if !p.starts_with('/')
+        || p.len() > 1024
+        || p.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+    {
+        return Err(ValidationError::new(
+            field,
+            format!("{p:?} is not a path prefix (starts with /, no spaces, ? or #)"),
+        ));
+    }
+    Ok(())
+}
+
+impl HttpSpec {
+    pub fn validate(&self) -> Result<HttpRoute, ValidationError> {
+        let mut paths = Vec::new();
+        for (i, p) in self.paths.iter().flatten().enumerate() {
+            validate_path(&format!("http.paths[{i}]"), p)?;
+            // "/demo/" and "/demo" mean the same prefix.
+            let p = if p.len() > 1 {
+                p.trim_end_matches('/')
+            } else {
+                p
+            };
+            if !paths.iter().any(|q: &String| q == p) {
+                paths.push(p.to_string());
+            }
+        }
+        let mut paths_exclude = Vec::new();
+        for (i, p) in self.paths_exclude.iter().flatten().enumerate() {
+            validate_path(&format!("http.paths_exclude[{i}]"), p)?;
+            paths_exclude.push(p.trim_end_matches('/').to_string());
+        }
+        let domain = match &self.domain {
+            None => None,
+            Some(d) => {
+                let d = d.trim().to_ascii_lowercase();
+                let bare = d.strip_prefix("*.").unwrap_or(&d);
+                let ok = !bare.is_empty()
+                    && bare.len() <= 253
+                    && bare.split('.').all(|label| {
+                        !label.is_empty()
+                            && label.len() <= 63
+                            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    });
+                if !ok {
+                    return Err(ValidationError::new(
+                        "http.domain",
+                        format!("{d:?} is not a host name (or *.domain)"),
+                    ));
+                }
+                Some(d)
+            }
+        };
+        let default_backend = self.default_backend.unwrap_or(false);
+        if paths.is_empty() && domain.is_none() && !default_backend {
+            return Err(ValidationError::new(
+                "http.paths",
+                "an http service needs paths, a domain, or default_backend",
+            ));
+        }
+        let balance = match self.balance.as_deref().unwrap_or("round_robin") {
+            "round_robin" => Balance::RoundRobin,
+            "least_outstanding" => Balance::LeastOutstanding,
+            other => {
+                return Err(ValidationError::new(
+                    "http.balance",
+                    format!("{other:?} is not round_robin or least_outstanding"),
+                ));
+            }
+        };
+        Ok(HttpRoute {
+            paths,
+            paths_exclude,
+            domain,
+            default_backend,
+            balance,
+        })
+    }
 }
 
 /// `"discovery": {"kind": "etcd" | "consul", "service": NAME, "include_warning": false}`
@@ -132,17 +447,53 @@ impl From<&Discovery> for DiscoverySpec {
     }
 }
 
-/// A validated service.
+/// A validated service: layer 4 (a VIP balanced by XDP) or HTTP (a route on the `--http`
+/// listener).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub name: String,
-    pub vip: SocketAddrV4,
+    /// None for an HTTP service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vip: Option<SocketAddrV4>,
     pub protocol: Protocol,
     /// With `discovery`: the instances found now.
     pub backends: Vec<SocketAddrV4>,
+    /// The Maglev table size of a layer-4 service (0 for HTTP).
+    #[serde(skip_serializing_if = "is_zero")]
     pub table_size: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpRoute>,
+    pub check: Check,
+}
+
+impl From<&Service> for ServiceSpec {
+    /// The spec that validates to `svc` again (with its discovered backends as found).
+    fn from(svc: &Service) -> Self {
+        let discovered = svc.discovery.is_some();
+        Self {
+            vip: svc.vip.map(|v| v.to_string()),
+            protocol: Some(format!("{:?}", svc.protocol).to_lowercase()),
+            backends: (!discovered).then(|| svc.backends.iter().map(ToString::to_string).collect()),
+            table_size: (!discovered && svc.http.is_none()).then_some(svc.table_size),
+            discovery: svc.discovery.as_ref().map(DiscoverySpec::from),
+            discovered: discovered.then(|| svc.backends.clone()),
+            http: svc.http.as_ref().map(HttpSpec::from),
+            check: Some(CheckSpec::from(&svc.check)),
+        }
+    }
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Service {
+    /// The VIP of a layer-4 service (validation guarantees one).
+    pub fn l4_vip(&self) -> Option<SocketAddrV4> {
+        self.vip.filter(|_| self.http.is_none())
+    }
 }
 
 pub fn validate_name(name: &str) -> Result<(), ValidationError> {
@@ -196,28 +547,46 @@ impl ServiceSpec {
         previous: Option<&Service>,
     ) -> Result<Service, ValidationError> {
         validate_name(name)?;
-        let vip = parse_addr(
-            "vip",
-            self.vip
-                .as_deref()
-                .ok_or_else(|| ValidationError::new("vip", "is required"))?,
-        )?;
-        let protocol = match self.protocol.as_deref().unwrap_or("tcp") {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            other => {
+        let http = self.http.as_ref().map(HttpSpec::validate).transpose()?;
+        let check = self.check.as_ref().map(CheckSpec::validate).transpose()?;
+        let vip = match (&http, self.vip.as_deref()) {
+            (None, Some(v)) => Some(parse_addr("vip", v)?),
+            (None, None) => {
+                return Err(ValidationError::new("vip", "is required (or http)"));
+            }
+            (Some(_), None) => None,
+            (Some(_), Some(_)) => {
                 return Err(ValidationError::new(
-                    "protocol",
-                    format!("{other:?} is not tcp or udp"),
+                    "vip",
+                    "an http service is reached through the --http listener and has no vip",
                 ));
             }
         };
+        let protocol = match self.protocol.as_deref().unwrap_or("tcp") {
+            "tcp" => Protocol::Tcp,
+            "udp" if http.is_none() => Protocol::Udp,
+            other => {
+                return Err(ValidationError::new(
+                    "protocol",
+                    format!(
+                        "{other:?} is not {}",
+                        if http.is_some() { "tcp" } else { "tcp or udp" }
+                    ),
+                ));
+            }
+        };
+        if http.is_some() && self.table_size.is_some() {
+            return Err(ValidationError::new(
+                "table_size",
+                "applies to layer-4 services only",
+            ));
+        }
         let discovery = self
             .discovery
             .as_ref()
             .map(DiscoverySpec::validate)
             .transpose()?;
-        if discovery.is_some() {
+        let backends = if discovery.is_some() {
             if self.backends.is_some() {
                 return Err(ValidationError::new(
                     "backends",
@@ -230,24 +599,47 @@ impl ServiceSpec {
                     "follows the instance count when backends come from discovery",
                 ));
             }
-            // Instances come and go; none at all is a service whose packets are dropped
-            // (and counted) until one registers.
+            // Instances come and go; none at all is a service whose requests fail (and
+            // are counted) until one registers.
             let mut found = self.discovered.clone().unwrap_or_default();
             found.sort();
             found.dedup();
             found.truncate(MAX_BACKENDS);
+            found
+        } else {
+            self.listed_backends()?
+        };
+        // UDP backends answer no TCP check: unchecked unless a check is given.
+        let check = check.unwrap_or_else(|| match protocol {
+            Protocol::Udp => Check::none(),
+            Protocol::Tcp => Check::default(),
+        });
+        let table_size = if http.is_some() {
+            0
+        } else if discovery.is_some() {
             // Every node must build the same table from the same instances, whatever
             // order of changes it saw: the size follows the count only.
-            let table_size = maglev::default_table_size(found.len().max(1));
-            return Ok(Service {
-                name: name.to_string(),
-                vip,
-                protocol,
-                backends: found,
-                table_size,
-                discovery,
-            });
-        }
+            maglev::default_table_size(backends.len().max(1))
+        } else {
+            match self.table_size {
+                None => table_size_after(previous.map(|p| p.table_size), backends.len()),
+                Some(_) => self.checked_table_size(backends.len())?,
+            }
+        };
+        Ok(Service {
+            name: name.to_string(),
+            vip,
+            protocol,
+            backends,
+            table_size,
+            discovery,
+            http,
+            check,
+        })
+    }
+
+    /// The `backends` list given, checked.
+    fn listed_backends(&self) -> Result<Vec<SocketAddrV4>, ValidationError> {
         let raw = self
             .backends
             .as_deref()
@@ -277,18 +669,7 @@ impl ServiceSpec {
             }
             backends.push(addr);
         }
-        let table_size = match self.table_size {
-            None => table_size_after(previous.map(|p| p.table_size), backends.len()),
-            Some(_) => self.checked_table_size(backends.len())?,
-        };
-        Ok(Service {
-            name: name.to_string(),
-            vip,
-            protocol,
-            backends,
-            table_size,
-            discovery: None,
-        })
+        Ok(backends)
     }
 
     /// The `table_size` given, if it suits `backends` backends.
@@ -350,7 +731,7 @@ mod tests {
         )
         .validate("web")
         .unwrap();
-        assert_eq!(s.vip, "10.0.0.100:80".parse().unwrap());
+        assert_eq!(s.vip, Some("10.0.0.100:80".parse().unwrap()));
         assert_eq!(s.backends.len(), 2);
         assert_eq!(s.table_size, 251);
     }

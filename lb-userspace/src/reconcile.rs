@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     controller::{ControlError, Controller},
     discovery::{Instances, Sources},
-    model::{Discovery, DiscoverySpec, Service, ServiceSpec, ValidationError},
+    model::{
+        Check, CheckSpec, Discovery, DiscoverySpec, HttpRoute, HttpSpec, Service, ServiceSpec,
+        ValidationError,
+    },
     store::{Entry, Event, Expect, Store, StoreError},
 };
 
@@ -31,13 +34,20 @@ use crate::{
 #[serde(deny_unknown_fields)]
 pub struct StoredService {
     pub schema: u32,
-    pub vip: String,
+    /// None for an HTTP service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
     pub protocol: String,
     /// Empty when `discovery` names where they come from.
     pub backends: Vec<String>,
+    #[serde(default)]
     pub table_size: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpRoute>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
 }
 
 pub const SCHEMA: u32 = 1;
@@ -47,7 +57,7 @@ impl StoredService {
         let discovered = svc.discovery.is_some();
         Self {
             schema: SCHEMA,
-            vip: svc.vip.to_string(),
+            vip: svc.vip.map(|v| v.to_string()),
             protocol: format!("{:?}", svc.protocol).to_lowercase(),
             backends: if discovered {
                 Vec::new()
@@ -56,6 +66,8 @@ impl StoredService {
             },
             table_size: if discovered { 0 } else { svc.table_size },
             discovery: svc.discovery.clone(),
+            http: svc.http.clone(),
+            check: Some(svc.check.clone()),
         }
     }
 
@@ -66,20 +78,16 @@ impl StoredService {
         if doc.schema != SCHEMA {
             return Err(format!("schema {} (this lb reads {SCHEMA})", doc.schema));
         }
-        if let Some(d) = &doc.discovery {
-            return Ok(ServiceSpec {
-                vip: Some(doc.vip),
-                protocol: Some(doc.protocol),
-                discovery: Some(DiscoverySpec::from(d)),
-                ..ServiceSpec::default()
-            });
-        }
+        let discovered = doc.discovery.is_some();
         Ok(ServiceSpec {
-            vip: Some(doc.vip),
+            vip: doc.vip,
             protocol: Some(doc.protocol),
-            backends: Some(doc.backends),
-            table_size: Some(doc.table_size),
-            ..ServiceSpec::default()
+            backends: (!discovered).then_some(doc.backends),
+            table_size: (!discovered && doc.http.is_none()).then_some(doc.table_size),
+            discovery: doc.discovery.as_ref().map(DiscoverySpec::from),
+            discovered: None,
+            http: doc.http.as_ref().map(HttpSpec::from),
+            check: doc.check.as_ref().map(CheckSpec::from),
         })
     }
 }
@@ -248,11 +256,8 @@ impl Reconciler {
                 return;
             }
             let spec = ServiceSpec {
-                vip: Some(current.vip.to_string()),
-                protocol: Some(format!("{:?}", current.protocol).to_lowercase()),
-                discovery: Some(DiscoverySpec::from(source)),
                 discovered: Some(found),
-                ..ServiceSpec::default()
+                ..ServiceSpec::from(&current)
             };
             match ctrl.check(name, spec).and_then(|svc| ctrl.apply(svc)) {
                 Ok(svc) => {

@@ -82,7 +82,8 @@ impl Dataplane {
             .collect();
         let mut backends: Vec<(SocketAddrV4, u32)> = Vec::new();
         for &id in &table {
-            if backends.iter().any(|&(_, b)| b == id) {
+            // 0: a slot no healthy backend had.
+            if id == 0 || backends.iter().any(|&(_, b)| b == id) {
                 continue;
             }
             if id == 0 || id > limits.max_backends || backend_ids.contains(&id) {
@@ -103,6 +104,7 @@ impl Dataplane {
             table_offset: info.table_offset,
             table_size: info.table_size,
             backends,
+            down: Vec::new(),
             table,
         })
     }

@@ -22,12 +22,55 @@ pub struct Installed {
     pub table_size: u32,
     /// Each backend and its backend id.
     pub backends: Vec<(SocketAddrV4, u32)>,
+    /// Backends whose health check failed: out of the table, inactive in `backends`.
+    pub down: Vec<SocketAddrV4>,
     /// The table as written: backend id per slot.
     pub table: Vec<u32>,
 }
 
+/// The Maglev table of `backends` with those in `down` taken out: the table of them all,
+/// except that the slots of a down backend go to whom the table of the healthy ones gives
+/// them. So a backend that falls moves only its own slots, one that rises takes back just
+/// those, and the result depends only on the two sets: nodes that agree on health build the
+/// same table. Slots with no healthy backend hold 0 (no backend: packets are dropped).
+pub fn table_for(backends: &[(SocketAddrV4, u32)], down: &[SocketAddrV4], size: u32) -> Vec<u32> {
+    let build = |set: &[(SocketAddrV4, u32)]| -> Vec<u32> {
+        if set.is_empty() {
+            return vec![0; size as usize];
+        }
+        let addrs: Vec<SocketAddrV4> = set.iter().map(|&(a, _)| a).collect();
+        maglev::build_table(&addrs, size)
+            .into_iter()
+            .map(|i| set[i as usize].1)
+            .collect()
+    };
+    let full = build(backends);
+    if down.is_empty() {
+        return full;
+    }
+    let healthy: Vec<(SocketAddrV4, u32)> = backends
+        .iter()
+        .filter(|(a, _)| !down.contains(a))
+        .copied()
+        .collect();
+    let down_ids: Vec<u32> = backends
+        .iter()
+        .filter(|(a, _)| down.contains(a))
+        .map(|&(_, id)| id)
+        .collect();
+    let sub = build(&healthy);
+    full.into_iter()
+        .zip(sub)
+        .map(|(f, s)| if down_ids.contains(&f) { s } else { f })
+        .collect()
+}
+
+/// The key of a layer-4 service (an HTTP one has no VIP: the unspecified address).
 pub fn service_key(svc: &Service) -> ServiceKey {
-    ServiceKey::new(svc.vip.ip().octets(), svc.vip.port(), svc.protocol.number())
+    let vip = svc
+        .l4_vip()
+        .unwrap_or(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
+    ServiceKey::new(vip.ip().octets(), vip.port(), svc.protocol.number())
 }
 
 impl Dataplane {
@@ -180,12 +223,19 @@ impl Dataplane {
             backends.push((addr, bid));
         }
 
-        // The table: only the slots that change when it stays in place.
-        let addrs: Vec<SocketAddrV4> = backends.iter().map(|&(a, _)| a).collect();
-        let table: Vec<u32> = maglev::build_table(&addrs, svc.table_size)
-            .into_iter()
-            .map(|i| backends[i as usize].1)
-            .collect();
+        // The table: only the slots that change when it stays in place. Backends that
+        // stay keep their health; new ones start up.
+        let down: Vec<SocketAddrV4> = old
+            .as_ref()
+            .map(|o| {
+                o.down
+                    .iter()
+                    .filter(|a| svc.backends.contains(a))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let table = table_for(&backends, &down, svc.table_size);
         for (slot, &bid) in table.iter().enumerate() {
             let unchanged = reuse_region && old.as_ref().unwrap().table[slot] == bid;
             if !unchanged {
@@ -229,10 +279,62 @@ impl Dataplane {
                 table_offset: offset,
                 table_size: svc.table_size,
                 backends,
+                down,
                 table,
             },
         );
         Ok(())
+    }
+
+    /// Takes backend `addr` of service `name` out of its table (`up` false: tracked flows
+    /// to it are balanced again on their next packet) or puts it back. Whether anything
+    /// changed.
+    pub fn set_backend_health(
+        &mut self,
+        name: &str,
+        addr: SocketAddrV4,
+        up: bool,
+    ) -> Result<bool, DataplaneError> {
+        let Some(inst) = self.installed.get(name).cloned() else {
+            return Ok(false);
+        };
+        let Some(&(_, bid)) = inst.backends.iter().find(|(a, _)| *a == addr) else {
+            return Ok(false);
+        };
+        if inst.down.contains(&addr) != up {
+            return Ok(false);
+        }
+        let mut down = inst.down.clone();
+        if up {
+            down.retain(|a| *a != addr);
+        } else {
+            down.push(addr);
+        }
+        let backend = Backend {
+            addr: addr.ip().octets(),
+            port: addr.port(),
+            _pad: 0,
+            flags: if up { BACKEND_ACTIVE } else { 0 },
+            generation: self.generations[bid as usize],
+        };
+        // Rising: usable before the table points at it. Falling: out of the table before
+        // it turns inactive, so that re-balanced flows cannot pick it again.
+        if up {
+            self.backends.set(bid, backend, 0)?;
+        }
+        let table = table_for(&inst.backends, &down, inst.table_size);
+        for (slot, (&new, &was)) in table.iter().zip(&inst.table).enumerate() {
+            if new != was {
+                self.maglev.set(inst.table_offset + slot as u32, new);
+            }
+        }
+        if !up {
+            self.backends.set(bid, backend, 0)?;
+        }
+        let entry = self.installed.get_mut(name).expect("installed above");
+        entry.down = down;
+        entry.table = table;
+        Ok(true)
     }
 
     pub(super) fn retire_backend(&mut self, bid: u32) -> Result<(), DataplaneError> {
@@ -261,5 +363,41 @@ impl Dataplane {
         self.slots.release(inst.table_offset, inst.table_size);
         self.service_ids.release(inst.id);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fallen_backend_moves_only_its_own_slots_and_takes_them_back() {
+        let backends: Vec<(SocketAddrV4, u32)> = (1..=5u32)
+            .map(|i| (SocketAddrV4::new([10, 0, 0, i as u8].into(), 80), i))
+            .collect();
+        let size = 509;
+        let full = table_for(&backends, &[], size);
+        let fallen = backends[2].0;
+        let without = table_for(&backends, &[fallen], size);
+        assert!(!without.contains(&3), "the fallen backend has no slot");
+        for (slot, (&before, &after)) in full.iter().zip(&without).enumerate() {
+            if before != 3 {
+                assert_eq!(before, after, "slot {slot} of a healthy backend moved");
+            }
+        }
+        // Its slots are spread over the others, not all given to one.
+        let heirs: std::collections::HashSet<u32> = full
+            .iter()
+            .zip(&without)
+            .filter(|(b, _)| **b == 3)
+            .map(|(_, a)| *a)
+            .collect();
+        assert!(heirs.len() >= 3, "{heirs:?}");
+        // Back up: exactly the table of them all again.
+        assert_eq!(table_for(&backends, &[], size), full);
+        // Nobody healthy: no backend in any slot.
+        let all: Vec<SocketAddrV4> = backends.iter().map(|b| b.0).collect();
+        assert!(table_for(&backends, &all, size).iter().all(|&id| id == 0));
+        assert!(table_for(&[], &[], size).iter().all(|&id| id == 0));
     }
 }

@@ -1,0 +1,336 @@
+//! Active health checks, with HAProxy's meaning of rise and fall: a backend starts up,
+//! goes down after `fall` failed checks in a row and comes back after `rise` good ones.
+//! One task per (service, backend), started at an offset within the interval that depends
+//! on the pair, so that thousands of checks are spread over time rather than fired at once.
+//! Each node checks for itself; the results are never stored.
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+use crate::model::{Check, CheckKind};
+
+/// A backend of a service changed state.
+#[derive(Debug, Clone)]
+pub struct HealthEvent {
+    pub service: String,
+    pub backend: SocketAddrV4,
+    pub up: bool,
+    /// Why the last check failed (for a backend going down).
+    pub reason: String,
+}
+
+/// The check tasks of every service.
+pub struct Checker {
+    events: mpsc::UnboundedSender<HealthEvent>,
+    services: HashMap<String, (Check, HashMap<SocketAddrV4, JoinHandle<()>>)>,
+}
+
+impl Checker {
+    /// A checker, and where its state changes arrive.
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<HealthEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        (
+            Self {
+                events,
+                services: HashMap::new(),
+            },
+            rx,
+        )
+    }
+
+    /// Checks exactly `backends` of `service` with `check` from now on: tasks for new
+    /// backends start (their backend counts as up), tasks for gone ones stop, and all
+    /// restart when the check changed. Needs a tokio runtime.
+    pub fn sync(&mut self, service: &str, backends: &[SocketAddrV4], check: &Check) {
+        let entry = self
+            .services
+            .entry(service.to_string())
+            .or_insert_with(|| (check.clone(), HashMap::new()));
+        if entry.0 != *check {
+            for (_, task) in entry.1.drain() {
+                task.abort();
+            }
+            entry.0 = check.clone();
+        }
+        entry.1.retain(|addr, task| {
+            let keep = backends.contains(addr);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        if check.kind == CheckKind::None {
+            return;
+        }
+        for &addr in backends {
+            if !entry.1.contains_key(&addr) {
+                let task = tokio::spawn(watch(
+                    service.to_string(),
+                    addr,
+                    check.clone(),
+                    self.events.clone(),
+                ));
+                entry.1.insert(addr, task);
+            }
+        }
+    }
+
+    /// Stops checking `service`.
+    pub fn stop(&mut self, service: &str) {
+        if let Some((_, tasks)) = self.services.remove(service) {
+            for (_, task) in tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        for (_, (_, tasks)) in self.services.drain() {
+            for (_, task) in tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Where in the interval the checks of this pair fall.
+fn offset(service: &str, addr: SocketAddrV4, interval: Duration) -> Duration {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (service, addr).hash(&mut h);
+    let ms = interval.as_millis().max(1) as u64;
+    Duration::from_millis(h.finish() % ms)
+}
+
+async fn watch(
+    service: String,
+    backend: SocketAddrV4,
+    check: Check,
+    events: mpsc::UnboundedSender<HealthEvent>,
+) {
+    let interval = Duration::from_millis(check.interval_ms);
+    tokio::time::sleep(offset(&service, backend, interval)).await;
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut up, mut streak) = (true, 0u32);
+    loop {
+        ticks.tick().await;
+        let result = probe(&check, backend).await;
+        let flips = match (&result, up) {
+            (Ok(()), true) | (Err(_), false) => {
+                streak = 0;
+                false
+            }
+            (Err(_), true) => {
+                streak += 1;
+                streak >= check.fall
+            }
+            (Ok(()), false) => {
+                streak += 1;
+                streak >= check.rise
+            }
+        };
+        if flips {
+            up = !up;
+            streak = 0;
+            let event = HealthEvent {
+                service: service.clone(),
+                backend,
+                up,
+                reason: result.err().unwrap_or_default(),
+            };
+            if events.send(event).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One check of `backend`: Ok, or why it failed.
+pub async fn probe(check: &Check, backend: SocketAddrV4) -> Result<(), String> {
+    let timeout = Duration::from_millis(check.timeout_ms);
+    let target = SocketAddr::V4(SocketAddrV4::new(
+        *backend.ip(),
+        check.port.unwrap_or(backend.port()),
+    ));
+    let attempt = async {
+        let mut stream = TcpStream::connect(target)
+            .await
+            .map_err(|e| format!("connect {target}: {e}"))?;
+        if check.kind != CheckKind::Http {
+            return Ok(());
+        }
+        let path = check.path.as_deref().unwrap_or("/");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: lb-health-check\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("sending to {target}: {e}"))?;
+        // The status line is all that is needed: "HTTP/1.1 200 OK".
+        let mut head = [0u8; 32];
+        let mut got = 0;
+        while got < 12 {
+            let n = stream
+                .read(&mut head[got..])
+                .await
+                .map_err(|e| format!("reading from {target}: {e}"))?;
+            if n == 0 {
+                return Err(format!("{target} closed the connection without an answer"));
+            }
+            got += n;
+        }
+        let line = String::from_utf8_lossy(&head[..got]);
+        let status: Option<u16> = line
+            .strip_prefix("HTTP/1.")
+            .and_then(|rest| rest.get(2..5))
+            .and_then(|code| code.parse().ok());
+        let expect = check.expect.unwrap_or(200);
+        match status {
+            Some(code) if code == expect => Ok(()),
+            Some(code) => Err(format!("{target}{path} answered {code}, not {expect}")),
+            None => Err(format!("{target}{path} did not answer HTTP")),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer from {target} within {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CheckSpec;
+
+    fn check(kind: &str, path: Option<&str>) -> Check {
+        CheckSpec {
+            kind: Some(kind.into()),
+            path: path.map(Into::into),
+            interval_ms: Some(100),
+            timeout_ms: Some(100),
+            rise: Some(2),
+            fall: Some(2),
+            ..CheckSpec::default()
+        }
+        .validate()
+        .unwrap()
+    }
+
+    /// A server answering every connection with `status`.
+    async fn http_server(status: u16) -> SocketAddrV4 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn probes_tell_good_from_bad() {
+        let ok = http_server(200).await;
+        let failing = http_server(503).await;
+        assert_eq!(probe(&check("http", Some("/health")), ok).await, Ok(()));
+        assert_eq!(probe(&check("tcp", None), ok).await, Ok(()));
+        let e = probe(&check("http", Some("/health")), failing)
+            .await
+            .unwrap_err();
+        assert!(e.contains("503"), "{e}");
+        // A port nobody listens on.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let SocketAddr::V4(a) = l.local_addr().unwrap() else {
+                unreachable!()
+            };
+            a
+        };
+        let e = probe(&check("tcp", None), closed).await.unwrap_err();
+        assert!(e.contains("connect"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_backend_falls_after_fall_failures_and_rises_after_rise_successes() {
+        // A server whose answer the test switches.
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let answer = status.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let code = answer.load(std::sync::atomic::Ordering::Relaxed);
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {code} X\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let (mut checker, mut events) = Checker::new();
+        checker.sync("web", &[addr], &check("http", Some("/")));
+        // Healthy: no event for a while.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(400), events.recv())
+                .await
+                .is_err()
+        );
+        status.store(500, std::sync::atomic::Ordering::Relaxed);
+        let down = tokio::time::timeout(Duration::from_secs(2), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!down.up && down.backend == addr && down.reason.contains("500"));
+        status.store(200, std::sync::atomic::Ordering::Relaxed);
+        let up = tokio::time::timeout(Duration::from_secs(2), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(up.up);
+        // Removing the backend stops its checks.
+        checker.sync("web", &[], &check("http", Some("/")));
+        status.store(500, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), events.recv())
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn offsets_spread_over_the_interval() {
+        let interval = Duration::from_millis(1000);
+        let offsets: std::collections::HashSet<u128> = (0..100u16)
+            .map(|i| {
+                offset(
+                    "web",
+                    SocketAddrV4::new([10, 0, 0, 1].into(), 8000 + i),
+                    interval,
+                )
+                .as_millis()
+                    / 100
+            })
+            .collect();
+        assert!(offsets.len() >= 8, "{offsets:?}");
+    }
+}

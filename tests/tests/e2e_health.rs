@@ -1,0 +1,126 @@
+//! Health checks steer traffic: a backend that stops answering leaves the rotation after
+//! the fall threshold (no request fails after that, none goes to it), and comes back after
+//! the rise threshold once it answers again; for layer-4 services through XDP as for HTTP.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lbproc::LbProcess,
+    servers::{Backend, http_get_once},
+    topology::Topology,
+};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(3);
+
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// The health of each backend of `name`, as `GET /v1/services/{name}` reports it.
+fn health(lb: &LbProcess, name: &str) -> Vec<(String, String)> {
+    let (_, v) = lb
+        .request("GET", &format!("/v1/services/{name}"), None)
+        .unwrap();
+    v["backend_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["health"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn backend_view(lb: &LbProcess, name: &str, addr: &str) -> Value {
+    let (_, v) = lb
+        .request("GET", &format!("/v1/services/{name}"), None)
+        .unwrap();
+    v["backend_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == addr)
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+fn a_failing_backend_leaves_the_maglev_table_and_returns() {
+    let topo = Topology::two_armed(3).unwrap();
+    let start = |i: usize| {
+        let a = SocketAddr::from(topo.backend(i, 8080));
+        Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
+    };
+    let mut backends: Vec<Option<Backend>> = (0..3).map(|i| Some(start(i))).collect();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let all: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();
+    let check = json!({"kind": "http", "path": "/", "interval_ms": 200, "timeout_ms": 150, "rise": 2, "fall": 2});
+    lb.put_service(
+        "web",
+        &json!({"vip": topo.vip(80).to_string(), "backends": all, "check": check}),
+    )
+    .unwrap();
+    let vip = SocketAddr::from(topo.vip(80));
+    let answering = |n: usize| -> (BTreeSet<String>, usize) {
+        let mut seen = BTreeSet::new();
+        let mut failed = 0;
+        for _ in 0..n {
+            match http_get_once(&topo.client, vip, T) {
+                Ok(b) => {
+                    seen.insert(b);
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        (seen, failed)
+    };
+    assert_eq!(answering(40).0.len(), 3);
+
+    // be1 dies. After the fall threshold it is down, and no request fails or reaches it.
+    backends[1] = None;
+    let be1 = all[1].clone();
+    assert!(
+        eventually(Duration::from_secs(5), || health(&lb, "web")
+            .iter()
+            .any(|(a, h)| *a == be1 && h == "down")),
+        "{:?}",
+        health(&lb, "web")
+    );
+    let view = backend_view(&lb, "web", &be1);
+    assert!(
+        view["reason"].as_str().unwrap().contains("connect"),
+        "{view}"
+    );
+    assert!(view["since"].as_str().unwrap().ends_with('Z'), "{view}");
+    let (seen, failed) = answering(60);
+    assert_eq!(failed, 0, "requests failed after be1 was taken out");
+    assert_eq!(seen, BTreeSet::from(["be0".into(), "be2".into()]));
+    assert!(lb.log_text().contains("backend down"));
+
+    // It comes back: after the rise threshold it gets new connections again.
+    backends[1] = Some(start(1));
+    assert!(
+        eventually(Duration::from_secs(5), || health(&lb, "web")
+            .iter()
+            .all(|(_, h)| h == "up")),
+        "{:?}",
+        health(&lb, "web")
+    );
+    let (seen, failed) = answering(60);
+    assert_eq!(failed, 0);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
