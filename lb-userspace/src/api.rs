@@ -91,6 +91,21 @@ impl From<ReconcileError> for ApiError {
     }
 }
 
+/// The HTTP status a failed write answers with.
+pub fn status_of(e: &ReconcileError) -> StatusCode {
+    match e {
+        ReconcileError::Control(ControlError::Invalid(_)) => StatusCode::BAD_REQUEST,
+        ReconcileError::Control(ControlError::NotFound(_)) => StatusCode::NOT_FOUND,
+        ReconcileError::Control(ControlError::Dataplane(DataplaneError::Full(_))) => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
+        ReconcileError::Control(ControlError::Dataplane(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+        ReconcileError::Store(StoreError::Conflict { .. }) => StatusCode::CONFLICT,
+        ReconcileError::Store(StoreError::Invalid(_)) => StatusCode::BAD_REQUEST,
+        ReconcileError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 /// Parses a JSON body, naming the field a type error is in.
 fn parse_spec(body: &[u8]) -> Result<ServiceSpec, ApiError> {
     let bad = |field: String, message: String| ApiError {
@@ -197,7 +212,10 @@ async fn not_found() -> ApiError {
     }
 }
 
-pub fn router(state: Shared) -> Router {
+/// The native API and the Docker Flow Proxy one; `address` is the balancer's own (the VIP
+/// of DFP's tcp services).
+pub fn router(state: Shared, address: Option<std::net::Ipv4Addr>) -> Router {
+    let dfp = crate::dfp::router(state.clone(), address);
     Router::new()
         .route("/v1/services", get(list_services))
         .route(
@@ -207,6 +225,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/stats", get(stats))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
-        .fallback(not_found)
         .with_state(state)
+        .merge(dfp)
+        .fallback(not_found)
 }

@@ -73,15 +73,14 @@ impl Checker {
             return;
         }
         for &addr in backends {
-            if !entry.1.contains_key(&addr) {
-                let task = tokio::spawn(watch(
+            entry.1.entry(addr).or_insert_with(|| {
+                tokio::spawn(watch(
                     service.to_string(),
                     addr,
                     check.clone(),
                     self.events.clone(),
-                ));
-                entry.1.insert(addr, task);
-            }
+                ))
+            });
         }
     }
 

@@ -4,6 +4,7 @@ pub mod api;
 pub mod consul_http;
 pub mod controller;
 pub mod dataplane;
+pub mod dfp;
 pub mod discovery;
 pub mod health;
 pub mod model;

@@ -29,6 +29,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once: the size of the run variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the XDP program and serve the HTTP API (needs root).
@@ -101,6 +103,10 @@ struct RunArgs {
     /// the --store, when it is consul.
     #[arg(long, value_name = "consul://HOST:PORT[,...]")]
     discovery_consul: Option<String>,
+    /// The balancer's own address: the VIP of Docker Flow Proxy `reqMode=tcp` services.
+    /// Default: the IPv4 address of the first --iface.
+    #[arg(long, value_name = "IP")]
+    address: Option<std::net::Ipv4Addr>,
     /// Capacity of the services map.
     #[arg(long, default_value_t = Limits::default().max_services)]
     max_services: u32,
@@ -311,7 +317,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = int.recv() => {},
         }
     };
-    axum::serve(listener, api::router(state.clone()))
+    let address = args.address.or_else(|| {
+        let first = net::ifindex(&args.ifaces[0]).ok()?;
+        let addrs = net::interface_addresses().ok()?;
+        addrs.get(&first).map(|a| std::net::Ipv4Addr::from(*a))
+    });
+    axum::serve(listener, api::router(state.clone(), address))
         .with_graceful_shutdown(shutdown)
         .await?;
     refresher.abort();

@@ -1,0 +1,331 @@
+//! The Docker Flow Proxy API, as a second view of lb's own model, so that deploy scripts
+//! written for DFP work unchanged: `reconfigure` and `remove` (GET with query parameters),
+//! `config?type=json` and `ping`. A reconfigure becomes a `PUT` of a native service (stored
+//! like every other change); DFP's answers (`{"Status": "OK", ...}`) are kept, and errors
+//! also carry lb's `error` and `field`.
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    api::Shared,
+    controller::ControlError,
+    model::{DiscoverySpec, HttpSpec, Service, ServiceSpec},
+    reconcile::ReconcileError,
+};
+
+/// A DFP error: `{"Status": "NOK", "Message": ...}` plus lb's `error` and `field`.
+struct Nok {
+    status: StatusCode,
+    field: String,
+    message: String,
+}
+
+impl IntoResponse for Nok {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "Status": "NOK",
+            "Message": self.message,
+            "error": self.message,
+            "field": self.field,
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn nok(status: StatusCode, field: &str, message: impl Into<String>) -> Nok {
+    Nok {
+        status,
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A comma-separated parameter as a list (empty items dropped).
+fn list(params: &HashMap<String, String>, name: &str) -> Vec<String> {
+    params
+        .get(name)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, Nok> {
+    match params.get(name).map(String::as_str) {
+        None | Some("") | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(nok(
+            StatusCode::BAD_REQUEST,
+            name,
+            format!("{name}: {other:?} is not true or false"),
+        )),
+    }
+}
+
+/// The native spec a reconfigure asks for.
+fn spec_of(
+    params: &HashMap<String, String>,
+    address: Option<Ipv4Addr>,
+) -> Result<ServiceSpec, Nok> {
+    let port = params.get("port").filter(|p| !p.is_empty());
+    if let Some(p) = port
+        && p.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "port",
+            format!("port: {p:?} is not a port"),
+        ));
+    }
+    let mode = params.get("reqMode").map_or("http", String::as_str);
+    let mut spec = ServiceSpec::default();
+    match mode {
+        "http" => {
+            let paths = list(params, "servicePath");
+            let domains = list(params, "serviceDomain");
+            let default_backend = flag(params, "isDefaultBackend")?;
+            if domains.len() > 1 {
+                return Err(nok(
+                    StatusCode::BAD_REQUEST,
+                    "serviceDomain",
+                    "serviceDomain: lb routes one domain per service",
+                ));
+            }
+            if paths.is_empty() && domains.is_empty() && !default_backend {
+                return Err(nok(
+                    StatusCode::CONFLICT,
+                    "servicePath",
+                    "servicePath or serviceDomain parameter is mandatory for reqMode http",
+                ));
+            }
+            spec.http = Some(HttpSpec {
+                paths: Some(paths),
+                paths_exclude: Some(list(params, "servicePathExclude")),
+                domain: domains.into_iter().next(),
+                default_backend: Some(default_backend),
+                balance: None,
+            });
+        }
+        "tcp" => {
+            let Some(src) = params.get("srcPort").filter(|p| !p.is_empty()) else {
+                return Err(nok(
+                    StatusCode::BAD_REQUEST,
+                    "srcPort",
+                    "srcPort parameter is mandatory for reqMode tcp",
+                ));
+            };
+            if port.is_none() {
+                return Err(nok(
+                    StatusCode::BAD_REQUEST,
+                    "port",
+                    "port parameter is mandatory for reqMode tcp",
+                ));
+            }
+            let Some(address) = address else {
+                return Err(nok(
+                    StatusCode::BAD_REQUEST,
+                    "reqMode",
+                    "this lb has no address of its own for tcp services (start it with --address)",
+                ));
+            };
+            spec.vip = Some(format!("{address}:{src}"));
+            spec.protocol = Some("tcp".into());
+        }
+        other => {
+            return Err(nok(
+                StatusCode::BAD_REQUEST,
+                "reqMode",
+                format!("reqMode: {other:?} is not http or tcp"),
+            ));
+        }
+    }
+    let backends = list(params, "backends");
+    match (backends.is_empty(), params.get("discovery")) {
+        (false, None) => {
+            let mut out = Vec::new();
+            for b in backends {
+                if b.contains(':') {
+                    out.push(b);
+                } else if let Some(p) = port {
+                    out.push(format!("{b}:{p}"));
+                } else {
+                    return Err(nok(
+                        StatusCode::BAD_REQUEST,
+                        "port",
+                        format!("port: needed for backend {b} (or give it as ip:port)"),
+                    ));
+                }
+            }
+            spec.backends = Some(out);
+        }
+        (true, Some(kind)) => {
+            spec.discovery = Some(DiscoverySpec {
+                kind: Some(kind.clone()),
+                service: params.get("serviceName").cloned(),
+                include_warning: None,
+            });
+        }
+        (false, Some(_)) => {
+            return Err(nok(
+                StatusCode::BAD_REQUEST,
+                "backends",
+                "backends: give backends or discovery, not both",
+            ));
+        }
+        (true, None) => {
+            return Err(nok(
+                StatusCode::BAD_REQUEST,
+                "backends",
+                "backends parameter (ip[:port],...) or discovery=etcd|consul is mandatory",
+            ));
+        }
+    }
+    Ok(spec)
+}
+
+/// DFP's view of a service.
+fn view(svc: &Service) -> Value {
+    let ports: std::collections::BTreeSet<u16> = svc.backends.iter().map(|b| b.port()).collect();
+    let port = match ports.len() {
+        1 => ports.into_iter().next().unwrap().to_string(),
+        _ => String::new(),
+    };
+    let route = svc.http.as_ref();
+    json!({
+        "ServiceName": svc.name,
+        "ServicePath": route.map(|r| r.paths.clone()).unwrap_or_default(),
+        "ServicePathExclude": route.map(|r| r.paths_exclude.clone()).unwrap_or_default(),
+        "ServiceDomain": route.and_then(|r| r.domain.clone()).unwrap_or_default(),
+        "IsDefaultBackend": route.is_some_and(|r| r.default_backend),
+        "ReqMode": if route.is_some() { "http" } else { "tcp" },
+        "SrcPort": svc.l4_vip().map(|v| v.port().to_string()).unwrap_or_default(),
+        "Port": port,
+        "Backends": svc.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })
+}
+
+async fn reconfigure(
+    State((s, address)): State<(Shared, Option<Ipv4Addr>)>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(name) = params.get("serviceName").filter(|n| !n.is_empty()).cloned() else {
+        return nok(
+            StatusCode::BAD_REQUEST,
+            "serviceName",
+            "serviceName parameter is mandatory",
+        )
+        .into_response();
+    };
+    let spec = match spec_of(&params, address) {
+        Ok(spec) => spec,
+        Err(answer) => return answer.into_response(),
+    };
+    match s.put(&name, spec).await {
+        Ok(svc) => {
+            let mut body = view(&svc);
+            body["Status"] = "OK".into();
+            body["Message"] = "".into();
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Err(e) => failure(e).into_response(),
+    }
+}
+
+fn failure(e: ReconcileError) -> Nok {
+    let status = crate::api::status_of(&e);
+    let field = match &e {
+        ReconcileError::Control(ControlError::Invalid(v)) => dfp_field(&v.field),
+        _ => String::new(),
+    };
+    nok(status, &field, e.to_string())
+}
+
+/// The DFP parameter behind one of lb's fields.
+fn dfp_field(field: &str) -> String {
+    let name = match field.split(['.', '[']).collect::<Vec<_>>().as_slice() {
+        ["name", ..] => "serviceName",
+        ["http", "paths", ..] => "servicePath",
+        ["http", "paths_exclude", ..] => "servicePathExclude",
+        ["http", "domain", ..] => "serviceDomain",
+        ["http", "default_backend", ..] => "isDefaultBackend",
+        ["vip", ..] => "srcPort",
+        ["backends", ..] => "backends",
+        ["discovery", ..] => "discovery",
+        _ => field,
+    };
+    name.to_string()
+}
+
+async fn remove(
+    State((s, _)): State<(Shared, Option<Ipv4Addr>)>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(name) = params.get("serviceName").filter(|n| !n.is_empty()).cloned() else {
+        return nok(
+            StatusCode::BAD_REQUEST,
+            "serviceName",
+            "serviceName parameter is mandatory",
+        )
+        .into_response();
+    };
+    let message = match s.delete(&name).await {
+        Ok(()) => String::new(),
+        // DFP answers OK for a service it does not have; scripts rely on that.
+        Err(ReconcileError::Control(ControlError::NotFound(_))) => {
+            format!("service {name} was not configured")
+        }
+        Err(e) => return failure(e).into_response(),
+    };
+    let body = json!({"Status": "OK", "Message": message, "ServiceName": name});
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+async fn config(
+    State((s, _)): State<(Shared, Option<Ipv4Addr>)>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    match params.get("type").map(String::as_str) {
+        None | Some("json") => {}
+        Some(other) => {
+            return nok(
+                StatusCode::BAD_REQUEST,
+                "type",
+                format!("type: {other:?}: lb has no HAProxy configuration; use type=json"),
+            )
+            .into_response();
+        }
+    }
+    let services = s
+        .controller()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .list();
+    let body: Vec<Value> = services.iter().map(view).collect();
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+async fn ping() -> Response {
+    (StatusCode::OK, Json(json!({"Status": "OK"}))).into_response()
+}
+
+/// The DFP endpoints; `address` is the balancer's own, the VIP of `reqMode=tcp` services.
+pub fn router(state: Shared, address: Option<Ipv4Addr>) -> Router {
+    Router::new()
+        .route("/v1/docker-flow-proxy/reconfigure", get(reconfigure))
+        .route("/v1/docker-flow-proxy/remove", get(remove))
+        .route("/v1/docker-flow-proxy/config", get(config))
+        .route("/v1/docker-flow-proxy/ping", get(ping))
+        .with_state((state, address))
+}
