@@ -22,18 +22,22 @@ pub struct Backend {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Answers HTTP/1.1 requests on one connection (keep-alive) until the client closes or
-/// the server stops; a read timeout only serves to notice the stop.
-fn serve_http(mut stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut line = String::new();
-    let mut content_length = 0usize;
-    while !stop.load(Ordering::Relaxed) {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) => {}
+/// Reads one CRLF-terminated line; `None` at the end of the stream. A read timeout only
+/// serves to notice the stop.
+fn read_line(
+    reader: &mut BufReader<TcpStream>,
+    line: &mut String,
+    stop: &AtomicBool,
+) -> Option<()> {
+    line.clear();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        match reader.read_line(line) {
+            Ok(0) => return None,
+            Ok(_) if line.ends_with('\n') => return Some(()),
+            Ok(_) => continue,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -42,24 +46,156 @@ fn serve_http(mut stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
             {
                 continue;
             }
-            Err(_) => return,
+            Err(_) => return None,
         }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            content_length = v.trim().parse().unwrap_or(0);
+    }
+}
+
+/// Reads a request body (by length or chunked) and returns its size and a checksum, without
+/// keeping it.
+fn drain_body(
+    reader: &mut BufReader<TcpStream>,
+    length: usize,
+    chunked: bool,
+    stop: &AtomicBool,
+) -> Option<(u64, u64)> {
+    let (mut total, mut sum) = (0u64, 0u64);
+    let mut take = |reader: &mut BufReader<TcpStream>, mut n: usize| -> Option<()> {
+        let mut buf = [0u8; 65536];
+        while n > 0 {
+            let want = n.min(buf.len());
+            match reader.read(&mut buf[..want]) {
+                Ok(0) => return None,
+                Ok(got) => {
+                    for &b in &buf[..got] {
+                        sum = sum.wrapping_mul(31).wrapping_add(b as u64);
+                    }
+                    total += got as u64;
+                    n -= got;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) && !stop.load(Ordering::Relaxed) => {}
+                Err(_) => return None,
+            }
         }
-        if line != "\r\n" && line != "\n" {
+        Some(())
+    };
+    if !chunked {
+        take(reader, length)?;
+        return Some((total, sum));
+    }
+    let mut line = String::new();
+    loop {
+        read_line(reader, &mut line, stop)?;
+        let size = usize::from_str_radix(line.trim().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            // Trailers, then the empty line.
+            loop {
+                read_line(reader, &mut line, stop)?;
+                if line == "\r\n" || line == "\n" {
+                    return Some((total, sum));
+                }
+            }
+        }
+        take(reader, size)?;
+        read_line(reader, &mut line, stop)?;
+    }
+}
+
+/// Answers HTTP/1.1 requests on one connection (keep-alive) until the client closes or
+/// the server stops. Every answer's body is the server's name, except:
+/// `GET /headers...` answers with the request head as received; `GET /big/N` with N bytes;
+/// a request with a body answers "NAME LENGTH CHECKSUM" after reading it all; an
+/// `Upgrade` request is switched (101) and then every byte is echoed back.
+fn serve_http(stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        // One request head.
+        let mut head = String::new();
+        let (mut length, mut chunked, mut upgrade) = (0usize, false, false);
+        loop {
+            if read_line(&mut reader, &mut line, &stop).is_none() {
+                return;
+            }
+            if head.is_empty() && (line == "\r\n" || line == "\n") {
+                continue;
+            }
+            head.push_str(&line);
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
+            if lower.starts_with("upgrade:") {
+                upgrade = true;
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        if upgrade {
+            let _ = writer.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+            // Echo whatever follows, including bytes already read.
+            let mut buf = [0u8; 4096];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if writer.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) && !stop.load(Ordering::Relaxed) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+        let body: Vec<u8> = if length > 0 || chunked {
+            match drain_body(&mut reader, length, chunked, &stop) {
+                Some((n, sum)) => format!("{name} {n} {sum}").into_bytes(),
+                None => return,
+            }
+        } else if target.starts_with("/headers") {
+            head.clone().into_bytes()
+        } else if let Some(n) = target.strip_prefix("/big/") {
+            let n: usize = n.parse().unwrap_or(0);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+            if writer.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 65536];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                if writer.write_all(&chunk[..k]).is_err() {
+                    return;
+                }
+                left -= k;
+            }
             continue;
-        }
-        // End of a request head: skip its body, answer.
-        let mut body = vec![0u8; std::mem::take(&mut content_length)];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+        } else {
+            name.clone().into_bytes()
+        };
         let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{name}",
-            name.len()
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\n\r\n",
+            body.len()
         );
-        if stream.write_all(resp.as_bytes()).is_err() {
+        if writer.write_all(resp.as_bytes()).is_err() || writer.write_all(&body).is_err() {
             return;
         }
     }
