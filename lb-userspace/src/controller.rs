@@ -86,7 +86,13 @@ impl BackendHealth {
 pub struct HttpService {
     pub service: Service,
     pub healthy: Vec<SocketAddrV4>,
+    /// A service removed since start: its route answers 503 (as HAProxy does for a
+    /// backend that is gone) until another service takes its paths.
+    pub removed: bool,
 }
+
+/// How many removed HTTP routes are remembered.
+const REMOVED_ROUTES: usize = 256;
 
 pub struct Controller {
     services: BTreeMap<String, Service>,
@@ -104,6 +110,8 @@ pub struct Controller {
     checker: Option<Checker>,
     /// Bumped whenever an HTTP service or the health of its backends changes.
     http_version: tokio::sync::watch::Sender<u64>,
+    /// HTTP services removed since start, oldest first.
+    removed_http: std::collections::VecDeque<Service>,
 }
 
 fn ips(svc: &Service) -> HashSet<Ipv4Addr> {
@@ -126,6 +134,7 @@ impl Controller {
             health: HashMap::new(),
             checker: None,
             http_version: tokio::sync::watch::channel(0).0,
+            removed_http: std::collections::VecDeque::new(),
         }
     }
 
@@ -134,7 +143,13 @@ impl Controller {
     pub fn start_health_checks(&mut self) -> tokio::sync::mpsc::UnboundedReceiver<HealthEvent> {
         let (mut checker, events) = Checker::new();
         for svc in self.services.values() {
-            checker.sync(&svc.name, &svc.backends, &svc.check);
+            let down: Vec<SocketAddrV4> = svc
+                .backends
+                .iter()
+                .filter(|b| !self.is_up(&svc.name, b))
+                .copied()
+                .collect();
+            checker.sync(&svc.name, &svc.backends, &down, &svc.check);
         }
         self.checker = Some(checker);
         events
@@ -149,9 +164,11 @@ impl Controller {
         self.http_version.send_modify(|v| *v += 1);
     }
 
-    /// Every HTTP service with the backends it may use now.
+    /// Every HTTP service with the backends it may use now, then the routes of removed
+    /// ones that no live service overlaps.
     pub fn http_services(&self) -> Vec<HttpService> {
-        self.services
+        let live: Vec<HttpService> = self
+            .services
             .values()
             .filter(|s| s.http.is_some())
             .map(|s| HttpService {
@@ -162,8 +179,30 @@ impl Controller {
                     .filter(|b| self.is_up(&s.name, b))
                     .copied()
                     .collect(),
+                removed: false,
             })
-            .collect()
+            .collect();
+        let overlaps = |gone: &Service| {
+            let g = gone.http.as_ref().expect("http");
+            live.iter().any(|l| {
+                let r = l.service.http.as_ref().expect("http");
+                r.domain == g.domain
+                    && (r.paths.iter().any(|p| g.paths.contains(p))
+                        || (r.paths.is_empty() && g.paths.is_empty())
+                        || (r.default_backend && g.default_backend))
+            })
+        };
+        let gone: Vec<HttpService> = self
+            .removed_http
+            .iter()
+            .filter(|g| !self.services.contains_key(&g.name) && !overlaps(g))
+            .map(|g| HttpService {
+                service: g.clone(),
+                healthy: Vec::new(),
+                removed: true,
+            })
+            .collect();
+        live.into_iter().chain(gone).collect()
     }
 
     fn is_up(&self, service: &str, backend: &SocketAddrV4) -> bool {
@@ -301,17 +340,20 @@ impl Controller {
             None => self.neighbors.add(first_users.iter().copied()),
         }
         let applied = match svc.l4_vip() {
-            Some(_) => self.dataplane.upsert(&svc).map(|_| ()),
+            Some(_) => self.dataplane.upsert(&svc),
             // Now an HTTP service: out of the maps if it was a layer-4 one.
-            None => self.dataplane.remove(&svc.name).map(|_| ()),
+            None => self.dataplane.remove(&svc.name).map(|_| Vec::new()),
         };
-        if let Err(e) = applied {
-            match &mut self.deferred {
-                Some(queue) => queue.retain(|ip| !first_users.contains(ip)),
-                None => self.neighbors.remove(first_users),
+        let started_down = match applied {
+            Ok(down) => down,
+            Err(e) => {
+                match &mut self.deferred {
+                    Some(queue) => queue.retain(|ip| !first_users.contains(ip)),
+                    None => self.neighbors.remove(first_users),
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
         for ip in new_ips.difference(&old) {
             *self.backend_users.entry(*ip).or_default() += 1;
         }
@@ -331,7 +373,15 @@ impl Controller {
         for b in &svc.backends {
             states.entry(*b).or_insert_with(BackendHealth::up_now);
         }
-        if !same_check && svc.l4_vip().is_some() {
+        // Down before a restart (taken out of the adopted table): down until checks pass.
+        for b in &started_down {
+            if let Some(h) = states.get_mut(b) {
+                h.up = false;
+                h.reason = Some("down before lb restarted; waiting for its checks to pass".into());
+            }
+        }
+        // A new check starts from scratch: every backend up again.
+        if previous.is_some() && !same_check && svc.l4_vip().is_some() {
             for b in &svc.backends {
                 if let Err(e) = self.dataplane.set_backend_health(&svc.name, *b, true) {
                     tracing::error!(service = %svc.name, "resetting health: {e}");
@@ -339,7 +389,13 @@ impl Controller {
             }
         }
         if let Some(checker) = &mut self.checker {
-            checker.sync(&svc.name, &svc.backends, &svc.check);
+            let down: Vec<SocketAddrV4> = svc
+                .backends
+                .iter()
+                .filter(|b| !self.health[&svc.name][*b].up)
+                .copied()
+                .collect();
+            checker.sync(&svc.name, &svc.backends, &down, &svc.check);
         }
         let http = svc.http.is_some() || previous.is_some_and(|p| p.http.is_some());
         self.services.insert(svc.name.clone(), svc.clone());
@@ -397,6 +453,11 @@ impl Controller {
             checker.stop(name);
         }
         if svc.http.is_some() {
+            self.removed_http.retain(|g| g.name != svc.name);
+            self.removed_http.push_back(svc);
+            if self.removed_http.len() > REMOVED_ROUTES {
+                self.removed_http.pop_front();
+            }
             self.http_changed();
         }
         Ok(())

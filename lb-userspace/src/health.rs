@@ -49,9 +49,15 @@ impl Checker {
     }
 
     /// Checks exactly `backends` of `service` with `check` from now on: tasks for new
-    /// backends start (their backend counts as up), tasks for gone ones stop, and all
-    /// restart when the check changed. Needs a tokio runtime.
-    pub fn sync(&mut self, service: &str, backends: &[SocketAddrV4], check: &Check) {
+    /// backends start (their backend counts as up, unless in `down`), tasks for gone ones
+    /// stop, and all restart when the check changed. Needs a tokio runtime.
+    pub fn sync(
+        &mut self,
+        service: &str,
+        backends: &[SocketAddrV4],
+        down: &[SocketAddrV4],
+        check: &Check,
+    ) {
         let entry = self
             .services
             .entry(service.to_string())
@@ -78,6 +84,7 @@ impl Checker {
                     service.to_string(),
                     addr,
                     check.clone(),
+                    !down.contains(&addr),
                     self.events.clone(),
                 ))
             });
@@ -116,13 +123,14 @@ async fn watch(
     service: String,
     backend: SocketAddrV4,
     check: Check,
+    mut up: bool,
     events: mpsc::UnboundedSender<HealthEvent>,
 ) {
     let interval = Duration::from_millis(check.interval_ms);
     tokio::time::sleep(offset(&service, backend, interval)).await;
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut up, mut streak) = (true, 0u32);
+    let mut streak = 0u32;
     loop {
         ticks.tick().await;
         let result = probe(&check, backend).await;
@@ -287,7 +295,7 @@ mod tests {
             }
         });
         let (mut checker, mut events) = Checker::new();
-        checker.sync("web", &[addr], &check("http", Some("/")));
+        checker.sync("web", &[addr], &[], &check("http", Some("/")));
         // Healthy: no event for a while.
         assert!(
             tokio::time::timeout(Duration::from_millis(400), events.recv())
@@ -307,7 +315,7 @@ mod tests {
             .unwrap();
         assert!(up.up);
         // Removing the backend stops its checks.
-        checker.sync("web", &[], &check("http", Some("/")));
+        checker.sync("web", &[], &[], &check("http", Some("/")));
         status.store(500, std::sync::atomic::Ordering::Relaxed);
         assert!(
             tokio::time::timeout(Duration::from_millis(500), events.recv())

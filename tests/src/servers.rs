@@ -281,6 +281,59 @@ impl HttpConn {
         })
     }
 
+    /// Sends `METHOD path` (with `Host: host`, and `body` if not empty) and returns the
+    /// status and body of the answer (which must have a Content-Length).
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        host: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, String)> {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        let mut line = String::new();
+        let mut len = 0usize;
+        let mut status = 0u16;
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("connection closed before the response");
+            }
+            if status == 0 {
+                status = line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .context("no status line")?;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse()?;
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut answer = vec![0u8; len];
+        self.reader.read_exact(&mut answer)?;
+        Ok((status, String::from_utf8_lossy(&answer).into_owned()))
+    }
+
+    /// The underlying connection (for upgrades and large bodies).
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+
+    /// The reader over the connection.
+    pub fn reader(&mut self) -> &mut BufReader<TcpStream> {
+        &mut self.reader
+    }
+
     /// Sends `GET /` and returns the body (the backend's name).
     pub fn get(&mut self) -> anyhow::Result<String> {
         self.reader

@@ -66,7 +66,9 @@ fn a_failing_backend_leaves_the_maglev_table_and_returns() {
         Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
     };
     let mut backends: Vec<Option<Backend>> = (0..3).map(|i| Some(start(i))).collect();
-    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let store = lb_tests::lbproc::temp_store();
+    let url = store.url();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &url]).unwrap();
     let all: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();
     let check = json!({"kind": "http", "path": "/", "interval_ms": 200, "timeout_ms": 150, "rise": 2, "fall": 2});
     lb.put_service(
@@ -110,6 +112,16 @@ fn a_failing_backend_leaves_the_maglev_table_and_returns() {
     assert_eq!(failed, 0, "requests failed after be1 was taken out");
     assert_eq!(seen, BTreeSet::from(["be0".into(), "be2".into()]));
     assert!(lb.log_text().contains("backend down"));
+
+    // lb restarts meanwhile (kill -9): the adopted table had be1 out, so it stays out
+    // until its checks pass; no request fails in between.
+    let pins = lb.kill();
+    let lb = LbProcess::start_on(&topo.lb, &topo.lb_ifaces, &["--store", &url], pins).unwrap();
+    let view = backend_view(&lb, "web", &be1);
+    assert_eq!(view["health"], "down", "{view}");
+    let (seen, failed) = answering(60);
+    assert_eq!(failed, 0, "requests failed after the restart");
+    assert_eq!(seen, BTreeSet::from(["be0".into(), "be2".into()]));
 
     // It comes back: after the rise threshold it gets new connections again.
     backends[1] = Some(start(1));

@@ -106,27 +106,43 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Creates or replaces `svc` in the maps.
-    pub fn upsert(&mut self, svc: &Service) -> Result<(), DataplaneError> {
+    /// Creates or replaces `svc` in the maps. Returns the backends that start down: after
+    /// a restart, those the adopted table had taken out (their health check had failed).
+    pub fn upsert(&mut self, svc: &Service) -> Result<Vec<SocketAddrV4>, DataplaneError> {
         let key = service_key(svc);
         if let Some(o) = self.installed.get(&svc.name).cloned() {
             if let Some(stale) = self.claim_adopted(&key) {
                 // The key it moves to was another service's before the restart.
                 self.remove_unclaimed(stale)?;
             }
-            return self.upsert_over(svc, key, Some(o));
+            self.upsert_over(svc, key, Some(o))?;
+            return Ok(Vec::new());
         }
         // A service first applied after a restart takes over the entry an earlier daemon
         // left for its key, so that its tracked flows keep their ids.
         match self.claim_adopted(&key) {
-            Some(adopted) => {
+            Some(mut adopted) => {
+                let missing: Vec<SocketAddrV4> = svc
+                    .backends
+                    .iter()
+                    .filter(|b| !adopted.backends.iter().any(|(a, _)| a == *b))
+                    .copied()
+                    .collect();
+                // Only when the table was written with some backends left out: then the
+                // missing ones were down. (A service whose backends all changed while no
+                // daemon ran is new, not down.)
+                let was_down = !missing.is_empty() && missing.len() < svc.backends.len();
+                if was_down {
+                    adopted.down = missing.clone();
+                }
                 let result = self.upsert_over(svc, key, Some(adopted.clone()));
                 if result.is_err() {
+                    adopted.down.clear();
                     self.adopted.insert(key, adopted);
                 }
-                result
+                result.map(|_| if was_down { missing } else { Vec::new() })
             }
-            None => self.upsert_over(svc, key, None),
+            None => self.upsert_over(svc, key, None).map(|_| Vec::new()),
         }
     }
 
@@ -191,6 +207,16 @@ impl Dataplane {
         if reused_id {
             self.zero_counters(Some(id), None)?;
         }
+        let down: Vec<SocketAddrV4> = old
+            .as_ref()
+            .map(|o| {
+                o.down
+                    .iter()
+                    .filter(|a| svc.backends.contains(a))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
         for &addr in &svc.backends {
             if let Some(&(_, bid)) = old
                 .as_ref()
@@ -215,7 +241,11 @@ impl Dataplane {
                     addr: addr.ip().octets(),
                     port: addr.port(),
                     _pad: 0,
-                    flags: BACKEND_ACTIVE,
+                    flags: if down.contains(&addr) {
+                        0
+                    } else {
+                        BACKEND_ACTIVE
+                    },
                     generation: self.generations[bid as usize],
                 },
                 0,
@@ -225,16 +255,6 @@ impl Dataplane {
 
         // The table: only the slots that change when it stays in place. Backends that
         // stay keep their health; new ones start up.
-        let down: Vec<SocketAddrV4> = old
-            .as_ref()
-            .map(|o| {
-                o.down
-                    .iter()
-                    .filter(|a| svc.backends.contains(a))
-                    .copied()
-                    .collect()
-            })
-            .unwrap_or_default();
         let table = table_for(&backends, &down, svc.table_size);
         for (slot, &bid) in table.iter().enumerate() {
             let unchanged = reuse_region && old.as_ref().unwrap().table[slot] == bid;
