@@ -112,6 +112,8 @@ pub struct Controller {
     http_version: tokio::sync::watch::Sender<u64>,
     /// HTTP services removed since start, oldest first.
     removed_http: std::collections::VecDeque<Service>,
+    /// The HTTP proxy's port and the local addresses it listens on (read at start).
+    http_listener: Option<(u16, Vec<Ipv4Addr>)>,
 }
 
 fn ips(svc: &Service) -> HashSet<Ipv4Addr> {
@@ -135,6 +137,7 @@ impl Controller {
             checker: None,
             http_version: tokio::sync::watch::channel(0).0,
             removed_http: std::collections::VecDeque::new(),
+            http_listener: None,
         }
     }
 
@@ -153,6 +156,27 @@ impl Controller {
         }
         self.checker = Some(checker);
         events
+    }
+
+    /// Where the HTTP proxy listens: a layer-4 service on that address and port takes its
+    /// traffic in XDP before the kernel sees it, which is worth a warning.
+    pub fn set_http_listener(&mut self, addr: std::net::SocketAddr) {
+        let local: Vec<Ipv4Addr> = match addr {
+            std::net::SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                crate::net::interface_addresses()
+                    .map(|m| m.values().map(|ip| Ipv4Addr::from(*ip)).collect())
+                    .unwrap_or_default()
+            }
+            std::net::SocketAddr::V4(a) => vec![*a.ip()],
+            std::net::SocketAddr::V6(_) => Vec::new(),
+        };
+        self.http_listener = Some((addr.port(), local));
+    }
+
+    fn shadows_http_listener(&self, vip: SocketAddrV4) -> bool {
+        self.http_listener
+            .as_ref()
+            .is_some_and(|(port, local)| *port == vip.port() && local.contains(vip.ip()))
     }
 
     /// Notified whenever the HTTP routes change (see [`Controller::http_services`]).
@@ -344,6 +368,12 @@ impl Controller {
             // Now an HTTP service: out of the maps if it was a layer-4 one.
             None => self.dataplane.remove(&svc.name).map(|_| Vec::new()),
         };
+        if let Some(vip) = svc.l4_vip()
+            && svc.protocol == Protocol::Tcp
+            && self.shadows_http_listener(vip)
+        {
+            tracing::warn!(service = %svc.name, %vip, "this VIP takes the traffic of lb's HTTP listener (--http) on that address: XDP sees it first");
+        }
         let started_down = match applied {
             Ok(down) => down,
             Err(e) => {
