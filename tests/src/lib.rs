@@ -1,13 +1,17 @@
 //! lb's test kit: network namespaces and veth links that remove themselves, servers and
 //! clients that live inside a namespace, real etcd and a Consul test server, an `lb`
-//! process under test, and packet builders for BPF_PROG_TEST_RUN. Used by the suites in `tests/`, by the demo and the benchmark.
+//! process under test, packet builders for BPF_PROG_TEST_RUN, and the peers lb is
+//! measured against (nginx, HAProxy, wrk). Used by the suites in `tests/`, by the demo and
+//! the benchmarks.
 pub mod consul;
 pub mod etcd;
 pub mod lbproc;
 pub mod netns;
 pub mod packet;
+pub mod peers;
 pub mod servers;
 pub mod topology;
+pub mod wrk;
 
 /// A name unique to this process and call (for namespaces and pin directories), also
 /// across runs: a run killed before its guards ran cannot leave a name a later run takes.

@@ -336,9 +336,14 @@ impl HttpConn {
 
     /// Sends `GET /` and returns the body (the backend's name).
     pub fn get(&mut self) -> anyhow::Result<String> {
+        self.get_path("/")
+    }
+
+    /// Sends `GET path` and returns the body of a 200 answer.
+    pub fn get_path(&mut self, path: &str) -> anyhow::Result<String> {
         self.reader
             .get_mut()
-            .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").as_bytes())?;
         let mut line = String::new();
         let mut len = None;
         let mut status = String::new();

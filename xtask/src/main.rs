@@ -32,7 +32,8 @@ enum Cmd {
     },
     /// Build, then run lb in a small namespace topology and show how it balances.
     Demo,
-    /// Print per-packet costs of the XDP program measured with BPF_PROG_TEST_RUN.
+    /// Print per-packet costs of the XDP program measured with BPF_PROG_TEST_RUN, cold
+    /// start and update latency with 10,000 services, and lb's HTTP path against HAProxy.
     Bench,
 }
 
@@ -128,7 +129,9 @@ fn main() -> anyhow::Result<()> {
             run(&mut Command::new(root().join("target/release/lb-bench")))?;
             run(&mut Command::new(
                 root().join("target/release/lb-bench-store"),
-            ))
+            ))?;
+            run(Command::new(root().join("target/release/lb-bench-l7"))
+                .env("LB_BIN", root().join("target/release/lb")))
         }
     }
 }

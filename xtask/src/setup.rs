@@ -7,8 +7,9 @@ use anyhow::{Context, bail};
 use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool to inspect maps, iproute2 and ethtool
-/// for the namespace topologies, protoc for the etcd client's build, and etcd itself (server
-/// and etcdctl) for the store tests.
+/// for the namespace topologies, protoc for the etcd client's build, etcd itself (server
+/// and etcdctl) for the store tests, and for the HTTP benchmark (lb-bench-l7) the peers it
+/// runs: HAProxy 2.6 to compare with, nginx as the backends, wrk as the load.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,6 +20,9 @@ const PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "etcd-server",
     "etcd-client",
+    "haproxy",
+    "nginx",
+    "wrk",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 

@@ -1,0 +1,454 @@
+//! `cargo xtask bench` (third part): lb's HTTP path against HAProxy 2.6 in HTTP mode, in
+//! one run, with the same backends (four nginx), the same two routes and the same wrk
+//! load, keep-alive and one connection a request: requests per second, p50 and p99.
+//! Target: lb at least as many requests per second as HAProxy, with a p99 no higher.
+//!
+//! Everything runs on the loopback of a namespace of its own, removed at the end. The runs
+//! are interleaved (lb, HAProxy, then HAProxy, lb, ...) so that both see the same machine
+//! noise; each figure is the median over the rounds, errors are summed.
+//! `LB_BENCH_SECS` (default 10) sets the length of a run, `LB_BENCH_ROUNDS` (default 3) the
+//! number of rounds, `LB_BENCH_HAPROXY_REUSE` (default `safe`, HAProxy's own default)
+//! HAProxy's `http-reuse`; `LB_BENCH_VERBOSE=1` prints wrk's own output of every run.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use lb_tests::{
+    lbproc::{LbProcess, lb_bin},
+    netns::Netns,
+    peers::{Haproxy, Nginx, Route, version},
+    servers::HttpConn,
+    unique,
+    wrk::{Wrk, WrkErrors, WrkOptions, WrkReport},
+};
+
+const LB_HTTP: &str = "127.0.0.1:8000";
+const HAPROXY_HTTP: &str = "127.0.0.1:8001";
+const BACKENDS: usize = 4;
+const THREADS: u32 = 2;
+const CONNECTIONS: u32 = 64;
+/// The paths the load cycles through: one a route.
+const PATHS: [&str; 2] = ["/a/bench", "/b/bench"];
+const NO_HTTP: &str = "lb has no --http yet";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proxy {
+    Lb,
+    Haproxy,
+}
+
+impl Proxy {
+    fn name(self) -> &'static str {
+        match self {
+            Proxy::Lb => "lb",
+            Proxy::Haproxy => "haproxy",
+        }
+    }
+
+    fn addr(self) -> SocketAddr {
+        match self {
+            Proxy::Lb => LB_HTTP,
+            Proxy::Haproxy => HAPROXY_HTTP,
+        }
+        .parse()
+        .expect("address")
+    }
+}
+
+struct Mode {
+    name: &'static str,
+    close: bool,
+}
+
+const MODES: [Mode; 2] = [
+    Mode {
+        name: "keep-alive",
+        close: false,
+    },
+    Mode {
+        name: "connection per request",
+        close: true,
+    },
+];
+
+fn env_num(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn backend_name(i: usize) -> String {
+    format!("backend {}", i + 1)
+}
+
+/// Whether this lb serves HTTP: `lb run --help` lists `--http`.
+fn lb_has_http() -> anyhow::Result<bool> {
+    let bin = lb_bin();
+    let out = Command::new(&bin)
+        .args(["run", "--help"])
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} (build it: cargo build --release -p lb-userspace)",
+                bin.display()
+            )
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .any(|w| w == "--http" || w.starts_with("--http=")))
+}
+
+/// Checks that `proxy` sends each route's requests to that route's backends and only
+/// there, waiting (up to `within`) until every backend has answered: the proxy is ready
+/// and its checks have found every backend up.
+fn check_routes(
+    ns: &Netns,
+    proxy: Proxy,
+    routes: &[Route],
+    backends: &[SocketAddr],
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    for r in routes {
+        let expected: BTreeSet<String> = r
+            .backends
+            .iter()
+            .map(|b| backend_name(backends.iter().position(|x| x == b).expect("backend")))
+            .collect();
+        let mut seen = BTreeSet::new();
+        let mut last_error = String::new();
+        while seen != expected {
+            let path = format!("{}/check", r.prefix);
+            match HttpConn::connect(ns, proxy.addr(), Duration::from_secs(2))
+                .and_then(|mut c| c.get_path(&path))
+            {
+                Ok(body) => {
+                    let body = body.trim().to_string();
+                    if !expected.contains(&body) {
+                        bail!(
+                            "{} sent {path} to {body:?}, not to one of {expected:?}",
+                            proxy.name()
+                        );
+                    }
+                    seen.insert(body);
+                }
+                Err(e) => last_error = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not reach every backend of {} within {within:?} (reached {seen:?}; last error: {last_error})",
+                    proxy.name(),
+                    r.prefix
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// lb with `--http`, given the routes through its API; None when this lb has no `--http`.
+fn start_lb(ns: &Netns, routes: &[Route]) -> anyhow::Result<Option<LbProcess>> {
+    if !lb_has_http()? {
+        return Ok(None);
+    }
+    // lb's XDP program goes on a veth pair of its own, off the loopback that carries the
+    // measured traffic (an HTTP service has no VIP for it to act on anyway).
+    ns.ip("link add lbv0 type veth peer name lbv1")?;
+    ns.ip("link set lbv0 up")?;
+    ns.ip("link set lbv1 up")?;
+    let lb = LbProcess::start(ns, &["lbv0"], &["--http", LB_HTTP])?;
+    for r in routes {
+        let backends: Vec<String> = r.backends.iter().map(|b| b.to_string()).collect();
+        lb.put_service(
+            &r.name,
+            &serde_json::json!({
+                "http": {"paths": [r.prefix]},
+                "backends": backends,
+                "check": {"kind": "tcp"},
+            }),
+        )?;
+    }
+    Ok(Some(lb))
+}
+
+/// The median of each figure over a proxy's runs in one mode; errors summed.
+#[derive(Debug, Clone, Default)]
+struct Summary {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    opened_per_request: f64,
+    errors: WrkErrors,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn summarize(runs: &[WrkReport]) -> Summary {
+    let mut errors = WrkErrors::default();
+    for r in runs {
+        errors.add(&r.errors);
+    }
+    let secs = |f: fn(&WrkReport) -> Duration| {
+        Duration::from_secs_f64(median(runs.iter().map(|r| f(r).as_secs_f64()).collect()))
+    };
+    Summary {
+        rps: median(runs.iter().map(WrkReport::rps).collect()),
+        p50: secs(|r| r.p50),
+        p99: secs(|r| r.p99),
+        opened_per_request: median(runs.iter().map(WrkReport::opened_per_request).collect()),
+        errors,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The verdict of one mode against the target.
+fn verdict(lb: Result<&Summary, &str>, haproxy: &Summary) -> String {
+    let lb = match lb {
+        Ok(s) => s,
+        Err(why) => return format!("not judged: {why}"),
+    };
+    let mut notes = Vec::new();
+    if haproxy.errors.total() > 0 {
+        notes.push(format!("haproxy had errors: {}", haproxy.errors));
+    }
+    let note = if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", notes.join("; "))
+    };
+    if lb.errors.total() > 0 {
+        return format!("target NOT met: lb had errors: {}{note}", lb.errors);
+    }
+    let rps_ok = lb.rps >= haproxy.rps;
+    let p99_ok = lb.p99 <= haproxy.p99;
+    format!(
+        "target {}: lb {:.0} req/s {} haproxy {:.0}, p99 {} {} {}{note}",
+        if rps_ok && p99_ok { "met" } else { "NOT met" },
+        lb.rps,
+        if rps_ok { ">=" } else { "<" },
+        haproxy.rps,
+        ms(lb.p99),
+        if p99_ok { "<=" } else { ">" },
+        ms(haproxy.p99),
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let secs = env_num("LB_BENCH_SECS", 10)?.max(1);
+    let rounds = env_num("LB_BENCH_ROUNDS", 3)?.max(1) as usize;
+    let verbose = std::env::var("LB_BENCH_VERBOSE").is_ok_and(|v| v == "1");
+    let reuse = std::env::var("LB_BENCH_HAPROXY_REUSE").unwrap_or_else(|_| "safe".into());
+    if !["never", "safe", "aggressive", "always"].contains(&reuse.as_str()) {
+        bail!("LB_BENCH_HAPROXY_REUSE={reuse:?}: never, safe, aggressive or always");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let ns = Netns::new(&unique("lbt-l7"))?;
+    let backends: Vec<SocketAddr> = (0..BACKENDS)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], 9001 + i as u16)))
+        .collect();
+    let _nginx = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Nginx::start(&ns, *b, &backend_name(i)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let routes = [
+        Route {
+            name: "a".into(),
+            prefix: "/a".into(),
+            backends: backends[..2].to_vec(),
+        },
+        Route {
+            name: "b".into(),
+            prefix: "/b".into(),
+            backends: backends[2..].to_vec(),
+        },
+    ];
+    let _haproxy = Haproxy::start(&ns, Proxy::Haproxy.addr(), &routes, &reuse)?;
+    check_routes(
+        &ns,
+        Proxy::Haproxy,
+        &routes,
+        &backends,
+        Duration::from_secs(15),
+    )?;
+    let lb = start_lb(&ns, &routes)?;
+    if lb.is_some() {
+        check_routes(&ns, Proxy::Lb, &routes, &backends, Duration::from_secs(15))?;
+    }
+
+    println!(
+        "lb's HTTP path against HAProxy: {BACKENDS} nginx backends, routes /a (backends 1-2) and /b (3-4)"
+    );
+    println!(
+        "  {} (nbthread {cpus}, http-reuse {reuse}) | {} | {}",
+        version("haproxy", &["-v"]),
+        version("nginx", &["-v"]),
+        version("wrk", &["-v"])
+    );
+    println!(
+        "  wrk -t{THREADS} -c{CONNECTIONS} -d{secs}s over {}, {rounds} interleaved rounds, loopback of a namespace, {cpus} CPUs",
+        PATHS.join(" and ")
+    );
+    match &lb {
+        Some(_) => println!("  lb: {} --http {LB_HTTP}", lb_bin().display()),
+        None => println!(
+            "  lb: {NO_HTTP} (`lb run --help` lists no --http): its rows are skipped, HAProxy is measured alone"
+        ),
+    }
+
+    let wrk = Wrk::new(&PATHS)?;
+    let proxies: Vec<Proxy> = [Proxy::Lb, Proxy::Haproxy]
+        .into_iter()
+        .filter(|p| *p != Proxy::Lb || lb.is_some())
+        .collect();
+    let mut summaries = Vec::new();
+    for mode in &MODES {
+        let options = |secs: u64| WrkOptions {
+            threads: THREADS,
+            connections: CONNECTIONS,
+            duration: Duration::from_secs(secs),
+            close: mode.close,
+        };
+        for &p in &proxies {
+            // Warm-up, not counted: connections to the backends, caches, CPU frequency.
+            wrk.run(&ns, p.addr(), &options(secs.min(2)))?;
+        }
+        let mut runs: Vec<(Proxy, WrkReport)> = Vec::new();
+        for round in 0..rounds {
+            let mut order = proxies.clone();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for p in order {
+                let r = wrk.run(&ns, p.addr(), &options(secs))?;
+                println!(
+                    "  {}, round {}/{rounds}, {:<7}: {:>8.0} req/s, p50 {}, p99 {}, {:.2} conn/req, errors {}",
+                    mode.name,
+                    round + 1,
+                    p.name(),
+                    r.rps(),
+                    ms(r.p50),
+                    ms(r.p99),
+                    r.opened_per_request(),
+                    r.errors
+                );
+                if verbose {
+                    println!("{}", r.output);
+                }
+                runs.push((p, r));
+            }
+        }
+        let of = |p: Proxy| -> Vec<WrkReport> {
+            runs.iter()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, r)| r.clone())
+                .collect()
+        };
+        let lb_summary = lb.as_ref().map(|_| summarize(&of(Proxy::Lb)));
+        summaries.push((mode, lb_summary, summarize(&of(Proxy::Haproxy))));
+    }
+
+    println!();
+    println!(
+        "{:<24} {:<8} {:>9} {:>10} {:>10} {:>9}  errors",
+        "mode", "proxy", "req/s", "p50", "p99", "conn/req"
+    );
+    for (mode, lb_summary, haproxy) in &summaries {
+        for (p, s) in [
+            (Proxy::Lb, lb_summary.as_ref()),
+            (Proxy::Haproxy, Some(haproxy)),
+        ] {
+            match s {
+                Some(s) => println!(
+                    "{:<24} {:<8} {:>9.0} {:>10} {:>10} {:>9.2}  {}",
+                    mode.name,
+                    p.name(),
+                    s.rps,
+                    ms(s.p50),
+                    ms(s.p99),
+                    s.opened_per_request,
+                    s.errors
+                ),
+                None => println!("{:<24} {:<8} {NO_HTTP}", mode.name, p.name()),
+            }
+        }
+    }
+    println!(
+        "(medians of {rounds} runs of {secs} s; errors summed over them; conn/req: TCP connections accepted in the namespace per request)"
+    );
+    if summaries
+        .iter()
+        .any(|(m, _, h)| m.close && h.opened_per_request > 1.5)
+    {
+        println!(
+            "(haproxy opened two connections a request: with http-reuse {reuse} the first request of a client connection gets a backend connection of its own; LB_BENCH_HAPROXY_REUSE=always lets it take an idle one)"
+        );
+    }
+    println!("target: lb req/s >= haproxy req/s and lb p99 <= haproxy p99");
+    for (mode, lb_summary, haproxy) in &summaries {
+        println!(
+            "  {}: {}",
+            mode.name,
+            verdict(lb_summary.as_ref().ok_or(NO_HTTP), haproxy)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(rps: f64, p99_us: u64, status_errors: u64) -> Summary {
+        Summary {
+            rps,
+            p50: Duration::from_micros(500),
+            p99: Duration::from_micros(p99_us),
+            opened_per_request: 0.0,
+            errors: WrkErrors {
+                status: status_errors,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let ha = summary(40_000.0, 3_000, 0);
+        assert!(verdict(Ok(&summary(41_000.0, 2_900, 0)), &ha).starts_with("target met"));
+        assert!(verdict(Ok(&summary(40_000.0, 3_000, 0)), &ha).starts_with("target met"));
+        assert!(verdict(Ok(&summary(39_000.0, 2_000, 0)), &ha).starts_with("target NOT met"));
+        assert!(verdict(Ok(&summary(50_000.0, 3_100, 0)), &ha).starts_with("target NOT met"));
+        let v = verdict(Ok(&summary(50_000.0, 1_000, 4)), &ha);
+        assert!(v.contains("lb had errors: non-2xx/3xx 4"), "{v}");
+        let v = verdict(Ok(&summary(50_000.0, 1_000, 0)), &summary(1.0, 1, 2));
+        assert!(v.contains("haproxy had errors"), "{v}");
+        assert!(verdict(Err("no lb"), &ha).starts_with("not judged"));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 2.5);
+    }
+}
