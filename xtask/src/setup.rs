@@ -58,6 +58,16 @@ pub fn setup() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing))?;
+        // The benchmark starts its own HAProxy and nginx; the system services that
+        // installing them may have started (nginx takes port 80) are not wanted.
+        for service in ["nginx", "haproxy"] {
+            if missing.contains(&service) && output("systemctl", &["is-active", service]).is_some() {
+                eprintln!("setup: stopping and disabling the {service} service the package started");
+                let _ = Command::new("systemctl")
+                    .args(["disable", "--now", service])
+                    .status();
+            }
+        }
     }
     let toolchains = output("rustup", &["toolchain", "list"]).context("rustup is needed")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
