@@ -5,6 +5,7 @@ pub mod consul_http;
 pub mod controller;
 pub mod dataplane;
 pub mod discovery;
+pub mod l7;
 pub mod model;
 pub mod net;
 pub mod reconcile;
