@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod dfp;
 pub mod discovery;
 pub mod health;
+pub mod l7;
 pub mod model;
 pub mod net;
 pub mod reconcile;

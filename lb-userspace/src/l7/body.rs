@@ -1,0 +1,225 @@
+//! The two body types the proxy streams: a client's request body on its way to a backend,
+//! and the response on its way back (a backend's, or lb's own short answer). Both pass
+//! frames through as they come: nothing is buffered beyond what hyper holds.
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::Notify;
+
+use super::{
+    backend::{BackendConn, Lease},
+    conn::Active,
+};
+
+/// Tells the response-header timeout when the request body has been sent in full: the
+/// backend's clock starts then, so a long upload is not taken for a slow backend.
+#[derive(Default)]
+pub(crate) struct Sent {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl Sent {
+    fn mark(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    pub async fn wait(&self) {
+        let notified = self.notify.notified();
+        if !self.done.load(Ordering::Acquire) {
+            notified.await;
+        }
+    }
+}
+
+/// A client's request body, forwarded to the backend.
+pub(crate) struct UpstreamBody {
+    inner: Incoming,
+    sent: Option<Arc<Sent>>,
+}
+
+impl UpstreamBody {
+    /// Wraps `inner`, with a completion signal unless it is empty already.
+    pub fn new(inner: Incoming) -> (Self, Option<Arc<Sent>>) {
+        let sent = (!inner.is_end_stream()).then(Arc::<Sent>::default);
+        let body = Self {
+            inner,
+            sent: sent.clone(),
+        };
+        (body, sent)
+    }
+
+    fn mark_sent(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            sent.mark();
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.mark_sent();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Dropped before its end (the backend answered early, or failed): either way no
+        // more is coming, and the wait for the response must not outlast it.
+        self.mark_sent();
+    }
+}
+
+/// A backend's response body while it streams to the client, driving the backend
+/// connection as it goes. When it ends, the connection goes back to the pool; dropped
+/// before the end, the connection is closed.
+pub(crate) struct Downstream {
+    inner: Incoming,
+    /// None when the connection has a task of its own (after an upgrade attempt).
+    conn: Option<BackendConn>,
+    lease: Option<Lease>,
+}
+
+impl Downstream {
+    pub fn new(inner: Incoming, conn: Option<BackendConn>, lease: Lease) -> Self {
+        let mut body = Self {
+            inner,
+            conn,
+            lease: Some(lease),
+        };
+        // No body at all (HEAD, 204, 304, Content-Length: 0): the connection is free now.
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(conn) = &mut self.conn {
+            conn.drive(cx);
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            // The end, possibly known from the last frame: hand the connection back now
+            // rather than when hyper gets round to dropping the body.
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn release(&mut self) {
+        // The lease ends here either way; the connection goes back if it has no task.
+        if let (Some(lease), Some(conn)) = (self.lease.take(), self.conn.take()) {
+            lease.backend.put_idle(conn);
+        }
+    }
+}
+
+impl Drop for Downstream {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+enum Kind {
+    Proxied(Downstream),
+    /// lb's own answer, or a 101's empty body.
+    Local(Option<Bytes>),
+}
+
+/// What the client receives. It holds the connection's activity mark so that a connection
+/// streaming a response is never taken for idle.
+pub struct ResponseBody {
+    kind: Kind,
+    _active: Option<Active>,
+}
+
+impl ResponseBody {
+    pub(crate) fn proxied(body: Downstream) -> Self {
+        Self {
+            kind: Kind::Proxied(body),
+            _active: None,
+        }
+    }
+
+    pub(crate) fn local(text: Bytes) -> Self {
+        Self {
+            kind: Kind::Local((!text.is_empty()).then_some(text)),
+            _active: None,
+        }
+    }
+
+    pub(crate) fn empty() -> Self {
+        Self::local(Bytes::new())
+    }
+
+    pub(crate) fn with_active(mut self, active: Active) -> Self {
+        self._active = Some(active);
+        self
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.kind {
+            Kind::Proxied(down) => down.poll_frame(cx),
+            Kind::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Proxied(down) => down.inner.is_end_stream(),
+            Kind::Local(text) => text.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Proxied(down) => down.inner.size_hint(),
+            Kind::Local(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The L7 fallback: an HTTP reverse proxy for the services XDP leaves to user space.
+//!
+//! Clients speak HTTP/1.1 (keep-alive, upgrades) or h2c with prior knowledge; backends are
+//! reached over pooled keep-alive HTTP/1.1 connections. The route table is rebuilt and
+//! swapped whole on every service or health change ([`Proxy::set_routes`]); requests read
+//! it without locking.
+//!
+//! - `routes`: routes and the compiled table (host, then longest path prefix)
+//! - `backend`: backend choice and per-backend connection pools
+//! - `forward`: one request, from routing to the response (and upgrades)
+//! - `headers`: hop-by-hop removal, X-Forwarded-*
+//! - `body`: the streaming body types
+//! - `server`: worker threads, accepting, graceful shutdown
+//! - `conn`: one client connection (idle close, upgrades)
+//! - `stats`: counters
+mod backend;
+mod body;
+mod conn;
+mod forward;
+mod headers;
+mod routes;
+mod server;
+mod stats;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+
+pub use body::ResponseBody;
+pub use routes::{Balance, Route};
+pub use stats::ProxyStats;
+
+use routes::{Registry, Table};
+use stats::Answers;
+
+/// Timeouts of the proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// To open a connection to a backend (then 504).
+    pub connect_timeout: Duration,
+    /// For a backend's response headers, counted from when the request has been sent in
+    /// full (then 504).
+    pub response_header_timeout: Duration,
+    /// How long a keep-alive connection may sit idle, on the client side and in the
+    /// backend pools.
+    pub idle_timeout: Duration,
+    /// Worker threads serving connections; 0: one per CPU.
+    pub workers: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            response_header_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            workers: 0,
+        }
+    }
+}
+
+/// The proxy engine: a route table, backend pools and counters. Serve it on any number of
+/// listeners.
+pub struct Proxy {
+    config: ProxyConfig,
+    /// Worker threads per `serve`, each with its own backend connection pools.
+    workers: usize,
+    table: ArcSwap<Table>,
+    /// What the next table reuses; only `set_routes` and `stats` take the lock.
+    registry: Mutex<Registry>,
+    answers: Answers,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig) -> Arc<Self> {
+        let workers = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Arc::new(Self {
+            config,
+            workers,
+            table: ArcSwap::from_pointee(Table::default()),
+            registry: Mutex::new(Registry::new(workers)),
+            answers: Answers::default(),
+        })
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Replaces the whole route table. Backends that stay keep their pooled connections
+    /// and in-flight counts; requests in flight finish on the backend they had.
+    pub fn set_routes(&self, routes: Vec<Route>) {
+        let mut registry = self.registry.lock().unwrap();
+        let table = Table::build(routes, &mut registry);
+        self.table.store(Arc::new(table));
+    }
+
+    /// Requests per service (every request routed to it, whatever the outcome) and lb's own
+    /// answers by status.
+    pub fn stats(&self) -> ProxyStats {
+        let registry = self.registry.lock().unwrap();
+        ProxyStats::collect(&registry.services, &self.answers)
+    }
+}

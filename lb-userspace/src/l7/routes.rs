@@ -1,0 +1,354 @@
+//! Routes, and the compiled table that picks one for a request: by host first, then by the
+//! longest path prefix.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize},
+    },
+};
+
+use super::backend::{Backend, PoolClock};
+
+/// How a route spreads requests over its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest requests in flight (across all routes), ties in turn.
+    LeastOutstanding,
+}
+
+/// One service's place in the URL space and where its requests go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    /// The service name, for counters and logs.
+    pub service: String,
+    /// Path prefixes: "/demo" matches "/demo" and "/demo/..." but not "/demox"; a prefix
+    /// ending in '/' matches whatever starts with it. Empty: any path.
+    pub paths: Vec<String>,
+    /// Prefixes (same rule) that must not reach this route.
+    pub paths_exclude: Vec<String>,
+    /// "example.com" (exact, case-insensitive, the Host's port ignored) or "*.example.com"
+    /// (any subdomain, not example.com itself). None: any host.
+    pub domain: Option<String>,
+    /// The healthy backends now; empty: lb answers 503.
+    pub backends: Vec<SocketAddr>,
+    pub balance: Balance,
+    /// Takes the requests no route matches (instead of a 404).
+    pub default_backend: bool,
+}
+
+/// A route as the request path uses it: shared backend handles and counters, no strings to
+/// build per request.
+pub(crate) struct Target {
+    pub service: Arc<str>,
+    pub backends: Box<[Arc<Backend>]>,
+    pub balance: Balance,
+    /// Round robin position (and the tie breaker of least outstanding).
+    pub cursor: AtomicUsize,
+    pub requests: Arc<AtomicU64>,
+    excludes: Box<[Box<str>]>,
+}
+
+impl Target {
+    fn excluded(&self, path: &str) -> bool {
+        self.excludes.iter().any(|p| prefix_matches(p, path))
+    }
+}
+
+/// Routes that share a host rule, as (prefix, target) with the longest prefix first.
+#[derive(Default)]
+struct Tier {
+    entries: Vec<(Box<str>, usize)>,
+}
+
+impl Tier {
+    fn push(&mut self, prefix: &str, target: usize) {
+        self.entries.push((prefix.into(), target));
+    }
+
+    fn sort(&mut self) {
+        // Stable, so that of two equal prefixes the route listed first wins.
+        self.entries
+            .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+    }
+
+    fn find(&self, targets: &[Target], path: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .find(|(prefix, t)| prefix_matches(prefix, path) && !targets[*t].excluded(path))
+            .map(|&(_, t)| t)
+    }
+}
+
+/// The compiled route table, swapped whole on every change.
+#[derive(Default)]
+pub(crate) struct Table {
+    targets: Vec<Target>,
+    /// Lower-case domain -> its routes.
+    exact: HashMap<Box<str>, Tier>,
+    /// "example.com" for "*.example.com" -> its routes.
+    wildcard: HashMap<Box<str>, Tier>,
+    any_host: Tier,
+    default: Option<usize>,
+}
+
+/// Shared per-name state a new table reuses from the one before: backends keep their
+/// pooled connections and in-flight counts, services their counters.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub backends: HashMap<SocketAddr, Arc<Backend>>,
+    pub services: HashMap<Arc<str>, Arc<AtomicU64>>,
+    pub pool_clock: PoolClock,
+    /// Connection pools per backend (one per worker thread).
+    pub pools: usize,
+}
+
+impl Registry {
+    pub fn new(pools: usize) -> Self {
+        Self {
+            pools,
+            ..Self::default()
+        }
+    }
+}
+
+impl Table {
+    /// Builds a table from `routes`, taking backends and counters from `registry` and
+    /// leaving in it only the backends the new table uses.
+    pub fn build(routes: Vec<Route>, registry: &mut Registry) -> Table {
+        let mut table = Table::default();
+        let mut used = HashMap::with_capacity(registry.backends.len());
+        for route in routes {
+            let service: Arc<str> = route.service.into();
+            let requests = registry
+                .services
+                .entry(service.clone())
+                .or_default()
+                .clone();
+            let backends = route
+                .backends
+                .iter()
+                .map(|addr| {
+                    used.entry(*addr)
+                        .or_insert_with(|| {
+                            registry.backends.get(addr).cloned().unwrap_or_else(|| {
+                                let clock = registry.pool_clock.clone();
+                                Arc::new(Backend::new(*addr, registry.pools, clock))
+                            })
+                        })
+                        .clone()
+                })
+                .collect();
+            let index = table.targets.len();
+            table.targets.push(Target {
+                service,
+                backends,
+                balance: route.balance,
+                cursor: AtomicUsize::new(0),
+                requests,
+                excludes: route
+                    .paths_exclude
+                    .iter()
+                    .map(|p| p.as_str().into())
+                    .collect(),
+            });
+            if route.default_backend && table.default.is_none() {
+                table.default = Some(index);
+            }
+            let tier = match route.domain.as_deref().map(str::to_ascii_lowercase) {
+                None => &mut table.any_host,
+                Some(d) => match d.strip_prefix("*.") {
+                    Some(parent) => table.wildcard.entry(parent.into()).or_default(),
+                    None => table.exact.entry(d.into()).or_default(),
+                },
+            };
+            if route.paths.is_empty() {
+                tier.push("", index);
+            }
+            for path in &route.paths {
+                tier.push(path, index);
+            }
+        }
+        for tier in table
+            .exact
+            .values_mut()
+            .chain(table.wildcard.values_mut())
+            .chain([&mut table.any_host])
+        {
+            tier.sort();
+        }
+        registry.backends = used;
+        table
+    }
+
+    /// The route for a request. Host rules rank first (exact domain, then the closest
+    /// wildcard, then routes for any host), and within a rank the longest path prefix
+    /// wins; a rank none of whose prefixes fits gives way to the next. Then the default.
+    pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<&Target> {
+        let targets = &self.targets;
+        let mut found = None;
+        if !(self.exact.is_empty() && self.wildcard.is_empty()) {
+            let mut buf = [0u8; 256];
+            if let Some(host) = host.and_then(|h| normalize_host(h, &mut buf)) {
+                found = self
+                    .exact
+                    .get(host)
+                    .and_then(|tier| tier.find(targets, path))
+                    .or_else(|| {
+                        parents(host)
+                            .find_map(|parent| self.wildcard.get(parent)?.find(targets, path))
+                    });
+            }
+        }
+        found
+            .or_else(|| self.any_host.find(targets, path))
+            .or(self.default)
+            .map(|t| &targets[t])
+    }
+}
+
+/// "/demo" matches "/demo" and "/demo/x", not "/demox"; "/demo/" and "" match by plain
+/// prefix.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.is_empty()
+            || prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
+}
+
+/// The host part of a Host header, lower case, without port or trailing dot; None when it
+/// cannot be a domain name we route on (too long, not ASCII).
+fn normalize_host<'b>(host: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> {
+    let name = if host.starts_with('[') {
+        // An IPv6 literal keeps its brackets; only a port after them goes.
+        host.find(']').map_or(host, |end| &host[..=end])
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _port)| name)
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).as_bytes();
+    let out = buf.get_mut(..name.len())?;
+    for (o, c) in out.iter_mut().zip(name) {
+        *o = c.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+/// "a.b.example.com" -> "b.example.com", "example.com", "com": the domains a wildcard
+/// route can be for, closest first.
+fn parents(host: &str) -> impl Iterator<Item = &str> {
+    host.match_indices('.').map(move |(i, _)| &host[i + 1..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(service: &str, domain: Option<&str>, paths: &[&str]) -> Route {
+        Route {
+            service: service.into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            domain: domain.map(Into::into),
+            backends: vec!["127.0.0.1:1".parse().unwrap()],
+            ..Route::default()
+        }
+    }
+
+    fn pick(table: &Table, host: &str, path: &str) -> Option<String> {
+        table
+            .lookup(Some(host), path)
+            .map(|t| t.service.to_string())
+    }
+
+    #[test]
+    fn prefixes_stop_at_segment_boundaries() {
+        assert!(prefix_matches("/demo", "/demo"));
+        assert!(prefix_matches("/demo", "/demo/x"));
+        assert!(!prefix_matches("/demo", "/demox"));
+        assert!(prefix_matches("/demo/", "/demo/x"));
+        assert!(!prefix_matches("/demo/", "/demo"));
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("", "/anything"));
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let table = Table::build(
+            vec![
+                route("root", None, &["/"]),
+                route("api", None, &["/api"]),
+                route("v2", None, &["/api/v2"]),
+            ],
+            &mut Registry::default(),
+        );
+        assert_eq!(pick(&table, "h", "/api/v2/x").as_deref(), Some("v2"));
+        assert_eq!(pick(&table, "h", "/api/v1").as_deref(), Some("api"));
+        assert_eq!(pick(&table, "h", "/apix").as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn hosts_rank_exact_then_wildcard_then_any() {
+        let table = Table::build(
+            vec![
+                route("any", None, &["/x"]),
+                route("wild", Some("*.Example.com"), &[]),
+                route("deep", Some("*.b.example.com"), &[]),
+                route("exact", Some("www.example.com"), &["/api"]),
+            ],
+            &mut Registry::default(),
+        );
+        assert_eq!(
+            pick(&table, "WWW.example.com:8080", "/api/1").as_deref(),
+            Some("exact")
+        );
+        // The exact domain has no route for /other: the wildcard takes it.
+        assert_eq!(
+            pick(&table, "www.example.com", "/other").as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            pick(&table, "a.b.example.com", "/x").as_deref(),
+            Some("deep")
+        );
+        assert_eq!(pick(&table, "example.com", "/x").as_deref(), Some("any"));
+        assert_eq!(pick(&table, "example.com", "/y"), None);
+        assert_eq!(pick(&table, "[::1]:80", "/x").as_deref(), Some("any"));
+        assert_eq!(table.lookup(None, "/x").map(|t| &*t.service), Some("any"));
+    }
+
+    #[test]
+    fn excludes_and_default() {
+        let mut api = route("api", None, &["/api"]);
+        api.paths_exclude = vec!["/api/internal".into()];
+        let mut fallback = route("fallback", None, &["/only"]);
+        fallback.default_backend = true;
+        let table = Table::build(vec![api, fallback], &mut Registry::default());
+        assert_eq!(pick(&table, "h", "/api/x").as_deref(), Some("api"));
+        assert_eq!(
+            pick(&table, "h", "/api/internal/x").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(pick(&table, "h", "/nothing").as_deref(), Some("fallback"));
+    }
+
+    #[test]
+    fn rebuilding_keeps_backends_and_counters() {
+        let mut registry = Registry::default();
+        let first = Table::build(vec![route("a", None, &[])], &mut registry);
+        let second = Table::build(vec![route("a", None, &["/"])], &mut registry);
+        assert!(Arc::ptr_eq(
+            &first.targets[0].backends[0],
+            &second.targets[0].backends[0]
+        ));
+        assert!(Arc::ptr_eq(
+            &first.targets[0].requests,
+            &second.targets[0].requests
+        ));
+        Table::build(vec![], &mut registry);
+        assert!(registry.backends.is_empty());
+        assert_eq!(registry.services.len(), 1);
+    }
+}

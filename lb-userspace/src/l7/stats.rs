@@ -1,0 +1,61 @@
+//! Counters: requests per service, and the answers lb gives itself.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use http::StatusCode;
+use serde::Serialize;
+
+/// A snapshot of the proxy's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProxyStats {
+    /// Requests routed to each service (including those answered 503, 502 or 504).
+    pub requests: BTreeMap<String, u64>,
+    /// lb's own answers by status: 404 (no route), 503 (no backend), 502 (backend failed),
+    /// 504 (backend timed out).
+    pub answers: BTreeMap<u16, u64>,
+}
+
+/// The statuses lb answers with itself.
+#[derive(Default)]
+pub(crate) struct Answers {
+    not_found: AtomicU64,
+    no_backend: AtomicU64,
+    bad_gateway: AtomicU64,
+    gateway_timeout: AtomicU64,
+}
+
+impl Answers {
+    pub fn count(&self, status: StatusCode) {
+        let counter = match status {
+            StatusCode::NOT_FOUND => &self.not_found,
+            StatusCode::SERVICE_UNAVAILABLE => &self.no_backend,
+            StatusCode::BAD_GATEWAY => &self.bad_gateway,
+            StatusCode::GATEWAY_TIMEOUT => &self.gateway_timeout,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl ProxyStats {
+    pub(crate) fn collect(services: &HashMap<Arc<str>, Arc<AtomicU64>>, answers: &Answers) -> Self {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Self {
+            requests: services
+                .iter()
+                .map(|(name, c)| (name.to_string(), load(c)))
+                .collect(),
+            answers: BTreeMap::from([
+                (404, load(&answers.not_found)),
+                (502, load(&answers.bad_gateway)),
+                (503, load(&answers.no_backend)),
+                (504, load(&answers.gateway_timeout)),
+            ]),
+        }
+    }
+}
