@@ -182,13 +182,21 @@ async fn list_services(State(s): State<Shared>) -> Result<Response, ApiError> {
     Ok(Json(list).into_response())
 }
 
-async fn stats(State(s): State<Shared>) -> Result<Response, ApiError> {
+/// XDP's drops by reason, and the HTTP proxy's requests per service and own answers.
+async fn stats(
+    State(s): State<Shared>,
+    proxy: Option<Arc<crate::l7::Proxy>>,
+) -> Result<Response, ApiError> {
     let drops = with_controller(&s, |c| Ok(c.drops())).await?;
     let drops: serde_json::Map<String, serde_json::Value> = drops
         .into_iter()
         .map(|(r, n)| (r.name().to_string(), n.into()))
         .collect();
-    Ok(Json(json!({ "drops": drops })).into_response())
+    let mut body = json!({ "drops": drops });
+    if let Some(p) = proxy {
+        body["http"] = serde_json::to_value(p.stats()).unwrap_or_default();
+    }
+    Ok(Json(body).into_response())
 }
 
 /// 200 once every stored service has been restored, 503 before.
@@ -214,15 +222,20 @@ async fn not_found() -> ApiError {
 
 /// The native API and the Docker Flow Proxy one; `address` is the balancer's own (the VIP
 /// of DFP's tcp services).
-pub fn router(state: Shared, address: Option<std::net::Ipv4Addr>) -> Router {
+pub fn router(
+    state: Shared,
+    address: Option<std::net::Ipv4Addr>,
+    proxy: Option<Arc<crate::l7::Proxy>>,
+) -> Router {
     let dfp = crate::dfp::router(state.clone(), address);
+    let stats_route = get(move |s: State<Shared>| stats(s, proxy.clone()));
     Router::new()
         .route("/v1/services", get(list_services))
         .route(
             "/v1/services/{name}",
             get(get_service).put(put_service).delete(delete_service),
         )
-        .route("/v1/stats", get(stats))
+        .route("/v1/stats", stats_route)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .with_state(state)

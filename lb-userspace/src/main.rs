@@ -13,7 +13,7 @@ use lb::{
     api,
     controller::Controller,
     dataplane::{Dataplane, Limits},
-    discovery, net,
+    discovery, l7, net,
     reconcile::Reconciler,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -69,6 +69,10 @@ struct RunArgs {
     /// through (replies from backends must arrive on an attached interface too).
     #[arg(long = "iface", required = true, value_name = "IF")]
     ifaces: Vec<String>,
+    /// Where HTTP services are served (the L7 proxy), or `off`. XDP passes this
+    /// listener's traffic to the kernel untouched.
+    #[arg(long, default_value = "0.0.0.0:80", value_name = "ADDR|off")]
+    http: String,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:9090", value_name = "ADDR")]
     api: SocketAddr,
@@ -235,6 +239,27 @@ async fn discovery_sources(
     Ok(sources)
 }
 
+fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The proxy's route for an HTTP service.
+fn route(s: &lb::controller::HttpService) -> l7::Route {
+    let r = s.service.http.as_ref().expect("an HTTP service");
+    l7::Route {
+        service: s.service.name.clone(),
+        paths: r.paths.clone(),
+        paths_exclude: r.paths_exclude.clone(),
+        domain: r.domain.clone(),
+        backends: s.healthy.iter().map(|&b| SocketAddr::V4(b)).collect(),
+        balance: match r.balance {
+            lb::model::Balance::RoundRobin => l7::Balance::RoundRobin,
+            lb::model::Balance::LeastOutstanding => l7::Balance::LeastOutstanding,
+        },
+        default_backend: r.default_backend,
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_ephemeral_overlap(args.snat_ports)?;
     let store_token = read_store_token(&args)?;
@@ -258,6 +283,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("binding the API to {}", args.api))?;
+    let http_listener = match args.http.as_str() {
+        "off" => None,
+        addr => {
+            let addr: SocketAddr = addr
+                .parse()
+                .with_context(|| format!("--http {addr}: expected ADDR:PORT or off"))?;
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the HTTP listener to {addr} (--http; `--http off` for none)")
+            })?;
+            Some((addr, l))
+        }
+    };
     let store = open_store(
         &args.store,
         &args.store_prefix,
@@ -270,6 +307,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // From here on the data plane outlives this process: a restart takes it over.
     controller.keep_on_exit();
     let mut health_events = controller.start_health_checks();
+    if let Some((addr, _)) = &http_listener {
+        controller.set_http_listener(*addr);
+    }
     let controller = Arc::new(Mutex::new(controller));
     // Health check results steer the maps and the HTTP pools.
     let health = {
@@ -317,14 +357,48 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = int.recv() => {},
         }
     };
+    // The L7 proxy: its routes follow the controller's HTTP services and their health.
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let mut proxy = None;
+    let mut http_tasks = Vec::new();
+    if let Some((addr, l)) = http_listener {
+        let engine = l7::Proxy::new(l7::ProxyConfig::default());
+        let (state, routes_of) = (controller.clone(), engine.clone());
+        let mut changes = lock(&controller).http_changes();
+        http_tasks.push(tokio::spawn(async move {
+            loop {
+                let services = lock(&state).http_services();
+                routes_of.set_routes(services.iter().map(route).collect());
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
+        proxy = Some(engine.clone());
+        let mut stopped = http_stopped.clone();
+        http_tasks.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = engine.serve(l, shutdown).await {
+                tracing::error!(%addr, "the HTTP listener failed: {e}");
+            }
+        }));
+        tracing::info!(%addr, "serving HTTP services");
+    }
     let address = args.address.or_else(|| {
         let first = net::ifindex(&args.ifaces[0]).ok()?;
         let addrs = net::interface_addresses().ok()?;
         addrs.get(&first).map(|a| std::net::Ipv4Addr::from(*a))
     });
-    axum::serve(listener, api::router(state.clone(), address))
+    axum::serve(listener, api::router(state.clone(), address, proxy))
         .with_graceful_shutdown(shutdown)
         .await?;
+    // In-flight HTTP requests get a few seconds to finish.
+    let _ = stop_http.send(true);
+    for task in http_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(6), task).await;
+    }
     refresher.abort();
     restoring.abort();
     health.abort();

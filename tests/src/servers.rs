@@ -107,7 +107,7 @@ fn drain_body(
 
 /// Answers HTTP/1.1 requests on one connection (keep-alive) until the client closes or
 /// the server stops. Every answer's body is the server's name, except:
-/// `GET /headers...` answers with the request head as received; `GET /big/N` with N bytes;
+/// `GET .../headers` answers with the request head as received; `GET .../big/N` with N bytes;
 /// a request with a body answers "NAME LENGTH CHECKSUM" after reading it all; an
 /// `Upgrade` request is switched (101) and then every byte is echoed back.
 fn serve_http(stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
@@ -170,9 +170,9 @@ fn serve_http(stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
                 Some((n, sum)) => format!("{name} {n} {sum}").into_bytes(),
                 None => return,
             }
-        } else if target.starts_with("/headers") {
+        } else if target.ends_with("/headers") {
             head.clone().into_bytes()
-        } else if let Some(n) = target.strip_prefix("/big/") {
+        } else if let Some(n) = target.rsplit_once("/big/").map(|(_, n)| n) {
             let n: usize = n.parse().unwrap_or(0);
             let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
             if writer.write_all(head.as_bytes()).is_err() {

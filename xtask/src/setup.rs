@@ -61,8 +61,11 @@ pub fn setup() -> anyhow::Result<()> {
         // The benchmark starts its own HAProxy and nginx; the system services that
         // installing them may have started (nginx takes port 80) are not wanted.
         for service in ["nginx", "haproxy"] {
-            if missing.contains(&service) && output("systemctl", &["is-active", service]).is_some() {
-                eprintln!("setup: stopping and disabling the {service} service the package started");
+            if missing.contains(&service) && output("systemctl", &["is-active", service]).is_some()
+            {
+                eprintln!(
+                    "setup: stopping and disabling the {service} service the package started"
+                );
                 let _ = Command::new("systemctl")
                     .args(["disable", "--now", service])
                     .status();
