@@ -360,12 +360,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The L7 proxy: its routes follow the controller's HTTP services and their health.
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let mut proxy = None;
-    let mut http_tasks = Vec::new();
+    let (mut http_tasks, mut route_tasks) = (Vec::new(), Vec::new());
     if let Some((addr, l)) = http_listener {
         let engine = l7::Proxy::new(l7::ProxyConfig::default());
         let (state, routes_of) = (controller.clone(), engine.clone());
         let mut changes = lock(&controller).http_changes();
-        http_tasks.push(tokio::spawn(async move {
+        route_tasks.push(tokio::spawn(async move {
             loop {
                 let services = lock(&state).http_services();
                 routes_of.set_routes(services.iter().map(route).collect());
@@ -396,6 +396,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?;
     // In-flight HTTP requests get a few seconds to finish.
     let _ = stop_http.send(true);
+    for task in route_tasks {
+        task.abort();
+    }
     for task in http_tasks {
         let _ = tokio::time::timeout(Duration::from_secs(6), task).await;
     }

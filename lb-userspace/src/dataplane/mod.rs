@@ -260,7 +260,8 @@ impl Dataplane {
         Ok(removed)
     }
 
-    /// The addresses of the active backends in the maps pinned under `pin_dir`.
+    /// The addresses of the backends in the maps pinned under `pin_dir` (active, or down
+    /// after a failed health check; retired ones have no address).
     pub fn pinned_backends(pin_dir: &Path) -> Vec<std::net::Ipv4Addr> {
         let Ok(data) = MapData::from_pin(pin_dir.join("backends")) else {
             return Vec::new();
@@ -270,7 +271,7 @@ impl Dataplane {
         };
         let mut addrs: Vec<std::net::Ipv4Addr> = (1..backends.len())
             .filter_map(|id| backends.get(&id, 0).ok())
-            .filter(Backend::is_active)
+            .filter(|b| b.addr != [0; 4])
             .map(|b| b.addr.into())
             .collect();
         addrs.sort();
