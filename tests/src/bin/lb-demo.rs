@@ -1,12 +1,14 @@
 //! `cargo xtask demo`: lb in a small namespace topology. A client reaches a VIP routed
 //! through the balancer; three HTTP backends sit behind a bridge on its other side. The
 //! demo adds a service over the API, sends a few hundred requests, shows how they spread,
-//! what the API and bpftool say, and removes everything it made.
+//! what the API and bpftool say; then an HTTP service routed by path through the Docker
+//! Flow Proxy API, a backend that dies and leaves the rotation, and removes everything it
+//! made.
 use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
 
 use lb_tests::{
     lbproc::LbProcess,
-    servers::{Backend, http_get_once},
+    servers::{Backend, HttpConn, http_get_once},
     topology::Topology,
 };
 use serde_json::json;
@@ -20,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         "   client 10.202.1.10 --route 10.202.9.0/24--> lb 10.202.1.1 (eth0) | lb {} (eth1) --bridge--> backends {:?}",
         topo.lb_backend_side, topo.backend_addrs
     );
-    let _backends: Vec<Backend> = (0..3)
+    let mut backends: Vec<Backend> = (0..3)
         .map(|i| {
             Backend::start(
                 &topo.backends[i],
@@ -75,7 +77,50 @@ fn main() -> anyhow::Result<()> {
         lb::dataplane::MAPS.join(", ")
     );
 
-    println!("\n== cleaning up: lb stops (XDP detached, pins removed), namespaces deleted");
+    let http = SocketAddr::from(([10, 202, 1, 1], 80));
+    let ips: Vec<String> = topo.backend_addrs.iter().map(ToString::to_string).collect();
+    let reconfigure = format!(
+        "/v1/docker-flow-proxy/reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends={}",
+        ips.join(",")
+    );
+    println!(
+        "\n== GET {reconfigure}  (the Docker Flow Proxy API: an HTTP service on lb's --http listener)"
+    );
+    let (code, answer) = lb.request("GET", &reconfigure, None)?;
+    println!("   {code} {answer}");
+    let spread_http = |n: usize| -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut conn = HttpConn::connect(&topo.client, http, Duration::from_secs(3))?;
+        let mut spread = BTreeMap::new();
+        for _ in 0..n {
+            let (_, who) = conn.send("GET", "/demo/hello", "lb", b"")?;
+            *spread.entry(who).or_default() += 1;
+        }
+        Ok(spread)
+    };
+    println!(
+        "   30 requests for http://{http}/demo/hello on one keep-alive connection: {:?}",
+        spread_http(30)?
+    );
+
+    println!("\n== backend-2 dies; lb's health checks (TCP, every 2 s, fall 3) take it out");
+    drop(backends.pop());
+    let down = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(250));
+        lb.request("GET", "/v1/services/go-demo", None)
+            .map(|(_, v)| v["backend_counters"][2]["health"] == "down")
+            .unwrap_or(false)
+    });
+    let (_, view) = lb.request("GET", "/v1/services/go-demo", None)?;
+    println!(
+        "   backend-2 {}: {}",
+        if down { "is down" } else { "is still up" },
+        view["backend_counters"][2]
+    );
+    println!("   30 more requests: {:?}", spread_http(30)?);
+
+    println!(
+        "\n== cleaning up: lb stops, lb down detaches XDP and removes the pins, namespaces deleted"
+    );
     let status = lb.stop()?;
     anyhow::ensure!(status.success(), "lb exited with {status}");
     Ok(())
