@@ -4,25 +4,45 @@
 //! the balancer must pick the backend itself (that client picks by URI authority), tell a
 //! connect timeout (504) from a refusal (502), resend a request that a stale pooled
 //! connection never took, and keep per-backend in-flight counts that least-outstanding reads.
+//!
+//! A backend connection has no task of its own: the request that uses it drives it (see
+//! [`BackendConn::drive`]), in the task of the client connection that the request came on.
+//! Reading the client, writing the backend, reading the backend and writing the client so
+//! all happen in one task, with no hand-over between tasks or threads per request; an idle
+//! pooled connection is driven by nobody, and its first poll on reuse tells whether the
+//! backend closed it meanwhile.
+//!
 //! The pool is a LIFO stack per backend behind a mutex held for a push or a pop: the most
 //! recently used connection is the warmest and the least likely to have been closed by the
 //! backend, and the ones at the bottom age out.
 use std::{
+    future::{Future, poll_fn},
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    task::{Context, Poll},
+    time::Duration,
 };
 
-use hyper::client::conn::http1::{self, SendRequest};
+use http::{Request, Response};
+use hyper::{
+    body::Incoming,
+    client::conn::{
+        TrySendError,
+        http1::{self, SendRequest},
+    },
+};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{body::UpstreamBody, routes::Balance, routes::Target};
-
-pub(crate) type Sender = SendRequest<UpstreamBody>;
+use super::{
+    body::UpstreamBody,
+    routes::{Balance, Target},
+    server::worker_index,
+};
 
 /// Idle connections kept per backend beyond which returned ones are closed.
 const MAX_IDLE: usize = 1024;
@@ -46,67 +66,175 @@ impl UpstreamError {
     }
 }
 
+type Driver = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
+
+/// An HTTP/1.1 connection to a backend: the handle requests go in by, and the state
+/// machine that does the reading and writing whenever it is polled. Boxed, as it is large
+/// and moves in and out of the pool, the request future and the response body.
+pub(crate) struct BackendConn(Box<ConnState>);
+
+struct ConnState {
+    sender: SendRequest<UpstreamBody>,
+    /// None once finished (the backend closed, or an error). Dropping it is what fails a
+    /// request still queued on it, handing the request back for another connection.
+    driver: Option<Driver>,
+}
+
+impl BackendConn {
+    /// Does the connection's pending reads and writes; registers for more.
+    pub fn drive(&mut self, cx: &mut Context<'_>) {
+        let state = &mut *self.0;
+        let Some(driver) = &mut state.driver else {
+            return;
+        };
+        if let Poll::Ready(done) = Pin::new(driver).poll(cx) {
+            state.driver = None;
+            if let Err(e) = done {
+                tracing::debug!(error = %e, "backend connection failed");
+            }
+        }
+    }
+
+    /// Whether the connection takes a request now (after catching up on what happened
+    /// while it sat in the pool: a close from the backend shows here).
+    async fn ready(&mut self) -> bool {
+        poll_fn(|cx| {
+            self.drive(cx);
+            if self.is_closed() {
+                return Poll::Ready(false);
+            }
+            self.0.sender.poll_ready(cx).map(|r| r.is_ok())
+        })
+        .await
+    }
+
+    /// Whether the connection takes a request, if that can be told without waiting.
+    async fn ready_now(&mut self) -> Option<bool> {
+        let mut ready = std::pin::pin!(self.ready());
+        poll_fn(|cx| match ready.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    }
+
+    /// Hands `req` to the connection; the returned future resolves to the response head
+    /// as long as the connection is driven alongside it.
+    pub fn send(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>> + use<>
+    {
+        self.0.sender.try_send_request(req)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.driver.is_none()
+    }
+
+    /// For a protocol switch: the connection gets a task of its own that hands its socket
+    /// over on 101, and the request goes in by the returned handle.
+    pub fn into_upgradeable(self) -> SendRequest<UpstreamBody> {
+        let ConnState { sender, driver } = *self.0;
+        if let Some(driver) = driver {
+            tokio::spawn(async move {
+                if let Err(e) = driver.with_upgrades().await {
+                    tracing::debug!(error = %e, "backend connection failed");
+                }
+            });
+        }
+        sender
+    }
+}
+
+/// The pools' clock: ticks [`TICKS_PER_IDLE`] times per idle timeout (advanced by the
+/// server's sweeper), so that pooling a connection costs no clock read.
+pub(crate) type PoolClock = Arc<AtomicU64>;
+
+pub(crate) const TICKS_PER_IDLE: u32 = 4;
+
+/// A pooled connection this many ticks old has been idle for more than the idle timeout.
+const EXPIRED_AGE: u64 = TICKS_PER_IDLE as u64 + 1;
+
 struct Idle {
-    sender: Sender,
-    since: Instant,
+    conn: BackendConn,
+    since: u64,
 }
 
 pub(crate) struct Backend {
     pub addr: SocketAddr,
     /// Requests sent and not finished (response body not fully passed on yet).
     outstanding: AtomicUsize,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections, a pool per worker thread: a connection is driven by the thread
+    /// whose runtime it is registered with (one taken by another thread would still work,
+    /// its readiness relayed by its own thread; one whose thread has stopped fails its
+    /// readiness check and is dropped).
+    idle: Box<[Mutex<Vec<Idle>>]>,
+    clock: PoolClock,
 }
 
 impl Backend {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, pools: usize, clock: PoolClock) -> Self {
         Self {
             addr,
             outstanding: AtomicUsize::new(0),
-            idle: Mutex::new(Vec::new()),
+            idle: (0..pools.max(1)).map(|_| Mutex::default()).collect(),
+            clock,
         }
+    }
+
+    /// The current worker's pool.
+    fn pool(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[worker_index() % self.idle.len()]
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.load(Ordering::Relaxed)
     }
 
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
 
-    /// A pooled connection that is still open and younger than `max_idle`, newest first.
-    fn take_idle(&self, max_idle: Duration) -> Option<Sender> {
+    /// A pooled connection not idle for too long, newest first.
+    fn take_idle(&self) -> Option<BackendConn> {
+        let now = self.now();
         loop {
-            let Idle { sender, since } = self.idle.lock().unwrap().pop()?;
-            if !sender.is_closed() && since.elapsed() < max_idle {
-                return Some(sender);
+            let Idle { conn, since } = self.pool().lock().unwrap().pop()?;
+            if now - since < EXPIRED_AGE {
+                return Some(conn);
             }
         }
     }
 
     /// Returns a connection whose last response was read to the end.
-    pub fn put_idle(&self, sender: Sender) {
-        if sender.is_closed() {
+    pub fn put_idle(&self, conn: BackendConn) {
+        if conn.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap();
+        let mut idle = self.pool().lock().unwrap();
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
-                sender,
-                since: Instant::now(),
+                conn,
+                since: self.now(),
             });
         }
     }
 
-    /// Closes pooled connections idle for `max_idle` or more (the oldest are at the bottom).
-    pub fn sweep(&self, max_idle: Duration) {
-        let mut idle = self.idle.lock().unwrap();
-        let keep_from = idle
-            .iter()
-            .position(|i| i.since.elapsed() < max_idle)
-            .unwrap_or(idle.len());
-        let expired: Vec<Idle> = idle.drain(..keep_from).collect();
-        idle.retain(|i| !i.sender.is_closed());
-        drop(idle);
-        // Closing happens as the senders drop, outside the lock.
-        drop(expired);
+    /// Closes pooled connections idle for too long (the oldest are at the bottom).
+    pub fn sweep(&self) {
+        let now = self.now();
+        for pool in &self.idle {
+            let mut idle = pool.lock().unwrap();
+            let keep_from = idle
+                .iter()
+                .position(|i| now - i.since < EXPIRED_AGE)
+                .unwrap_or(idle.len());
+            let expired: Vec<Idle> = idle.drain(..keep_from).collect();
+            drop(idle);
+            // Closing happens as the connections drop, outside the lock.
+            drop(expired);
+        }
     }
 
     /// A connection ready for a request: a pooled one, or a new one. The flag tells which,
@@ -114,22 +242,27 @@ impl Backend {
     pub async fn connection(
         &self,
         connect_timeout: Duration,
-        max_idle: Duration,
-    ) -> Result<(Sender, bool), UpstreamError> {
-        while let Some(mut sender) = self.take_idle(max_idle) {
-            // Usually ready at once; a connection returned the moment its response ended
-            // may need its task to catch up.
-            if sender.is_ready() {
-                return Ok((sender, true));
-            }
-            if let Ok(Ok(())) = tokio::time::timeout(connect_timeout, sender.ready()).await {
-                return Ok((sender, true));
+    ) -> Result<(BackendConn, bool), UpstreamError> {
+        while let Some(mut conn) = self.take_idle() {
+            // Decided at the first poll, almost always; the timeout is only a safety net
+            // (and not set up, clock read included, unless needed).
+            let ready = match conn.ready_now().await {
+                Some(ready) => ready,
+                None => matches!(
+                    tokio::time::timeout(connect_timeout, conn.ready()).await,
+                    Ok(true)
+                ),
+            };
+            if ready {
+                return Ok((conn, true));
             }
         }
-        Ok((self.connect(connect_timeout).await?, false))
+        // Boxed: connecting is rare with keep-alive, and its large state would otherwise
+        // make every request's future larger.
+        Ok((Box::pin(self.connect(connect_timeout)).await?, false))
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<Sender, UpstreamError> {
+    async fn connect(&self, timeout: Duration) -> Result<BackendConn, UpstreamError> {
         let addr = self.addr;
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
@@ -137,16 +270,14 @@ impl Backend {
             .map_err(|e| UpstreamError::Connect(addr, e))?;
         // Requests and responses are written whole; Nagle would only add latency.
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
+        let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Request(addr, e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(backend = %addr, error = %e, "backend connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(BackendConn(Box::new(ConnState {
+            sender,
+            driver: Some(driver),
+        })))
     }
 }
 

@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 use super::{
-    backend::{Lease, Sender},
-    server::Active,
+    backend::{BackendConn, Lease},
+    conn::Active,
 };
 
 /// Tells the response-header timeout when the request body has been sent in full: the
@@ -99,18 +99,22 @@ impl Drop for UpstreamBody {
     }
 }
 
-/// A backend's response body while it streams to the client. When it ends, the backend
-/// connection goes back to the pool; dropped before the end, the connection is closed.
+/// A backend's response body while it streams to the client, driving the backend
+/// connection as it goes. When it ends, the connection goes back to the pool; dropped
+/// before the end, the connection is closed.
 pub(crate) struct Downstream {
     inner: Incoming,
-    held: Option<(Sender, Lease)>,
+    /// None when the connection has a task of its own (after an upgrade attempt).
+    conn: Option<BackendConn>,
+    lease: Option<Lease>,
 }
 
 impl Downstream {
-    pub fn new(inner: Incoming, sender: Sender, lease: Lease) -> Self {
+    pub fn new(inner: Incoming, conn: Option<BackendConn>, lease: Lease) -> Self {
         let mut body = Self {
             inner,
-            held: Some((sender, lease)),
+            conn,
+            lease: Some(lease),
         };
         // No body at all (HEAD, 204, 304, Content-Length: 0): the connection is free now.
         if body.inner.is_end_stream() {
@@ -119,9 +123,28 @@ impl Downstream {
         body
     }
 
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(conn) = &mut self.conn {
+            conn.drive(cx);
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            // The end, possibly known from the last frame: hand the connection back now
+            // rather than when hyper gets round to dropping the body.
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            _ => {}
+        }
+        polled
+    }
+
     fn release(&mut self) {
-        if let Some((sender, lease)) = self.held.take() {
-            lease.backend.put_idle(sender);
+        // The lease ends here either way; the connection goes back if it has no task.
+        if let (Some(lease), Some(conn)) = (self.lease.take(), self.conn.take()) {
+            lease.backend.put_idle(conn);
         }
     }
 }
@@ -181,17 +204,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.kind {
-            Kind::Proxied(down) => {
-                let polled = Pin::new(&mut down.inner).poll_frame(cx);
-                match &polled {
-                    // The end, possibly known from the last frame: hand the connection back
-                    // now rather than when hyper gets round to dropping the body.
-                    Poll::Ready(None) => down.release(),
-                    Poll::Ready(Some(Ok(_))) if down.inner.is_end_stream() => down.release(),
-                    _ => {}
-                }
-                polled
-            }
+            Kind::Proxied(down) => down.poll_frame(cx),
             Kind::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
         }
     }

@@ -1,7 +1,7 @@
 //! One request: route it, pick a backend, send it there over a pooled connection and
 //! stream the answer back; or answer 404/503/502/504 ourselves. Upgrades (WebSocket) are
 //! forwarded, and on 101 the two connections are spliced.
-use std::sync::Arc;
+use std::{future::poll_fn, sync::Arc};
 
 use bytes::Bytes;
 use http::{
@@ -11,14 +11,13 @@ use http::{
 };
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
-use tokio::sync::watch;
 
 use super::{
     Proxy,
-    backend::{Backend, Lease, Sender, UpstreamError, pick},
+    backend::{Backend, BackendConn, Lease, UpstreamError, pick},
     body::{Downstream, ResponseBody, Sent, UpstreamBody},
+    conn::Conn,
     headers,
-    server::{Conn, drained},
 };
 
 impl Proxy {
@@ -67,9 +66,14 @@ impl Proxy {
         let (body, sent) = UpstreamBody::new(body);
 
         let exchanged = self
-            .exchange(&lease.backend, Request::from_parts(parts, body), sent)
+            .exchange(
+                &lease.backend,
+                Request::from_parts(parts, body),
+                sent,
+                upgrade,
+            )
             .await;
-        let (sender, mut resp) = match exchanged {
+        let (upstream, mut resp) = match exchanged {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(%service, error = %e, "backend failed");
@@ -83,11 +87,8 @@ impl Proxy {
 
         let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if let Some(client_upgrade) = client_upgrade.filter(|_| switched) {
-            // The backend connection now belongs to the tunnel, not the pool.
-            drop(sender);
             let backend_upgrade = hyper::upgrade::on(&mut resp);
-            let shutdown = conn.shutdown.clone();
-            tokio::spawn(tunnel(client_upgrade, backend_upgrade, lease, shutdown));
+            conn.set_tunnel(tunnel(client_upgrade, backend_upgrade, lease));
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             return Response::from_parts(parts, ResponseBody::empty());
@@ -96,41 +97,57 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Response::from_parts(
             parts,
-            ResponseBody::proxied(Downstream::new(body, sender, lease)),
+            ResponseBody::proxied(Downstream::new(body, upstream, lease)),
         )
     }
 
-    /// Sends `req` to `backend` and waits for the response head.
+    /// Sends `req` to `backend` and waits for the response head. The connection comes
+    /// back with the response (to be driven while its body streams), except for an upgrade
+    /// request, whose connection runs in a task of its own.
     async fn exchange(
         &self,
         backend: &Backend,
         mut req: Request<UpstreamBody>,
         sent: Option<Arc<Sent>>,
-    ) -> Result<(Sender, Response<Incoming>), UpstreamError> {
+        upgrade: bool,
+    ) -> Result<(Option<BackendConn>, Response<Incoming>), UpstreamError> {
         let config = &self.config;
         loop {
-            let (mut sender, pooled) = backend
-                .connection(config.connect_timeout, config.idle_timeout)
-                .await?;
-            let response = sender.try_send_request(req);
+            let (mut conn, pooled) = backend.connection(config.connect_timeout).await?;
             let deadline = async {
                 if let Some(sent) = &sent {
                     sent.wait().await;
                 }
                 tokio::time::sleep(config.response_header_timeout).await
             };
-            tokio::select! {
-                biased;
-                r = response => match r {
-                    Ok(resp) => return Ok((sender, resp)),
-                    Err(mut e) => match e.take_message() {
-                        // A pooled connection that closed before taking the request (the
-                        // backend timed it out): the request is intact, try another.
-                        Some(back) if pooled => req = back,
-                        _ => return Err(UpstreamError::Request(backend.addr, e.into_error())),
-                    },
+            let answered = if upgrade {
+                let response = conn.into_upgradeable().try_send_request(req);
+                tokio::select! {
+                    biased;
+                    r = response => r.map(|resp| (None, resp)),
+                    () = deadline => return Err(UpstreamError::HeaderTimeout(backend.addr)),
+                }
+            } else {
+                let mut response = std::pin::pin!(conn.send(req));
+                let driven = poll_fn(|cx| {
+                    conn.drive(cx);
+                    response.as_mut().poll(cx)
+                });
+                let r = tokio::select! {
+                    biased;
+                    r = driven => r,
+                    () = deadline => return Err(UpstreamError::HeaderTimeout(backend.addr)),
+                };
+                r.map(|resp| (Some(conn), resp))
+            };
+            match answered {
+                Ok(r) => return Ok(r),
+                Err(mut e) => match e.take_message() {
+                    // A pooled connection that closed before taking the request (the
+                    // backend timed it out): the request is intact, try another.
+                    Some(back) if pooled => req = back,
+                    _ => return Err(UpstreamError::Request(backend.addr, e.into_error())),
                 },
-                () = deadline => return Err(UpstreamError::HeaderTimeout(backend.addr)),
             }
         }
     }
@@ -149,14 +166,8 @@ impl Proxy {
 }
 
 /// Splices an upgraded client connection to the upgraded backend connection until either
-/// side closes (or the server's shutdown grace ends). The lease keeps the backend's
-/// in-flight count up meanwhile.
-async fn tunnel(
-    client: OnUpgrade,
-    backend: OnUpgrade,
-    lease: Lease,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// side closes. The lease keeps the backend's in-flight count up meanwhile.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
     let addr = lease.backend.addr;
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(both) => both,
@@ -166,13 +177,8 @@ async fn tunnel(
         }
     };
     let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
-            if let Err(e) = r {
-                tracing::debug!(backend = %addr, error = %e, "upgraded connection ended");
-            }
-        }
-        () = drained(&mut shutdown) => {}
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        tracing::debug!(backend = %addr, error = %e, "upgraded connection ended");
     }
     drop(lease);
 }

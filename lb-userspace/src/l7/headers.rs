@@ -2,7 +2,7 @@
 //! backend learns who asked and how (X-Forwarded-*).
 use http::{
     HeaderMap, HeaderName, HeaderValue,
-    header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE},
+    header::{CONNECTION, Entry, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE},
 };
 
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -36,6 +36,11 @@ fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
 /// `upgrade`, `Upgrade` stays and `Connection: upgrade` is set again (a protocol switch is
 /// the one hop-by-hop exchange a proxy forwards).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the few names there are beats a lookup per hop-by-hop name, and most
+    // messages have none.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         // Values are cheap to clone (shared bytes); the Vec is only paid when Connection
         // is there at all.
@@ -62,23 +67,39 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+static HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
 /// Adds the X-Forwarded-* headers to a request about to leave for a backend. `client` is
-/// the client's address as a header value (made once per connection); Host must be set.
+/// the client's address as a header value (made once per connection).
 pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue) {
-    let xff = match headers.get_all(X_FORWARDED_FOR).iter().count() {
-        0 => client.clone(),
-        _ => {
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(e) => {
+            e.insert(client.clone());
+        }
+        Entry::Occupied(mut e) => {
             // Append to what earlier proxies wrote, folding repeated headers into one.
             let mut joined = Vec::with_capacity(64);
-            for value in headers.get_all(X_FORWARDED_FOR) {
+            for value in e.iter() {
                 joined.extend_from_slice(value.as_bytes());
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.clone())
+            let value = HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.clone());
+            e.insert(value);
         }
-    };
-    headers.insert(X_FORWARDED_FOR, xff);
+    }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match headers.get(HOST).cloned() {
         Some(host) => {

@@ -10,10 +10,12 @@
 //! - `forward`: one request, from routing to the response (and upgrades)
 //! - `headers`: hop-by-hop removal, X-Forwarded-*
 //! - `body`: the streaming body types
-//! - `server`: accepting, idle client connections, graceful shutdown
+//! - `server`: worker threads, accepting, graceful shutdown
+//! - `conn`: one client connection (idle close, upgrades)
 //! - `stats`: counters
 mod backend;
 mod body;
+mod conn;
 mod forward;
 mod headers;
 mod routes;
@@ -45,6 +47,8 @@ pub struct ProxyConfig {
     /// How long a keep-alive connection may sit idle, on the client side and in the
     /// backend pools.
     pub idle_timeout: Duration,
+    /// Worker threads serving connections; 0: one per CPU.
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -53,6 +57,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(3),
             response_header_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
+            workers: 0,
         }
     }
 }
@@ -61,6 +66,8 @@ impl Default for ProxyConfig {
 /// listeners.
 pub struct Proxy {
     config: ProxyConfig,
+    /// Worker threads per `serve`, each with its own backend connection pools.
+    workers: usize,
     table: ArcSwap<Table>,
     /// What the next table reuses; only `set_routes` and `stats` take the lock.
     registry: Mutex<Registry>,
@@ -69,10 +76,15 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Arc<Self> {
+        let workers = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         Arc::new(Self {
             config,
+            workers,
             table: ArcSwap::from_pointee(Table::default()),
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(Registry::new(workers)),
             answers: Answers::default(),
         })
     }

@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use super::backend::Backend;
+use super::backend::{Backend, PoolClock};
 
 /// How a route spreads requests over its backends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,6 +101,18 @@ pub(crate) struct Table {
 pub(crate) struct Registry {
     pub backends: HashMap<SocketAddr, Arc<Backend>>,
     pub services: HashMap<Arc<str>, Arc<AtomicU64>>,
+    pub pool_clock: PoolClock,
+    /// Connection pools per backend (one per worker thread).
+    pub pools: usize,
+}
+
+impl Registry {
+    pub fn new(pools: usize) -> Self {
+        Self {
+            pools,
+            ..Self::default()
+        }
+    }
 }
 
 impl Table {
@@ -122,11 +134,10 @@ impl Table {
                 .map(|addr| {
                     used.entry(*addr)
                         .or_insert_with(|| {
-                            registry
-                                .backends
-                                .get(addr)
-                                .cloned()
-                                .unwrap_or_else(|| Arc::new(Backend::new(*addr)))
+                            registry.backends.get(addr).cloned().unwrap_or_else(|| {
+                                let clock = registry.pool_clock.clone();
+                                Arc::new(Backend::new(*addr, registry.pools, clock))
+                            })
                         })
                         .clone()
                 })
