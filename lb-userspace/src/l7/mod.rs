@@ -20,6 +20,7 @@ mod forward;
 mod headers;
 mod routes;
 mod server;
+mod shard;
 mod stats;
 
 use std::{
@@ -34,6 +35,7 @@ pub use routes::{Balance, Route};
 pub use stats::ProxyStats;
 
 use routes::{Registry, Table};
+use shard::Padded;
 use stats::Answers;
 
 /// Timeouts of the proxy.
@@ -68,7 +70,8 @@ pub struct Proxy {
     config: ProxyConfig,
     /// Worker threads per `serve`, each with its own backend connection pools.
     workers: usize,
-    table: ArcSwap<Table>,
+    /// The route table, a copy per worker thread (see [`Lease`](backend::Lease)).
+    tables: Box<[Padded<ArcSwap<Table>>]>,
     /// What the next table reuses; only `set_routes` and `stats` take the lock.
     registry: Mutex<Registry>,
     answers: Answers,
@@ -83,7 +86,9 @@ impl Proxy {
         Arc::new(Self {
             config,
             workers,
-            table: ArcSwap::from_pointee(Table::default()),
+            tables: (0..workers)
+                .map(|_| Padded(ArcSwap::from_pointee(Table::default())))
+                .collect(),
             registry: Mutex::new(Registry::new(workers)),
             answers: Answers::default(),
         })
@@ -97,8 +102,17 @@ impl Proxy {
     /// and in-flight counts; requests in flight finish on the backend they had.
     pub fn set_routes(&self, routes: Vec<Route>) {
         let mut registry = self.registry.lock().unwrap();
-        let table = Table::build(routes, &mut registry);
-        self.table.store(Arc::new(table));
+        let tables = registry.tables(&routes);
+        for (slot, table) in self.tables.iter().zip(tables) {
+            slot.0.store(Arc::new(table));
+        }
+    }
+
+    /// The current worker's route table.
+    fn table(&self) -> Arc<Table> {
+        self.tables[server::worker_index() % self.tables.len()]
+            .0
+            .load_full()
     }
 
     /// Requests per service (every request routed to it, whatever the outcome) and lb's own
