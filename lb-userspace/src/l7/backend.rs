@@ -12,9 +12,10 @@
 //! pooled connection is driven by nobody, and its first poll on reuse tells whether the
 //! backend closed it meanwhile.
 //!
-//! The pool is a LIFO stack per backend behind a mutex held for a push or a pop: the most
-//! recently used connection is the warmest and the least likely to have been closed by the
-//! backend, and the ones at the bottom age out.
+//! The pool is a LIFO stack per backend and worker thread, behind a mutex held for a push
+//! or a pop (only the sweeper ever contends for it): the most recently used connection is
+//! the warmest and the least likely to have been closed by the backend, and the ones at the
+//! bottom age out.
 use std::{
     future::{Future, poll_fn},
     net::SocketAddr,

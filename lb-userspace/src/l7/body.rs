@@ -165,7 +165,7 @@ enum Kind {
 
 /// What the client receives. It holds the connection's activity mark so that a connection
 /// streaming a response is never taken for idle.
-pub struct ResponseBody {
+pub(crate) struct ResponseBody {
     kind: Kind,
     _active: Option<Active>,
 }

@@ -12,6 +12,7 @@
 //! - `body`: the streaming body types
 //! - `server`: worker threads, accepting, graceful shutdown
 //! - `conn`: one client connection (idle close, upgrades)
+//! - `shard`: counters split per worker thread
 //! - `stats`: counters
 mod backend;
 mod body;
@@ -30,7 +31,6 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-pub use body::ResponseBody;
 pub use routes::{Balance, Route};
 pub use stats::ProxyStats;
 
@@ -38,7 +38,7 @@ use routes::{Registry, Table};
 use shard::Padded;
 use stats::Answers;
 
-/// Timeouts of the proxy.
+/// Timeouts and threads of the proxy.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// To open a connection to a backend (then 504).
@@ -65,7 +65,7 @@ impl Default for ProxyConfig {
 }
 
 /// The proxy engine: a route table, backend pools and counters. Serve it on any number of
-/// listeners.
+/// listeners; each `serve` runs `workers` threads of its own.
 pub struct Proxy {
     config: ProxyConfig,
     /// Worker threads per `serve`, each with its own backend connection pools.
