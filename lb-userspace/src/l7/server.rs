@@ -142,8 +142,13 @@ impl Worker {
         let listener = TcpListener::from_std(listener)?;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // No Date of our own: backends send theirs, and it would cost a clock read per
-        // response.
-        builder.http1().keep_alive(true).auto_date_header(false);
+        // response. One flat write per response rather than writev of head and body:
+        // measured 2-6 % more requests/s with small bodies (see `backend::connect`).
+        builder
+            .http1()
+            .keep_alive(true)
+            .auto_date_header(false)
+            .writev(false);
         builder.http2().auto_date_header(false);
         let builder = Arc::new(builder);
         let mut conns = JoinSet::new();
