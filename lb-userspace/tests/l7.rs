@@ -460,6 +460,41 @@ async fn keep_alive_reuses_backend_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_the_backend_closed_are_not_used() {
+    // Answers one request per connection with keep-alive, then closes it soon after, as
+    // a backend with a short keep-alive timeout does.
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let addr = raw_backend(move |s| {
+        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            read_head(&mut r).await;
+            let body = format!("conn {n}");
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            w.write_all((head + &body).as_bytes()).await.unwrap();
+            sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let web = Backend {
+        addr,
+        accepted: accepted.clone(),
+    };
+    let mut cfg = config();
+    cfg.workers = 1;
+    let p = start(cfg, vec![route("web", &[], &[&web])]).await;
+    let mut client = Client::connect(p.addr).await;
+    for i in 1..=3 {
+        let (status, _, body) = client.get("h", "/").await;
+        assert_eq!((status, body), (StatusCode::OK, format!("conn {i}")));
+        sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(p.proxy.stats().answers[&502], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_evenly() {
     let backends = [named("a").await, named("b").await, named("c").await];
     let p = start(

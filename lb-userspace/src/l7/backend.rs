@@ -12,16 +12,17 @@
 //! pooled connection is driven by nobody, and its first poll on reuse tells whether the
 //! backend closed it meanwhile.
 //!
-//! The pool is a LIFO stack per backend behind a mutex held for a push or a pop: the most
-//! recently used connection is the warmest and the least likely to have been closed by the
-//! backend, and the ones at the bottom age out.
+//! The pool is a LIFO stack per backend and worker thread, behind a mutex held for a push
+//! or a pop (only the sweeper ever contends for it): the most recently used connection is
+//! the warmest and the least likely to have been closed by the backend, and the ones at the
+//! bottom age out.
 use std::{
     future::{Future, poll_fn},
     net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -40,8 +41,9 @@ use tokio::net::TcpStream;
 
 use super::{
     body::UpstreamBody,
-    routes::{Balance, Target},
+    routes::{Balance, Table, Target},
     server::worker_index,
+    shard::{Padded, Sharded},
 };
 
 /// Idle connections kept per backend beyond which returned ones are closed.
@@ -164,12 +166,12 @@ struct Idle {
 pub(crate) struct Backend {
     pub addr: SocketAddr,
     /// Requests sent and not finished (response body not fully passed on yet).
-    outstanding: AtomicUsize,
+    outstanding: Sharded,
     /// Idle connections, a pool per worker thread: a connection is driven by the thread
     /// whose runtime it is registered with (one taken by another thread would still work,
     /// its readiness relayed by its own thread; one whose thread has stopped fails its
     /// readiness check and is dropped).
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    idle: Box<[Padded<Mutex<Vec<Idle>>>]>,
     clock: PoolClock,
 }
 
@@ -177,15 +179,15 @@ impl Backend {
     pub fn new(addr: SocketAddr, pools: usize, clock: PoolClock) -> Self {
         Self {
             addr,
-            outstanding: AtomicUsize::new(0),
-            idle: (0..pools.max(1)).map(|_| Mutex::default()).collect(),
+            outstanding: Sharded::new(pools),
+            idle: (0..pools.max(1)).map(|_| Padded::default()).collect(),
             clock,
         }
     }
 
     /// The current worker's pool.
     fn pool(&self) -> &Mutex<Vec<Idle>> {
-        &self.idle[worker_index() % self.idle.len()]
+        &self.idle[worker_index() % self.idle.len()].0
     }
 
     fn now(&self) -> u64 {
@@ -193,7 +195,7 @@ impl Backend {
     }
 
     pub fn outstanding(&self) -> usize {
-        self.outstanding.load(Ordering::Relaxed)
+        self.outstanding.sum() as usize
     }
 
     /// A pooled connection not idle for too long, newest first.
@@ -225,7 +227,7 @@ impl Backend {
     pub fn sweep(&self) {
         let now = self.now();
         for pool in &self.idle {
-            let mut idle = pool.lock().unwrap();
+            let mut idle = pool.0.lock().unwrap();
             let keep_from = idle
                 .iter()
                 .position(|i| now - i.since < EXPIRED_AGE)
@@ -270,7 +272,11 @@ impl Backend {
             .map_err(|e| UpstreamError::Connect(addr, e))?;
         // Requests and responses are written whole; Nagle would only add latency.
         let _ = stream.set_nodelay(true);
+        // Head and body copied into one buffer and written at once rather than with
+        // writev: on loopback against nginx, 2-6 % more requests/s and ~1 us less CPU per
+        // request (the kernel's writev path costs more than the copy of a small body).
         let (sender, driver) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Request(addr, e))?;
@@ -282,43 +288,57 @@ impl Backend {
 }
 
 /// A request in flight to a backend: counted in its outstanding requests until dropped.
+/// It holds the worker's route table that the request was routed with (whose reference
+/// count only that worker touches) rather than a handle on the shared backend.
 pub(crate) struct Lease {
-    pub backend: Arc<Backend>,
+    table: Arc<Table>,
+    target: usize,
+    backend: usize,
 }
 
 impl Lease {
-    fn new(backend: &Arc<Backend>) -> Self {
-        backend.outstanding.fetch_add(1, Ordering::Relaxed);
-        Self {
-            backend: backend.clone(),
-        }
+    pub fn new(table: Arc<Table>, target: usize, backend: usize) -> Self {
+        let lease = Self {
+            table,
+            target,
+            backend,
+        };
+        lease.backend().outstanding.add(1);
+        lease
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.table.target(self.target).backends[self.backend]
+    }
+
+    pub fn service(&self) -> &str {
+        &self.table.target(self.target).service
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.backend().outstanding.sub(1);
     }
 }
 
-/// Picks the backend for one request of `target`; None when it has none.
-pub(crate) fn pick(target: &Target) -> Option<Lease> {
+/// Picks the backend (its index) for one request of `target`; None when it has none.
+pub(crate) fn pick(target: &Target) -> Option<usize> {
     let backends = &target.backends;
     let n = backends.len();
     if n == 0 {
         return None;
     }
     let turn = target.cursor.fetch_add(1, Ordering::Relaxed);
-    let chosen = match target.balance {
-        Balance::RoundRobin => &backends[turn % n],
+    Some(match target.balance {
+        Balance::RoundRobin => turn % n,
         Balance::LeastOutstanding => {
             // Scan from a rotating start so that ties (an idle pool) still take turns.
             let start = turn % n;
             (0..n)
-                .map(|i| &backends[(start + i) % n])
-                .min_by_key(|b| b.outstanding())
+                .map(|i| (start + i) % n)
+                .min_by_key(|&b| backends[b].outstanding())
                 .expect("n > 0")
         }
-    };
-    Some(Lease::new(chosen))
+    })
 }

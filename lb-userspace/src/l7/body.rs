@@ -144,7 +144,7 @@ impl Downstream {
     fn release(&mut self) {
         // The lease ends here either way; the connection goes back if it has no task.
         if let (Some(lease), Some(conn)) = (self.lease.take(), self.conn.take()) {
-            lease.backend.put_idle(conn);
+            lease.backend().put_idle(conn);
         }
     }
 }
@@ -165,7 +165,7 @@ enum Kind {
 
 /// What the client receives. It holds the connection's activity mark so that a connection
 /// streaming a response is never taken for idle.
-pub struct ResponseBody {
+pub(crate) struct ResponseBody {
     kind: Kind,
     _active: Option<Active>,
 }

@@ -55,7 +55,7 @@ struct Activity {
 }
 
 /// A request in progress, until its response body is done with.
-pub struct Active(Arc<Conn>);
+pub(crate) struct Active(Arc<Conn>);
 
 impl Active {
     fn start(conn: Arc<Conn>) -> Self {

@@ -26,25 +26,24 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: &Conn,
     ) -> Response<ResponseBody> {
-        let (lease, service) = {
-            let table = self.table.load();
+        let lease = {
+            let table = self.table();
             let host = req
                 .headers()
                 .get(HOST)
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| req.uri().authority().map(|a| a.as_str()));
             let path = req.uri().path();
-            let Some(target) = table.lookup(host, path) else {
+            let Some(t) = table.lookup(host, path) else {
                 return self.answer(StatusCode::NOT_FOUND, format!("no route for {path}\n"));
             };
-            target
-                .requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(lease) = pick(target) else {
+            let target = table.target(t);
+            target.requests.add(1);
+            let Some(b) = pick(target) else {
                 let text = format!("service {} has no healthy backend\n", target.service);
                 return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
             };
-            (lease, target.service.clone())
+            Lease::new(table, t, b)
         };
 
         let upgrade = headers::is_upgrade(req.headers());
@@ -67,7 +66,7 @@ impl Proxy {
 
         let exchanged = self
             .exchange(
-                &lease.backend,
+                lease.backend(),
                 Request::from_parts(parts, body),
                 sent,
                 upgrade,
@@ -76,6 +75,7 @@ impl Proxy {
         let (upstream, mut resp) = match exchanged {
             Ok(r) => r,
             Err(e) => {
+                let service = lease.service();
                 tracing::debug!(%service, error = %e, "backend failed");
                 let (status, what) = match e.is_timeout() {
                     true => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
@@ -168,7 +168,7 @@ impl Proxy {
 /// Splices an upgraded client connection to the upgraded backend connection until either
 /// side closes. The lease keeps the backend's in-flight count up meanwhile.
 async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
-    let addr = lease.backend.addr;
+    let addr = lease.backend().addr;
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(both) => both,
         Err(e) => {

@@ -12,6 +12,7 @@
 //! - `body`: the streaming body types
 //! - `server`: worker threads, accepting, graceful shutdown
 //! - `conn`: one client connection (idle close, upgrades)
+//! - `shard`: counters split per worker thread
 //! - `stats`: counters
 mod backend;
 mod body;
@@ -20,6 +21,7 @@ mod forward;
 mod headers;
 mod routes;
 mod server;
+mod shard;
 mod stats;
 
 use std::{
@@ -29,14 +31,14 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-pub use body::ResponseBody;
 pub use routes::{Balance, Route};
 pub use stats::ProxyStats;
 
 use routes::{Registry, Table};
+use shard::Padded;
 use stats::Answers;
 
-/// Timeouts of the proxy.
+/// Timeouts and threads of the proxy.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// To open a connection to a backend (then 504).
@@ -63,12 +65,13 @@ impl Default for ProxyConfig {
 }
 
 /// The proxy engine: a route table, backend pools and counters. Serve it on any number of
-/// listeners.
+/// listeners; each `serve` runs `workers` threads of its own.
 pub struct Proxy {
     config: ProxyConfig,
     /// Worker threads per `serve`, each with its own backend connection pools.
     workers: usize,
-    table: ArcSwap<Table>,
+    /// The route table, a copy per worker thread (see [`Lease`](backend::Lease)).
+    tables: Box<[Padded<ArcSwap<Table>>]>,
     /// What the next table reuses; only `set_routes` and `stats` take the lock.
     registry: Mutex<Registry>,
     answers: Answers,
@@ -83,7 +86,9 @@ impl Proxy {
         Arc::new(Self {
             config,
             workers,
-            table: ArcSwap::from_pointee(Table::default()),
+            tables: (0..workers)
+                .map(|_| Padded(ArcSwap::from_pointee(Table::default())))
+                .collect(),
             registry: Mutex::new(Registry::new(workers)),
             answers: Answers::default(),
         })
@@ -97,8 +102,17 @@ impl Proxy {
     /// and in-flight counts; requests in flight finish on the backend they had.
     pub fn set_routes(&self, routes: Vec<Route>) {
         let mut registry = self.registry.lock().unwrap();
-        let table = Table::build(routes, &mut registry);
-        self.table.store(Arc::new(table));
+        let tables = registry.tables(&routes);
+        for (slot, table) in self.tables.iter().zip(tables) {
+            slot.0.store(Arc::new(table));
+        }
+    }
+
+    /// The current worker's route table.
+    fn table(&self) -> Arc<Table> {
+        self.tables[server::worker_index() % self.tables.len()]
+            .0
+            .load_full()
     }
 
     /// Requests per service (every request routed to it, whatever the outcome) and lb's own

@@ -1,15 +1,15 @@
 //! Routes, and the compiled table that picks one for a request: by host first, then by the
 //! longest path prefix.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize},
-    },
+    sync::{Arc, atomic::AtomicUsize},
 };
 
-use super::backend::{Backend, PoolClock};
+use super::{
+    backend::{Backend, PoolClock},
+    shard::Sharded,
+};
 
 /// How a route spreads requests over its backends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,9 +46,11 @@ pub(crate) struct Target {
     pub service: Arc<str>,
     pub backends: Box<[Arc<Backend>]>,
     pub balance: Balance,
-    /// Round robin position (and the tie breaker of least outstanding).
+    /// Round robin position (and the tie breaker of least outstanding). Each worker has a
+    /// table of its own, so this is the worker's turn: the workers together still spread
+    /// evenly.
     pub cursor: AtomicUsize,
-    pub requests: Arc<AtomicU64>,
+    pub requests: Arc<Sharded>,
     excludes: Box<[Box<str>]>,
 }
 
@@ -100,47 +102,57 @@ pub(crate) struct Table {
 #[derive(Default)]
 pub(crate) struct Registry {
     pub backends: HashMap<SocketAddr, Arc<Backend>>,
-    pub services: HashMap<Arc<str>, Arc<AtomicU64>>,
+    pub services: HashMap<Arc<str>, Arc<Sharded>>,
     pub pool_clock: PoolClock,
-    /// Connection pools per backend (one per worker thread).
-    pub pools: usize,
+    /// Worker threads: each gets a table, and each backend a pool per worker.
+    pub workers: usize,
 }
 
 impl Registry {
-    pub fn new(pools: usize) -> Self {
+    pub fn new(workers: usize) -> Self {
         Self {
-            pools,
+            workers,
             ..Self::default()
         }
+    }
+
+    /// A table for each worker from `routes`, sharing backends and counters, and leaving
+    /// in the registry only the backends they use.
+    pub fn tables(&mut self, routes: &[Route]) -> Vec<Table> {
+        let tables = (0..self.workers.max(1))
+            .map(|_| Table::build(routes, self))
+            .collect();
+        let used: HashSet<SocketAddr> = routes.iter().flat_map(|r| r.backends.clone()).collect();
+        self.backends.retain(|addr, _| used.contains(addr));
+        tables
+    }
+
+    fn backend(&mut self, addr: SocketAddr) -> Arc<Backend> {
+        let (workers, clock) = (self.workers, &self.pool_clock);
+        self.backends
+            .entry(addr)
+            .or_insert_with(|| Arc::new(Backend::new(addr, workers, clock.clone())))
+            .clone()
     }
 }
 
 impl Table {
-    /// Builds a table from `routes`, taking backends and counters from `registry` and
-    /// leaving in it only the backends the new table uses.
-    pub fn build(routes: Vec<Route>, registry: &mut Registry) -> Table {
+    /// Builds a table from `routes`, taking backends and counters from `registry` (adding
+    /// what is new).
+    fn build(routes: &[Route], registry: &mut Registry) -> Table {
         let mut table = Table::default();
-        let mut used = HashMap::with_capacity(registry.backends.len());
         for route in routes {
-            let service: Arc<str> = route.service.into();
+            let service: Arc<str> = route.service.as_str().into();
+            let workers = registry.workers;
             let requests = registry
                 .services
                 .entry(service.clone())
-                .or_default()
+                .or_insert_with(|| Arc::new(Sharded::new(workers)))
                 .clone();
             let backends = route
                 .backends
                 .iter()
-                .map(|addr| {
-                    used.entry(*addr)
-                        .or_insert_with(|| {
-                            registry.backends.get(addr).cloned().unwrap_or_else(|| {
-                                let clock = registry.pool_clock.clone();
-                                Arc::new(Backend::new(*addr, registry.pools, clock))
-                            })
-                        })
-                        .clone()
-                })
+                .map(|a| registry.backend(*a))
                 .collect();
             let index = table.targets.len();
             table.targets.push(Target {
@@ -180,14 +192,17 @@ impl Table {
         {
             tier.sort();
         }
-        registry.backends = used;
         table
+    }
+
+    pub fn target(&self, index: usize) -> &Target {
+        &self.targets[index]
     }
 
     /// The route for a request. Host rules rank first (exact domain, then the closest
     /// wildcard, then routes for any host), and within a rank the longest path prefix
     /// wins; a rank none of whose prefixes fits gives way to the next. Then the default.
-    pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<&Target> {
+    pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<usize> {
         let targets = &self.targets;
         let mut found = None;
         if !(self.exact.is_empty() && self.wildcard.is_empty()) {
@@ -206,7 +221,6 @@ impl Table {
         found
             .or_else(|| self.any_host.find(targets, path))
             .or(self.default)
-            .map(|t| &targets[t])
     }
 }
 
@@ -258,9 +272,12 @@ mod tests {
     }
 
     fn pick(table: &Table, host: &str, path: &str) -> Option<String> {
-        table
-            .lookup(Some(host), path)
-            .map(|t| t.service.to_string())
+        let t = table.lookup(Some(host), path)?;
+        Some(table.target(t).service.to_string())
+    }
+
+    fn build(routes: Vec<Route>) -> Table {
+        Table::build(&routes, &mut Registry::new(1))
     }
 
     #[test]
@@ -276,14 +293,11 @@ mod tests {
 
     #[test]
     fn longest_prefix_wins() {
-        let table = Table::build(
-            vec![
-                route("root", None, &["/"]),
-                route("api", None, &["/api"]),
-                route("v2", None, &["/api/v2"]),
-            ],
-            &mut Registry::default(),
-        );
+        let table = build(vec![
+            route("root", None, &["/"]),
+            route("api", None, &["/api"]),
+            route("v2", None, &["/api/v2"]),
+        ]);
         assert_eq!(pick(&table, "h", "/api/v2/x").as_deref(), Some("v2"));
         assert_eq!(pick(&table, "h", "/api/v1").as_deref(), Some("api"));
         assert_eq!(pick(&table, "h", "/apix").as_deref(), Some("root"));
@@ -291,15 +305,12 @@ mod tests {
 
     #[test]
     fn hosts_rank_exact_then_wildcard_then_any() {
-        let table = Table::build(
-            vec![
-                route("any", None, &["/x"]),
-                route("wild", Some("*.Example.com"), &[]),
-                route("deep", Some("*.b.example.com"), &[]),
-                route("exact", Some("www.example.com"), &["/api"]),
-            ],
-            &mut Registry::default(),
-        );
+        let table = build(vec![
+            route("any", None, &["/x"]),
+            route("wild", Some("*.Example.com"), &[]),
+            route("deep", Some("*.b.example.com"), &[]),
+            route("exact", Some("www.example.com"), &["/api"]),
+        ]);
         assert_eq!(
             pick(&table, "WWW.example.com:8080", "/api/1").as_deref(),
             Some("exact")
@@ -316,7 +327,8 @@ mod tests {
         assert_eq!(pick(&table, "example.com", "/x").as_deref(), Some("any"));
         assert_eq!(pick(&table, "example.com", "/y"), None);
         assert_eq!(pick(&table, "[::1]:80", "/x").as_deref(), Some("any"));
-        assert_eq!(table.lookup(None, "/x").map(|t| &*t.service), Some("any"));
+        let any = table.lookup(None, "/x").map(|t| &*table.target(t).service);
+        assert_eq!(any, Some("any"));
     }
 
     #[test]
@@ -325,7 +337,7 @@ mod tests {
         api.paths_exclude = vec!["/api/internal".into()];
         let mut fallback = route("fallback", None, &["/only"]);
         fallback.default_backend = true;
-        let table = Table::build(vec![api, fallback], &mut Registry::default());
+        let table = build(vec![api, fallback]);
         assert_eq!(pick(&table, "h", "/api/x").as_deref(), Some("api"));
         assert_eq!(
             pick(&table, "h", "/api/internal/x").as_deref(),
@@ -336,18 +348,16 @@ mod tests {
 
     #[test]
     fn rebuilding_keeps_backends_and_counters() {
-        let mut registry = Registry::default();
-        let first = Table::build(vec![route("a", None, &[])], &mut registry);
-        let second = Table::build(vec![route("a", None, &["/"])], &mut registry);
-        assert!(Arc::ptr_eq(
-            &first.targets[0].backends[0],
-            &second.targets[0].backends[0]
-        ));
-        assert!(Arc::ptr_eq(
-            &first.targets[0].requests,
-            &second.targets[0].requests
-        ));
-        Table::build(vec![], &mut registry);
+        let mut registry = Registry::new(2);
+        let first = registry.tables(&[route("a", None, &[])]);
+        let second = registry.tables(&[route("a", None, &["/"])]);
+        assert_eq!(first.len(), 2);
+        let backend = |tables: &[Table], w: usize| tables[w].target(0).backends[0].clone();
+        assert!(Arc::ptr_eq(&backend(&first, 0), &backend(&first, 1)));
+        assert!(Arc::ptr_eq(&backend(&first, 0), &backend(&second, 1)));
+        let requests = |tables: &[Table]| tables[0].target(0).requests.clone();
+        assert!(Arc::ptr_eq(&requests(&first), &requests(&second)));
+        registry.tables(&[]);
         assert!(registry.backends.is_empty());
         assert_eq!(registry.services.len(), 1);
     }

@@ -10,6 +10,8 @@ use std::{
 use http::StatusCode;
 use serde::Serialize;
 
+use super::shard::Sharded;
+
 /// A snapshot of the proxy's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProxyStats {
@@ -43,12 +45,12 @@ impl Answers {
 }
 
 impl ProxyStats {
-    pub(crate) fn collect(services: &HashMap<Arc<str>, Arc<AtomicU64>>, answers: &Answers) -> Self {
+    pub(crate) fn collect(services: &HashMap<Arc<str>, Arc<Sharded>>, answers: &Answers) -> Self {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Self {
             requests: services
                 .iter()
-                .map(|(name, c)| (name.to_string(), load(c)))
+                .map(|(name, c)| (name.to_string(), c.sum()))
                 .collect(),
             answers: BTreeMap::from([
                 (404, load(&answers.not_found)),
