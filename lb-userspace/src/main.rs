@@ -73,6 +73,10 @@ struct RunArgs {
     /// listener's traffic to the kernel untouched.
     #[arg(long, default_value = "0.0.0.0:80", value_name = "ADDR|off")]
     http: String,
+    /// Threads serving HTTP (each with its own backend connection pools); 0 is one per
+    /// CPU.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    http_workers: usize,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:9090", value_name = "ADDR")]
     api: SocketAddr,
@@ -362,7 +366,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut proxy = None;
     let (mut http_tasks, mut route_tasks) = (Vec::new(), Vec::new());
     if let Some((addr, l)) = http_listener {
-        let engine = l7::Proxy::new(l7::ProxyConfig::default());
+        let engine = l7::Proxy::new(l7::ProxyConfig {
+            workers: args.http_workers,
+            ..l7::ProxyConfig::default()
+        });
         let (state, routes_of) = (controller.clone(), engine.clone());
         let mut changes = lock(&controller).http_changes();
         route_tasks.push(tokio::spawn(async move {

@@ -165,7 +165,11 @@ fn start_lb(ns: &Netns, routes: &[Route]) -> anyhow::Result<Option<LbProcess>> {
     ns.ip("link add lbv0 type veth peer name lbv1")?;
     ns.ip("link set lbv0 up")?;
     ns.ip("link set lbv1 up")?;
-    let lb = LbProcess::start(ns, &["lbv0"], &["--http", LB_HTTP])?;
+    // LB_BENCH_LB_ARGS: more `lb run` flags, for experiments (e.g. --http-workers 1).
+    let extra = std::env::var("LB_BENCH_LB_ARGS").unwrap_or_default();
+    let mut args = vec!["--http", LB_HTTP];
+    args.extend(extra.split_whitespace());
+    let lb = LbProcess::start(ns, &["lbv0"], &args)?;
     for r in routes {
         let backends: Vec<String> = r.backends.iter().map(|b| b.to_string()).collect();
         lb.put_service(
