@@ -51,7 +51,11 @@ const RUN_HELP: &str = "\
 The API (JSON):
   PUT    /v1/services/NAME  {\"vip\": \"10.0.0.100:80\", \"protocol\": \"tcp\", \"backends\": [\"10.0.1.11:8080\"]}
          or, instead of backends,  \"discovery\": {\"kind\": \"etcd\" | \"consul\", \"service\": \"web\"}
+         an HTTP service (served on --http): {\"http\": {\"paths\": [\"/demo\"], \"domain\": \"example.com\"}, \"backends\": [...]}
+         health checks: \"check\": {\"kind\": \"http\", \"path\": \"/health\", \"interval_ms\": 1000, \"rise\": 2, \"fall\": 3}
   GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats
+  GET    /v1/docker-flow-proxy/reconfigure?serviceName=..&servicePath=..&port=..&backends=..
+         (and remove, config?type=json, ping: Docker Flow Proxy's API)
   GET    /health (liveness)     GET /ready (200 once the stored services are restored)
 
 The host: lb enables IPv4 forwarding on the interfaces it serves, keeps backends' next hops
