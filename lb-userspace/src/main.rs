@@ -280,14 +280,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         maglev_slots: args.maglev_slots,
         conntrack_entries: args.conntrack_entries,
     };
-    let mut dataplane = Dataplane::load(&args.bpffs, &limits)?;
-    dataplane.configure(args.snat_ports.0, args.snat_ports.1)?;
-    dataplane.set_iface_addrs(&net::interface_addresses()?)?;
-    for iface in &args.ifaces {
-        net::enable_forwarding(iface)?;
-        dataplane.attach(iface)?;
-    }
-    dataplane.detach_others();
+    // Listeners first: a port in use must not cost a running data plane anything.
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("binding the API to {}", args.api))?;
@@ -303,6 +296,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Some((addr, l))
         }
     };
+    let mut dataplane = Dataplane::load(&args.bpffs, &limits)?;
+    dataplane.configure(args.snat_ports.0, args.snat_ports.1)?;
+    dataplane.set_iface_addrs(&net::interface_addresses()?)?;
+    for iface in &args.ifaces {
+        net::enable_forwarding(iface)?;
+        dataplane.attach(iface)?;
+    }
+    dataplane.detach_others();
     let store = open_store(
         &args.store,
         &args.store_prefix,

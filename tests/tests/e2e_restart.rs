@@ -198,3 +198,40 @@ fn pinned_state_keeps_serving_while_the_store_is_unreachable() {
         "the failing address is named: {log}"
     );
 }
+
+#[test]
+fn a_restart_that_fails_leaves_the_pinned_data_plane_serving() {
+    let topo = Topology::two_armed(2).unwrap();
+    let _backends = backends(&topo, 2);
+    let store = temp_store();
+    let arg = format!("file://{}", store.display());
+    let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
+    let all: Vec<String> = (0..2).map(|i| topo.backend(i, 8080).to_string()).collect();
+    first
+        .put_service(
+            "web",
+            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
+        )
+        .unwrap();
+    let pins = first.kill();
+    // The next lb cannot start: its HTTP listener wants the API's port.
+    let mut failed = LbProcess::spawn_on(
+        &topo.lb,
+        &topo.lb_ifaces,
+        &["--store", &arg, "--http", "127.0.0.1:9090"],
+        pins,
+    )
+    .unwrap();
+    assert!(failed.wait_ready(Duration::from_secs(5)).is_err());
+    let log = failed.log_text();
+    assert!(log.contains("binding the HTTP listener"), "{log}");
+    let pins = failed.kill();
+    // What the first one left still forwards, and the next good start adopts it.
+    assert!(xdp_on(&topo, "eth0") && pins.path().join("services").exists());
+    assert!(http_get_once(&topo.client, topo.vip(80).into(), T).is_ok());
+    let good = LbProcess::start_on(&topo.lb, &topo.lb_ifaces, &["--store", &arg], pins).unwrap();
+    assert!(
+        good.log_text()
+            .contains("adopted the pinned maps services=1")
+    );
+}

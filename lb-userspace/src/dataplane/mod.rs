@@ -346,11 +346,10 @@ impl Dataplane {
             _lock: lock,
         };
         if adopt {
-            // From here on the pins are an earlier daemon's state, serving traffic: a
-            // failure must not remove them.
+            // The pins are an earlier daemon's state, serving traffic: neither a failure
+            // here nor a daemon that fails to start later may remove them.
             dataplane.keep_on_drop = true;
             dataplane.read_adopted(limits)?;
-            dataplane.keep_on_drop = false;
         }
         Ok(dataplane)
     }
@@ -362,7 +361,8 @@ impl Dataplane {
     }
 
     /// Leave the program attached and the maps pinned when this is dropped, so that the
-    /// next daemon takes over without a lost packet. `lb down` removes them.
+    /// next daemon takes over without a lost packet (always so for adopted maps). `lb down`
+    /// removes them.
     pub fn keep_on_exit(&mut self) {
         self.keep_on_drop = true;
     }
