@@ -1,13 +1,10 @@
 //! Services whose backends come from a registry: lb follows it, so scaling a service up
 //! or down needs no API call, and the store holds the source, not the instances.
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use lb_tests::{
     etcd::EtcdCluster,
+    eventually,
     lbproc::LbProcess,
     netns::Netns,
     servers::{Backend, http_get_once},
@@ -17,17 +14,6 @@ use lb_tests::{
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(3);
-
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
 
 /// `etcdctl ARGS` against `url`'s members, from inside `ns`.
 fn etcdctl(ns: &Netns, url: &str, args: &str) -> String {

@@ -1,13 +1,10 @@
 //! Health checks steer traffic: a backend that stops answering leaves the rotation after
 //! the fall threshold (no request fails after that, none goes to it), and comes back after
 //! the rise threshold once it answers again; for layer-4 services through XDP as for HTTP.
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use lb_tests::{
+    eventually,
     lbproc::LbProcess,
     servers::{Backend, http_get_once},
     topology::Topology,
@@ -15,17 +12,6 @@ use lb_tests::{
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(3);
-
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
 
 /// The health of each backend of `name`, as `GET /v1/services/{name}` reports it.
 fn health(lb: &LbProcess, name: &str) -> Vec<(String, String)> {

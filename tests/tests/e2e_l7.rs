@@ -6,10 +6,11 @@ use std::{
     collections::BTreeSet,
     io::{BufRead, Read, Write},
     net::SocketAddr,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
+    eventually,
     lbproc::LbProcess,
     servers::{Backend, HttpConn},
     topology::Topology,
@@ -39,17 +40,6 @@ fn backends(topo: &Topology, n: usize) -> Vec<Backend> {
             Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
         })
         .collect()
-}
-
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 /// One request on a new connection: status and body.

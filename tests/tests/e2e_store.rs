@@ -1,14 +1,12 @@
 //! The configuration outlives the balancer: every service comes back from the store after
 //! a restart, two nodes on one store converge without calling each other, and a bad entry
 //! in the store is skipped without costing the others.
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use lb::store::{Expect, Store, file::FileStore};
 use lb_tests::{
     etcd::EtcdCluster,
+    eventually,
     lbproc::{LbProcess, temp_store},
     netns::{Netns, veth},
     servers::{Backend, http_get_once, udp_ask},
@@ -21,18 +19,6 @@ const T: Duration = Duration::from_secs(3);
 
 fn store_arg(dir: &std::path::Path) -> String {
     format!("file://{}", dir.display())
-}
-
-/// Polls `f` until it holds or `within` passes.
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 fn services(lb: &LbProcess) -> Value {
