@@ -4,7 +4,7 @@
 //! watch from the revision read.
 use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 
 use super::{Instances, parse_instance};
@@ -19,11 +19,7 @@ pub struct EtcdRegistry {
 impl EtcdRegistry {
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, String> {
         let joined = endpoints.join(",");
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(2));
-        let client = Client::connect(endpoints, Some(options))
+        let client = crate::store::etcd::connect_client(endpoints)
             .await
             .map_err(|e| format!("etcd registry at {joined}: {e}"))?;
         Ok(Self {

@@ -8,7 +8,10 @@ use std::net::SocketAddrV4;
 
 use tokio::sync::mpsc;
 
-use crate::model::{Discovery, DiscoveryKind, ValidationError};
+use crate::{
+    model::{Discovery, DiscoveryKind, ValidationError},
+    store::server_list,
+};
 
 /// The instances a source lists now (sorted, no duplicates), sent on every change; an
 /// `Err` says why the source cannot be read at the moment (the watch goes on retrying).
@@ -53,30 +56,18 @@ impl Sources {
 /// The endpoints of an `etcd://host:port[,host:port...]` URL, as the etcd client takes
 /// them.
 pub fn etcd_endpoints(url: &str) -> Result<Vec<String>, String> {
-    let list = url
-        .strip_prefix("etcd://")
+    let endpoints = server_list(url, "etcd://")
         .ok_or_else(|| format!("{url}: expected etcd://HOST:PORT[,HOST:PORT...]"))?;
-    let endpoints: Vec<String> = list
-        .split(',')
-        .filter(|e| !e.is_empty())
-        .map(|e| format!("http://{e}"))
-        .collect();
     if endpoints.is_empty() {
         return Err(format!("{url}: no endpoint"));
     }
-    Ok(endpoints)
+    Ok(endpoints.iter().map(|e| format!("http://{e}")).collect())
 }
 
 /// The agent addresses of a `consul://host:port[,host:port...]` URL.
 pub fn consul_addrs(url: &str) -> Result<Vec<String>, String> {
-    let list = url
-        .strip_prefix("consul://")
+    let addrs = server_list(url, "consul://")
         .ok_or_else(|| format!("{url}: expected consul://HOST:PORT[,HOST:PORT...]"))?;
-    let addrs: Vec<String> = list
-        .split(',')
-        .filter(|a| !a.is_empty())
-        .map(str::to_string)
-        .collect();
     if addrs.is_empty() {
         return Err(format!("{url}: no address"));
     }

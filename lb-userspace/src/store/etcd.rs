@@ -20,16 +20,22 @@ pub struct EtcdStore {
     endpoints: String,
 }
 
+/// A client for the cluster at `endpoints` (balanced over all of them), with lb's timeouts
+/// and keep-alive: for the store and for the registry.
+pub async fn connect_client(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(2));
+    Client::connect(endpoints, Some(options)).await
+}
+
 impl EtcdStore {
     /// Connects to the cluster at `endpoints` (`host:port`) for the group `prefix`.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
         check_name(prefix)?;
         let joined = endpoints.join(",");
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(2));
-        let client = Client::connect(endpoints, Some(options))
+        let client = connect_client(endpoints)
             .await
             .map_err(|e| StoreError::Unavailable(format!("etcd at {joined}: {e}")))?;
         Ok(Self {

@@ -88,6 +88,18 @@ pub trait Store: Send + Sync {
     fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>>;
 }
 
+/// The `host:port` list of a `SCHEME://host:port[,host:port...]` URL (empty items
+/// dropped), or `None` when the URL has another scheme.
+pub fn server_list(url: &str, scheme: &str) -> Option<Vec<String>> {
+    let list = url.strip_prefix(scheme)?;
+    Some(
+        list.split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// Opens the store a `--store` URL names, for the group `prefix`; `token` is an ACL token
 /// (Consul only).
 pub async fn open(
@@ -95,12 +107,7 @@ pub async fn open(
     prefix: &str,
     token: Option<String>,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    if let Some(list) = url.strip_prefix("consul://") {
-        let addrs: Vec<String> = list
-            .split(',')
-            .filter(|a| !a.is_empty())
-            .map(str::to_string)
-            .collect();
+    if let Some(addrs) = server_list(url, "consul://") {
         if addrs.is_empty() {
             return Err(StoreError::Invalid(format!(
                 "--store {url}: no address (consul://host:8500[,host:8500...])"
@@ -115,12 +122,8 @@ pub async fn open(
             "--store {url}: an ACL token (--store-token-file) is for consul:// stores only"
         )));
     }
-    if let Some(list) = url.strip_prefix("etcd://") {
-        let endpoints: Vec<String> = list
-            .split(',')
-            .filter(|e| !e.is_empty())
-            .map(|e| format!("http://{e}"))
-            .collect();
+    if let Some(endpoints) = server_list(url, "etcd://") {
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
         if endpoints.is_empty() {
             return Err(StoreError::Invalid(format!(
                 "--store {url}: no endpoint (etcd://host:2379[,host:2379...])"
