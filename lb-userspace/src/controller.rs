@@ -146,13 +146,12 @@ impl Controller {
     pub fn start_health_checks(&mut self) -> tokio::sync::mpsc::UnboundedReceiver<HealthEvent> {
         let (mut checker, events) = Checker::new();
         for svc in self.services.values() {
-            let down: Vec<SocketAddrV4> = svc
-                .backends
-                .iter()
-                .filter(|b| !self.is_up(&svc.name, b))
-                .copied()
-                .collect();
-            checker.sync(&svc.name, &svc.backends, &down, &svc.check);
+            checker.sync(
+                &svc.name,
+                &svc.backends,
+                &self.down_backends(svc),
+                &svc.check,
+            );
         }
         self.checker = Some(checker);
         events
@@ -227,6 +226,15 @@ impl Controller {
             })
             .collect();
         live.into_iter().chain(gone).collect()
+    }
+
+    /// The backends of `svc` its checks have taken down.
+    fn down_backends(&self, svc: &Service) -> Vec<SocketAddrV4> {
+        svc.backends
+            .iter()
+            .filter(|b| !self.is_up(&svc.name, b))
+            .copied()
+            .collect()
     }
 
     fn is_up(&self, service: &str, backend: &SocketAddrV4) -> bool {
@@ -418,13 +426,8 @@ impl Controller {
                 }
             }
         }
+        let down = self.down_backends(&svc);
         if let Some(checker) = &mut self.checker {
-            let down: Vec<SocketAddrV4> = svc
-                .backends
-                .iter()
-                .filter(|b| !self.health[&svc.name][*b].up)
-                .copied()
-                .collect();
             checker.sync(&svc.name, &svc.backends, &down, &svc.check);
         }
         let http = svc.http.is_some() || previous.is_some_and(|p| p.http.is_some());

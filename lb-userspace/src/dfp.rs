@@ -74,6 +74,21 @@ fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, Nok> {
     }
 }
 
+/// The mandatory `serviceName`.
+fn service_name(params: &HashMap<String, String>) -> Result<String, Nok> {
+    params
+        .get("serviceName")
+        .filter(|n| !n.is_empty())
+        .cloned()
+        .ok_or_else(|| {
+            nok(
+                StatusCode::BAD_REQUEST,
+                "serviceName",
+                "serviceName parameter is mandatory",
+            )
+        })
+}
+
 /// The native spec a reconfigure asks for.
 fn spec_of(
     params: &HashMap<String, String>,
@@ -220,13 +235,9 @@ async fn reconfigure(
     State((s, address)): State<(Shared, Option<Ipv4Addr>)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(name) = params.get("serviceName").filter(|n| !n.is_empty()).cloned() else {
-        return nok(
-            StatusCode::BAD_REQUEST,
-            "serviceName",
-            "serviceName parameter is mandatory",
-        )
-        .into_response();
+    let name = match service_name(&params) {
+        Ok(name) => name,
+        Err(answer) => return answer.into_response(),
     };
     let spec = match spec_of(&params, address) {
         Ok(spec) => spec,
@@ -272,13 +283,9 @@ async fn remove(
     State((s, _)): State<(Shared, Option<Ipv4Addr>)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(name) = params.get("serviceName").filter(|n| !n.is_empty()).cloned() else {
-        return nok(
-            StatusCode::BAD_REQUEST,
-            "serviceName",
-            "serviceName parameter is mandatory",
-        )
-        .into_response();
+    let name = match service_name(&params) {
+        Ok(name) => name,
+        Err(answer) => return answer.into_response(),
     };
     let message = match s.delete(&name).await {
         Ok(()) => String::new(),
