@@ -162,6 +162,11 @@ impl LbProcess {
         })
     }
 
+    /// The process ID of the daemon (nsenter execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Waits until `GET /ready` answers 200.
     pub fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;

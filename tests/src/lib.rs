@@ -53,3 +53,29 @@ pub fn stop_child(child: &mut std::process::Child, grace: std::time::Duration) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The CPU time (user and system, all threads) process `pid` has used so far, from
+/// `/proc/PID/stat`, to a clock tick (10 ms on most kernels).
+pub fn cpu_time(pid: u32) -> anyhow::Result<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count fields after its closing ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat: no ')'"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: the 12th and 13th after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum::<Option<u64>>()
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat: no utime/stime"))?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_sec = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as u64,
+        _ => 100,
+    };
+    Ok(std::time::Duration::from_micros(
+        ticks * 1_000_000 / per_sec,
+    ))
+}

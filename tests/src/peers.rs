@@ -53,6 +53,11 @@ impl Daemon {
         Ok(())
     }
 
+    /// The program's process ID; None before `start`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -10,7 +10,9 @@
 //! Reading the client, writing the backend, reading the backend and writing the client so
 //! all happen in one task, with no hand-over between tasks or threads per request; an idle
 //! pooled connection is driven by nobody, and its first poll on reuse tells whether the
-//! backend closed it meanwhile.
+//! backend closed it meanwhile. The connection holds the task's waker only while the task
+//! waits on it ([`BackendConn::poll_driven`]): a request then costs its client connection
+//! two polls, one for the request and one for the response.
 //!
 //! The pool is a LIFO stack per backend and worker thread, behind a mutex held for a push
 //! or a pop (only the sweeper ever contends for it): the most recently used connection is
@@ -24,7 +26,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -97,6 +99,32 @@ impl BackendConn {
         }
     }
 
+    /// Polls `half` (the response, or its body: a half that only driving this connection
+    /// moves on) as this connection's user: what it has already, else after driving the
+    /// connection without a waker, else after driving it with `cx`'s, which registers this
+    /// task for the backend's next bytes before it waits.
+    ///
+    /// hyper's connection wakes the task it was last driven by whenever the other half
+    /// moves (a request sent, a response chunk taken). When that task is the one moving
+    /// it, each wake is one more poll of the whole client connection that finds nothing
+    /// to do: so the connection holds `cx`'s waker only when this task is about to wait.
+    pub fn poll_driven<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut half: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        let mut no_waker = Context::from_waker(Waker::noop());
+        if let ready @ Poll::Ready(_) = half(&mut no_waker) {
+            return ready;
+        }
+        self.drive(&mut no_waker);
+        if let ready @ Poll::Ready(_) = half(&mut no_waker) {
+            return ready;
+        }
+        self.drive(cx);
+        half(&mut no_waker)
+    }
+
     /// Whether the connection takes a request now (after catching up on what happened
     /// while it sat in the pool: a close from the backend shows here).
     async fn ready(&mut self) -> bool {
@@ -111,13 +139,15 @@ impl BackendConn {
     }
 
     /// Whether the connection takes a request, if that can be told without waiting.
-    async fn ready_now(&mut self) -> Option<bool> {
+    /// Asked without a waker (an undecided answer is waited for with `ready`), which also
+    /// takes the waker of the connection's last user out of it: the request about to be
+    /// sent would wake that task for nothing (see `poll_driven`).
+    fn ready_now(&mut self) -> Option<bool> {
         let mut ready = std::pin::pin!(self.ready());
-        poll_fn(|cx| match ready.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(Some(r)),
-            Poll::Pending => Poll::Ready(None),
-        })
-        .await
+        match ready.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        }
     }
 
     /// Hands `req` to the connection; the returned future resolves to the response head
@@ -248,7 +278,7 @@ impl Backend {
         while let Some(mut conn) = self.take_idle() {
             // Decided at the first poll, almost always; the timeout is only a safety net
             // (and not set up, clock read included, unless needed).
-            let ready = match conn.ready_now().await {
+            let ready = match conn.ready_now() {
                 Some(ready) => ready,
                 None => matches!(
                     tokio::time::timeout(connect_timeout, conn.ready()).await,

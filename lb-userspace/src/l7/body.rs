@@ -127,10 +127,11 @@ impl Downstream {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(conn) = &mut self.conn {
-            conn.drive(cx);
-        }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let inner = &mut self.inner;
+        let polled = match &mut self.conn {
+            Some(conn) => conn.poll_driven(cx, |cx| Pin::new(&mut *inner).poll_frame(cx)),
+            None => Pin::new(inner).poll_frame(cx),
+        };
         match &polled {
             // The end, possibly known from the last frame: hand the connection back now
             // rather than when hyper gets round to dropping the body.

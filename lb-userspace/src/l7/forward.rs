@@ -129,10 +129,7 @@ impl Proxy {
                 }
             } else {
                 let mut response = std::pin::pin!(conn.send(req));
-                let driven = poll_fn(|cx| {
-                    conn.drive(cx);
-                    response.as_mut().poll(cx)
-                });
+                let driven = poll_fn(|cx| conn.poll_driven(cx, |cx| response.as_mut().poll(cx)));
                 let r = tokio::select! {
                     biased;
                     r = driven => r,

@@ -9,8 +9,9 @@
 //! changed little next to driving backend connections in the request's task, see
 //! `backend`; it is what makes the per-worker tables, pools and counters possible.)
 //!
-//! Every worker accepts on the shared listening socket; one that holds clearly more
-//! connections than the least busy worker passes a new connection on to it.
+//! Every worker accepts on the shared listening socket; one that holds more connections
+//! than the least busy worker passes a new connection on to it, so keep-alive clients
+//! spread evenly over the workers whichever thread happened to wake for them.
 use std::{
     cell::Cell,
     future::Future,
@@ -47,10 +48,32 @@ pub(crate) fn worker_index() -> usize {
 
 /// What the workers of one `serve` know of each other.
 struct Peers {
-    /// Client connections each worker serves.
+    /// Client connections each worker serves (or has been handed and not yet taken).
     load: Box<[AtomicUsize]>,
     /// Where each worker takes connections passed on by the others.
     inbox: Box<[mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>]>,
+}
+
+impl Peers {
+    /// Which worker serves a connection that worker `me` has just accepted, counted in
+    /// that worker's load at once: `me`, unless it has more than one connection more than
+    /// the least busy worker (a little slack, so that short connections coming and going
+    /// are not passed around for nothing), then that one. Counting at once is what spreads
+    /// a burst of connections evenly, rather than sending all of it to the worker that was
+    /// least busy when the burst began.
+    fn claim(&self, me: usize) -> usize {
+        let mine = self.load[me].load(Ordering::Relaxed);
+        let (least, fewest) = self
+            .load
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|&(_, n)| n)
+            .expect("at least one worker");
+        let to = if mine <= fewest + 1 { me } else { least };
+        self.load[to].fetch_add(1, Ordering::Relaxed);
+        to
+    }
 }
 
 impl Proxy {
@@ -167,9 +190,13 @@ impl Worker {
                     Err(e) => accept_failed(e).await,
                 },
                 Some((stream, peer)) = inbox.recv() => {
+                    // Already counted in this worker's load by the one that passed it on.
                     match TcpStream::from_std(stream) {
                         Ok(stream) => self.spawn(&mut conns, &builder, stream, peer),
-                        Err(e) => tracing::warn!(error = %e, "taking over a connection"),
+                        Err(e) => {
+                            self.peers.load[self.index].fetch_sub(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, "taking over a connection");
+                        }
                     }
                 }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -188,33 +215,30 @@ impl Worker {
         Ok(())
     }
 
-    /// Passes `stream` on to the least busy worker when this one has clearly more
-    /// connections; gives it back to serve here otherwise.
+    /// Passes `stream` on to the worker that [`Peers::claim`]s it when that is another
+    /// one; gives it back to serve here otherwise.
     fn pass_on(&self, stream: TcpStream, peer: SocketAddr) -> Option<TcpStream> {
-        let load = &self.peers.load;
-        let mine = load[self.index].load(Ordering::Relaxed);
-        let (least, fewest) = load
-            .iter()
-            .map(|l| l.load(Ordering::Relaxed))
-            .enumerate()
-            .min_by_key(|&(_, n)| n)
-            .expect("at least one worker");
-        if mine <= fewest + 4 + fewest / 4 {
+        let to = self.peers.claim(self.index);
+        if to == self.index {
             return Some(stream);
         }
+        let load = &self.peers.load[to];
         match stream.into_std() {
             Ok(stream) => {
                 // The other worker gone (shutting down): nobody serves it.
-                let _ = self.peers.inbox[least].send((stream, peer));
-                None
+                if self.peers.inbox[to].send((stream, peer)).is_err() {
+                    load.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             Err(e) => {
+                load.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "passing a connection on");
-                None
             }
         }
+        None
     }
 
+    /// Serves `stream` here; the caller has counted it in this worker's load.
     fn spawn(
         &self,
         conns: &mut JoinSet<()>,
@@ -225,7 +249,6 @@ impl Worker {
         let (proxy, builder, drain) = (self.proxy.clone(), builder.clone(), self.drain.clone());
         let peers = self.peers.clone();
         let index = self.index;
-        peers.load[index].fetch_add(1, Ordering::Relaxed);
         conns.spawn(async move {
             serve_connection(proxy, &builder, stream, peer, drain).await;
             peers.load[index].fetch_sub(1, Ordering::Relaxed);
@@ -259,5 +282,52 @@ async fn sweep_pools(proxy: Arc<Proxy>) {
         for backend in backends {
             backend.sweep();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(workers: usize) -> Peers {
+        let (inbox, _): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+        Peers {
+            load: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            inbox: inbox.into(),
+        }
+    }
+
+    fn loads(p: &Peers) -> Vec<usize> {
+        p.load.iter().map(|l| l.load(Ordering::Relaxed)).collect()
+    }
+
+    #[test]
+    fn a_burst_accepted_by_one_worker_is_spread_evenly() {
+        // wrk opening its 64 keep-alive connections, all accepted by the worker that woke
+        // first, before the others have taken any of those passed to them.
+        let p = peers(2);
+        for _ in 0..64 {
+            p.claim(0);
+        }
+        let l = loads(&p);
+        assert!(l[0].abs_diff(l[1]) <= 2, "{l:?}");
+        let p = peers(4);
+        for i in 0..64 {
+            p.claim(i % 2);
+        }
+        let l = loads(&p);
+        assert!(
+            l.iter().max().unwrap() - l.iter().min().unwrap() <= 2,
+            "{l:?}"
+        );
+    }
+
+    #[test]
+    fn a_worker_keeps_what_it_accepts_while_the_load_is_even() {
+        let p = peers(2);
+        assert_eq!(p.claim(1), 1);
+        assert_eq!(p.claim(1), 1);
+        assert_eq!(p.claim(1), 0, "two ahead: passed on");
+        assert_eq!(loads(&p), vec![1, 2]);
     }
 }

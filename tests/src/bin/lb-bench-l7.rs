@@ -5,10 +5,14 @@
 //!
 //! Everything runs on the loopback of a namespace of its own, removed at the end. The runs
 //! are interleaved (lb, HAProxy, then HAProxy, lb, ...) so that both see the same machine
-//! noise; each figure is the median over the rounds, errors are summed.
-//! `LB_BENCH_SECS` (default 10) sets the length of a run, `LB_BENCH_ROUNDS` (default 3) the
+//! noise; each figure is the median over the rounds, errors are summed. Beside wrk's figures
+//! it prints the proxy's CPU time (user and system, all threads) per request: what each
+//! request costs the host, which on a machine shared with wrk and nginx is also what the
+//! others do not get.
+//! `LB_BENCH_SECS` (default 10) sets the length of a run, `LB_BENCH_ROUNDS` (default 5) the
 //! number of rounds, `LB_BENCH_HAPROXY_REUSE` (default `safe`, HAProxy's own default)
-//! HAProxy's `http-reuse`; `LB_BENCH_VERBOSE=1` prints wrk's own output of every run.
+//! HAProxy's `http-reuse`; `LB_BENCH_MODE=keep-alive` (or `close`) runs only that mode;
+//! `LB_BENCH_VERBOSE=1` prints wrk's own output of every run.
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
@@ -18,6 +22,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use lb_tests::{
+    cpu_time,
     lbproc::{LbProcess, lb_bin},
     netns::Netns,
     peers::{Haproxy, Nginx, Route, version},
@@ -184,12 +189,26 @@ fn start_lb(ns: &Netns, routes: &[Route]) -> anyhow::Result<Option<LbProcess>> {
     Ok(Some(lb))
 }
 
+/// One measured run: wrk's report and the CPU time the proxy used meanwhile.
+#[derive(Debug, Clone)]
+struct Run {
+    report: WrkReport,
+    cpu: Duration,
+}
+
+impl Run {
+    fn cpu_per_request(&self) -> Duration {
+        self.cpu / self.report.requests.max(1).min(u32::MAX as u64) as u32
+    }
+}
+
 /// The median of each figure over a proxy's runs in one mode; errors summed.
 #[derive(Debug, Clone, Default)]
 struct Summary {
     rps: f64,
     p50: Duration,
     p99: Duration,
+    cpu_per_request: Duration,
     opened_per_request: f64,
     errors: WrkErrors,
 }
@@ -203,21 +222,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn summarize(runs: &[WrkReport]) -> Summary {
+fn summarize(runs: &[Run]) -> Summary {
     let mut errors = WrkErrors::default();
     for r in runs {
-        errors.add(&r.errors);
+        errors.add(&r.report.errors);
     }
-    let secs = |f: fn(&WrkReport) -> Duration| {
+    let secs = |f: fn(&Run) -> Duration| {
         Duration::from_secs_f64(median(runs.iter().map(|r| f(r).as_secs_f64()).collect()))
     };
     Summary {
-        rps: median(runs.iter().map(WrkReport::rps).collect()),
-        p50: secs(|r| r.p50),
-        p99: secs(|r| r.p99),
-        opened_per_request: median(runs.iter().map(WrkReport::opened_per_request).collect()),
+        rps: median(runs.iter().map(|r| r.report.rps()).collect()),
+        p50: secs(|r| r.report.p50),
+        p99: secs(|r| r.report.p99),
+        cpu_per_request: secs(Run::cpu_per_request),
+        opened_per_request: median(runs.iter().map(|r| r.report.opened_per_request()).collect()),
         errors,
     }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} us", d.as_secs_f64() * 1e6)
 }
 
 fn ms(d: Duration) -> String {
@@ -258,12 +282,19 @@ fn verdict(lb: Result<&Summary, &str>, haproxy: &Summary) -> String {
 
 fn main() -> anyhow::Result<()> {
     let secs = env_num("LB_BENCH_SECS", 10)?.max(1);
-    let rounds = env_num("LB_BENCH_ROUNDS", 3)?.max(1) as usize;
+    let rounds = env_num("LB_BENCH_ROUNDS", 5)?.max(1) as usize;
     let verbose = std::env::var("LB_BENCH_VERBOSE").is_ok_and(|v| v == "1");
     let reuse = std::env::var("LB_BENCH_HAPROXY_REUSE").unwrap_or_else(|_| "safe".into());
     if !["never", "safe", "aggressive", "always"].contains(&reuse.as_str()) {
         bail!("LB_BENCH_HAPROXY_REUSE={reuse:?}: never, safe, aggressive or always");
     }
+    let only = std::env::var("LB_BENCH_MODE").ok();
+    let modes: Vec<&Mode> = match only.as_deref() {
+        None | Some("") => MODES.iter().collect(),
+        Some("keep-alive") => vec![&MODES[0]],
+        Some("close") => vec![&MODES[1]],
+        Some(other) => bail!("LB_BENCH_MODE={other:?}: keep-alive or close"),
+    };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let ns = Netns::new(&unique("lbt-l7"))?;
@@ -287,7 +318,7 @@ fn main() -> anyhow::Result<()> {
             backends: backends[2..].to_vec(),
         },
     ];
-    let _haproxy = Haproxy::start(&ns, Proxy::Haproxy.addr(), &routes, &reuse)?;
+    let haproxy = Haproxy::start(&ns, Proxy::Haproxy.addr(), &routes, &reuse)?;
     check_routes(
         &ns,
         Proxy::Haproxy,
@@ -320,13 +351,19 @@ fn main() -> anyhow::Result<()> {
         ),
     }
 
+    let pid = |p: Proxy| -> u32 {
+        match p {
+            Proxy::Lb => lb.as_ref().expect("lb runs").pid(),
+            Proxy::Haproxy => haproxy.daemon().pid().expect("haproxy runs"),
+        }
+    };
     let wrk = Wrk::new(&PATHS)?;
     let proxies: Vec<Proxy> = [Proxy::Lb, Proxy::Haproxy]
         .into_iter()
         .filter(|p| *p != Proxy::Lb || lb.is_some())
         .collect();
     let mut summaries = Vec::new();
-    for mode in &MODES {
+    for mode in modes {
         let options = |secs: u64| WrkOptions {
             threads: THREADS,
             connections: CONNECTIONS,
@@ -337,32 +374,39 @@ fn main() -> anyhow::Result<()> {
             // Warm-up, not counted: connections to the backends, caches, CPU frequency.
             wrk.run(&ns, p.addr(), &options(secs.min(2)))?;
         }
-        let mut runs: Vec<(Proxy, WrkReport)> = Vec::new();
+        let mut runs: Vec<(Proxy, Run)> = Vec::new();
         for round in 0..rounds {
             let mut order = proxies.clone();
             if round % 2 == 1 {
                 order.reverse();
             }
             for p in order {
-                let r = wrk.run(&ns, p.addr(), &options(secs))?;
+                let cpu_before = cpu_time(pid(p))?;
+                let report = wrk.run(&ns, p.addr(), &options(secs))?;
+                let run = Run {
+                    cpu: cpu_time(pid(p))?.saturating_sub(cpu_before),
+                    report,
+                };
+                let r = &run.report;
                 println!(
-                    "  {}, round {}/{rounds}, {:<7}: {:>8.0} req/s, p50 {}, p99 {}, {:.2} conn/req, errors {}",
+                    "  {}, round {}/{rounds}, {:<7}: {:>8.0} req/s, p50 {}, p99 {}, CPU {}/req, {:.2} conn/req, errors {}",
                     mode.name,
                     round + 1,
                     p.name(),
                     r.rps(),
                     ms(r.p50),
                     ms(r.p99),
+                    us(run.cpu_per_request()),
                     r.opened_per_request(),
                     r.errors
                 );
                 if verbose {
                     println!("{}", r.output);
                 }
-                runs.push((p, r));
+                runs.push((p, run));
             }
         }
-        let of = |p: Proxy| -> Vec<WrkReport> {
+        let of = |p: Proxy| -> Vec<Run> {
             runs.iter()
                 .filter(|(q, _)| *q == p)
                 .map(|(_, r)| r.clone())
@@ -374,8 +418,8 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:<24} {:<8} {:>9} {:>10} {:>10} {:>9}  errors",
-        "mode", "proxy", "req/s", "p50", "p99", "conn/req"
+        "{:<24} {:<8} {:>9} {:>10} {:>10} {:>10} {:>9}  errors",
+        "mode", "proxy", "req/s", "p50", "p99", "CPU/req", "conn/req"
     );
     for (mode, lb_summary, haproxy) in &summaries {
         for (p, s) in [
@@ -384,12 +428,13 @@ fn main() -> anyhow::Result<()> {
         ] {
             match s {
                 Some(s) => println!(
-                    "{:<24} {:<8} {:>9.0} {:>10} {:>10} {:>9.2}  {}",
+                    "{:<24} {:<8} {:>9.0} {:>10} {:>10} {:>10} {:>9.2}  {}",
                     mode.name,
                     p.name(),
                     s.rps,
                     ms(s.p50),
                     ms(s.p99),
+                    us(s.cpu_per_request),
                     s.opened_per_request,
                     s.errors
                 ),
@@ -398,7 +443,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "(medians of {rounds} runs of {secs} s; errors summed over them; conn/req: TCP connections accepted in the namespace per request)"
+        "(medians of {rounds} runs of {secs} s; errors summed over them; CPU/req: the proxy's CPU time, user and system, per request; conn/req: TCP connections accepted in the namespace per request)"
     );
     if summaries
         .iter()
@@ -428,6 +473,7 @@ mod tests {
             rps,
             p50: Duration::from_micros(500),
             p99: Duration::from_micros(p99_us),
+            cpu_per_request: Duration::from_micros(20),
             opened_per_request: 0.0,
             errors: WrkErrors {
                 status: status_errors,
