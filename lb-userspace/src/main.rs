@@ -18,6 +18,11 @@ use lb::{
 };
 use tokio::signal::unix::{SignalKind, signal};
 
+/// mimalloc rather than glibc's malloc: the HTTP proxy allocates and frees small buffers
+/// and header maps on every request, from several worker threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "lb",

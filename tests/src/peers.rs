@@ -197,10 +197,12 @@ pub struct Haproxy {
 
 impl Haproxy {
     /// The configuration: path ACLs with lb's meaning of a prefix (`/a` matches `/a` and
-    /// `/a/...`, not `/ab`), round robin, keep-alive on both sides with idle backend
-    /// connections reused as `reuse` says (`http-reuse`: `safe`, HAProxy's default, gives
-    /// the first request of every client connection a backend connection of its own;
-    /// `always` lets it take an idle one), one thread a CPU, no logging (nor has lb).
+    /// `/a/...`, not `/ab`), round robin, the X-Forwarded-For, -Proto and -Host headers
+    /// lb sets (so that the backends get the same requests from both), keep-alive on both
+    /// sides with idle backend connections reused as `reuse` says (`http-reuse`: `safe`,
+    /// HAProxy's default, gives the first request of every client connection a backend
+    /// connection of its own; `always` lets it take an idle one), one thread a CPU, no
+    /// logging (nor has lb).
     pub fn config(listen: SocketAddr, routes: &[Route], threads: usize, reuse: &str) -> String {
         let mut c = format!(
             "global
@@ -210,6 +212,7 @@ impl Haproxy {
 defaults
     mode http
     option http-keep-alive
+    option forwardfor
     http-reuse {reuse}
     timeout connect 2s
     timeout client 30s
@@ -219,6 +222,9 @@ defaults
 
 frontend http
     bind {listen}
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)] if {{ req.hdr(host) -m found }}
+    http-request del-header X-Forwarded-Host unless {{ req.hdr(host) -m found }}
 "
         );
         for r in routes {
@@ -317,6 +323,8 @@ mod tests {
             "server b1 127.0.0.1:9003 check",
             "http-reuse safe",
             "timeout connect 2s",
+            "option forwardfor",
+            "set-header X-Forwarded-Proto http",
         ] {
             assert!(c.contains(line), "{line:?} missing from:\n{c}");
         }
