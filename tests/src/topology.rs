@@ -3,10 +3,11 @@
 //! One-armed: client, balancer and backends on one segment (a bridge); the VIP is the
 //! balancer's own address. Routed two-armed: the client reaches the VIP through a route via
 //! the balancer's first interface; backends sit behind a bridge on its second interface.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use crate::{
     netns::{Netns, PeerXdp, veth},
+    servers::Backend,
     unique,
 };
 
@@ -115,5 +116,17 @@ impl Topology {
 
     pub fn backend(&self, i: usize, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.backend_addrs[i], port)
+    }
+
+    /// Starts a test backend named `be{i}` in backend namespace `i` on its address and
+    /// `port`: TCP, and with `udp` a UDP echo on the same port too.
+    pub fn start_backend(&self, i: usize, port: u16, udp: bool) -> anyhow::Result<Backend> {
+        let a = SocketAddr::from(self.backend(i, port));
+        Backend::start(&self.backends[i], &format!("be{i}"), a, udp.then_some(a))
+    }
+
+    /// Backends `0..n`, each as [`start_backend`](Self::start_backend).
+    pub fn start_backends(&self, n: usize, port: u16, udp: bool) -> anyhow::Result<Vec<Backend>> {
+        (0..n).map(|i| self.start_backend(i, port, udp)).collect()
     }
 }

@@ -2,11 +2,7 @@
 //! remove; the documented errors; the configuration as JSON.
 use std::{net::SocketAddr, time::Duration};
 
-use lb_tests::{
-    lbproc::LbProcess,
-    servers::{Backend, http_get_once},
-    topology::Topology,
-};
+use lb_tests::{lbproc::LbProcess, servers::http_get_once, topology::Topology};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(3);
@@ -15,12 +11,7 @@ const T: Duration = Duration::from_secs(3);
 fn a_tcp_service_reconfigured_the_dfp_way_is_forwarded_by_xdp() {
     // One-armed: the balancer's own address (10.201.0.1) is the VIP of tcp services.
     let topo = Topology::one_armed(2).unwrap();
-    let _backends: Vec<Backend> = (0..2)
-        .map(|i| {
-            let a = SocketAddr::from(topo.backend(i, 8080));
-            Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
-        })
-        .collect();
+    let _backends = topo.start_backends(2, 8080, false).unwrap();
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
     let ips = format!("{},{}", topo.backend_addrs[0], topo.backend_addrs[1]);
     let (code, body) = lb

@@ -3,13 +3,8 @@
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use lb_tests::{
-    etcd::EtcdCluster,
-    eventually,
-    lbproc::LbProcess,
-    netns::Netns,
-    servers::{Backend, http_get_once},
-    topology::Topology,
-    unique,
+    etcd::EtcdCluster, eventually, lbproc::LbProcess, netns::Netns, servers::http_get_once,
+    topology::Topology, unique,
 };
 use serde_json::{Value, json};
 
@@ -44,12 +39,7 @@ fn answering(topo: &Topology, vip: SocketAddr) -> BTreeSet<String> {
 #[test]
 fn a_service_scaled_through_the_etcd_registry_is_followed_without_an_api_call() {
     let topo = Topology::two_armed(3).unwrap();
-    let _backends: Vec<Backend> = (0..3)
-        .map(|i| {
-            let a = SocketAddr::from(topo.backend(i, 8080));
-            Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
-        })
-        .collect();
+    let _backends = topo.start_backends(3, 8080, false).unwrap();
     let etcd = EtcdCluster::start_in(&topo.lb, "127.0.0.1").unwrap();
     let url = etcd.url();
     let prefix = unique("lbt");
@@ -174,12 +164,7 @@ fn a_service_scaled_through_the_etcd_registry_is_followed_without_an_api_call() 
 #[test]
 fn a_service_from_consul_follows_its_health_checks() {
     let topo = Topology::two_armed(3).unwrap();
-    let _backends: Vec<Backend> = (0..3)
-        .map(|i| {
-            let a = SocketAddr::from(topo.backend(i, 8080));
-            Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
-        })
-        .collect();
+    let _backends = topo.start_backends(3, 8080, false).unwrap();
     // Consul (the test server) is both the store and the catalogue, behind an ACL token.
     let consul = lb_tests::consul::ConsulServer::start_in(&topo.lb, "127.0.0.1")
         .unwrap()

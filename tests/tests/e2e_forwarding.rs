@@ -12,12 +12,8 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(3);
 
 fn start_backends(topo: &Topology, port: u16) -> Vec<Backend> {
-    (0..topo.backends.len())
-        .map(|i| {
-            let tcp = SocketAddr::from(topo.backend(i, port));
-            Backend::start(&topo.backends[i], &format!("be{i}"), tcp, Some(tcp)).unwrap()
-        })
-        .collect()
+    topo.start_backends(topo.backends.len(), port, true)
+        .unwrap()
 }
 
 fn service(

@@ -47,10 +47,7 @@ fn backend_view(lb: &LbProcess, name: &str, addr: &str) -> Value {
 #[test]
 fn a_failing_backend_leaves_the_maglev_table_and_returns() {
     let topo = Topology::two_armed(3).unwrap();
-    let start = |i: usize| {
-        let a = SocketAddr::from(topo.backend(i, 8080));
-        Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
-    };
+    let start = |i: usize| topo.start_backend(i, 8080, false).unwrap();
     let mut backends: Vec<Option<Backend>> = (0..3).map(|i| Some(start(i))).collect();
     let store = lb_tests::lbproc::temp_store();
     let url = store.url();

@@ -34,12 +34,7 @@ fn start_lb(topo: &Topology) -> LbProcess {
 }
 
 fn backends(topo: &Topology, n: usize) -> Vec<Backend> {
-    (0..n)
-        .map(|i| {
-            let a = SocketAddr::from(topo.backend(i, 8080));
-            Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
-        })
-        .collect()
+    topo.start_backends(n, 8080, false).unwrap()
 }
 
 /// One request on a new connection: status and body.
@@ -183,10 +178,7 @@ fn read_answer(c: &mut HttpConn) -> String {
 #[test]
 fn a_failing_backend_leaves_the_http_pool_and_returns() {
     let topo = Topology::two_armed(3).unwrap();
-    let start = |i: usize| {
-        let a = SocketAddr::from(topo.backend(i, 8080));
-        Backend::start(&topo.backends[i], &format!("be{i}"), a, None).unwrap()
-    };
+    let start = |i: usize| topo.start_backend(i, 8080, false).unwrap();
     let mut running: Vec<Option<Backend>> = (0..3).map(|i| Some(start(i))).collect();
     let lb = start_lb(&topo);
     let all: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();

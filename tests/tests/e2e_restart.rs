@@ -2,11 +2,11 @@
 //! leaves forwarding untouched and the next lb adopts what is there; pins of another layout
 //! are replaced through the link; with no pins (a reboot) every service comes back from the
 //! store; and while the store is unreachable the pinned state keeps serving.
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use lb_tests::{
     etcd::EtcdCluster,
-    lbproc::{LbProcess, temp_store},
+    lbproc::{LbProcess, Pins, temp_store},
     servers::{Backend, ClientLoad, http_get_once, udp_ask},
     topology::Topology,
 };
@@ -19,12 +19,21 @@ fn services(lb: &LbProcess) -> Value {
 }
 
 fn backends(topo: &Topology, n: usize) -> Vec<Backend> {
-    (0..n)
-        .map(|i| {
-            let a = SocketAddr::from(topo.backend(i, 8080));
-            Backend::start(&topo.backends[i], &format!("be{i}"), a, Some(a)).unwrap()
-        })
-        .collect()
+    topo.start_backends(n, 8080, true).unwrap()
+}
+
+/// What a killed lb leaves: one started on `store` (a `--store` URL), given service "web"
+/// on port 80 over backends 0 and 1, then killed with `kill -9`.
+fn pins_of_a_killed_lb(topo: &Topology, store: &str) -> Pins {
+    let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", store]).unwrap();
+    let all: Vec<String> = (0..2).map(|i| topo.backend(i, 8080).to_string()).collect();
+    first
+        .put_service(
+            "web",
+            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
+        )
+        .unwrap();
+    first.kill()
 }
 
 /// The `services` map as bpftool shows it: every VIP with its id and table run, sorted.
@@ -51,7 +60,7 @@ fn kill_9_and_restarts_lose_no_connection() {
     let topo = Topology::two_armed(3).unwrap();
     let _backends = backends(&topo, 3);
     let store = temp_store();
-    let arg = format!("file://{}", store.display());
+    let arg = store.url();
     let extra = ["--store", arg.as_str()];
     let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &extra).unwrap();
     let all: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();
@@ -134,16 +143,8 @@ fn pins_of_another_layout_are_replaced_through_the_link() {
     let topo = Topology::two_armed(2).unwrap();
     let _backends = backends(&topo, 2);
     let store = temp_store();
-    let arg = format!("file://{}", store.display());
-    let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
-    let all: Vec<String> = (0..2).map(|i| topo.backend(i, 8080).to_string()).collect();
-    first
-        .put_service(
-            "web",
-            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
-        )
-        .unwrap();
-    let pins = first.kill();
+    let arg = store.url();
+    let pins = pins_of_a_killed_lb(&topo, &arg);
     // Maps of another size cannot be adopted: fresh ones, the program replaced through the
     // pinned link, every service restored from the store.
     let second = LbProcess::start_on(
@@ -171,15 +172,7 @@ fn pinned_state_keeps_serving_while_the_store_is_unreachable() {
     let _backends = backends(&topo, 2);
     let etcd = EtcdCluster::start_in(&topo.lb, "127.0.0.1").unwrap();
     let url = format!("etcd://{}", etcd.endpoints().join(","));
-    let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &url]).unwrap();
-    let all: Vec<String> = (0..2).map(|i| topo.backend(i, 8080).to_string()).collect();
-    first
-        .put_service(
-            "web",
-            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
-        )
-        .unwrap();
-    let pins = first.kill();
+    let pins = pins_of_a_killed_lb(&topo, &url);
     drop(etcd);
     let second = LbProcess::spawn_on(&topo.lb, &topo.lb_ifaces, &["--store", &url], pins).unwrap();
     let load = ClientLoad::start(&topo.client, topo.vip(80).into()).unwrap();
@@ -204,16 +197,8 @@ fn a_restart_that_fails_leaves_the_pinned_data_plane_serving() {
     let topo = Topology::two_armed(2).unwrap();
     let _backends = backends(&topo, 2);
     let store = temp_store();
-    let arg = format!("file://{}", store.display());
-    let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
-    let all: Vec<String> = (0..2).map(|i| topo.backend(i, 8080).to_string()).collect();
-    first
-        .put_service(
-            "web",
-            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
-        )
-        .unwrap();
-    let pins = first.kill();
+    let arg = store.url();
+    let pins = pins_of_a_killed_lb(&topo, &arg);
     // The next lb cannot start: its HTTP listener wants the API's port.
     let mut failed = LbProcess::spawn_on(
         &topo.lb,

@@ -17,10 +17,6 @@ use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(3);
 
-fn store_arg(dir: &std::path::Path) -> String {
-    format!("file://{}", dir.display())
-}
-
 fn services(lb: &LbProcess) -> Value {
     lb.request("GET", "/v1/services", None).unwrap().1
 }
@@ -28,14 +24,9 @@ fn services(lb: &LbProcess) -> Value {
 #[test]
 fn a_restarted_lb_restores_every_service_from_the_store() {
     let topo = Topology::two_armed(2).unwrap();
-    let _backends: Vec<Backend> = (0..2)
-        .map(|i| {
-            let a = SocketAddr::from(topo.backend(i, 8080));
-            Backend::start(&topo.backends[i], &format!("be{i}"), a, Some(a)).unwrap()
-        })
-        .collect();
+    let _backends = topo.start_backends(2, 8080, true).unwrap();
     let store = temp_store();
-    let arg = store_arg(&store);
+    let arg = store.url();
     let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
     let both = [
         topo.backend(0, 8080).to_string(),
@@ -74,7 +65,7 @@ fn two_nodes_on_one_store_converge() {
     let _backend =
         Backend::start(&topo.backends[0], "be0", topo.backend(0, 8080).into(), None).unwrap();
     let store = temp_store();
-    let arg = store_arg(&store);
+    let arg = store.url();
     let a = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
     // Node B: another namespace, another bpffs directory, the same store.
     let other = Netns::new(&unique("lbt-nodeb")).unwrap();
@@ -132,7 +123,7 @@ fn a_bad_store_entry_is_skipped_and_the_others_restored() {
         s.put("future", future.to_string().as_bytes(), Expect::Absent).await.unwrap();
     });
     let ns = Netns::new(&unique("lbt-x")).unwrap();
-    let lb = LbProcess::start(&ns, &["lo"], &["--store", &store_arg(&store)]).unwrap();
+    let lb = LbProcess::start(&ns, &["lo"], &["--store", &store.url()]).unwrap();
     let names: Vec<String> = services(&lb)
         .as_array()
         .unwrap()
@@ -185,9 +176,7 @@ fn two_nodes_on_one_etcd_send_a_flow_to_the_same_backend() {
     let mut backends = Vec::new();
     for topo in &sites {
         for i in 0..3 {
-            let a = SocketAddr::from(topo.backend(i, 5353));
-            backends
-                .push(Backend::start(&topo.backends[i], &format!("be{i}"), a, Some(a)).unwrap());
+            backends.push(topo.start_backend(i, 5353, true).unwrap());
         }
     }
     let prefix = unique("lbt");
