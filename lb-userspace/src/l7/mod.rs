@@ -18,6 +18,7 @@ mod backend;
 mod body;
 mod conn;
 mod forward;
+mod give_way;
 mod headers;
 mod routes;
 mod server;

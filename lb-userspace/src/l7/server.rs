@@ -31,7 +31,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Proxy, backend::TICKS_PER_IDLE, conn::serve_connection};
+use super::{Proxy, backend::TICKS_PER_IDLE, conn::serve_connection, give_way};
 
 /// How long in-flight requests (and upgraded connections) may go on once shutdown begins.
 const GRACE: Duration = Duration::from_secs(5);
@@ -152,6 +152,8 @@ impl Worker {
         WORKER.with(|w| w.set(self.index));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(give_way::before_park)
+            .on_thread_unpark(give_way::after_unpark)
             .build()?;
         // Dropping the runtime afterwards ends whatever outlived the grace period.
         runtime.block_on(self.serve(listener, inbox))

@@ -182,7 +182,8 @@ fn start_lb(ns: &Netns, routes: &[Route]) -> anyhow::Result<Option<LbProcess>> {
             &serde_json::json!({
                 "http": {"paths": [r.prefix]},
                 "backends": backends,
-                "check": {"kind": "tcp"},
+                // The same checks as HAProxy's `check inter 2s rise 2 fall 3`.
+                "check": {"kind": "tcp", "interval_ms": 2000, "rise": 2, "fall": 3},
             }),
         )?;
     }
