@@ -84,11 +84,20 @@ mod tests {
         let mut g = GiveWay::default();
         assert!(g.before_sleep(t0), "the first sleep yields");
         g.after_sleep(t0 + Duration::from_micros(5));
-        assert!(g.before_sleep(t0 + Duration::from_micros(10)), "woken at once: yield again");
+        assert!(
+            g.before_sleep(t0 + Duration::from_micros(10)),
+            "woken at once: yield again"
+        );
         g.after_sleep(t0 + Duration::from_millis(50));
-        assert!(!g.before_sleep(t0 + Duration::from_millis(51)), "was idle: sleep at once");
+        assert!(
+            !g.before_sleep(t0 + Duration::from_millis(51)),
+            "was idle: sleep at once"
+        );
         g.after_sleep(t0 + Duration::from_millis(51) + Duration::from_micros(3));
-        assert!(g.before_sleep(t0 + Duration::from_millis(52)), "busy again: yield");
+        assert!(
+            g.before_sleep(t0 + Duration::from_millis(52)),
+            "busy again: yield"
+        );
     }
 
     #[test]
