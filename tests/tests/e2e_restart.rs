@@ -22,18 +22,22 @@ fn backends(topo: &Topology, n: usize) -> Vec<Backend> {
     topo.start_backends(n, 8080, true).unwrap()
 }
 
-/// What a killed lb leaves: one started on `store` (a `--store` URL), given service "web"
-/// on port 80 over backends 0 and 1, then killed with `kill -9`.
+/// An lb started on `store` (a `--store` URL) and given service "web" on port 80 over
+/// backends 0 to `n - 1`; with those backends' addresses.
+fn lb_serving_web(topo: &Topology, store: &str, n: usize) -> (LbProcess, Vec<String>) {
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", store]).unwrap();
+    let all: Vec<String> = (0..n).map(|i| topo.backend(i, 8080).to_string()).collect();
+    lb.put_service(
+        "web",
+        &json!({"vip": topo.vip(80).to_string(), "backends": all}),
+    )
+    .unwrap();
+    (lb, all)
+}
+
+/// What a killed lb leaves: one serving "web" over backends 0 and 1, killed with `kill -9`.
 fn pins_of_a_killed_lb(topo: &Topology, store: &str) -> Pins {
-    let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", store]).unwrap();
-    let all: Vec<String> = (0..2).map(|i| topo.backend(i, 8080).to_string()).collect();
-    first
-        .put_service(
-            "web",
-            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
-        )
-        .unwrap();
-    first.kill()
+    lb_serving_web(topo, store, 2).0.kill()
 }
 
 /// The `services` map as bpftool shows it: every VIP with its id and table run, sorted.
@@ -62,14 +66,7 @@ fn kill_9_and_restarts_lose_no_connection() {
     let store = temp_store();
     let arg = store.url();
     let extra = ["--store", arg.as_str()];
-    let first = LbProcess::start(&topo.lb, &topo.lb_ifaces, &extra).unwrap();
-    let all: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();
-    first
-        .put_service(
-            "web",
-            &json!({"vip": topo.vip(80).to_string(), "backends": all}),
-        )
-        .unwrap();
+    let (first, all) = lb_serving_web(&topo, &arg, 3);
     first
         .put_service(
             "dns",
