@@ -1,5 +1,5 @@
 //! Balancer-wide settings the XDP program reads from the one-entry `config` array.
-use crate::assert_layout;
+use crate::{assert_layout, hash::SipKey};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -14,13 +14,34 @@ pub struct Config {
     /// [`LAYOUT_VERSION`] of the daemon that created the maps: a restarted daemon adopts
     /// pinned maps only when it matches its own.
     pub layout: u32,
+    /// `COOKIES_*`.
+    pub flags: u32,
+    /// The group's secret key of the flow hash (Maglev slot and SNAT port).
+    pub flow_key: SipKey,
+    /// The group's secret key of SYN cookies.
+    pub cookie_key: SipKey,
+    /// New SYNs a second (over all CPUs) that turn cookie mode on; 0: never by rate.
+    pub cookie_syn_rate: u32,
+    /// Per mille of a backend's SNAT ports in use that turn cookie mode on; 0: never by
+    /// occupancy.
+    pub cookie_occupancy: u32,
+    /// Seconds a backend holds a tuple it closed first in TIME_WAIT (60 on Linux); 0 is
+    /// taken as 60.
+    pub time_wait_s: u32,
+    /// CPUs the per-CPU counters span (to sum the SYN rate).
+    pub nr_cpus: u32,
 }
-assert_layout!(Config, size = 12, align = 4);
+assert_layout!(Config, size = 64, align = 8);
+
+/// `Config::flags`: answer every SYN with a cookie.
+pub const COOKIES_ALWAYS: u32 = 1;
+/// Never answer with a cookie.
+pub const COOKIES_NEVER: u32 = 2;
 
 /// The version of the maps' layout (every key and value type here and what its fields
 /// mean). Bump it with any such change: a daemon then builds fresh maps instead of adopting
 /// pinned ones it would misread.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 impl Config {
     /// Jiffies in `seconds` (whole seconds only: every timeout lb has is).
@@ -29,16 +50,30 @@ impl Config {
         let hz = if self.hz == 0 { 250 } else { self.hz };
         seconds as u64 * hz as u64
     }
+
+    /// The backend's TIME_WAIT, in seconds.
+    #[inline(always)]
+    pub const fn time_wait(&self) -> u32 {
+        if self.time_wait_s == 0 {
+            60
+        } else {
+            self.time_wait_s
+        }
+    }
 }
 
-/// Value of `iface_addrs`, keyed by ifindex: the IPv4 address lb uses as SNAT source
-/// on that egress interface.
+/// How many SNAT addresses an interface may have.
+pub const MAX_SNAT_ADDRS: usize = 8;
+
+/// Value of `iface_addrs`, keyed by ifindex: the IPv4 addresses lb uses as SNAT sources on
+/// that egress interface (`addrs[..count]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IfaceAddr {
-    pub addr: [u8; 4],
+pub struct IfaceAddrs {
+    pub count: u32,
+    pub addrs: [[u8; 4]; MAX_SNAT_ADDRS],
 }
-assert_layout!(IfaceAddr, size = 4, align = 1);
+assert_layout!(IfaceAddrs, size = 36, align = 4);
 
 /// Key of `fib_cache`: a destination as routed for packets arriving on `ifindex`.
 #[repr(C)]
@@ -61,11 +96,11 @@ pub struct NextHop {
     pub max_len: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// lb's address on the egress interface (from `iface_addrs`): the SNAT source there.
+    /// lb's first SNAT address on the egress interface (from `iface_addrs`).
     pub src_addr: [u8; 4],
-    /// Explicit: the verifier rejects copies of uninitialised padding. (Padding is never
-    /// an array: the BPF backend zeroes byte arrays with a byte-loop subprogram.)
-    pub _pad: u16,
+    /// How many SNAT addresses the egress interface has (more than one: the others are
+    /// read from `iface_addrs`).
+    pub snat_count: u16,
     /// In jiffies; 0 means "look it up".
     pub expires: u64,
 }

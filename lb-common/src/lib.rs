@@ -8,11 +8,14 @@
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod config;
+pub mod cookie;
 pub mod csum;
+pub mod flood;
 pub mod flow;
 pub mod hash;
 #[cfg(any(feature = "user", test))]
 pub mod maglev;
+pub mod ports;
 pub mod service;
 pub mod stats;
 #[cfg(feature = "user")]

@@ -25,7 +25,7 @@ impl ServiceKey {
     /// This key's slot in `vip_filter`.
     #[inline(always)]
     pub fn filter_slot(&self) -> u32 {
-        crate::hash::flow_hash(self.addr, [0; 4], self.port, 0, self.proto) & (VIP_FILTER_SLOTS - 1)
+        crate::hash::filter_hash(self.addr, self.port, self.proto) & (VIP_FILTER_SLOTS - 1)
     }
 }
 

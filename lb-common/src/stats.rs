@@ -36,10 +36,18 @@ pub enum DropReason {
     MapUpdate = 8,
     /// The TTL would reach zero.
     TtlExceeded = 9,
+    /// A TCP packet other than a SYN for no tracked flow, and not the answer to a SYN
+    /// cookie: it gets no state (the backend could not place it), and is dropped.
+    UnknownFlow = 10,
+    /// A new flow found the connection-tracking maps full of live flows; none is evicted.
+    FlowTableFull = 11,
+    /// A segment lb answers with itself (a SYN cookie, a handshake on a client's behalf)
+    /// did not fit the frame.
+    NoRoom = 12,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::Truncated,
         Self::Malformed,
@@ -51,6 +59,9 @@ impl DropReason {
         Self::NoSnatAddress,
         Self::MapUpdate,
         Self::TtlExceeded,
+        Self::UnknownFlow,
+        Self::FlowTableFull,
+        Self::NoRoom,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -65,6 +76,9 @@ impl DropReason {
             Self::NoSnatAddress => "no_snat_address",
             Self::MapUpdate => "map_update",
             Self::TtlExceeded => "ttl_exceeded",
+            Self::UnknownFlow => "unknown_flow",
+            Self::FlowTableFull => "flow_table_full",
+            Self::NoRoom => "no_room",
         }
     }
 }

@@ -1,5 +1,5 @@
 //! `aya::Pod` for every shared type, so the daemon can read and write them in BPF maps.
-use crate::{config::*, flow::*, service::*, stats::*};
+use crate::{config::*, flood::*, flow::*, hash::SipKey, ports::*, service::*, stats::*};
 
 macro_rules! pod {
     ($($t:ty),*) => { $(
@@ -8,7 +8,13 @@ macro_rules! pod {
     )* };
 }
 pod!(
-    SynSeen,
+    SipKey,
+    SynOptions,
+    PortTableKey,
+    PortTable,
+    BackendState,
+    Flood,
+    SynWindow,
     ServiceKey,
     ServiceInfo,
     Backend,
@@ -16,7 +22,7 @@ pod!(
     Conn,
     NatReverse,
     Config,
-    IfaceAddr,
+    IfaceAddrs,
     FibKey,
     NextHop,
     Counters

@@ -50,6 +50,7 @@ pub fn to_backend(
     kept.smac = hop.smac;
     kept.dmac = hop.dmac;
     kept.src_addr = hop.src_addr;
+    kept.snat_count = hop.snat_count;
     kept.expires = hop.expires;
     Ok(hop)
 }
@@ -113,18 +114,22 @@ fn fib(
         )
     } as u32;
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
-            ifindex: p.ifindex,
-            max_len: pkt.ip_len,
-            smac: p.smac,
-            dmac: p.dmac,
+        BPF_FIB_LKUP_RET_SUCCESS => {
             // No address on the egress interface: a new flow there is dropped.
-            src_addr: unsafe { maps::iface_addrs.get(&p.ifindex) }
-                .map(|a| a.addr)
-                .unwrap_or([0; 4]),
-            _pad: 0,
-            expires,
-        }),
+            let (src_addr, snat_count) = match unsafe { maps::iface_addrs.get(&p.ifindex) } {
+                Some(a) if a.count > 0 => (a.addrs[0], a.count as u16),
+                _ => ([0; 4], 0),
+            };
+            Ok(NextHop {
+                ifindex: p.ifindex,
+                max_len: pkt.ip_len,
+                smac: p.smac,
+                dmac: p.dmac,
+                src_addr,
+                snat_count,
+                expires,
+            })
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbor),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::FragNeeded),
         _ => Err(DropReason::NoRoute),
@@ -135,18 +140,40 @@ fn fib(
 /// with `XDP_TX`, or to another one with `XDP_REDIRECT`.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> u32 {
+    put_macs(pkt.eth(), hop);
+    verdict(ctx, hop)
+}
+
+/// [`send`] for a frame lb rewrote whole (its earlier pointers no longer hold).
+#[inline(always)]
+pub fn send_rewritten(ctx: &XdpContext, hop: &NextHop) -> Result<u32, DropReason> {
+    let eth: *mut [u8; 14] = crate::parse::ptr_at(ctx, 0)?;
+    put_macs(eth as *mut u8, hop);
+    Ok(verdict(ctx, hop))
+}
+
+#[inline(always)]
+fn put_macs(eth: *mut u8, hop: &NextHop) {
     // Word writes: a plain `[u8; 6]` assignment becomes a call to a byte-loop memmove.
     let (d, s) = (&hop.dmac, &hop.smac);
     unsafe {
-        let eth = pkt.eth as *mut u8;
         (eth as *mut u32).write_unaligned(u32::from_ne_bytes([d[0], d[1], d[2], d[3]]));
         (eth.add(4) as *mut u16).write_unaligned(u16::from_ne_bytes([d[4], d[5]]));
         (eth.add(6) as *mut u16).write_unaligned(u16::from_ne_bytes([s[0], s[1]]));
         (eth.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([s[2], s[3], s[4], s[5]]));
     }
+}
+
+#[inline(always)]
+fn verdict(ctx: &XdpContext, hop: &NextHop) -> u32 {
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         xdp_action::XDP_TX
     } else {
-        unsafe { bpf_redirect(hop.ifindex, 0) as u32 }
+        // XDP_REDIRECT, or XDP_ABORTED on a bad index: bounded so that the verifier knows
+        // a verdict from a sub-program is never `CONTINUE`.
+        match unsafe { bpf_redirect(hop.ifindex, 0) } as u32 {
+            xdp_action::XDP_REDIRECT => xdp_action::XDP_REDIRECT,
+            _ => xdp_action::XDP_ABORTED,
+        }
     }
 }

@@ -1,32 +1,40 @@
 //! lb's XDP program.
 //!
-//! Packet path: parse -> reply of a tracked flow? (reverse NAT) -> service lookup (miss:
-//! `XDP_PASS`) -> conntrack -> Maglev select for new flows -> SNAT port -> rewrite ->
-//! FIB lookup -> `XDP_TX` / `XDP_REDIRECT`. Every drop is counted by reason in one place.
+//! Packet path: parse -> reply of a tracked flow? (reverse NAT) -> VIP filter -> SYN: new
+//! flow (or, in cookie mode, lb's own SYN-ACK) | tracked flow: keep its backend | TCP of no
+//! tracked flow: a cookie's answer, or dropped | UDP: new flow -> SNAT port -> rewrite ->
+//! next hop -> `XDP_TX` / `XDP_REDIRECT`. Every drop is counted by reason in one place.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
-mod conntrack;
+mod balance;
+mod cookie;
+mod emit;
+mod flood;
 mod forward;
 mod maps;
 mod nat;
+mod next;
 mod parse;
+mod ports;
+mod reply;
 mod select;
 mod stats;
+mod sweep;
+mod tcpopt;
+mod track;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     config::Config,
-    flow::{CONN_CLOSING, FlowKey, NatReverse, REV_PENDING, SYN_SEEN_SLOTS, SynSeen},
-    hash::flow_hash,
-    service::{ServiceInfo, ServiceKey},
+    flow::{CONN_BACKEND_OPEN, CONN_CLOSING, CONN_HANDSHAKE, CONN_SLOW, CONN_SYNPROXY, Conn, FlowKey, PROBE_SYN, PROBE_TS, SynProbe},
+    hash::{flow_hash, slot_hash},
+    service::{Backend, ServiceInfo, ServiceKey},
     stats::DropReason,
 };
 
-use crate::{
-    conntrack::{Assignment, SnatPort},
-    parse::{Packet, Parsed},
-};
+use crate::parse::{Packet, Parsed};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -70,7 +78,14 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
             pkt.proto,
         );
         if let Some(rev) = maps::nat_reverse.get_ptr_mut(&key) {
-            return reply(ctx, &pkt, rev, cfg);
+            let mut v = reply::reply(ctx, &pkt, rev, false, cfg);
+            if v == next::SYNPROXY {
+                v = reply::synproxy_handshake(ctx, &pkt, rev, cfg);
+                if v == next::CONTINUE {
+                    v = reply::reply(ctx, &pkt, rev, true, cfg);
+                }
+            }
+            return Ok(v);
         }
     }
     let key = ServiceKey::new(pkt.dst_addr(), dport, pkt.proto);
@@ -80,9 +95,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     }
 }
 
-/// A client's packet that may be for a service: a tracked flow keeps its backend (its
-/// `Conn` proves the service, so no service lookup); anything else is balanced, if the
-/// service exists.
+/// A client's packet that may be for a service.
 #[inline(always)]
 fn to_service(
     ctx: &XdpContext,
@@ -97,153 +110,295 @@ fn to_service(
         key.port,
         pkt.proto,
     );
-    let hash = flow_hash(
+    // A SYN opens a connection: it skips the conntrack lookup (its retries find their
+    // port where the first try took it), unless its new flow says a tracked one takes it.
+    let conn = if pkt.is_tcp() && pkt.opens() {
+        let mut v = syn(ctx, pkt, &flow, key, cfg);
+        if v == next::NEW_FLOW {
+            v = balance::new_flow(ctx, pkt, cfg);
+        } else if v == next::COOKIE_SYN {
+            v = cookie_syn(ctx, pkt, &flow, cfg);
+        }
+        if v != next::TRACKED {
+            return Ok(then(ctx, pkt, &flow, key, v, cfg));
+        }
+        maps::conntrack.get_ptr_mut(&flow)
+    } else {
+        maps::conntrack.get_ptr_mut(&flow)
+    };
+    let v = match conn {
+        Some(c) => tracked_with_slow(ctx, pkt, &flow, c, cfg),
+        None if pkt.is_tcp() => unknown_tcp(ctx, pkt, &flow, key, cfg),
+        None => {
+            let Some(svc) = (unsafe { maps::services.get(key) }) else {
+                return Ok(xdp_action::XDP_PASS);
+            };
+            flow_to_balance(&flow, svc, SynProbe::NONE, false, cfg)
+        }
+    };
+    Ok(then(ctx, pkt, &flow, key, v, cfg))
+}
+
+/// The steps a first sub-program's answer asks for, each called from here (see `next`).
+#[inline(always)]
+fn then(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, v: u32, cfg: &Config) -> u32 {
+    let mut v = v;
+    if v == next::REBALANCE {
+        let Some(svc) = (unsafe { maps::services.get(key) }) else {
+            return xdp_action::XDP_PASS;
+        };
+        v = flow_to_balance(flow, svc, SynProbe::NONE, true, cfg);
+    }
+    if v == next::NEW_FLOW {
+        v = balance::new_flow(ctx, pkt, cfg);
+    }
+    if v == next::OPEN_COOKIE {
+        v = balance::cookie_flow(ctx, pkt, cfg);
+    }
+    if v == next::SCAN {
+        v = ports::scan();
+        if v == next::CONTINUE {
+            v = balance::scan_flow(ctx, pkt, cfg);
+        }
+    }
+    // Only a SYN's first step may hand the packet to a tracked flow.
+    if v > xdp_action::XDP_REDIRECT {
+        return next::drop(DropReason::MapUpdate);
+    }
+    v
+}
+
+/// Leaves a new flow in the scratch space for `balance::new_flow`: `next::NEW_FLOW`.
+#[inline(always)]
+fn flow_to_balance(flow: &FlowKey, svc: &ServiceInfo, syn: SynProbe, rebalanced: bool, cfg: &Config) -> u32 {
+    let Some(f) = balance::flow_slot() else {
+        return next::drop(DropReason::MapUpdate);
+    };
+    f.key = *flow;
+    f.hash = hash(flow, cfg);
+    f.svc = *svc;
+    f.syn = syn;
+    f.rebalanced = rebalanced;
+    next::NEW_FLOW
+}
+
+#[inline(always)]
+fn hash(flow: &FlowKey, cfg: &Config) -> u64 {
+    flow_hash(
+        cfg.flow_key,
         flow.src_addr,
         flow.dst_addr,
         flow.src_port,
         flow.dst_port,
         flow.proto,
-    );
-    let mark = maps::syn_seen.get_ptr_mut(hash & (SYN_SEEN_SLOTS - 1));
-    // A SYN opens a connection: it skips the conntrack lookup (a flow is tracked only from
-    // its second packet; its retries find their SNAT port again) and leaves a mark, so that
-    // an entry left by an earlier connection on the same 5-tuple is not used for this one.
-    let tracked = if pkt.opens() {
-        if let Some(m) = mark {
-            let at = conntrack::now() as u32;
-            unsafe { *m = SynSeen { hash, at } };
-        }
-        None
-    } else {
-        maps::conntrack.get_ptr_mut(&flow)
-    };
-    if let Some(conn) = tracked {
-        let c = unsafe { &mut *conn };
-        // A SYN for this 5-tuple since the flow's last packet: a new connection on a
-        // reused port, balanced afresh like a flow whose backend went away.
-        let reopened = mark.is_some_and(|m| unsafe { (*m).reopens(hash, c.last_seen) });
-        // Backends are retired when their service goes, so an active one means the
-        // service is still there.
-        // A flow idle past its timeout may have lost its SNAT port to another flow.
-        let now = conntrack::now();
-        let expired = c.expired(pkt.proto, now, cfg);
-        if let Some(backend) = maps::backends.get(c.backend_id) {
-            if backend.is_active()
-                && backend.generation == c.backend_generation
-                && !reopened
-                && !expired
-            {
-                if pkt.ttl_expires() {
-                    return Err(DropReason::TtlExceeded);
-                }
-                if !forward::fresh(&c.hop, pkt, now) {
-                    c.hop = forward::to_backend(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
-                }
-                if conntrack::due(c, now, cfg) {
-                    conntrack::keep_reverse(c, &flow, backend, now);
-                }
-                conntrack::touch(c, pkt, now, cfg);
-                nat::rewrite(pkt, c.snat_addr, c.snat_port, backend.addr, backend.port);
-                stats::count(c.service_id, c.backend_id, pkt.ip_len as u64);
-                return Ok(forward::send(ctx, pkt, &c.hop));
-            }
-        }
-        // Its backend is gone, it expired, or it is a new connection: balance it again
-        // below, and track it at once.
-    }
+    )
+}
+
+/// A SYN: a new connection (`next::NEW_FLOW`, its flow left in the scratch space), or lb's
+/// cookie SYN-ACK in cookie mode (`next::COOKIE_SYN`). `next::TRACKED` when a tracked flow of its 5-tuple takes
+/// it.
+#[inline(never)]
+fn syn(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, cfg: &Config) -> u32 {
+    next::verdict(try_syn(ctx, pkt, flow, key, cfg))
+}
+
+#[inline(always)]
+fn try_syn(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    key: &ServiceKey,
+    cfg: &Config,
+) -> Result<u32, DropReason> {
     let Some(svc) = (unsafe { maps::services.get(key) }) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    let balance = Balance {
-        flow,
-        hash,
-        svc: *svc,
-        rebalanced: tracked.is_some(),
-    };
-    new_flow(ctx, pkt, &balance, cfg)
-}
-
-/// What `new_flow` balances: the client flow, its service, and whether the flow was
-/// tracked before (its backend went away).
-struct Balance {
-    flow: FlowKey,
-    /// `flow_hash` of `flow`.
-    hash: u32,
-    svc: ServiceInfo,
-    rebalanced: bool,
-}
-
-/// Balances a flow: Maglev picks the backend, a SNAT port is taken, and the flow is
-/// tracked from its second packet on (or at once when it is being re-balanced).
-#[inline(always)]
-fn new_flow(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    balance: &Balance,
-    cfg: &Config,
-) -> Result<u32, DropReason> {
-    let (flow, svc, rebalanced) = (&balance.flow, &balance.svc, balance.rebalanced);
-    if pkt.ttl_expires() {
-        return Err(DropReason::TtlExceeded);
-    }
-    let now = conntrack::now();
-    let hash = balance.hash;
-    let (backend_id, backend) = select::pick(svc, hash).ok_or(DropReason::NoBackend)?;
-    let hop = forward::to_backend(ctx, pkt, backend_id, backend.addr, now, cfg)?;
-    let snat_addr = hop.src_addr;
-    if snat_addr == [0; 4] {
-        return Err(DropReason::NoSnatAddress);
-    }
-    // Built in the per-CPU scratch map: the stack has no room for it.
-    let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
-    let to = Assignment {
-        service_id: svc.id,
-        backend_id,
-        backend_generation: backend.generation,
-    };
-    let flags = if rebalanced { 0 } else { REV_PENDING };
-    conntrack::write_reverse(&mut scratch.rev, flow, &to, flags, now, &hop);
-    let rev = &scratch.rev;
-    let snat_port =
-        match conntrack::alloc_snat_port(cfg, &backend, snat_addr, pkt.proto, hash, rev, now)? {
-            // The first packet of a flow: one insert, the flow is tracked on its next packet.
-            SnatPort::New(port) if !rebalanced => port,
-            SnatPort::New(port) | SnatPort::Own(port) => {
-                let conn = &mut scratch.conn;
-                let flags = if pkt.closes() { CONN_CLOSING } else { 0 };
-                conntrack::write_conn(conn, &to, (snat_addr, port), flags, now, &hop);
-                maps::conntrack
-                    .insert(flow, conn, 0)
-                    .map_err(|_| DropReason::MapUpdate)?;
-                port
+    let now = track::now();
+    flood::count_syn(now, cfg);
+    if flood::cookies(cfg) {
+        // A retry of a handshake begun before, or a SYN on a live connection, goes on.
+        if let Some(c) = maps::conntrack.get_ptr_mut(flow) {
+            let cc = unsafe { &*c };
+            let retry = cc.isn == pkt.seq() && cc.flags & CONN_HANDSHAKE != 0;
+            let live = cc.flags & CONN_CLOSING == 0 && !cc.expired(pkt.proto, now, cfg);
+            if retry || live {
+                return Ok(next::TRACKED);
             }
-        };
-    nat::rewrite(pkt, snat_addr, snat_port, backend.addr, backend.port);
-    stats::count(svc.id, backend_id, pkt.ip_len as u64);
-    Ok(forward::send(ctx, pkt, &hop))
+        }
+        let (id, _) = select::pick(svc, slot_hash(hash(flow, cfg))).ok_or(DropReason::NoBackend)?;
+        maps::scratch_space().ok_or(DropReason::MapUpdate)?.cookie_backend = id;
+        return Ok(next::COOKIE_SYN);
+    }
+    Ok(flow_to_balance(flow, svc, syn_probe(ctx, pkt), false, cfg))
 }
 
-/// A backend's reply to a flow lb balanced: restore the VIP as source, the client as
-/// destination.
+/// lb's cookie SYN-ACK for a SYN (its backend's id left in the scratch space).
+#[inline(never)]
+fn cookie_syn(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, cfg: &Config) -> u32 {
+    let Some(scratch) = maps::scratch_space() else {
+        return next::drop(DropReason::MapUpdate);
+    };
+    let backend_id = scratch.cookie_backend;
+    next::verdict(cookie::answer_syn(ctx, pkt, flow, backend_id, track::now(), cfg))
+}
+
+/// A SYN's sequence number and timestamp.
 #[inline(always)]
-fn reply(
+fn syn_probe(ctx: &XdpContext, pkt: &Packet) -> SynProbe {
+    let (tsval, has) = tcpopt::syn_tsval(ctx, pkt);
+    SynProbe {
+        seq: pkt.seq(),
+        tsval,
+        flags: PROBE_SYN | if has { PROBE_TS } else { 0 },
+    }
+}
+
+/// A TCP packet (not a SYN) of no tracked flow: the answer to a SYN cookie opens the
+/// backend side (`next::OPEN_COOKIE`, the flow and the answer left in the scratch space);
+/// anything else is dropped, with no state made for it.
+#[inline(never)]
+fn unknown_tcp(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, cfg: &Config) -> u32 {
+    next::verdict(try_unknown_tcp(ctx, pkt, flow, key, cfg))
+}
+
+#[inline(always)]
+fn try_unknown_tcp(
     ctx: &XdpContext,
     pkt: &Packet,
-    rev: *mut NatReverse,
+    flow: &FlowKey,
+    key: &ServiceKey,
+    cfg: &Config,
+) -> Result<u32, DropReason> {
+    let Some(svc) = (unsafe { maps::services.get(key) }) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if !pkt.plain_ack() {
+        return Err(DropReason::UnknownFlow);
+    }
+    let answer = cookie::check_ack(ctx, pkt, flow, track::now(), cfg).ok_or(DropReason::UnknownFlow)?;
+    let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
+    let f = &mut scratch.flow;
+    f.key = *flow;
+    f.hash = hash(flow, cfg);
+    f.svc = *svc;
+    f.syn = SynProbe {
+        seq: answer.isn,
+        tsval: answer.syn.tsval,
+        flags: PROBE_SYN
+            | if answer.syn.flags & lb_common::flow::SYN_TIMESTAMPS != 0 {
+                PROBE_TS
+            } else {
+                0
+            },
+    };
+    f.rebalanced = false;
+    scratch.answer = answer;
+    Ok(next::OPEN_COOKIE)
+}
+
+/// A tracked flow's packet, with the slow path's turn first where its flow needs it.
+#[inline(always)]
+fn tracked_with_slow(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, conn: *mut Conn, cfg: &Config) -> u32 {
+    let v = tracked(ctx, pkt, conn, false, cfg);
+    if v != next::SLOW {
+        return v;
+    }
+    let v = slow(ctx, pkt, flow, conn, cfg);
+    if v != next::CONTINUE {
+        return v;
+    }
+    tracked(ctx, pkt, conn, true, cfg)
+}
+
+/// A packet of a tracked flow: it keeps its backend (its `Conn` proves the service, so no
+/// service lookup), unless that backend went away or the flow expired (`next::REBALANCE`).
+/// A flow marked slow goes to [`slow`] first (`next::SLOW`); `slow_seen` says it has.
+#[inline(never)]
+fn tracked(ctx: &XdpContext, pkt: &Packet, conn: *mut Conn, slow_seen: bool, cfg: &Config) -> u32 {
+    next::verdict(try_tracked(ctx, pkt, conn, slow_seen, cfg))
+}
+
+#[inline(always)]
+fn try_tracked(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    conn: *mut Conn,
+    slow_seen: bool,
     cfg: &Config,
 ) -> Result<u32, DropReason> {
     if pkt.ttl_expires() {
         return Err(DropReason::TtlExceeded);
     }
-    let r = unsafe { &mut *rev };
-    let now = conntrack::now();
-    if !forward::fresh(&r.hop, pkt, now) {
-        r.hop = forward::lookup(ctx, pkt, r.vip_addr, r.client_addr, now, cfg)?;
+    let c = unsafe { &mut *conn };
+    let now = track::now();
+    let backend = match maps::backends.get(c.backend_id) {
+        // Backends are retired when their service goes, so an active one means the
+        // service is still there.
+        Some(b)
+            if b.is_active()
+                && b.generation == c.backend_generation
+                && !c.expired(pkt.proto, now, cfg) =>
+        {
+            *b
+        }
+        // Its backend is gone, or it expired: balance it again, and track it at once.
+        _ => return Ok(next::REBALANCE),
+    };
+    if c.flags & CONN_SLOW != 0 && !slow_seen {
+        return Ok(next::SLOW);
     }
-    conntrack::on_reply(r, pkt, now, cfg);
-    nat::rewrite(pkt, r.vip_addr, r.vip_port, r.client_addr, r.client_port);
-    stats::count(r.service_id, r.backend_id, pkt.ip_len as u64);
-    Ok(forward::send(ctx, pkt, &r.hop))
+    if !forward::fresh(&c.hop, pkt, now) {
+        c.hop = forward::to_backend(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
+    }
+    track::touch(c, now, cfg);
+    nat::rewrite(pkt, c.snat_addr, c.snat_port, backend.addr, backend.port);
+    stats::count(c.service_id, c.backend_id, pkt.ip_len as u64);
+    Ok(forward::send(ctx, pkt, &c.hop))
+}
+
+/// The client side of a flow whose handshake or close is under way, or that lb opened
+/// behind a cookie: state, and translation. A verdict when the packet was used otherwise,
+/// else `next::CONTINUE`.
+#[inline(never)]
+fn slow(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, conn: *mut Conn, cfg: &Config) -> u32 {
+    match try_slow(ctx, pkt, flow, conn, cfg) {
+        Ok(Some(v)) => v,
+        Ok(None) => next::CONTINUE,
+        Err(reason) => next::drop(reason),
+    }
+}
+
+#[inline(always)]
+fn try_slow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    conn: *mut Conn,
+    cfg: &Config,
+) -> Result<Option<u32>, DropReason> {
+    let c = unsafe { &mut *conn };
+    let Some(backend) = maps::backends.get(c.backend_id) else {
+        return Ok(None);
+    };
+    let now = track::now();
+    if pkt.is_tcp() {
+        track::client_segment(ctx, pkt, flow, c, backend, now, cfg);
+    }
+    if c.flags & CONN_SYNPROXY == 0 {
+        return Ok(None);
+    }
+    if c.flags & CONN_BACKEND_OPEN == 0 {
+        // The backend has not answered lb's SYN: this segment carries it again.
+        let ttl = unsafe { (*pkt.ip).ttl } - 1;
+        if !forward::fresh(&c.hop, pkt, now) {
+            c.hop = forward::to_backend(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
+        }
+        cookie::syn_to_backend(ctx, c, backend, ttl)?;
+        return forward::send_rewritten(ctx, &c.hop).map(Some);
+    }
+    let opts = tcpopt::read(ctx, pkt);
+    tcpopt::translate(ctx, &opts, &cookie::client_translation(c));
+    Ok(None)
 }
 
 #[cfg(not(test))]

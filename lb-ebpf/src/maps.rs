@@ -4,12 +4,15 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    config::{Config, FibKey, IfaceAddr, NextHop},
-    flow::{Conn, FlowKey, NatReverse, SYN_SEEN_SLOTS, SynSeen},
+    config::{Config, FibKey, IfaceAddrs, NextHop},
+    flood::{CookieStat, Flood, SynWindow},
+    flow::{Conn, FlowKey, NatReverse},
+    ports::{BackendState, PortTable, PortTableKey},
     service::{Backend, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
 };
@@ -27,41 +30,60 @@ pub static vip_filter: Array<u32, { lb_common::service::VIP_FILTER_SLOTS as usiz
 #[btf_map]
 pub static backends: Array<Backend, 65536> = Array::new();
 
-/// All services' Maglev tables, one after another: slot -> backend id. Memory-mappable
-/// (`BPF_F_MMAPABLE`), so the daemon writes tables with plain stores, not a syscall a slot.
+/// Backend id -> SNAT ports its flows hold (from the sweep) and its SYN-ACK's options.
 #[btf_map]
-pub static maglev: Array<u32, 4194304, { aya_ebpf::bindings::BPF_F_MMAPABLE as usize }> =
-    Array::new();
+pub static backend_state: Array<BackendState, 65536> = Array::new();
 
-/// Client flow (client -> VIP) -> chosen backend, SNAT address and port, next hop.
+/// All services' Maglev tables, one after another: slot -> backend id. Memory-mappable,
+/// so the daemon writes tables with plain stores, not a syscall a slot.
 #[btf_map]
-pub static conntrack: LruHashMap<FlowKey, Conn, 524288> = LruHashMap::new();
+pub static maglev: Array<u32, 4194304, { BPF_F_MMAPABLE as usize }> = Array::new();
 
-/// Flow hash (low 16 bits) -> the last SYN that hashed there. A SYN skips the conntrack
-/// lookup; this tells a tracked flow's later packets that their 5-tuple was reused.
+/// Client flow (client -> VIP) -> chosen backend, SNAT address and port, next hop. A plain
+/// hash: entries leave when their flow is over (the sweep, or a port taken over), never
+/// to make room, so a flood cannot push out a live flow.
 #[btf_map]
-pub static syn_seen: Array<SynSeen, { SYN_SEEN_SLOTS as usize }> = Array::new();
+pub static conntrack: HashMap<FlowKey, Conn, 524288> = HashMap::new();
 
-/// Backend flow (backend -> SNAT address and port) -> client and VIP to restore, next hop.
+/// Backend flow (backend -> SNAT address and port) -> client and VIP to restore, next hop,
+/// and the state of the flow holding the port. A plain hash, like `conntrack`.
 #[btf_map]
-pub static nat_reverse: LruHashMap<FlowKey, NatReverse, 524288> = LruHashMap::new();
+pub static nat_reverse: HashMap<FlowKey, NatReverse, 524288> = HashMap::new();
 
-/// Index 0: balancer-wide settings (SNAT port range).
+/// (backend, SNAT address) -> bitmap of the ports held: where a new flow finds a free port.
+/// Made by the program on a pair's first flow (memory only for pairs in use).
+#[btf_map]
+pub static port_tables: HashMap<PortTableKey, PortTable, 65536, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// Index 0: balancer-wide settings (SNAT port range, secrets, cookie thresholds).
 #[btf_map]
 pub static config: Array<Config, 1> = Array::new();
 
-/// Egress ifindex -> IPv4 address used as SNAT source there.
+/// Egress ifindex -> the addresses used as SNAT sources there.
 #[btf_map]
-pub static iface_addrs: HashMap<u32, IfaceAddr, 4096> = HashMap::new();
+pub static iface_addrs: HashMap<u32, IfaceAddrs, 4096> = HashMap::new();
 
 /// Backend id -> the next hop towards it, refreshed from the FIB once it expires.
 #[btf_map]
 pub static backend_hops: Array<NextHop, 65536> = Array::new();
 
 /// (destination, ingress ifindex) -> next hop, for a client's replies; kept for
-/// `FIB_CACHE_TTL_S`.
+/// `FIB_CACHE_TTL_S`. A cache: LRU eviction only costs a lookup.
 #[btf_map]
 pub static fib_cache: LruHashMap<FibKey, NextHop, 65536> = LruHashMap::new();
+
+/// Index 0: whether lb answers SYNs with cookies, and the figures that decide it.
+#[btf_map]
+pub static flood: Array<Flood, 1> = Array::new();
+
+/// New SYNs this CPU saw in its current measuring window.
+#[btf_map]
+pub static syn_window: PerCpuArray<SynWindow, 1> = PerCpuArray::new();
+
+/// `CookieStat` -> count, per CPU.
+#[btf_map]
+pub static cookie_stats: PerCpuArray<u64, { CookieStat::COUNT as usize }> = PerCpuArray::new();
 
 /// Service id -> packets and bytes, both directions, per CPU.
 #[btf_map]
@@ -72,8 +94,9 @@ pub static service_stats: PerCpuArray<Counters, 65536> = PerCpuArray::new();
 pub static backend_stats: PerCpuArray<Counters, 65536> = PerCpuArray::new();
 
 /// Per-CPU room for the large values a packet builds (BPF gives a program 512 bytes of
-/// stack): the reverse and conntrack entries of a new flow, the FIB lookup's parameters.
-/// Not pinned: it holds nothing between packets.
+/// stack): the reverse and conntrack entries of a new flow, the FIB lookup's parameters,
+/// and an empty port table to create one from. Not pinned: it holds nothing between
+/// packets.
 #[btf_map]
 pub static scratch: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
@@ -82,6 +105,15 @@ pub struct Scratch {
     pub rev: NatReverse,
     pub conn: Conn,
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
+    pub scan: crate::ports::ScanArgs,
+    pub search: crate::ports::SearchState,
+    pub flow: crate::balance::Flow,
+    pub target: crate::balance::Target,
+    pub answer: crate::cookie::Answer,
+    /// The backend a cookie SYN-ACK speaks for.
+    pub cookie_backend: u32,
+    /// Never written: all zeroes.
+    pub empty_table: PortTable,
 }
 
 /// This CPU's scratch space.

@@ -6,7 +6,8 @@ use lb_common::{
 
 use crate::maps;
 
-/// The backend id and backend in the slot `hash` falls on, if that backend is usable.
+/// The backend id and backend in the slot `hash` (the flow hash's slot part) falls on, if
+/// that backend is usable.
 #[inline(always)]
 pub fn pick(svc: &ServiceInfo, hash: u32) -> Option<(u32, Backend)> {
     if svc.table_size == 0 {

@@ -1,6 +1,9 @@
-//! Per-CPU counters: per service, per backend, and drops by reason.
+//! Per-CPU counters: per service, per backend, drops by reason, and SYN cookies.
 use aya_ebpf::btf_maps::PerCpuArray;
-use lb_common::stats::{Counters, DropReason};
+use lb_common::{
+    flood::CookieStat,
+    stats::{Counters, DropReason},
+};
 
 use crate::maps;
 
@@ -24,6 +27,13 @@ pub fn count(service_id: u32, backend_id: u32, bytes: u64) {
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
     if let Some(c) = maps::drops.get_ptr_mut(reason as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_cookie(what: CookieStat) {
+    if let Some(c) = maps::cookie_stats.get_ptr_mut(what as u32) {
         unsafe { *c += 1 };
     }
 }

@@ -182,17 +182,18 @@ async fn list_services(State(s): State<Shared>) -> Result<Response, ApiError> {
     Ok(Json(list).into_response())
 }
 
-/// XDP's drops by reason, and the HTTP proxy's requests per service and own answers.
+/// XDP's drops by reason, the SYN flood defence, and the HTTP proxy's requests per service
+/// and own answers.
 async fn stats(
     State(s): State<Shared>,
     proxy: Option<Arc<crate::l7::Proxy>>,
 ) -> Result<Response, ApiError> {
-    let drops = with_controller(&s, |c| Ok(c.drops())).await?;
+    let (drops, flood) = with_controller(&s, |c| Ok((c.drops(), c.flood()))).await?;
     let drops: serde_json::Map<String, serde_json::Value> = drops
         .into_iter()
         .map(|(r, n)| (r.name().to_string(), n.into()))
         .collect();
-    let mut body = json!({ "drops": drops });
+    let mut body = json!({ "drops": drops, "syn_flood": flood });
     if let Some(p) = proxy {
         body["http"] = serde_json::to_value(p.stats()).unwrap_or_default();
     }

@@ -52,6 +52,9 @@ pub struct BackendView {
     /// Why the check that took it down failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The SNAT ports its flows hold (layer-4 services), as of the last sweep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_ports: Option<crate::dataplane::PortUse>,
 }
 
 /// `GET /v1/services/{name}`: the service as stored plus its counters.
@@ -163,7 +166,7 @@ impl Controller {
         let local: Vec<Ipv4Addr> = match addr {
             std::net::SocketAddr::V4(a) if a.ip().is_unspecified() => {
                 crate::net::interface_addresses()
-                    .map(|m| m.values().map(|ip| Ipv4Addr::from(*ip)).collect())
+                    .map(|m| m.values().flatten().map(|ip| Ipv4Addr::from(*ip)).collect())
                     .unwrap_or_default()
             }
             std::net::SocketAddr::V4(a) => vec![*a.ip()],
@@ -507,6 +510,7 @@ impl Controller {
             .ok_or_else(|| ControlError::NotFound(name.to_string()))?
             .clone();
         let (counters, per_backend) = self.dataplane.counters(name).unwrap_or_default();
+        let ports = self.dataplane.port_uses(name).unwrap_or_default();
         let backend_counters = service
             .backends
             .iter()
@@ -528,6 +532,7 @@ impl Controller {
                     health: if h.up { "up" } else { "down" },
                     since: humantime::format_rfc3339_millis(h.since).to_string(),
                     reason: h.reason,
+                    snat_ports: ports.iter().find(|(a, _)| a == addr).map(|(_, p)| *p),
                 }
             })
             .collect();
@@ -540,5 +545,9 @@ impl Controller {
 
     pub fn drops(&self) -> Vec<(DropReason, u64)> {
         self.dataplane.drops()
+    }
+
+    pub fn flood(&self) -> crate::dataplane::FloodView {
+        self.dataplane.flood_view()
     }
 }

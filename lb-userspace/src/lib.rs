@@ -11,4 +11,6 @@ pub mod l7;
 pub mod model;
 pub mod net;
 pub mod reconcile;
+pub mod secret;
+pub mod snat;
 pub mod store;

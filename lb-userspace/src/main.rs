@@ -12,9 +12,10 @@ use clap::{Args, Parser, Subcommand};
 use lb::{
     api,
     controller::Controller,
-    dataplane::{Dataplane, Limits},
+    dataplane::{CookieMode, Dataplane, Limits, Settings},
     discovery, l7, net,
     reconcile::Reconciler,
+    secret::GroupKeys,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -92,10 +93,34 @@ struct RunArgs {
     /// bpffs directory the maps are pinned under.
     #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
     bpffs: PathBuf,
-    /// Source ports for the balancer's side of forwarded flows. Must not overlap the
-    /// host's ephemeral range (net.ipv4.ip_local_port_range).
-    #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX", value_parser = parse_range)]
-    snat_ports: (u16, u16),
+    /// Source ports for the balancer's side of forwarded flows, a range per backend and
+    /// SNAT address. Must not overlap the host's ephemeral range
+    /// (net.ipv4.ip_local_port_range). Default: the widest range from 1024 up outside it
+    /// (1024-32767 with Linux's default).
+    #[arg(long, value_name = "MIN-MAX", value_parser = parse_range)]
+    snat_ports: Option<(u16, u16)>,
+    /// An address to use as SNAT source on the interface that has it (repeat for several:
+    /// each multiplies the ports towards every backend). Interfaces with none of them use
+    /// their first IPv4 address.
+    #[arg(long = "snat-address", value_name = "IP")]
+    snat_addresses: Vec<std::net::Ipv4Addr>,
+    /// When lb answers SYNs itself with SYN cookies (no state until the client's ACK proves
+    /// its address): `auto` above --syn-cookie-rate or --syn-cookie-occupancy, `always`,
+    /// or `off`.
+    #[arg(long, default_value = "auto", value_name = "auto|always|off")]
+    syn_cookies: CookieArg,
+    /// New SYNs a second (all CPUs) above which cookie mode turns on; 0: never by rate.
+    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    syn_cookie_rate: u32,
+    /// Percent of a backend's SNAT ports in use above which cookie mode turns on; 0: never
+    /// by occupancy.
+    #[arg(long, default_value_t = 50, value_name = "PCT", value_parser = clap::value_parser!(u32).range(0..=100))]
+    syn_cookie_occupancy: u32,
+    /// Seconds a backend holds a connection it closed first in TIME_WAIT (60 on Linux,
+    /// often 120 elsewhere). A port in it goes to a new SYN only if the backend would
+    /// accept it (RFC 6191), else after this.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    backend_time_wait: u32,
     /// Where the configuration is kept: file:///DIR (embedded, the default),
     /// etcd://HOST:PORT[,HOST:PORT...] (etcd v3) or consul://HOST:PORT[,HOST:PORT...]
     /// (Consul's KV store); every address listed is failed over to. Every service stored
@@ -138,6 +163,13 @@ struct RunArgs {
     conntrack_entries: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CookieArg {
+    Auto,
+    Always,
+    Off,
+}
+
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
@@ -156,23 +188,42 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
     Ok((min, max))
 }
 
-/// Refuses a SNAT range that overlaps the ports the host picks for its own connections.
-fn check_ephemeral_overlap((min, max): (u16, u16)) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
-        return Ok(());
-    };
-    let mut it = text
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u16>().ok());
-    if let (Some(lo), Some(hi)) = (it.next(), it.next())
-        && min <= hi
-        && lo <= max
-    {
-        bail!(
-            "--snat-ports {min}-{max} overlaps the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range); choose a range outside it"
-        );
+/// The SNAT port range: the one given, which must not overlap the host's ephemeral ports,
+/// or the widest one outside them.
+fn snat_ports(args: &RunArgs) -> anyhow::Result<(u16, u16)> {
+    let ephemeral = lb::snat::ephemeral_range();
+    match args.snat_ports {
+        Some(range) => {
+            lb::snat::check_overlap(range, ephemeral).map_err(anyhow::Error::msg)?;
+            Ok(range)
+        }
+        None => lb::snat::default_range(ephemeral.unwrap_or((32768, 60999)))
+            .map_err(anyhow::Error::msg),
     }
-    Ok(())
+}
+
+/// The data plane's settings from the flags, with `keys` as the group's secret.
+fn settings(args: &RunArgs, ports: (u16, u16), keys: lb::secret::GroupKeys) -> Settings {
+    Settings {
+        snat_ports: ports,
+        flow_key: keys.flow,
+        cookie_key: keys.cookie,
+        cookies: match args.syn_cookies {
+            CookieArg::Auto => CookieMode::Auto {
+                rate: args.syn_cookie_rate,
+                occupancy: args.syn_cookie_occupancy * 10,
+            },
+            CookieArg::Always => CookieMode::Always,
+            CookieArg::Off => CookieMode::Never,
+        },
+        time_wait_s: args.backend_time_wait,
+    }
+}
+
+/// The SNAT addresses per interface (ifindex), as `--snat-address` asks.
+fn snat_addresses(args: &RunArgs) -> anyhow::Result<std::collections::HashMap<u32, Vec<[u8; 4]>>> {
+    lb::net::snat_addresses(&net::interface_addresses()?, &args.snat_addresses)
+        .map_err(anyhow::Error::msg)
 }
 
 /// The ACL token in `--store-token-file`, if given: only for Consul, and the file must hold
@@ -274,7 +325,7 @@ fn route(s: &lb::controller::HttpService) -> l7::Route {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    check_ephemeral_overlap(args.snat_ports)?;
+    let ports = snat_ports(&args)?;
     let store_token = read_store_token(&args)?;
     for iface in &args.ifaces {
         net::ifindex(iface)?;
@@ -302,8 +353,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let mut dataplane = Dataplane::load(&args.bpffs, &limits)?;
-    dataplane.configure(args.snat_ports.0, args.snat_ports.1)?;
-    dataplane.set_iface_addrs(&net::interface_addresses()?)?;
+    // The keys an earlier daemon left keep flows where they are until the store says which
+    // are the group's.
+    let keys = match dataplane.pinned_keys() {
+        Some((flow, cookie)) => GroupKeys { flow, cookie },
+        None => GroupKeys::random().context("reading random bytes for the group's keys")?,
+    };
+    dataplane.configure(&settings(&args, ports, keys))?;
+    dataplane.set_iface_addrs(&snat_addresses(&args)?)?;
     for iface in &args.ifaces {
         net::enable_forwarding(iface)?;
         dataplane.attach(iface)?;
@@ -317,6 +374,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .filter(|_| args.store.starts_with("consul://")),
     )
     .await?;
+    let group_keys = lb::secret::shared(store.as_ref(), keys)
+        .await
+        .context("the group's secret in the store")?;
+    if group_keys != keys {
+        tracing::info!("using the group's keys from the store");
+        dataplane.configure(&settings(&args, ports, group_keys))?;
+    }
     let mut controller = Controller::new(dataplane);
     // From here on the data plane outlives this process: a restart takes it over.
     controller.keep_on_exit();
@@ -347,10 +411,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Interface addresses can change under us; keep the SNAT sources current.
     let refresher = {
         let state = controller.clone();
+        let wanted = args.snat_addresses.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                match net::interface_addresses() {
+                let addrs = net::interface_addresses()
+                    .map_err(|e| e.to_string())
+                    .and_then(|all| net::snat_addresses(&all, &wanted));
+                match addrs {
                     Ok(addrs) => {
                         let mut c = state.lock().unwrap_or_else(|p| p.into_inner());
                         if let Err(e) = c.dataplane().set_iface_addrs(&addrs) {
@@ -358,6 +426,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "reading interface addresses"),
+                }
+            }
+        })
+    };
+    // Once a second, flows that are over leave the maps and their ports go back.
+    let sweeper = {
+        let state = controller.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            for n in 0u64.. {
+                tick.tick().await;
+                let state = state.clone();
+                let swept = tokio::task::spawn_blocking(move || {
+                    let mut c = lock(&state);
+                    if n % 60 == 59 {
+                        c.dataplane().forget_port_tables()?;
+                    }
+                    c.dataplane().sweep()
+                })
+                .await;
+                if let Ok(Err(e)) = swept {
+                    tracing::warn!(error = %e, "sweeping the flow maps");
                 }
             }
         })
@@ -406,7 +496,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let address = args.address.or_else(|| {
         let first = net::ifindex(&args.ifaces[0]).ok()?;
         let addrs = net::interface_addresses().ok()?;
-        addrs.get(&first).map(|a| std::net::Ipv4Addr::from(*a))
+        addrs
+            .get(&first)
+            .and_then(|a| a.first())
+            .map(|a| std::net::Ipv4Addr::from(*a))
     });
     axum::serve(listener, api::router(state.clone(), address, proxy))
         .with_graceful_shutdown(shutdown)
@@ -420,6 +513,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(6), task).await;
     }
     refresher.abort();
+    sweeper.abort();
     restoring.abort();
     health.abort();
     drop(state);

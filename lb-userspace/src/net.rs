@@ -39,7 +39,7 @@ pub fn enable_forwarding(iface: &str) -> Result<(), NetError> {
 }
 
 /// The first IPv4 address of every interface that has one: ifindex -> address.
-pub fn interface_addresses() -> Result<HashMap<u32, [u8; 4]>, NetError> {
+pub fn interface_addresses() -> Result<HashMap<u32, Vec<[u8; 4]>>, NetError> {
     let mut out = HashMap::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(NetError::Addresses)? {
         let Some(addr) = ifa
@@ -53,9 +53,44 @@ pub fn interface_addresses() -> Result<HashMap<u32, [u8; 4]>, NetError> {
         let Ok(index) = nix::net::if_::if_nametoindex(ifa.interface_name.as_str()) else {
             continue;
         };
-        out.entry(index).or_insert(addr.octets());
+        let list: &mut Vec<[u8; 4]> = out.entry(index).or_default();
+        if !list.contains(&addr.octets()) {
+            list.push(addr.octets());
+        }
     }
     Ok(out)
+}
+
+/// The SNAT addresses on each interface: the ones `wanted` (`--snat-address`) names that
+/// the interface has, in that order, else its first IPv4 address. An address in `wanted`
+/// that no interface has is an error.
+pub fn snat_addresses(
+    all: &HashMap<u32, Vec<[u8; 4]>>,
+    wanted: &[std::net::Ipv4Addr],
+) -> Result<HashMap<u32, Vec<[u8; 4]>>, String> {
+    for w in wanted {
+        if !all.values().any(|l| l.contains(&w.octets())) {
+            return Err(format!(
+                "--snat-address {w}: no interface has this address (add it with `ip addr add {w}/32 dev IF`)"
+            ));
+        }
+    }
+    Ok(all
+        .iter()
+        .map(|(&ifindex, list)| {
+            let chosen: Vec<[u8; 4]> = wanted
+                .iter()
+                .map(|w| w.octets())
+                .filter(|w| list.contains(w))
+                .collect();
+            let addrs = if chosen.is_empty() {
+                list.iter().take(1).copied().collect()
+            } else {
+                chosen
+            };
+            (ifindex, addrs)
+        })
+        .collect())
 }
 
 /// Runs `ip -force -batch -` with `commands` (one per line) and `extra` options: one

@@ -7,7 +7,7 @@ use anyhow::Context;
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
 use lb::{
-    dataplane::{Dataplane, Limits, PASS_PROGRAM, PROGRAM},
+    dataplane::{Dataplane, Limits, PASS_PROGRAM, PROGRAM, Settings},
     model::{Service, ServiceSpec},
 };
 use lb_common::flow::{Conn, FlowKey, NatReverse};
@@ -159,8 +159,11 @@ impl PacketLab {
 
         let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt-pkt"));
         let mut dataplane = Dataplane::load(&pins, limits)?;
-        dataplane.configure(snat.0, snat.1)?;
-        dataplane.set_iface_addrs(&HashMap::from([(v0, LB0.octets()), (v2, LB2.octets())]))?;
+        dataplane.configure(&Settings::with_ports(snat.0, snat.1))?;
+        dataplane.set_iface_addrs(&HashMap::from([
+            (v0, vec![LB0.octets()]),
+            (v2, vec![LB2.octets()]),
+        ]))?;
         Ok(Self {
             dataplane,
             v0,

@@ -581,8 +581,10 @@ fn maglev_pick(lab: &PacketLab, service: &str, cport: u16) -> Ipv4Addr {
     let inst = lab.dataplane.installed(service).unwrap();
     let addrs: Vec<std::net::SocketAddrV4> = inst.backends.iter().map(|&(a, _)| a).collect();
     let table = lb_common::maglev::build_table(&addrs, inst.table_size);
-    let hash = lb_common::hash::flow_hash(CLIENT.octets(), VIP.octets(), cport, 80, IPPROTO_TCP);
-    *addrs[table[lb_common::hash::reduce(hash, inst.table_size) as usize] as usize].ip()
+    let key = lb::dataplane::Settings::with_ports(0, 0).flow_key;
+    let hash = lb_common::hash::flow_hash(key, CLIENT.octets(), VIP.octets(), cport, 80, IPPROTO_TCP);
+    let slot = lb_common::hash::reduce(lb_common::hash::slot_hash(hash), inst.table_size);
+    *addrs[table[slot as usize] as usize].ip()
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::net::SocketAddrV4;
 use lb_common::{
     config::NextHop,
     maglev,
+    ports::BackendState,
     service::{BACKEND_ACTIVE, Backend, ServiceInfo, ServiceKey},
     stats::Counters,
 };
@@ -232,8 +233,10 @@ impl Dataplane {
             self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
             if reused {
                 self.zero_counters(None, Some(bid))?;
-                // It must not inherit the next hop of the backend it was before.
+                // It must not inherit the next hop, port counts or learnt options of the
+                // backend it was before.
                 self.backend_hops.set(bid, NextHop::default(), 0)?;
+                self.backend_state.set(bid, BackendState::default(), 0)?;
             }
             self.backends.set(
                 bid,

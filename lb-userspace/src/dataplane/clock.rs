@@ -4,6 +4,11 @@ use std::time::{Duration, Instant};
 
 const RATES: [u32; 4] = [100, 250, 300, 1000];
 
+/// The kernel's jiffies counter now (what the program's `bpf_jiffies64` reads).
+pub fn jiffies_now() -> Option<u64> {
+    jiffies()
+}
+
 fn jiffies() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/timer_list").ok()?;
     text.lines()

@@ -9,6 +9,7 @@ mod ids;
 mod maglev_array;
 mod pins;
 mod slots;
+mod sweep;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -27,12 +28,16 @@ use aya::{
     },
 };
 use lb_common::{
-    config::{Config, IfaceAddr, LAYOUT_VERSION, NextHop},
+    config::{Config, IfaceAddrs, LAYOUT_VERSION, MAX_SNAT_ADDRS, NextHop},
+    flood::Flood,
+    hash::SipKey,
+    ports::{BackendState, PortTable, PortTableKey},
     service::{Backend, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
 };
 
 pub use apply::Installed;
+pub use sweep::{FloodView, PortUse};
 use ids::IdAllocator;
 use slots::SlotAllocator;
 
@@ -43,20 +48,26 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT
 pub const PROGRAM: &str = "lb_xdp";
 pub const PASS_PROGRAM: &str = "lb_pass";
 pub const TX_PROGRAM: &str = "lb_tx";
+/// The sweep the daemon runs once a second (see `sweep`).
+pub const SWEEP_PROGRAM: &str = "lb_sweep";
 
 /// Every map, by the name it has in the object and under the pin directory.
-pub const MAPS: [&str; 14] = [
+pub const MAPS: [&str; 18] = [
     "services",
     "vip_filter",
     "backends",
+    "backend_state",
     "backend_hops",
     "maglev",
     "conntrack",
     "nat_reverse",
-    "syn_seen",
+    "port_tables",
     "config",
     "iface_addrs",
     "fib_cache",
+    "flood",
+    "syn_window",
+    "cookie_stats",
     "service_stats",
     "backend_stats",
     "drops",
@@ -104,6 +115,41 @@ pub struct Limits {
     pub conntrack_entries: u32,
 }
 
+/// When lb answers SYNs with cookies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieMode {
+    /// Above `rate` new SYNs a second, or while a backend's ports are `occupancy` per mille
+    /// full (0: never for that reason).
+    Auto { rate: u32, occupancy: u32 },
+    Always,
+    Never,
+}
+
+/// The balancer-wide settings the program reads.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// SNAT source ports, inclusive.
+    pub snat_ports: (u16, u16),
+    pub flow_key: SipKey,
+    pub cookie_key: SipKey,
+    pub cookies: CookieMode,
+    /// Seconds a backend holds a tuple it closed first in TIME_WAIT.
+    pub time_wait_s: u32,
+}
+
+impl Settings {
+    /// Settings for tests and benchmarks: fixed keys, cookies never.
+    pub fn with_ports(min: u16, max: u16) -> Self {
+        Self {
+            snat_ports: (min, max),
+            flow_key: SipKey { k0: 1, k1: 2 },
+            cookie_key: SipKey { k0: 3, k1: 4 },
+            cookies: CookieMode::Never,
+            time_wait_s: 60,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -124,9 +170,13 @@ pub struct Dataplane {
     filter_counts: StdHashMap<u32, u32>,
     backends: Array<MapData, Backend>,
     backend_hops: Array<MapData, NextHop>,
+    backend_state: Array<MapData, BackendState>,
     maglev: maglev_array::MaglevArray,
     config: Array<MapData, Config>,
-    iface_addrs: HashMap<MapData, u32, IfaceAddr>,
+    iface_addrs: HashMap<MapData, u32, IfaceAddrs>,
+    port_tables: HashMap<MapData, PortTableKey, PortTable>,
+    flood: Array<MapData, Flood>,
+    cookie_stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     drops: PerCpuArray<MapData, u64>,
@@ -145,6 +195,8 @@ pub struct Dataplane {
     installed: StdHashMap<String, Installed>,
     max_services: u32,
     hz: u32,
+    /// The settings last written to `config`.
+    settings: Option<Settings>,
     /// An exclusive lock on the pin directory, held while this daemon uses it.
     _lock: std::fs::File,
 }
@@ -306,7 +358,7 @@ impl Dataplane {
             loader.map_pin_path(name, pin_dir.join(name));
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in [PROGRAM, PASS_PROGRAM, TX_PROGRAM] {
+        for name in [PROGRAM, PASS_PROGRAM, TX_PROGRAM, SWEEP_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Missing(name))?
@@ -319,6 +371,7 @@ impl Dataplane {
             filter_counts: StdHashMap::new(),
             backends: take(&mut ebpf, "backends")?,
             backend_hops: take(&mut ebpf, "backend_hops")?,
+            backend_state: take(&mut ebpf, "backend_state")?,
             maglev: match ebpf.take_map("maglev") {
                 Some(aya::maps::Map::Array(data)) => {
                     maglev_array::MaglevArray::new(data, limits.maglev_slots)
@@ -328,6 +381,9 @@ impl Dataplane {
             },
             config: take(&mut ebpf, "config")?,
             iface_addrs: take(&mut ebpf, "iface_addrs")?,
+            port_tables: take(&mut ebpf, "port_tables")?,
+            flood: take(&mut ebpf, "flood")?,
+            cookie_stats: take(&mut ebpf, "cookie_stats")?,
             service_stats: take(&mut ebpf, "service_stats")?,
             backend_stats: take(&mut ebpf, "backend_stats")?,
             drops: take(&mut ebpf, "drops")?,
@@ -343,6 +399,7 @@ impl Dataplane {
             installed: StdHashMap::new(),
             max_services: limits.max_services,
             hz: clock::kernel_hz(),
+            settings: None,
             _lock: lock,
         };
         if adopt {
@@ -367,40 +424,70 @@ impl Dataplane {
         self.keep_on_drop = true;
     }
 
-    /// Writes the balancer-wide settings: the SNAT source port range (inclusive), and the
-    /// kernel's tick rate that the program's timeouts are counted in.
-    pub fn configure(&mut self, min: u16, max: u16) -> Result<(), DataplaneError> {
+    /// Writes the balancer-wide settings: the SNAT source port range, the group's secrets,
+    /// when to answer SYNs with cookies, and the kernel's tick rate that the program's
+    /// timeouts are counted in.
+    pub fn configure(&mut self, s: &Settings) -> Result<(), DataplaneError> {
+        let (flags, rate, occupancy) = match s.cookies {
+            CookieMode::Auto { rate, occupancy } => (0, rate, occupancy),
+            CookieMode::Always => (lb_common::config::COOKIES_ALWAYS, 0, 0),
+            CookieMode::Never => (lb_common::config::COOKIES_NEVER, 0, 0),
+        };
         self.config.set(
             0,
             Config {
-                snat_port_min: min,
-                snat_port_max: max,
+                snat_port_min: s.snat_ports.0,
+                snat_port_max: s.snat_ports.1,
                 hz: self.hz,
                 layout: LAYOUT_VERSION,
+                flags,
+                flow_key: s.flow_key,
+                cookie_key: s.cookie_key,
+                cookie_syn_rate: rate,
+                cookie_occupancy: occupancy,
+                time_wait_s: s.time_wait_s,
+                nr_cpus: aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))? as u32,
             },
             0,
         )?;
+        self.settings = Some(s.clone());
         Ok(())
     }
 
-    /// Makes `addrs` (ifindex -> IPv4) the SNAT source addresses, removing others.
+    /// The secrets in the pinned `config` an earlier daemon left, if any (a restart keeps
+    /// the flow hash, so tracked and new flows agree).
+    pub fn pinned_keys(&self) -> Option<(SipKey, SipKey)> {
+        let c = self.config.get(&0, 0).ok()?;
+        (c.flow_key != SipKey::default()).then_some((c.flow_key, c.cookie_key))
+    }
+
+    /// Makes `addrs` (ifindex -> IPv4 addresses, the first one the default) the SNAT source
+    /// addresses, removing others. At most `MAX_SNAT_ADDRS` an interface are used.
     pub fn set_iface_addrs(
         &mut self,
-        addrs: &StdHashMap<u32, [u8; 4]>,
+        addrs: &StdHashMap<u32, Vec<[u8; 4]>>,
     ) -> Result<(), DataplaneError> {
         // Stale ones first, so that interface churn never fills the map.
         let stale: Vec<u32> = self
             .iface_addrs
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !addrs.contains_key(k))
+            .filter(|k| !addrs.get(k).is_some_and(|a| !a.is_empty()))
             .collect();
         for k in stale {
             self.iface_addrs.remove(&k)?;
         }
-        for (&ifindex, &addr) in addrs {
-            if self.iface_addrs.get(&ifindex, 0).ok().map(|a| a.addr) != Some(addr) {
-                self.iface_addrs.insert(ifindex, IfaceAddr { addr }, 0)?;
+        for (&ifindex, list) in addrs {
+            if list.is_empty() {
+                continue;
+            }
+            let mut value = IfaceAddrs::default();
+            for (slot, addr) in value.addrs.iter_mut().zip(list.iter().take(MAX_SNAT_ADDRS)) {
+                *slot = *addr;
+            }
+            value.count = list.len().min(MAX_SNAT_ADDRS) as u32;
+            if self.iface_addrs.get(&ifindex, 0).ok() != Some(value) {
+                self.iface_addrs.insert(ifindex, value, 0)?;
             }
         }
         Ok(())

@@ -37,13 +37,16 @@ pub fn link_pins(dir: &Path) -> Vec<(u32, PathBuf)> {
 
 /// The map sizes a daemon with `limits` creates (ids start at 1: arrays indexed by id get
 /// one more entry).
-pub fn max_entries(limits: &Limits) -> [(&'static str, u32); 8] {
+pub fn max_entries(limits: &Limits) -> [(&'static str, u32); 10] {
     [
         ("services", limits.max_services),
         ("service_stats", limits.max_services + 1),
         ("backends", limits.max_backends + 1),
         ("backend_stats", limits.max_backends + 1),
         ("backend_hops", limits.max_backends + 1),
+        ("backend_state", limits.max_backends + 1),
+        // One bitmap per (backend, SNAT address) in use; memory only for those.
+        ("port_tables", limits.max_backends.saturating_mul(2)),
         ("maglev", limits.maglev_slots),
         ("conntrack", limits.conntrack_entries),
         ("nat_reverse", limits.conntrack_entries),

@@ -31,6 +31,8 @@ pub struct ConsulStore {
     client: Arc<ConsulClient>,
     /// `<prefix>/services/`
     keys: String,
+    /// `<prefix>/secret`
+    secret_key: String,
     wait: Duration,
 }
 
@@ -61,6 +63,7 @@ impl ConsulStore {
         Ok(Self {
             client: Arc::new(client),
             keys: format!("{prefix}/services/"),
+            secret_key: format!("{prefix}/secret"),
             wait: WATCH_WAIT,
         })
     }
@@ -283,6 +286,26 @@ impl Store for ConsulStore {
             // change, the deletion included, counts as newer.
             None => 1,
         })
+    }
+
+    async fn secret(&self, proposal: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let path = format!("/v1/kv/{}", self.secret_key);
+        if self
+            .write(Method::PUT, &format!("{path}?cas=0"), Some(proposal))
+            .await?
+        {
+            return Ok(proposal.to_vec());
+        }
+        let reply = self
+            .client
+            .request(Method::GET, &path, None, REQUEST_TIMEOUT)
+            .await
+            .map_err(unavailable)?;
+        let pairs = parse_pairs(&reply)?;
+        let pair = pairs.into_iter().next().ok_or_else(|| {
+            StoreError::Unavailable(format!("consul: {} vanished", self.secret_key))
+        })?;
+        decode(&reply, &pair)
     }
 
     async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError> {

@@ -17,6 +17,8 @@ pub struct EtcdStore {
     client: Client,
     /// `<prefix>/services/`
     keys: String,
+    /// `<prefix>/secret`
+    secret_key: String,
     endpoints: String,
 }
 
@@ -41,6 +43,7 @@ impl EtcdStore {
         Ok(Self {
             client,
             keys: format!("{prefix}/services/"),
+            secret_key: format!("{prefix}/secret"),
             endpoints: joined,
         })
     }
@@ -151,6 +154,31 @@ impl Store for EtcdStore {
             .guarded(name, TxnOp::put(self.key(name), value, None), expect)
             .await?;
         Ok(resp.header().map(|h| h.revision() as u64).unwrap_or(0))
+    }
+
+    async fn secret(&self, proposal: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let key = self.secret_key.as_str();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, proposal, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self
+            .retrying(|| {
+                let (mut kv, txn) = (self.client.kv_client(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        if resp.succeeded() {
+            return Ok(proposal.to_vec());
+        }
+        resp.op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+            .ok_or_else(|| StoreError::Unavailable(format!("etcd: {key} vanished")))
     }
 
     async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError> {

@@ -56,6 +56,37 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .map_err(io(parent))
 }
 
+/// The content of `path`, created with `bytes` (mode 0600, written whole before it appears)
+/// if it does not exist.
+fn create_once(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::read(path) {
+        Ok(found) => return Ok(found),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path)(e)),
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    // A hard link appears whole, and fails if another process linked its own first.
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(bytes.to_vec()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::read(path).map_err(io(path))
+        }
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
 /// An flock held until dropped.
 struct Lock {
     _file: File,
@@ -306,6 +337,14 @@ impl Store for FileStore {
         })
         .await
         .map_err(|e| StoreError::Invalid(e.to_string()))?
+    }
+
+    async fn secret(&self, proposal: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let path = self.dir.join("secret");
+        let proposal = proposal.to_vec();
+        tokio::task::spawn_blocking(move || create_once(&path, &proposal))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 
     async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError> {

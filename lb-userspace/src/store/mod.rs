@@ -86,6 +86,10 @@ pub trait Store: Send + Sync {
     /// history, delivers the latest state of each key that changed. An error ends the
     /// stream; the caller lists again.
     fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>>;
+    /// The group's secret (`<prefix>/secret`, outside the services): the one stored, or
+    /// `proposal` stored as it if there is none. Create-only, so that nodes starting at
+    /// once agree on one.
+    async fn secret(&self, proposal: &[u8]) -> Result<Vec<u8>, StoreError>;
 }
 
 /// The `host:port` list of a `SCHEME://host:port[,host:port...]` URL (empty items

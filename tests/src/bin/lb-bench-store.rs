@@ -45,7 +45,9 @@ async fn cold_start(store: Arc<dyn Store>) -> (Duration, f64, Arc<Reconciler>) {
     let start = Instant::now();
     let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt-bench"));
     let mut dataplane = Dataplane::load(&pins, &limits()).expect("load");
-    dataplane.configure(61_000, 65_535).expect("configure");
+    dataplane
+        .configure(&lb::dataplane::Settings::with_ports(61_000, 65_535))
+        .expect("configure");
     dataplane
         .set_iface_addrs(&lb::net::interface_addresses().expect("addresses"))
         .expect("addresses");

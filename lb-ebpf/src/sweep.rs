@@ -1,0 +1,163 @@
+//! The sweep: a program the daemon runs once a second (through `BPF_PROG_TEST_RUN`) that
+//! walks the flow maps in the kernel. It removes the entries of flows that are over (idle
+//! past their state's timeout, closed, out of TIME_WAIT), clears their ports' bits, counts
+//! the ports each backend's flows hold, and reconsiders cookie mode from those counts and
+//! the SYN rate. The program never needs it to forward correctly; without it (no daemon)
+//! ports are still taken over from finished flows as new flows meet them.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_for_each_map_elem, macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::{
+    config::Config,
+    flow::{Conn, FlowKey, NatReverse, state},
+};
+
+use crate::{flood, maps, ports, track};
+
+/// What the sweep carries from entry to entry.
+#[repr(C)]
+struct Sweep {
+    now: u64,
+    cfg: Config,
+    epoch: u32,
+    /// The highest per-mille occupancy of a backend's ports seen so far.
+    max_permille: u32,
+    removed: u32,
+    range: u32,
+}
+
+/// Counts the port held through `r` for its backend.
+#[inline(always)]
+fn count(r: &NatReverse, s: &mut Sweep) {
+    let Some(b) = maps::backend_state.get_ptr_mut(r.backend_id) else {
+        return;
+    };
+    let b = unsafe { &mut *b };
+    if b.sweep != s.epoch {
+        b.sweep = s.epoch;
+        b.ports_in_use = 0;
+        b.ports_time_wait = 0;
+    }
+    if r.state == state::TIME_WAIT {
+        b.ports_time_wait += 1;
+        return;
+    }
+    if ports::released(r.state) {
+        return;
+    }
+    b.ports_in_use += 1;
+    let addrs = match maps::backend_hops.get(r.backend_id) {
+        Some(h) if h.snat_count > 1 => h.snat_count as u64,
+        _ => 1,
+    };
+    let capacity = s.range as u64 * addrs;
+    if capacity > 0 {
+        let permille = (b.ports_in_use as u64 * 1000 / capacity) as u32;
+        if permille > s.max_permille {
+            s.max_permille = permille;
+        }
+    }
+}
+
+extern "C" fn sweep_reverse(
+    _map: *mut c_void,
+    key: *mut FlowKey,
+    value: *mut NatReverse,
+    ctx: *mut Sweep,
+) -> i64 {
+    let (k, r, s) = unsafe { (&*key, &mut *value, &mut *ctx) };
+    let over = match r.free_for(lb_common::flow::SynProbe::NONE, s.now, k.proto, &s.cfg) {
+        Some(free) => free,
+        None => !holder_alive(r, k, s),
+    };
+    if !over {
+        count(r, s);
+        return 0;
+    }
+    let client = track::client_flow(r, k.proto);
+    if let Some(c) = unsafe { maps::conntrack.get(&client) } {
+        if c.snat_port == k.dst_port && c.snat_addr == k.dst_addr && c.backend_id == r.backend_id {
+            let _ = maps::conntrack.remove(&client);
+        }
+    }
+    if !ports::released(r.state) {
+        ports::release(k.src_addr, k.src_port, k.dst_addr, k.dst_port, &s.cfg);
+    }
+    let _ = maps::nat_reverse.remove(k);
+    s.removed += 1;
+    0
+}
+
+/// Whether the flow holding port `k`, idle by its own entry, lives by its conntrack entry.
+#[inline(always)]
+fn holder_alive(r: &NatReverse, k: &FlowKey, s: &Sweep) -> bool {
+    let client = track::client_flow(r, k.proto);
+    match unsafe { maps::conntrack.get(&client) } {
+        Some(c) => {
+            c.snat_port == k.dst_port
+                && c.snat_addr == k.dst_addr
+                && c.backend_id == r.backend_id
+                && !c.expired(k.proto, s.now, &s.cfg)
+        }
+        None => false,
+    }
+}
+
+extern "C" fn sweep_conntrack(
+    _map: *mut c_void,
+    key: *mut FlowKey,
+    value: *mut Conn,
+    ctx: *mut Sweep,
+) -> i64 {
+    let (k, c, s) = unsafe { (&*key, &*value, &mut *ctx) };
+    if c.expired(k.proto, s.now, &s.cfg) {
+        let _ = maps::conntrack.remove(k);
+        s.removed += 1;
+    }
+    0
+}
+
+#[xdp]
+pub fn lb_sweep(_ctx: XdpContext) -> u32 {
+    let Some(cfg) = maps::config.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let Some(f) = maps::flood.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let f = unsafe { &mut *f };
+    let now = track::now();
+    let mut s = Sweep {
+        now,
+        cfg: *cfg,
+        epoch: f.sweeps.wrapping_add(1),
+        max_permille: 0,
+        removed: 0,
+        range: ports::Range::of(cfg).map(|r| r.len).unwrap_or(0),
+    };
+    let ctx = core::ptr::from_mut(&mut s).cast::<c_void>();
+    unsafe {
+        bpf_for_each_map_elem(
+            core::ptr::from_ref(&maps::conntrack).cast_mut().cast(),
+            sweep_conntrack as *mut c_void,
+            ctx,
+            0,
+        );
+        bpf_for_each_map_elem(
+            core::ptr::from_ref(&maps::nat_reverse).cast_mut().cast(),
+            sweep_reverse as *mut c_void,
+            ctx,
+            0,
+        );
+    }
+    f.sweeps = s.epoch;
+    f.occupancy = s.max_permille;
+    f.occupancy_high = (cfg.cookie_occupancy > 0 && s.max_permille >= cfg.cookie_occupancy) as u32;
+    let rate = flood::syn_rate(now, cfg);
+    f.syn_rate = rate;
+    flood::decide(f, rate, now, cfg);
+    xdp_action::XDP_PASS
+}

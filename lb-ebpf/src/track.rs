@@ -1,0 +1,304 @@
+//! Connection tracking: the entries a flow is known by, and how its TCP state moves.
+//!
+//! A new flow costs one map insert: its `nat_reverse` entry, keyed by the backend's side
+//! of the flow, which holds the SNAT port, restores the client's view on replies and
+//! carries the flow's state. The `conntrack` entry (client flow -> backend, SNAT port)
+//! follows with the backend's answer, or with the client's second packet; a flow whose
+//! port is not the first one its hash names gets it at once, so that its SYN retries find
+//! the port again. States move on the segments each side sends; the port goes back to the
+//! bitmap when the backend no longer needs the tuple.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::generated::bpf_jiffies64,
+    programs::XdpContext,
+};
+use lb_common::{
+    config::{Config, NextHop},
+    flow::{
+        CONN_BACKEND_FIN, CONN_CLIENT_FIN, CONN_HANDSHAKE, CONN_RESET, Conn, FlowKey,
+        LAST_SEEN_GRANULARITY_S, NatReverse, REV_TIMESTAMPS, SynOptions, state,
+    },
+    service::Backend,
+};
+
+use crate::{maps, parse::Packet, ports, tcpopt};
+
+/// Jiffies: the cheapest clock the program can read; all its timeouts are in seconds.
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_jiffies64() }
+}
+
+/// Which service and backend a flow is balanced to.
+pub struct Assignment {
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub backend_generation: u32,
+}
+
+/// Fills a reverse entry for client `flow` in `state` (its next hop back is not known yet).
+#[inline(always)]
+pub fn write_reverse(
+    rev: &mut NatReverse,
+    flow: &FlowKey,
+    to: &Assignment,
+    st: u8,
+    isn: u32,
+    now: u64,
+    hop: &NextHop,
+) {
+    rev.client_addr = flow.src_addr;
+    rev.vip_addr = flow.dst_addr;
+    rev.client_port = flow.src_port;
+    rev.vip_port = flow.dst_port;
+    rev.service_id = to.service_id;
+    rev.backend_id = to.backend_id;
+    rev.backend_generation = to.backend_generation;
+    rev.state = st;
+    rev.flags = 0;
+    rev.backend_wscale = 0;
+    rev.client_wscale = 0;
+    rev.isn = isn;
+    rev.tw_seq = 0;
+    rev.tw_tsval = 0;
+    rev.seq_delta = 0;
+    rev.ts_delta = 0;
+    rev.last_seen = now;
+    // Any hop, expired: the first reply looks up the way back to the client. (Field by
+    // field: a struct copy between map values becomes a byte-loop memmove.)
+    let hop = *hop;
+    rev.hop = hop;
+    rev.hop.expires = 0;
+}
+
+/// Fills a conntrack entry.
+#[inline(always)]
+pub fn write_conn(
+    conn: &mut Conn,
+    to: &Assignment,
+    snat: ([u8; 4], u16),
+    flags: u16,
+    isn: u32,
+    now: u64,
+    hop: &NextHop,
+) {
+    conn.service_id = to.service_id;
+    conn.backend_id = to.backend_id;
+    conn.backend_generation = to.backend_generation;
+    conn.snat_addr = snat.0;
+    conn.snat_port = snat.1;
+    conn.flags = flags;
+    conn.isn = isn;
+    conn.last_seen = now;
+    let hop = *hop;
+    conn.hop = hop;
+    conn.seq_delta = 0;
+    conn.ts_delta = 0;
+    conn.syn = SynOptions::default();
+}
+
+/// Whether a once-a-second refresh of `last_seen` is due.
+#[inline(always)]
+pub fn due(last_seen: u64, now: u64, cfg: &Config) -> bool {
+    now.wrapping_sub(last_seen) > cfg.jiffies(LAST_SEEN_GRANULARITY_S)
+}
+
+/// Refreshes a tracked flow's idle time.
+#[inline(always)]
+pub fn touch(conn: &mut Conn, now: u64, cfg: &Config) {
+    if due(conn.last_seen, now, cfg) {
+        conn.last_seen = now;
+    }
+}
+
+/// The client flow a reverse entry belongs to.
+#[inline(always)]
+pub fn client_flow(r: &NatReverse, proto: u8) -> FlowKey {
+    FlowKey::new(r.client_addr, r.client_port, r.vip_addr, r.vip_port, proto)
+}
+
+/// Whether reverse entry `r` belongs to client flow `flow`.
+#[inline(always)]
+pub fn belongs_to(r: &NatReverse, flow: &FlowKey) -> bool {
+    r.client_addr == flow.src_addr
+        && r.client_port == flow.src_port
+        && r.vip_addr == flow.dst_addr
+        && r.vip_port == flow.dst_port
+}
+
+/// The reverse entry of tracked flow `flow`, if the port is still its own, with its key.
+#[inline(always)]
+pub fn own_reverse(
+    conn: &Conn,
+    flow: &FlowKey,
+    backend: &Backend,
+) -> Option<(&'static mut NatReverse, FlowKey)> {
+    let key = FlowKey::new(
+        backend.addr,
+        backend.port,
+        conn.snat_addr,
+        conn.snat_port,
+        flow.proto,
+    );
+    let r = unsafe { &mut *maps::nat_reverse.get_ptr_mut(&key)? };
+    belongs_to(r, flow).then_some((r, key))
+}
+
+/// The port the flow of reverse entry key `k` holds goes back to the bitmap.
+#[inline(always)]
+fn release(k: &FlowKey, cfg: &Config) {
+    ports::release(k.src_addr, k.src_port, k.dst_addr, k.dst_port, cfg);
+}
+
+/// Ends the flow holding port `k`: the backend keeps nothing (a reset, or the client's
+/// last ACK of a close it began), so the port is free after a short hold.
+#[inline(always)]
+fn close(r: &mut NatReverse, k: &FlowKey, now: u64, cfg: &Config) {
+    r.state = state::CLOSED;
+    r.last_seen = now;
+    release(k, cfg);
+}
+
+/// What a client's segment of a tracked TCP flow tells about its state (the slow path:
+/// only while the handshake or a close is under way).
+#[inline(always)]
+pub fn client_segment(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    conn: &mut Conn,
+    backend: &Backend,
+    now: u64,
+    cfg: &Config,
+) {
+    let handshake = conn.flags & CONN_HANDSHAKE != 0 && !pkt.opens() && !pkt.rst();
+    let first_fin = pkt.fin() && conn.flags & CONN_CLIENT_FIN == 0;
+    let closing_both = conn.flags & (CONN_CLIENT_FIN | CONN_BACKEND_FIN)
+        == CONN_CLIENT_FIN | CONN_BACKEND_FIN;
+    if handshake {
+        conn.flags &= !CONN_HANDSHAKE;
+    }
+    if pkt.rst() {
+        conn.flags |= CONN_RESET;
+        conn.last_seen = now;
+    } else if first_fin {
+        conn.flags |= CONN_CLIENT_FIN;
+        conn.last_seen = now;
+    }
+    if !(handshake || pkt.rst() || first_fin || closing_both) {
+        return;
+    }
+    let Some((r, k)) = own_reverse(conn, flow, backend) else {
+        return;
+    };
+    if pkt.rst() {
+        close(r, &k, now, cfg);
+        return;
+    }
+    if handshake && r.state == state::EMBRYONIC {
+        r.state = state::ESTABLISHED;
+    }
+    if first_fin {
+        match r.state {
+            state::EMBRYONIC | state::ESTABLISHED => {
+                r.state = state::FIN_CLIENT;
+                r.last_seen = now;
+            }
+            state::FIN_BACKEND => {
+                // The backend closed first: from the ACK of this FIN on it holds the tuple
+                // in TIME_WAIT, expecting what comes after this FIN.
+                let opts = tcpopt::read(ctx, pkt);
+                r.state = state::TIME_WAIT;
+                r.tw_seq = pkt.seq_end();
+                if opts.has_ts() {
+                    r.flags |= REV_TIMESTAMPS;
+                    r.tw_tsval = opts.tsval;
+                }
+                r.last_seen = now;
+                release(&k, cfg);
+            }
+            _ => {}
+        }
+        return;
+    }
+    if closing_both && !pkt.fin() {
+        match r.state {
+            // The client acknowledges the backend's FIN of a close it began: done.
+            state::LAST_ACK => close(r, &k, now, cfg),
+            // A later ACK in TIME_WAIT refreshes the backend's last timestamp.
+            state::TIME_WAIT if r.flags & REV_TIMESTAMPS != 0 => {
+                let opts = tcpopt::read(ctx, pkt);
+                if opts.has_ts() && (opts.tsval.wrapping_sub(r.tw_tsval) as i32) > 0 {
+                    r.tw_tsval = opts.tsval;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What a backend's segment says about the flow holding port `r` (the reply path), and
+/// the `CONN_*` flags the client's entry must learn.
+#[inline(always)]
+pub fn backend_segment(pkt: &Packet, r: &mut NatReverse, now: u64, cfg: &Config) -> u16 {
+    if pkt.rst() {
+        let k = FlowKey::new(
+            pkt.src_addr(),
+            pkt.src_port(),
+            pkt.dst_addr(),
+            pkt.dst_port(),
+            pkt.proto,
+        );
+        close(r, &k, now, cfg);
+        return CONN_RESET;
+    }
+    if pkt.fin() {
+        match r.state {
+            state::EMBRYONIC | state::ESTABLISHED => {
+                r.state = state::FIN_BACKEND;
+                r.last_seen = now;
+            }
+            state::FIN_CLIENT => {
+                r.state = state::LAST_ACK;
+                r.last_seen = now;
+            }
+            _ => {}
+        }
+        return CONN_BACKEND_FIN;
+    }
+    0
+}
+
+/// Tracks the client flow of reverse entry `r` on the backend's first answer (the flow's
+/// second packet): a conntrack entry towards the backend (its next hop looked up by the
+/// client's next packet). An entry a flow left on the same 5-tuple before this one began
+/// is replaced; one of this very flow (made with its SYN) is kept.
+#[inline(always)]
+pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64) {
+    let Some(scratch) = maps::scratch_space() else {
+        return;
+    };
+    let to = Assignment {
+        service_id: r.service_id,
+        backend_id: r.backend_id,
+        backend_generation: r.backend_generation,
+    };
+    let snat = (pkt.dst_addr(), pkt.dst_port());
+    let conn = &mut scratch.conn;
+    write_conn(conn, &to, snat, flags, r.isn, now, &r.hop);
+    conn.hop.expires = 0;
+    let key = client_flow(r, pkt.proto);
+    if maps::conntrack
+        .insert(&key, &*conn, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        return;
+    }
+    if let Some(old) = maps::conntrack.get_ptr_mut(&key) {
+        let old = unsafe { &mut *old };
+        let other = old.backend_id != to.backend_id || old.snat_port != snat.1 || old.snat_addr != snat.0;
+        if other && old.last_seen <= r.last_seen {
+            let _ = maps::conntrack.insert(&key, &*conn, BPF_ANY as u64);
+        }
+    }
+}
