@@ -59,6 +59,48 @@ fn forwarded(
     }
 }
 
+/// The backend's SYN-ACK to lb's SNAT port `snat_port` (on v0's address).
+fn syn_ack(backend: Ipv4Addr, snat_port: u16) -> Frame {
+    Frame {
+        src_mac: backend_mac(backend),
+        dst_mac: mac(0x01),
+        src: backend,
+        dst: LB0,
+        ttl: 64,
+        sport: 8080,
+        dport: snat_port,
+        l4: L4::Tcp {
+            syn: true,
+            ack: true,
+            fin: false,
+            rst: false,
+        },
+        payload: vec![],
+    }
+}
+
+/// Where a forwarded packet went, and from which SNAT port.
+fn backend_and_port(out: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(out[30], out[31], out[32], out[33]),
+        u16::from_be_bytes([out[34], out[35]]),
+    )
+}
+
+/// A client connection from `sport` opened through lb: its SYN, and the backend's
+/// answer (the flow is tracked from then on). Where it went, and from which SNAT port.
+fn open(lab: &mut PacketLab, sport: u16) -> (Ipv4Addr, u16) {
+    let syn = Frame {
+        sport,
+        ..to_vip(SYN, b"")
+    };
+    let (verdict, out) = lab.run(lab.v0, &syn.bytes());
+    assert_eq!(verdict, XDP_TX, "SYN from {sport}");
+    let (backend, snat_port) = backend_and_port(&out);
+    assert_eq!(lab.run(lab.v0, &syn_ack(backend, snat_port).bytes()).0, XDP_TX);
+    (backend, snat_port)
+}
+
 /// Table rows for packets that lb must leave to the kernel untouched.
 struct PassCase {
     what: &'static str,
@@ -96,8 +138,8 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
         &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
     );
 
-    // New flow: balanced, SNATed from lb's address on v0, sent back out of v0. Its first
-    // packet takes a SNAT port (the reverse entry); the flow is tracked on its second.
+    // New flow: balanced, SNATed from lb's address on v0, sent back out of v0. Its SYN
+    // takes a SNAT port (the reverse entry); the flow is tracked once the backend answers.
     let syn = to_vip(SYN, b"");
     let (verdict, out) = lab.run(lab.v0, &syn.bytes());
     assert_eq!(verdict, XDP_TX);
@@ -115,39 +157,8 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
     );
     assert!(
         lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
-            .is_none()
-    );
-
-    // Established: same backend, same SNAT port, payload intact.
-    let data = to_vip(ACK, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-    let (verdict, out) = lab.run(lab.v0, &data.bytes());
-    assert_eq!(verdict, XDP_TX);
-    assert_eq!(
-        out,
-        forwarded(&data, LB0, key.dst_port, backend, 8080, mac(0x01)).bytes(),
-        "second packet"
-    );
-    let conn = lab
-        .conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
-        .expect("flow tracked");
-    assert_eq!(
-        (conn.snat_port, conn.snat_addr),
-        (key.dst_port, LB0.octets())
-    );
-    for _ in 0..3 {
-        let (verdict, out) = lab.run(lab.v0, &data.bytes());
-        assert_eq!(verdict, XDP_TX);
-        assert_eq!(
-            out,
-            forwarded(&data, LB0, conn.snat_port, backend, 8080, mac(0x01)).bytes(),
-            "established flow"
-        );
-    }
-    assert_eq!(
-        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
-            .unwrap()
-            .snat_port,
-        conn.snat_port
+            .is_none(),
+        "a SYN alone is not tracked"
     );
 
     // Reply: from the backend to lb's SNAT port, back to the client from the VIP.
@@ -158,14 +169,14 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
         dst: LB0,
         ttl: 64,
         sport: 8080,
-        dport: conn.snat_port,
+        dport: key.dst_port,
         l4: L4::Tcp {
             syn: true,
             ack: true,
             fin: false,
             rst: false,
         },
-        payload: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
+        payload: b"".to_vec(),
     };
     let (verdict, out) = lab.run(lab.v0, &reply.bytes());
     assert_eq!(verdict, XDP_TX);
@@ -180,6 +191,33 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
         ..reply.clone()
     };
     assert_eq!(out, expected.bytes(), "reply");
+    let conn = lab
+        .conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+        .expect("tracked once the backend answered");
+    assert_eq!(
+        (conn.snat_port, conn.snat_addr),
+        (key.dst_port, LB0.octets())
+    );
+
+    // Established: same backend, same SNAT port, payload intact.
+    let data = to_vip(ACK, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    for _ in 0..3 {
+        let (verdict, out) = lab.run(lab.v0, &data.bytes());
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            out,
+            forwarded(&data, LB0, conn.snat_port, backend, 8080, mac(0x01)).bytes(),
+            "established flow"
+        );
+    }
+    let answer = Frame {
+        l4: ACK,
+        payload: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
+        ..reply.clone()
+    };
+    let (verdict, out) = lab.run(lab.v0, &answer.bytes());
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, Frame { l4: ACK, payload: answer.payload.clone(), ..expected }.bytes(), "answer");
 
     // A reply to a SNAT port nobody holds is not ours: the kernel gets it.
     let stray = Frame {
@@ -461,11 +499,8 @@ fn a_flow_keeps_its_backend_until_that_backend_is_removed() {
     let mut lab = lab();
     let all = ["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"];
     lab.service("web", "10.70.0.100:80", "tcp", &all);
-    let syn = to_vip(SYN, b"");
-    lab.run(lab.v0, &syn.bytes());
     let dst_of = |out: &[u8]| Ipv4Addr::new(out[30], out[31], out[32], out[33]);
-    let (_, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
-    let backend = dst_of(&out);
+    let (backend, _) = open(&mut lab, CLIENT_PORT);
     let first = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap();
     // Removing the other backends leaves the flow where it is.
     let others: Vec<&str> = all
@@ -505,7 +540,7 @@ fn a_service_without_a_routable_backend_drops_and_counts() {
 }
 
 #[test]
-fn a_flow_is_tracked_by_its_second_packet_in_either_direction() {
+fn a_retried_syn_finds_its_port_and_the_backends_answer_tracks_the_flow() {
     let mut lab = lab();
     lab.service(
         "web",
@@ -513,7 +548,8 @@ fn a_flow_is_tracked_by_its_second_packet_in_either_direction() {
         "tcp",
         &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
     );
-    // A retried SYN finds the SNAT port and backend its first try took.
+    // A retried SYN finds the SNAT port and backend its first try took, with no
+    // conntrack entry: a SYN that is never answered holds only its embryonic port.
     let syn = to_vip(SYN, b"");
     let (_, first) = lab.run(lab.v0, &syn.bytes());
     let (verdict, again) = lab.run(lab.v0, &syn.bytes());
@@ -524,56 +560,32 @@ fn a_flow_is_tracked_by_its_second_packet_in_either_direction() {
     );
     assert!(
         lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
-            .is_some(),
-        "tracked on the retry"
+            .is_none(),
+        "a retried SYN is not tracked"
     );
 
-    // Another flow: tracked when the backend answers first.
-    let syn2 = Frame {
-        sport: CLIENT_PORT + 1,
-        ..to_vip(SYN, b"")
-    };
-    lab.run(lab.v0, &syn2.bytes());
-    let (key, rev) = lab.reverse(CLIENT, CLIENT_PORT + 1).unwrap();
-    assert!(
-        lab.conn(CLIENT, CLIENT_PORT + 1, VIP, 80, IPPROTO_TCP)
-            .is_none()
-    );
+    // Before the backend answers, a client's ACK belongs to no flow: dropped, counted,
+    // and no state is made for it.
+    let ack = to_vip(ACK, b"x");
+    let before = lab.drops(DropReason::UnknownFlow);
+    assert_eq!(lab.run(lab.v0, &ack.bytes()).0, XDP_DROP);
+    assert_eq!(lab.drops(DropReason::UnknownFlow), before + 1);
+    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none());
+
+    // The backend's SYN-ACK tracks the flow on the port the SYN took.
+    let (key, rev) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
     let backend = Ipv4Addr::from(key.src_addr);
-    let syn_ack = Frame {
-        src_mac: backend_mac(backend),
-        dst_mac: mac(0x01),
-        src: backend,
-        dst: LB0,
-        ttl: 64,
-        sport: 8080,
-        dport: key.dst_port,
-        l4: L4::Tcp {
-            syn: true,
-            ack: true,
-            fin: false,
-            rst: false,
-        },
-        payload: vec![],
-    };
-    assert_eq!(lab.run(lab.v0, &syn_ack.bytes()).0, XDP_TX);
+    assert_eq!(lab.run(lab.v0, &syn_ack(backend, key.dst_port).bytes()).0, XDP_TX);
     let conn = lab
-        .conn(CLIENT, CLIENT_PORT + 1, VIP, 80, IPPROTO_TCP)
+        .conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
         .expect("tracked by the answer");
     assert_eq!(
         (conn.snat_port, conn.backend_id),
         (key.dst_port, rev.backend_id)
     );
-    let (verdict, out) = lab.run(
-        lab.v0,
-        &Frame {
-            sport: CLIENT_PORT + 1,
-            ..to_vip(ACK, b"x")
-        }
-        .bytes(),
-    );
+    let (verdict, out) = lab.run(lab.v0, &ack.bytes());
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), backend);
+    assert_eq!(backend_and_port(&out), (backend, key.dst_port));
 }
 
 /// The backend Maglev gives a client flow, computed on the host as the program does.
@@ -615,7 +627,7 @@ fn a_new_connection_on_a_reused_port_is_balanced_afresh() {
         ..to_vip(l4, b"")
     };
     // A connection, tracked, then closed by the client.
-    lab.run(lab.v0, &flow(SYN).bytes());
+    assert_eq!(open(&mut lab, port).0, old);
     assert_eq!(dst_of(&lab.run(lab.v0, &flow(ACK).bytes()).1), old);
     lab.run(
         lab.v0,
@@ -637,10 +649,12 @@ fn a_new_connection_on_a_reused_port_is_balanced_afresh() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     let (verdict, out) = lab.run(lab.v0, &flow(SYN).bytes());
     assert_eq!(verdict, XDP_TX);
-    let new = dst_of(&out);
+    let (new, new_port) = backend_and_port(&out);
     assert_eq!(new, maglev_pick(&lab, "web", port));
     assert_ne!(new, old);
-    // The new connection's next packet follows its SYN, not the old connection's entry.
+    // The new connection's next packet follows its SYN (once its backend answered), not
+    // the old connection's entry.
+    assert_eq!(lab.run(lab.v0, &syn_ack(new, new_port).bytes()).0, XDP_TX);
     let (verdict, out) = lab.run(lab.v0, &flow(ACK).bytes());
     assert_eq!(verdict, XDP_TX);
     assert_eq!(
