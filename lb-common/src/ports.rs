@@ -22,18 +22,27 @@ assert_layout!(PortTableKey, size = 12, align = 2);
 /// 64-bit words in a table: one bit for every port of the largest range.
 pub const PORT_TABLE_WORDS: usize = 1024;
 
-/// Value of `port_tables`: bit `i` set means port `snat_port_min + i` is held.
+/// Words of a table's summary: one bit for every word of `used`.
+pub const PORT_TABLE_SUMMARY_WORDS: usize = PORT_TABLE_WORDS / 64;
+
+/// Value of `port_tables`: bit `i` of `used` set means port `snat_port_min + i` is held;
+/// bit `w` of `full` set means word `w` of `used` was last seen full, so that a search
+/// finds a word with a free port in a few steps however full the range is. (Taking the
+/// first free port near a flow's hash fills words whole; at 95 % occupancy most words are
+/// full and the free ports gather in a few.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortTable {
     pub used: [u64; PORT_TABLE_WORDS],
+    pub full: [u64; PORT_TABLE_SUMMARY_WORDS],
 }
-assert_layout!(PortTable, size = 8192, align = 8);
+assert_layout!(PortTable, size = 8320, align = 8);
 
 impl Default for PortTable {
     fn default() -> Self {
         Self {
             used: [0; PORT_TABLE_WORDS],
+            full: [0; PORT_TABLE_SUMMARY_WORDS],
         }
     }
 }

@@ -230,15 +230,12 @@ pub fn syn_to_backend(
     emit::write(ctx, &seg)
 }
 
-/// The backend's SYN-ACK to lb's SYN: learns its sequence number and clock, and turns the
-/// SYN-ACK into the window update the client waits for. The caller sends it to the client.
+/// The backend's SYN-ACK to lb's SYN: learns its sequence number and clock, and answers it
+/// with the ACK that completes the backend's handshake, sent back out the way it came, as
+/// the kernel's SYNPROXY does. (The client had its SYN-ACK from lb already; a protocol in
+/// which the server speaks first then starts at once.)
 #[inline(always)]
-pub fn backend_accepts(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    r: &mut NatReverse,
-    ttl: u8,
-) -> Result<(), DropReason> {
+pub fn backend_accepts(ctx: &XdpContext, pkt: &Packet, r: &mut NatReverse) -> Result<u32, DropReason> {
     let opts = tcpopt::read(ctx, pkt);
     let cookie = r.seq_delta;
     let lb_ts = r.ts_delta;
@@ -261,31 +258,20 @@ pub fn backend_accepts(
         c.ts_delta = r.ts_delta;
         c.flags |= CONN_BACKEND_OPEN;
     }
-    // A SYN-ACK's window is not scaled; the client reads lb's with the scale lb promised.
-    let window = (pkt.window() as u32 >> (r.client_wscale & 15)).max(1) as u16;
-    let ts = (opts.has_ts() && r.flags & REV_TIMESTAMPS != 0)
-        .then_some((lb_ts, opts.tsecr));
-    let seg = Segment {
-        src: r.vip_addr,
-        dst: r.client_addr,
-        sport: r.vip_port,
-        dport: r.client_port,
-        seq: cookie.wrapping_add(1),
-        ack: r.isn.wrapping_add(1),
-        flags: TCP_ACK,
-        window,
-        ttl,
-        options: tcpopt::build(None, false, ts, None),
-    };
-    emit::write(ctx, &seg)
+    ack_backend(ctx, pkt, r, &opts)
 }
 
-/// The backend sent its SYN-ACK again: the client has not spoken (a protocol where the
-/// server speaks first). lb completes the backend's handshake itself, sending the ACK back
-/// to the backend.
+/// The backend sent its SYN-ACK again: lb's ACK was lost. It is sent again.
 #[inline(always)]
 pub fn complete_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse) -> Result<u32, DropReason> {
     let opts = tcpopt::read(ctx, pkt);
+    ack_backend(ctx, pkt, r, &opts)
+}
+
+/// The ACK of the backend's SYN-ACK `pkt` (options `opts`), on the client's behalf, in
+/// place of the SYN-ACK and back out of the interface it came in on.
+#[inline(always)]
+fn ack_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse, opts: &tcpopt::Options) -> Result<u32, DropReason> {
     let client_ts = r.tw_tsval;
     let ts = (opts.has_ts() && r.flags & REV_TIMESTAMPS != 0).then_some((client_ts, opts.tsval));
     let seg = Segment {
@@ -296,7 +282,9 @@ pub fn complete_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse) -> Resul
         seq: r.isn.wrapping_add(1),
         ack: pkt.seq().wrapping_add(1),
         flags: TCP_ACK,
-        window: 65535,
+        // About 64 KiB in the client's scale, until its own window comes with its next
+        // segment.
+        window: ((65535u32 >> (r.client_wscale & 15)).max(1)) as u16,
         ttl: 64,
         options: tcpopt::build(None, false, ts, None),
     };

@@ -344,7 +344,8 @@ fn try_tracked(
         // Its backend is gone, or it expired: balance it again, and track it at once.
         _ => return Ok(next::REBALANCE),
     };
-    if c.flags & CONN_SLOW != 0 && !slow_seen {
+    // A FIN or reset of any flow, and every segment of a flow in its handshake or close.
+    if (c.flags & CONN_SLOW != 0 || pkt.closes()) && !slow_seen {
         return Ok(next::SLOW);
     }
     if !forward::fresh(&c.hop, pkt, now) {

@@ -11,14 +11,15 @@ use lb_common::{
     config::{Config, NextHop},
     flow::{FlowKey, NatReverse, SynProbe, state},
     hash::reduce,
-    ports::{PORT_TABLE_WORDS, PortTable, PortTableKey, first_free},
+    ports::{PORT_TABLE_SUMMARY_WORDS, PORT_TABLE_WORDS, PortTable, PortTableKey, first_free},
     service::Backend,
 };
 
 use crate::{maps, track};
 
-/// Words of the bitmap a flow looks through past its first choice (512 ports).
-const SCAN_WORDS: u32 = 8;
+/// Summary words a flow's search may look through for a word with a free port: all of
+/// them (one bit per 64 ports), and the first once more after wrapping.
+const SCAN_SUMMARY: u32 = PORT_TABLE_SUMMARY_WORDS as u32 + 1;
 /// Ports a flow tries to claim past its first choice.
 const SCAN_CLAIMS: u32 = 6;
 
@@ -91,9 +92,27 @@ fn word(t: &mut PortTable, idx: u32) -> &mut u64 {
     &mut t.used[w & (PORT_TABLE_WORDS - 1)]
 }
 
+/// The summary word holding the bit of word `w`.
+#[inline(always)]
+fn summary(t: &mut PortTable, w: u32) -> &mut u64 {
+    let mut i = (w / 64) as usize;
+    unsafe { core::arch::asm!("{0} = {0}", inout(reg) i, options(pure, nomem, nostack)) };
+    &mut t.full[i & (PORT_TABLE_SUMMARY_WORDS - 1)]
+}
+
 #[inline(always)]
 fn mark(t: &mut PortTable, idx: u32) {
-    *word(t, idx) |= 1 << (idx & 63);
+    let wp = word(t, idx);
+    *wp |= 1 << (idx & 63);
+    if *wp == u64::MAX {
+        mark_full(t, idx / 64);
+    }
+}
+
+/// Word `w` has no free port.
+#[inline(always)]
+fn mark_full(t: &mut PortTable, w: u32) {
+    *summary(t, w) |= 1 << (w & 63);
 }
 
 /// Clears the bit of `port` from `addr` towards the backend at `backend_addr`:`backend_port`:
@@ -107,7 +126,9 @@ pub fn release(backend_addr: [u8; 4], backend_port: u16, addr: [u8; 4], port: u1
     }
     let key = table_key(backend_addr, backend_port, addr);
     if let Some(t) = maps::port_tables.get_ptr_mut(&key) {
-        *word(unsafe { &mut *t }, idx) &= !(1 << (idx & 63));
+        let t = unsafe { &mut *t };
+        *word(t, idx) &= !(1 << (idx & 63));
+        *summary(t, idx / 64) &= !(1 << ((idx / 64) & 63));
     }
 }
 
@@ -266,7 +287,12 @@ pub struct SearchState {
     pub w: u32,
     pub current: u64,
     pub from: u32,
-    pub words_left: u32,
+    /// 0 while the search looks through the summary for a word with a free port: the
+    /// summary word looked at, and the bit to look from.
+    pub in_word: u32,
+    pub sw: u32,
+    pub sfrom: u32,
+    pub summary_left: u32,
     pub claims_left: u32,
     /// Set when a port was claimed.
     pub found: u32,
@@ -338,23 +364,49 @@ fn claim(st: *const SearchState, port: u16) -> i32 {
     unsafe { lb_claim(&mut a) }
 }
 
-/// One step: the next free bit of the current word is tried, or the next word is read.
-/// True ends the search.
+/// One step: the next free bit of the current word is tried; or, once that word is full,
+/// the summary is read, a word at a time, for a word that is not. True ends the search.
 #[inline(always)]
 fn search_step(st: *mut SearchState, t: &mut PortTable) -> bool {
-    let (words_left, claims_left, words) = (get!(st, words_left), get!(st, claims_left), get!(st, words));
-    if words_left == 0 || claims_left == 0 || words == 0 {
+    let (claims_left, words) = (get!(st, claims_left), get!(st, words));
+    if claims_left == 0 || words == 0 {
         return true;
     }
-    let (w, len, current) = (get!(st, w), get!(st, len), get!(st, current));
+    let len = get!(st, len);
+    if get!(st, in_word) == 0 {
+        let summary_left = get!(st, summary_left);
+        if summary_left == 0 {
+            return true;
+        }
+        let sw = get!(st, sw);
+        let summary_words = words.div_ceil(64);
+        let valid = if (sw + 1) * 64 <= words { 64 } else { words.wrapping_sub(sw * 64) };
+        match first_free(*summary(t, sw * 64), get!(st, sfrom), valid) {
+            Some(b) => {
+                let w = sw * 64 + b;
+                set!(st, w, w);
+                set!(st, current, *word(t, w * 64));
+                set!(st, from, 0);
+                set!(st, in_word, 1);
+            }
+            None => {
+                set!(st, summary_left, summary_left - 1);
+                set!(st, sw, if sw + 1 >= summary_words { 0 } else { sw + 1 });
+                set!(st, sfrom, 0);
+            }
+        }
+        return false;
+    }
+    let (w, current) = (get!(st, w), get!(st, current));
     let valid = if (w + 1) * 64 <= len { 64 } else { len.wrapping_sub(w * 64) };
     let Some(b) = first_free(current, get!(st, from), valid) else {
-        set!(st, words_left, words_left - 1);
+        // Full: noted in the summary, which is read next from the word after this one.
         note_crowded();
-        let w = if w + 1 >= words { 0 } else { w + 1 };
-        set!(st, w, w);
-        set!(st, current, *word(t, w * 64));
-        set!(st, from, 0);
+        mark_full(t, w);
+        let next = if w + 1 >= words { 0 } else { w + 1 };
+        set!(st, sw, next / 64);
+        set!(st, sfrom, next & 63);
+        set!(st, in_word, 0);
         return false;
     };
     set!(st, claims_left, claims_left - 1);
@@ -493,7 +545,10 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
             w: start / 64,
             current: 0,
             from: start & 63,
-            words_left: SCAN_WORDS,
+            in_word: 1,
+            sw: 0,
+            sfrom: 0,
+            summary_left: SCAN_SUMMARY,
             claims_left: SCAN_CLAIMS,
             found: 0,
             port: 0,
@@ -507,7 +562,7 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
                     current |= 1 << (start & 63);
                 }
                 set!(stp, current, current);
-                for _ in 0..SCAN_WORDS + SCAN_CLAIMS {
+                for _ in 0..SCAN_SUMMARY + 2 * SCAN_CLAIMS + 2 {
                     if search_step(stp, t) {
                         break;
                     }

@@ -118,9 +118,8 @@ fn try_synproxy_handshake(
     let ttl = unsafe { (*pkt.ip).ttl } - 1;
     if r.state == state::SYNPROXY {
         if pkt.accepts() {
-            cookie::backend_accepts(ctx, pkt, r, ttl)?;
             stats::count(r.service_id, r.backend_id, 60);
-            return forward::send_rewritten(ctx, &r.hop).map(Some);
+            return cookie::backend_accepts(ctx, pkt, r).map(Some);
         }
         if pkt.rst() {
             // The backend refuses: so does lb, in the client's sequence space.
@@ -144,7 +143,7 @@ fn try_synproxy_handshake(
         return Err(DropReason::UnknownFlow);
     }
     if pkt.accepts() && r.flags & REV_CLIENT_OPENED != 0 && r.state == state::EMBRYONIC {
-        // Sent again: the client has not spoken; lb completes the backend's handshake.
+        // Sent again: lb's ACK was lost.
         stats::count(r.service_id, r.backend_id, 60);
         return cookie::complete_backend(ctx, pkt, r).map(Some);
     }

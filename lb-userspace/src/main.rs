@@ -268,6 +268,41 @@ async fn open_store(
     }
 }
 
+/// Takes the group's keys from the store (or puts `keys` there if the group has none yet),
+/// retrying until the store answers: meanwhile the data plane keeps the keys it has (a
+/// restarted node's pinned ones), so a store that is away stops nothing from serving.
+async fn adopt_group_keys(
+    store: std::sync::Arc<dyn lb::store::Store>,
+    controller: std::sync::Arc<std::sync::Mutex<Controller>>,
+    settings: Settings,
+    keys: GroupKeys,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let group = loop {
+        match lb::secret::shared(store.as_ref(), keys).await {
+            Ok(group) => break group,
+            Err(e) => {
+                tracing::warn!(retry_in = ?backoff, "the group's secret in the store: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    if group == keys {
+        return;
+    }
+    tracing::info!("using the group's keys from the store");
+    let settings = Settings {
+        flow_key: group.flow,
+        cookie_key: group.cookie,
+        ..settings
+    };
+    let mut c = controller.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = c.dataplane().configure(&settings) {
+        tracing::error!("configuring the data plane with the group's keys: {e}");
+    }
+}
+
 /// The discovery sources named by the flags, or by the store's URL.
 async fn discovery_sources(
     args: &RunArgs,
@@ -374,13 +409,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .filter(|_| args.store.starts_with("consul://")),
     )
     .await?;
-    let group_keys = lb::secret::shared(store.as_ref(), keys)
-        .await
-        .context("the group's secret in the store")?;
-    if group_keys != keys {
-        tracing::info!("using the group's keys from the store");
-        dataplane.configure(&settings(&args, ports, group_keys))?;
-    }
+    let base_settings = settings(&args, ports, keys);
     let mut controller = Controller::new(dataplane);
     // From here on the data plane outlives this process: a restart takes it over.
     controller.keep_on_exit();
@@ -403,6 +432,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         })
     };
+    let group_keys = tokio::spawn(adopt_group_keys(store.clone(), controller.clone(), base_settings, keys));
     let sources = discovery_sources(&args, store_token).await?;
     let state = Reconciler::new(store, controller.clone(), sources);
     let restoring = tokio::spawn(state.clone().run());
@@ -516,6 +546,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     sweeper.abort();
     restoring.abort();
     health.abort();
+    group_keys.abort();
     drop(state);
     drop(controller);
     tracing::info!(

@@ -9,6 +9,7 @@ pub mod lbproc;
 pub mod netns;
 pub mod packet;
 pub mod peers;
+pub mod segment;
 pub mod servers;
 pub mod topology;
 pub mod wrk;

@@ -126,6 +126,11 @@ pub const FAR_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 71, 0, 21);
 impl PacketLab {
     /// Builds the lab and moves the calling thread into its network namespace.
     pub fn new(limits: &Limits, snat: (u16, u16)) -> anyhow::Result<Self> {
+        Self::with_settings(limits, &Settings::with_ports(snat.0, snat.1))
+    }
+
+    /// [`PacketLab::new`] with the program configured by `settings`.
+    pub fn with_settings(limits: &Limits, settings: &Settings) -> anyhow::Result<Self> {
         let ns = Netns::new(&unique("lbt-pkt"))?;
         ns.ip("link add v0 type veth peer name v1")?;
         ns.ip("link add v2 type veth peer name v3")?;
@@ -159,7 +164,7 @@ impl PacketLab {
 
         let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt-pkt"));
         let mut dataplane = Dataplane::load(&pins, limits)?;
-        dataplane.configure(&Settings::with_ports(snat.0, snat.1))?;
+        dataplane.configure(settings)?;
         dataplane.set_iface_addrs(&HashMap::from([
             (v0, vec![LB0.octets()]),
             (v2, vec![LB2.octets()]),
@@ -234,7 +239,7 @@ impl PacketLab {
     ) -> Option<Conn> {
         let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")).ok()?;
         let map: aya::maps::HashMap<_, FlowKey, Conn> =
-            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).ok()?;
         map.get(
             &FlowKey::new(client.octets(), cport, vip.octets(), vport, proto),
             0,
@@ -247,10 +252,30 @@ impl PacketLab {
         let map =
             aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")).ok()?;
         let map: aya::maps::HashMap<_, FlowKey, NatReverse> =
-            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).ok()?;
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).ok()?;
         map.iter()
             .filter_map(Result::ok)
             .find(|(_, r)| r.client_addr == client.octets() && r.client_port == cport)
+    }
+
+    /// Every reverse-NAT entry (every SNAT port held), with its key.
+    pub fn reverse_entries(&self) -> Vec<(FlowKey, NatReverse)> {
+        let Ok(map) = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")) else {
+            return Vec::new();
+        };
+        let map: aya::maps::HashMap<_, FlowKey, NatReverse> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("nat_reverse");
+        map.iter().filter_map(Result::ok).collect()
+    }
+
+    /// How many client flows are tracked.
+    pub fn conn_count(&self) -> usize {
+        let Ok(map) = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")) else {
+            return 0;
+        };
+        let map: aya::maps::HashMap<_, FlowKey, Conn> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("conntrack");
+        map.keys().filter_map(Result::ok).count()
     }
 
     pub fn drops(&self, reason: lb_common::stats::DropReason) -> u64 {

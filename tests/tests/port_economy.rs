@@ -1,0 +1,324 @@
+//! The SNAT port economy and the flood defence on exact packets through
+//! BPF_PROG_TEST_RUN: when a port is free again, which SYN a backend's TIME_WAIT lets reuse
+//! a port, allocation near a full range, what a full flow table does to live flows, and
+//! SYN cookies end to end (lb's SYN-ACK, the ACK that proves the client, the handshake lb
+//! makes with the backend, and the translation of the flow's sequence numbers).
+use std::net::Ipv4Addr;
+
+use lb::dataplane::{CookieMode, Limits, Settings};
+use lb_common::{
+    IPPROTO_TCP,
+    flow::state,
+    stats::DropReason,
+};
+use lb_tests::{packet::*, segment::*};
+
+const CLIENT_PORT: u16 = 40000;
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 70, 0, 11);
+
+fn limits(conntrack_entries: u32) -> Limits {
+    Limits {
+        max_services: 64,
+        max_backends: 64,
+        maglev_slots: 8192,
+        conntrack_entries,
+    }
+}
+
+/// A lab whose only service, VIP:80, has one backend, BACKEND:8080.
+fn lab_with(snat: (u16, u16), cookies: CookieMode, conntrack_entries: u32) -> PacketLab {
+    let settings = Settings {
+        cookies,
+        ..Settings::with_ports(snat.0, snat.1)
+    };
+    let mut lab = PacketLab::with_settings(&limits(conntrack_entries), &settings).unwrap();
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080"]);
+    lab
+}
+
+fn flags(syn: bool, ack: bool, fin: bool, rst: bool) -> L4 {
+    L4::Tcp { syn, ack, fin, rst }
+}
+
+/// The client's segment from `sport` to VIP:80.
+fn client(sport: u16, l4: L4, seq: u32, ack: u32) -> Seg {
+    Seg::new(
+        Frame {
+            src_mac: mac(10),
+            dst_mac: mac(0x01),
+            src: CLIENT,
+            dst: VIP,
+            ttl: 64,
+            sport,
+            dport: 80,
+            l4,
+            payload: vec![],
+        },
+        seq,
+        ack,
+    )
+}
+
+/// The backend's segment to lb's SNAT port.
+fn backend(snat_port: u16, l4: L4, seq: u32, ack: u32) -> Seg {
+    Seg::new(
+        Frame {
+            src_mac: mac(11),
+            dst_mac: mac(0x01),
+            src: BACKEND,
+            dst: LB0,
+            ttl: 64,
+            sport: 8080,
+            dport: snat_port,
+            l4,
+            payload: vec![],
+        },
+        seq,
+        ack,
+    )
+}
+
+fn with_ts(mut s: Seg, tsval: u32, tsecr: u32) -> Seg {
+    s.ts = Some((tsval, tsecr));
+    s
+}
+
+/// Opens a connection from `sport` (client ISN `isn`, timestamp `ts`): SYN, the backend's
+/// SYN-ACK (ISN 9000), the client's ACK. The SNAT port it got.
+fn open(lab: &PacketLab, sport: u16, isn: u32, ts: u32) -> u16 {
+    let (v, out) = lab.run(lab.v0, &Seg::linux_syn(client(sport, SYN, isn, 0).frame, isn, ts).bytes());
+    assert_eq!(v, XDP_TX, "SYN from {sport}");
+    let syn = seen(&out);
+    assert_eq!((syn.dst, syn.dport, syn.seq), (BACKEND, 8080, isn));
+    let port = syn.sport;
+    let (v, _) = lab.run(lab.v0, &with_ts(backend(port, flags(true, true, false, false), 9000, isn + 1), 70_000, ts).bytes());
+    assert_eq!(v, XDP_TX, "SYN-ACK to {port}");
+    let (v, _) = lab.run(lab.v0, &with_ts(client(sport, ACK, isn + 1, 9001), ts + 1, 70_000).bytes());
+    assert_eq!(v, XDP_TX, "ACK from {sport}");
+    port
+}
+
+fn reverse_state(lab: &PacketLab, sport: u16) -> Option<u8> {
+    lab.reverse(CLIENT, sport).map(|(_, r)| r.state)
+}
+
+/// The SYN of a new client from `sport`: its verdict, and where it went.
+fn try_syn(lab: &PacketLab, sport: u16, isn: u32, ts: Option<u32>) -> (u32, Option<Seen>) {
+    let mut s = Seg::linux_syn(client(sport, SYN, isn, 0).frame, isn, 0);
+    s.ts = ts.map(|t| (t, 0));
+    let (v, out) = lab.run(lab.v0, &s.bytes());
+    (v, (v == XDP_TX).then(|| seen(&out)))
+}
+
+#[test]
+fn a_port_the_client_closed_is_free_after_a_second_and_one_reset_at_once() {
+    // One SNAT port: every new flow needs the port the last one held.
+    let lab = lab_with((61000, 61000), CookieMode::Never, 4096);
+    let port = open(&lab, CLIENT_PORT, 1000, 5000);
+    assert_eq!(port, 61000);
+    // While the flow lives, nobody else gets the port.
+    let before = lab.drops(DropReason::SnatExhausted);
+    assert_eq!(try_syn(&lab, CLIENT_PORT + 1, 50, Some(1)).0, XDP_DROP);
+    assert_eq!(lab.drops(DropReason::SnatExhausted), before + 1);
+
+    // The client closes first: FIN, the backend's FIN, the client's last ACK. The backend
+    // keeps no TIME_WAIT for it.
+    lab.run(lab.v0, &with_ts(client(CLIENT_PORT, flags(false, true, true, false), 1001, 9001), 5001, 70_000).bytes());
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::FIN_CLIENT));
+    lab.run(lab.v0, &with_ts(backend(port, flags(false, true, true, false), 9001, 1002), 70_001, 5001).bytes());
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::LAST_ACK));
+    lab.run(lab.v0, &with_ts(client(CLIENT_PORT, ACK, 1002, 9002), 5002, 70_001).bytes());
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::CLOSED));
+    // Held a second for stragglers, then free.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (v, out) = try_syn(&lab, CLIENT_PORT + 2, 60, Some(2));
+    assert_eq!(v, XDP_TX, "the closed flow's port was not reused");
+    assert_eq!(out.unwrap().sport, 61000);
+
+    // A reset frees the port at once (after the same short hold).
+    lab.run(lab.v0, &backend(61000, flags(false, false, false, true), 9001, 0).bytes());
+    let (_, r) = lab.reverse(CLIENT, CLIENT_PORT + 2).expect("entry of the new flow");
+    assert_eq!(r.state, state::CLOSED);
+}
+
+#[test]
+fn a_port_in_the_backends_time_wait_goes_only_to_a_syn_the_backend_accepts() {
+    let lab = lab_with((61000, 61000), CookieMode::Never, 4096);
+    let port = open(&lab, CLIENT_PORT, 1000, 5000);
+    // The backend closes first: its FIN, then the client's FIN. The backend now holds the
+    // tuple in TIME_WAIT for a minute, and takes a new SYN on it only if the SYN's
+    // timestamp is newer than 5001 (the last it saw), or, without timestamps, if its
+    // sequence number is beyond 1002.
+    lab.run(lab.v0, &with_ts(backend(port, flags(false, true, true, false), 9001, 1001), 70_001, 5000).bytes());
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::FIN_BACKEND));
+    lab.run(lab.v0, &with_ts(client(CLIENT_PORT, flags(false, true, true, false), 1001, 9002), 5001, 70_001).bytes());
+    let (_, r) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
+    assert_eq!((r.state, r.tw_seq, r.tw_tsval), (state::TIME_WAIT, 1002, 5001));
+
+    // An older timestamp would be taken for an old duplicate (PAWS): not on this port.
+    assert_eq!(try_syn(&lab, CLIENT_PORT + 1, 5_000_000, Some(4000)).0, XDP_DROP);
+    // No timestamp and a sequence number behind the old connection's: not on this port.
+    assert_eq!(try_syn(&lab, CLIENT_PORT + 2, 900, None).0, XDP_DROP);
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::TIME_WAIT), "kept");
+    // A newer timestamp: the backend accepts it, so the port is reused at once.
+    let (v, out) = try_syn(&lab, CLIENT_PORT + 3, 10, Some(6000));
+    assert_eq!(v, XDP_TX);
+    let out = out.unwrap();
+    assert_eq!((out.dst, out.sport, out.seq), (BACKEND, 61000, 10));
+    assert!(lab.reverse(CLIENT, CLIENT_PORT).is_none(), "the old entry was replaced");
+    assert!(
+        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none(),
+        "the old flow's conntrack entry went with its port"
+    );
+}
+
+#[test]
+fn a_syn_without_timestamps_beyond_the_old_sequence_reuses_a_time_wait_port() {
+    let lab = lab_with((61000, 61000), CookieMode::Never, 4096);
+    let sport = CLIENT_PORT;
+    let (v, out) = lab.run(lab.v0, &client(sport, SYN, 1000, 0).bytes());
+    assert_eq!(v, XDP_TX);
+    let port = seen(&out).sport;
+    lab.run(lab.v0, &backend(port, flags(true, true, false, false), 9000, 1001).bytes());
+    lab.run(lab.v0, &client(sport, ACK, 1001, 9001).bytes());
+    lab.run(lab.v0, &backend(port, flags(false, true, true, false), 9001, 1001).bytes());
+    lab.run(lab.v0, &client(sport, flags(false, true, true, false), 1001, 9002).bytes());
+    assert_eq!(reverse_state(&lab, sport), Some(state::TIME_WAIT));
+    assert_eq!(try_syn(&lab, sport + 1, 1001, None).0, XDP_DROP, "not beyond 1002");
+    let (v, out) = try_syn(&lab, sport + 2, 100_000, None);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out.unwrap().sport, 61000);
+}
+
+#[test]
+fn allocation_succeeds_for_99_percent_of_new_flows_from_95_percent_occupancy() {
+    // 8192 ports towards the one backend; 7782 (95 %) held by established flows. Then 200
+    // more new flows (to 97.4 %): at least 99 % of them get a port, none a held one.
+    let lab = lab_with((40000, 48191), CookieMode::Never, 16384);
+    let held = 7782u32;
+    let syn_from = |i: u32| client(1000 + i as u16, SYN, 1, 0);
+    let mut ports = std::collections::HashSet::new();
+    for i in 0..held {
+        let (v, out) = lab.run(lab.v0, &syn_from(i).bytes());
+        assert_eq!(v, XDP_TX, "filling: flow {i}: {:?}", lab.dataplane.drops());
+        let port = seen(&out).sport;
+        assert!(ports.insert(port), "port {port} given twice");
+        let (v, _) = lab.run(lab.v0, &backend(port, flags(true, true, false, false), 9000, 2).bytes());
+        assert_eq!(v, XDP_TX, "filling: the answer to flow {i} on {port}: {:?}", lab.dataplane.drops());
+    }
+    let tries = 200u32;
+    let mut got = 0;
+    for i in held..held + tries {
+        let (v, out) = lab.run(lab.v0, &syn_from(i).bytes());
+        if v != XDP_TX {
+            continue;
+        }
+        got += 1;
+        let port = seen(&out).sport;
+        assert!(ports.insert(port), "a held port {port} was given again");
+    }
+    println!("{got} of {tries} new flows got a port from 95 % occupancy");
+    assert!(got * 100 >= tries * 99, "only {got} of {tries} new flows got a port");
+    // And the range fills to its last port: a search finds any port that is free.
+    let mut i = held + tries;
+    while ports.len() < 8192 {
+        let (v, out) = lab.run(lab.v0, &syn_from(i).bytes());
+        assert_eq!(v, XDP_TX, "{} ports held, {:?}", ports.len(), lab.dataplane.drops());
+        assert!(ports.insert(seen(&out).sport));
+        i += 1;
+    }
+    let before = lab.drops(DropReason::SnatExhausted);
+    assert_eq!(lab.run(lab.v0, &syn_from(i).bytes()).0, XDP_DROP);
+    assert_eq!(lab.drops(DropReason::SnatExhausted), before + 1);
+}
+
+#[test]
+fn a_full_flow_table_never_evicts_a_live_flow() {
+    // 256 conntrack entries (the reverse map has as many); 200 live flows.
+    let lab = lab_with((40000, 65000), CookieMode::Never, 256);
+    let live: Vec<u16> = (0..200u16).map(|i| open(&lab, 10_000 + i, 1000, 5000)).collect();
+    // A burst of new flows far beyond what the tables hold, none of which completes.
+    for i in 0..2000u16 {
+        lab.run(lab.v0, &client(20_000 + i, SYN, 7, 0).bytes());
+    }
+    // Every live flow still has its entries and still forwards, from its own port.
+    for (i, &port) in live.iter().enumerate() {
+        let sport = 10_000 + i as u16;
+        let conn = lab
+            .conn(CLIENT, sport, VIP, 80, IPPROTO_TCP)
+            .unwrap_or_else(|| panic!("live flow {sport} was evicted"));
+        assert_eq!(conn.snat_port, port);
+        let (v, out) = lab.run(lab.v0, &client(sport, ACK, 1001, 9001).bytes());
+        assert_eq!(v, XDP_TX);
+        assert_eq!(seen(&out).sport, port, "flow {sport} moved");
+        let (v, out) = lab.run(lab.v0, &backend(port, ACK, 9001, 1001).bytes());
+        assert_eq!(v, XDP_TX, "reply to {port}");
+        assert_eq!(seen(&out).dport, sport);
+    }
+}
+
+#[test]
+fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
+    let lab = lab_with((61000, 61100), CookieMode::Always, 4096);
+    // The SYN is answered by lb itself, with a cookie; nothing is stored.
+    let syn = Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000);
+    let (v, out) = lab.run(lab.v0, &syn.bytes());
+    assert_eq!(v, XDP_TX);
+    let sa = seen(&out);
+    assert_eq!(
+        (sa.src, sa.sport, sa.dst, sa.dport, sa.syn, sa.ack, sa.ack_no),
+        (VIP, 80, CLIENT, CLIENT_PORT, true, true, 1001)
+    );
+    assert!(sa.mss.is_some(), "lb's SYN-ACK offers an MSS");
+    let (lb_tsval, echo) = sa.ts.expect("timestamps answered with timestamps");
+    assert_eq!(echo, 5000);
+    let cookie = sa.seq;
+    assert!(lab.reverse_entries().is_empty(), "a SYN in cookie mode stored a port");
+    assert_eq!(lab.conn_count(), 0, "a SYN in cookie mode stored a flow");
+
+    // An ACK whose cookie does not check is dropped and counted; still nothing stored.
+    let invalid = lab.dataplane.flood_view().cookies_invalid;
+    let bad = with_ts(client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(2)), 5001, lb_tsval);
+    assert_eq!(lab.run(lab.v0, &bad.bytes()).0, XDP_DROP);
+    assert_eq!(lab.dataplane.flood_view().cookies_invalid, invalid + 1);
+    assert!(lab.reverse_entries().is_empty());
+
+    // The client's ACK proves its address: lb opens the connection to the backend with the
+    // client's own ISN and SYN options.
+    let ack = with_ts(client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(1)), 5001, lb_tsval);
+    let (v, out) = lab.run(lab.v0, &ack.bytes());
+    assert_eq!(v, XDP_TX);
+    let bs = seen(&out);
+    assert_eq!((bs.dst, bs.dport, bs.src, bs.syn, bs.ack, bs.seq), (BACKEND, 8080, LB0, true, false, 1000));
+    assert_eq!((bs.mss, bs.wscale, bs.sack_ok), (Some(1460), Some(7), true), "the client's SYN options");
+    assert!(bs.ts.is_some());
+    assert_eq!(lab.dataplane.flood_view().cookies_valid, 1);
+    let port = bs.sport;
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::SYNPROXY));
+
+    // The backend's SYN-ACK is answered by lb (the client has had its SYN-ACK already).
+    let (v, out) = lab.run(lab.v0, &with_ts(backend(port, flags(true, true, false, false), 777_000, 1001), 90_000, bs.ts.unwrap().0).bytes());
+    assert_eq!(v, XDP_TX);
+    let done = seen(&out);
+    assert_eq!((done.dst, done.dport, done.sport, done.syn, done.ack), (BACKEND, 8080, port, false, true));
+    assert_eq!((done.seq, done.ack_no), (1001, 777_001));
+
+    // From now on each side sees its own sequence space: the client's data is acknowledged
+    // in the backend's numbers, and the backend's in lb's cookie numbers.
+    let mut data = with_ts(client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(1)), 5002, lb_tsval);
+    data.frame.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+    let (v, out) = lab.run(lab.v0, &data.bytes());
+    assert_eq!(v, XDP_TX);
+    let fwd = seen(&out);
+    assert_eq!((fwd.dst, fwd.sport, fwd.seq, fwd.ack_no), (BACKEND, port, 1001, 777_001));
+    assert_eq!(fwd.payload, data.frame.payload);
+    let mut answer = with_ts(backend(port, ACK, 777_001, 1019), 90_001, 5002);
+    answer.frame.payload = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+    let (v, out) = lab.run(lab.v0, &answer.bytes());
+    assert_eq!(v, XDP_TX);
+    let back = seen(&out);
+    assert_eq!((back.src, back.sport, back.dst, back.dport), (VIP, 80, CLIENT, CLIENT_PORT));
+    assert_eq!((back.seq, back.ack_no), (cookie.wrapping_add(1), 1019));
+    assert_eq!(back.ts.map(|t| t.1), Some(5002), "the client's timestamp echoed back");
+    assert_eq!(back.payload, answer.frame.payload);
+}
