@@ -258,6 +258,15 @@ impl PacketLab {
             .find(|(_, r)| r.client_addr == client.octets() && r.client_port == cport)
     }
 
+    /// The reverse-NAT entry at `key` (a backend's address and port, lb's SNAT address and
+    /// port).
+    pub fn reverse_at(&self, key: &FlowKey) -> Option<NatReverse> {
+        let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")).ok()?;
+        let map: aya::maps::HashMap<_, FlowKey, NatReverse> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).ok()?;
+        map.get(key, 0).ok()
+    }
+
     /// Every reverse-NAT entry (every SNAT port held), with its key.
     pub fn reverse_entries(&self) -> Vec<(FlowKey, NatReverse)> {
         let Ok(map) = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")) else {
