@@ -43,9 +43,10 @@ pub fn count_syn(now: u64, cfg: &Config) {
     if now.wrapping_sub(w.start) < window(cfg) {
         return;
     }
+    // The sum reads this CPU's window as it ends; only then does a new one begin.
+    reconsider(now, cfg);
     w.start = now;
     w.count = 0;
-    reconsider(now, cfg);
 }
 
 /// What the sum over CPUs carries from one CPU to the next.

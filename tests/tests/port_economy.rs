@@ -322,3 +322,37 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     assert_eq!(back.ts.map(|t| t.1), Some(5002), "the client's timestamp echoed back");
     assert_eq!(back.payload, answer.frame.payload);
 }
+
+#[test]
+fn cookie_mode_turns_on_above_the_syn_rate_and_answers_syns_itself() {
+    // 2,000 SYNs a second or more turn cookie mode on.
+    let lab = lab_with(
+        (40000, 65000),
+        CookieMode::Auto {
+            rate: 2000,
+            occupancy: 0,
+        },
+        65536,
+    );
+    assert!(!lab.dataplane.flood_view().cookies);
+    // A burst from one CPU (as a NIC with one queue delivers it) over more than one
+    // measuring window.
+    let started = std::time::Instant::now();
+    let mut n = 0u16;
+    while started.elapsed() < std::time::Duration::from_millis(300) {
+        lab.run(lab.v0, &client(1024 + n, SYN, 1, 0).bytes());
+        n += 1;
+    }
+    let view = lab.dataplane.flood_view();
+    assert!(view.cookies, "{n} SYNs in 300 ms did not turn cookie mode on: {view:?}");
+    assert_eq!(view.entered, 1);
+    assert!(view.syn_rate >= 2000, "{view:?}");
+    // Now a SYN is answered by lb, from the VIP, and leaves no state.
+    let held = lab.reverse_entries().len();
+    let (v, out) = lab.run(lab.v0, &Seg::linux_syn(client(60000, SYN, 1, 0).frame, 1, 7).bytes());
+    assert_eq!(v, XDP_TX);
+    let sa = seen(&out);
+    assert_eq!((sa.src, sa.dst, sa.syn, sa.ack), (VIP, CLIENT, true, true));
+    assert_eq!(lab.reverse_entries().len(), held);
+    assert!(lab.dataplane.flood_view().cookies_sent >= 1);
+}
