@@ -33,7 +33,8 @@ enum Cmd {
     /// Build, then run lb in a small namespace topology and show how it balances.
     Demo,
     /// Print per-packet costs of the XDP program measured with BPF_PROG_TEST_RUN, cold
-    /// start and update latency with 10,000 services, and lb's HTTP path against HAProxy.
+    /// start and update latency with 10,000 services, lb's HTTP path against HAProxy, and
+    /// lb's L4 forwarding end to end against nftables and HAProxy in TCP mode.
     Bench,
 }
 
@@ -131,6 +132,8 @@ fn main() -> anyhow::Result<()> {
                 root().join("target/release/lb-bench-store"),
             ))?;
             run(Command::new(root().join("target/release/lb-bench-l7"))
+                .env("LB_BIN", root().join("target/release/lb")))?;
+            run(Command::new(root().join("target/release/lb-bench-l4"))
                 .env("LB_BIN", root().join("target/release/lb")))
         }
     }
