@@ -87,7 +87,7 @@ fn haproxy_config(topo: &Topology) -> String {
     let mut c = format!(
         "global
     nbthread {threads}
-    maxconn 20000
+    maxconn 4096
 
 defaults
     mode tcp
@@ -175,7 +175,7 @@ fn lb_drops(r: &Running) -> Value {
 fn wait_serving(topo: &Topology) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        if lb_tests::servers::http_get_once(&topo.client, topo.vip(80).into(), Duration::from_secs(1)).is_ok() {
+        if answered(topo).is_ok() {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
@@ -183,6 +183,23 @@ fn wait_serving(topo: &Topology) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// One request to nginx through the balancer, on a connection of its own.
+fn answered(topo: &Topology) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let to = SocketAddr::from(topo.vip(80));
+    let mut c = topo
+        .client
+        .run(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)))?;
+    c.set_read_timeout(Some(Duration::from_secs(1)))?;
+    c.write_all(b"GET /a/ HTTP/1.0\r\n\r\n")?;
+    let mut answer = String::new();
+    c.read_to_string(&mut answer)?;
+    if !answer.starts_with("HTTP/1.1 200") {
+        bail!("answer: {answer}");
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
