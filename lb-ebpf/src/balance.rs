@@ -147,7 +147,7 @@ fn try_new_flow(
                 (addr, port, f.rebalanced)
             }
             Own::Elsewhere => {
-                track::write_conn(&mut scratch.conn, &to, ([0; 4], 0), flags, isn, now, &t.hop);
+                track::write_conn(&mut scratch.conn, &to, ([0; 4], 0), flags, isn, now);
                 ports::prepare_scan(&want, &t.hop, SCAN_NEW, 0);
                 return Ok(Outcome::Scan);
             }
@@ -165,13 +165,13 @@ fn try_new_flow(
                     }
                 }
             }
-            track::write_conn(&mut scratch.conn, &to, ([0; 4], 0), flags, isn, now, &t.hop);
+            track::write_conn(&mut scratch.conn, &to, ([0; 4], 0), flags, isn, now);
             ports::prepare_scan(&want, &t.hop, SCAN_NEW, 0);
             return Ok(Outcome::Scan);
         }
     };
     if track {
-        track_now(&f.key, &to, (addr, port), flags, isn, now, &t.hop)?;
+        track_now(&f.key, &to, (addr, port), flags, isn, now)?;
     }
     nat::rewrite(pkt, addr, port, t.backend.addr, t.backend.port);
     stats::count(to.service_id, to.backend_id, pkt.ip_len as u64);
@@ -225,11 +225,10 @@ fn track_now(
     flags: u16,
     isn: u32,
     now: u64,
-    hop: &NextHop,
 ) -> Result<(), DropReason> {
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
     let conn = &mut scratch.conn;
-    track::write_conn(conn, to, snat, flags, isn, now, hop);
+    track::write_conn(conn, to, snat, flags, isn, now);
     maps::conntrack
         .insert(flow, conn, BPF_ANY as u64)
         .map_err(|_| DropReason::FlowTableFull)
@@ -305,7 +304,7 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
     track::write_reverse(&mut scratch.rev, &f.key, &to, state::SYNPROXY, answer.isn, now, &t.hop);
     cookie::mark_reverse(&mut scratch.rev, answer, t.id);
     let conn = &mut scratch.conn;
-    track::write_conn(conn, &to, ([0; 4], 0), 0, answer.isn, now, &t.hop);
+    track::write_conn(conn, &to, ([0; 4], 0), 0, answer.isn, now);
     cookie::mark_conn(conn, answer);
     let rev: &NatReverse = &scratch.rev;
     let want = Want {

@@ -24,22 +24,23 @@ pub fn fresh(hop: &NextHop, pkt: &Packet, now: u64) -> bool {
 }
 
 /// The next hop to backend `id` at `addr`: from `backend_hops` while that is fresh, else
-/// from the FIB (and then kept there).
+/// from the FIB (and then kept there). Shared by all the backend's flows, so it is usually
+/// in the cache.
 #[inline(always)]
-pub fn to_backend(
+pub fn backend_hop(
     ctx: &XdpContext,
     pkt: &Packet,
     id: u32,
     addr: [u8; 4],
     now: u64,
     cfg: &Config,
-) -> Result<NextHop, DropReason> {
+) -> Result<&'static NextHop, DropReason> {
     let Some(kept) = maps::backend_hops.get_ptr_mut(id) else {
         return Err(DropReason::NoRoute);
     };
     let kept = unsafe { &mut *kept };
     if fresh(kept, pkt, now) {
-        return Ok(*kept);
+        return Ok(kept);
     }
     let hop = fib(ctx, pkt, [0; 4], addr, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
     // Shared by all CPUs: invalidated first and made valid last, so that a reader never
@@ -52,7 +53,20 @@ pub fn to_backend(
     kept.src_addr = hop.src_addr;
     kept.snat_count = hop.snat_count;
     kept.expires = hop.expires;
-    Ok(hop)
+    Ok(kept)
+}
+
+/// [`backend_hop`], copied.
+#[inline(always)]
+pub fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    addr: [u8; 4],
+    now: u64,
+    cfg: &Config,
+) -> Result<NextHop, DropReason> {
+    backend_hop(ctx, pkt, id, addr, now, cfg).map(|h| *h)
 }
 
 /// The route from `src` to `dst` of a packet that came in on the context's interface:

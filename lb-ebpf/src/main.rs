@@ -348,13 +348,11 @@ fn try_tracked(
     if (c.flags & CONN_SLOW != 0 || pkt.closes()) && !slow_seen {
         return Ok(next::SLOW);
     }
-    if !forward::fresh(&c.hop, pkt, now) {
-        c.hop = forward::to_backend(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
-    }
+    let hop = forward::backend_hop(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
     track::touch(c, now, cfg);
     nat::rewrite(pkt, c.snat_addr, c.snat_port, backend.addr, backend.port);
     stats::count(c.service_id, c.backend_id, pkt.ip_len as u64);
-    Ok(forward::send(ctx, pkt, &c.hop))
+    Ok(forward::send(ctx, pkt, hop))
 }
 
 /// The client side of a flow whose handshake or close is under way, or that lb opened
@@ -391,11 +389,9 @@ fn try_slow(
     if c.flags & CONN_BACKEND_OPEN == 0 {
         // The backend has not answered lb's SYN: this segment carries it again.
         let ttl = unsafe { (*pkt.ip).ttl } - 1;
-        if !forward::fresh(&c.hop, pkt, now) {
-            c.hop = forward::to_backend(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
-        }
+        let hop = forward::backend_hop(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
         cookie::syn_to_backend(ctx, c, backend, ttl)?;
-        return forward::send_rewritten(ctx, &c.hop).map(Some);
+        return forward::send_rewritten(ctx, hop).map(Some);
     }
     let opts = tcpopt::read(ctx, pkt);
     tcpopt::translate(ctx, &opts, &cookie::client_translation(c));

@@ -80,7 +80,6 @@ pub fn write_conn(
     flags: u16,
     isn: u32,
     now: u64,
-    hop: &NextHop,
 ) {
     conn.service_id = to.service_id;
     conn.backend_id = to.backend_id;
@@ -90,8 +89,6 @@ pub fn write_conn(
     conn.flags = flags;
     conn.isn = isn;
     conn.last_seen = now;
-    let hop = *hop;
-    conn.hop = hop;
     conn.seq_delta = 0;
     conn.ts_delta = 0;
     conn.syn = SynOptions::default();
@@ -285,8 +282,7 @@ pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64) {
     };
     let snat = (pkt.dst_addr(), pkt.dst_port());
     let conn = &mut scratch.conn;
-    write_conn(conn, &to, snat, flags, r.isn, now, &r.hop);
-    conn.hop.expires = 0;
+    write_conn(conn, &to, snat, flags, r.isn, now);
     let key = client_flow(r, pkt.proto);
     if maps::conntrack
         .insert(&key, &*conn, BPF_NOEXIST as u64)
