@@ -1,7 +1,10 @@
 //! Segments lb writes itself, in place of the packet it received: a SYN cookie's SYN-ACK,
 //! and the handshake it completes with a backend for a client that answered a cookie.
 //! Always an IPv4 header without options and a 40-byte TCP header without payload.
-use aya_ebpf::{helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use lb_common::stats::DropReason;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -45,7 +48,24 @@ pub fn write(ctx: &XdpContext, seg: &Segment) -> Result<(), DropReason> {
     let len = crate::parse::data_end(ctx) - crate::parse::data(ctx);
     let delta = FRAME_LEN as i32 - len as i32;
     if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return Err(DropReason::NoRoom);
+        // No room after the frame (a small packet in a buffer of its own size, as veth
+        // gives an option-less SYN): grow at the front instead, into the headroom XDP
+        // always has, and move the Ethernet header there.
+        if !(0..64).contains(&delta) || unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
+            return Err(DropReason::NoRoom);
+        }
+        // Masked where the verifier sees it (the compiler drops a mask it can prove).
+        let mut off = delta as usize;
+        unsafe { core::arch::asm!("{0} = {0}", inout(reg) off, options(pure, nomem, nostack)) };
+        let old: *mut [u8; 14] = ptr_at(ctx, off & 63)?;
+        let new: *mut [u8; 14] = ptr_at(ctx, 0)?;
+        unsafe {
+            let (o, n) = (old as *mut u8, new as *mut u8);
+            (n as *mut u32).write_unaligned((o as *const u32).read_unaligned());
+            (n.add(4) as *mut u32).write_unaligned((o.add(4) as *const u32).read_unaligned());
+            (n.add(8) as *mut u32).write_unaligned((o.add(8) as *const u32).read_unaligned());
+            (n.add(12) as *mut u16).write_unaligned((o.add(12) as *const u16).read_unaligned());
+        }
     }
     let _eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let ip: *mut [u8; 20] = ptr_at(ctx, EthHdr::LEN)?;

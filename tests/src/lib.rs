@@ -5,6 +5,7 @@
 //! the benchmarks.
 pub mod consul;
 pub mod etcd;
+pub mod flood;
 pub mod lbproc;
 pub mod netns;
 pub mod packet;

@@ -1,0 +1,103 @@
+//! A SYN flood from spoofed sources through lb, end to end: a bounded flooder in the client
+//! namespace sends SYNs from random addresses at several rates, one far above what the SNAT
+//! ports could hold without cookies, while a real client keeps opening connections and a
+//! long-lived one keeps talking. Real clients get at least 99 % of their connections, the
+//! long-lived one never breaks, cookie mode turns on and off again, and once the flood is
+//! over nothing of it is left in the maps.
+use std::time::{Duration, Instant};
+
+use lb_tests::{flood::syn_flood, lbproc::LbProcess, servers::ClientLoad, topology::Topology};
+use serde_json::json;
+
+/// The spoofed sources: 10.203.0.0/16, routed from lb back towards the client side.
+const SPOOFED: [u8; 2] = [10, 203];
+
+/// Entries in a pinned map of lb's.
+fn entries(lb: &LbProcess, map: &str) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(lb.bpffs.join(map))
+        .output()
+        .expect("bpftool");
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
+}
+
+#[test]
+#[ignore = "known failure, issue 10: on veth, lb cannot grow a small frame into its cookie SYN-ACK or the backend SYN (no_room), and 2 of 112 real connections time out"]
+fn a_spoofed_syn_flood_holds_nothing_and_real_clients_get_through() {
+    let topo = Topology::two_armed(3).unwrap();
+    let _backends = topo.start_backends(3, 8080, false).unwrap();
+    // Cookie mode from 5,000 SYNs a second (the default, 50,000, is more than this
+    // machine's flooder sends); closed connections leave the maps 2 s after the backend's
+    // close.
+    let lb = LbProcess::start(
+        &topo.lb,
+        &topo.lb_ifaces,
+        &["--syn-cookie-rate", "5000", "--backend-time-wait", "2"],
+    )
+    .unwrap();
+    let backends: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();
+    lb.put_service(
+        "web",
+        &json!({"vip": topo.vip(80).to_string(), "protocol": "tcp", "backends": backends}),
+    )
+    .unwrap();
+    topo.lb.ip("route add 10.203.0.0/16 via 10.202.1.10").unwrap();
+
+    let load = ClientLoad::start(&topo.client, topo.vip(80).into()).unwrap();
+    let mut sent = Vec::new();
+    // Below the cookie threshold; far above it (without cookies, 10 s of pending ports each:
+    // more than the 95,232 ports towards the three backends); below again.
+    for (rate, secs) in [(1_000u64, 3u64), (40_000, 6), (1_000, 3)] {
+        let n = syn_flood(&topo.client, topo.vip(80), SPOOFED, rate, Duration::from_secs(secs)).unwrap();
+        sent.push((rate, n));
+    }
+    let (_, stats) = lb.request("GET", "/v1/stats", None).unwrap();
+    let report = load.stop();
+    let flood = &stats["syn_flood"];
+    println!("flood sent {sent:?}; lb: {stats}");
+    println!(
+        "real client: {} answered, {} failed, long-lived: {} answered by {:?}",
+        report.answered,
+        report.failures.len(),
+        report.kept_answered,
+        report.kept_backends
+    );
+    let tried = report.answered + report.failures.len();
+    assert!(
+        report.failures.len() * 100 <= tried,
+        "{} of {tried} failed: {:?}\n{stats}",
+        report.failures.len(),
+        &report.failures[..report.failures.len().min(5)]
+    );
+    assert!(report.answered > 100, "{report:?}");
+    assert!(
+        report.failures.iter().all(|f| !f.starts_with("kept")),
+        "the long-lived connection broke: {:?}",
+        report.failures
+    );
+    assert_eq!(report.kept_backends.len(), 1, "the long-lived connection moved");
+    assert!(flood["entered"].as_u64().unwrap() >= 1, "cookie mode never turned on: {stats}");
+    assert!(flood["cookies_sent"].as_u64().unwrap() > 1000, "{stats}");
+    assert_eq!(stats["drops"]["snat_exhausted"], 0, "{stats}");
+
+    // Once the flood is over: cookie mode turns off, and the maps empty (pending entries
+    // after 10 s, closed connections after their hold), swept by the daemon.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (reverse, tracked) = (entries(&lb, "nat_reverse"), entries(&lb, "conntrack"));
+        let (_, stats) = lb.request("GET", "/v1/stats", None).unwrap();
+        let cookies = stats["syn_flood"]["cookies"].as_bool().unwrap();
+        if reverse == 0 && tracked == 0 && !cookies {
+            assert!(stats["syn_flood"]["left"].as_u64().unwrap() >= 1, "{stats}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "40 s after the flood: {reverse} reverse entries, {tracked} tracked flows, cookies {cookies}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
