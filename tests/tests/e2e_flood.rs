@@ -25,17 +25,17 @@ fn entries(lb: &LbProcess, map: &str) -> usize {
 }
 
 #[test]
-#[ignore = "known failure, issue 10: on veth, lb cannot grow a small frame into its cookie SYN-ACK or the backend SYN (no_room), and 2 of 112 real connections time out"]
+#[ignore = "known failure, issue 10: real clients' connections opened through SYN cookies fail too often (3 of 80 here)"]
 fn a_spoofed_syn_flood_holds_nothing_and_real_clients_get_through() {
     let topo = Topology::two_armed(3).unwrap();
     let _backends = topo.start_backends(3, 8080, false).unwrap();
     // Cookie mode from 5,000 SYNs a second (the default, 50,000, is more than this
-    // machine's flooder sends); closed connections leave the maps 2 s after the backend's
-    // close.
+    // machine's flooder sends and the veth pair towards the client carries back as lb's
+    // SYN-ACKs); closed connections leave the maps 2 s after the backend's close.
     let lb = LbProcess::start(
         &topo.lb,
         &topo.lb_ifaces,
-        &["--syn-cookie-rate", "5000", "--backend-time-wait", "2"],
+        &["--syn-cookies", "auto", "--syn-cookie-rate", "5000", "--backend-time-wait", "2"],
     )
     .unwrap();
     let backends: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();
@@ -50,7 +50,7 @@ fn a_spoofed_syn_flood_holds_nothing_and_real_clients_get_through() {
     let mut sent = Vec::new();
     // Below the cookie threshold; far above it (without cookies, 10 s of pending ports each:
     // more than the 95,232 ports towards the three backends); below again.
-    for (rate, secs) in [(1_000u64, 3u64), (40_000, 6), (1_000, 3)] {
+    for (rate, secs) in [(1_000u64, 3u64), (15_000, 8), (1_000, 3)] {
         let n = syn_flood(&topo.client, topo.vip(80), SPOOFED, rate, Duration::from_secs(secs)).unwrap();
         sent.push((rate, n));
     }
