@@ -1,9 +1,10 @@
 //! lb's XDP program.
 //!
-//! Packet path: parse -> reply of a tracked flow? (reverse NAT) -> VIP filter -> SYN: new
-//! flow (or, in cookie mode, lb's own SYN-ACK) | tracked flow: keep its backend | TCP of no
-//! tracked flow: a cookie's answer, or dropped | UDP: new flow -> SNAT port -> rewrite ->
-//! next hop -> `XDP_TX` / `XDP_REDIRECT`. Every drop is counted by reason in one place.
+//! Packet path: parse -> a reply to a port lb holds? (reverse NAT, `reply`) -> VIP filter
+//! -> SYN: a new flow (`balance`), or lb's own SYN-ACK in cookie mode | a tracked flow:
+//! keep its backend | another TCP packet: a cookie's answer, else dropped | UDP: a new flow
+//! -> SNAT port (`ports`) -> rewrite -> next hop -> `XDP_TX` / `XDP_REDIRECT`. Each step
+//! is a sub-program called from here, one after another (`next`), and counts its own drops.
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]
