@@ -96,6 +96,18 @@ pub struct Conn {
 }
 assert_layout!(Conn, size = 48, align = 8);
 
+impl Conn {
+    /// Whether a SYN with sequence number `seq` belongs to this tracked flow rather than
+    /// opening a new connection on its 5-tuple: a retry of the handshake it began, or a
+    /// SYN on a live connection (which its backend answers as it sees fit).
+    #[inline(always)]
+    pub fn takes_syn(&self, seq: u32, proto: u8, now: u64, cfg: &Config) -> bool {
+        let retry = self.isn == seq && self.flags & CONN_HANDSHAKE != 0;
+        let live = self.flags & CONN_CLOSING == 0 && !self.expired(proto, now, cfg);
+        retry || live
+    }
+}
+
 /// The TCP options of a SYN that matter to a connection lb opens on a client's behalf.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

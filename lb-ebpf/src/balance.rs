@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{
     config::{Config, NextHop},
-    flow::{CONN_CLOSING, CONN_HANDSHAKE, FlowKey, NatReverse, SynProbe, state},
+    flow::{CONN_HANDSHAKE, FlowKey, NatReverse, SynProbe, state},
     hash::{port_hash, slot_hash},
     service::{Backend, ServiceInfo},
     stats::DropReason,
@@ -154,13 +154,10 @@ fn try_new_flow(
         },
         First::Taken => {
             if tcp_syn {
+                // A retry of a flow that took a port past its first choice, or a SYN on a
+                // live connection.
                 if let Some(c) = maps::conntrack.get_ptr_mut(&f.key) {
-                    let cc = unsafe { &*c };
-                    // A retry of a flow that took a port past its first choice, or a SYN
-                    // on a live connection.
-                    let retry = cc.isn == isn && cc.flags & CONN_HANDSHAKE != 0;
-                    let live = cc.flags & CONN_CLOSING == 0 && !cc.expired(pkt.proto, now, cfg);
-                    if retry || live {
+                    if unsafe { &*c }.takes_syn(isn, pkt.proto, now, cfg) {
                         return Ok(Outcome::Tracked);
                     }
                 }
@@ -243,15 +240,12 @@ pub const SCAN_COOKIE: u32 = 1;
 /// the flow tracked at once, and its packet sent. Everything it needs is in the scratch
 /// space (the search's answer, the flow's `Conn` and [`Flow`]).
 #[inline(never)]
-pub fn scan_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> u32 {
-    match try_scan_flow(ctx, pkt, cfg) {
-        Ok(v) => v,
-        Err(reason) => next::drop(reason),
-    }
+pub fn scan_flow(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    next::verdict(try_scan_flow(ctx, pkt))
 }
 
 #[inline(always)]
-fn try_scan_flow(ctx: &XdpContext, pkt: &Packet, _cfg: &Config) -> Result<u32, DropReason> {
+fn try_scan_flow(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
     let a = &scratch.scan;
     if a.port == 0 {
@@ -279,10 +273,7 @@ fn try_scan_flow(ctx: &XdpContext, pkt: &Packet, _cfg: &Config) -> Result<u32, D
 /// A verdict, or [`next::SCAN`].
 #[inline(never)]
 pub fn cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> u32 {
-    match try_cookie_flow(ctx, pkt, cfg) {
-        Ok(v) => v,
-        Err(reason) => next::drop(reason),
-    }
+    next::verdict(try_cookie_flow(ctx, pkt, cfg))
 }
 
 #[inline(always)]

@@ -29,9 +29,9 @@ mod track;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     config::Config,
-    flow::{CONN_BACKEND_OPEN, CONN_CLOSING, CONN_HANDSHAKE, CONN_SLOW, CONN_SYNPROXY, Conn, FlowKey, PROBE_SYN, PROBE_TS, SynProbe},
+    flow::{CONN_BACKEND_OPEN, CONN_SLOW, CONN_SYNPROXY, Conn, FlowKey, PROBE_SYN, PROBE_TS, SynProbe},
     hash::{flow_hash, slot_hash},
-    service::{Backend, ServiceInfo, ServiceKey},
+    service::{ServiceInfo, ServiceKey},
     stats::DropReason,
 };
 
@@ -159,7 +159,7 @@ fn then(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, v: u32
     if v == next::SCAN {
         v = ports::scan();
         if v == next::CONTINUE {
-            v = balance::scan_flow(ctx, pkt, cfg);
+            v = balance::scan_flow(ctx, pkt);
         }
     }
     // Only a SYN's first step may hand the packet to a tracked flow.
@@ -172,15 +172,25 @@ fn then(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, v: u32
 /// Leaves a new flow in the scratch space for `balance::new_flow`: `next::NEW_FLOW`.
 #[inline(always)]
 fn flow_to_balance(flow: &FlowKey, svc: &ServiceInfo, syn: SynProbe, rebalanced: bool, cfg: &Config) -> u32 {
-    let Some(f) = balance::flow_slot() else {
-        return next::drop(DropReason::MapUpdate);
-    };
+    next::verdict(leave_flow(flow, svc, syn, rebalanced, cfg).map(|()| next::NEW_FLOW))
+}
+
+/// Writes a new flow into the scratch space, for the next step to balance.
+#[inline(always)]
+fn leave_flow(
+    flow: &FlowKey,
+    svc: &ServiceInfo,
+    syn: SynProbe,
+    rebalanced: bool,
+    cfg: &Config,
+) -> Result<(), DropReason> {
+    let f = balance::flow_slot().ok_or(DropReason::MapUpdate)?;
     f.key = *flow;
     f.hash = hash(flow, cfg);
     f.svc = *svc;
     f.syn = syn;
     f.rebalanced = rebalanced;
-    next::NEW_FLOW
+    Ok(())
 }
 
 #[inline(always)]
@@ -196,8 +206,8 @@ fn hash(flow: &FlowKey, cfg: &Config) -> u64 {
 }
 
 /// A SYN: a new connection (`next::NEW_FLOW`, its flow left in the scratch space), or lb's
-/// cookie SYN-ACK in cookie mode (`next::COOKIE_SYN`). `next::TRACKED` when a tracked flow of its 5-tuple takes
-/// it.
+/// cookie SYN-ACK in cookie mode (`next::COOKIE_SYN`). `next::TRACKED` when a tracked flow
+/// of its 5-tuple takes it.
 #[inline(never)]
 fn syn(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, cfg: &Config) -> u32 {
     next::verdict(try_syn(ctx, pkt, flow, key, cfg))
@@ -219,10 +229,7 @@ fn try_syn(
     if flood::cookies(cfg) {
         // A retry of a handshake begun before, or a SYN on a live connection, goes on.
         if let Some(c) = maps::conntrack.get_ptr_mut(flow) {
-            let cc = unsafe { &*c };
-            let retry = cc.isn == pkt.seq() && cc.flags & CONN_HANDSHAKE != 0;
-            let live = cc.flags & CONN_CLOSING == 0 && !cc.expired(pkt.proto, now, cfg);
-            if retry || live {
+            if unsafe { &*c }.takes_syn(pkt.seq(), pkt.proto, now, cfg) {
                 return Ok(next::TRACKED);
             }
         }
@@ -277,12 +284,7 @@ fn try_unknown_tcp(
         return Err(DropReason::UnknownFlow);
     }
     let answer = cookie::check_ack(ctx, pkt, flow, track::now(), cfg).ok_or(DropReason::UnknownFlow)?;
-    let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
-    let f = &mut scratch.flow;
-    f.key = *flow;
-    f.hash = hash(flow, cfg);
-    f.svc = *svc;
-    f.syn = SynProbe {
+    let syn = SynProbe {
         seq: answer.isn,
         tsval: answer.syn.tsval,
         flags: PROBE_SYN
@@ -292,8 +294,8 @@ fn try_unknown_tcp(
                 0
             },
     };
-    f.rebalanced = false;
-    scratch.answer = answer;
+    leave_flow(flow, svc, syn, false, cfg)?;
+    maps::scratch_space().ok_or(DropReason::MapUpdate)?.answer = answer;
     Ok(next::OPEN_COOKIE)
 }
 

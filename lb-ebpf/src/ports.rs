@@ -361,7 +361,7 @@ fn claim(st: *const SearchState, port: u16) -> i32 {
         syn: get!(st, syn),
         now: get!(st, now),
     };
-    unsafe { lb_claim(&mut a) }
+    lb_claim(&mut a)
 }
 
 /// One step: the next free bit of the current word is tried; or, once that word is full,
@@ -490,7 +490,7 @@ pub fn scan() -> u32 {
         return crate::next::drop(lb_common::stats::DropReason::MapUpdate);
     };
     let a = &mut scratch.scan;
-    unsafe { lb_scan(a) };
+    lb_scan(a);
     if a.port == 0 {
         return crate::next::drop(lb_common::stats::DropReason::SnatExhausted);
     }

@@ -115,7 +115,6 @@ fn try_synproxy_handshake(
     r: &mut NatReverse,
     cfg: &Config,
 ) -> Result<Option<u32>, DropReason> {
-    let ttl = unsafe { (*pkt.ip).ttl } - 1;
     if r.state == state::SYNPROXY {
         if pkt.accepts() {
             stats::count(r.service_id, r.backend_id, 60);

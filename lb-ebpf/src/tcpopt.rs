@@ -4,7 +4,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_loop, programs::XdpContext};
 use lb_common::{
-    csum::{apply, diff_u16},
+    csum::{apply, diff_addr, diff_u16},
     flow::{SYN_SACK, SYN_TIMESTAMPS, SYN_WSCALE},
 };
 
@@ -144,7 +144,7 @@ extern "C" fn step(_i: u32, w: *mut c_void) -> i64 {
 pub fn read(ctx: &XdpContext, pkt: &Packet) -> Options {
     let mut o = Options::default();
     if pkt.l4_hdr_len as usize > TCP_HDR_LEN {
-        unsafe { lb_tcp_options(ctx.ctx, pkt.l4_hdr_len as u32, &mut o) };
+        lb_tcp_options(ctx.ctx, pkt.l4_hdr_len as u32, &mut o);
     }
     o
 }
@@ -188,13 +188,7 @@ fn add32(ctx: &XdpContext, off: u32, delta: u32) -> u32 {
     let old = unsafe { p.read_unaligned() };
     let new = u32::from_be_bytes(old).wrapping_add(delta).to_be_bytes();
     unsafe { p.write_unaligned(new) };
-    diff_u16(
-        u16::from_ne_bytes([old[0], old[1]]),
-        u16::from_ne_bytes([new[0], new[1]]),
-    ) + diff_u16(
-        u16::from_ne_bytes([old[2], old[3]]),
-        u16::from_ne_bytes([new[2], new[3]]),
-    )
+    diff_addr(old, new)
 }
 
 /// Translates a segment of a cookie-opened flow in place: `seq_add` to the sequence
