@@ -41,7 +41,7 @@ pub const COOKIES_NEVER: u32 = 2;
 /// The version of the maps' layout (every key and value type here and what its fields
 /// mean). Bump it with any such change: a daemon then builds fresh maps instead of adopting
 /// pinned ones it would misread.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 impl Config {
     /// Jiffies in `seconds` (whole seconds only: every timeout lb has is).
@@ -66,14 +66,23 @@ impl Config {
 pub const MAX_SNAT_ADDRS: usize = 8;
 
 /// Value of `iface_addrs`, keyed by ifindex: the IPv4 addresses lb uses as SNAT sources on
-/// that egress interface (`addrs[..count]`).
+/// that egress interface (`addrs[..count]`), and how lb sends out of it (`IFACE_*`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceAddrs {
-    pub count: u32,
+    pub count: u8,
+    pub flags: u8,
+    pub _reserved: u16,
     pub addrs: [[u8; 4]; MAX_SNAT_ADDRS],
 }
-assert_layout!(IfaceAddrs, size = 36, align = 4);
+assert_layout!(IfaceAddrs, size = 36, align = 2);
+
+/// `IfaceAddrs::flags` and `NextHop::flags`: a frame that leaves where it came in is sent
+/// with `XDP_REDIRECT` to that interface, not `XDP_TX`. A veth delivers `XDP_TX` frames
+/// only to a peer that runs an XDP program itself (the kernel's `veth_xdp_flush` wakes no
+/// other peer, and the frames wait for the next packet), but a redirect to any peer with
+/// GRO on.
+pub const IFACE_TX_BY_REDIRECT: u8 = 1;
 
 /// Key of `fib_cache`: a destination as routed for packets arriving on `ifindex`.
 #[repr(C)]
@@ -100,7 +109,9 @@ pub struct NextHop {
     pub src_addr: [u8; 4],
     /// How many SNAT addresses the egress interface has (more than one: the others are
     /// read from `iface_addrs`).
-    pub snat_count: u16,
+    pub snat_count: u8,
+    /// The egress interface's `IFACE_*` flags.
+    pub flags: u8,
     /// In jiffies; 0 means "look it up".
     pub expires: u64,
 }

@@ -99,12 +99,13 @@ assert_layout!(Conn, size = 48, align = 8);
 impl Conn {
     /// Whether a SYN with sequence number `seq` belongs to this tracked flow rather than
     /// opening a new connection on its 5-tuple: a retry of the handshake it began, or a
-    /// SYN on a live connection (which its backend answers as it sees fit).
+    /// SYN on a live connection (which its backend answers as it sees fit). Never once the
+    /// flow has expired: the SYN is new again.
     #[inline(always)]
     pub fn takes_syn(&self, seq: u32, proto: u8, now: u64, cfg: &Config) -> bool {
         let retry = self.isn == seq && self.flags & CONN_HANDSHAKE != 0;
-        let live = self.flags & CONN_CLOSING == 0 && !self.expired(proto, now, cfg);
-        retry || live
+        let open = self.flags & CONN_CLOSING == 0;
+        (retry || open) && !self.expired(proto, now, cfg)
     }
 }
 

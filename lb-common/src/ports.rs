@@ -112,11 +112,10 @@ pub struct BackendState {
     pub ports_time_wait: u32,
     /// The sweep that counted them (counts of an earlier sweep are stale).
     pub sweep: u32,
-    /// The backend's MSS, 0 until a SYN-ACK was seen.
+    /// The backend's MSS, 0 until a SYN-ACK was seen (offered on its behalf in SYN
+    /// cookies' SYN-ACKs).
     pub mss: u16,
-    pub wscale: u8,
-    /// `SYN_*` options the backend's SYN-ACK carried.
-    pub syn_flags: u8,
+    pub _reserved: u16,
 }
 assert_layout!(BackendState, size = 16, align = 4);
 

@@ -293,7 +293,7 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
         backend_generation: t.backend.generation,
     };
     track::write_reverse(&mut scratch.rev, &f.key, &to, state::SYNPROXY, answer.isn, now, &t.hop);
-    cookie::mark_reverse(&mut scratch.rev, answer, t.id);
+    cookie::mark_reverse(&mut scratch.rev, answer);
     let conn = &mut scratch.conn;
     track::write_conn(conn, &to, ([0; 4], 0), 0, answer.isn, now);
     cookie::mark_conn(conn, answer);

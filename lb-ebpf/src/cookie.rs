@@ -8,13 +8,14 @@
 //!    port like any new flow, and turns the ACK into the SYN the backend gets.
 //! 3. The backend's SYN-ACK becomes the window update that lets the client send; the
 //!    client's first segment completes the backend's handshake. Should the backend send
-//!    its SYN-ACK again (a protocol where the server speaks first), lb acknowledges it to
-//!    the backend itself.
+//!    its SYN-ACK again (a protocol where the server speaks first, so the client is
+//!    silent), lb acknowledges it to the backend itself: such a connection waits for the
+//!    backend's first retransmission, a second on Linux.
 //! 4. For the flow's life, sequence numbers, timestamps and windows are translated between
 //!    what lb told the client and what the backend chose (`tcpopt::translate`).
 //!
 //! Each step rewrites the packet it received into the one it sends: XDP cannot send two.
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     config::Config,
     cookie::{CookieFlow, check, cookie_tick, make, ts_decode, ts_encode},
@@ -30,22 +31,24 @@ use lb_common::{
 
 use crate::{
     emit::{self, Segment},
-    maps,
+    forward, maps,
     parse::{Packet, TCP_ACK, TCP_SYN},
     stats, tcpopt,
 };
 
-/// The window scale lb promises a client on behalf of a backend it has not heard from.
-const DEFAULT_WSCALE: u8 = 7;
+/// The window scale lb promises every client. Fixed, so that the client's ACK finds the
+/// scale its SYN-ACK promised without keeping state; the backend's windows are rescaled to
+/// it (`backend_translation`).
+const PROMISED_WSCALE: u8 = 7;
 const DEFAULT_MSS: u16 = 1460;
 
-/// The options lb offers a client on behalf of backend `id`: what its SYN-ACKs carried, or
-/// Linux's usual ones.
+/// The MSS lb offers a client on behalf of backend `id`: what its SYN-ACKs carried, or
+/// Linux's usual one.
 #[inline(always)]
-fn backend_offer(id: u32) -> (u16, u8) {
+fn backend_mss(id: u32) -> u16 {
     match maps::backend_state.get(id) {
-        Some(b) if b.mss != 0 => (b.mss, b.wscale),
-        _ => (DEFAULT_MSS, DEFAULT_WSCALE),
+        Some(b) if b.mss != 0 => b.mss,
+        _ => DEFAULT_MSS,
     }
 }
 
@@ -85,17 +88,13 @@ pub fn answer_syn(
         cookie_tick(now, cfg.hz),
         client_mss,
     );
-    let (mss, wscale) = backend_offer(backend_id);
+    let mss = backend_mss(backend_id);
     // Window scale and SACK ride in the timestamp: without one, neither is offered.
     let ts = syn
         .has_ts()
         .then(|| (ts_encode(clock(now, cfg), syn.wscale(), syn.flags & SYN_SACK != 0), syn.tsval));
     let sack = ts.is_some() && syn.flags & SYN_SACK != 0;
-    let ws = if ts.is_some() && syn.wscale().is_some() {
-        Some(wscale)
-    } else {
-        None
-    };
+    let ws = (ts.is_some() && syn.wscale().is_some()).then_some(PROMISED_WSCALE);
     let seg = Segment {
         src: flow.dst_addr,
         dst: flow.src_addr,
@@ -110,9 +109,8 @@ pub fn answer_syn(
         options: tcpopt::build(Some(mss), sack, ts, ws),
     };
     emit::write(ctx, &seg)?;
-    emit::swap_macs(ctx)?;
     stats::count_cookie(CookieStat::Sent);
-    Ok(xdp_action::XDP_TX)
+    emit::send_back(ctx)
 }
 
 /// What a client's ACK to a cookie carries.
@@ -181,7 +179,7 @@ pub fn check_ack(
 /// Marks the entries of a flow lb opens for a cookie's answer: what to translate once the
 /// backend answers (the cookie and lb's timestamp wait in the deltas until then).
 #[inline(always)]
-pub fn mark_reverse(rev: &mut NatReverse, a: &Answer, backend_id: u32) {
+pub fn mark_reverse(rev: &mut NatReverse, a: &Answer) {
     rev.state = state::SYNPROXY;
     rev.flags = REV_SYNPROXY;
     if a.syn.flags & SYN_TIMESTAMPS != 0 {
@@ -190,11 +188,7 @@ pub fn mark_reverse(rev: &mut NatReverse, a: &Answer, backend_id: u32) {
     }
     rev.seq_delta = a.cookie;
     rev.ts_delta = a.ts_echo;
-    rev.client_wscale = if a.syn.flags & SYN_WSCALE != 0 {
-        backend_offer(backend_id).1
-    } else {
-        0
-    };
+    rev.client_wscale = if a.syn.flags & SYN_WSCALE != 0 { PROMISED_WSCALE } else { 0 };
 }
 
 #[inline(always)]
@@ -230,10 +224,9 @@ pub fn syn_to_backend(
     emit::write(ctx, &seg)
 }
 
-/// The backend's SYN-ACK to lb's SYN: learns its sequence number and clock, and answers it
-/// with the ACK that completes the backend's handshake, sent back out the way it came, as
-/// the kernel's SYNPROXY does. (The client had its SYN-ACK from lb already; a protocol in
-/// which the server speaks first then starts at once.)
+/// The backend's SYN-ACK to lb's SYN: learns its sequence number and clock, and becomes
+/// the window update that lets the client send (lb's SYN-ACK offered a zero window). The
+/// client's first segment, translated, then completes the backend's handshake.
 #[inline(always)]
 pub fn backend_accepts(ctx: &XdpContext, pkt: &Packet, r: &mut NatReverse) -> Result<u32, DropReason> {
     let opts = tcpopt::read(ctx, pkt);
@@ -258,22 +251,39 @@ pub fn backend_accepts(ctx: &XdpContext, pkt: &Packet, r: &mut NatReverse) -> Re
         c.ts_delta = r.ts_delta;
         c.flags |= CONN_BACKEND_OPEN;
     }
-    ack_backend(ctx, pkt, r, &opts)
+    // A SYN-ACK's window is not scaled; the client reads lb's with the scale lb promised.
+    let window = ((pkt.window() as u32) >> (r.client_wscale & 15)).max(1) as u16;
+    let ts = (opts.has_ts() && r.flags & REV_TIMESTAMPS != 0).then_some((lb_ts, opts.tsecr));
+    let seg = Segment {
+        src: r.vip_addr,
+        dst: r.client_addr,
+        sport: r.vip_port,
+        dport: r.client_port,
+        seq: cookie.wrapping_add(1),
+        ack: r.isn.wrapping_add(1),
+        flags: TCP_ACK,
+        window,
+        ttl: 64,
+        options: tcpopt::build(None, false, ts, None),
+    };
+    emit::write(ctx, &seg)?;
+    forward::send_rewritten(ctx, &r.hop)
 }
 
-/// The backend sent its SYN-ACK again: lb's ACK was lost. It is sent again.
+/// The backend sent its SYN-ACK again: the client has sent nothing since its window
+/// opened (a protocol in which the server speaks first). lb completes the backend's
+/// handshake itself, as the kernel's SYNPROXY does, with an ACK sent back out the way the
+/// SYN-ACK came.
 #[inline(always)]
 pub fn complete_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse) -> Result<u32, DropReason> {
     let opts = tcpopt::read(ctx, pkt);
-    ack_backend(ctx, pkt, r, &opts)
-}
-
-/// The ACK of the backend's SYN-ACK `pkt` (options `opts`), on the client's behalf, in
-/// place of the SYN-ACK and back out of the interface it came in on.
-#[inline(always)]
-fn ack_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse, opts: &tcpopt::Options) -> Result<u32, DropReason> {
-    let client_ts = r.tw_tsval;
-    let ts = (opts.has_ts() && r.flags & REV_TIMESTAMPS != 0).then_some((client_ts, opts.tsval));
+    // The window in the scale the client's SYN gave the backend: about 64 KiB, what a
+    // client's first window is, until its own comes with its next segment.
+    let client_wscale = match unsafe { maps::conntrack.get(&crate::track::client_flow(r, pkt.proto)) } {
+        Some(c) if c.syn.flags & SYN_WSCALE != 0 => c.syn.wscale,
+        _ => 0,
+    };
+    let ts = (opts.has_ts() && r.flags & REV_TIMESTAMPS != 0).then_some((r.tw_tsval, opts.tsval));
     let seg = Segment {
         src: pkt.dst_addr(),
         dst: pkt.src_addr(),
@@ -282,27 +292,21 @@ fn ack_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse, opts: &tcpopt::Op
         seq: r.isn.wrapping_add(1),
         ack: pkt.seq().wrapping_add(1),
         flags: TCP_ACK,
-        // About 64 KiB in the client's scale, until its own window comes with its next
-        // segment.
-        window: ((65535u32 >> (r.client_wscale & 15)).max(1)) as u16,
+        window: ((65535u32 >> (client_wscale & 15)).max(1)) as u16,
         ttl: 64,
         options: tcpopt::build(None, false, ts, None),
     };
     emit::write(ctx, &seg)?;
-    emit::swap_macs(ctx)?;
-    Ok(xdp_action::XDP_TX)
+    emit::send_back(ctx)
 }
 
-/// Remembers the options a backend's SYN-ACK carried, to offer them on its behalf.
+/// Remembers the MSS a backend's SYN-ACK carried, to offer it on its behalf.
 #[inline(always)]
 pub fn learn(id: u32, opts: &tcpopt::Options) {
     if let Some(b) = maps::backend_state.get_ptr_mut(id) {
         let b = unsafe { &mut *b };
-        if opts.mss != 0 && (b.mss != opts.mss || b.wscale != opts.wscale || b.syn_flags != opts.flags)
-        {
+        if opts.mss != 0 && b.mss != opts.mss {
             b.mss = opts.mss;
-            b.wscale = opts.wscale;
-            b.syn_flags = opts.flags;
         }
     }
 }

@@ -2,13 +2,17 @@
 //! and the handshake it completes with a backend for a client that answered a cookie.
 //! Always an IPv4 header without options and a 40-byte TCP header without payload.
 use aya_ebpf::{
-    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    bindings::xdp_action,
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::stats::DropReason;
+use lb_common::{config::IFACE_TX_BY_REDIRECT, stats::DropReason};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::parse::{L4_OFF, ptr_at};
+use crate::{
+    maps,
+    parse::{L4_OFF, ptr_at},
+};
 
 const TCP_LEN: usize = 40;
 const FRAME_LEN: usize = L4_OFF + TCP_LEN;
@@ -137,9 +141,27 @@ pub fn write(ctx: &XdpContext, seg: &Segment) -> Result<(), DropReason> {
     Ok(())
 }
 
+/// Sends the frame lb wrote back where its packet came from: MAC addresses swapped, out
+/// of the same interface (by redirect where `XDP_TX` would not reach the peer, see
+/// `IFACE_TX_BY_REDIRECT`).
+#[inline(always)]
+pub fn send_back(ctx: &XdpContext) -> Result<u32, DropReason> {
+    swap_macs(ctx)?;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let by_redirect = unsafe { maps::iface_addrs.get(&ifindex) }
+        .is_some_and(|a| a.flags & IFACE_TX_BY_REDIRECT != 0);
+    if !by_redirect {
+        return Ok(xdp_action::XDP_TX);
+    }
+    match unsafe { bpf_redirect(ifindex, 0) } as u32 {
+        xdp_action::XDP_REDIRECT => Ok(xdp_action::XDP_REDIRECT),
+        _ => Ok(xdp_action::XDP_ABORTED),
+    }
+}
+
 /// Swaps the frame's MAC addresses: back where it came from.
 #[inline(always)]
-pub fn swap_macs(ctx: &XdpContext) -> Result<(), DropReason> {
+fn swap_macs(ctx: &XdpContext) -> Result<(), DropReason> {
     let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
     unsafe {
         let p = eth as *mut u8;

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    config::{Config, FIB_CACHE_TTL_S, FibKey, NextHop},
+    config::{Config, FIB_CACHE_TTL_S, FibKey, IFACE_TX_BY_REDIRECT, NextHop},
     stats::DropReason,
 };
 
@@ -52,6 +52,7 @@ pub fn backend_hop(
     kept.dmac = hop.dmac;
     kept.src_addr = hop.src_addr;
     kept.snat_count = hop.snat_count;
+    kept.flags = hop.flags;
     kept.expires = hop.expires;
     Ok(kept)
 }
@@ -130,9 +131,10 @@ fn fib(
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // No address on the egress interface: a new flow there is dropped.
-            let (src_addr, snat_count) = match unsafe { maps::iface_addrs.get(&p.ifindex) } {
-                Some(a) if a.count > 0 => (a.addrs[0], a.count as u16),
-                _ => ([0; 4], 0),
+            let (src_addr, snat_count, flags) = match unsafe { maps::iface_addrs.get(&p.ifindex) } {
+                Some(a) if a.count > 0 => (a.addrs[0], a.count, a.flags),
+                Some(a) => ([0; 4], 0, a.flags),
+                None => ([0; 4], 0, 0),
             };
             Ok(NextHop {
                 ifindex: p.ifindex,
@@ -141,6 +143,7 @@ fn fib(
                 dmac: p.dmac,
                 src_addr,
                 snat_count,
+                flags,
                 expires,
             })
         }
@@ -180,7 +183,7 @@ fn put_macs(eth: *mut u8, hop: &NextHop) {
 
 #[inline(always)]
 fn verdict(ctx: &XdpContext, hop: &NextHop) -> u32 {
-    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+    if hop.ifindex == ctx.ingress_ifindex() as u32 && hop.flags & IFACE_TX_BY_REDIRECT == 0 {
         xdp_action::XDP_TX
     } else {
         // XDP_REDIRECT, or XDP_ABORTED on a bad index: bounded so that the verifier knows

@@ -148,7 +148,14 @@ fn then(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, v: u32
         let Some(svc) = (unsafe { maps::services.get(key) }) else {
             return xdp_action::XDP_PASS;
         };
-        v = flow_to_balance(flow, svc, SynProbe::NONE, true, cfg);
+        // A SYN stays a SYN: its flow begins a handshake, and ends 10 s later if that
+        // does not complete (a client retries its SYN for a minute and more).
+        let syn = if pkt.is_tcp() && pkt.opens() {
+            syn_probe(ctx, pkt)
+        } else {
+            SynProbe::NONE
+        };
+        v = flow_to_balance(flow, svc, syn, true, cfg);
     }
     if v == next::NEW_FLOW {
         v = balance::new_flow(ctx, pkt, cfg);

@@ -243,6 +243,11 @@ impl Packet {
     pub fn ack_seq(&self) -> u32 {
         be32(unsafe { (self.l4 as *const u8).add(8) })
     }
+    /// The TCP window field, host order.
+    #[inline(always)]
+    pub fn window(&self) -> u16 {
+        unsafe { u16::from_be_bytes([(*self.l4)[14], (*self.l4)[15]]) }
+    }
     /// TCP payload bytes.
     #[inline(always)]
     pub fn payload_len(&self) -> u32 {

@@ -60,8 +60,11 @@ fn try_reply(
         track::track_on_answer(r, pkt, 0, now);
     }
     // At most once a second (or on FIN/RST), the client flow learns that it lives, so
-    // that flows which mostly receive do not expire.
-    if conn_flags != 0 || track::due(r.last_seen, now, cfg) {
+    // that flows which mostly receive do not expire. Not from the backend's SYN-ACK sent
+    // again: a handshake the client does not complete ends 10 s after the first one, and
+    // the host's reset to the next clears the backend's half-open connection.
+    let retried_answer = pkt.is_tcp() && pkt.accepts() && r.state == state::EMBRYONIC;
+    if conn_flags != 0 || (track::due(r.last_seen, now, cfg) && !retried_answer) {
         r.last_seen = now;
         if let Some(c) = maps::conntrack.get_ptr_mut(&track::client_flow(r, pkt.proto)) {
             let c = unsafe { &mut *c };

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use lb_common::{
     config::{Config, NextHop},
     flow::{
-        CONN_BACKEND_FIN, CONN_CLIENT_FIN, CONN_HANDSHAKE, CONN_RESET, Conn, FlowKey,
+        CONN_BACKEND_FIN, CONN_BACKEND_OPEN, CONN_CLIENT_FIN, CONN_HANDSHAKE, CONN_RESET, CONN_SYNPROXY, Conn, FlowKey,
         LAST_SEEN_GRANULARITY_S, NatReverse, REV_TIMESTAMPS, SynOptions, state,
     },
     service::Backend,
@@ -168,7 +168,12 @@ pub fn client_segment(
     now: u64,
     cfg: &Config,
 ) {
-    let handshake = conn.flags & CONN_HANDSHAKE != 0 && !pkt.opens() && !pkt.rst();
+    // A cookie-opened flow's handshake ends with the first client segment after the
+    // backend's answer (earlier ones only carry lb's SYN again).
+    let handshake = conn.flags & CONN_HANDSHAKE != 0
+        && !pkt.opens()
+        && !pkt.rst()
+        && conn.flags & (CONN_SYNPROXY | CONN_BACKEND_OPEN) != CONN_SYNPROXY;
     let first_fin = pkt.fin() && conn.flags & CONN_CLIENT_FIN == 0;
     let closing_both = conn.flags & (CONN_CLIENT_FIN | CONN_BACKEND_FIN)
         == CONN_CLIENT_FIN | CONN_BACKEND_FIN;

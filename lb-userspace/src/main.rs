@@ -106,9 +106,8 @@ struct RunArgs {
     snat_addresses: Vec<std::net::Ipv4Addr>,
     /// When lb answers SYNs itself with SYN cookies (no state until the client's ACK proves
     /// its address): `auto` above --syn-cookie-rate or --syn-cookie-occupancy, `always`,
-    /// or `off`. Experimental, so `off` by default: exact packets pass every test, but
-    /// real clients' connections opened through a cookie still fail too often.
-    #[arg(long, default_value = "off", value_name = "auto|always|off")]
+    /// or `off`.
+    #[arg(long, default_value = "auto", value_name = "auto|always|off")]
     syn_cookies: CookieArg,
     /// New SYNs a second (all CPUs) above which cookie mode turns on; 0: never by rate.
     #[arg(long, default_value_t = 50_000, value_name = "N")]
@@ -399,6 +398,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     dataplane.set_iface_addrs(&snat_addresses(&args)?)?;
     for iface in &args.ifaces {
         net::enable_forwarding(iface)?;
+        if net::tx_by_redirect(iface) {
+            dataplane.set_tx_by_redirect(net::ifindex(iface)?)?;
+        }
         dataplane.attach(iface)?;
     }
     dataplane.detach_others();

@@ -38,6 +38,16 @@ pub fn enable_forwarding(iface: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Whether frames lb sends back out of `iface` must go by `XDP_REDIRECT`: true of a veth,
+/// whose peer gets `XDP_TX` frames only when it runs an XDP program itself (see
+/// `lb_common::config::IFACE_TX_BY_REDIRECT`).
+pub fn tx_by_redirect(iface: &str) -> bool {
+    ip_json(&["-d", "link", "show", "dev", iface])
+        .first()
+        .and_then(|l| l["linkinfo"]["info_kind"].as_str().map(|k| k == "veth"))
+        .unwrap_or(false)
+}
+
 /// The first IPv4 address of every interface that has one: ifindex -> address.
 pub fn interface_addresses() -> Result<HashMap<u32, Vec<[u8; 4]>>, NetError> {
     let mut out = HashMap::new();

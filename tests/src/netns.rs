@@ -55,6 +55,13 @@ impl Netns {
         sh(&format!("ip -n {} {args}", self.name))
     }
 
+    /// A counter of the `Tcp:` lines of `/proc/net/snmp` in this namespace
+    /// (`PassiveOpens`, `RetransSegs`...).
+    pub fn tcp_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let snmp = self.sh("cat /proc/net/snmp")?;
+        tcp_counter_in(&snmp, name).with_context(|| format!("no Tcp {name} in /proc/net/snmp"))
+    }
+
     /// Runs a shell command in this namespace (network only; host mounts and bpffs).
     pub fn sh(&self, cmd: &str) -> anyhow::Result<String> {
         sh(&format!("nsenter --net={} sh -c '{cmd}'", self.path()))
@@ -87,6 +94,13 @@ impl Netns {
     }
 }
 
+fn tcp_counter_in(snmp: &str, name: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let i = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also deletes the veth ends inside it (and their peers).
@@ -96,8 +110,8 @@ impl Drop for Netns {
 
 /// A veth pair from `a` (named `a_if`) to `b` (named `b_if`), both up. Two veth
 /// artefacts are turned off, as a physical NIC never has them: GRO is on at both ends (a
-/// veth delivers XDP_TX and XDP_REDIRECT frames only when its peer has GRO or an XDP
-/// program), and checksum offload is off (a veth otherwise passes packets on with only the
+/// veth delivers redirected frames only when its peer has GRO or an XDP program; lb sends
+/// by redirect on a veth, never XDP_TX), and checksum offload is off (a veth otherwise passes packets on with only the
 /// pseudo-header checksum filled in, which XDP cannot finish).
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> {
     sh(&format!(
@@ -111,32 +125,16 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The do-nothing XDP program attached to a veth end, removed on drop. A veth delivers
-/// frames another veth sends back with XDP_TX only when it runs an XDP program itself (GRO
-/// is not enough there, unlike for XDP_REDIRECT); a switch port facing a one-armed
-/// balancer needs it. Physical NICs need nothing of the kind.
-pub struct PeerXdp {
-    _ebpf: aya::Ebpf,
-}
 
-impl PeerXdp {
-    pub fn attach(ns: &Netns, iface: &str) -> anyhow::Result<Self> {
-        let iface = iface.to_string();
-        let ebpf = ns.run(move || -> anyhow::Result<aya::Ebpf> {
-            let mut loader = aya::EbpfLoader::new();
-            // Only the program is wanted; keep the maps it brings along tiny.
-            for m in lb::dataplane::MAPS {
-                loader.map_max_entries(m, 1);
-            }
-            let mut ebpf = loader.load(lb::dataplane::EBPF_OBJECT)?;
-            let prog: &mut aya::programs::Xdp = ebpf
-                .program_mut(lb::dataplane::PASS_PROGRAM)
-                .context("lb_pass")?
-                .try_into()?;
-            prog.load()?;
-            prog.attach(&iface, aya::programs::XdpMode::Default)?;
-            Ok(ebpf)
-        })?;
-        Ok(Self { _ebpf: ebpf })
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_tcp_counters() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+            Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails\n\
+            Tcp: 1 200 120000 -1 12 21096 0\n";
+        assert_eq!(super::tcp_counter_in(snmp, "PassiveOpens"), Some(21_096));
+        assert_eq!(super::tcp_counter_in(snmp, "ActiveOpens"), Some(12));
+        assert_eq!(super::tcp_counter_in(snmp, "RetransSegs"), None);
     }
 }

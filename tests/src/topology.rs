@@ -6,7 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use crate::{
-    netns::{Netns, PeerXdp, veth},
+    netns::{Netns, veth},
     servers::Backend,
     unique,
 };
@@ -21,8 +21,6 @@ pub struct Topology {
     /// Suggested VIP address for services.
     pub vip: Ipv4Addr,
     pub lb_ifaces: Vec<&'static str>,
-    /// Attached in the segment; detached before that namespace goes.
-    _peer_xdp: Option<PeerXdp>,
     /// The segment the backends hang on; dropped last.
     _segment: Netns,
 }
@@ -65,7 +63,6 @@ impl Topology {
         bridge(&seg)?;
         let lb = Netns::new(&unique("lbt-lb"))?;
         plug(&seg, &lb, "p-lb", "10.201.0.1/24")?;
-        let peer_xdp = PeerXdp::attach(&seg, "p-lb")?;
         let client = Netns::new(&unique("lbt-cl"))?;
         plug(&seg, &client, "p-cl", "10.201.0.10/24")?;
         let (nss, addrs) = backends_on(&seg, backends, [10, 201, 0])?;
@@ -77,7 +74,6 @@ impl Topology {
             lb_backend_side: Ipv4Addr::new(10, 201, 0, 1),
             vip: Ipv4Addr::new(10, 201, 0, 1),
             lb_ifaces: vec!["eth0"],
-            _peer_xdp: Some(peer_xdp),
             _segment: seg,
         })
     }
@@ -105,7 +101,6 @@ impl Topology {
             lb_backend_side: Ipv4Addr::new(10, 202, 2, 1),
             vip: Ipv4Addr::new(10, 202, 9, 100),
             lb_ifaces: vec!["eth0", "eth1"],
-            _peer_xdp: None,
             _segment: seg,
         })
     }

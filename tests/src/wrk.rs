@@ -205,10 +205,10 @@ impl Wrk {
             cmd.args(["-H", "Connection: close"]);
         }
         cmd.arg(format!("http://{to}/"));
-        let before = passive_opens(ns)?;
+        let before = ns.tcp_counter("PassiveOpens")?;
         let started = Instant::now();
         let out = cmd.output().context("running wrk (Debian package wrk)")?;
-        let opened = passive_opens(ns)?.saturating_sub(before);
+        let opened = ns.tcp_counter("PassiveOpens")?.saturating_sub(before);
         let text = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
         if !out.status.success() {
             bail!(
@@ -225,19 +225,6 @@ impl Drop for Wrk {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `TcpPassiveOpens` of `ns`: connections accepted there so far.
-pub fn passive_opens(ns: &Netns) -> anyhow::Result<u64> {
-    let snmp = ns.sh("cat /proc/net/snmp")?;
-    passive_opens_in(&snmp).context("no Tcp PassiveOpens in /proc/net/snmp")
-}
-
-fn passive_opens_in(snmp: &str) -> Option<u64> {
-    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (tcp.next()?, tcp.next()?);
-    let i = names.split_whitespace().position(|n| n == "PassiveOpens")?;
-    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -258,14 +245,6 @@ mod tests {
         assert_eq!(r.errors.to_string(), "read 2, timeout 1, non-2xx/3xx 7");
         assert!((r.rps() - 49_975.0).abs() < 1.0);
         assert!(parse_output("Requests/sec: 1\n", 0).is_err());
-    }
-
-    #[test]
-    fn reads_passive_opens() {
-        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
-            Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails\n\
-            Tcp: 1 200 120000 -1 12 21096 0\n";
-        assert_eq!(passive_opens_in(snmp), Some(21_096));
     }
 
     #[test]

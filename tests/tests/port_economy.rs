@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use lb::dataplane::{CookieMode, Limits, Settings};
 use lb_common::{
     IPPROTO_TCP,
-    flow::state,
+    flow::{CONN_HANDSHAKE, state},
     stats::DropReason,
 };
 use lb_tests::{packet::*, segment::*};
@@ -296,12 +296,38 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     let port = bs.sport;
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::SYNPROXY));
 
-    // The backend's SYN-ACK is answered by lb (the client has had its SYN-ACK already).
-    let (v, out) = lab.run(lab.v0, &with_ts(backend(port, flags(true, true, false, false), 777_000, 1001), 90_000, bs.ts.unwrap().0).bytes());
+    // The backend's SYN-ACK (window scale 10) becomes the window update that lets the
+    // client send: lb's SYN-ACK offered a zero window. In lb's numbers, its window in the
+    // scale lb promised (7).
+    let mut synack = with_ts(backend(port, flags(true, true, false, false), 777_000, 1001), 90_000, bs.ts.unwrap().0);
+    synack.wscale = Some(10);
+    synack.mss = Some(1400);
+    synack.window = 65160;
+    let (v, out) = lab.run(lab.v0, &synack.bytes());
+    assert_eq!(v, XDP_TX);
+    let open = seen(&out);
+    assert_eq!(
+        (open.src, open.sport, open.dst, open.dport, open.syn, open.ack, open.seq, open.ack_no),
+        (VIP, 80, CLIENT, CLIENT_PORT, false, true, cookie.wrapping_add(1), 1001)
+    );
+    assert_eq!(open.window, 65160 >> 7);
+    assert_eq!(open.ts, Some((lb_tsval, 5001)), "lb's clock, and the client's echoed");
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::EMBRYONIC));
+
+    // Sent again (the client is silent: a server-first protocol), the SYN-ACK gets lb's
+    // ACK, back to the backend, with about 64 KiB of window in the client's scale.
+    let (v, out) = lab.run(lab.v0, &synack.bytes());
     assert_eq!(v, XDP_TX);
     let done = seen(&out);
     assert_eq!((done.dst, done.dport, done.sport, done.syn, done.ack), (BACKEND, 8080, port, false, true));
-    assert_eq!((done.seq, done.ack_no), (1001, 777_001));
+    assert_eq!((done.seq, done.ack_no, done.window), (1001, 777_001, 65535 >> 7));
+
+    // A client that learned the backend's scale (10) still gets the scale lb promises:
+    // its ACK must find the same one.
+    let again = Seg::linux_syn(client(CLIENT_PORT + 1, SYN, 3000, 0).frame, 3000, 6000);
+    let (v, out) = lab.run(lab.v0, &again.bytes());
+    assert_eq!(v, XDP_TX);
+    assert_eq!((seen(&out).wscale, seen(&out).mss), (Some(7), Some(1400)), "the backend's MSS, lb's scale");
 
     // From now on each side sees its own sequence space: the client's data is acknowledged
     // in the backend's numbers, and the backend's in lb's cookie numbers.
@@ -314,6 +340,7 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     assert_eq!(fwd.payload, data.frame.payload);
     let mut answer = with_ts(backend(port, ACK, 777_001, 1019), 90_001, 5002);
     answer.frame.payload = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+    answer.window = 64;
     let (v, out) = lab.run(lab.v0, &answer.bytes());
     assert_eq!(v, XDP_TX);
     let back = seen(&out);
@@ -321,6 +348,8 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     assert_eq!((back.seq, back.ack_no), (cookie.wrapping_add(1), 1019));
     assert_eq!(back.ts.map(|t| t.1), Some(5002), "the client's timestamp echoed back");
     assert_eq!(back.payload, answer.frame.payload);
+    assert_eq!(back.window, 512, "the backend's window (64 << 10) in the client's scale (>> 7)");
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::ESTABLISHED));
 }
 
 #[test]
@@ -355,4 +384,84 @@ fn cookie_mode_turns_on_above_the_syn_rate_and_answers_syns_itself() {
     assert_eq!((sa.src, sa.dst, sa.syn, sa.ack), (VIP, CLIENT, true, true));
     assert_eq!(lab.reverse_entries().len(), held);
     assert!(lab.dataplane.flood_view().cookies_sent >= 1);
+}
+
+#[test]
+fn on_a_veth_what_leaves_where_it_came_in_goes_by_redirect() {
+    // A veth's peer gets XDP_TX frames only if it runs an XDP program itself; a redirect
+    // reaches it with GRO on. lb marks such interfaces; it still answers and forwards the
+    // same frames.
+    let mut lab = lab_with((61000, 61100), CookieMode::Never, 4096);
+    lab.dataplane.set_tx_by_redirect(lab.v0).unwrap();
+    let (v, out) = lab.run(lab.v0, &Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000).bytes());
+    assert_eq!(v, XDP_REDIRECT, "one-armed: a new flow leaves where it came in");
+    assert_eq!((seen(&out).dst, seen(&out).dport), (BACKEND, 8080));
+
+    let mut lab = lab_with((61000, 61100), CookieMode::Always, 4096);
+    lab.dataplane.set_tx_by_redirect(lab.v0).unwrap();
+    let (v, out) = lab.run(lab.v0, &Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000).bytes());
+    assert_eq!(v, XDP_REDIRECT, "lb's cookie SYN-ACK");
+    let sa = seen(&out);
+    assert_eq!((sa.dst, sa.dport, sa.syn, sa.ack), (CLIENT, CLIENT_PORT, true, true));
+}
+
+#[test]
+fn a_handshake_the_client_never_completes_is_not_kept_alive_by_the_backends_retries() {
+    // A spoofed SYN: the backend answers, and sends its SYN-ACK again and again (for about
+    // a minute on Linux) to a client that never answers. The flow's clock runs from the
+    // first SYN-ACK, so that it ends 10 s later.
+    let lab = lab_with((61000, 61100), CookieMode::Never, 4096);
+    let (v, out) = try_syn(&lab, CLIENT_PORT, 1000, Some(5000));
+    assert_eq!(v, XDP_TX);
+    let port = out.unwrap().sport;
+    let synack = with_ts(backend(port, flags(true, true, false, false), 9000, 1001), 70_000, 5000);
+    assert_eq!(lab.run(lab.v0, &synack.bytes()).0, XDP_TX);
+    let (_, first) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
+    assert_eq!(first.state, state::EMBRYONIC);
+    // Past the once-a-second refresh of a flow's clock.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(lab.run(lab.v0, &synack.bytes()).0, XDP_TX, "the retry still reaches the client");
+    let (_, after) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
+    assert_eq!(after.last_seen, first.last_seen, "the backend's retry kept the flow alive");
+    // The client's own segment does.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    lab.run(lab.v0, &with_ts(client(CLIENT_PORT, ACK, 1001, 9001), 5001, 70_000).bytes());
+    let (_, answered) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
+    assert_eq!(answered.state, state::ESTABLISHED);
+}
+
+#[test]
+fn a_syn_of_a_flow_that_must_move_or_expired_begins_a_handshake() {
+    // In cookie mode a SYN on a live tracked flow goes to that flow; if its backend went
+    // away, it is balanced again as what it is, a SYN: its flow has a handshake's
+    // timeout, not an established connection's hour.
+    let mut lab = lab_with((61000, 61100), CookieMode::Always, 4096);
+    let syn = Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000);
+    let sa = seen(&lab.run(lab.v0, &syn.bytes()).1);
+    let ack = with_ts(client(CLIENT_PORT, ACK, 1001, sa.seq.wrapping_add(1)), 5001, sa.ts.unwrap().0);
+    assert_eq!(seen(&lab.run(lab.v0, &ack.bytes()).1).dst, BACKEND);
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.12:8080"]);
+    let syn2 = Seg::linux_syn(client(CLIENT_PORT, SYN, 50_000, 0).frame, 50_000, 6000);
+    let (v, out) = lab.run(lab.v0, &syn2.bytes());
+    assert_eq!(v, XDP_TX);
+    assert_eq!((seen(&out).dst, seen(&out).syn, seen(&out).seq), (Ipv4Addr::new(10, 70, 0, 12), true, 50_000));
+    let moved = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).expect("tracked at once");
+    assert_ne!(moved.flags & CONN_HANDSHAKE, 0, "the re-balanced SYN's flow is no handshake: {moved:?}");
+    assert_eq!(moved.isn, 50_000);
+
+    // In cookie mode, a SYN retried after its flow's 10 s (Linux retries at 1, 3, 7, 15,
+    // 31 s...) is a new SYN: it gets a cookie, not a flow without a handshake.
+    let lab = lab_with((61000, 61100), CookieMode::Always, 4096);
+    let syn = Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000);
+    let (v, out) = lab.run(lab.v0, &syn.bytes());
+    assert_eq!(v, XDP_TX);
+    let sa = seen(&out);
+    let ack = with_ts(client(CLIENT_PORT, ACK, 1001, sa.seq.wrapping_add(1)), 5001, sa.ts.unwrap().0);
+    let (v, out) = lab.run(lab.v0, &ack.bytes());
+    assert_eq!((v, seen(&out).dst), (XDP_TX, BACKEND), "the cookie's answer opens the backend side");
+    std::thread::sleep(std::time::Duration::from_millis(10_500));
+    let (v, out) = lab.run(lab.v0, &syn.bytes());
+    assert_eq!(v, XDP_TX);
+    let again = seen(&out);
+    assert_eq!((again.dst, again.syn, again.ack), (CLIENT, true, true), "not lb's cookie SYN-ACK: {again:?}");
 }

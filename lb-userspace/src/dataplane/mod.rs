@@ -12,7 +12,7 @@ mod slots;
 mod sweep;
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeSet, HashMap as StdHashMap, HashSet},
     ffi::CString,
     net::SocketAddrV4,
     path::{Path, PathBuf},
@@ -28,7 +28,7 @@ use aya::{
     },
 };
 use lb_common::{
-    config::{Config, IfaceAddrs, LAYOUT_VERSION, MAX_SNAT_ADDRS, NextHop},
+    config::{Config, IFACE_TX_BY_REDIRECT, IfaceAddrs, LAYOUT_VERSION, MAX_SNAT_ADDRS, NextHop},
     flood::Flood,
     hash::SipKey,
     ports::{BackendState, PortTable, PortTableKey},
@@ -174,6 +174,10 @@ pub struct Dataplane {
     maglev: maglev_array::MaglevArray,
     config: Array<MapData, Config>,
     iface_addrs: HashMap<MapData, u32, IfaceAddrs>,
+    /// What `iface_addrs` is made from: SNAT addresses by ifindex, and the interfaces
+    /// sent back out of by redirect.
+    snat_addrs: StdHashMap<u32, Vec<[u8; 4]>>,
+    tx_by_redirect: HashSet<u32>,
     port_tables: HashMap<MapData, PortTableKey, PortTable>,
     flood: Array<MapData, Flood>,
     cookie_stats: PerCpuArray<MapData, u64>,
@@ -381,6 +385,8 @@ impl Dataplane {
             },
             config: take(&mut ebpf, "config")?,
             iface_addrs: take(&mut ebpf, "iface_addrs")?,
+            snat_addrs: StdHashMap::new(),
+            tx_by_redirect: HashSet::new(),
             port_tables: take(&mut ebpf, "port_tables")?,
             flood: take(&mut ebpf, "flood")?,
             cookie_stats: take(&mut ebpf, "cookie_stats")?,
@@ -467,25 +473,48 @@ impl Dataplane {
         &mut self,
         addrs: &StdHashMap<u32, Vec<[u8; 4]>>,
     ) -> Result<(), DataplaneError> {
+        self.snat_addrs = addrs.clone();
+        self.write_ifaces()
+    }
+
+    /// Frames that leave `ifindex` where they came in go by redirect (a veth).
+    pub fn set_tx_by_redirect(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.tx_by_redirect.insert(ifindex);
+        self.write_ifaces()
+    }
+
+    /// Writes `iface_addrs`: an entry for every interface with SNAT addresses or a flag.
+    fn write_ifaces(&mut self) -> Result<(), DataplaneError> {
+        let wanted = |k: &u32| {
+            self.snat_addrs.get(k).is_some_and(|a| !a.is_empty()) || self.tx_by_redirect.contains(k)
+        };
         // Stale ones first, so that interface churn never fills the map.
         let stale: Vec<u32> = self
             .iface_addrs
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !addrs.get(k).is_some_and(|a| !a.is_empty()))
+            .filter(|k| !wanted(k))
             .collect();
         for k in stale {
             self.iface_addrs.remove(&k)?;
         }
-        for (&ifindex, list) in addrs {
-            if list.is_empty() {
-                continue;
-            }
+        let ifindexes: BTreeSet<u32> = self
+            .snat_addrs
+            .keys()
+            .chain(self.tx_by_redirect.iter())
+            .copied()
+            .filter(|k| wanted(k))
+            .collect();
+        for ifindex in ifindexes {
+            let list = self.snat_addrs.get(&ifindex).map(Vec::as_slice).unwrap_or_default();
             let mut value = IfaceAddrs::default();
             for (slot, addr) in value.addrs.iter_mut().zip(list.iter().take(MAX_SNAT_ADDRS)) {
                 *slot = *addr;
             }
-            value.count = list.len().min(MAX_SNAT_ADDRS) as u32;
+            value.count = list.len().min(MAX_SNAT_ADDRS) as u8;
+            if self.tx_by_redirect.contains(&ifindex) {
+                value.flags |= IFACE_TX_BY_REDIRECT;
+            }
             if self.iface_addrs.get(&ifindex, 0).ok() != Some(value) {
                 self.iface_addrs.insert(ifindex, value, 0)?;
             }
