@@ -3,7 +3,7 @@
 //! Always an IPv4 header without options and a 40-byte TCP header without payload.
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::{config::IFACE_TX_BY_REDIRECT, stats::DropReason};
@@ -150,13 +150,11 @@ pub fn send_back(ctx: &XdpContext) -> Result<u32, DropReason> {
     let ifindex = ctx.ingress_ifindex() as u32;
     let by_redirect = unsafe { maps::iface_addrs.get(&ifindex) }
         .is_some_and(|a| a.flags & IFACE_TX_BY_REDIRECT != 0);
-    if !by_redirect {
-        return Ok(xdp_action::XDP_TX);
-    }
-    match unsafe { bpf_redirect(ifindex, 0) } as u32 {
-        xdp_action::XDP_REDIRECT => Ok(xdp_action::XDP_REDIRECT),
-        _ => Ok(xdp_action::XDP_ABORTED),
-    }
+    Ok(if by_redirect {
+        crate::forward::redirect(ifindex)
+    } else {
+        xdp_action::XDP_TX
+    })
 }
 
 /// Swaps the frame's MAC addresses: back where it came from.

@@ -186,11 +186,16 @@ fn verdict(ctx: &XdpContext, hop: &NextHop) -> u32 {
     if hop.ifindex == ctx.ingress_ifindex() as u32 && hop.flags & IFACE_TX_BY_REDIRECT == 0 {
         xdp_action::XDP_TX
     } else {
-        // XDP_REDIRECT, or XDP_ABORTED on a bad index: bounded so that the verifier knows
-        // a verdict from a sub-program is never `CONTINUE`.
-        match unsafe { bpf_redirect(hop.ifindex, 0) } as u32 {
-            xdp_action::XDP_REDIRECT => xdp_action::XDP_REDIRECT,
-            _ => xdp_action::XDP_ABORTED,
-        }
+        redirect(hop.ifindex)
+    }
+}
+
+/// Sends the frame out of `ifindex`: XDP_REDIRECT, or XDP_ABORTED on a bad index (bounded
+/// so that the verifier knows a verdict from a sub-program is never `CONTINUE`).
+#[inline(always)]
+pub fn redirect(ifindex: u32) -> u32 {
+    match unsafe { bpf_redirect(ifindex, 0) } as u32 {
+        xdp_action::XDP_REDIRECT => xdp_action::XDP_REDIRECT,
+        _ => xdp_action::XDP_ABORTED,
     }
 }

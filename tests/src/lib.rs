@@ -28,6 +28,18 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}x{:x}", std::process::id(), nanos & 0xffff)
 }
 
+/// A whole number from environment variable `name` (benchmarks' settings), else `default`.
+pub fn env_num(name: &str, default: u64) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
 /// Polls `f` every 50 ms until it holds or `within` passes; whether it held.
 pub fn eventually(within: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + within;

@@ -14,7 +14,7 @@
 //! `LB_BENCH_ROUNDS` (default 2) the number of rounds.
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use lb_tests::{
     lbproc::{LbProcess, temp_store},
     peers::{Daemon, Nginx, version},
@@ -39,16 +39,6 @@ impl Balancer {
             Balancer::Nftables => "nftables DNAT+masq",
             Balancer::Haproxy => "HAProxy tcp",
         }
-    }
-}
-
-fn env_num(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a whole number")),
-        Err(_) => Ok(default),
     }
 }
 
@@ -208,8 +198,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let secs = env_num("LB_BENCH_SECS", 30)?.max(1);
-    let rounds = env_num("LB_BENCH_ROUNDS", 2)?.max(1) as usize;
+    let secs = lb_tests::env_num("LB_BENCH_SECS", 30)?.max(1);
+    let rounds = lb_tests::env_num("LB_BENCH_ROUNDS", 2)?.max(1) as usize;
     let topo = Topology::two_armed(BACKENDS)?;
     // HAProxy binds the VIP; nftables and lb take its packets before local delivery.
     topo.lb.ip(&format!("addr add {}/32 dev lo", topo.vip))?;

@@ -80,16 +80,6 @@ const MODES: [Mode; 2] = [
     },
 ];
 
-fn env_num(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a whole number")),
-        Err(_) => Ok(default),
-    }
-}
-
 fn backend_name(i: usize) -> String {
     format!("backend {}", i + 1)
 }
@@ -282,8 +272,8 @@ fn verdict(lb: Result<&Summary, &str>, haproxy: &Summary) -> String {
 }
 
 fn main() -> anyhow::Result<()> {
-    let secs = env_num("LB_BENCH_SECS", 10)?.max(1);
-    let rounds = env_num("LB_BENCH_ROUNDS", 5)?.max(1) as usize;
+    let secs = lb_tests::env_num("LB_BENCH_SECS", 10)?.max(1);
+    let rounds = lb_tests::env_num("LB_BENCH_ROUNDS", 5)?.max(1) as usize;
     let verbose = std::env::var("LB_BENCH_VERBOSE").is_ok_and(|v| v == "1");
     let reuse = std::env::var("LB_BENCH_HAPROXY_REUSE").unwrap_or_else(|_| "safe".into());
     if !["never", "safe", "aggressive", "always"].contains(&reuse.as_str()) {
