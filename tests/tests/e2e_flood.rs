@@ -4,7 +4,11 @@
 //! long-lived one keeps talking. Real clients get at least 99 % of their connections, the
 //! long-lived one never breaks, cookie mode turns on and off again, and once the flood is
 //! over nothing of it is left in the maps.
-use std::time::{Duration, Instant};
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
     flood::syn_flood,
@@ -29,34 +33,74 @@ fn entries(lb: &LbProcess, map: &str) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Every connection through a cookie, one after another, as a real client makes them: each
-/// opens at once, with no segment sent twice. (lb's answers once waited on a veth for the
-/// peer's next packet, and the client for a zero-window probe.)
+/// Every connection through a cookie, one after another, as a real client makes them, in
+/// both topologies: each opens at once, with no segment sent twice. (lb's answers once
+/// waited on a veth for the peer's next packet, and the client for a zero-window probe.)
 #[test]
 fn connections_opened_through_cookies_need_no_retransmission() {
+    for (name, topo) in [
+        ("two-armed", Topology::two_armed(1).unwrap()),
+        ("one-armed", Topology::one_armed(1).unwrap()),
+    ] {
+        let _backends = topo.start_backends(1, 8080, false).unwrap();
+        let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--syn-cookies", "always"]).unwrap();
+        lb.put_service(
+            "web",
+            &json!({"vip": topo.vip(80).to_string(), "protocol": "tcp", "backends": [topo.backend(0, 8080).to_string()]}),
+        )
+        .unwrap();
+        let retrans_before = topo.client.tcp_counter("RetransSegs").unwrap();
+        let started = Instant::now();
+        const CONNECTIONS: u64 = 50;
+        for i in 0..CONNECTIONS {
+            let answer = http_get_once(&topo.client, topo.vip(80).into(), Duration::from_secs(3));
+            assert!(answer.is_ok(), "{name}: connection {i}: {answer:?}");
+        }
+        let elapsed = started.elapsed();
+        let (_, stats) = lb.request("GET", "/v1/stats", None).unwrap();
+        let retransmitted = topo.client.tcp_counter("RetransSegs").unwrap() - retrans_before;
+        println!("{name}: {CONNECTIONS} connections in {elapsed:?}, {retransmitted} segments retransmitted; lb: {stats}");
+        assert_eq!(stats["syn_flood"]["cookies_valid"], CONNECTIONS, "{name}: {stats}");
+        assert_eq!(retransmitted, 0, "{name}: the client had to send segments again");
+        // A zero-window probe costs 200 ms; 50 of them would take 10 s.
+        assert!(elapsed < Duration::from_secs(5), "{name}: {CONNECTIONS} connections took {elapsed:?}");
+    }
+}
+
+/// A server that speaks first (as SMTP or SSH do) behind a cookie: the client sends
+/// nothing, so lb completes the backend's handshake itself when the backend sends its
+/// SYN-ACK again (after a second on Linux), and the banner arrives.
+#[test]
+fn a_server_that_speaks_first_is_reached_through_a_cookie() {
     let topo = Topology::two_armed(1).unwrap();
-    let _backends = topo.start_backends(1, 8080, false).unwrap();
+    let addr = topo.backend(0, 2525);
+    let listener = topo.backends[0].run(move || TcpListener::bind(addr)).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(b"220 banner\r\n").unwrap();
+        // Holds the connection until the client has read the banner and closed.
+        let mut rest = String::new();
+        let _ = BufReader::new(conn).read_line(&mut rest);
+    });
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--syn-cookies", "always"]).unwrap();
     lb.put_service(
-        "web",
-        &json!({"vip": topo.vip(80).to_string(), "protocol": "tcp", "backends": [topo.backend(0, 8080).to_string()]}),
+        "smtp",
+        &json!({"vip": topo.vip(25).to_string(), "protocol": "tcp", "backends": [addr.to_string()]}),
     )
     .unwrap();
-    let retrans_before = topo.client.tcp_counter("RetransSegs").unwrap();
-    let started = Instant::now();
-    const CONNECTIONS: u64 = 50;
-    for i in 0..CONNECTIONS {
-        let answer = http_get_once(&topo.client, topo.vip(80).into(), Duration::from_secs(3));
-        assert!(answer.is_ok(), "connection {i}: {answer:?}");
-    }
-    let elapsed = started.elapsed();
-    let (_, stats) = lb.request("GET", "/v1/stats", None).unwrap();
-    let retransmitted = topo.client.tcp_counter("RetransSegs").unwrap() - retrans_before;
-    println!("{CONNECTIONS} connections in {elapsed:?}, {retransmitted} segments retransmitted; lb: {stats}");
-    assert_eq!(stats["syn_flood"]["cookies_valid"], CONNECTIONS, "{stats}");
-    assert_eq!(retransmitted, 0, "the client had to send segments again");
-    // A zero-window probe costs 200 ms; 50 of them would take 10 s.
-    assert!(elapsed < Duration::from_secs(5), "{CONNECTIONS} connections took {elapsed:?}");
+    let vip = topo.vip(25);
+    let (banner, took) = topo.client.run(move || {
+        let started = Instant::now();
+        let stream = TcpStream::connect_timeout(&vip.into(), Duration::from_secs(3)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).map(|_| (line, started.elapsed()))
+    })
+    .unwrap();
+    assert_eq!(banner, "220 banner\r\n");
+    println!("the banner came after {took:?}");
+    assert!(took < Duration::from_secs(4), "the banner took {took:?}");
+    server.join().unwrap();
 }
 
 fn dump(lb: &LbProcess, map: &str) -> String {
