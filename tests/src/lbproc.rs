@@ -42,6 +42,17 @@ impl Pins {
         &self.dir
     }
 
+    /// Runs `lb down` on these pins: its exit status, and whether the directory is gone
+    /// after it (what is left is then removed).
+    pub fn down(self) -> anyhow::Result<(std::process::ExitStatus, bool)> {
+        let ns_path = self.ns_path.clone();
+        let dir = self.take();
+        let status = run_lb_down(&ns_path, &dir);
+        let gone = !dir.exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok((status?, gone))
+    }
+
     fn take(mut self) -> PathBuf {
         std::mem::take(&mut self.dir)
     }
@@ -58,15 +69,19 @@ impl Drop for Pins {
 /// `lb down --bpffs DIR` in the namespace at `ns_path` (where it also lets go of the
 /// backends' next hops); the directory is removed whatever happens.
 pub fn lb_down(ns_path: &str, bpffs: &std::path::Path) {
-    let _ = Command::new("nsenter")
+    let _ = run_lb_down(ns_path, bpffs);
+    let _ = std::fs::remove_dir_all(bpffs);
+}
+
+fn run_lb_down(ns_path: &str, bpffs: &std::path::Path) -> std::io::Result<std::process::ExitStatus> {
+    Command::new("nsenter")
         .arg(format!("--net={ns_path}"))
         .arg(lb_bin())
         .args(["down", "--bpffs"])
         .arg(bpffs)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status();
-    let _ = std::fs::remove_dir_all(bpffs);
+        .status()
 }
 
 /// A fresh store directory for a test, removed on drop (also when the test fails).

@@ -123,9 +123,9 @@ fn kill_9_and_restarts_lose_no_connection() {
 
     // A reboot: no pins. `lb down` detaches; a new lb rebuilds everything from the store.
     let (_, pins) = third.stop_keeping_pins().unwrap();
-    let dir = pins.path().to_path_buf();
-    drop(pins);
-    assert!(!dir.exists(), "lb down removed the pins");
+    let (status, gone) = pins.down().unwrap();
+    assert!(status.success(), "lb down: {status}");
+    assert!(gone, "lb down left its pins");
     assert!(!xdp_on(&topo, "eth0") && !xdp_on(&topo, "eth1"));
     let fourth = LbProcess::start(&topo.lb, &topo.lb_ifaces, &extra).unwrap();
     assert!(!fourth.log_text().contains("adopted"));

@@ -665,3 +665,29 @@ fn a_new_connection_on_a_reused_port_is_balanced_afresh() {
     let conn = lab.conn(CLIENT, port, VIP, 80, IPPROTO_TCP).unwrap();
     assert_eq!(conn.snat_port, u16::from_be_bytes([out[34], out[35]]));
 }
+
+#[test]
+fn a_backend_down_and_up_again_leaves_the_table_in_the_map_as_it_was() {
+    let mut lab = lab();
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"]);
+    let before = lab.dataplane.table_in_map("web").unwrap();
+    let fallen: std::net::SocketAddrV4 = "10.70.0.12:8080".parse().unwrap();
+    let fallen_id = {
+        // The id whose slots go: the one the table loses.
+        assert!(lab.dataplane.set_backend_health("web", fallen, false).unwrap());
+        let down = lab.dataplane.table_in_map("web").unwrap();
+        let lost: std::collections::HashSet<u32> =
+            before.iter().copied().filter(|id| !down.contains(id)).collect();
+        assert_eq!(lost.len(), 1, "one backend left the table: {lost:?}");
+        for (slot, (&b, &d)) in before.iter().zip(&down).enumerate() {
+            if !lost.contains(&b) {
+                assert_eq!(b, d, "slot {slot} of a healthy backend moved");
+            }
+        }
+        *lost.iter().next().unwrap()
+    };
+    assert!(lab.dataplane.set_backend_health("web", fallen, true).unwrap());
+    let after = lab.dataplane.table_in_map("web").unwrap();
+    assert_eq!(after, before, "backend {fallen_id} back: the table differs from before it fell");
+    assert!(!lab.dataplane.set_backend_health("web", fallen, true).unwrap(), "up twice changed something");
+}

@@ -358,16 +358,15 @@ async fn consul_store_keeps_the_contract() {
     .await;
 }
 
-/// The same contract against a real Consul agent, when `LB_TEST_CONSUL=host:port` names
-/// one (and `LB_TEST_CONSUL_TOKEN` its ACL token, if it needs one).
+/// The same contract against a real Consul agent: `LB_TEST_CONSUL=host:port` names one
+/// (and `LB_TEST_CONSUL_TOKEN` its ACL token, if it needs one). Debian has no Consul, so
+/// it runs only when asked: `cargo test -p lb-tests --test store_contract -- --ignored
+/// real_agent`.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a real Consul agent: set LB_TEST_CONSUL=host:port and run with --ignored"]
 async fn consul_store_keeps_the_contract_on_a_real_agent() {
-    let Ok(agent) = std::env::var("LB_TEST_CONSUL") else {
-        println!(
-            "skipped: set LB_TEST_CONSUL=host:port to run the contract against a real Consul agent"
-        );
-        return;
-    };
+    let agent = std::env::var("LB_TEST_CONSUL")
+        .expect("LB_TEST_CONSUL=host:port names the Consul agent to test against");
     let token = std::env::var("LB_TEST_CONSUL_TOKEN").ok();
     let (store, keys) = consul_store(std::slice::from_ref(&agent), token.as_deref());
     contract(&store, History::LatestPerKey, |name| {
@@ -546,8 +545,8 @@ fn consul_server_runs_inside_a_namespace() {
         .timeout(Duration::from_secs(2))
         .call();
     assert!(
-        !matches!(from_host, Err(ureq::Error::Status(404, _))),
-        "the host reached the namespace's server"
+        matches!(from_host, Err(ureq::Error::Transport(_))),
+        "the host reached the namespace's server, or something else there: {from_host:?}"
     );
     // ...but from inside the namespace the store works.
     let listed = ns.run(move || {
