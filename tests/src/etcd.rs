@@ -12,9 +12,15 @@ use anyhow::{Context, bail};
 
 use crate::netns::Netns;
 
-/// A free port (taken from the kernel, then released for etcd to bind).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct free ports, taken from the kernel and released together for etcd to bind
+/// (held until all are chosen: one released at a time, the kernel may hand it out again).
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 struct Member {
@@ -41,10 +47,8 @@ impl EtcdCluster {
 
     fn start_at(ns: Option<&Netns>, ip: &str, n: usize) -> anyhow::Result<Self> {
         let data = std::env::temp_dir().join(crate::unique("lbt-etcd"));
-        let mut ports = Vec::new();
-        for _ in 0..n {
-            ports.push((free_port()?, free_port()?));
-        }
+        let free = free_ports(2 * n)?;
+        let ports: Vec<(u16, u16)> = free.chunks(2).map(|p| (p[0], p[1])).collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()

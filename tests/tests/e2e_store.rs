@@ -212,13 +212,34 @@ fn two_nodes_on_one_etcd_send_a_flow_to_the_same_backend() {
     drop(nodes);
 }
 
+/// An lb started by hand: on drop, stopped with SIGTERM and waited for, and its files
+/// removed.
+struct Stopped {
+    child: std::process::Child,
+    files: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+            let _ = std::fs::remove_dir_all(f);
+        }
+    }
+}
+
 #[test]
 fn an_unreachable_store_is_retried_and_named() {
     let ns = Netns::new(&unique("lbt-x")).unwrap();
     // A port nothing listens on (in a fresh namespace, every port).
     let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
     let log = std::env::temp_dir().join(unique("lbt-log"));
-    let mut child = std::process::Command::new("nsenter")
+    let child = std::process::Command::new("nsenter")
         .arg(format!("--net={}", ns.path()))
         .arg(lb_tests::lbproc::lb_bin())
         .args([
@@ -233,8 +254,13 @@ fn an_unreachable_store_is_retried_and_named() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // Stopped, and its log and pins removed, however the test ends.
+    let mut lb = Stopped {
+        child,
+        files: vec![log.clone(), bpffs.clone()],
+    };
     std::thread::sleep(Duration::from_secs(3));
-    let still_running = child.try_wait().unwrap().is_none();
+    let still_running = lb.child.try_wait().unwrap().is_none();
     // The API is up meanwhile, and says it is not ready.
     let ready = lb_tests::netns::in_netns(&ns.path(), || {
         match ureq::get("http://127.0.0.1:9090/ready")
@@ -247,13 +273,7 @@ fn an_unreachable_store_is_retried_and_named() {
         }
     });
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&log);
-    let _ = std::fs::remove_dir_all(&bpffs);
+    drop(lb);
     assert!(still_running, "lb gave up: {text}");
     assert_eq!(ready, 503, "{text}");
     // Each attempt says which address failed and why, and attempts are repeated.

@@ -1,5 +1,6 @@
 //! lb's developer commands. Each does its own set-up first, so a fresh Debian or Ubuntu
 //! host (as root) needs nothing but `cargo xtask demo` or `cargo xtask test`.
+mod leftovers;
 mod setup;
 
 use std::{
@@ -113,8 +114,12 @@ fn main() -> anyhow::Result<()> {
                 unit.args(["--", f]);
                 privileged.arg(f);
             }
+            // Whatever an earlier, interrupted run left is not this run's doing.
+            leftovers::remove(&leftovers::find());
             run(&mut unit)?;
-            run(privileged.env("LB_BIN", root().join("target/release/lb")))
+            let tests = run(privileged.env("LB_BIN", root().join("target/release/lb")));
+            let left = leftovers::check();
+            tests.and(left)
         }
         Cmd::Demo => {
             setup::setup()?;
