@@ -230,16 +230,12 @@ mod tests {
 
     #[tokio::test]
     async fn every_address_is_named_when_none_answers() {
-        // Two ports nothing listens on.
-        let ports: Vec<u16> = (0..2)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            })
+        // Two distinct ports nothing listens on (both held until both are chosen).
+        let held: Vec<std::net::TcpListener> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
+        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let client = ConsulClient::new(addrs.clone(), None).unwrap();
         let err = client
