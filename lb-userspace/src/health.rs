@@ -277,46 +277,68 @@ mod tests {
 
     #[tokio::test]
     async fn a_backend_falls_after_fall_failures_and_rises_after_rise_successes() {
-        // A server whose answer the test switches.
-        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+        use std::sync::atomic::{AtomicU16, AtomicU32, Ordering::Relaxed};
+        // A server whose answer the test switches, counting the answers of each kind.
+        let status = std::sync::Arc::new(AtomicU16::new(200));
+        let served = std::sync::Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
             unreachable!()
         };
-        let answer = status.clone();
+        let (answer, count) = (status.clone(), served.clone());
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 let mut buf = [0u8; 512];
                 let _ = s.read(&mut buf).await;
-                let code = answer.load(std::sync::atomic::Ordering::Relaxed);
+                let code = answer.load(Relaxed);
+                count[usize::from(code != 200)].fetch_add(1, Relaxed);
                 let _ = s
                     .write_all(format!("HTTP/1.1 {code} X\r\n\r\n").as_bytes())
                     .await;
             }
         });
+        // Fall and rise differ, so that one counted for the other shows.
+        let spec = CheckSpec {
+            kind: Some("http".into()),
+            path: Some("/".into()),
+            interval_ms: Some(100),
+            timeout_ms: Some(100),
+            rise: Some(2),
+            fall: Some(3),
+            ..CheckSpec::default()
+        }
+        .validate()
+        .unwrap();
         let (mut checker, mut events) = Checker::new();
-        checker.sync("web", &[addr], &[], &check("http", Some("/")));
+        checker.sync("web", &[addr], &[], &spec);
         // Healthy: no event for a while.
         assert!(
             tokio::time::timeout(Duration::from_millis(400), events.recv())
                 .await
                 .is_err()
         );
-        status.store(500, std::sync::atomic::Ordering::Relaxed);
+        let failed_before = served[1].load(Relaxed);
+        status.store(500, Relaxed);
         let down = tokio::time::timeout(Duration::from_secs(2), events.recv())
             .await
             .unwrap()
             .unwrap();
+        // The next check is an interval away: the counts are those that decided.
+        let failures = served[1].load(Relaxed) - failed_before;
         assert!(!down.up && down.backend == addr && down.reason.contains("500"));
-        status.store(200, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(failures, 3, "down after {failures} failed checks, not fall (3)");
+        let ok_before = served[0].load(Relaxed);
+        status.store(200, Relaxed);
         let up = tokio::time::timeout(Duration::from_secs(2), events.recv())
             .await
             .unwrap()
             .unwrap();
+        let successes = served[0].load(Relaxed) - ok_before;
         assert!(up.up);
+        assert_eq!(successes, 2, "up after {successes} good checks, not rise (2)");
         // Removing the backend stops its checks.
-        checker.sync("web", &[], &[], &check("http", Some("/")));
-        status.store(500, std::sync::atomic::Ordering::Relaxed);
+        checker.sync("web", &[], &[], &spec);
+        status.store(500, Relaxed);
         assert!(
             tokio::time::timeout(Duration::from_millis(500), events.recv())
                 .await
