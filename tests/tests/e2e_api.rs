@@ -6,6 +6,7 @@ use std::process::Command;
 use lb_tests::{
     lbproc::{LbProcess, lb_bin},
     netns::Netns,
+    servers::http_get_once,
     topology::Topology,
     unique,
 };
@@ -157,9 +158,13 @@ fn start_up_errors_are_one_line_and_a_non_zero_exit() {
 #[test]
 fn sigterm_leaves_forwarding_running_and_lb_down_removes_it() {
     let topo = Topology::two_armed(1).unwrap();
+    let _backend = topo.start_backend(0, 8080, false).unwrap();
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
     let service = json!({"vip": "10.202.9.100:80", "backends": ["10.202.2.11:8080"]});
     lb.put_service("web", &service).unwrap();
+    let vip = topo.vip(80).into();
+    let ask = || http_get_once(&topo.client, vip, std::time::Duration::from_secs(2));
+    assert_eq!(ask().unwrap(), "be0", "forwarded while lb runs");
     // The backend's next hop is kept resolved while lb serves it.
     let managed = || {
         topo.lb
@@ -180,10 +185,14 @@ fn sigterm_leaves_forwarding_running_and_lb_down_removes_it() {
     assert!(String::from_utf8_lossy(&dump.stdout).contains("snat_port_min"));
     let (status, kept) = lb.stop_keeping_pins().unwrap();
     assert!(status.success(), "{status}");
-    // Stopped, the data plane carries on: program attached, maps pinned, next hop kept.
+    // Stopped, the data plane carries on: program attached, maps pinned, next hop kept,
+    // and new connections forwarded.
     assert!(pins.join("services").exists());
     assert!(topo.lb.ip("link show eth0").unwrap().contains("xdp"));
     assert!(managed());
+    for i in 0..20 {
+        assert_eq!(ask().unwrap(), "be0", "connection {i} after lb stopped");
+    }
 
     let out = Command::new("nsenter")
         .arg(format!("--net={}", topo.lb.path()))
@@ -197,6 +206,8 @@ fn sigterm_leaves_forwarding_running_and_lb_down_removes_it() {
     assert!(!topo.lb.ip("link show eth0").unwrap().contains("xdp"));
     assert!(!topo.lb.ip("link show eth1").unwrap().contains("xdp"));
     assert!(!managed(), "next-hop entry left behind");
+    // Nothing forwards to the VIP any more (it is configured nowhere).
+    assert!(ask().is_err(), "still forwarded after lb down");
     drop(kept);
 }
 
