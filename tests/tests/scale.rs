@@ -72,7 +72,9 @@ fn ten_thousand_services_of_ten_backends_fit_in_a_few_hundred_mib() {
             .any(|(n, b)| *n == "maglev" && *b >= (SERVICES * slots) as u64 * 8),
         "{memory:?}"
     );
-    assert!(mib(total) < 400.0, "{:.1} MiB", mib(total));
+    // The README's figure (249 MiB on 2 CPUs), with 5 % of room: most of it is the flow
+    // maps and the tables, which do not grow with the CPU count.
+    assert!(mib(total) < 262.0, "{:.1} MiB: the README says 249", mib(total));
 }
 
 #[test]
