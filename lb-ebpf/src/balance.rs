@@ -65,7 +65,7 @@ fn target(
     cfg: &Config,
 ) -> Result<&'static Target, DropReason> {
     let (id, backend) = select::pick(svc, slot_hash(hash)).ok_or(DropReason::NoBackend)?;
-    let hop = forward::to_backend(ctx, pkt, id, backend.addr, now, cfg)?;
+    let hop = *forward::backend_hop(ctx, pkt, id, backend.addr, now, cfg)?;
     if hop.src_addr == [0; 4] {
         return Err(DropReason::NoSnatAddress);
     }

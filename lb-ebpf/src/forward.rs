@@ -57,19 +57,6 @@ pub fn backend_hop(
     Ok(kept)
 }
 
-/// [`backend_hop`], copied.
-#[inline(always)]
-pub fn to_backend(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    id: u32,
-    addr: [u8; 4],
-    now: u64,
-    cfg: &Config,
-) -> Result<NextHop, DropReason> {
-    backend_hop(ctx, pkt, id, addr, now, cfg).map(|h| *h)
-}
-
 /// The route from `src` to `dst` of a packet that came in on the context's interface:
 /// from `fib_cache` while that is fresh, else from the FIB (and then cached).
 #[inline(always)]
