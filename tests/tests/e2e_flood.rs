@@ -23,14 +23,19 @@ const SPOOFED: [u8; 2] = [10, 203];
 
 /// Entries in a pinned map of lb's.
 fn entries(lb: &LbProcess, map: &str) -> usize {
+    serde_json::from_str::<Vec<serde_json::Value>>(&dump(lb, map))
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
+}
+
+/// A pinned map of lb's as bpftool shows it (pretty JSON, with the fields' names).
+fn dump(lb: &LbProcess, map: &str) -> String {
     let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
+        .args(["-p", "map", "dump", "pinned"])
         .arg(lb.bpffs.join(map))
         .output()
         .expect("bpftool");
-    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX)
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Every connection through a cookie, one after another, as a real client makes them, in
@@ -101,15 +106,6 @@ fn a_server_that_speaks_first_is_reached_through_a_cookie() {
     println!("the banner came after {took:?}");
     assert!(took < Duration::from_secs(4), "the banner took {took:?}");
     server.join().unwrap();
-}
-
-fn dump(lb: &LbProcess, map: &str) -> String {
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(lb.bpffs.join(map))
-        .output()
-        .expect("bpftool");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
