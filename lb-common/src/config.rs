@@ -30,8 +30,14 @@ pub struct Config {
     pub time_wait_s: u32,
     /// CPUs the per-CPU counters span (to sum the SYN rate).
     pub nr_cpus: u32,
+    /// Slots of `conntrack` (a power of two; 0 before the daemon configured it).
+    pub flow_slots: u32,
+    pub _reserved: u32,
+    /// The secret key of `conntrack`'s slot hash: chosen when the table is made and kept
+    /// for its life (a new key would lose every tracked flow), unlike the group's keys.
+    pub table_key: SipKey,
 }
-assert_layout!(Config, size = 64, align = 8);
+assert_layout!(Config, size = 88, align = 8);
 
 /// `Config::flags`: answer every SYN with a cookie.
 pub const COOKIES_ALWAYS: u32 = 1;
@@ -41,7 +47,7 @@ pub const COOKIES_NEVER: u32 = 2;
 /// The version of the maps' layout (every key and value type here and what its fields
 /// mean). Bump it with any such change: a daemon then builds fresh maps instead of adopting
 /// pinned ones it would misread.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 impl Config {
     /// Jiffies in `seconds` (whole seconds only: every timeout lb has is).

@@ -12,6 +12,7 @@ pub mod cookie;
 pub mod csum;
 pub mod flood;
 pub mod flow;
+pub mod flowtab;
 pub mod hash;
 #[cfg(any(feature = "user", test))]
 pub mod maglev;

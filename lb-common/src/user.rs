@@ -1,5 +1,5 @@
 //! `aya::Pod` for every shared type, so the daemon can read and write them in BPF maps.
-use crate::{config::*, flood::*, flow::*, hash::SipKey, ports::*, service::*, stats::*};
+use crate::{config::*, flood::*, flow::*, flowtab::FlowSlot, hash::SipKey, ports::*, service::*, stats::*};
 
 macro_rules! pod {
     ($($t:ty),*) => { $(
@@ -20,6 +20,7 @@ pod!(
     Backend,
     FlowKey,
     Conn,
+    FlowSlot,
     NatReverse,
     Config,
     IfaceAddrs,

@@ -11,7 +11,9 @@ use lb_common::{
 };
 
 use crate::{
-    cookie, forward, maps, nat, next,
+    cookie,
+    flows::{self, Insert},
+    forward, maps, nat, next,
     parse::Packet,
     ports::{self, First, Want},
     select, stats,
@@ -65,14 +67,14 @@ fn target(
     cfg: &Config,
 ) -> Result<&'static Target, DropReason> {
     let (id, backend) = select::pick(svc, slot_hash(hash)).ok_or(DropReason::NoBackend)?;
-    let hop = *forward::backend_hop(ctx, pkt, id, backend.addr, now, cfg)?;
+    let hop = forward::backend_hop(ctx, pkt, id, backend.addr, now, cfg)?;
     if hop.src_addr == [0; 4] {
         return Err(DropReason::NoSnatAddress);
     }
     let t = &mut maps::scratch_space().ok_or(DropReason::MapUpdate)?.target;
     t.id = id;
     t.backend = backend;
-    t.hop = hop;
+    forward::copy_hop(&mut t.hop, hop);
     Ok(t)
 }
 
@@ -136,7 +138,7 @@ fn try_new_flow(
             // The same flow again: a retried SYN, or a UDP flow's second packet (tracked
             // from now on).
             Own::Again => (addr, port, !tcp_syn),
-            Own::Live => match maps::conntrack.get_ptr_mut(&f.key) {
+            Own::Live => match flows::get(&f.key, cfg) {
                 Some(_) => return Ok(Outcome::Tracked),
                 None => (addr, port, false),
             },
@@ -156,7 +158,7 @@ fn try_new_flow(
             if tcp_syn {
                 // A retry of a flow that took a port past its first choice, or a SYN on a
                 // live connection.
-                if let Some(c) = maps::conntrack.get_ptr_mut(&f.key) {
+                if let Some(c) = flows::get(&f.key, cfg) {
                     if unsafe { &*c }.takes_syn(isn, pkt.proto, now, cfg) {
                         return Ok(Outcome::Tracked);
                     }
@@ -168,7 +170,7 @@ fn try_new_flow(
         }
     };
     if track {
-        track_now(&f.key, &to, (addr, port), flags, isn, now)?;
+        track_now(&f.key, &to, (addr, port), flags, isn, now, cfg)?;
     }
     nat::rewrite(pkt, addr, port, t.backend.addr, t.backend.port);
     stats::count(to.service_id, to.backend_id, pkt.ip_len as u64);
@@ -222,13 +224,12 @@ fn track_now(
     flags: u16,
     isn: u32,
     now: u64,
+    cfg: &Config,
 ) -> Result<(), DropReason> {
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
     let conn = &mut scratch.conn;
     track::write_conn(conn, to, snat, flags, isn, now);
-    maps::conntrack
-        .insert(flow, conn, BPF_ANY as u64)
-        .map_err(|_| DropReason::FlowTableFull)
+    flows::insert(flow, conn, Insert::Replace, cfg).map_err(|()| DropReason::FlowTableFull)
 }
 
 /// What [`scan_flow`] finishes: a new flow's first packet, or the SYN lb sends a backend
@@ -254,9 +255,8 @@ fn try_scan_flow(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
     let conn = &mut scratch.conn;
     conn.snat_addr = a.addr;
     conn.snat_port = a.port as u16;
-    maps::conntrack
-        .insert(&scratch.flow.key, &*conn, BPF_ANY as u64)
-        .map_err(|_| DropReason::FlowTableFull)?;
+    let cfg = maps::config.get(0).ok_or(DropReason::MapUpdate)?;
+    flows::insert(&scratch.flow.key, conn, Insert::Replace, cfg).map_err(|()| DropReason::FlowTableFull)?;
     if a.kind == SCAN_COOKIE {
         cookie::syn_to_backend(ctx, conn, &a.backend, a.ttl as u8)?;
         stats::count(conn.service_id, conn.backend_id, 60);
@@ -323,9 +323,7 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
     let conn = &mut scratch.conn;
     conn.snat_addr = addr;
     conn.snat_port = port;
-    maps::conntrack
-        .insert(&f.key, &*conn, BPF_ANY as u64)
-        .map_err(|_| DropReason::FlowTableFull)?;
+    flows::insert(&f.key, conn, Insert::Replace, cfg).map_err(|()| DropReason::FlowTableFull)?;
     cookie::syn_to_backend(ctx, conn, &t.backend, ttl)?;
     stats::count(to.service_id, to.backend_id, 60);
     forward::send_rewritten(ctx, &t.hop)

@@ -228,7 +228,7 @@ pub fn syn_to_backend(
 /// the window update that lets the client send (lb's SYN-ACK offered a zero window). The
 /// client's first segment, translated, then completes the backend's handshake.
 #[inline(always)]
-pub fn backend_accepts(ctx: &XdpContext, pkt: &Packet, r: &mut NatReverse) -> Result<u32, DropReason> {
+pub fn backend_accepts(ctx: &XdpContext, pkt: &Packet, r: &mut NatReverse, cfg: &Config) -> Result<u32, DropReason> {
     let opts = tcpopt::read(ctx, pkt);
     let cookie = r.seq_delta;
     let lb_ts = r.ts_delta;
@@ -245,7 +245,7 @@ pub fn backend_accepts(ctx: &XdpContext, pkt: &Packet, r: &mut NatReverse) -> Re
     learn(r.backend_id, &opts);
     // The client's entry translates from now on.
     let client = crate::track::client_flow(r, pkt.proto);
-    if let Some(c) = maps::conntrack.get_ptr_mut(&client) {
+    if let Some(c) = crate::flows::get(&client, cfg) {
         let c = unsafe { &mut *c };
         c.seq_delta = r.seq_delta;
         c.ts_delta = r.ts_delta;
@@ -279,7 +279,7 @@ pub fn complete_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse) -> Resul
     let opts = tcpopt::read(ctx, pkt);
     // The window in the scale the client's SYN gave the backend: about 64 KiB, what a
     // client's first window is, until its own comes with its next segment.
-    let client_wscale = match unsafe { maps::conntrack.get(&crate::track::client_flow(r, pkt.proto)) } {
+    let client_wscale = match maps::config.get(0).and_then(|cfg| crate::flows::get(&crate::track::client_flow(r, pkt.proto), cfg)).map(|c| unsafe { &*c }) {
         Some(c) if c.syn.flags & SYN_WSCALE != 0 => c.syn.wscale,
         _ => 0,
     };

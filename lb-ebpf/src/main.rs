@@ -13,6 +13,7 @@ mod balance;
 mod cookie;
 mod emit;
 mod flood;
+mod flows;
 mod forward;
 mod maps;
 mod nat;
@@ -79,11 +80,20 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
             pkt.proto,
         );
         if let Some(rev) = maps::nat_reverse.get_ptr_mut(&key) {
-            let mut v = reply::reply(ctx, &pkt, rev, false, cfg);
+            let mut seen = 0;
+            let mut v = reply::reply(ctx, &pkt, rev, seen, cfg);
+            if v == next::ROUTE {
+                seen |= reply::SEEN_ROUTE;
+                v = reply::refresh_hop(ctx, &pkt, rev, cfg);
+                if v == next::CONTINUE {
+                    v = reply::reply(ctx, &pkt, rev, seen, cfg);
+                }
+            }
             if v == next::SYNPROXY {
+                seen |= reply::SEEN_HANDSHAKE;
                 v = reply::synproxy_handshake(ctx, &pkt, rev, cfg);
                 if v == next::CONTINUE {
-                    v = reply::reply(ctx, &pkt, rev, true, cfg);
+                    v = reply::reply(ctx, &pkt, rev, seen, cfg);
                 }
             }
             return Ok(v);
@@ -113,7 +123,7 @@ fn to_service(
     );
     // A SYN opens a connection: it skips the conntrack lookup (its retries find their
     // port where the first try took it), unless its new flow says a tracked one takes it.
-    let conn = if pkt.is_tcp() && pkt.opens() {
+    if pkt.is_tcp() && pkt.opens() {
         let mut v = syn(ctx, pkt, &flow, key, cfg);
         if v == next::NEW_FLOW {
             v = balance::new_flow(ctx, pkt, cfg);
@@ -123,10 +133,8 @@ fn to_service(
         if v != next::TRACKED {
             return Ok(then(ctx, pkt, &flow, key, v, cfg));
         }
-        maps::conntrack.get_ptr_mut(&flow)
-    } else {
-        maps::conntrack.get_ptr_mut(&flow)
-    };
+    }
+    let conn = flows::get(&flow, cfg);
     let v = match conn {
         Some(c) => tracked_with_slow(ctx, pkt, &flow, c, cfg),
         None if pkt.is_tcp() => unknown_tcp(ctx, pkt, &flow, key, cfg),
@@ -235,7 +243,7 @@ fn try_syn(
     flood::count_syn(now, cfg);
     if flood::cookies(cfg) {
         // A retry of a handshake begun before, or a SYN on a live connection, goes on.
-        if let Some(c) = maps::conntrack.get_ptr_mut(flow) {
+        if let Some(c) = flows::get(flow, cfg) {
             if unsafe { &*c }.takes_syn(pkt.seq(), pkt.proto, now, cfg) {
                 return Ok(next::TRACKED);
             }

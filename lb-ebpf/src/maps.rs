@@ -12,6 +12,7 @@ use lb_common::{
     config::{Config, FibKey, IfaceAddrs, NextHop},
     flood::{CookieStat, Flood, SynWindow},
     flow::{Conn, FlowKey, NatReverse},
+    flowtab::FlowSlot,
     ports::{BackendState, PortTable, PortTableKey},
     service::{Backend, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
@@ -39,11 +40,13 @@ pub static backend_state: Array<BackendState, 65536> = Array::new();
 #[btf_map]
 pub static maglev: Array<u32, 4194304, { BPF_F_MMAPABLE as usize }> = Array::new();
 
-/// Client flow (client -> VIP) -> chosen backend, SNAT address and port, next hop. A plain
-/// hash: entries leave when their flow is over (the sweep, or a port taken over), never
-/// to make room, so a flood cannot push out a live flow.
+/// Client flow (client -> VIP) -> chosen backend, SNAT address and port: lb's own
+/// open-addressed table of one-line slots (`flows`, `lb_common::flowtab`). Entries leave
+/// when their flow is over (the sweep, or a port taken over), never to make room, so a
+/// flood cannot push out a live flow. Memory-mappable: its slots start on a page, so each
+/// is one cache line.
 #[btf_map]
-pub static conntrack: HashMap<FlowKey, Conn, 524288> = HashMap::new();
+pub static conntrack: Array<FlowSlot, 1048576, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Backend flow (backend -> SNAT address and port) -> client and VIP to restore, next hop,
 /// and the state of the flow holding the port. A plain hash, like `conntrack`.

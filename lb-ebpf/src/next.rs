@@ -30,6 +30,10 @@ pub const SLOW: u32 = u32::MAX - 6;
 /// A new flow, left in the scratch space: `balance::new_flow` balances it.
 pub const NEW_FLOW: u32 = u32::MAX - 7;
 
+/// A backend's packet whose way back to the client is stale: `reply::refresh_hop` looks it
+/// up.
+pub const ROUTE: u32 = u32::MAX - 9;
+
 /// A SYN in cookie mode: `cookie_syn` (in `main`) answers it.
 pub const COOKIE_SYN: u32 = u32::MAX - 8;
 

@@ -152,12 +152,12 @@ pub fn address(hop: &NextHop, hash: u32, nth: u32) -> [u8; 4] {
 /// Deletes the conntrack entry of the flow that held port `key` through `old`, if it still
 /// points there: that flow is over.
 #[inline(always)]
-fn forget_holder(old: &NatReverse, key: &FlowKey) {
+fn forget_holder(old: &NatReverse, key: &FlowKey, cfg: &Config) {
     let client = track::client_flow(old, key.proto);
-    if let Some(c) = unsafe { maps::conntrack.get(&client) } {
+    if let Some(c) = crate::flows::get(&client, cfg).map(|c| unsafe { &*c }) {
         if c.snat_port == key.dst_port && c.snat_addr == key.dst_addr && c.backend_id == old.backend_id
         {
-            let _ = maps::conntrack.remove(&client);
+            crate::flows::remove(&client, cfg);
         }
     }
 }
@@ -167,7 +167,7 @@ fn forget_holder(old: &NatReverse, key: &FlowKey) {
 #[inline(always)]
 fn alive_by_conntrack(e: &mut NatReverse, key: &FlowKey, now: u64, cfg: &Config) -> bool {
     let client = track::client_flow(e, key.proto);
-    match unsafe { maps::conntrack.get(&client) } {
+    match crate::flows::get(&client, cfg).map(|c| unsafe { &*c }) {
         Some(c)
             if c.snat_port == key.dst_port
                 && c.snat_addr == key.dst_addr
@@ -218,7 +218,7 @@ fn try_claim(key: &FlowKey, rev: &NatReverse, syn: SynProbe, now: u64, cfg: &Con
     if !free {
         return Try::Taken(!released(e.state));
     }
-    forget_holder(e, key);
+    forget_holder(e, key, cfg);
     overwrite(key, rev)
 }
 

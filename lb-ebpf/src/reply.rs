@@ -9,18 +9,18 @@ use lb_common::{
 
 use crate::{cookie, forward, maps, nat, parse::Packet, stats, tcpopt, track};
 
-/// A sub-program of its own: the top of the program stays small (see `next`). A
-/// cookie-opened flow's handshake with its backend is left to [`synproxy_handshake`]
-/// (`next::SYNPROXY`); `handshake_seen` says it had its turn.
+/// `reply`'s `seen`: [`synproxy_handshake`] had its turn.
+pub const SEEN_HANDSHAKE: u32 = 1;
+/// `reply`'s `seen`: [`refresh_hop`] had its turn.
+pub const SEEN_ROUTE: u32 = 2;
+
+/// A sub-program of its own: the top of the program stays small (see `next`). The way back
+/// to the client, once stale, is left to [`refresh_hop`] (`next::ROUTE`), and a
+/// cookie-opened flow's handshake with its backend to [`synproxy_handshake`]
+/// (`next::SYNPROXY`); `seen` says which had their turn.
 #[inline(never)]
-pub fn reply(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    rev: *mut NatReverse,
-    handshake_seen: bool,
-    cfg: &Config,
-) -> u32 {
-    crate::next::verdict(try_reply(ctx, pkt, rev, handshake_seen, cfg))
+pub fn reply(ctx: &XdpContext, pkt: &Packet, rev: *mut NatReverse, seen: u32, cfg: &Config) -> u32 {
+    crate::next::verdict(try_reply(ctx, pkt, rev, seen, cfg))
 }
 
 #[inline(always)]
@@ -28,7 +28,7 @@ fn try_reply(
     ctx: &XdpContext,
     pkt: &Packet,
     rev: *mut NatReverse,
-    handshake_seen: bool,
+    seen: u32,
     cfg: &Config,
 ) -> Result<u32, DropReason> {
     if pkt.ttl_expires() {
@@ -36,10 +36,10 @@ fn try_reply(
     }
     let r = unsafe { &mut *rev };
     let now = track::now();
-    if !forward::fresh(&r.hop, pkt, now) {
-        r.hop = forward::lookup(ctx, pkt, r.vip_addr, r.client_addr, now, cfg)?;
+    if !forward::fresh(&r.hop, pkt, now) && seen & SEEN_ROUTE == 0 {
+        return Ok(crate::next::ROUTE);
     }
-    if !handshake_seen && pkt.is_tcp() && r.flags & REV_SYNPROXY != 0 && r.state != state::ESTABLISHED {
+    if seen & SEEN_HANDSHAKE == 0 && pkt.is_tcp() && r.flags & REV_SYNPROXY != 0 && r.state != state::ESTABLISHED {
         return Ok(crate::next::SYNPROXY);
     }
     let mut conn_flags = 0u16;
@@ -49,7 +49,7 @@ fn try_reply(
             r.state = state::EMBRYONIC;
             r.last_seen = now;
             learn_once(ctx, pkt, r.backend_id);
-            track::track_on_answer(r, pkt, CONN_HANDSHAKE, now);
+            track::track_on_answer(r, pkt, CONN_HANDSHAKE, now, cfg);
         } else if pkt.closes() {
             conn_flags = track::backend_segment(pkt, r, now, cfg);
         }
@@ -57,7 +57,7 @@ fn try_reply(
         // A UDP flow's first answer.
         r.state = state::ESTABLISHED;
         r.last_seen = now;
-        track::track_on_answer(r, pkt, 0, now);
+        track::track_on_answer(r, pkt, 0, now, cfg);
     }
     // At most once a second (or on FIN/RST), the client flow learns that it lives, so
     // that flows which mostly receive do not expire. Not from the backend's SYN-ACK sent
@@ -66,7 +66,7 @@ fn try_reply(
     let retried_answer = pkt.is_tcp() && pkt.accepts() && r.state == state::EMBRYONIC;
     if conn_flags != 0 || (track::due(r.last_seen, now, cfg) && !retried_answer) {
         r.last_seen = now;
-        if let Some(c) = maps::conntrack.get_ptr_mut(&track::client_flow(r, pkt.proto)) {
+        if let Some(c) = crate::flows::get(&track::client_flow(r, pkt.proto), cfg) {
             let c = unsafe { &mut *c };
             if c.snat_port == pkt.dst_port() && c.snat_addr == pkt.dst_addr() {
                 c.flags |= conn_flags;
@@ -78,6 +78,20 @@ fn try_reply(
         return Ok(send_translated(ctx, pkt, r));
     }
     Ok(send(ctx, pkt, r))
+}
+
+/// Looks up the way back to the client again: a step of its own, as its stack and that of
+/// `reply`'s calls into `flows` together would not fit.
+#[inline(never)]
+pub fn refresh_hop(ctx: &XdpContext, pkt: &Packet, rev: *mut NatReverse, cfg: &Config) -> u32 {
+    let r = unsafe { &mut *rev };
+    match forward::lookup(ctx, pkt, r.vip_addr, r.client_addr, track::now(), cfg) {
+        Ok(hop) => {
+            r.hop = hop;
+            crate::next::CONTINUE
+        }
+        Err(reason) => crate::next::drop(reason),
+    }
 }
 
 #[inline(always)]
@@ -121,7 +135,7 @@ fn try_synproxy_handshake(
     if r.state == state::SYNPROXY {
         if pkt.accepts() {
             stats::count(r.service_id, r.backend_id, 60);
-            return cookie::backend_accepts(ctx, pkt, r).map(Some);
+            return cookie::backend_accepts(ctx, pkt, r, cfg).map(Some);
         }
         if pkt.rst() {
             // The backend refuses: so does lb, in the client's sequence space.

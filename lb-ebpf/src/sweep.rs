@@ -7,15 +7,18 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_for_each_map_elem, macros::xdp,
+    bindings::xdp_action,
+    helpers::generated::{bpf_for_each_map_elem, bpf_loop},
+    macros::xdp,
     programs::XdpContext,
 };
 use lb_common::{
     config::Config,
-    flow::{Conn, FlowKey, NatReverse, state},
+    flow::{FlowKey, NatReverse, state},
+    flowtab,
 };
 
-use crate::{flood, maps, ports, track};
+use crate::{flood, flows, maps, ports, track};
 
 /// What the sweep carries from entry to entry.
 #[repr(C)]
@@ -78,9 +81,9 @@ extern "C" fn sweep_reverse(
         return 0;
     }
     let client = track::client_flow(r, k.proto);
-    if let Some(c) = unsafe { maps::conntrack.get(&client) } {
+    if let Some(c) = flows::get(&client, &s.cfg).map(|c| unsafe { &*c }) {
         if c.snat_port == k.dst_port && c.snat_addr == k.dst_addr && c.backend_id == r.backend_id {
-            let _ = maps::conntrack.remove(&client);
+            flows::remove(&client, &s.cfg);
         }
     }
     if !ports::released(r.state) {
@@ -95,7 +98,7 @@ extern "C" fn sweep_reverse(
 #[inline(always)]
 fn holder_alive(r: &NatReverse, k: &FlowKey, s: &Sweep) -> bool {
     let client = track::client_flow(r, k.proto);
-    match unsafe { maps::conntrack.get(&client) } {
+    match flows::get(&client, &s.cfg).map(|c| unsafe { &*c }) {
         Some(c) => {
             c.snat_port == k.dst_port
                 && c.snat_addr == k.dst_addr
@@ -106,16 +109,39 @@ fn holder_alive(r: &NatReverse, k: &FlowKey, s: &Sweep) -> bool {
     }
 }
 
-extern "C" fn sweep_conntrack(
-    _map: *mut c_void,
-    key: *mut FlowKey,
-    value: *mut Conn,
-    ctx: *mut Sweep,
-) -> i64 {
-    let (k, c, s) = unsafe { (&*key, &*value, &mut *ctx) };
-    if c.expired(k.proto, s.now, &s.cfg) {
-        let _ = maps::conntrack.remove(k);
+/// One slot of `conntrack`, walked from the last one down: an expired flow's slot goes
+/// dead; a dead slot just before an empty one is no run's middle any more, so it becomes
+/// empty too (walking down, a whole run of dead slots ending in an empty one clears in one
+/// sweep). An insert that claimed the next slot meanwhile keeps its run: the slot is put
+/// back.
+extern "C" fn sweep_slot(index: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { &mut *ctx.cast::<Sweep>() };
+    let mask = s.cfg.flow_slots.wrapping_sub(1);
+    let i = mask.wrapping_sub(index as u32) & mask;
+    let Some(slot) = maps::conntrack.get_ptr_mut(i) else {
+        return 1;
+    };
+    let slot = unsafe { &mut *slot };
+    let mut st = unsafe { core::ptr::read_volatile(&slot.state) };
+    if st == flowtab::slot::LIVE
+        && slot.conn.expired(slot.proto, s.now, &s.cfg)
+        && flows::set_state(slot, flowtab::slot::LIVE, flowtab::slot::DEAD)
+    {
         s.removed += 1;
+        st = flowtab::slot::DEAD;
+    }
+    if st != flowtab::slot::DEAD {
+        return 0;
+    }
+    let next_empty = |i: u32| match maps::conntrack.get(i.wrapping_add(1) & mask) {
+        Some(n) => (unsafe { core::ptr::read_volatile(&n.state) }) == flowtab::slot::EMPTY,
+        None => false,
+    };
+    if next_empty(i)
+        && flows::set_state(slot, flowtab::slot::DEAD, flowtab::slot::EMPTY)
+        && !next_empty(i)
+    {
+        flows::set_state(slot, flowtab::slot::EMPTY, flowtab::slot::DEAD);
     }
     0
 }
@@ -140,12 +166,7 @@ pub fn lb_sweep(_ctx: XdpContext) -> u32 {
     };
     let ctx = core::ptr::from_mut(&mut s).cast::<c_void>();
     unsafe {
-        bpf_for_each_map_elem(
-            core::ptr::from_ref(&maps::conntrack).cast_mut().cast(),
-            sweep_conntrack as *mut c_void,
-            ctx,
-            0,
-        );
+        bpf_loop(cfg.flow_slots, sweep_slot as *mut c_void, ctx, 0);
         bpf_for_each_map_elem(
             core::ptr::from_ref(&maps::nat_reverse).cast_mut().cast(),
             sweep_reverse as *mut c_void,

@@ -8,7 +8,6 @@
 //! the port again. States move on the segments each side sends; the port goes back to the
 //! bitmap when the backend no longer needs the tuple.
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_jiffies64,
     programs::XdpContext,
 };
@@ -21,7 +20,12 @@ use lb_common::{
     service::Backend,
 };
 
-use crate::{maps, parse::Packet, ports, tcpopt};
+use crate::{
+    flows::{self, Insert},
+    maps,
+    parse::Packet,
+    ports, tcpopt,
+};
 
 /// Jiffies: the cheapest clock the program can read; all its timeouts are in seconds.
 #[inline(always)]
@@ -274,9 +278,11 @@ pub fn backend_segment(pkt: &Packet, r: &mut NatReverse, now: u64, cfg: &Config)
 /// Tracks the client flow of reverse entry `r` on the backend's first answer (the flow's
 /// second packet): a conntrack entry towards the backend (its next hop looked up by the
 /// client's next packet). An entry a flow left on the same 5-tuple before this one began
-/// is replaced; one of this very flow (made with its SYN) is kept.
-#[inline(always)]
-pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64) {
+/// is replaced; one of this very flow (made with its SYN) is kept. Out of line: inlined,
+/// its stack adds to the reply step's, and the deepest chain of calls through it would not
+/// fit the verifier's 512 bytes.
+#[inline(never)]
+pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64, cfg: &Config) {
     let Some(scratch) = maps::scratch_space() else {
         return;
     };
@@ -289,17 +295,16 @@ pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64) {
     let conn = &mut scratch.conn;
     write_conn(conn, &to, snat, flags, r.isn, now);
     let key = client_flow(r, pkt.proto);
-    if maps::conntrack
-        .insert(&key, &*conn, BPF_NOEXIST as u64)
-        .is_ok()
-    {
-        return;
-    }
-    if let Some(old) = maps::conntrack.get_ptr_mut(&key) {
-        let old = unsafe { &mut *old };
-        let other = old.backend_id != to.backend_id || old.snat_port != snat.1 || old.snat_addr != snat.0;
-        if other && old.last_seen <= r.last_seen {
-            let _ = maps::conntrack.insert(&key, &*conn, BPF_ANY as u64);
+    let how = match flows::get(&key, cfg) {
+        None => Insert::New,
+        Some(old) => {
+            let old = unsafe { &*old };
+            let other = old.backend_id != to.backend_id || old.snat_port != snat.1 || old.snat_addr != snat.0;
+            if !other || old.last_seen > r.last_seen {
+                return;
+            }
+            Insert::Replace
         }
-    }
+    };
+    let _ = flows::insert(&key, conn, how, cfg);
 }

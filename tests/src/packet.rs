@@ -10,7 +10,10 @@ use lb::{
     dataplane::{Dataplane, Limits, PASS_PROGRAM, PROGRAM, Settings},
     model::{Service, ServiceSpec},
 };
-use lb_common::flow::{Conn, FlowKey, NatReverse};
+use lb_common::{
+    flow::{Conn, FlowKey, NatReverse},
+    flowtab::{FlowSlot, slot},
+};
 
 use crate::{netns::Netns, unique};
 
@@ -237,14 +240,26 @@ impl PacketLab {
         vport: u16,
         proto: u8,
     ) -> Option<Conn> {
-        let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")).ok()?;
-        let map: aya::maps::HashMap<_, FlowKey, Conn> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).ok()?;
-        map.get(
-            &FlowKey::new(client.octets(), cport, vip.octets(), vport, proto),
-            0,
-        )
-        .ok()
+        let key = FlowKey::new(client.octets(), cport, vip.octets(), vport, proto);
+        let live: Vec<Conn> = self
+            .flow_slots()
+            .into_iter()
+            .filter(|s| s.state == slot::LIVE && s.key() == key)
+            .map(|s| s.conn)
+            .collect();
+        assert!(live.len() <= 1, "{key:?} is tracked twice: {live:?}");
+        live.first().copied()
+    }
+
+    /// Every slot of the pinned conntrack table, read whole (the test's oracle walks the
+    /// table itself rather than probing it as the program does).
+    pub fn flow_slots(&self) -> Vec<FlowSlot> {
+        let Ok(map) = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")) else {
+            return Vec::new();
+        };
+        let map: aya::maps::Array<_, FlowSlot> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("conntrack");
+        map.iter().filter_map(Result::ok).collect()
     }
 
     /// The reverse-NAT entry of a client flow (found by its client side), with its key.
@@ -279,12 +294,7 @@ impl PacketLab {
 
     /// How many client flows are tracked.
     pub fn conn_count(&self) -> usize {
-        let Ok(map) = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")) else {
-            return 0;
-        };
-        let map: aya::maps::HashMap<_, FlowKey, Conn> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("conntrack");
-        map.keys().filter_map(Result::ok).count()
+        self.flow_slots().iter().filter(|s| s.state == slot::LIVE).count()
     }
 
     pub fn drops(&self, reason: lb_common::stats::DropReason) -> u64 {

@@ -104,6 +104,8 @@ pub enum DataplaneError {
     Cpus(std::io::Error),
     #[error("mapping the maglev array: {0}")]
     Mmap(std::io::Error),
+    #[error("reading the kernel's random source: {0}")]
+    Random(std::io::Error),
 }
 
 /// Sizes of the maps, chosen at load time.
@@ -199,6 +201,8 @@ pub struct Dataplane {
     installed: StdHashMap<String, Installed>,
     max_services: u32,
     hz: u32,
+    /// Slots of `conntrack` (`flowtab::flow_slots` of the flows it is sized for).
+    flow_slots: u32,
     /// The settings last written to `config`.
     settings: Option<Settings>,
     /// An exclusive lock on the pin directory, held while this daemon uses it.
@@ -405,6 +409,7 @@ impl Dataplane {
             installed: StdHashMap::new(),
             max_services: limits.max_services,
             hz: clock::kernel_hz(),
+            flow_slots: lb_common::flowtab::flow_slots(limits.conntrack_entries),
             settings: None,
             _lock: lock,
         };
@@ -439,6 +444,11 @@ impl Dataplane {
             CookieMode::Always => (lb_common::config::COOKIES_ALWAYS, 0, 0),
             CookieMode::Never => (lb_common::config::COOKIES_NEVER, 0, 0),
         };
+        // The table's key lives as long as the table: kept from the config pinned with it.
+        let table_key = match self.config.get(&0, 0) {
+            Ok(c) if c.table_key != SipKey::default() => c.table_key,
+            _ => crate::secret::GroupKeys::random().map_err(DataplaneError::Random)?.flow,
+        };
         self.config.set(
             0,
             Config {
@@ -453,6 +463,9 @@ impl Dataplane {
                 cookie_occupancy: occupancy,
                 time_wait_s: s.time_wait_s,
                 nr_cpus: aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))? as u32,
+                flow_slots: self.flow_slots,
+                _reserved: 0,
+                table_key,
             },
             0,
         )?;

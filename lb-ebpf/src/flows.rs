@@ -1,0 +1,195 @@
+//! `conntrack`, the client flows lb tracks: lookups, inserts and removals on its
+//! open-addressed slots (the layout and why: `lb_common::flowtab`).
+//!
+//! Several CPUs use the table at once, without locks. An insert claims a free slot by a
+//! compare-and-swap of its state word, writes it, then marks it live; a lookup only takes
+//! a live slot whose key is the flow's. Like a kernel hash map's preallocated elements, a
+//! removed slot may be reused at once: a CPU still holding it sees another flow's values,
+//! and a flow whose key it compared before the change is no longer there.
+use lb_common::{
+    config::Config,
+    flow::{Conn, FlowKey},
+    flowtab::{FLOW_PROBES, FlowSlot, STATE_WORD, home_slot, slot, slot_words, state_of, with_state},
+    hash::SipKey,
+};
+
+use crate::maps;
+
+/// Answers of the global functions: no slot.
+const NONE: i64 = -1;
+
+/// Where flow slot words `w0`, `w1` (state live) are in a table of `slots` slots whose
+/// hash key is `k0`, `k1`: the home slot in the high half, the live slot holding the flow
+/// in the low half (`u32::MAX` for none). A global function, verified once; the hash is
+/// computed here, so that its registers spill into this frame, not the caller's.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_flow_find(w0: u64, w1: u64, k0: u64, k1: u64, slots: u32) -> u64 {
+    let (a, b) = (w0.to_le_bytes(), w1.to_le_bytes());
+    let flow = FlowKey::new(
+        [a[0], a[1], a[2], a[3]],
+        u16::from_le_bytes([b[0], b[1]]),
+        [a[4], a[5], a[6], a[7]],
+        u16::from_le_bytes([b[2], b[3]]),
+        b[4],
+    );
+    let home = home_slot(SipKey { k0, k1 }, &flow, slots);
+    let mask = slots.wrapping_sub(1);
+    let found = |idx: u32| ((home as u64) << 32) | idx as u64;
+    let mut i = 0;
+    while i < FLOW_PROBES {
+        let idx = home.wrapping_add(i) & mask;
+        let Some(s) = maps::conntrack.get_ptr(idx) else {
+            break;
+        };
+        let p = s.cast::<u64>();
+        let (x, y) = unsafe { (core::ptr::read_volatile(p), core::ptr::read_volatile(p.add(1))) };
+        if x == w0 && y == w1 {
+            return found(idx);
+        }
+        if state_of(y) == slot::EMPTY {
+            break;
+        }
+        i += 1;
+    }
+    found(NOT_FOUND)
+}
+
+/// `lb_flow_find`'s low half when the flow is not there.
+const NOT_FOUND: u32 = u32::MAX;
+
+/// Where `flow` is: its home slot, and its live slot if any.
+#[inline(always)]
+fn locate(flow: &FlowKey, cfg: &Config) -> Option<(u32, Option<u32>)> {
+    if cfg.flow_slots == 0 {
+        return None;
+    }
+    let (w0, w1) = slot_words(flow, slot::LIVE);
+    let r = lb_flow_find(w0, w1, cfg.table_key.k0, cfg.table_key.k1, cfg.flow_slots);
+    let idx = r as u32;
+    Some(((r >> 32) as u32, (idx != NOT_FOUND).then_some(idx)))
+}
+
+/// Claims the first free slot (empty or dead) from `home` for the flow whose second slot
+/// word is `w1`: that word (its ports and protocol) is written, busy. The index, or -1
+/// when the probe found none.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_flow_claim(w1: u64, home: u32, mask: u32) -> i64 {
+    let busy = with_state(w1, slot::BUSY);
+    let mut i = 0;
+    while i < FLOW_PROBES {
+        let idx = home.wrapping_add(i) & mask;
+        let Some(s) = maps::conntrack.get_ptr_mut(idx) else {
+            return NONE;
+        };
+        let word = state_word(s);
+        let seen = unsafe { core::ptr::read_volatile(word) };
+        let st = state_of(seen);
+        if (st == slot::EMPTY || st == slot::DEAD) && cmpxchg(word, seen, busy) {
+            return idx as i64;
+        }
+        i += 1;
+    }
+    NONE
+}
+
+/// The word of slot `s` that holds its state.
+#[inline(always)]
+fn state_word(s: *mut FlowSlot) -> *mut u64 {
+    unsafe { s.cast::<u8>().add(STATE_WORD).cast::<u64>() }
+}
+
+/// Stores `new` at `p` if it holds `expected`, atomically (the instruction is the kernel's
+/// BPF_CMPXCHG; Rust's BPF target offers no compare-and-swap).
+#[inline(always)]
+fn cmpxchg(p: *mut u64, expected: u64, new: u64) -> bool {
+    let old: u64;
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({p} + 0, r0, {new})",
+            p = in(reg) p,
+            new = in(reg) new,
+            inout("r0") expected => old,
+            options(nostack),
+        )
+    };
+    old == expected
+}
+
+#[inline(always)]
+fn find(flow: &FlowKey, cfg: &Config) -> Option<*mut FlowSlot> {
+    let (_, idx) = locate(flow, cfg)?;
+    maps::conntrack.get_ptr_mut(idx?)
+}
+
+/// The tracked flow `flow`, to read and update in place.
+#[inline(always)]
+pub fn get(flow: &FlowKey, cfg: &Config) -> Option<*mut Conn> {
+    find(flow, cfg).map(|s| unsafe { core::ptr::addr_of_mut!((*s).conn) })
+}
+
+/// Whether an insert may replace a flow's entry.
+pub enum Insert {
+    /// Only when the flow has none.
+    New,
+    /// Its entry, if any, is replaced.
+    Replace,
+}
+
+/// Tracks `flow` with `conn`. Fails when the flow is tracked and `how` is `New`, or when
+/// no slot is free near its home (the table is too full).
+#[inline(always)]
+pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<(), ()> {
+    let (home, old) = locate(flow, cfg).ok_or(())?;
+    if old.is_some() && matches!(how, Insert::New) {
+        return Err(());
+    }
+    let (_, w1) = slot_words(flow, slot::LIVE);
+    let idx = lb_flow_claim(w1, home, cfg.flow_slots.wrapping_sub(1));
+    if idx < 0 {
+        return Err(());
+    }
+    let s = unsafe { &mut *maps::conntrack.get_ptr_mut(idx as u32).ok_or(())? };
+    s.src_addr = flow.src_addr;
+    s.dst_addr = flow.dst_addr;
+    copy_conn(&mut s.conn, conn);
+    // Live: the key and value are written before the state says so.
+    set_state(s, slot::BUSY, slot::LIVE);
+    // The new entry is whole before the old one goes: a lookup finds one or the other.
+    if let Some(old) = old {
+        if let Some(o) = maps::conntrack.get_ptr_mut(old) {
+            set_state(unsafe { &mut *o }, slot::LIVE, slot::DEAD);
+        }
+    }
+    Ok(())
+}
+
+/// Copies a flow's values a word at a time: a struct copy goes through the stack (or
+/// becomes a byte loop), and the stack is short.
+#[inline(always)]
+fn copy_conn(dst: &mut Conn, src: &Conn) {
+    const WORDS: usize = core::mem::size_of::<Conn>() / 8;
+    let (d, s) = (core::ptr::from_mut(dst).cast::<u64>(), core::ptr::from_ref(src).cast::<u64>());
+    let mut i = 0;
+    while i < WORDS {
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
+/// Stops tracking `flow`.
+#[inline(always)]
+pub fn remove(flow: &FlowKey, cfg: &Config) {
+    if let Some(s) = find(flow, cfg) {
+        set_state(unsafe { &mut *s }, slot::LIVE, slot::DEAD);
+    }
+}
+
+/// Moves slot `s` from state `from` to `to`, if it is still in `from`.
+#[inline(always)]
+pub fn set_state(s: &mut FlowSlot, from: u8, to: u8) -> bool {
+    let word = state_word(s);
+    let seen = unsafe { core::ptr::read_volatile(word) };
+    state_of(seen) == from && cmpxchg(word, seen, with_state(seen, to))
+}
