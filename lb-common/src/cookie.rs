@@ -42,7 +42,8 @@ pub struct CookieFlow {
 
 #[inline(always)]
 fn mac(key: SipKey, f: &CookieFlow, tick: u32, mss_idx: u32) -> u32 {
-    let w0 = ((u32::from_be_bytes(f.client_addr) as u64) << 32) | u32::from_be_bytes(f.vip_addr) as u64;
+    let w0 =
+        ((u32::from_be_bytes(f.client_addr) as u64) << 32) | u32::from_be_bytes(f.vip_addr) as u64;
     let w1 = ((f.client_port as u64) << 48) | ((f.vip_port as u64) << 32) | f.isn as u64;
     let w2 = ((tick as u64) << 8) | mss_idx as u64;
     siphash_words::<2, 4, 3>(key, [w0, w1, w2]) as u32
@@ -141,14 +142,27 @@ mod tests {
         assert_eq!(check(KEY, &flow(), 999, c), None, "from the future");
         let other = [
             CookieFlow { isn: 1, ..flow() },
-            CookieFlow { client_port: 40001, ..flow() },
-            CookieFlow { client_addr: [10, 0, 0, 2], ..flow() },
-            CookieFlow { vip_port: 81, ..flow() },
+            CookieFlow {
+                client_port: 40001,
+                ..flow()
+            },
+            CookieFlow {
+                client_addr: [10, 0, 0, 2],
+                ..flow()
+            },
+            CookieFlow {
+                vip_port: 81,
+                ..flow()
+            },
         ];
         for f in other {
             assert_eq!(check(KEY, &f, 1000, c), None, "{f:?}");
         }
-        assert_eq!(check(SipKey { k0: 1, k1: 2 }, &flow(), 1000, c), None, "another key");
+        assert_eq!(
+            check(SipKey { k0: 1, k1: 2 }, &flow(), 1000, c),
+            None,
+            "another key"
+        );
         // Every bit matters: a forged neighbour does not check.
         for bit in 0..32 {
             assert_eq!(check(KEY, &flow(), 1000, c ^ (1 << bit)), None, "bit {bit}");
@@ -174,7 +188,10 @@ mod tests {
                 assert_eq!(ts_decode(ts), Some((ws, sack)));
             }
         }
-        assert_eq!(ts_decode(ts_encode(0, Some(20), false)), Some((Some(14), false)));
+        assert_eq!(
+            ts_decode(ts_encode(0, Some(20), false)),
+            Some((Some(14), false))
+        );
         assert_eq!(ts_decode(0x1234_5640), None);
         assert_eq!(cookie_tick(64 * 250 * 3 + 5, 250), 3);
     }

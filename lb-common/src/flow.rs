@@ -366,7 +366,11 @@ mod tests {
             state: state::TIME_WAIT,
             tw_seq,
             tw_tsval: tw_tsval.unwrap_or(0),
-            flags: if tw_tsval.is_some() { REV_TIMESTAMPS } else { 0 },
+            flags: if tw_tsval.is_some() {
+                REV_TIMESTAMPS
+            } else {
+                0
+            },
             ..Default::default()
         }
     }
@@ -424,12 +428,26 @@ mod tests {
             (state::LAST_ACK, CLOSING_TIMEOUT_S),
         ] {
             let t = s(timeout as u64);
-            assert_eq!(at(st, now - t).free_for(any, now, tcp, &cfg), Some(false), "{st}");
-            assert_eq!(at(st, now - t - 1).free_for(any, now, tcp, &cfg), None, "{st}");
+            assert_eq!(
+                at(st, now - t).free_for(any, now, tcp, &cfg),
+                Some(false),
+                "{st}"
+            );
+            assert_eq!(
+                at(st, now - t - 1).free_for(any, now, tcp, &cfg),
+                None,
+                "{st}"
+            );
         }
         // Closed: after a second's hold.
-        assert_eq!(at(state::CLOSED, now).free_for(any, now, tcp, &cfg), Some(false));
-        assert_eq!(at(state::CLOSED, now - s(2)).free_for(SynProbe::NONE, now, tcp, &cfg), Some(true));
+        assert_eq!(
+            at(state::CLOSED, now).free_for(any, now, tcp, &cfg),
+            Some(false)
+        );
+        assert_eq!(
+            at(state::CLOSED, now - s(2)).free_for(SynProbe::NONE, now, tcp, &cfg),
+            Some(true)
+        );
         // TIME_WAIT: to a SYN it accepts at once, to anything after the TIME_WAIT.
         let mut t = tw(1000, None);
         t.last_seen = now - s(1);
@@ -441,7 +459,13 @@ mod tests {
         // UDP waits 30 s for an answer.
         let udp = crate::IPPROTO_UDP;
         let none = SynProbe::NONE;
-        assert_eq!(at(state::PENDING, now - s(20)).free_for(none, now, udp, &cfg), Some(false));
-        assert_eq!(at(state::PENDING, now - s(31)).free_for(none, now, udp, &cfg), None);
+        assert_eq!(
+            at(state::PENDING, now - s(20)).free_for(none, now, udp, &cfg),
+            Some(false)
+        );
+        assert_eq!(
+            at(state::PENDING, now - s(31)).free_for(none, now, udp, &cfg),
+            None
+        );
     }
 }

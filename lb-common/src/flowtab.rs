@@ -65,7 +65,14 @@ pub const fn flow_slots(flows: u32) -> u32 {
 /// The slot a flow's probe starts at, in a table of `slots` slots (a power of two).
 #[inline(always)]
 pub fn home_slot(key: SipKey, flow: &FlowKey, slots: u32) -> u32 {
-    let h = flow_hash(key, flow.src_addr, flow.dst_addr, flow.src_port, flow.dst_port, flow.proto);
+    let h = flow_hash(
+        key,
+        flow.src_addr,
+        flow.dst_addr,
+        flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    );
     // The high half: the Maglev slot uses the low one.
     ((h >> 32) as u32) & slots.wrapping_sub(1)
 }
@@ -99,7 +106,13 @@ pub const fn with_state(word1: u64, state: u8) -> u64 {
 impl FlowSlot {
     /// The flow this slot holds (whatever its state).
     pub const fn key(&self) -> FlowKey {
-        FlowKey::new(self.src_addr, self.src_port, self.dst_addr, self.dst_port, self.proto)
+        FlowKey::new(
+            self.src_addr,
+            self.src_port,
+            self.dst_addr,
+            self.dst_port,
+            self.proto,
+        )
     }
 }
 
@@ -143,7 +156,13 @@ mod tests {
         let slots = 1 << 12;
         let mut hits = vec![0u32; slots as usize];
         for i in 0..(slots * 4) {
-            let f = FlowKey::new([10, 1, (i >> 8) as u8, i as u8], 1024 + (i % 50_000) as u16, [10, 0, 0, 1], 80, 6);
+            let f = FlowKey::new(
+                [10, 1, (i >> 8) as u8, i as u8],
+                1024 + (i % 50_000) as u16,
+                [10, 0, 0, 1],
+                80,
+                6,
+            );
             hits[home_slot(key, &f, slots) as usize] += 1;
         }
         // Four a slot on average; a fair hash leaves few slots far from that.

@@ -215,7 +215,11 @@ mod tests {
                 2 => siphash_words::<1, 3, 2>(KEY, [words[0], words[1]]),
                 _ => siphash_words::<1, 3, 3>(KEY, [words[0], words[1], words[2]]),
             };
-            assert_eq!(w13, siphash_bytes(1, 3, KEY, &msg[..n * 8]), "{n} words, 1-3");
+            assert_eq!(
+                w13,
+                siphash_bytes(1, 3, KEY, &msg[..n * 8]),
+                "{n} words, 1-3"
+            );
         }
     }
 

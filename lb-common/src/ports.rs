@@ -130,7 +130,12 @@ mod tests {
             assert_eq!(lowest_bit(u64::MAX << i), i);
         }
         assert_eq!(lowest_bit(0), 64);
-        for x in [0x8000_0000_0000_0001u64, 0x10, 0xf0f0_0000, 0x1234_5678_9abc_def0] {
+        for x in [
+            0x8000_0000_0000_0001u64,
+            0x10,
+            0xf0f0_0000,
+            0x1234_5678_9abc_def0,
+        ] {
             assert_eq!(lowest_bit(x), x.trailing_zeros());
         }
     }

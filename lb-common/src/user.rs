@@ -1,5 +1,7 @@
 //! `aya::Pod` for every shared type, so the daemon can read and write them in BPF maps.
-use crate::{config::*, flood::*, flow::*, flowtab::FlowSlot, hash::SipKey, ports::*, service::*, stats::*};
+use crate::{
+    config::*, flood::*, flow::*, flowtab::FlowSlot, hash::SipKey, ports::*, service::*, stats::*,
+};
 
 macro_rules! pod {
     ($($t:ty),*) => { $(

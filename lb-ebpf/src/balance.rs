@@ -115,7 +115,15 @@ fn try_new_flow(
         backend_generation: t.backend.generation,
     };
     let isn = f.syn.seq;
-    track::write_reverse(&mut scratch.rev, &f.key, &to, state::PENDING, isn, now, &t.hop);
+    track::write_reverse(
+        &mut scratch.rev,
+        &f.key,
+        &to,
+        state::PENDING,
+        isn,
+        now,
+        &t.hop,
+    );
     let rev: &NatReverse = &scratch.rev;
     let want = Want {
         backend: &t.backend,
@@ -129,46 +137,45 @@ fn try_new_flow(
     let flags = if tcp_syn { CONN_HANDSHAKE } else { 0 };
     // The port, and whether the flow is tracked at once: past its first choice, or
     // re-balanced, so that its next packets (and SYN retries) find the port.
-    let (addr, port, track) = match ports::first(&want, &t.hop, cfg)
-        .map_err(|_| DropReason::SnatExhausted)?
-    {
-        // The first packet of a flow: one insert; tracked on its next packet.
-        First::Claimed(addr, port) => (addr, port, f.rebalanced),
-        First::Own(e, addr, port) => match own(e, f, &want, cfg) {
-            // The same flow again: a retried SYN, or a UDP flow's second packet (tracked
-            // from now on).
-            Own::Again => (addr, port, !tcp_syn),
-            Own::Live => match flows::get(&f.key, cfg) {
-                Some(_) => return Ok(Outcome::Tracked),
-                None => (addr, port, false),
+    let (addr, port, track) =
+        match ports::first(&want, &t.hop, cfg).map_err(|_| DropReason::SnatExhausted)? {
+            // The first packet of a flow: one insert; tracked on its next packet.
+            First::Claimed(addr, port) => (addr, port, f.rebalanced),
+            First::Own(e, addr, port) => match own(e, f, &want, cfg) {
+                // The same flow again: a retried SYN, or a UDP flow's second packet (tracked
+                // from now on).
+                Own::Again => (addr, port, !tcp_syn),
+                Own::Live => match flows::get(&f.key, cfg) {
+                    Some(_) => return Ok(Outcome::Tracked),
+                    None => (addr, port, false),
+                },
+                // A new connection on this 5-tuple: it takes the port over.
+                Own::Reopen => {
+                    let key = FlowKey::new(t.backend.addr, t.backend.port, addr, port, pkt.proto);
+                    let _ = maps::nat_reverse.insert(&key, rev, BPF_ANY as u64);
+                    (addr, port, f.rebalanced)
+                }
+                Own::Elsewhere => {
+                    track::write_conn(&mut scratch.conn, &to, ([0; 4], 0), flags, isn, now);
+                    ports::prepare_scan(&want, &t.hop, SCAN_NEW, 0);
+                    return Ok(Outcome::Scan);
+                }
             },
-            // A new connection on this 5-tuple: it takes the port over.
-            Own::Reopen => {
-                let key = FlowKey::new(t.backend.addr, t.backend.port, addr, port, pkt.proto);
-                let _ = maps::nat_reverse.insert(&key, rev, BPF_ANY as u64);
-                (addr, port, f.rebalanced)
-            }
-            Own::Elsewhere => {
+            First::Taken => {
+                if tcp_syn {
+                    // A retry of a flow that took a port past its first choice, or a SYN on a
+                    // live connection.
+                    if let Some(c) = flows::get(&f.key, cfg) {
+                        if unsafe { &*c }.takes_syn(isn, pkt.proto, now, cfg) {
+                            return Ok(Outcome::Tracked);
+                        }
+                    }
+                }
                 track::write_conn(&mut scratch.conn, &to, ([0; 4], 0), flags, isn, now);
                 ports::prepare_scan(&want, &t.hop, SCAN_NEW, 0);
                 return Ok(Outcome::Scan);
             }
-        },
-        First::Taken => {
-            if tcp_syn {
-                // A retry of a flow that took a port past its first choice, or a SYN on a
-                // live connection.
-                if let Some(c) = flows::get(&f.key, cfg) {
-                    if unsafe { &*c }.takes_syn(isn, pkt.proto, now, cfg) {
-                        return Ok(Outcome::Tracked);
-                    }
-                }
-            }
-            track::write_conn(&mut scratch.conn, &to, ([0; 4], 0), flags, isn, now);
-            ports::prepare_scan(&want, &t.hop, SCAN_NEW, 0);
-            return Ok(Outcome::Scan);
-        }
-    };
+        };
     if track {
         track_now(&f.key, &to, (addr, port), flags, isn, now, cfg)?;
     }
@@ -210,7 +217,12 @@ fn own(e: &mut NatReverse, f: &Flow, want: &Want, cfg: &Config) -> Own {
             }
         }
         state::CLOSED | state::PENDING => Own::Reopen,
-        _ if e.free_for(SynProbe::NONE, want.now, want.proto, cfg).is_none() => Own::Reopen,
+        _ if e
+            .free_for(SynProbe::NONE, want.now, want.proto, cfg)
+            .is_none() =>
+        {
+            Own::Reopen
+        }
         _ => Own::Live,
     }
 }
@@ -229,7 +241,7 @@ fn track_now(
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
     let conn = &mut scratch.conn;
     track::write_conn(conn, to, snat, flags, isn, now);
-    flows::insert(flow, conn, Insert::Replace, cfg).map_err(|()| DropReason::FlowTableFull)
+    flows::insert(flow, conn, Insert::Replace, cfg).map_err(|_| DropReason::FlowTableFull)
 }
 
 /// What [`scan_flow`] finishes: a new flow's first packet, or the SYN lb sends a backend
@@ -256,7 +268,8 @@ fn try_scan_flow(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
     conn.snat_addr = a.addr;
     conn.snat_port = a.port as u16;
     let cfg = maps::config.get(0).ok_or(DropReason::MapUpdate)?;
-    flows::insert(&scratch.flow.key, conn, Insert::Replace, cfg).map_err(|()| DropReason::FlowTableFull)?;
+    flows::insert(&scratch.flow.key, conn, Insert::Replace, cfg)
+        .map_err(|_| DropReason::FlowTableFull)?;
     if a.kind == SCAN_COOKIE {
         cookie::syn_to_backend(ctx, conn, &a.backend, a.ttl as u8)?;
         stats::count(conn.service_id, conn.backend_id, 60);
@@ -292,7 +305,15 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
         backend_id: t.id,
         backend_generation: t.backend.generation,
     };
-    track::write_reverse(&mut scratch.rev, &f.key, &to, state::SYNPROXY, answer.isn, now, &t.hop);
+    track::write_reverse(
+        &mut scratch.rev,
+        &f.key,
+        &to,
+        state::SYNPROXY,
+        answer.isn,
+        now,
+        &t.hop,
+    );
     cookie::mark_reverse(&mut scratch.rev, answer);
     let conn = &mut scratch.conn;
     track::write_conn(conn, &to, ([0; 4], 0), 0, answer.isn, now);
@@ -306,24 +327,25 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
         now,
         rev,
     };
-    let (addr, port) = match ports::first(&want, &t.hop, cfg).map_err(|_| DropReason::SnatExhausted)? {
-        First::Claimed(addr, port) => (addr, port),
-        First::Own(_, addr, port) => {
-            let key = FlowKey::new(t.backend.addr, t.backend.port, addr, port, pkt.proto);
-            maps::nat_reverse
-                .insert(&key, rev, BPF_ANY as u64)
-                .map_err(|_| DropReason::FlowTableFull)?;
-            (addr, port)
-        }
-        First::Taken => {
-            ports::prepare_scan(&want, &t.hop, SCAN_COOKIE, ttl as u32);
-            return Ok(next::SCAN);
-        }
-    };
+    let (addr, port) =
+        match ports::first(&want, &t.hop, cfg).map_err(|_| DropReason::SnatExhausted)? {
+            First::Claimed(addr, port) => (addr, port),
+            First::Own(_, addr, port) => {
+                let key = FlowKey::new(t.backend.addr, t.backend.port, addr, port, pkt.proto);
+                maps::nat_reverse
+                    .insert(&key, rev, BPF_ANY as u64)
+                    .map_err(|_| DropReason::FlowTableFull)?;
+                (addr, port)
+            }
+            First::Taken => {
+                ports::prepare_scan(&want, &t.hop, SCAN_COOKIE, ttl as u32);
+                return Ok(next::SCAN);
+            }
+        };
     let conn = &mut scratch.conn;
     conn.snat_addr = addr;
     conn.snat_port = port;
-    flows::insert(&f.key, conn, Insert::Replace, cfg).map_err(|()| DropReason::FlowTableFull)?;
+    flows::insert(&f.key, conn, Insert::Replace, cfg).map_err(|_| DropReason::FlowTableFull)?;
     cookie::syn_to_backend(ctx, conn, &t.backend, ttl)?;
     stats::count(to.service_id, to.backend_id, 60);
     forward::send_rewritten(ctx, &t.hop)

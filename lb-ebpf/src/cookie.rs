@@ -90,9 +90,12 @@ pub fn answer_syn(
     );
     let mss = backend_mss(backend_id);
     // Window scale and SACK ride in the timestamp: without one, neither is offered.
-    let ts = syn
-        .has_ts()
-        .then(|| (ts_encode(clock(now, cfg), syn.wscale(), syn.flags & SYN_SACK != 0), syn.tsval));
+    let ts = syn.has_ts().then(|| {
+        (
+            ts_encode(clock(now, cfg), syn.wscale(), syn.flags & SYN_SACK != 0),
+            syn.tsval,
+        )
+    });
     let sack = ts.is_some() && syn.flags & SYN_SACK != 0;
     let ws = (ts.is_some() && syn.wscale().is_some()).then_some(PROMISED_WSCALE);
     let seg = Segment {
@@ -188,7 +191,11 @@ pub fn mark_reverse(rev: &mut NatReverse, a: &Answer) {
     }
     rev.seq_delta = a.cookie;
     rev.ts_delta = a.ts_echo;
-    rev.client_wscale = if a.syn.flags & SYN_WSCALE != 0 { PROMISED_WSCALE } else { 0 };
+    rev.client_wscale = if a.syn.flags & SYN_WSCALE != 0 {
+        PROMISED_WSCALE
+    } else {
+        0
+    };
 }
 
 #[inline(always)]
@@ -228,7 +235,12 @@ pub fn syn_to_backend(
 /// the window update that lets the client send (lb's SYN-ACK offered a zero window). The
 /// client's first segment, translated, then completes the backend's handshake.
 #[inline(always)]
-pub fn backend_accepts(ctx: &XdpContext, pkt: &Packet, r: &mut NatReverse, cfg: &Config) -> Result<u32, DropReason> {
+pub fn backend_accepts(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    r: &mut NatReverse,
+    cfg: &Config,
+) -> Result<u32, DropReason> {
     let opts = tcpopt::read(ctx, pkt);
     let cookie = r.seq_delta;
     let lb_ts = r.ts_delta;
@@ -279,7 +291,11 @@ pub fn complete_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse) -> Resul
     let opts = tcpopt::read(ctx, pkt);
     // The window in the scale the client's SYN gave the backend: about 64 KiB, what a
     // client's first window is, until its own comes with its next segment.
-    let client_wscale = match maps::config.get(0).and_then(|cfg| crate::flows::get(&crate::track::client_flow(r, pkt.proto), cfg)).map(|c| unsafe { &*c }) {
+    let client_wscale = match maps::config
+        .get(0)
+        .and_then(|cfg| crate::flows::get(&crate::track::client_flow(r, pkt.proto), cfg))
+        .map(|c| unsafe { &*c })
+    {
         Some(c) if c.syn.flags & SYN_WSCALE != 0 => c.syn.wscale,
         _ => 0,
     };

@@ -187,7 +187,8 @@ fn swap_macs(ctx: &XdpContext) -> Result<(), DropReason> {
         (p as *mut u32).write_unaligned(u32::from_ne_bytes([src[0], src[1], src[2], src[3]]));
         (p.add(4) as *mut u16).write_unaligned(u16::from_ne_bytes([src[4], src[5]]));
         (p.add(6) as *mut u16).write_unaligned(u16::from_ne_bytes([dst[0], dst[1]]));
-        (p.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([dst[2], dst[3], dst[4], dst[5]]));
+        (p.add(8) as *mut u32)
+            .write_unaligned(u32::from_ne_bytes([dst[2], dst[3], dst[4], dst[5]]));
     }
     Ok(())
 }

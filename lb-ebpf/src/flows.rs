@@ -9,7 +9,9 @@
 use lb_common::{
     config::Config,
     flow::{Conn, FlowKey},
-    flowtab::{FLOW_PROBES, FlowSlot, STATE_WORD, home_slot, slot, slot_words, state_of, with_state},
+    flowtab::{
+        FLOW_PROBES, FlowSlot, STATE_WORD, home_slot, slot, slot_words, state_of, with_state,
+    },
     hash::SipKey,
 };
 
@@ -43,7 +45,12 @@ pub extern "C" fn lb_flow_find(w0: u64, w1: u64, k0: u64, k1: u64, slots: u32) -
             break;
         };
         let p = s.cast::<u64>();
-        let (x, y) = unsafe { (core::ptr::read_volatile(p), core::ptr::read_volatile(p.add(1))) };
+        let (x, y) = unsafe {
+            (
+                core::ptr::read_volatile(p),
+                core::ptr::read_volatile(p.add(1)),
+            )
+        };
         if x == w0 && y == w1 {
             return found(idx);
         }
@@ -137,20 +144,32 @@ pub enum Insert {
     Replace,
 }
 
-/// Tracks `flow` with `conn`. Fails when the flow is tracked and `how` is `New`, or when
-/// no slot is free near its home (the table is too full).
+/// Why an insert failed.
+pub enum Refused {
+    /// The flow is tracked, and the insert was `Insert::New`.
+    Tracked,
+    /// No slot is free within `FLOW_PROBES` of the flow's home (or the table is not set
+    /// up): the table is too full.
+    Full,
+}
+
+/// Tracks `flow` with `conn`.
 #[inline(always)]
-pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<(), ()> {
-    let (home, old) = locate(flow, cfg).ok_or(())?;
+pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<(), Refused> {
+    let (home, old) = locate(flow, cfg).ok_or(Refused::Full)?;
     if old.is_some() && matches!(how, Insert::New) {
-        return Err(());
+        return Err(Refused::Tracked);
     }
     let (_, w1) = slot_words(flow, slot::LIVE);
     let idx = lb_flow_claim(w1, home, cfg.flow_slots.wrapping_sub(1));
     if idx < 0 {
-        return Err(());
+        return Err(Refused::Full);
     }
-    let s = unsafe { &mut *maps::conntrack.get_ptr_mut(idx as u32).ok_or(())? };
+    let s = unsafe {
+        &mut *maps::conntrack
+            .get_ptr_mut(idx as u32)
+            .ok_or(Refused::Full)?
+    };
     s.src_addr = flow.src_addr;
     s.dst_addr = flow.dst_addr;
     copy_conn(&mut s.conn, conn);
@@ -170,7 +189,10 @@ pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<
 #[inline(always)]
 fn copy_conn(dst: &mut Conn, src: &Conn) {
     const WORDS: usize = core::mem::size_of::<Conn>() / 8;
-    let (d, s) = (core::ptr::from_mut(dst).cast::<u64>(), core::ptr::from_ref(src).cast::<u64>());
+    let (d, s) = (
+        core::ptr::from_mut(dst).cast::<u64>(),
+        core::ptr::from_ref(src).cast::<u64>(),
+    );
     let mut i = 0;
     while i < WORDS {
         unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };

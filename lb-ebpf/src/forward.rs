@@ -62,7 +62,10 @@ pub fn backend_hop(
 #[inline(always)]
 pub fn copy_hop(dst: &mut NextHop, src: &NextHop) {
     const WORDS: usize = core::mem::size_of::<NextHop>() / 8;
-    let (d, s) = (core::ptr::from_mut(dst).cast::<u64>(), core::ptr::from_ref(src).cast::<u64>());
+    let (d, s) = (
+        core::ptr::from_mut(dst).cast::<u64>(),
+        core::ptr::from_ref(src).cast::<u64>(),
+    );
     let mut i = 0;
     while i < WORDS {
         unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };

@@ -30,7 +30,9 @@ mod track;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     config::Config,
-    flow::{CONN_BACKEND_OPEN, CONN_SLOW, CONN_SYNPROXY, Conn, FlowKey, PROBE_SYN, PROBE_TS, SynProbe},
+    flow::{
+        CONN_BACKEND_OPEN, CONN_SLOW, CONN_SYNPROXY, Conn, FlowKey, PROBE_SYN, PROBE_TS, SynProbe,
+    },
     hash::{flow_hash, slot_hash},
     service::{ServiceInfo, ServiceKey},
     stats::DropReason,
@@ -150,7 +152,14 @@ fn to_service(
 
 /// The steps a first sub-program's answer asks for, each called from here (see `next`).
 #[inline(always)]
-fn then(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, v: u32, cfg: &Config) -> u32 {
+fn then(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    key: &ServiceKey,
+    v: u32,
+    cfg: &Config,
+) -> u32 {
     let mut v = v;
     if v == next::REBALANCE {
         let Some(svc) = (unsafe { maps::services.get(key) }) else {
@@ -186,7 +195,13 @@ fn then(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, v: u32
 
 /// Leaves a new flow in the scratch space for `balance::new_flow`: `next::NEW_FLOW`.
 #[inline(always)]
-fn flow_to_balance(flow: &FlowKey, svc: &ServiceInfo, syn: SynProbe, rebalanced: bool, cfg: &Config) -> u32 {
+fn flow_to_balance(
+    flow: &FlowKey,
+    svc: &ServiceInfo,
+    syn: SynProbe,
+    rebalanced: bool,
+    cfg: &Config,
+) -> u32 {
     next::verdict(leave_flow(flow, svc, syn, rebalanced, cfg).map(|()| next::NEW_FLOW))
 }
 
@@ -249,7 +264,9 @@ fn try_syn(
             }
         }
         let (id, _) = select::pick(svc, slot_hash(hash(flow, cfg))).ok_or(DropReason::NoBackend)?;
-        maps::scratch_space().ok_or(DropReason::MapUpdate)?.cookie_backend = id;
+        maps::scratch_space()
+            .ok_or(DropReason::MapUpdate)?
+            .cookie_backend = id;
         return Ok(next::COOKIE_SYN);
     }
     Ok(flow_to_balance(flow, svc, syn_probe(ctx, pkt), false, cfg))
@@ -262,7 +279,14 @@ fn cookie_syn(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, cfg: &Config) -> u
         return next::drop(DropReason::MapUpdate);
     };
     let backend_id = scratch.cookie_backend;
-    next::verdict(cookie::answer_syn(ctx, pkt, flow, backend_id, track::now(), cfg))
+    next::verdict(cookie::answer_syn(
+        ctx,
+        pkt,
+        flow,
+        backend_id,
+        track::now(),
+        cfg,
+    ))
 }
 
 /// A SYN's sequence number and timestamp.
@@ -280,7 +304,13 @@ fn syn_probe(ctx: &XdpContext, pkt: &Packet) -> SynProbe {
 /// backend side (`next::OPEN_COOKIE`, the flow and the answer left in the scratch space);
 /// anything else is dropped, with no state made for it.
 #[inline(never)]
-fn unknown_tcp(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, key: &ServiceKey, cfg: &Config) -> u32 {
+fn unknown_tcp(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    key: &ServiceKey,
+    cfg: &Config,
+) -> u32 {
     next::verdict(try_unknown_tcp(ctx, pkt, flow, key, cfg))
 }
 
@@ -298,7 +328,8 @@ fn try_unknown_tcp(
     if !pkt.plain_ack() {
         return Err(DropReason::UnknownFlow);
     }
-    let answer = cookie::check_ack(ctx, pkt, flow, track::now(), cfg).ok_or(DropReason::UnknownFlow)?;
+    let answer =
+        cookie::check_ack(ctx, pkt, flow, track::now(), cfg).ok_or(DropReason::UnknownFlow)?;
     let syn = SynProbe {
         seq: answer.isn,
         tsval: answer.syn.tsval,
@@ -316,7 +347,13 @@ fn try_unknown_tcp(
 
 /// A tracked flow's packet, with the slow path's turn first where its flow needs it.
 #[inline(always)]
-fn tracked_with_slow(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, conn: *mut Conn, cfg: &Config) -> u32 {
+fn tracked_with_slow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    conn: *mut Conn,
+    cfg: &Config,
+) -> u32 {
     let v = tracked(ctx, pkt, conn, false, cfg);
     if v != next::SLOW {
         return v;

@@ -81,7 +81,9 @@ fn table(backend: &Backend, addr: [u8; 4]) -> Option<&'static mut PortTable> {
     }
     let scratch = maps::scratch_space()?;
     let _ = maps::port_tables.insert(&key, &scratch.empty_table, BPF_NOEXIST as u64);
-    maps::port_tables.get_ptr_mut(&key).map(|t| unsafe { &mut *t })
+    maps::port_tables
+        .get_ptr_mut(&key)
+        .map(|t| unsafe { &mut *t })
 }
 
 #[inline(always)]
@@ -155,7 +157,9 @@ pub fn address(hop: &NextHop, hash: u32, nth: u32) -> [u8; 4] {
 fn forget_holder(old: &NatReverse, key: &FlowKey, cfg: &Config) {
     let client = track::client_flow(old, key.proto);
     if let Some(c) = crate::flows::get(&client, cfg).map(|c| unsafe { &*c }) {
-        if c.snat_port == key.dst_port && c.snat_addr == key.dst_addr && c.backend_id == old.backend_id
+        if c.snat_port == key.dst_port
+            && c.snat_addr == key.dst_addr
+            && c.backend_id == old.backend_id
         {
             crate::flows::remove(&client, cfg);
         }
@@ -196,7 +200,10 @@ enum Try {
 /// tells why not.
 #[inline(always)]
 fn try_claim(key: &FlowKey, rev: &NatReverse, syn: SynProbe, now: u64, cfg: &Config) -> Try {
-    if maps::nat_reverse.insert(key, rev, BPF_NOEXIST as u64).is_ok() {
+    if maps::nat_reverse
+        .insert(key, rev, BPF_NOEXIST as u64)
+        .is_ok()
+    {
         return Try::Claimed;
     }
     let Some(e) = maps::nat_reverse.get_ptr_mut(key) else {
@@ -233,13 +240,7 @@ fn overwrite(key: &FlowKey, rev: &NatReverse) -> Try {
 
 #[inline(always)]
 fn port_key(want: &Want, addr: [u8; 4], port: u16) -> FlowKey {
-    FlowKey::new(
-        want.backend.addr,
-        want.backend.port,
-        addr,
-        port,
-        want.proto,
-    )
+    FlowKey::new(want.backend.addr, want.backend.port, addr, port, want.proto)
 }
 
 /// The flow's first choice of port on `hop`'s first SNAT address for it.
@@ -357,7 +358,13 @@ macro_rules! set {
 #[inline(always)]
 fn claim(st: *const SearchState, port: u16) -> i32 {
     let mut a = ClaimArgs {
-        key: FlowKey::new(get!(st, backend_addr), get!(st, backend_port), get!(st, addr), port, get!(st, proto) as u8),
+        key: FlowKey::new(
+            get!(st, backend_addr),
+            get!(st, backend_port),
+            get!(st, addr),
+            port,
+            get!(st, proto) as u8,
+        ),
         syn: get!(st, syn),
         now: get!(st, now),
     };
@@ -380,7 +387,11 @@ fn search_step(st: *mut SearchState, t: &mut PortTable) -> bool {
         }
         let sw = get!(st, sw);
         let summary_words = words.div_ceil(64);
-        let valid = if (sw + 1) * 64 <= words { 64 } else { words.wrapping_sub(sw * 64) };
+        let valid = if (sw + 1) * 64 <= words {
+            64
+        } else {
+            words.wrapping_sub(sw * 64)
+        };
         match first_free(*summary(t, sw * 64), get!(st, sfrom), valid) {
             Some(b) => {
                 let w = sw * 64 + b;
@@ -398,7 +409,11 @@ fn search_step(st: *mut SearchState, t: &mut PortTable) -> bool {
         return false;
     }
     let (w, current) = (get!(st, w), get!(st, current));
-    let valid = if (w + 1) * 64 <= len { 64 } else { len.wrapping_sub(w * 64) };
+    let valid = if (w + 1) * 64 <= len {
+        64
+    } else {
+        len.wrapping_sub(w * 64)
+    };
     let Some(b) = first_free(current, get!(st, from), valid) else {
         // Full: noted in the summary, which is read next from the word after this one.
         note_crowded();
@@ -435,7 +450,10 @@ fn probe_step(st: *mut SearchState, i: u32) -> bool {
     if len == 0 {
         return true;
     }
-    let idx = reduce(get!(st, hash).wrapping_add((i + 1).wrapping_mul(0x9e37_79b9)), len);
+    let idx = reduce(
+        get!(st, hash).wrapping_add((i + 1).wrapping_mul(0x9e37_79b9)),
+        len,
+    );
     let port = (get!(st, min) + idx) as u16;
     if claim(st, port) == CLAIMED {
         set!(st, found, 1);
@@ -468,7 +486,9 @@ pub struct ScanArgs {
 /// choice, and what `balance::scan_flow` does then (`kind`, `ttl`).
 #[inline(always)]
 pub fn prepare_scan(want: &Want, hop: &NextHop, kind: u32, ttl: u32) {
-    let Some(scratch) = maps::scratch_space() else { return };
+    let Some(scratch) = maps::scratch_space() else {
+        return;
+    };
     let a = &mut scratch.scan;
     a.backend = *want.backend;
     a.syn = want.syn;

@@ -39,7 +39,11 @@ fn try_reply(
     if !forward::fresh(&r.hop, pkt, now) && seen & SEEN_ROUTE == 0 {
         return Ok(crate::next::ROUTE);
     }
-    if seen & SEEN_HANDSHAKE == 0 && pkt.is_tcp() && r.flags & REV_SYNPROXY != 0 && r.state != state::ESTABLISHED {
+    if seen & SEEN_HANDSHAKE == 0
+        && pkt.is_tcp()
+        && r.flags & REV_SYNPROXY != 0
+        && r.state != state::ESTABLISHED
+    {
         return Ok(crate::next::SYNPROXY);
     }
     let mut conn_flags = 0u16;
@@ -113,7 +117,12 @@ fn send_translated(ctx: &XdpContext, pkt: &Packet, r: &NatReverse) -> u32 {
 /// The backend's side of a handshake lb made for a cookie's answer; `CONTINUE` when the
 /// packet is to be translated and forwarded as usual.
 #[inline(never)]
-pub fn synproxy_handshake(ctx: &XdpContext, pkt: &Packet, rev: *mut NatReverse, cfg: &Config) -> u32 {
+pub fn synproxy_handshake(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    rev: *mut NatReverse,
+    cfg: &Config,
+) -> u32 {
     let r = unsafe { &mut *rev };
     match try_synproxy_handshake(ctx, pkt, r, cfg) {
         Ok(Some(v)) => v,

@@ -63,7 +63,9 @@ fn be16_at(ctx: &XdpContext, off: u32) -> Option<u16> {
     if p + 2 > crate::parse::data_end(ctx) {
         return None;
     }
-    Some(u16::from_be_bytes(unsafe { (p as *const [u8; 2]).read_unaligned() }))
+    Some(u16::from_be_bytes(unsafe {
+        (p as *const [u8; 2]).read_unaligned()
+    }))
 }
 
 #[inline(always)]
@@ -72,7 +74,9 @@ fn be32_at(ctx: &XdpContext, off: u32) -> Option<u32> {
     if p + 4 > crate::parse::data_end(ctx) {
         return None;
     }
-    Some(u32::from_be_bytes(unsafe { (p as *const [u8; 4]).read_unaligned() }))
+    Some(u32::from_be_bytes(unsafe {
+        (p as *const [u8; 4]).read_unaligned()
+    }))
 }
 
 /// What the option walk carries from one step to the next.
@@ -93,7 +97,9 @@ extern "C" fn step(_i: u32, w: *mut c_void) -> i64 {
     if off >= w.end {
         return 1;
     }
-    let Some(kind) = byte_at(ctx, off) else { return 1 };
+    let Some(kind) = byte_at(ctx, off) else {
+        return 1;
+    };
     if kind == 0 {
         return 1;
     }
@@ -101,7 +107,9 @@ extern "C" fn step(_i: u32, w: *mut c_void) -> i64 {
         w.off = off + 1;
         return 0;
     }
-    let Some(len) = byte_at(ctx, off + 1) else { return 1 };
+    let Some(len) = byte_at(ctx, off + 1) else {
+        return 1;
+    };
     let len = len as u32;
     if len < 2 || off + len > w.end {
         return 1;

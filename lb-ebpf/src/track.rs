@@ -7,21 +7,19 @@
 //! port is not the first one its hash names gets it at once, so that its SYN retries find
 //! the port again. States move on the segments each side sends; the port goes back to the
 //! bitmap when the backend no longer needs the tuple.
-use aya_ebpf::{
-    helpers::generated::bpf_jiffies64,
-    programs::XdpContext,
-};
+use aya_ebpf::{helpers::generated::bpf_jiffies64, programs::XdpContext};
 use lb_common::{
     config::{Config, NextHop},
     flow::{
-        CONN_BACKEND_FIN, CONN_BACKEND_OPEN, CONN_CLIENT_FIN, CONN_HANDSHAKE, CONN_RESET, CONN_SYNPROXY, Conn, FlowKey,
-        LAST_SEEN_GRANULARITY_S, NatReverse, REV_TIMESTAMPS, SynOptions, state,
+        CONN_BACKEND_FIN, CONN_BACKEND_OPEN, CONN_CLIENT_FIN, CONN_HANDSHAKE, CONN_RESET,
+        CONN_SYNPROXY, Conn, FlowKey, LAST_SEEN_GRANULARITY_S, NatReverse, REV_TIMESTAMPS,
+        SynOptions, state,
     },
     service::Backend,
 };
 
 use crate::{
-    flows::{self, Insert},
+    flows::{self, Insert, Refused},
     maps,
     parse::Packet,
     ports, tcpopt,
@@ -179,8 +177,8 @@ pub fn client_segment(
         && !pkt.rst()
         && conn.flags & (CONN_SYNPROXY | CONN_BACKEND_OPEN) != CONN_SYNPROXY;
     let first_fin = pkt.fin() && conn.flags & CONN_CLIENT_FIN == 0;
-    let closing_both = conn.flags & (CONN_CLIENT_FIN | CONN_BACKEND_FIN)
-        == CONN_CLIENT_FIN | CONN_BACKEND_FIN;
+    let closing_both =
+        conn.flags & (CONN_CLIENT_FIN | CONN_BACKEND_FIN) == CONN_CLIENT_FIN | CONN_BACKEND_FIN;
     if handshake {
         conn.flags &= !CONN_HANDSHAKE;
     }
@@ -299,12 +297,17 @@ pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64, cfg: 
         None => Insert::New,
         Some(old) => {
             let old = unsafe { &*old };
-            let other = old.backend_id != to.backend_id || old.snat_port != snat.1 || old.snat_addr != snat.0;
+            let other = old.backend_id != to.backend_id
+                || old.snat_port != snat.1
+                || old.snat_addr != snat.0;
             if !other || old.last_seen > r.last_seen {
                 return;
             }
             Insert::Replace
         }
     };
-    let _ = flows::insert(&key, conn, how, cfg);
+    if let Err(Refused::Full) = flows::insert(&key, conn, how, cfg) {
+        // The flow goes on untracked: its client's next segment is an unknown flow's.
+        crate::stats::count_drop(lb_common::stats::DropReason::FlowTableFull);
+    }
 }

@@ -326,7 +326,10 @@ mod tests {
         // The next check is an interval away: the counts are those that decided.
         let failures = served[1].load(Relaxed) - failed_before;
         assert!(!down.up && down.backend == addr && down.reason.contains("500"));
-        assert_eq!(failures, 3, "down after {failures} failed checks, not fall (3)");
+        assert_eq!(
+            failures, 3,
+            "down after {failures} failed checks, not fall (3)"
+        );
         let ok_before = served[0].load(Relaxed);
         status.store(200, Relaxed);
         let up = tokio::time::timeout(Duration::from_secs(2), events.recv())
@@ -335,7 +338,10 @@ mod tests {
             .unwrap();
         let successes = served[0].load(Relaxed) - ok_before;
         assert!(up.up);
-        assert_eq!(successes, 2, "up after {successes} good checks, not rise (2)");
+        assert_eq!(
+            successes, 2,
+            "up after {successes} good checks, not rise (2)"
+        );
         // Removing the backend stops its checks.
         checker.sync("web", &[], &[], &spec);
         status.store(500, Relaxed);

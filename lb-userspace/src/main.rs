@@ -158,7 +158,8 @@ struct RunArgs {
     /// Capacity of the shared Maglev slot array (about 8 bytes of kernel memory a slot).
     #[arg(long, default_value_t = Limits::default().maglev_slots)]
     maglev_slots: u32,
-    /// Capacity of the connection-tracking and reverse-NAT maps.
+    /// Flows tracked at most: the capacity of the reverse-NAT map, and the size the
+    /// connection-tracking table is made for (twice as many 64-byte slots).
     #[arg(long, default_value_t = Limits::default().conntrack_entries)]
     conntrack_entries: u32,
 }
@@ -197,8 +198,9 @@ fn snat_ports(args: &RunArgs) -> anyhow::Result<(u16, u16)> {
             lb::snat::check_overlap(range, ephemeral).map_err(anyhow::Error::msg)?;
             Ok(range)
         }
-        None => lb::snat::default_range(ephemeral.unwrap_or((32768, 60999)))
-            .map_err(anyhow::Error::msg),
+        None => {
+            lb::snat::default_range(ephemeral.unwrap_or((32768, 60999))).map_err(anyhow::Error::msg)
+        }
     }
 }
 
@@ -435,7 +437,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let group_keys = tokio::spawn(adopt_group_keys(store.clone(), controller.clone(), base_settings, keys));
+    let group_keys = tokio::spawn(adopt_group_keys(
+        store.clone(),
+        controller.clone(),
+        base_settings,
+        keys,
+    ));
     let sources = discovery_sources(&args, store_token).await?;
     let state = Reconciler::new(store, controller.clone(), sources);
     let restoring = tokio::spawn(state.clone().run());

@@ -47,11 +47,7 @@ impl GroupKeys {
         let mut filled = 0;
         while filled < bytes.len() {
             let n = unsafe {
-                libc::getrandom(
-                    bytes[filled..].as_mut_ptr().cast(),
-                    bytes.len() - filled,
-                    0,
-                )
+                libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -101,7 +97,8 @@ impl GroupKeys {
 /// The group's keys from the store: the stored ones, or `proposal` stored as the group's.
 pub async fn shared(store: &dyn Store, proposal: GroupKeys) -> Result<GroupKeys, StoreError> {
     let bytes = store.secret(&proposal.to_bytes()).await?;
-    GroupKeys::from_bytes(&bytes).map_err(|e| StoreError::Invalid(format!("the stored secret: {e}")))
+    GroupKeys::from_bytes(&bytes)
+        .map_err(|e| StoreError::Invalid(format!("the stored secret: {e}")))
 }
 
 #[cfg(test)]
@@ -115,9 +112,11 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a.flow, a.cookie);
         assert_eq!(GroupKeys::from_bytes(&a.to_bytes()).unwrap(), a);
-        assert!(GroupKeys::from_bytes(b"{\"schema\":1,\"flow_key\":\"xy\",\"cookie_key\":\"00\"}")
-            .unwrap_err()
-            .contains("flow_key"));
+        assert!(
+            GroupKeys::from_bytes(b"{\"schema\":1,\"flow_key\":\"xy\",\"cookie_key\":\"00\"}")
+                .unwrap_err()
+                .contains("flow_key")
+        );
         assert!(GroupKeys::from_bytes(b"[]").is_err());
     }
 }

@@ -8,7 +8,9 @@ const MIN_DEFAULT_PORTS: u32 = 1024;
 /// The host's ephemeral port range, if it can be read.
 pub fn ephemeral_range() -> Option<(u16, u16)> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut it = text.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u16>().ok());
     Some((it.next()?, it.next()?))
 }
 
@@ -18,7 +20,11 @@ pub fn default_range(ephemeral: (u16, u16)) -> Result<(u16, u16), String> {
     let below = (1024u32, lo as u32 - 1);
     let above = (hi as u32 + 1, 65535u32);
     let len = |(a, b): (u32, u32)| if b >= a { b - a + 1 } else { 0 };
-    let best = if len(below) >= len(above) { below } else { above };
+    let best = if len(below) >= len(above) {
+        below
+    } else {
+        above
+    };
     if len(best) < MIN_DEFAULT_PORTS {
         return Err(format!(
             "the host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range) leave fewer than {MIN_DEFAULT_PORTS} ports for SNAT: narrow that range or give --snat-ports"
@@ -50,7 +56,11 @@ mod tests {
         assert_eq!(default_range((32768, 60999)), Ok((1024, 32767)));
         assert_eq!(default_range((1024, 30000)), Ok((30001, 65535)));
         assert_eq!(default_range((10000, 65000)), Ok((1024, 9999)));
-        assert!(default_range((1024, 65000)).unwrap_err().contains("--snat-ports"));
+        assert!(
+            default_range((1024, 65000))
+                .unwrap_err()
+                .contains("--snat-ports")
+        );
         assert!(check_overlap((61000, 65535), Some((32768, 60999))).is_ok());
         assert!(check_overlap((60000, 65535), Some((32768, 60999))).is_err());
         assert!(check_overlap((1024, 32767), Some((32768, 60999))).is_ok());

@@ -18,9 +18,7 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     let held = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<Vec<_>>>()?;
-    held.iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 struct Member {

@@ -12,11 +12,22 @@ use crate::netns::Netns;
 
 /// Sends SYNs to `to` from random addresses in `sources` (a /16: its first two bytes) and
 /// random ports, `rate` a second for `duration`, from inside `ns`. How many were sent.
-pub fn syn_flood(ns: &Netns, to: SocketAddrV4, sources: [u8; 2], rate: u64, duration: Duration) -> anyhow::Result<u64> {
+pub fn syn_flood(
+    ns: &Netns,
+    to: SocketAddrV4,
+    sources: [u8; 2],
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<u64> {
     ns.run(move || flood_here(to, sources, rate, duration))
 }
 
-fn flood_here(to: SocketAddrV4, sources: [u8; 2], rate: u64, duration: Duration) -> anyhow::Result<u64> {
+fn flood_here(
+    to: SocketAddrV4,
+    sources: [u8; 2],
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<u64> {
     // IPPROTO_RAW: the packets carry their own IP header, spoofed source included.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
@@ -52,7 +63,12 @@ fn flood_here(to: SocketAddrV4, sources: [u8; 2], rate: u64, duration: Duration)
             let src = Ipv4Addr::new(sources[0], sources[1], (r >> 8) as u8, (r as u8).max(1));
             packet.clear();
             PacketBuilder::ipv4(src.octets(), to.ip().octets(), 64)
-                .tcp(1024 + (r >> 16) as u16 % 60_000, to.port(), (r >> 32) as u32, 64240)
+                .tcp(
+                    1024 + (r >> 16) as u16 % 60_000,
+                    to.port(),
+                    (r >> 32) as u32,
+                    64240,
+                )
                 .syn()
                 .write(&mut packet, &[])?;
             let n = unsafe {

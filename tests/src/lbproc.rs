@@ -73,7 +73,10 @@ pub fn lb_down(ns_path: &str, bpffs: &std::path::Path) {
     let _ = std::fs::remove_dir_all(bpffs);
 }
 
-fn run_lb_down(ns_path: &str, bpffs: &std::path::Path) -> std::io::Result<std::process::ExitStatus> {
+fn run_lb_down(
+    ns_path: &str,
+    bpffs: &std::path::Path,
+) -> std::io::Result<std::process::ExitStatus> {
     Command::new("nsenter")
         .arg(format!("--net={ns_path}"))
         .arg(lb_bin())

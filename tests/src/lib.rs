@@ -6,6 +6,7 @@
 pub mod consul;
 pub mod etcd;
 pub mod flood;
+pub mod flowtab;
 pub mod lbproc;
 pub mod netns;
 pub mod packet;

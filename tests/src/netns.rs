@@ -125,7 +125,6 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     #[test]

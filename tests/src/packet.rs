@@ -12,7 +12,7 @@ use lb::{
 };
 use lb_common::{
     flow::{Conn, FlowKey, NatReverse},
-    flowtab::{FlowSlot, slot},
+    flowtab::FlowSlot,
 };
 
 use crate::{netns::Netns, unique};
@@ -244,22 +244,31 @@ impl PacketLab {
         let live: Vec<Conn> = self
             .flow_slots()
             .into_iter()
-            .filter(|s| s.state == slot::LIVE && s.key() == key)
+            .filter(|s| s.key() == key)
             .map(|s| s.conn)
             .collect();
         assert!(live.len() <= 1, "{key:?} is tracked twice: {live:?}");
         live.first().copied()
     }
 
-    /// Every slot of the pinned conntrack table, read whole (the test's oracle walks the
-    /// table itself rather than probing it as the program does).
+    /// The balancer-wide settings in the pinned `config` map.
+    pub fn config(&self) -> lb_common::config::Config {
+        let map =
+            aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("config")).expect("config");
+        let map: aya::maps::Array<_, lb_common::config::Config> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("config");
+        map.get(&0, 0).expect("config")
+    }
+
+    /// Every slot of the pinned conntrack table, in order.
+    pub fn all_flow_slots(&self) -> Vec<FlowSlot> {
+        crate::flowtab::slots(&self.dataplane.pin_dir().join("conntrack")).expect("conntrack")
+    }
+
+    /// Every live slot of the pinned conntrack table (the test walks the whole table
+    /// rather than probing it as the program does).
     pub fn flow_slots(&self) -> Vec<FlowSlot> {
-        let Ok(map) = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("conntrack")) else {
-            return Vec::new();
-        };
-        let map: aya::maps::Array<_, FlowSlot> =
-            aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("conntrack");
-        map.iter().filter_map(Result::ok).collect()
+        crate::flowtab::live_flows(&self.dataplane.pin_dir().join("conntrack")).expect("conntrack")
     }
 
     /// The reverse-NAT entry of a client flow (found by its client side), with its key.
@@ -276,7 +285,8 @@ impl PacketLab {
     /// The reverse-NAT entry at `key` (a backend's address and port, lb's SNAT address and
     /// port).
     pub fn reverse_at(&self, key: &FlowKey) -> Option<NatReverse> {
-        let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")).ok()?;
+        let map =
+            aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")).ok()?;
         let map: aya::maps::HashMap<_, FlowKey, NatReverse> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).ok()?;
         map.get(key, 0).ok()
@@ -284,7 +294,8 @@ impl PacketLab {
 
     /// Every reverse-NAT entry (every SNAT port held), with its key.
     pub fn reverse_entries(&self) -> Vec<(FlowKey, NatReverse)> {
-        let Ok(map) = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse")) else {
+        let Ok(map) = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("nat_reverse"))
+        else {
             return Vec::new();
         };
         let map: aya::maps::HashMap<_, FlowKey, NatReverse> =
@@ -294,7 +305,7 @@ impl PacketLab {
 
     /// How many client flows are tracked.
     pub fn conn_count(&self) -> usize {
-        self.flow_slots().iter().filter(|s| s.state == slot::LIVE).count()
+        self.flow_slots().len()
     }
 
     pub fn drops(&self, reason: lb_common::stats::DropReason) -> u64 {

@@ -15,10 +15,19 @@ use serde_json::{Value, json};
 /// Starts nginx on every backend and lb with service "web" on VIP:80 over them.
 fn setup(topo: &Topology, store: &str) -> (Vec<Nginx>, LbProcess) {
     let nginx = (0..topo.backends.len())
-        .map(|i| Nginx::start(&topo.backends[i], topo.backend(i, 80).into(), &format!("be{i}")).unwrap())
+        .map(|i| {
+            Nginx::start(
+                &topo.backends[i],
+                topo.backend(i, 80).into(),
+                &format!("be{i}"),
+            )
+            .unwrap()
+        })
         .collect();
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", store]).unwrap();
-    let backends: Vec<String> = (0..topo.backends.len()).map(|i| topo.backend(i, 80).to_string()).collect();
+    let backends: Vec<String> = (0..topo.backends.len())
+        .map(|i| topo.backend(i, 80).to_string())
+        .collect();
     lb.put_service(
         "web",
         &json!({"vip": topo.vip(80).to_string(), "protocol": "tcp", "backends": backends}),
@@ -38,7 +47,9 @@ fn churn(seconds: u64) -> WrkOptions {
 
 /// lb's drop counters and flood state, for the record.
 fn stats(lb: &LbProcess) -> Value {
-    lb.request("GET", "/v1/stats", None).map(|(_, v)| v).unwrap_or_default()
+    lb.request("GET", "/v1/stats", None)
+        .map(|(_, v)| v)
+        .unwrap_or_default()
 }
 
 fn check(report: &WrkReport, what: &str, stats: &Value) {
@@ -49,8 +60,18 @@ fn check(report: &WrkReport, what: &str, stats: &Value) {
         report.rps(),
         report.errors
     );
-    assert_eq!(report.errors.total(), 0, "{what}: {}\n{}", report.errors, report.output);
-    assert!(report.rps() >= 1000.0, "{what}: only {:.0} connections a second", report.rps());
+    assert_eq!(
+        report.errors.total(),
+        0,
+        "{what}: {}\n{}",
+        report.errors,
+        report.output
+    );
+    assert!(
+        report.rps() >= 1000.0,
+        "{what}: only {:.0} connections a second",
+        report.rps()
+    );
 }
 
 #[test]
@@ -59,7 +80,9 @@ fn a_minute_of_one_connection_per_request_fails_none() {
     let store = temp_store();
     let (_nginx, lb) = setup(&topo, &store.url());
     let wrk = Wrk::new(&["/a/"]).unwrap();
-    let report = wrk.run(&topo.client, topo.vip(80).into(), &churn(60)).unwrap();
+    let report = wrk
+        .run(&topo.client, topo.vip(80).into(), &churn(60))
+        .unwrap();
     let stats = stats(&lb);
     check(&report, "60 s of connection churn", &stats);
     // More connections than there are SNAT ports towards the backends: ports were reused
@@ -69,7 +92,11 @@ fn a_minute_of_one_connection_per_request_fails_none() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| b["snat_ports"]["capacity"].as_u64().unwrap_or_else(|| panic!("no snat_ports: {web}")))
+        .map(|b| {
+            b["snat_ports"]["capacity"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no snat_ports: {web}"))
+        })
         .sum();
     println!("SNAT ports: {}", web["backend_counters"]);
     assert!(
@@ -86,13 +113,22 @@ fn kill_9_and_restart_under_connection_churn_fails_none() {
     let (_nginx, lb) = setup(&topo, &store.url());
     let wrk = Wrk::new(&["/a/"]).unwrap();
     let (report, stats) = std::thread::scope(|s| {
-        let load = s.spawn(|| wrk.run(&topo.client, topo.vip(80).into(), &churn(30)).unwrap());
+        let load = s.spawn(|| {
+            wrk.run(&topo.client, topo.vip(80).into(), &churn(30))
+                .unwrap()
+        });
         std::thread::sleep(Duration::from_secs(10));
         let pins = lb.kill();
         std::thread::sleep(Duration::from_secs(2));
-        let second = LbProcess::start_on(&topo.lb, &topo.lb_ifaces, &["--store", &store.url()], pins).unwrap();
+        let second =
+            LbProcess::start_on(&topo.lb, &topo.lb_ifaces, &["--store", &store.url()], pins)
+                .unwrap();
         let report = load.join().unwrap();
         (report, stats(&second))
     });
-    check(&report, "30 s of connection churn, lb killed and restarted", &stats);
+    check(
+        &report,
+        "30 s of connection churn, lb killed and restarted",
+        &stats,
+    );
 }

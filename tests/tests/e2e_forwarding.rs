@@ -37,27 +37,21 @@ fn diagnose(topo: &Topology, lb: &LbProcess) -> String {
         .map(|(_, v)| v.to_string())
         .unwrap_or_default();
     let neigh = topo.lb.ip("neigh show").unwrap_or_default();
-    let maps: String = [
-        "services",
-        "conntrack",
-        "nat_reverse",
-        "iface_addrs",
-        "config",
-    ]
-    .iter()
-    .map(|m| {
-        let path = lb.bpffs.join(m);
-        let out = std::process::Command::new("bpftool")
-            .args(["map", "dump", "pinned"])
-            .arg(&path)
-            .output();
-        format!(
-            "{m}: {}",
-            out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        )
-    })
-    .collect();
+    let maps: String = ["services", "nat_reverse", "iface_addrs", "config"]
+        .iter()
+        .map(|m| {
+            let path = lb.bpffs.join(m);
+            let out = std::process::Command::new("bpftool")
+                .args(["map", "dump", "pinned"])
+                .arg(&path)
+                .output();
+            format!(
+                "{m}: {}",
+                out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
     format!(
         "stats: {stats}\nneighbours:\n{neigh}\nmaps:\n{maps}\nlb log:\n{}",
         lb.log_text()

@@ -58,8 +58,18 @@ fn lab(cookies: CookieMode) -> PacketLab {
         ..Settings::with_ports(SNAT.0, SNAT.1)
     };
     let mut lab = PacketLab::with_settings(&limits, &settings).unwrap();
-    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"]);
-    lab.service("dns", "10.70.0.100:53", "udp", &["10.70.0.11:5353", "10.70.0.12:5353"]);
+    lab.service(
+        "web",
+        "10.70.0.100:80",
+        "tcp",
+        &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
+    );
+    lab.service(
+        "dns",
+        "10.70.0.100:53",
+        "udp",
+        &["10.70.0.11:5353", "10.70.0.12:5353"],
+    );
     lab.service("far", "10.70.0.100:443", "tcp", &["10.71.0.21:8443"]);
     lab
 }
@@ -84,7 +94,12 @@ fn tuple(bytes: &[u8]) -> Option<Tuple> {
     };
     let h = ip.header();
     let (sport, dport, proto, flags) = match &p.transport {
-        Some(TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port(), IPPROTO_TCP, t.slice()[13]),
+        Some(TransportSlice::Tcp(t)) => (
+            t.source_port(),
+            t.destination_port(),
+            IPPROTO_TCP,
+            t.slice()[13],
+        ),
         Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port(), IPPROTO_UDP, 0),
         _ => return None,
     };
@@ -133,7 +148,12 @@ fn checksums_verify(bytes: &[u8], input_udp_check_zero: bool) -> Result<(), Stri
 
 /// One packet of the mix: a client's or a backend's, valid or not, then maybe mutated.
 fn packet(rng: &mut Rng, held: &[(FlowKey, u16)]) -> Vec<u8> {
-    let clients = [CLIENT, CLIENT, Ipv4Addr::new(10, 70, 0, 50), Ipv4Addr::new(192, 0, 2, 9)];
+    let clients = [
+        CLIENT,
+        CLIENT,
+        Ipv4Addr::new(10, 70, 0, 50),
+        Ipv4Addr::new(192, 0, 2, 9),
+    ];
     let sports = [40000u16, 40001, 40002, 40003, 55555, 1024, 61000];
     let tcp_flags = |rng: &mut Rng| L4::Tcp {
         syn: rng.chance(40),
@@ -159,12 +179,24 @@ fn packet(rng: &mut Rng, held: &[(FlowKey, u16)]) -> Vec<u8> {
             frame.src = Ipv4Addr::from(k.src_addr);
             frame.sport = k.src_port;
             frame.dst = Ipv4Addr::from(k.dst_addr);
-            frame.dport = if rng.chance(80) { k.dst_port } else { k.dst_port.wrapping_add(rng.below(3) as u16) };
+            frame.dport = if rng.chance(80) {
+                k.dst_port
+            } else {
+                k.dst_port.wrapping_add(rng.below(3) as u16)
+            };
             frame.src_mac = mac(frame.src.octets()[3]);
-            frame.l4 = if k.proto == IPPROTO_UDP { UDP } else { tcp_flags(rng) };
+            frame.l4 = if k.proto == IPPROTO_UDP {
+                UDP
+            } else {
+                tcp_flags(rng)
+            };
         }
         // UDP to a VIP, sometimes without a checksum.
-        3 => frame.l4 = L4::Udp { checksum: rng.chance(80) },
+        3 => {
+            frame.l4 = L4::Udp {
+                checksum: rng.chance(80),
+            }
+        }
         _ => frame.l4 = tcp_flags(rng),
     }
     let mut bytes = match frame.l4 {
@@ -173,7 +205,9 @@ fn packet(rng: &mut Rng, held: &[(FlowKey, u16)]) -> Vec<u8> {
             if rng.chance(50) {
                 s.mss = Some(rng.pick(&[536u16, 1460, 9000]));
                 s.sack_ok = rng.chance(50);
-                s.ts = rng.chance(70).then(|| (rng.next() as u32, rng.next() as u32));
+                s.ts = rng
+                    .chance(70)
+                    .then(|| (rng.next() as u32, rng.next() as u32));
                 s.wscale = rng.chance(50).then(|| rng.below(15) as u8);
             }
             s.bytes()
@@ -253,7 +287,9 @@ fn fuzz(cookies: CookieMode, seed: u64) {
         let ingress = if rng.chance(90) { lab.v0 } else { lab.v2 };
         let (verdict, out) = lab.run(ingress, &input);
         let fail = |why: String| -> ! {
-            panic!("packet {n} (seed {seed}), verdict {verdict}: {why}\nin:  {input:02x?}\nout: {out:02x?}")
+            panic!(
+                "packet {n} (seed {seed}), verdict {verdict}: {why}\nin:  {input:02x?}\nout: {out:02x?}"
+            )
         };
         sent[verdict.min(4) as usize] += 1;
         match verdict {
@@ -273,7 +309,8 @@ fn fuzz(cookies: CookieMode, seed: u64) {
         };
         // lb updates checksums incrementally, as routers do: a packet that came in with a
         // wrong one leaves with a wrong one (its receiver drops it, as without lb).
-        let udp_zero = i.proto == IPPROTO_UDP && input.len() >= 42 && input[40] == 0 && input[41] == 0;
+        let udp_zero =
+            i.proto == IPPROTO_UDP && input.len() >= 42 && input[40] == 0 && input[41] == 0;
         if checksums_verify(&input, true).is_ok() {
             if let Err(e) = checksums_verify(&out, udp_zero) {
                 fail(e);
@@ -281,15 +318,24 @@ fn fuzz(cookies: CookieMode, seed: u64) {
         }
         let o = tuple(&out).unwrap();
         let made_by_lb = o.flags != i.flags;
-        let lb_answers = o.src == i.dst && o.dst == i.src && o.sport == i.dport && o.dport == i.sport;
+        let lb_answers =
+            o.src == i.dst && o.dst == i.src && o.sport == i.dport && o.dport == i.sport;
         if lb_answers && made_by_lb {
             // lb's own answer: its cookie SYN-ACK from the VIP, or its ACK of a backend's
             // SYN-ACK from the SNAT port the backend wrote to.
             let from_snat_port = lab
-                .reverse_at(&FlowKey::new(i.src.octets(), i.sport, i.dst.octets(), i.dport, i.proto))
+                .reverse_at(&FlowKey::new(
+                    i.src.octets(),
+                    i.sport,
+                    i.dst.octets(),
+                    i.dport,
+                    i.proto,
+                ))
                 .is_some();
             if o.src != VIP && !from_snat_port {
-                fail("lb answered from an address that is neither a VIP nor a port it holds".into());
+                fail(
+                    "lb answered from an address that is neither a VIP nor a port it holds".into(),
+                );
             }
             continue;
         }
@@ -312,7 +358,10 @@ fn fuzz(cookies: CookieMode, seed: u64) {
         // Otherwise a client's packet: to a backend, from a SNAT port whose entry is this
         // very client flow's.
         if !backends.contains(&o.dst) {
-            fail(format!("to {}, which is neither a backend nor the flow's client", o.dst));
+            fail(format!(
+                "to {}, which is neither a backend nor the flow's client",
+                o.dst
+            ));
         }
         let key = FlowKey::new(o.dst.octets(), o.dport, o.src.octets(), o.sport, o.proto);
         let Some(r) = lab.reverse_at(&key) else {
@@ -325,7 +374,10 @@ fn fuzz(cookies: CookieMode, seed: u64) {
         }
     }
     println!("verdicts (aborted, drop, pass, tx, redirect): {sent:?}");
-    assert!(sent[3] + sent[4] > 1000, "too few packets forwarded to mean much: {sent:?}");
+    assert!(
+        sent[3] + sent[4] > 1000,
+        "too few packets forwarded to mean much: {sent:?}"
+    );
 }
 
 #[test]

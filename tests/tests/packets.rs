@@ -97,7 +97,10 @@ fn open(lab: &mut PacketLab, sport: u16) -> (Ipv4Addr, u16) {
     let (verdict, out) = lab.run(lab.v0, &syn.bytes());
     assert_eq!(verdict, XDP_TX, "SYN from {sport}");
     let (backend, snat_port) = backend_and_port(&out);
-    assert_eq!(lab.run(lab.v0, &syn_ack(backend, snat_port).bytes()).0, XDP_TX);
+    assert_eq!(
+        lab.run(lab.v0, &syn_ack(backend, snat_port).bytes()).0,
+        XDP_TX
+    );
     (backend, snat_port)
 }
 
@@ -217,7 +220,16 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
     };
     let (verdict, out) = lab.run(lab.v0, &answer.bytes());
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(out, Frame { l4: ACK, payload: answer.payload.clone(), ..expected }.bytes(), "answer");
+    assert_eq!(
+        out,
+        Frame {
+            l4: ACK,
+            payload: answer.payload.clone(),
+            ..expected
+        }
+        .bytes(),
+        "answer"
+    );
 
     // A reply to a SNAT port nobody holds is not ours: the kernel gets it.
     let stray = Frame {
@@ -570,12 +582,18 @@ fn a_retried_syn_finds_its_port_and_the_backends_answer_tracks_the_flow() {
     let before = lab.drops(DropReason::UnknownFlow);
     assert_eq!(lab.run(lab.v0, &ack.bytes()).0, XDP_DROP);
     assert_eq!(lab.drops(DropReason::UnknownFlow), before + 1);
-    assert!(lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none());
+    assert!(
+        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+            .is_none()
+    );
 
     // The backend's SYN-ACK tracks the flow on the port the SYN took.
     let (key, rev) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
     let backend = Ipv4Addr::from(key.src_addr);
-    assert_eq!(lab.run(lab.v0, &syn_ack(backend, key.dst_port).bytes()).0, XDP_TX);
+    assert_eq!(
+        lab.run(lab.v0, &syn_ack(backend, key.dst_port).bytes()).0,
+        XDP_TX
+    );
     let conn = lab
         .conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
         .expect("tracked by the answer");
@@ -594,7 +612,8 @@ fn maglev_pick(lab: &PacketLab, service: &str, cport: u16) -> Ipv4Addr {
     let addrs: Vec<std::net::SocketAddrV4> = inst.backends.iter().map(|&(a, _)| a).collect();
     let table = lb_common::maglev::build_table(&addrs, inst.table_size);
     let key = lb::dataplane::Settings::with_ports(0, 0).flow_key;
-    let hash = lb_common::hash::flow_hash(key, CLIENT.octets(), VIP.octets(), cport, 80, IPPROTO_TCP);
+    let hash =
+        lb_common::hash::flow_hash(key, CLIENT.octets(), VIP.octets(), cport, 80, IPPROTO_TCP);
     let slot = lb_common::hash::reduce(lb_common::hash::slot_hash(hash), inst.table_size);
     *addrs[table[slot as usize] as usize].ip()
 }
@@ -669,15 +688,27 @@ fn a_new_connection_on_a_reused_port_is_balanced_afresh() {
 #[test]
 fn a_backend_down_and_up_again_leaves_the_table_in_the_map_as_it_was() {
     let mut lab = lab();
-    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"]);
+    lab.service(
+        "web",
+        "10.70.0.100:80",
+        "tcp",
+        &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
+    );
     let before = lab.dataplane.table_in_map("web").unwrap();
     let fallen: std::net::SocketAddrV4 = "10.70.0.12:8080".parse().unwrap();
     let fallen_id = {
         // The id whose slots go: the one the table loses.
-        assert!(lab.dataplane.set_backend_health("web", fallen, false).unwrap());
+        assert!(
+            lab.dataplane
+                .set_backend_health("web", fallen, false)
+                .unwrap()
+        );
         let down = lab.dataplane.table_in_map("web").unwrap();
-        let lost: std::collections::HashSet<u32> =
-            before.iter().copied().filter(|id| !down.contains(id)).collect();
+        let lost: std::collections::HashSet<u32> = before
+            .iter()
+            .copied()
+            .filter(|id| !down.contains(id))
+            .collect();
         assert_eq!(lost.len(), 1, "one backend left the table: {lost:?}");
         for (slot, (&b, &d)) in before.iter().zip(&down).enumerate() {
             if !lost.contains(&b) {
@@ -686,8 +717,20 @@ fn a_backend_down_and_up_again_leaves_the_table_in_the_map_as_it_was() {
         }
         *lost.iter().next().unwrap()
     };
-    assert!(lab.dataplane.set_backend_health("web", fallen, true).unwrap());
+    assert!(
+        lab.dataplane
+            .set_backend_health("web", fallen, true)
+            .unwrap()
+    );
     let after = lab.dataplane.table_in_map("web").unwrap();
-    assert_eq!(after, before, "backend {fallen_id} back: the table differs from before it fell");
-    assert!(!lab.dataplane.set_backend_health("web", fallen, true).unwrap(), "up twice changed something");
+    assert_eq!(
+        after, before,
+        "backend {fallen_id} back: the table differs from before it fell"
+    );
+    assert!(
+        !lab.dataplane
+            .set_backend_health("web", fallen, true)
+            .unwrap(),
+        "up twice changed something"
+    );
 }

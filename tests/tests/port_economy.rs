@@ -86,14 +86,28 @@ fn with_ts(mut s: Seg, tsval: u32, tsecr: u32) -> Seg {
 /// Opens a connection from `sport` (client ISN `isn`, timestamp `ts`): SYN, the backend's
 /// SYN-ACK (ISN 9000), the client's ACK. The SNAT port it got.
 fn open(lab: &PacketLab, sport: u16, isn: u32, ts: u32) -> u16 {
-    let (v, out) = lab.run(lab.v0, &Seg::linux_syn(client(sport, SYN, isn, 0).frame, isn, ts).bytes());
+    let (v, out) = lab.run(
+        lab.v0,
+        &Seg::linux_syn(client(sport, SYN, isn, 0).frame, isn, ts).bytes(),
+    );
     assert_eq!(v, XDP_TX, "SYN from {sport}");
     let syn = seen(&out);
     assert_eq!((syn.dst, syn.dport, syn.seq), (BACKEND, 8080, isn));
     let port = syn.sport;
-    let (v, _) = lab.run(lab.v0, &with_ts(backend(port, flags(true, true, false, false), 9000, isn + 1), 70_000, ts).bytes());
+    let (v, _) = lab.run(
+        lab.v0,
+        &with_ts(
+            backend(port, flags(true, true, false, false), 9000, isn + 1),
+            70_000,
+            ts,
+        )
+        .bytes(),
+    );
     assert_eq!(v, XDP_TX, "SYN-ACK to {port}");
-    let (v, _) = lab.run(lab.v0, &with_ts(client(sport, ACK, isn + 1, 9001), ts + 1, 70_000).bytes());
+    let (v, _) = lab.run(
+        lab.v0,
+        &with_ts(client(sport, ACK, isn + 1, 9001), ts + 1, 70_000).bytes(),
+    );
     assert_eq!(v, XDP_TX, "ACK from {sport}");
     port
 }
@@ -123,11 +137,30 @@ fn a_port_the_client_closed_is_free_after_a_second_and_one_reset_at_once() {
 
     // The client closes first: FIN, the backend's FIN, the client's last ACK. The backend
     // keeps no TIME_WAIT for it.
-    lab.run(lab.v0, &with_ts(client(CLIENT_PORT, flags(false, true, true, false), 1001, 9001), 5001, 70_000).bytes());
+    lab.run(
+        lab.v0,
+        &with_ts(
+            client(CLIENT_PORT, flags(false, true, true, false), 1001, 9001),
+            5001,
+            70_000,
+        )
+        .bytes(),
+    );
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::FIN_CLIENT));
-    lab.run(lab.v0, &with_ts(backend(port, flags(false, true, true, false), 9001, 1002), 70_001, 5001).bytes());
+    lab.run(
+        lab.v0,
+        &with_ts(
+            backend(port, flags(false, true, true, false), 9001, 1002),
+            70_001,
+            5001,
+        )
+        .bytes(),
+    );
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::LAST_ACK));
-    lab.run(lab.v0, &with_ts(client(CLIENT_PORT, ACK, 1002, 9002), 5002, 70_001).bytes());
+    lab.run(
+        lab.v0,
+        &with_ts(client(CLIENT_PORT, ACK, 1002, 9002), 5002, 70_001).bytes(),
+    );
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::CLOSED));
     // Held a second for stragglers, then free.
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -136,8 +169,13 @@ fn a_port_the_client_closed_is_free_after_a_second_and_one_reset_at_once() {
     assert_eq!(out.unwrap().sport, 61000);
 
     // A reset frees the port at once (after the same short hold).
-    lab.run(lab.v0, &backend(61000, flags(false, false, false, true), 9001, 0).bytes());
-    let (_, r) = lab.reverse(CLIENT, CLIENT_PORT + 2).expect("entry of the new flow");
+    lab.run(
+        lab.v0,
+        &backend(61000, flags(false, false, false, true), 9001, 0).bytes(),
+    );
+    let (_, r) = lab
+        .reverse(CLIENT, CLIENT_PORT + 2)
+        .expect("entry of the new flow");
     assert_eq!(r.state, state::CLOSED);
 }
 
@@ -149,25 +187,55 @@ fn a_port_in_the_backends_time_wait_goes_only_to_a_syn_the_backend_accepts() {
     // tuple in TIME_WAIT for a minute, and takes a new SYN on it only if the SYN's
     // timestamp is newer than 5001 (the last it saw), or, without timestamps, if its
     // sequence number is beyond 1002.
-    lab.run(lab.v0, &with_ts(backend(port, flags(false, true, true, false), 9001, 1001), 70_001, 5000).bytes());
+    lab.run(
+        lab.v0,
+        &with_ts(
+            backend(port, flags(false, true, true, false), 9001, 1001),
+            70_001,
+            5000,
+        )
+        .bytes(),
+    );
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::FIN_BACKEND));
-    lab.run(lab.v0, &with_ts(client(CLIENT_PORT, flags(false, true, true, false), 1001, 9002), 5001, 70_001).bytes());
+    lab.run(
+        lab.v0,
+        &with_ts(
+            client(CLIENT_PORT, flags(false, true, true, false), 1001, 9002),
+            5001,
+            70_001,
+        )
+        .bytes(),
+    );
     let (_, r) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
-    assert_eq!((r.state, r.tw_seq, r.tw_tsval), (state::TIME_WAIT, 1002, 5001));
+    assert_eq!(
+        (r.state, r.tw_seq, r.tw_tsval),
+        (state::TIME_WAIT, 1002, 5001)
+    );
 
     // An older timestamp would be taken for an old duplicate (PAWS): not on this port.
-    assert_eq!(try_syn(&lab, CLIENT_PORT + 1, 5_000_000, Some(4000)).0, XDP_DROP);
+    assert_eq!(
+        try_syn(&lab, CLIENT_PORT + 1, 5_000_000, Some(4000)).0,
+        XDP_DROP
+    );
     // No timestamp and a sequence number behind the old connection's: not on this port.
     assert_eq!(try_syn(&lab, CLIENT_PORT + 2, 900, None).0, XDP_DROP);
-    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::TIME_WAIT), "kept");
+    assert_eq!(
+        reverse_state(&lab, CLIENT_PORT),
+        Some(state::TIME_WAIT),
+        "kept"
+    );
     // A newer timestamp: the backend accepts it, so the port is reused at once.
     let (v, out) = try_syn(&lab, CLIENT_PORT + 3, 10, Some(6000));
     assert_eq!(v, XDP_TX);
     let out = out.unwrap();
     assert_eq!((out.dst, out.sport, out.seq), (BACKEND, 61000, 10));
-    assert!(lab.reverse(CLIENT, CLIENT_PORT).is_none(), "the old entry was replaced");
     assert!(
-        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).is_none(),
+        lab.reverse(CLIENT, CLIENT_PORT).is_none(),
+        "the old entry was replaced"
+    );
+    assert!(
+        lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+            .is_none(),
         "the old flow's conntrack entry went with its port"
     );
 }
@@ -179,12 +247,25 @@ fn a_syn_without_timestamps_beyond_the_old_sequence_reuses_a_time_wait_port() {
     let (v, out) = lab.run(lab.v0, &client(sport, SYN, 1000, 0).bytes());
     assert_eq!(v, XDP_TX);
     let port = seen(&out).sport;
-    lab.run(lab.v0, &backend(port, flags(true, true, false, false), 9000, 1001).bytes());
+    lab.run(
+        lab.v0,
+        &backend(port, flags(true, true, false, false), 9000, 1001).bytes(),
+    );
     lab.run(lab.v0, &client(sport, ACK, 1001, 9001).bytes());
-    lab.run(lab.v0, &backend(port, flags(false, true, true, false), 9001, 1001).bytes());
-    lab.run(lab.v0, &client(sport, flags(false, true, true, false), 1001, 9002).bytes());
+    lab.run(
+        lab.v0,
+        &backend(port, flags(false, true, true, false), 9001, 1001).bytes(),
+    );
+    lab.run(
+        lab.v0,
+        &client(sport, flags(false, true, true, false), 1001, 9002).bytes(),
+    );
     assert_eq!(reverse_state(&lab, sport), Some(state::TIME_WAIT));
-    assert_eq!(try_syn(&lab, sport + 1, 1001, None).0, XDP_DROP, "not beyond 1002");
+    assert_eq!(
+        try_syn(&lab, sport + 1, 1001, None).0,
+        XDP_DROP,
+        "not beyond 1002"
+    );
     let (v, out) = try_syn(&lab, sport + 2, 100_000, None);
     assert_eq!(v, XDP_TX);
     assert_eq!(out.unwrap().sport, 61000);
@@ -203,8 +284,16 @@ fn allocation_succeeds_for_99_percent_of_new_flows_from_95_percent_occupancy() {
         assert_eq!(v, XDP_TX, "filling: flow {i}: {:?}", lab.dataplane.drops());
         let port = seen(&out).sport;
         assert!(ports.insert(port), "port {port} given twice");
-        let (v, _) = lab.run(lab.v0, &backend(port, flags(true, true, false, false), 9000, 2).bytes());
-        assert_eq!(v, XDP_TX, "filling: the answer to flow {i} on {port}: {:?}", lab.dataplane.drops());
+        let (v, _) = lab.run(
+            lab.v0,
+            &backend(port, flags(true, true, false, false), 9000, 2).bytes(),
+        );
+        assert_eq!(
+            v,
+            XDP_TX,
+            "filling: the answer to flow {i} on {port}: {:?}",
+            lab.dataplane.drops()
+        );
     }
     let tries = 200u32;
     let mut got = 0;
@@ -218,12 +307,21 @@ fn allocation_succeeds_for_99_percent_of_new_flows_from_95_percent_occupancy() {
         assert!(ports.insert(port), "a held port {port} was given again");
     }
     println!("{got} of {tries} new flows got a port from 95 % occupancy");
-    assert!(got * 100 >= tries * 99, "only {got} of {tries} new flows got a port");
+    assert!(
+        got * 100 >= tries * 99,
+        "only {got} of {tries} new flows got a port"
+    );
     // And the range fills to its last port: a search finds any port that is free.
     let mut i = held + tries;
     while ports.len() < 8192 {
         let (v, out) = lab.run(lab.v0, &syn_from(i).bytes());
-        assert_eq!(v, XDP_TX, "{} ports held, {:?}", ports.len(), lab.dataplane.drops());
+        assert_eq!(
+            v,
+            XDP_TX,
+            "{} ports held, {:?}",
+            ports.len(),
+            lab.dataplane.drops()
+        );
         assert!(ports.insert(seen(&out).sport));
         i += 1;
     }
@@ -236,7 +334,9 @@ fn allocation_succeeds_for_99_percent_of_new_flows_from_95_percent_occupancy() {
 fn a_full_flow_table_never_evicts_a_live_flow() {
     // 256 conntrack entries (the reverse map has as many); 200 live flows.
     let lab = lab_with((40000, 65000), CookieMode::Never, 256);
-    let live: Vec<u16> = (0..200u16).map(|i| open(&lab, 10_000 + i, 1000, 5000)).collect();
+    let live: Vec<u16> = (0..200u16)
+        .map(|i| open(&lab, 10_000 + i, 1000, 5000))
+        .collect();
     // A burst of new flows far beyond what the tables hold, none of which completes.
     for i in 0..2000u16 {
         lab.run(lab.v0, &client(20_000 + i, SYN, 7, 0).bytes());
@@ -266,31 +366,51 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     assert_eq!(v, XDP_TX);
     let sa = seen(&out);
     assert_eq!(
-        (sa.src, sa.sport, sa.dst, sa.dport, sa.syn, sa.ack, sa.ack_no),
+        (
+            sa.src, sa.sport, sa.dst, sa.dport, sa.syn, sa.ack, sa.ack_no
+        ),
         (VIP, 80, CLIENT, CLIENT_PORT, true, true, 1001)
     );
     assert!(sa.mss.is_some(), "lb's SYN-ACK offers an MSS");
     let (lb_tsval, echo) = sa.ts.expect("timestamps answered with timestamps");
     assert_eq!(echo, 5000);
     let cookie = sa.seq;
-    assert!(lab.reverse_entries().is_empty(), "a SYN in cookie mode stored a port");
+    assert!(
+        lab.reverse_entries().is_empty(),
+        "a SYN in cookie mode stored a port"
+    );
     assert_eq!(lab.conn_count(), 0, "a SYN in cookie mode stored a flow");
 
     // An ACK whose cookie does not check is dropped and counted; still nothing stored.
     let invalid = lab.dataplane.flood_view().cookies_invalid;
-    let bad = with_ts(client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(2)), 5001, lb_tsval);
+    let bad = with_ts(
+        client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(2)),
+        5001,
+        lb_tsval,
+    );
     assert_eq!(lab.run(lab.v0, &bad.bytes()).0, XDP_DROP);
     assert_eq!(lab.dataplane.flood_view().cookies_invalid, invalid + 1);
     assert!(lab.reverse_entries().is_empty());
 
     // The client's ACK proves its address: lb opens the connection to the backend with the
     // client's own ISN and SYN options.
-    let ack = with_ts(client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(1)), 5001, lb_tsval);
+    let ack = with_ts(
+        client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(1)),
+        5001,
+        lb_tsval,
+    );
     let (v, out) = lab.run(lab.v0, &ack.bytes());
     assert_eq!(v, XDP_TX);
     let bs = seen(&out);
-    assert_eq!((bs.dst, bs.dport, bs.src, bs.syn, bs.ack, bs.seq), (BACKEND, 8080, LB0, true, false, 1000));
-    assert_eq!((bs.mss, bs.wscale, bs.sack_ok), (Some(1460), Some(7), true), "the client's SYN options");
+    assert_eq!(
+        (bs.dst, bs.dport, bs.src, bs.syn, bs.ack, bs.seq),
+        (BACKEND, 8080, LB0, true, false, 1000)
+    );
+    assert_eq!(
+        (bs.mss, bs.wscale, bs.sack_ok),
+        (Some(1460), Some(7), true),
+        "the client's SYN options"
+    );
     assert!(bs.ts.is_some());
     assert_eq!(lab.dataplane.flood_view().cookies_valid, 1);
     let port = bs.sport;
@@ -299,7 +419,11 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     // The backend's SYN-ACK (window scale 10) becomes the window update that lets the
     // client send: lb's SYN-ACK offered a zero window. In lb's numbers, its window in the
     // scale lb promised (7).
-    let mut synack = with_ts(backend(port, flags(true, true, false, false), 777_000, 1001), 90_000, bs.ts.unwrap().0);
+    let mut synack = with_ts(
+        backend(port, flags(true, true, false, false), 777_000, 1001),
+        90_000,
+        bs.ts.unwrap().0,
+    );
     synack.wscale = Some(10);
     synack.mss = Some(1400);
     synack.window = 65160;
@@ -307,11 +431,33 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     assert_eq!(v, XDP_TX);
     let open = seen(&out);
     assert_eq!(
-        (open.src, open.sport, open.dst, open.dport, open.syn, open.ack, open.seq, open.ack_no),
-        (VIP, 80, CLIENT, CLIENT_PORT, false, true, cookie.wrapping_add(1), 1001)
+        (
+            open.src,
+            open.sport,
+            open.dst,
+            open.dport,
+            open.syn,
+            open.ack,
+            open.seq,
+            open.ack_no
+        ),
+        (
+            VIP,
+            80,
+            CLIENT,
+            CLIENT_PORT,
+            false,
+            true,
+            cookie.wrapping_add(1),
+            1001
+        )
     );
     assert_eq!(open.window, 65160 >> 7);
-    assert_eq!(open.ts, Some((lb_tsval, 5001)), "lb's clock, and the client's echoed");
+    assert_eq!(
+        open.ts,
+        Some((lb_tsval, 5001)),
+        "lb's clock, and the client's echoed"
+    );
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::EMBRYONIC));
 
     // Sent again (the client is silent: a server-first protocol), the SYN-ACK gets lb's
@@ -319,24 +465,41 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     let (v, out) = lab.run(lab.v0, &synack.bytes());
     assert_eq!(v, XDP_TX);
     let done = seen(&out);
-    assert_eq!((done.dst, done.dport, done.sport, done.syn, done.ack), (BACKEND, 8080, port, false, true));
-    assert_eq!((done.seq, done.ack_no, done.window), (1001, 777_001, 65535 >> 7));
+    assert_eq!(
+        (done.dst, done.dport, done.sport, done.syn, done.ack),
+        (BACKEND, 8080, port, false, true)
+    );
+    assert_eq!(
+        (done.seq, done.ack_no, done.window),
+        (1001, 777_001, 65535 >> 7)
+    );
 
     // A client that learned the backend's scale (10) still gets the scale lb promises:
     // its ACK must find the same one.
     let again = Seg::linux_syn(client(CLIENT_PORT + 1, SYN, 3000, 0).frame, 3000, 6000);
     let (v, out) = lab.run(lab.v0, &again.bytes());
     assert_eq!(v, XDP_TX);
-    assert_eq!((seen(&out).wscale, seen(&out).mss), (Some(7), Some(1400)), "the backend's MSS, lb's scale");
+    assert_eq!(
+        (seen(&out).wscale, seen(&out).mss),
+        (Some(7), Some(1400)),
+        "the backend's MSS, lb's scale"
+    );
 
     // From now on each side sees its own sequence space: the client's data is acknowledged
     // in the backend's numbers, and the backend's in lb's cookie numbers.
-    let mut data = with_ts(client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(1)), 5002, lb_tsval);
+    let mut data = with_ts(
+        client(CLIENT_PORT, ACK, 1001, cookie.wrapping_add(1)),
+        5002,
+        lb_tsval,
+    );
     data.frame.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
     let (v, out) = lab.run(lab.v0, &data.bytes());
     assert_eq!(v, XDP_TX);
     let fwd = seen(&out);
-    assert_eq!((fwd.dst, fwd.sport, fwd.seq, fwd.ack_no), (BACKEND, port, 1001, 777_001));
+    assert_eq!(
+        (fwd.dst, fwd.sport, fwd.seq, fwd.ack_no),
+        (BACKEND, port, 1001, 777_001)
+    );
     assert_eq!(fwd.payload, data.frame.payload);
     let mut answer = with_ts(backend(port, ACK, 777_001, 1019), 90_001, 5002);
     answer.frame.payload = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
@@ -344,11 +507,21 @@ fn syn_cookies_open_the_backend_side_only_for_a_client_that_answered() {
     let (v, out) = lab.run(lab.v0, &answer.bytes());
     assert_eq!(v, XDP_TX);
     let back = seen(&out);
-    assert_eq!((back.src, back.sport, back.dst, back.dport), (VIP, 80, CLIENT, CLIENT_PORT));
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (VIP, 80, CLIENT, CLIENT_PORT)
+    );
     assert_eq!((back.seq, back.ack_no), (cookie.wrapping_add(1), 1019));
-    assert_eq!(back.ts.map(|t| t.1), Some(5002), "the client's timestamp echoed back");
+    assert_eq!(
+        back.ts.map(|t| t.1),
+        Some(5002),
+        "the client's timestamp echoed back"
+    );
     assert_eq!(back.payload, answer.frame.payload);
-    assert_eq!(back.window, 512, "the backend's window (64 << 10) in the client's scale (>> 7)");
+    assert_eq!(
+        back.window, 512,
+        "the backend's window (64 << 10) in the client's scale (>> 7)"
+    );
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::ESTABLISHED));
 }
 
@@ -373,12 +546,18 @@ fn cookie_mode_turns_on_above_the_syn_rate_and_answers_syns_itself() {
         n += 1;
     }
     let view = lab.dataplane.flood_view();
-    assert!(view.cookies, "{n} SYNs in 300 ms did not turn cookie mode on: {view:?}");
+    assert!(
+        view.cookies,
+        "{n} SYNs in 300 ms did not turn cookie mode on: {view:?}"
+    );
     assert_eq!(view.entered, 1);
     assert!(view.syn_rate >= 2000, "{view:?}");
     // Now a SYN is answered by lb, from the VIP, and leaves no state.
     let held = lab.reverse_entries().len();
-    let (v, out) = lab.run(lab.v0, &Seg::linux_syn(client(60000, SYN, 1, 0).frame, 1, 7).bytes());
+    let (v, out) = lab.run(
+        lab.v0,
+        &Seg::linux_syn(client(60000, SYN, 1, 0).frame, 1, 7).bytes(),
+    );
     assert_eq!(v, XDP_TX);
     let sa = seen(&out);
     assert_eq!((sa.src, sa.dst, sa.syn, sa.ack), (VIP, CLIENT, true, true));
@@ -393,16 +572,28 @@ fn on_a_veth_what_leaves_where_it_came_in_goes_by_redirect() {
     // same frames.
     let mut lab = lab_with((61000, 61100), CookieMode::Never, 4096);
     lab.dataplane.set_tx_by_redirect(lab.v0).unwrap();
-    let (v, out) = lab.run(lab.v0, &Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000).bytes());
-    assert_eq!(v, XDP_REDIRECT, "one-armed: a new flow leaves where it came in");
+    let (v, out) = lab.run(
+        lab.v0,
+        &Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000).bytes(),
+    );
+    assert_eq!(
+        v, XDP_REDIRECT,
+        "one-armed: a new flow leaves where it came in"
+    );
     assert_eq!((seen(&out).dst, seen(&out).dport), (BACKEND, 8080));
 
     let mut lab = lab_with((61000, 61100), CookieMode::Always, 4096);
     lab.dataplane.set_tx_by_redirect(lab.v0).unwrap();
-    let (v, out) = lab.run(lab.v0, &Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000).bytes());
+    let (v, out) = lab.run(
+        lab.v0,
+        &Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000).bytes(),
+    );
     assert_eq!(v, XDP_REDIRECT, "lb's cookie SYN-ACK");
     let sa = seen(&out);
-    assert_eq!((sa.dst, sa.dport, sa.syn, sa.ack), (CLIENT, CLIENT_PORT, true, true));
+    assert_eq!(
+        (sa.dst, sa.dport, sa.syn, sa.ack),
+        (CLIENT, CLIENT_PORT, true, true)
+    );
 }
 
 #[test]
@@ -414,18 +605,32 @@ fn a_handshake_the_client_never_completes_is_not_kept_alive_by_the_backends_retr
     let (v, out) = try_syn(&lab, CLIENT_PORT, 1000, Some(5000));
     assert_eq!(v, XDP_TX);
     let port = out.unwrap().sport;
-    let synack = with_ts(backend(port, flags(true, true, false, false), 9000, 1001), 70_000, 5000);
+    let synack = with_ts(
+        backend(port, flags(true, true, false, false), 9000, 1001),
+        70_000,
+        5000,
+    );
     assert_eq!(lab.run(lab.v0, &synack.bytes()).0, XDP_TX);
     let (_, first) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
     assert_eq!(first.state, state::EMBRYONIC);
     // Past the once-a-second refresh of a flow's clock.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    assert_eq!(lab.run(lab.v0, &synack.bytes()).0, XDP_TX, "the retry still reaches the client");
+    assert_eq!(
+        lab.run(lab.v0, &synack.bytes()).0,
+        XDP_TX,
+        "the retry still reaches the client"
+    );
     let (_, after) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
-    assert_eq!(after.last_seen, first.last_seen, "the backend's retry kept the flow alive");
+    assert_eq!(
+        after.last_seen, first.last_seen,
+        "the backend's retry kept the flow alive"
+    );
     // The client's own segment does.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    lab.run(lab.v0, &with_ts(client(CLIENT_PORT, ACK, 1001, 9001), 5001, 70_000).bytes());
+    lab.run(
+        lab.v0,
+        &with_ts(client(CLIENT_PORT, ACK, 1001, 9001), 5001, 70_000).bytes(),
+    );
     let (_, answered) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
     assert_eq!(answered.state, state::ESTABLISHED);
 }
@@ -438,15 +643,28 @@ fn a_syn_of_a_flow_that_must_move_or_expired_begins_a_handshake() {
     let mut lab = lab_with((61000, 61100), CookieMode::Always, 4096);
     let syn = Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000);
     let sa = seen(&lab.run(lab.v0, &syn.bytes()).1);
-    let ack = with_ts(client(CLIENT_PORT, ACK, 1001, sa.seq.wrapping_add(1)), 5001, sa.ts.unwrap().0);
+    let ack = with_ts(
+        client(CLIENT_PORT, ACK, 1001, sa.seq.wrapping_add(1)),
+        5001,
+        sa.ts.unwrap().0,
+    );
     assert_eq!(seen(&lab.run(lab.v0, &ack.bytes()).1).dst, BACKEND);
     lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.12:8080"]);
     let syn2 = Seg::linux_syn(client(CLIENT_PORT, SYN, 50_000, 0).frame, 50_000, 6000);
     let (v, out) = lab.run(lab.v0, &syn2.bytes());
     assert_eq!(v, XDP_TX);
-    assert_eq!((seen(&out).dst, seen(&out).syn, seen(&out).seq), (Ipv4Addr::new(10, 70, 0, 12), true, 50_000));
-    let moved = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).expect("tracked at once");
-    assert_ne!(moved.flags & CONN_HANDSHAKE, 0, "the re-balanced SYN's flow is no handshake: {moved:?}");
+    assert_eq!(
+        (seen(&out).dst, seen(&out).syn, seen(&out).seq),
+        (Ipv4Addr::new(10, 70, 0, 12), true, 50_000)
+    );
+    let moved = lab
+        .conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP)
+        .expect("tracked at once");
+    assert_ne!(
+        moved.flags & CONN_HANDSHAKE,
+        0,
+        "the re-balanced SYN's flow is no handshake: {moved:?}"
+    );
     assert_eq!(moved.isn, 50_000);
 
     // In cookie mode, a SYN retried after its flow's 10 s (Linux retries at 1, 3, 7, 15,
@@ -456,12 +674,169 @@ fn a_syn_of_a_flow_that_must_move_or_expired_begins_a_handshake() {
     let (v, out) = lab.run(lab.v0, &syn.bytes());
     assert_eq!(v, XDP_TX);
     let sa = seen(&out);
-    let ack = with_ts(client(CLIENT_PORT, ACK, 1001, sa.seq.wrapping_add(1)), 5001, sa.ts.unwrap().0);
+    let ack = with_ts(
+        client(CLIENT_PORT, ACK, 1001, sa.seq.wrapping_add(1)),
+        5001,
+        sa.ts.unwrap().0,
+    );
     let (v, out) = lab.run(lab.v0, &ack.bytes());
-    assert_eq!((v, seen(&out).dst), (XDP_TX, BACKEND), "the cookie's answer opens the backend side");
+    assert_eq!(
+        (v, seen(&out).dst),
+        (XDP_TX, BACKEND),
+        "the cookie's answer opens the backend side"
+    );
     std::thread::sleep(std::time::Duration::from_millis(10_500));
     let (v, out) = lab.run(lab.v0, &syn.bytes());
     assert_eq!(v, XDP_TX);
     let again = seen(&out);
-    assert_eq!((again.dst, again.syn, again.ack), (CLIENT, true, true), "not lb's cookie SYN-ACK: {again:?}");
+    assert_eq!(
+        (again.dst, again.syn, again.ack),
+        (CLIENT, true, true),
+        "not lb's cookie SYN-ACK: {again:?}"
+    );
+}
+
+/// Client ports whose flows to VIP:80 share one home slot in the flow table (found with
+/// the table's own key and size, read from `config`), and that slot.
+fn colliding_ports(lab: &PacketLab, n: usize) -> (u32, Vec<u16>) {
+    let cfg = lab.config();
+    let home = |p: u16| {
+        let flow = lb_common::flow::FlowKey::new(CLIENT.octets(), p, VIP.octets(), 80, IPPROTO_TCP);
+        lb_common::flowtab::home_slot(cfg.table_key, &flow, cfg.flow_slots)
+    };
+    let slot = home(CLIENT_PORT);
+    let ports: Vec<u16> = (1024..=65535u16)
+        .filter(|&p| home(p) == slot)
+        .take(n)
+        .collect();
+    assert_eq!(ports.len(), n, "not enough ports share slot {slot}");
+    (slot, ports)
+}
+
+/// The client's data segment on an open connection from `sport`: where lb sent it.
+fn data_from(lab: &PacketLab, sport: u16, isn: u32) -> (u32, Option<Seen>) {
+    let mut s = client(sport, ACK, isn + 1, 9001);
+    s.frame.payload = b"ping".to_vec();
+    let (v, out) = lab.run(lab.v0, &s.bytes());
+    (v, (v == XDP_TX).then(|| seen(&out)))
+}
+
+/// The flow table is lb's own (one cache line a flow): flows whose hashes name the same
+/// slot take the slots after it, each is found there, a removed one leaves a slot that
+/// lookups pass over and new flows reuse, and the sweep empties dead slots that end a run.
+#[test]
+fn flows_that_share_a_slot_are_each_found_past_removed_ones() {
+    use lb_common::flowtab::slot;
+    // A small table (512 slots), so that enough client ports share a home slot.
+    let lab = lab_with((10_000, 65_535), CookieMode::Never, 256);
+    let (home, ports) = colliding_ports(&lab, 6);
+    let mask = lab.config().flow_slots - 1;
+    // Established, half-open, established, half-open, half-open: SYN and SYN-ACK only
+    // for the half-open ones (their flow is tracked from the SYN-ACK, for 10 s).
+    let half_open = [false, true, false, true, true];
+    let mut snat = Vec::new();
+    for (i, (&p, &half)) in ports.iter().zip(&half_open).enumerate() {
+        let isn = 1000 * (i as u32 + 1);
+        if half {
+            let (v, out) = lab.run(
+                lab.v0,
+                &Seg::linux_syn(client(p, SYN, isn, 0).frame, isn, 5000).bytes(),
+            );
+            assert_eq!(v, XDP_TX);
+            let port = seen(&out).sport;
+            let (v, _) = lab.run(
+                lab.v0,
+                &with_ts(
+                    backend(port, flags(true, true, false, false), 9000, isn + 1),
+                    70_000,
+                    5000,
+                )
+                .bytes(),
+            );
+            assert_eq!(v, XDP_TX);
+            snat.push(port);
+        } else {
+            snat.push(open(&lab, p, isn, 5000));
+        }
+    }
+    let table = lab.all_flow_slots();
+    for (i, &p) in ports[..5].iter().enumerate() {
+        let s = &table[((home + i as u32) & mask) as usize];
+        assert_eq!(
+            (s.state, s.src_port, s.conn.snat_port),
+            (slot::LIVE, p, snat[i]),
+            "slot home+{i}"
+        );
+    }
+    // The half-open ones expire (10 s), and the sweep removes them.
+    std::thread::sleep(std::time::Duration::from_millis(10_500));
+    lab.dataplane.sweep().unwrap();
+    let table = lab.all_flow_slots();
+    let state = |i: u32| table[((home + i) & mask) as usize].state;
+    assert_eq!(
+        (0..6).map(state).collect::<Vec<_>>(),
+        [
+            slot::LIVE,
+            slot::DEAD,
+            slot::LIVE,
+            slot::EMPTY,
+            slot::EMPTY,
+            slot::EMPTY
+        ],
+        "a removed flow in a run stays dead; those that end it become empty"
+    );
+    // Past the dead slot, the established flow after it is found and keeps its port.
+    for i in [0, 2] {
+        let (v, out) = data_from(&lab, ports[i], 1000 * (i as u32 + 1));
+        assert_eq!(v, XDP_TX, "flow {i}");
+        assert_eq!(out.unwrap().sport, snat[i], "flow {i} kept its port");
+    }
+    // A new flow on the same home takes the dead slot.
+    open(&lab, ports[5], 7000, 5000);
+    let s = &lab.all_flow_slots()[((home + 1) & mask) as usize];
+    assert_eq!((s.state, s.src_port), (slot::LIVE, ports[5]));
+    assert_eq!(lab.conn_count(), 3);
+}
+
+/// A run of 64 slots from a flow's home is as far as lb looks: a flow that finds none of
+/// them free is refused and counted (`flow_table_full`), and the 64 flows there keep
+/// their slots and their traffic.
+#[test]
+fn a_full_run_of_slots_refuses_a_new_flow_and_keeps_every_live_one() {
+    let lab = lab_with((10_000, 65_535), CookieMode::Never, 256);
+    let n = lb_common::flowtab::FLOW_PROBES as usize;
+    let (_, ports) = colliding_ports(&lab, n + 1);
+    let snat: Vec<u16> = ports[..n]
+        .iter()
+        .map(|&p| open(&lab, p, 1000, 5000))
+        .collect();
+    assert_eq!(lab.conn_count(), n);
+    let full_before = lab.drops(DropReason::FlowTableFull);
+    // The one too many: its SYN goes out, but its flow cannot be tracked, so the client's
+    // next segment is an unknown flow's.
+    let last = ports[n];
+    let (v, out) = lab.run(
+        lab.v0,
+        &Seg::linux_syn(client(last, SYN, 1000, 0).frame, 1000, 5000).bytes(),
+    );
+    assert_eq!(v, XDP_TX);
+    let port = seen(&out).sport;
+    let (v, _) = lab.run(
+        lab.v0,
+        &with_ts(
+            backend(port, flags(true, true, false, false), 9000, 1001),
+            70_000,
+            5000,
+        )
+        .bytes(),
+    );
+    assert_eq!(v, XDP_TX);
+    assert_eq!(lab.drops(DropReason::FlowTableFull), full_before + 1);
+    assert_eq!(data_from(&lab, last, 1000).0, XDP_DROP);
+    assert_eq!(lab.conn_count(), n, "no live flow was pushed out");
+    for (i, &p) in ports[..n].iter().enumerate() {
+        let (v, out) = data_from(&lab, p, 1000);
+        assert_eq!(v, XDP_TX, "flow {i}");
+        assert_eq!(out.unwrap().sport, snat[i], "flow {i} kept its port");
+    }
 }

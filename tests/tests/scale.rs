@@ -79,7 +79,9 @@ fn ten_thousand_services_of_ten_backends_fit_in_a_few_hundred_mib() {
         .filter(|(n, _)| matches!(*n, "service_stats" | "backend_stats"))
         .map(|(_, b)| b)
         .sum();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u64;
     let on_two_cpus = total - per_cpu + per_cpu * 2 / cpus;
     assert!(
         mib(on_two_cpus) < 262.0,

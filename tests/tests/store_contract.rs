@@ -235,11 +235,21 @@ async fn contract(store: &dyn Store, history: History, corrupt: impl Fn(&str)) {
     // several nodes propose at once; it is no service.
     let before = store.list().await.unwrap();
     assert_eq!(store.secret(b"first").await.unwrap(), b"first");
-    assert_eq!(store.secret(b"second").await.unwrap(), b"first", "a later proposal won");
+    assert_eq!(
+        store.secret(b"second").await.unwrap(),
+        b"first",
+        "a later proposal won"
+    );
     let (a, b) = tokio::join!(store.secret(b"third"), store.secret(b"fourth"));
-    assert_eq!((a.unwrap(), b.unwrap()), (b"first".to_vec(), b"first".to_vec()));
+    assert_eq!(
+        (a.unwrap(), b.unwrap()),
+        (b"first".to_vec(), b"first".to_vec())
+    );
     let after = store.list().await.unwrap();
-    assert_eq!(after.entries, before.entries, "the secret shows among the services");
+    assert_eq!(
+        after.entries, before.entries,
+        "the secret shows among the services"
+    );
 }
 
 #[tokio::test]

@@ -12,7 +12,11 @@ pub fn find() -> Vec<String> {
     let mut found = Vec::new();
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(name) = line.split_whitespace().next().filter(|n| n.starts_with(PREFIX)) {
+            if let Some(name) = line
+                .split_whitespace()
+                .next()
+                .filter(|n| n.starts_with(PREFIX))
+            {
                 found.push(format!("namespace {name}"));
             }
         }
@@ -49,7 +53,10 @@ pub fn check() -> anyhow::Result<()> {
         eprintln!("left behind by the tests: {what}");
     }
     remove(&found);
-    anyhow::bail!("the tests left {} namespaces or pin directories behind (removed now)", found.len())
+    anyhow::bail!(
+        "the tests left {} namespaces or pin directories behind (removed now)",
+        found.len()
+    )
 }
 
 #[cfg(test)]
@@ -60,13 +67,29 @@ mod tests {
     #[test]
     fn finds_and_removes_a_namespace_and_a_pin_directory() {
         let name = format!("{PREFIX}xtask-probe-{}", std::process::id());
-        assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap()
+                .success()
+        );
         let pins = Path::new(BPFFS).join(&name);
         std::fs::create_dir(&pins).unwrap();
         let found: Vec<String> = find().into_iter().filter(|f| f.contains(&name)).collect();
-        assert_eq!(found, [format!("namespace {name}"), format!("pins {}", pins.display())]);
+        assert_eq!(
+            found,
+            [
+                format!("namespace {name}"),
+                format!("pins {}", pins.display())
+            ]
+        );
         remove(&found);
-        assert!(!find().iter().any(|f| f.contains(&name)), "still there: {:?}", find());
+        assert!(
+            !find().iter().any(|f| f.contains(&name)),
+            "still there: {:?}",
+            find()
+        );
         assert!(!pins.exists());
     }
 }

@@ -13,7 +13,10 @@ use crate::run;
 /// Debian packages, each with what uses it.
 const PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "bpf-linker is built against LLVM 22"),
-    ("libpolly-22-dev", "LLVM 22's link dependencies for bpf-linker"),
+    (
+        "libpolly-22-dev",
+        "LLVM 22's link dependencies for bpf-linker",
+    ),
     ("clang-22", "LLVM 22's toolchain for bpf-linker"),
     ("bpftool", "the tests and README inspect the pinned maps"),
     ("iproute2", "ip: namespaces, veth, routes, neighbours"),
@@ -29,7 +32,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "the benchmarks' peer (HTTP mode and tcp mode)"),
     ("nginx", "the benchmarks' backends"),
     ("wrk", "the benchmarks' load"),
-    ("nftables", "the L4 benchmark's peer: nftables DNAT with masquerade"),
+    (
+        "nftables",
+        "the L4 benchmark's peer: nftables DNAT with masquerade",
+    ),
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 
@@ -185,7 +191,11 @@ fn protoc_finds_well_known_types() -> bool {
         )?;
         let out = Command::new("protoc")
             .current_dir(&dir)
-            .args(["--proto_path=.", "--descriptor_set_out=check.pb", "check.proto"])
+            .args([
+                "--proto_path=.",
+                "--descriptor_set_out=check.pb",
+                "check.proto",
+            ])
             .output()?;
         Ok(out.status.success())
     })()
@@ -223,7 +233,11 @@ fn check() -> Vec<String> {
         ("haproxy", &["-v"][..], "haproxy"),
         ("nginx", &["-v"][..], "nginx"),
         ("nft", &["--version"][..], "nft (nftables)"),
-        ("cc", &["--version"][..], "a C compiler (cc) for crates that build C"),
+        (
+            "cc",
+            &["--version"][..],
+            "a C compiler (cc) for crates that build C",
+        ),
     ] {
         expect(runs(cmd, args), &format!("{what}: `{cmd}` does not run"));
     }

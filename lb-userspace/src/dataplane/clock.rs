@@ -52,7 +52,11 @@ fn nearest_rate(rate: f64) -> u32 {
     RATES
         .iter()
         .copied()
-        .min_by(|a, b| (*a as f64 - rate).abs().total_cmp(&(*b as f64 - rate).abs()))
+        .min_by(|a, b| {
+            (*a as f64 - rate)
+                .abs()
+                .total_cmp(&(*b as f64 - rate).abs())
+        })
         .unwrap_or(250)
 }
 
@@ -77,7 +81,10 @@ mod tests {
             Some(configured) => assert_eq!(hz, configured),
             None => {
                 let rate = super::measured_rate(Duration::from_secs(1)).expect("/proc/timer_list");
-                assert!((rate - hz as f64).abs() < hz as f64 * 0.05, "{hz} Hz, counted {rate:.1}");
+                assert!(
+                    (rate - hz as f64).abs() < hz as f64 * 0.05,
+                    "{hz} Hz, counted {rate:.1}"
+                );
             }
         }
     }

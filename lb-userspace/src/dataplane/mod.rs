@@ -37,9 +37,9 @@ use lb_common::{
 };
 
 pub use apply::Installed;
-pub use sweep::{FloodView, PortUse};
 use ids::IdAllocator;
 use slots::SlotAllocator;
+pub use sweep::{FloodView, PortUse};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
@@ -122,7 +122,10 @@ pub struct Limits {
 pub enum CookieMode {
     /// Above `rate` new SYNs a second, or while a backend's ports are `occupancy` per mille
     /// full (0: never for that reason).
-    Auto { rate: u32, occupancy: u32 },
+    Auto {
+        rate: u32,
+        occupancy: u32,
+    },
     Always,
     Never,
 }
@@ -447,7 +450,11 @@ impl Dataplane {
         // The table's key lives as long as the table: kept from the config pinned with it.
         let table_key = match self.config.get(&0, 0) {
             Ok(c) if c.table_key != SipKey::default() => c.table_key,
-            _ => crate::secret::GroupKeys::random().map_err(DataplaneError::Random)?.flow,
+            _ => {
+                crate::secret::GroupKeys::random()
+                    .map_err(DataplaneError::Random)?
+                    .flow
+            }
         };
         self.config.set(
             0,
@@ -519,7 +526,11 @@ impl Dataplane {
             .filter(|k| wanted(k))
             .collect();
         for ifindex in ifindexes {
-            let list = self.snat_addrs.get(&ifindex).map(Vec::as_slice).unwrap_or_default();
+            let list = self
+                .snat_addrs
+                .get(&ifindex)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let mut value = IfaceAddrs::default();
             for (slot, addr) in value.addrs.iter_mut().zip(list.iter().take(MAX_SNAT_ADDRS)) {
                 *slot = *addr;

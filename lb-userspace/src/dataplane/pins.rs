@@ -48,7 +48,10 @@ pub fn max_entries(limits: &Limits) -> [(&'static str, u32); 10] {
         // One bitmap per (backend, SNAT address) in use; memory only for those.
         ("port_tables", limits.max_backends.saturating_mul(2)),
         ("maglev", limits.maglev_slots),
-        ("conntrack", lb_common::flowtab::flow_slots(limits.conntrack_entries)),
+        (
+            "conntrack",
+            lb_common::flowtab::flow_slots(limits.conntrack_entries),
+        ),
         ("nat_reverse", limits.conntrack_entries),
     ]
 }

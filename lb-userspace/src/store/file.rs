@@ -80,9 +80,7 @@ fn create_once(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(()) => Ok(bytes.to_vec()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            fs::read(path).map_err(io(path))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fs::read(path).map_err(io(path)),
         Err(e) => Err(io(path)(e)),
     }
 }

@@ -112,7 +112,9 @@ fn start(b: Balancer, topo: &Topology) -> anyhow::Result<Running> {
         Balancer::Lb => {
             let store = temp_store();
             let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &store.url()])?;
-            let backends: Vec<String> = (0..BACKENDS).map(|i| topo.backend(i, 80).to_string()).collect();
+            let backends: Vec<String> = (0..BACKENDS)
+                .map(|i| topo.backend(i, 80).to_string())
+                .collect();
             lb.put_service(
                 "web",
                 &json!({"vip": topo.vip(80).to_string(), "protocol": "tcp", "backends": backends}),
@@ -120,14 +122,19 @@ fn start(b: Balancer, topo: &Topology) -> anyhow::Result<Running> {
             Running::Lb(lb, store)
         }
         Balancer::Nftables => {
-            topo.lb.sh(&format!("nft -f - <<'EOF'\n{}EOF", nft_ruleset(topo)))?;
+            topo.lb
+                .sh(&format!("nft -f - <<'EOF'\n{}EOF", nft_ruleset(topo)))?;
             Running::Nftables
         }
         Balancer::Haproxy => {
             let mut d = Daemon::new("lbt-haproxy-l4", "haproxy (Debian package haproxy)")?;
             let conf = d.dir().join("haproxy.cfg");
             std::fs::write(&conf, haproxy_config(topo))?;
-            d.start(&topo.lb, "haproxy", &["-db".as_ref(), "-f".as_ref(), conf.as_os_str()])?;
+            d.start(
+                &topo.lb,
+                "haproxy",
+                &["-db".as_ref(), "-f".as_ref(), conf.as_os_str()],
+            )?;
             d.wait_listening(&topo.lb, topo.vip(80).into(), Duration::from_secs(10))?;
             Running::Haproxy(d)
         }
@@ -205,7 +212,13 @@ fn main() -> anyhow::Result<()> {
     topo.lb.ip(&format!("addr add {}/32 dev lo", topo.vip))?;
     topo.lb.sh("sysctl -qw net.ipv4.ip_forward=1")?;
     let _nginx = (0..BACKENDS)
-        .map(|i| Nginx::start(&topo.backends[i], topo.backend(i, 80).into(), &format!("be{i}")))
+        .map(|i| {
+            Nginx::start(
+                &topo.backends[i],
+                topo.backend(i, 80).into(),
+                &format!("be{i}"),
+            )
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let wrk = Wrk::new(&["/a/"])?;
     println!(
@@ -218,7 +231,8 @@ fn main() -> anyhow::Result<()> {
     let order = [Balancer::Lb, Balancer::Nftables, Balancer::Haproxy];
     // (mode, balancer) -> rates and summed errors.
     let mut rates: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); order.len()]; modes.len()];
-    let mut errors: Vec<Vec<WrkErrors>> = vec![vec![WrkErrors::default(); order.len()]; modes.len()];
+    let mut errors: Vec<Vec<WrkErrors>> =
+        vec![vec![WrkErrors::default(); order.len()]; modes.len()];
     for round in 0..rounds {
         // Alternate the order, so that no balancer always runs first.
         let mut this: Vec<usize> = (0..order.len()).collect();
@@ -249,14 +263,21 @@ fn main() -> anyhow::Result<()> {
                     balancer.name(),
                     r.rps(),
                     r.errors,
-                    if balancer == Balancer::Lb { format!("  lb drops: {dropped}") } else { String::new() }
+                    if balancer == Balancer::Lb {
+                        format!("  lb drops: {dropped}")
+                    } else {
+                        String::new()
+                    }
                 );
             }
             stop(running, &topo)?;
         }
     }
     println!();
-    println!("{:<22} {:<20} {:>12} {:>10}", "mode", "balancer", "median /s", "errors");
+    println!(
+        "{:<22} {:<20} {:>12} {:>10}",
+        "mode", "balancer", "median /s", "errors"
+    );
     let mut missed = 0;
     for (m, (mode, _)) in modes.iter().enumerate() {
         for (b, balancer) in order.iter().enumerate() {
@@ -289,9 +310,15 @@ fn drops_since(before: &Value, after: &Value) -> String {
     let grew: Vec<String> = after
         .iter()
         .filter_map(|(k, v)| {
-            let n = v.as_u64()?.saturating_sub(before.get(k).and_then(Value::as_u64).unwrap_or(0));
+            let n = v
+                .as_u64()?
+                .saturating_sub(before.get(k).and_then(Value::as_u64).unwrap_or(0));
             (n > 0).then(|| format!("{k} {n}"))
         })
         .collect();
-    if grew.is_empty() { "none".into() } else { grew.join(", ") }
+    if grew.is_empty() {
+        "none".into()
+    } else {
+        grew.join(", ")
+    }
 }

@@ -192,13 +192,34 @@ fn main() -> anyhow::Result<()> {
     let (m, net) = measure_once_each(&lab, &idle);
     report("first packet after 1 s idle", m, net, Some(280));
 
+    // The daemon's sweep, once a second, walks every slot of the flow table.
+    let mut sweeps: Vec<u64> = (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            lab.dataplane.sweep().expect("sweep");
+            t.elapsed().as_micros() as u64
+        })
+        .collect();
+    sweeps.sort_unstable();
+    println!(
+        "(the sweep of {} flow-table slots and {} tracked flows: {} µs, median of 5)",
+        lab.config().flow_slots,
+        idle.len(),
+        sweeps[2]
+    );
+
     // SYN cookies: lb's SYN-ACK for a SYN, and the ACK that proves the client.
     lab.dataplane.configure(&Settings {
         cookies: CookieMode::Always,
         ..Settings::with_ports(10_000, 65_535)
     })?;
     let syns: Vec<Vec<u8>> = (0..CALLS as u32)
-        .map(|i| cookie_syn(Ipv4Addr::new(10, 81, (i / 250 % 250) as u8, (i % 250) as u8 + 1), 2000 + (i % 50_000) as u16))
+        .map(|i| {
+            cookie_syn(
+                Ipv4Addr::new(10, 81, (i / 250 % 250) as u8, (i % 250) as u8 + 1),
+                2000 + (i % 50_000) as u16,
+            )
+        })
         .collect();
     let (m, net) = measure_once_each(&lab, &syns);
     report("SYN in cookie mode", m, net, None);
@@ -210,7 +231,11 @@ fn main() -> anyhow::Result<()> {
             let (v, out, _) = run(&lab, &syn);
             assert_eq!(v, XDP_TX, "cookie SYN-ACK");
             let sa = seen(&out);
-            let mut ack = Seg::new(frame(src, VIP, sa.dport, 80, ACK), 1001, sa.seq.wrapping_add(1));
+            let mut ack = Seg::new(
+                frame(src, VIP, sa.dport, 80, ACK),
+                1001,
+                sa.seq.wrapping_add(1),
+            );
             ack.frame.payload.clear();
             ack.ts = sa.ts.map(|(v, _)| (5001, v));
             ack.bytes()
@@ -219,7 +244,10 @@ fn main() -> anyhow::Result<()> {
     let (m, net) = measure_once_each(&lab, &acks);
     report("ACK of a cookie", m, net, None);
     let view = lab.dataplane.flood_view();
-    assert!(view.cookies_valid >= CALLS as u64, "cookies did not check: {view:?}");
+    assert!(
+        view.cookies_valid >= CALLS as u64,
+        "cookies did not check: {view:?}"
+    );
 
     println!("({missed} of {targets} targets missed)");
     println!(
@@ -234,16 +262,36 @@ fn main() -> anyhow::Result<()> {
 /// the client's ACK.
 fn open(lab: &PacketLab, client: Ipv4Addr, sport: u16) {
     let (v, out, _) = lab
-        .run_on(lb::dataplane::PROGRAM, lab.v0, &frame(client, VIP, sport, 80, SYN).bytes())
+        .run_on(
+            lb::dataplane::PROGRAM,
+            lab.v0,
+            &frame(client, VIP, sport, 80, SYN).bytes(),
+        )
         .expect("test run");
     assert_eq!(v, XDP_TX, "SYN");
     let (backend, port) = (
         Ipv4Addr::new(out[30], out[31], out[32], out[33]),
         u16::from_be_bytes([out[34], out[35]]),
     );
-    let syn_ack = frame(backend, LB0, 8080, port, L4::Tcp { syn: true, ack: true, fin: false, rst: false });
+    let syn_ack = frame(
+        backend,
+        LB0,
+        8080,
+        port,
+        L4::Tcp {
+            syn: true,
+            ack: true,
+            fin: false,
+            rst: false,
+        },
+    );
     assert_eq!(lab.run(lab.v0, &syn_ack.bytes()).0, XDP_TX, "SYN-ACK");
-    assert_eq!(lab.run(lab.v0, &frame(client, VIP, sport, 80, ACK).bytes()).0, XDP_TX, "ACK");
+    assert_eq!(
+        lab.run(lab.v0, &frame(client, VIP, sport, 80, ACK).bytes())
+            .0,
+        XDP_TX,
+        "ACK"
+    );
 }
 
 /// `n` tracked flows, from clients the lab can answer; the next packet of each.
@@ -252,7 +300,11 @@ fn idle_flows(lab: &PacketLab, n: u32) -> Vec<Vec<u8>> {
     let clients: Vec<Ipv4Addr> = (20..24u8).map(|i| Ipv4Addr::new(10, 70, 0, i)).collect();
     for c in &clients {
         let m = mac(c.octets()[3]).map(|b| format!("{b:02x}")).join(":");
-        lab.ns.ip(&format!("neigh replace {c} lladdr {m} dev v0 nud permanent")).expect("neighbour");
+        lab.ns
+            .ip(&format!(
+                "neigh replace {c} lladdr {m} dev v0 nud permanent"
+            ))
+            .expect("neighbour");
     }
     let per = n / clients.len() as u32;
     let mut next = Vec::with_capacity(n as usize);
@@ -288,7 +340,9 @@ fn measure_once_each(lab: &PacketLab, packets: &[Vec<u8>]) -> (u64, u64) {
     let mut floor = Vec::with_capacity(packets.len());
     for p in packets.iter().take(CALLS) {
         floor.push(lab.run_pass(p));
-        let (_, _, ns) = lab.run_on(lb::dataplane::PROGRAM, lab.v0, p).expect("test run");
+        let (_, _, ns) = lab
+            .run_on(lb::dataplane::PROGRAM, lab.v0, p)
+            .expect("test run");
         cost.push(ns);
     }
     let (m, f) = (median(cost), median(floor));
