@@ -53,7 +53,10 @@ fn main() -> anyhow::Result<()> {
         maglev_slots: 1 << 20,
         conntrack_entries: 1 << 18,
     };
-    let mut lab = PacketLab::new(&limits, (10_000, 65_535))?;
+    // The SNAT ports lb takes by default on this host (outside its ephemeral ports).
+    let snat = lb::snat::default_range(lb::snat::ephemeral_range().unwrap_or((32768, 60999)))
+        .map_err(anyhow::Error::msg)?;
+    let mut lab = PacketLab::new(&limits, snat)?;
     lab.service(
         "web",
         "10.70.0.100:80",
@@ -75,7 +78,7 @@ fn main() -> anyhow::Result<()> {
     };
 
     let established = frame(CLIENT, VIP, 40_000, 80, ACK).bytes();
-    open(&lab, CLIENT, 40_000);
+    open(&lab, CLIENT, VIP, 40_000);
     let conn = lab.conn(CLIENT, 40_000, VIP, 80, 6).expect("tracked");
     let backend = lab
         .dataplane
@@ -142,7 +145,9 @@ fn main() -> anyhow::Result<()> {
             .enumerate()
             {
                 let (verdict, _, ns) = run(&lab, packet);
-                let _ = verdict;
+                // A dropped packet would be a fast one: every call must do its case's work.
+                let (name, want, _) = cases[k];
+                assert_eq!(verdict, want, "{name}: verdict {verdict}, drops {:?}", lab.dataplane.drops());
                 samples[k].push(ns);
             }
         }
@@ -187,9 +192,9 @@ fn main() -> anyhow::Result<()> {
     }
 
     // The first packet of a flow idle for more than a second, among 100,000.
-    let idle = idle_flows(&lab, 100_000);
+    let idle = idle_flows(&mut lab, 100_000);
     std::thread::sleep(std::time::Duration::from_millis(1_100));
-    let (m, net) = measure_once_each(&lab, &idle);
+    let (m, net) = measure_once_each(&lab, &idle, XDP_TX);
     report("first packet after 1 s idle", m, net, Some(280));
 
     // The daemon's sweep, once a second, walks every slot of the flow table.
@@ -211,7 +216,7 @@ fn main() -> anyhow::Result<()> {
     // SYN cookies: lb's SYN-ACK for a SYN, and the ACK that proves the client.
     lab.dataplane.configure(&Settings {
         cookies: CookieMode::Always,
-        ..Settings::with_ports(10_000, 65_535)
+        ..Settings::with_ports(snat.0, snat.1)
     })?;
     let syns: Vec<Vec<u8>> = (0..CALLS as u32)
         .map(|i| {
@@ -221,7 +226,7 @@ fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
-    let (m, net) = measure_once_each(&lab, &syns);
+    let (m, net) = measure_once_each(&lab, &syns, XDP_TX);
     report("SYN in cookie mode", m, net, None);
     // Each client's ACK to lb's SYN-ACK (made just before: a cookie lasts a minute or two).
     let acks: Vec<Vec<u8>> = (0..CALLS as u32)
@@ -241,7 +246,7 @@ fn main() -> anyhow::Result<()> {
             ack.bytes()
         })
         .collect();
-    let (m, net) = measure_once_each(&lab, &acks);
+    let (m, net) = measure_once_each(&lab, &acks, XDP_TX);
     report("ACK of a cookie", m, net, None);
     let view = lab.dataplane.flood_view();
     assert!(
@@ -260,12 +265,12 @@ fn main() -> anyhow::Result<()> {
 
 /// Opens a connection from `client`:`sport` through lb: its SYN, the backend's SYN-ACK, and
 /// the client's ACK.
-fn open(lab: &PacketLab, client: Ipv4Addr, sport: u16) {
+fn open(lab: &PacketLab, client: Ipv4Addr, vip: Ipv4Addr, sport: u16) {
     let (v, out, _) = lab
         .run_on(
             lb::dataplane::PROGRAM,
             lab.v0,
-            &frame(client, VIP, sport, 80, SYN).bytes(),
+            &frame(client, vip, sport, 80, SYN).bytes(),
         )
         .expect("test run");
     assert_eq!(v, XDP_TX, "SYN");
@@ -287,7 +292,7 @@ fn open(lab: &PacketLab, client: Ipv4Addr, sport: u16) {
     );
     assert_eq!(lab.run(lab.v0, &syn_ack.bytes()).0, XDP_TX, "SYN-ACK");
     assert_eq!(
-        lab.run(lab.v0, &frame(client, VIP, sport, 80, ACK).bytes())
+        lab.run(lab.v0, &frame(client, vip, sport, 80, ACK).bytes())
             .0,
         XDP_TX,
         "ACK"
@@ -295,24 +300,27 @@ fn open(lab: &PacketLab, client: Ipv4Addr, sport: u16) {
 }
 
 /// `n` tracked flows, from clients the lab can answer; the next packet of each.
-fn idle_flows(lab: &PacketLab, n: u32) -> Vec<Vec<u8>> {
-    // Clients next to CLIENT, with neighbour entries, so that the replies route.
-    let clients: Vec<Ipv4Addr> = (20..24u8).map(|i| Ipv4Addr::new(10, 70, 0, i)).collect();
-    for c in &clients {
-        let m = mac(c.octets()[3]).map(|b| format!("{b:02x}")).join(":");
+fn idle_flows(lab: &mut PacketLab, n: u32) -> Vec<Vec<u8>> {
+    // A service of its own, with backends enough for 100,000 flows in the default SNAT
+    // range; clients next to CLIENT. All with neighbour entries, so that packets route.
+    let vip = Ipv4Addr::new(10, 70, 0, 101);
+    let backends: Vec<String> = (21..25u8).map(|i| format!("10.70.0.{i}:8080")).collect();
+    let clients: Vec<Ipv4Addr> = (30..34u8).map(|i| Ipv4Addr::new(10, 70, 0, i)).collect();
+    for host in (21..25u8).chain(30..34) {
+        let m = mac(host).map(|b| format!("{b:02x}")).join(":");
         lab.ns
-            .ip(&format!(
-                "neigh replace {c} lladdr {m} dev v0 nud permanent"
-            ))
+            .ip(&format!("neigh replace 10.70.0.{host} lladdr {m} dev v0 nud permanent"))
             .expect("neighbour");
     }
+    let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
+    lab.service("idle", &format!("{vip}:80"), "tcp", &refs);
     let per = n / clients.len() as u32;
     let mut next = Vec::with_capacity(n as usize);
     for c in &clients {
         for i in 0..per {
             let sport = 2000 + i as u16;
-            open(lab, *c, sport);
-            next.push(frame(*c, VIP, sport, 80, ACK).bytes());
+            open(lab, *c, vip, sport);
+            next.push(frame(*c, vip, sport, 80, ACK).bytes());
         }
     }
     // In an order unrelated to their making.
@@ -334,15 +342,16 @@ fn cookie_syn(src: Ipv4Addr, sport: u16) -> Vec<u8> {
 }
 
 /// Runs each packet once, each beside a floor call: the median, and the median net of the
-/// floor.
-fn measure_once_each(lab: &PacketLab, packets: &[Vec<u8>]) -> (u64, u64) {
+/// floor. Every call must answer `want`.
+fn measure_once_each(lab: &PacketLab, packets: &[Vec<u8>], want: u32) -> (u64, u64) {
     let mut cost = Vec::with_capacity(packets.len());
     let mut floor = Vec::with_capacity(packets.len());
     for p in packets.iter().take(CALLS) {
         floor.push(lab.run_pass(p));
-        let (_, _, ns) = lab
+        let (v, _, ns) = lab
             .run_on(lb::dataplane::PROGRAM, lab.v0, p)
             .expect("test run");
+        assert_eq!(v, want, "verdict {v}, drops {:?}", lab.dataplane.drops());
         cost.push(ns);
     }
     let (m, f) = (median(cost), median(floor));
