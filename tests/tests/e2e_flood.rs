@@ -209,9 +209,11 @@ fn a_spoofed_syn_flood_holds_nothing_and_real_clients_get_through() {
     assert!(flood["cookies_sent"].as_u64().unwrap() > 1000, "{stats}");
     assert_eq!(stats["drops"]["snat_exhausted"], 0, "{stats}");
 
-    // Once the flood is over: cookie mode turns off, and the maps empty (pending entries
-    // after 10 s, closed connections after their hold), swept by the daemon.
-    let deadline = Instant::now() + Duration::from_secs(40);
+    // Once the flood is over: cookie mode turns off, and the maps empty, swept by the
+    // daemon: pending entries after 10 s, closed connections after their hold, and a
+    // connection left half closed (a client that gave up) after the closing timeout.
+    let hold = lb_common::flow::CLOSING_TIMEOUT_S as u64 + 10;
+    let deadline = Instant::now() + Duration::from_secs(hold);
     loop {
         let tracked_flows = lb_tests::flowtab::live_flows(&lb.bpffs.join("conntrack")).unwrap();
         let (reverse, tracked) = (entries(&lb, "nat_reverse"), tracked_flows.len());
@@ -223,7 +225,7 @@ fn a_spoofed_syn_flood_holds_nothing_and_real_clients_get_through() {
         }
         assert!(
             Instant::now() < deadline,
-            "40 s after the flood: {reverse} reverse entries, {tracked} tracked flows, cookies {cookies}:\n{}\n{:?}",
+            "{hold} s after the flood: {reverse} reverse entries, {tracked} tracked flows, cookies {cookies}:\n{}\n{:?}",
             dump(&lb, "nat_reverse"),
             tracked_flows
         );
