@@ -93,19 +93,19 @@ impl EtcdCluster {
             });
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = command("etcdctl")
+        let endpoints = cluster.endpoints().join(",");
+        let etcdctl = |args: &[&str]| {
+            command("etcdctl")
                 .env("ETCDCTL_API", "3")
-                .args([
-                    "--endpoints",
-                    &cluster.endpoints().join(","),
-                    "put",
-                    "lbt-probe",
-                    "1",
-                ])
+                .args(["--endpoints", &endpoints])
+                .args(args)
                 .output()
-                .is_ok_and(|o| o.status.success());
-            if ok {
+                .is_ok_and(|o| o.status.success())
+        };
+        loop {
+            // Up means every member: a write needs only a quorum (two of three), and a
+            // test that kills a member expects the others to carry on.
+            if etcdctl(&["put", "lbt-probe", "1"]) && etcdctl(&["endpoint", "health"]) {
                 return Ok(cluster);
             }
             if Instant::now() > deadline {

@@ -317,6 +317,11 @@ async fn etcd_store_keeps_the_contract() {
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_store_carries_on_when_a_member_dies() {
     let mut cluster = EtcdCluster::start(3).unwrap();
+    // Started means every member is up, each answering on its own (a write alone passes
+    // with two of three, and then the kill below would leave no quorum).
+    for member in cluster.endpoints() {
+        etcdctl(&[member], &["endpoint", "health"]);
+    }
     let endpoints: Vec<String> = cluster
         .endpoints()
         .iter()
