@@ -17,6 +17,46 @@ pub fn lb_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"))
 }
 
+/// Runs `cmd` to its end, as `Command::output` does, but for at most `limit`: a command
+/// that should exit at once (an `lb run` that must refuse to start) and does not is killed
+/// and reported, rather than hanging the suite.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> anyhow::Result<std::process::Output> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    // Read both pipes while waiting, so that a chatty command cannot block on a full one.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
 pub struct LbProcess {
     child: Option<Child>,
     ns_path: String,
@@ -317,5 +357,31 @@ impl Drop for LbProcess {
             lb_down(&self.ns_path, &self.bpffs);
         }
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_within_returns_what_a_quick_command_printed_and_stops_a_slow_one() {
+        let out = output_within(
+            Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(
+            (out.status.code(), &out.stdout[..], &out.stderr[..]),
+            (Some(3), &b"out\n"[..], &b"err\n"[..])
+        );
+        let started = Instant::now();
+        let err =
+            output_within(Command::new("sleep").arg("30"), Duration::from_millis(300)).unwrap_err();
+        assert!(err.to_string().contains("did not exit within"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the slow command was not stopped"
+        );
     }
 }

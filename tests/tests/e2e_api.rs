@@ -1,10 +1,10 @@
 //! The daemon's API and command line as a user meets them: bad input is a 400 naming the
 //! field and changes nothing; start-up errors are one line and a non-zero exit; SIGTERM
 //! leaves the data plane forwarding and `lb down` removes it.
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use lb_tests::{
-    lbproc::{LbProcess, lb_bin},
+    lbproc::{LbProcess, lb_bin, output_within},
     netns::Netns,
     servers::http_get_once,
     topology::Topology,
@@ -124,14 +124,13 @@ fn bad_input_is_a_400_naming_the_field_and_changes_nothing() {
 fn start_up_errors_are_one_line_and_a_non_zero_exit() {
     let ns = Netns::new(&unique("lbt-x")).unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path()))
             .arg(lb_bin())
             .arg("run")
             .args(args)
-            .env("RUST_LOG", "off")
-            .output()
-            .unwrap();
+            .env("RUST_LOG", "off");
+        let out = output_within(&mut cmd, Duration::from_secs(20)).unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -194,13 +193,15 @@ fn sigterm_leaves_forwarding_running_and_lb_down_removes_it() {
         assert_eq!(ask().unwrap(), "be0", "connection {i} after lb stopped");
     }
 
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", topo.lb.path()))
-        .arg(lb_bin())
-        .args(["down", "--bpffs"])
-        .arg(&pins)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new("nsenter")
+            .arg(format!("--net={}", topo.lb.path()))
+            .arg(lb_bin())
+            .args(["down", "--bpffs"])
+            .arg(&pins),
+        Duration::from_secs(20),
+    )
+    .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(!pins.exists(), "pins left behind");
     assert!(!topo.lb.ip("link show eth0").unwrap().contains("xdp"));
@@ -216,14 +217,16 @@ fn a_second_lb_on_the_same_pins_is_refused_and_harms_nothing() {
     let topo = Topology::two_armed(1).unwrap();
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
     let other = Netns::new(&unique("lbt-x")).unwrap();
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", other.path()))
-        .arg(lb_bin())
-        .args(["run", "--iface", "lo", "--api", "127.0.0.1:9091", "--bpffs"])
-        .arg(&lb.bpffs)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new("nsenter")
+            .arg(format!("--net={}", other.path()))
+            .arg(lb_bin())
+            .args(["run", "--iface", "lo", "--api", "127.0.0.1:9091", "--bpffs"])
+            .arg(&lb.bpffs)
+            .env("RUST_LOG", "off"),
+        Duration::from_secs(20),
+    )
+    .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0));
     assert!(err.contains("in use"), "{err}");

@@ -147,7 +147,12 @@ fn main() -> anyhow::Result<()> {
                 let (verdict, _, ns) = run(&lab, packet);
                 // A dropped packet would be a fast one: every call must do its case's work.
                 let (name, want, _) = cases[k];
-                assert_eq!(verdict, want, "{name}: verdict {verdict}, drops {:?}", lab.dataplane.drops());
+                assert_eq!(
+                    verdict,
+                    want,
+                    "{name}: verdict {verdict}, drops {:?}",
+                    lab.dataplane.drops()
+                );
                 samples[k].push(ns);
             }
         }
@@ -309,7 +314,9 @@ fn idle_flows(lab: &mut PacketLab, n: u32) -> Vec<Vec<u8>> {
     for host in (21..25u8).chain(30..34) {
         let m = mac(host).map(|b| format!("{b:02x}")).join(":");
         lab.ns
-            .ip(&format!("neigh replace 10.70.0.{host} lladdr {m} dev v0 nud permanent"))
+            .ip(&format!(
+                "neigh replace 10.70.0.{host} lladdr {m} dev v0 nud permanent"
+            ))
             .expect("neighbour");
     }
     let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
