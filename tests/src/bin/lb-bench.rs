@@ -196,6 +196,21 @@ fn main() -> anyhow::Result<()> {
         report(name, column(k), net, Some(*target));
     }
 
+    // The same two cases over 10,000 open flows in turn, rather than one hot flow: what
+    // a busy balancer's packets meet (no target: the targets are for the cases above).
+    let (mut forward, mut back) = (Vec::new(), Vec::new());
+    for sport in 20_000..30_000u16 {
+        let (backend, port) = open(&lab, CLIENT, VIP, sport);
+        forward.push(frame(CLIENT, VIP, sport, 80, ACK).bytes());
+        back.push(frame(backend, LB0, 8080, port, ACK).bytes());
+    }
+    shuffle(&mut forward);
+    shuffle(&mut back);
+    let (m, net) = measure_once_each(&lab, &forward, XDP_TX);
+    report("established, 10,000 flows", m, net, None);
+    let (m, net) = measure_once_each(&lab, &back, XDP_TX);
+    report("reply, 10,000 flows", m, net, None);
+
     // The first packet of a flow idle for more than a second, among 100,000.
     let idle = idle_flows(&mut lab, 100_000);
     std::thread::sleep(std::time::Duration::from_millis(1_100));
@@ -270,7 +285,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Opens a connection from `client`:`sport` through lb: its SYN, the backend's SYN-ACK, and
 /// the client's ACK.
-fn open(lab: &PacketLab, client: Ipv4Addr, vip: Ipv4Addr, sport: u16) {
+fn open(lab: &PacketLab, client: Ipv4Addr, vip: Ipv4Addr, sport: u16) -> (Ipv4Addr, u16) {
     let (v, out, _) = lab
         .run_on(
             lb::dataplane::PROGRAM,
@@ -302,6 +317,7 @@ fn open(lab: &PacketLab, client: Ipv4Addr, vip: Ipv4Addr, sport: u16) {
         XDP_TX,
         "ACK"
     );
+    (backend, port)
 }
 
 /// `n` tracked flows, from clients the lab can answer; the next packet of each.
@@ -330,15 +346,20 @@ fn idle_flows(lab: &mut PacketLab, n: u32) -> Vec<Vec<u8>> {
             next.push(frame(*c, vip, sport, 80, ACK).bytes());
         }
     }
-    // In an order unrelated to their making.
+    shuffle(&mut next);
+    next
+}
+
+/// Puts packets in an order unrelated to their making (a fixed xorshift, so every run
+/// measures the same order).
+fn shuffle(packets: &mut [Vec<u8>]) {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for i in (1..next.len()).rev() {
+    for i in (1..packets.len()).rev() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        next.swap(i, (x % (i as u64 + 1)) as usize);
+        packets.swap(i, (x % (i as u64 + 1)) as usize);
     }
-    next
 }
 
 /// A SYN as Linux sends it.
