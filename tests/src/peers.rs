@@ -190,7 +190,8 @@ pub struct Route {
 }
 
 /// An HAProxy (Debian's `haproxy`) in HTTP mode on `listen`, one backend section a route,
-/// with lb's timeouts and checks (TCP connect every 2 s, rise 2, fall 3).
+/// with lb's timeouts (`ProxyConfig::default()`: connect, a backend's answer, idle
+/// keep-alive) and checks (TCP connect every 2 s, rise 2, fall 3).
 pub struct Haproxy {
     daemon: Daemon,
 }
@@ -204,6 +205,12 @@ impl Haproxy {
     /// connection of its own; `always` lets it take an idle one), one thread a CPU, no
     /// logging (nor has lb).
     pub fn config(listen: SocketAddr, routes: &[Route], threads: usize, reuse: &str) -> String {
+        let lb = lb::l7::ProxyConfig::default();
+        let (connect, answer, idle) = (
+            lb.connect_timeout.as_secs(),
+            lb.response_header_timeout.as_secs(),
+            lb.idle_timeout.as_secs(),
+        );
         let mut c = format!(
             "global
     nbthread {threads}
@@ -214,11 +221,11 @@ defaults
     option http-keep-alive
     option forwardfor
     http-reuse {reuse}
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    timeout http-keep-alive 30s
-    timeout http-request 30s
+    timeout connect {connect}s
+    timeout server {answer}s
+    timeout client {idle}s
+    timeout http-keep-alive {idle}s
+    timeout http-request {idle}s
 
 frontend http
     bind {listen}
@@ -322,7 +329,9 @@ mod tests {
             "server a2 127.0.0.1:9002 check inter 2s rise 2 fall 3",
             "server b1 127.0.0.1:9003 check",
             "http-reuse safe",
-            "timeout connect 2s",
+            "timeout connect 3s",
+            "timeout server 60s",
+            "timeout http-keep-alive 60s",
             "option forwardfor",
             "set-header X-Forwarded-Proto http",
         ] {
