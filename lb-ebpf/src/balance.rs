@@ -74,7 +74,7 @@ fn target(
     let t = &mut maps::scratch_space().ok_or(DropReason::MapUpdate)?.target;
     t.id = id;
     t.backend = backend;
-    forward::copy_hop(&mut t.hop, hop);
+    maps::copy_value(&mut t.hop, hop);
     Ok(t)
 }
 

@@ -172,7 +172,7 @@ pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<
     };
     s.src_addr = flow.src_addr;
     s.dst_addr = flow.dst_addr;
-    copy_conn(&mut s.conn, conn);
+    maps::copy_value(&mut s.conn, conn);
     // Live: the key and value are written before the state says so.
     set_state(s, slot::BUSY, slot::LIVE);
     // The new entry is whole before the old one goes: a lookup finds one or the other.
@@ -182,22 +182,6 @@ pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<
         }
     }
     Ok(())
-}
-
-/// Copies a flow's values a word at a time: a struct copy goes through the stack (or
-/// becomes a byte loop), and the stack is short.
-#[inline(always)]
-fn copy_conn(dst: &mut Conn, src: &Conn) {
-    const WORDS: usize = core::mem::size_of::<Conn>() / 8;
-    let (d, s) = (
-        core::ptr::from_mut(dst).cast::<u64>(),
-        core::ptr::from_ref(src).cast::<u64>(),
-    );
-    let mut i = 0;
-    while i < WORDS {
-        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
-        i += 1;
-    }
 }
 
 /// Stops tracking `flow`.

@@ -57,22 +57,6 @@ pub fn backend_hop(
     Ok(kept)
 }
 
-/// Copies a next hop from one map value to another a word at a time: a struct copy
-/// would go through the stack (or become a byte loop), and the stack is short.
-#[inline(always)]
-pub fn copy_hop(dst: &mut NextHop, src: &NextHop) {
-    const WORDS: usize = core::mem::size_of::<NextHop>() / 8;
-    let (d, s) = (
-        core::ptr::from_mut(dst).cast::<u64>(),
-        core::ptr::from_ref(src).cast::<u64>(),
-    );
-    let mut i = 0;
-    while i < WORDS {
-        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
-        i += 1;
-    }
-}
-
 /// The route from `src` to `dst` of a packet that came in on the context's interface:
 /// from `fib_cache` while that is fresh, else from the FIB (and then cached).
 #[inline(always)]

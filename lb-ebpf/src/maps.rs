@@ -119,6 +119,25 @@ pub struct Scratch {
     pub empty_table: PortTable,
 }
 
+/// Copies one map value into another a 64-bit word at a time: a struct copy goes through
+/// the stack (or becomes a byte-loop subprogram), and the stack is short. For values whose
+/// size is a whole number of words (every shared type is 8-byte aligned).
+#[inline(always)]
+pub fn copy_value<T>(dst: &mut T, src: &T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    let words = core::mem::size_of::<T>() / 8;
+    let (d, s) = (
+        core::ptr::from_mut(dst).cast::<u64>(),
+        core::ptr::from_ref(src).cast::<u64>(),
+    );
+    let mut i = 0;
+    while i < words {
+        // SAFETY: both point at whole values of `T`, `words` words long.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
 /// This CPU's scratch space.
 #[inline(always)]
 pub fn scratch_space() -> Option<&'static mut Scratch> {
