@@ -19,6 +19,16 @@ fn lab() -> PacketLab {
     PacketLab::new(&limits, SNAT).unwrap()
 }
 
+/// The three backends of service "web" at VIP:80 in [`web_lab`].
+const WEB_BACKENDS: [&str; 3] = ["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"];
+
+/// A lab whose service "web", VIP:80 over TCP, has the three [`WEB_BACKENDS`].
+fn web_lab() -> PacketLab {
+    let mut lab = lab();
+    lab.service("web", "10.70.0.100:80", "tcp", &WEB_BACKENDS);
+    lab
+}
+
 /// A client packet to VIP:80 arriving on v0.
 fn to_vip(l4: L4, payload: &[u8]) -> Frame {
     Frame {
@@ -133,13 +143,7 @@ fn fix_ip_checksum(p: &mut [u8]) {
 
 #[test]
 fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
-    let mut lab = lab();
-    lab.service(
-        "web",
-        "10.70.0.100:80",
-        "tcp",
-        &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
-    );
+    let lab = web_lab();
 
     // New flow: balanced, SNATed from lb's address on v0, sent back out of v0. Its SYN
     // takes a SNAT port (the reverse entry); the flow is tracked once the backend answers.
@@ -508,9 +512,8 @@ fn malformed_headers_are_dropped_and_counted() {
 
 #[test]
 fn a_flow_keeps_its_backend_until_that_backend_is_removed() {
-    let mut lab = lab();
-    let all = ["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"];
-    lab.service("web", "10.70.0.100:80", "tcp", &all);
+    let mut lab = web_lab();
+    let all = WEB_BACKENDS;
     let dst_of = |out: &[u8]| Ipv4Addr::new(out[30], out[31], out[32], out[33]);
     let (backend, _) = open(&mut lab, CLIENT_PORT);
     let first = lab.conn(CLIENT, CLIENT_PORT, VIP, 80, IPPROTO_TCP).unwrap();
@@ -553,13 +556,7 @@ fn a_service_without_a_routable_backend_drops_and_counts() {
 
 #[test]
 fn a_retried_syn_finds_its_port_and_the_backends_answer_tracks_the_flow() {
-    let mut lab = lab();
-    lab.service(
-        "web",
-        "10.70.0.100:80",
-        "tcp",
-        &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
-    );
+    let lab = web_lab();
     // A retried SYN finds the SNAT port and backend its first try took, with no
     // conntrack entry: a SYN that is never answered holds only its embryonic port.
     let syn = to_vip(SYN, b"");
@@ -687,13 +684,7 @@ fn a_new_connection_on_a_reused_port_is_balanced_afresh() {
 
 #[test]
 fn a_backend_down_and_up_again_leaves_the_table_in_the_map_as_it_was() {
-    let mut lab = lab();
-    lab.service(
-        "web",
-        "10.70.0.100:80",
-        "tcp",
-        &["10.70.0.11:8080", "10.70.0.12:8080", "10.70.0.13:8080"],
-    );
+    let mut lab = web_lab();
     let before = lab.dataplane.table_in_map("web").unwrap();
     let fallen: std::net::SocketAddrV4 = "10.70.0.12:8080".parse().unwrap();
     let fallen_id = {
