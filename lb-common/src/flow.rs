@@ -107,6 +107,15 @@ impl Conn {
         let open = self.flags & CONN_CLOSING == 0;
         (retry || open) && !self.expired(proto, now, cfg)
     }
+
+    /// Whether the connection is over: reset, or closed both ways. Its client may open a
+    /// new one on the same 5-tuple at once.
+    #[inline(always)]
+    pub fn closed(&self) -> bool {
+        self.flags & CONN_RESET != 0
+            || self.flags & (CONN_CLIENT_FIN | CONN_BACKEND_FIN)
+                == CONN_CLIENT_FIN | CONN_BACKEND_FIN
+    }
 }
 
 /// The TCP options of a SYN that matter to a connection lb opens on a client's behalf.

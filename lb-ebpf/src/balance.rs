@@ -327,21 +327,30 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
         now,
         rev,
     };
-    let (addr, port) =
-        match ports::first(&want, &t.hop, cfg).map_err(|_| DropReason::SnatExhausted)? {
-            First::Claimed(addr, port) => (addr, port),
-            First::Own(_, addr, port) => {
+    let first = ports::first(&want, &t.hop, cfg).map_err(|_| DropReason::SnatExhausted)?;
+    let (addr, port) = match first {
+        First::Claimed(addr, port) => (addr, port),
+        // An earlier connection of this 5-tuple held the port: taken over only if the
+        // backend would take lb's SYN on it (its TIME_WAIT judges the client's ISN and
+        // timestamp, which that SYN carries).
+        First::Own(e, addr, port) => match own(e, f, &want, cfg) {
+            Own::Reopen => {
                 let key = FlowKey::new(t.backend.addr, t.backend.port, addr, port, pkt.proto);
                 maps::nat_reverse
                     .insert(&key, rev, BPF_ANY as u64)
                     .map_err(|_| DropReason::FlowTableFull)?;
                 (addr, port)
             }
-            First::Taken => {
+            _ => {
                 ports::prepare_scan(&want, &t.hop, SCAN_COOKIE, ttl as u32);
                 return Ok(next::SCAN);
             }
-        };
+        },
+        First::Taken => {
+            ports::prepare_scan(&want, &t.hop, SCAN_COOKIE, ttl as u32);
+            return Ok(next::SCAN);
+        }
+    };
     let conn = &mut scratch.conn;
     conn.snat_addr = addr;
     conn.snat_port = port;

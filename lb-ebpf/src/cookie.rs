@@ -125,14 +125,16 @@ pub struct Answer {
     pub ts_echo: u32,
 }
 
-/// Checks the cookie in a plain ACK of no tracked flow; the client's SYN options if it is
-/// good. Counted either way.
+/// Checks the cookie in a plain ACK of no tracked flow, or of one that is over; the
+/// client's SYN options if it is good. Counted when good, and when bad if `count_invalid`
+/// (the ACK of a flow that is over is most likely that flow's own).
 #[inline(always)]
 pub fn check_ack(
     ctx: &XdpContext,
     pkt: &Packet,
     flow: &FlowKey,
     now: u64,
+    count_invalid: bool,
     cfg: &Config,
 ) -> Option<Answer> {
     let cookie = pkt.ack_seq().wrapping_sub(1);
@@ -147,7 +149,9 @@ pub fn check_ack(
         }
     }
     let Some((isn, mss)) = found else {
-        stats::count_cookie(CookieStat::Invalid);
+        if count_invalid {
+            stats::count_cookie(CookieStat::Invalid);
+        }
         return None;
     };
     stats::count_cookie(CookieStat::Valid);

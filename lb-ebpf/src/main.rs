@@ -328,8 +328,45 @@ fn try_unknown_tcp(
     if !pkt.plain_ack() {
         return Err(DropReason::UnknownFlow);
     }
-    let answer =
-        cookie::check_ack(ctx, pkt, flow, track::now(), cfg).ok_or(DropReason::UnknownFlow)?;
+    if answers_cookie(ctx, pkt, flow, svc, true, cfg)? {
+        Ok(next::OPEN_COOKIE)
+    } else {
+        Err(DropReason::UnknownFlow)
+    }
+}
+
+/// A plain ACK of a tracked flow that is over (closed, or expired): it may answer the
+/// cookie lb sent a new connection on the same 5-tuple (a client reuses its port as soon
+/// as its side is closed), which then opens the backend side (`next::OPEN_COOKIE`) in
+/// place of the old flow. `next::CONTINUE` when it does not: the old flow's last ACKs.
+#[inline(never)]
+fn cookie_ack(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, cfg: &Config) -> u32 {
+    let key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto);
+    let Some(svc) = (unsafe { maps::services.get(&key) }) else {
+        return next::CONTINUE;
+    };
+    match answers_cookie(ctx, pkt, flow, svc, false, cfg) {
+        Ok(true) => next::OPEN_COOKIE,
+        Ok(false) => next::CONTINUE,
+        Err(reason) => next::drop(reason),
+    }
+}
+
+/// Whether plain ACK `pkt` answers one of lb's cookies; if so, the flow and the answer
+/// are left in the scratch space for `balance::cookie_flow`. A bad cookie is counted when
+/// `count_invalid` says the ACK had nothing else to be.
+#[inline(always)]
+fn answers_cookie(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowKey,
+    svc: &ServiceInfo,
+    count_invalid: bool,
+    cfg: &Config,
+) -> Result<bool, DropReason> {
+    let Some(answer) = cookie::check_ack(ctx, pkt, flow, track::now(), count_invalid, cfg) else {
+        return Ok(false);
+    };
     let syn = SynProbe {
         seq: answer.isn,
         tsval: answer.syn.tsval,
@@ -342,10 +379,15 @@ fn try_unknown_tcp(
     };
     leave_flow(flow, svc, syn, false, cfg)?;
     maps::scratch_space().ok_or(DropReason::MapUpdate)?.answer = answer;
-    Ok(next::OPEN_COOKIE)
+    Ok(true)
 }
 
-/// A tracked flow's packet, with the slow path's turn first where its flow needs it.
+/// What a tracked flow's packet has been through already (`tracked`'s `seen`).
+const SEEN_SLOW: u32 = 1;
+const SEEN_COOKIE: u32 = 2;
+
+/// A tracked flow's packet, with the turns of the cookie check and of the slow path first
+/// where its flow needs them.
 #[inline(always)]
 fn tracked_with_slow(
     ctx: &XdpContext,
@@ -354,7 +396,14 @@ fn tracked_with_slow(
     conn: *mut Conn,
     cfg: &Config,
 ) -> u32 {
-    let v = tracked(ctx, pkt, conn, false, cfg);
+    let mut v = tracked(ctx, pkt, conn, 0, cfg);
+    if v == next::COOKIE_ACK {
+        v = cookie_ack(ctx, pkt, flow, cfg);
+        if v != next::CONTINUE {
+            return v;
+        }
+        v = tracked(ctx, pkt, conn, SEEN_COOKIE, cfg);
+    }
     if v != next::SLOW {
         return v;
     }
@@ -362,15 +411,18 @@ fn tracked_with_slow(
     if v != next::CONTINUE {
         return v;
     }
-    tracked(ctx, pkt, conn, true, cfg)
+    // The cookie check comes before the slow path, so it has had its turn (or had none
+    // to take) by now.
+    tracked(ctx, pkt, conn, SEEN_COOKIE | SEEN_SLOW, cfg)
 }
 
 /// A packet of a tracked flow: it keeps its backend (its `Conn` proves the service, so no
 /// service lookup), unless that backend went away or the flow expired (`next::REBALANCE`).
-/// A flow marked slow goes to [`slow`] first (`next::SLOW`); `slow_seen` says it has.
+/// A plain ACK of a flow that is over goes to `cookie_ack` first (`next::COOKIE_ACK`), and
+/// a flow marked slow to [`slow`] (`next::SLOW`); `seen` (`SEEN_*`) says which have.
 #[inline(never)]
-fn tracked(ctx: &XdpContext, pkt: &Packet, conn: *mut Conn, slow_seen: bool, cfg: &Config) -> u32 {
-    next::verdict(try_tracked(ctx, pkt, conn, slow_seen, cfg))
+fn tracked(ctx: &XdpContext, pkt: &Packet, conn: *mut Conn, seen: u32, cfg: &Config) -> u32 {
+    next::verdict(try_tracked(ctx, pkt, conn, seen, cfg))
 }
 
 #[inline(always)]
@@ -378,7 +430,7 @@ fn try_tracked(
     ctx: &XdpContext,
     pkt: &Packet,
     conn: *mut Conn,
-    slow_seen: bool,
+    seen: u32,
     cfg: &Config,
 ) -> Result<u32, DropReason> {
     if pkt.ttl_expires() {
@@ -386,21 +438,19 @@ fn try_tracked(
     }
     let c = unsafe { &mut *conn };
     let now = track::now();
+    let expired = c.expired(pkt.proto, now, cfg);
+    if (expired || c.closed()) && pkt.is_tcp() && pkt.plain_ack() && seen & SEEN_COOKIE == 0 {
+        return Ok(next::COOKIE_ACK);
+    }
     let backend = match maps::backends.get(c.backend_id) {
         // Backends are retired when their service goes, so an active one means the
         // service is still there.
-        Some(b)
-            if b.is_active()
-                && b.generation == c.backend_generation
-                && !c.expired(pkt.proto, now, cfg) =>
-        {
-            *b
-        }
+        Some(b) if b.is_active() && b.generation == c.backend_generation && !expired => *b,
         // Its backend is gone, or it expired: balance it again, and track it at once.
         _ => return Ok(next::REBALANCE),
     };
     // A FIN or reset of any flow, and every segment of a flow in its handshake or close.
-    if (c.flags & CONN_SLOW != 0 || pkt.closes()) && !slow_seen {
+    if (c.flags & CONN_SLOW != 0 || pkt.closes()) && seen & SEEN_SLOW == 0 {
         return Ok(next::SLOW);
     }
     let hop = forward::backend_hop(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;

@@ -34,6 +34,10 @@ pub const NEW_FLOW: u32 = u32::MAX - 7;
 /// up.
 pub const ROUTE: u32 = u32::MAX - 9;
 
+/// A plain ACK of a tracked flow that is over: `cookie_ack` (in `main`) checks whether it
+/// answers a cookie lb sent a new connection on the same 5-tuple.
+pub const COOKIE_ACK: u32 = u32::MAX - 10;
+
 /// A SYN in cookie mode: `cookie_syn` (in `main`) answers it.
 pub const COOKIE_SYN: u32 = u32::MAX - 8;
 

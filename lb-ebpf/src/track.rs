@@ -13,7 +13,7 @@ use lb_common::{
     flow::{
         CONN_BACKEND_FIN, CONN_BACKEND_OPEN, CONN_CLIENT_FIN, CONN_HANDSHAKE, CONN_RESET,
         CONN_SYNPROXY, Conn, FlowKey, LAST_SEEN_GRANULARITY_S, NatReverse, REV_TIMESTAMPS,
-        SynOptions, state,
+        SynOptions, seq_after, state,
     },
     service::Backend,
 };
@@ -203,25 +203,27 @@ pub fn client_segment(
         r.state = state::ESTABLISHED;
     }
     if first_fin {
-        match r.state {
-            state::EMBRYONIC | state::ESTABLISHED => {
-                r.state = state::FIN_CLIENT;
-                r.last_seen = now;
-            }
-            state::FIN_BACKEND => {
-                // The backend closed first: from the ACK of this FIN on it holds the tuple
-                // in TIME_WAIT, expecting what comes after this FIN.
-                let opts = tcpopt::read(ctx, pkt);
-                r.state = state::TIME_WAIT;
-                r.tw_seq = pkt.seq_end();
-                if opts.has_ts() {
-                    r.flags |= REV_TIMESTAMPS;
-                    r.tw_tsval = opts.tsval;
-                }
-                r.last_seen = now;
-                release(&k, cfg);
-            }
-            _ => {}
+        let closed_first = match r.state {
+            state::EMBRYONIC | state::ESTABLISHED => true,
+            state::FIN_BACKEND => false,
+            _ => return,
+        };
+        // What the backend expects after this FIN: kept for its TIME_WAIT, which follows
+        // if it closed first, or if its own FIN crosses this one (see `backend_segment`).
+        let opts = tcpopt::read(ctx, pkt);
+        r.tw_seq = pkt.seq_end();
+        if opts.has_ts() {
+            r.flags |= REV_TIMESTAMPS;
+            r.tw_tsval = opts.tsval;
+        }
+        r.last_seen = now;
+        if closed_first {
+            r.state = state::FIN_CLIENT;
+        } else {
+            // The backend closed first: from the ACK of this FIN on it holds the tuple in
+            // TIME_WAIT.
+            r.state = state::TIME_WAIT;
+            release(&k, cfg);
         }
         return;
     }
@@ -241,19 +243,24 @@ pub fn client_segment(
     }
 }
 
+/// The `nat_reverse` key of a backend's segment.
+#[inline(always)]
+fn reverse_key(pkt: &Packet) -> FlowKey {
+    FlowKey::new(
+        pkt.src_addr(),
+        pkt.src_port(),
+        pkt.dst_addr(),
+        pkt.dst_port(),
+        pkt.proto,
+    )
+}
+
 /// What a backend's segment says about the flow holding port `r` (the reply path), and
 /// the `CONN_*` flags the client's entry must learn.
 #[inline(always)]
 pub fn backend_segment(pkt: &Packet, r: &mut NatReverse, now: u64, cfg: &Config) -> u16 {
     if pkt.rst() {
-        let k = FlowKey::new(
-            pkt.src_addr(),
-            pkt.src_port(),
-            pkt.dst_addr(),
-            pkt.dst_port(),
-            pkt.proto,
-        );
-        close(r, &k, now, cfg);
+        close(r, &reverse_key(pkt), now, cfg);
         return CONN_RESET;
     }
     if pkt.fin() {
@@ -262,9 +269,19 @@ pub fn backend_segment(pkt: &Packet, r: &mut NatReverse, now: u64, cfg: &Config)
                 r.state = state::FIN_BACKEND;
                 r.last_seen = now;
             }
-            state::FIN_CLIENT => {
+            // The client's FIN acknowledged: the backend closes second, and waits for the
+            // ACK of this FIN.
+            state::FIN_CLIENT if !seq_after(r.tw_seq, pkt.ack_seq()) => {
                 r.state = state::LAST_ACK;
                 r.last_seen = now;
+            }
+            // Sent before the client's FIN reached it: a simultaneous close, after which
+            // the backend, too, holds the tuple in TIME_WAIT (expecting what follows the
+            // client's FIN, recorded with it).
+            state::FIN_CLIENT => {
+                r.state = state::TIME_WAIT;
+                r.last_seen = now;
+                release(&reverse_key(pkt), cfg);
             }
             _ => {}
         }
@@ -276,7 +293,8 @@ pub fn backend_segment(pkt: &Packet, r: &mut NatReverse, now: u64, cfg: &Config)
 /// Tracks the client flow of reverse entry `r` on the backend's first answer (the flow's
 /// second packet): a conntrack entry towards the backend (its next hop looked up by the
 /// client's next packet). An entry a flow left on the same 5-tuple before this one began
-/// is replaced; one of this very flow (made with its SYN) is kept. Out of line: inlined,
+/// is replaced, even one on the same port (its flags and ISN are the old connection's);
+/// one of this very flow (made with its SYN: same port, same ISN) is kept. Out of line: inlined,
 /// its stack adds to the reply step's, and the deepest chain of calls through it would not
 /// fit the verifier's 512 bytes.
 #[inline(never)]
@@ -297,10 +315,11 @@ pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64, cfg: 
         None => Insert::New,
         Some(old) => {
             let old = unsafe { &*old };
-            let other = old.backend_id != to.backend_id
-                || old.snat_port != snat.1
-                || old.snat_addr != snat.0;
-            if !other || old.last_seen > r.last_seen {
+            let this_flow = old.backend_id == to.backend_id
+                && old.snat_port == snat.1
+                && old.snat_addr == snat.0
+                && old.isn == r.isn;
+            if this_flow || old.last_seen > r.last_seen {
                 return;
             }
             Insert::Replace

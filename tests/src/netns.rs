@@ -59,7 +59,15 @@ impl Netns {
     /// (`PassiveOpens`, `RetransSegs`...).
     pub fn tcp_counter(&self, name: &str) -> anyhow::Result<u64> {
         let snmp = self.sh("cat /proc/net/snmp")?;
-        tcp_counter_in(&snmp, name).with_context(|| format!("no Tcp {name} in /proc/net/snmp"))
+        counter_in(&snmp, "Tcp:", name).with_context(|| format!("no Tcp {name} in /proc/net/snmp"))
+    }
+
+    /// A counter of the `TcpExt:` lines of `/proc/net/netstat` in this namespace
+    /// (`TCPSynRetrans`...).
+    pub fn tcp_ext_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let netstat = self.sh("cat /proc/net/netstat")?;
+        counter_in(&netstat, "TcpExt:", name)
+            .with_context(|| format!("no TcpExt {name} in /proc/net/netstat"))
     }
 
     /// Runs a shell command in this namespace (network only; host mounts and bpffs).
@@ -94,8 +102,10 @@ impl Netns {
     }
 }
 
-fn tcp_counter_in(snmp: &str, name: &str) -> Option<u64> {
-    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+/// Counter `name` of a `/proc/net/snmp` or `netstat` table: the pair of lines (names,
+/// values) that begin with `table`.
+fn counter_in(text: &str, table: &str, name: &str) -> Option<u64> {
+    let mut tcp = text.lines().filter(|l| l.starts_with(table));
     let (names, values) = (tcp.next()?, tcp.next()?);
     let i = names.split_whitespace().position(|n| n == name)?;
     values.split_whitespace().nth(i)?.parse().ok()
@@ -132,8 +142,12 @@ mod tests {
         let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
             Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails\n\
             Tcp: 1 200 120000 -1 12 21096 0\n";
-        assert_eq!(super::tcp_counter_in(snmp, "PassiveOpens"), Some(21_096));
-        assert_eq!(super::tcp_counter_in(snmp, "ActiveOpens"), Some(12));
-        assert_eq!(super::tcp_counter_in(snmp, "RetransSegs"), None);
+        assert_eq!(
+            super::counter_in(snmp, "Tcp:", "PassiveOpens"),
+            Some(21_096)
+        );
+        assert_eq!(super::counter_in(snmp, "Tcp:", "ActiveOpens"), Some(12));
+        assert_eq!(super::counter_in(snmp, "Tcp:", "RetransSegs"), None);
+        assert_eq!(super::counter_in(snmp, "Ip:", "DefaultTTL"), Some(64));
     }
 }

@@ -1,7 +1,8 @@
 //! Sustained connection churn end to end: wrk opens one connection per request
 //! (`Connection: close`, so nginx closes first and its TIME_WAIT sits on lb's SNAT tuples)
 //! through lb to three nginx backends, for long enough that every SNAT port is reused many
-//! times over. No connection may fail, also across a `kill -9` of lb and its restart.
+//! times over, also with every handshake through SYN cookies. No connection may fail or
+//! wait for a SYN's retransmission, also across a `kill -9` of lb and its restart.
 use std::time::Duration;
 
 use lb_tests::{
@@ -12,8 +13,9 @@ use lb_tests::{
 };
 use serde_json::{Value, json};
 
-/// Starts nginx on every backend and lb with service "web" on VIP:80 over them.
-fn setup(topo: &Topology, store: &str) -> (Vec<Nginx>, LbProcess) {
+/// Starts nginx on every backend and lb (with `flags` besides the store) with service "web"
+/// on VIP:80 over them.
+fn setup(topo: &Topology, store: &str, flags: &[&str]) -> (Vec<Nginx>, LbProcess) {
     let nginx = (0..topo.backends.len())
         .map(|i| {
             Nginx::start(
@@ -24,7 +26,8 @@ fn setup(topo: &Topology, store: &str) -> (Vec<Nginx>, LbProcess) {
             .unwrap()
         })
         .collect();
-    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", store]).unwrap();
+    let lb_flags: Vec<&str> = ["--store", store].iter().chain(flags).copied().collect();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &lb_flags).unwrap();
     let backends: Vec<String> = (0..topo.backends.len())
         .map(|i| topo.backend(i, 80).to_string())
         .collect();
@@ -52,9 +55,16 @@ fn stats(lb: &LbProcess) -> Value {
         .unwrap_or_default()
 }
 
-fn check(report: &WrkReport, what: &str, stats: &Value) {
+/// The client's SYNs sent again so far: each one a connection that waited a second or
+/// more for lb or a backend.
+fn syn_retransmits(topo: &Topology) -> u64 {
+    topo.client.tcp_ext_counter("TCPSynRetrans").unwrap()
+}
+
+fn check(report: &WrkReport, what: &str, stats: &Value, syn_retransmits: u64) {
     println!(
-        "{what}: {} requests in {:.1} s, {:.0}/s, errors: {}; lb: {stats}",
+        "{what}: {} requests in {:.1} s, {:.0}/s, errors: {}, SYNs retransmitted: \
+         {syn_retransmits}; lb: {stats}",
         report.requests,
         report.duration.as_secs_f64(),
         report.rps(),
@@ -67,6 +77,9 @@ fn check(report: &WrkReport, what: &str, stats: &Value) {
         report.errors,
         report.output
     );
+    // A retransmitted SYN is a connection that stalled a second or more: a lost SYN, or
+    // a SYN a backend's TIME_WAIT refused.
+    assert_eq!(syn_retransmits, 0, "{what}: SYNs retransmitted");
     assert!(
         report.rps() >= 1000.0,
         "{what}: only {:.0} connections a second",
@@ -78,13 +91,15 @@ fn check(report: &WrkReport, what: &str, stats: &Value) {
 fn a_minute_of_one_connection_per_request_fails_none() {
     let topo = Topology::two_armed(3).unwrap();
     let store = temp_store();
-    let (_nginx, lb) = setup(&topo, &store.url());
+    let (_nginx, lb) = setup(&topo, &store.url(), &[]);
     let wrk = Wrk::new(&["/a/"]).unwrap();
+    let retransmitted = syn_retransmits(&topo);
     let report = wrk
         .run(&topo.client, topo.vip(80).into(), &churn(60))
         .unwrap();
     let stats = stats(&lb);
-    check(&report, "60 s of connection churn", &stats);
+    let retransmitted = syn_retransmits(&topo) - retransmitted;
+    check(&report, "60 s of connection churn", &stats, retransmitted);
     // More connections than there are SNAT ports towards the backends: ports were reused
     // (many of them out of the backends' TIME_WAIT).
     let (_, web) = lb.request("GET", "/v1/services/web", None).unwrap();
@@ -110,8 +125,9 @@ fn a_minute_of_one_connection_per_request_fails_none() {
 fn kill_9_and_restart_under_connection_churn_fails_none() {
     let topo = Topology::two_armed(3).unwrap();
     let store = temp_store();
-    let (_nginx, lb) = setup(&topo, &store.url());
+    let (_nginx, lb) = setup(&topo, &store.url(), &[]);
     let wrk = Wrk::new(&["/a/"]).unwrap();
+    let retransmitted = syn_retransmits(&topo);
     let (report, stats) = std::thread::scope(|s| {
         let load = s.spawn(|| {
             wrk.run(&topo.client, topo.vip(80).into(), &churn(30))
@@ -126,9 +142,33 @@ fn kill_9_and_restart_under_connection_churn_fails_none() {
         let report = load.join().unwrap();
         (report, stats(&second))
     });
+    let retransmitted = syn_retransmits(&topo) - retransmitted;
     check(
         &report,
         "30 s of connection churn, lb killed and restarted",
         &stats,
+        retransmitted,
+    );
+}
+
+/// Every connection through SYN cookies (as under a flood): the handshake is lb's, the backend
+/// connection is opened on the client's ACK, and SNAT ports are reused all the same.
+#[test]
+fn connection_churn_through_syn_cookies_fails_none() {
+    let topo = Topology::two_armed(3).unwrap();
+    let store = temp_store();
+    let (_nginx, lb) = setup(&topo, &store.url(), &["--syn-cookies", "always"]);
+    let wrk = Wrk::new(&["/a/"]).unwrap();
+    let retransmitted = syn_retransmits(&topo);
+    let report = wrk
+        .run(&topo.client, topo.vip(80).into(), &churn(30))
+        .unwrap();
+    let stats = stats(&lb);
+    let retransmitted = syn_retransmits(&topo) - retransmitted;
+    check(
+        &report,
+        "30 s of connection churn through SYN cookies",
+        &stats,
+        retransmitted,
     );
 }
