@@ -61,18 +61,20 @@ fn a_restarted_lb_restores_every_service_from_the_store() {
 
 #[test]
 fn two_nodes_on_one_store_converge() {
-    let topo = Topology::two_armed(1).unwrap();
-    let _backend =
-        Backend::start(&topo.backends[0], "be0", topo.backend(0, 8080).into(), None).unwrap();
+    // Two sites built alike (the same addresses, in namespaces of their own): node A
+    // serves one, node B the other, from the same store.
+    let sites: Vec<Topology> = (0..2).map(|_| Topology::two_armed(1).unwrap()).collect();
+    let _backends: Vec<Backend> = sites
+        .iter()
+        .map(|t| Backend::start(&t.backends[0], "be0", t.backend(0, 8080).into(), None).unwrap())
+        .collect();
     let store = temp_store();
     let arg = store.url();
-    let a = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--store", &arg]).unwrap();
-    // Node B: another namespace, another bpffs directory, the same store.
-    let other = Netns::new(&unique("lbt-nodeb")).unwrap();
-    let b = LbProcess::start(&other, &["lo"], &["--store", &arg]).unwrap();
+    let (site_a, site_b) = (&sites[0], &sites[1]);
+    let a = LbProcess::start(&site_a.lb, &site_a.lb_ifaces, &["--store", &arg]).unwrap();
+    let b = LbProcess::start(&site_b.lb, &site_b.lb_ifaces, &["--store", &arg]).unwrap();
 
-    let spec =
-        json!({"vip": topo.vip(80).to_string(), "backends": [topo.backend(0, 8080).to_string()]});
+    let spec = json!({"vip": site_a.vip(80).to_string(), "backends": [site_a.backend(0, 8080).to_string()]});
     let stored = a.put_service("web", &spec).unwrap();
     assert!(eventually(Duration::from_secs(3), || b
         .request("GET", "/v1/services/web", None)
@@ -80,10 +82,14 @@ fn two_nodes_on_one_store_converge() {
         .0
         == 200));
     assert_eq!(services(&b), json!([stored]));
+    // B's data plane serves what A stored.
+    assert_eq!(
+        http_get_once(&site_b.client, site_b.vip(80).into(), T).unwrap(),
+        "be0"
+    );
 
     // A change made on B reaches A, whose data plane then serves it.
-    let spec2 =
-        json!({"vip": topo.vip(81).to_string(), "backends": [topo.backend(0, 8080).to_string()]});
+    let spec2 = json!({"vip": site_a.vip(81).to_string(), "backends": [site_a.backend(0, 8080).to_string()]});
     b.put_service("web81", &spec2).unwrap();
     assert!(eventually(Duration::from_secs(3), || a
         .request("GET", "/v1/services/web81", None)
@@ -91,11 +97,11 @@ fn two_nodes_on_one_store_converge() {
         .0
         == 200));
     assert_eq!(
-        http_get_once(&topo.client, topo.vip(81).into(), T).unwrap(),
+        http_get_once(&site_a.client, site_a.vip(81).into(), T).unwrap(),
         "be0"
     );
 
-    // Deletes travel too.
+    // Deletes travel too, to B's data plane as well.
     assert_eq!(
         a.request("DELETE", "/v1/services/web", None).unwrap().0,
         204
@@ -105,6 +111,15 @@ fn two_nodes_on_one_store_converge() {
         .unwrap()
         .0
         == 404));
+    assert!(
+        http_get_once(
+            &site_b.client,
+            site_b.vip(80).into(),
+            Duration::from_secs(1)
+        )
+        .is_err(),
+        "B still serves the deleted service"
+    );
     drop((a, b));
 }
 
