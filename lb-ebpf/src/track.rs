@@ -294,9 +294,9 @@ pub fn backend_segment(pkt: &Packet, r: &mut NatReverse, now: u64, cfg: &Config)
 /// second packet): a conntrack entry towards the backend (its next hop looked up by the
 /// client's next packet). An entry a flow left on the same 5-tuple before this one began
 /// is replaced, even one on the same port (its flags and ISN are the old connection's);
-/// one of this very flow (made with its SYN: same port, same ISN) is kept. Out of line: inlined,
-/// its stack adds to the reply step's, and the deepest chain of calls through it would not
-/// fit the verifier's 512 bytes.
+/// one of this very flow (made with its SYN: same port, same ISN) is kept. Out of line:
+/// inlined, its stack adds to the reply step's, and the deepest chain of calls through it
+/// would not fit the verifier's 512 bytes.
 #[inline(never)]
 pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64, cfg: &Config) {
     let Some(scratch) = maps::scratch_space() else {
