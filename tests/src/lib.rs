@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod flood;
 pub mod flowtab;
 pub mod lbproc;
+pub mod maglev_ref;
 pub mod netns;
 pub mod packet;
 pub mod peers;

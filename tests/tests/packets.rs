@@ -603,16 +603,17 @@ fn a_retried_syn_finds_its_port_and_the_backends_answer_tracks_the_flow() {
     assert_eq!(backend_and_port(&out), (backend, key.dst_port));
 }
 
-/// The backend Maglev gives a client flow, computed on the host as the program does.
+/// The backend Maglev gives a client flow: the paper's table (the test kit's reference,
+/// not lb's), at the slot the flow's keyed hash names.
 fn maglev_pick(lab: &PacketLab, service: &str, cport: u16) -> Ipv4Addr {
     let inst = lab.dataplane.installed(service).unwrap();
     let addrs: Vec<std::net::SocketAddrV4> = inst.backends.iter().map(|&(a, _)| a).collect();
-    let table = lb_common::maglev::build_table(&addrs, inst.table_size);
+    let table = lb_tests::maglev_ref::table(&addrs, inst.table_size as u64);
     let key = lb::dataplane::Settings::with_ports(0, 0).flow_key;
     let hash =
         lb_common::hash::flow_hash(key, CLIENT.octets(), VIP.octets(), cport, 80, IPPROTO_TCP);
     let slot = lb_common::hash::reduce(lb_common::hash::slot_hash(hash), inst.table_size);
-    *addrs[table[slot as usize] as usize].ip()
+    *addrs[table[slot as usize]].ip()
 }
 
 #[test]
