@@ -328,8 +328,8 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
         rev,
     };
     let first = ports::first(&want, &t.hop, cfg).map_err(|_| DropReason::SnatExhausted)?;
-    let (addr, port) = match first {
-        First::Claimed(addr, port) => (addr, port),
+    let claimed = match first {
+        First::Claimed(addr, port) => Some((addr, port)),
         // An earlier connection of this 5-tuple held the port: taken over only if the
         // backend would take lb's SYN on it (its TIME_WAIT judges the client's ISN and
         // timestamp, which that SYN carries).
@@ -339,17 +339,15 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
                 maps::nat_reverse
                     .insert(&key, rev, BPF_ANY as u64)
                     .map_err(|_| DropReason::FlowTableFull)?;
-                (addr, port)
+                Some((addr, port))
             }
-            _ => {
-                ports::prepare_scan(&want, &t.hop, SCAN_COOKIE, ttl as u32);
-                return Ok(next::SCAN);
-            }
+            _ => None,
         },
-        First::Taken => {
-            ports::prepare_scan(&want, &t.hop, SCAN_COOKIE, ttl as u32);
-            return Ok(next::SCAN);
-        }
+        First::Taken => None,
+    };
+    let Some((addr, port)) = claimed else {
+        ports::prepare_scan(&want, &t.hop, SCAN_COOKIE, ttl as u32);
+        return Ok(next::SCAN);
     };
     let conn = &mut scratch.conn;
     conn.snat_addr = addr;

@@ -74,14 +74,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     let dport = pkt.dst_port();
     if dport >= cfg.snat_port_min && dport <= cfg.snat_port_max {
-        let key = FlowKey::new(
-            pkt.src_addr(),
-            pkt.src_port(),
-            pkt.dst_addr(),
-            dport,
-            pkt.proto,
-        );
-        if let Some(rev) = maps::nat_reverse.get_ptr_mut(&key) {
+        if let Some(rev) = maps::nat_reverse.get_ptr_mut(&track::reverse_key(&pkt)) {
             let mut seen = 0;
             let mut v = reply::reply(ctx, &pkt, rev, seen, cfg);
             if v == next::ROUTE {

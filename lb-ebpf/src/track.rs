@@ -245,7 +245,7 @@ pub fn client_segment(
 
 /// The `nat_reverse` key of a backend's segment.
 #[inline(always)]
-fn reverse_key(pkt: &Packet) -> FlowKey {
+pub fn reverse_key(pkt: &Packet) -> FlowKey {
     FlowKey::new(
         pkt.src_addr(),
         pkt.src_port(),
