@@ -28,6 +28,9 @@ fn seeded_hash(bytes: &[u8], seed: u64) -> u64 {
 /// The lookup table of `m` entries (a prime) over `backends`: each entry the index, in
 /// `backends` as given, of the backend that owns it.
 pub fn table(backends: &[SocketAddrV4], m: u64) -> Vec<usize> {
+    if backends.is_empty() {
+        return Vec::new();
+    }
     let mut turns: Vec<usize> = (0..backends.len()).collect();
     turns.sort_by_key(|&i| (backends[i].ip().octets(), backends[i].port()));
     // permutation[i][j] = (offset + j * skip) mod M, one row per backend.
@@ -45,9 +48,6 @@ pub fn table(backends: &[SocketAddrV4], m: u64) -> Vec<usize> {
     let mut next = vec![0u64; rows.len()];
     let mut entry: Vec<Option<usize>> = vec![None; m as usize];
     let mut n = 0;
-    if rows.is_empty() {
-        return Vec::new();
-    }
     loop {
         for (row, &backend) in turns.iter().enumerate() {
             let mut c = permutation(row, next[row]);

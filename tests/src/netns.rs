@@ -105,8 +105,8 @@ impl Netns {
 /// Counter `name` of a `/proc/net/snmp` or `netstat` table: the pair of lines (names,
 /// values) that begin with `table`.
 fn counter_in(text: &str, table: &str, name: &str) -> Option<u64> {
-    let mut tcp = text.lines().filter(|l| l.starts_with(table));
-    let (names, values) = (tcp.next()?, tcp.next()?);
+    let mut rows = text.lines().filter(|l| l.starts_with(table));
+    let (names, values) = (rows.next()?, rows.next()?);
     let i = names.split_whitespace().position(|n| n == name)?;
     values.split_whitespace().nth(i)?.parse().ok()
 }

@@ -87,19 +87,25 @@ fn check(report: &WrkReport, what: &str, stats: &Value, syn_retransmits: u64) {
     );
 }
 
+/// `seconds` of churn from the client to the VIP through `lb`, checked (see [`check`]) as
+/// `what`: wrk's report.
+fn checked_churn(topo: &Topology, lb: &LbProcess, seconds: u64, what: &str) -> WrkReport {
+    let wrk = Wrk::new(&["/a/"]).unwrap();
+    let retransmitted = syn_retransmits(topo);
+    let report = wrk
+        .run(&topo.client, topo.vip(80).into(), &churn(seconds))
+        .unwrap();
+    let stats = stats(lb);
+    check(&report, what, &stats, syn_retransmits(topo) - retransmitted);
+    report
+}
+
 #[test]
 fn a_minute_of_one_connection_per_request_fails_none() {
     let topo = Topology::two_armed(3).unwrap();
     let store = temp_store();
     let (_nginx, lb) = setup(&topo, &store.url(), &[]);
-    let wrk = Wrk::new(&["/a/"]).unwrap();
-    let retransmitted = syn_retransmits(&topo);
-    let report = wrk
-        .run(&topo.client, topo.vip(80).into(), &churn(60))
-        .unwrap();
-    let stats = stats(&lb);
-    let retransmitted = syn_retransmits(&topo) - retransmitted;
-    check(&report, "60 s of connection churn", &stats, retransmitted);
+    let report = checked_churn(&topo, &lb, 60, "60 s of connection churn");
     // More connections than there are SNAT ports towards the backends: ports were reused
     // (many of them out of the backends' TIME_WAIT).
     let (_, web) = lb.request("GET", "/v1/services/web", None).unwrap();
@@ -158,17 +164,10 @@ fn connection_churn_through_syn_cookies_fails_none() {
     let topo = Topology::two_armed(3).unwrap();
     let store = temp_store();
     let (_nginx, lb) = setup(&topo, &store.url(), &["--syn-cookies", "always"]);
-    let wrk = Wrk::new(&["/a/"]).unwrap();
-    let retransmitted = syn_retransmits(&topo);
-    let report = wrk
-        .run(&topo.client, topo.vip(80).into(), &churn(30))
-        .unwrap();
-    let stats = stats(&lb);
-    let retransmitted = syn_retransmits(&topo) - retransmitted;
-    check(
-        &report,
+    checked_churn(
+        &topo,
+        &lb,
+        30,
         "30 s of connection churn through SYN cookies",
-        &stats,
-        retransmitted,
     );
 }

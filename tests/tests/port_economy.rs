@@ -841,11 +841,12 @@ fn a_full_run_of_slots_refuses_a_new_flow_and_keeps_every_live_one() {
     }
 }
 
-/// A cookie handshake from `sport` (client ISN `isn`, timestamp `ts`) through to the
-/// backend's SYN-ACK (ISN 777,000) and the client's first ACK after it: the SNAT port,
-/// and the cookie lb's SYN-ACK carried.
-fn cookie_open(lab: &PacketLab, sport: u16, isn: u32, ts: u32) -> (u16, u32) {
-    let syn = Seg::linux_syn(client(sport, SYN, isn, 0).frame, isn, ts);
+/// A SYN from `sport` (client ISN `isn`, timestamp `ts` if any) in cookie mode, lb's
+/// cookie SYN-ACK, and the client's ACK answering it: that SYN-ACK, and the SYN the ACK
+/// turned into towards the backend.
+fn cookie_answer(lab: &PacketLab, sport: u16, isn: u32, ts: Option<u32>) -> (Seen, Seen) {
+    let mut syn = Seg::linux_syn(client(sport, SYN, isn, 0).frame, isn, 0);
+    syn.ts = ts.map(|t| (t, 0));
     let (v, out) = lab.run(lab.v0, &syn.bytes());
     assert_eq!(v, XDP_TX, "SYN from {sport}");
     let sa = seen(&out);
@@ -854,21 +855,25 @@ fn cookie_open(lab: &PacketLab, sport: u16, isn: u32, ts: u32) -> (u16, u32) {
         (CLIENT, true, true),
         "lb's cookie SYN-ACK"
     );
-    let cookie = sa.seq;
-    let lb_ts = sa.ts.unwrap().0;
-    let ack = with_ts(
-        client(sport, ACK, isn + 1, cookie.wrapping_add(1)),
-        ts + 1,
-        lb_ts,
-    );
+    let mut ack = client(sport, ACK, isn + 1, sa.seq.wrapping_add(1));
+    ack.ts = ts.map(|t| (t + 1, sa.ts.unwrap().0));
     let (v, out) = lab.run(lab.v0, &ack.bytes());
     assert_eq!(v, XDP_TX, "the cookie's answer from {sport}");
     let bs = seen(&out);
     assert_eq!(
         (bs.dst, bs.syn, bs.ack, bs.seq),
         (BACKEND, true, false, isn),
-        "the cookie's answer opens the backend side: {bs:?}"
+        "the cookie's answer from {sport} opens a backend connection of its own: {bs:?}"
     );
+    (sa, bs)
+}
+
+/// A cookie handshake from `sport` (client ISN `isn`, timestamp `ts`) through to the
+/// backend's SYN-ACK (ISN 777,000) and the client's first ACK after it: the SNAT port,
+/// and the cookie lb's SYN-ACK carried.
+fn cookie_open(lab: &PacketLab, sport: u16, isn: u32, ts: u32) -> (u16, u32) {
+    let (sa, bs) = cookie_answer(lab, sport, isn, Some(ts));
+    let (cookie, lb_ts) = (sa.seq, sa.ts.unwrap().0);
     let port = bs.sport;
     let synack = with_ts(
         backend(port, flags(true, true, false, false), 777_000, isn + 1),
@@ -926,26 +931,8 @@ fn a_closed_connections_5_tuple_opens_again_through_a_cookie() {
         } else {
             (500, None)
         };
-        let mut syn = Seg::linux_syn(client(CLIENT_PORT, SYN, isn, 0).frame, isn, 0);
-        syn.ts = ts.map(|t| (t, 0));
-        let (v, out) = lab.run(lab.v0, &syn.bytes());
-        assert_eq!(v, XDP_TX);
-        let sa = seen(&out);
-        assert_eq!(
-            (sa.dst, sa.syn, sa.ack),
-            (CLIENT, true, true),
-            "lb's cookie SYN-ACK"
-        );
-        let mut ack = client(CLIENT_PORT, ACK, isn + 1, sa.seq.wrapping_add(1));
-        ack.ts = ts.map(|t| (t + 1, sa.ts.unwrap().0));
-        let (v, out) = lab.run(lab.v0, &ack.bytes());
-        assert_eq!(v, XDP_TX, "the new connection's cookie answer");
-        let bs = seen(&out);
-        assert_eq!(
-            (bs.dst, bs.syn, bs.ack, bs.seq),
-            (BACKEND, true, false, isn),
-            "the new connection's answer went to the old one: {bs:?}"
-        );
+        // Its cookie's answer opens a backend connection of its own, not the old one's.
+        let (_, bs) = cookie_answer(&lab, CLIENT_PORT, isn, ts);
         if newer {
             assert_eq!(
                 bs.sport, port,
