@@ -176,29 +176,34 @@ pub fn client_segment(
         && !pkt.opens()
         && !pkt.rst()
         && conn.flags & (CONN_SYNPROXY | CONN_BACKEND_OPEN) != CONN_SYNPROXY;
-    let first_fin = pkt.fin() && conn.flags & CONN_CLIENT_FIN == 0;
+    let first_fin = pkt.fin() && !pkt.rst() && conn.flags & CONN_CLIENT_FIN == 0;
     let closing_both =
         conn.flags & (CONN_CLIENT_FIN | CONN_BACKEND_FIN) == CONN_CLIENT_FIN | CONN_BACKEND_FIN;
     if handshake {
         conn.flags &= !CONN_HANDSHAKE;
     }
-    if pkt.rst() {
-        conn.flags |= CONN_RESET;
-        conn.last_seen = now;
-    } else if first_fin {
+    if first_fin {
         conn.flags |= CONN_CLIENT_FIN;
         conn.last_seen = now;
     }
     if !(handshake || pkt.rst() || first_fin || closing_both) {
         return;
     }
-    let Some((r, k)) = own_reverse(conn, flow, backend) else {
-        return;
-    };
+    let own = own_reverse(conn, flow, backend);
     if pkt.rst() {
-        close(r, &k, now, cfg);
+        match own {
+            Some((r, k)) if takes_reset(r, pkt) => close(r, &k, now, cfg),
+            // The backend will not take it: nothing ends.
+            Some(_) => return,
+            None => {}
+        }
+        conn.flags |= CONN_RESET;
+        conn.last_seen = now;
         return;
     }
+    let Some((r, k)) = own else {
+        return;
+    };
     if handshake && r.state == state::EMBRYONIC {
         r.state = state::ESTABLISHED;
     }
@@ -240,6 +245,26 @@ pub fn client_segment(
             }
             _ => {}
         }
+    }
+}
+
+/// How far past the client's ISN a reset may be while the handshake is under way: the
+/// window a backend's half-open connection takes it in (a SYN-ACK offers at most 64 KiB).
+const HANDSHAKE_RESET_WINDOW: u32 = 1 << 16;
+
+/// Whether the backend takes the client's reset `pkt` as the end of the flow holding `r`.
+/// While the handshake is under way (the client has sent only its SYN), only a reset in
+/// the window of the backend's half-open connection (RFC 793). Another is the client's
+/// answer to a stray segment, such as the backend's ACK of the FIN of the connection
+/// that held the port before: the backend ignores it, and so does lb. Later, lb does not
+/// follow the client's sequence numbers, and takes any reset.
+#[inline(always)]
+fn takes_reset(r: &NatReverse, pkt: &Packet) -> bool {
+    match r.state {
+        state::PENDING | state::EMBRYONIC => {
+            pkt.seq().wrapping_sub(r.isn.wrapping_add(1)) < HANDSHAKE_RESET_WINDOW
+        }
+        _ => true,
     }
 }
 

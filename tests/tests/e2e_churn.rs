@@ -55,8 +55,8 @@ fn stats(lb: &LbProcess) -> Value {
         .unwrap_or_default()
 }
 
-/// The client's SYNs sent again so far: each one a connection that waited a second or
-/// more for lb or a backend.
+/// The client's SYNs sent again so far: each one a connection that waited for lb or a
+/// backend.
 fn syn_retransmits(topo: &Topology) -> u64 {
     topo.client.tcp_ext_counter("TCPSynRetrans").unwrap()
 }
@@ -77,8 +77,9 @@ fn check(report: &WrkReport, what: &str, stats: &Value, syn_retransmits: u64) {
         report.errors,
         report.output
     );
-    // A retransmitted SYN is a connection that stalled a second or more: a lost SYN, or
-    // a SYN a backend's TIME_WAIT refused.
+    // A retransmitted SYN is a connection that stalled: a lost SYN (a second), or a SYN
+    // a backend's TIME_WAIT refused (its ACK draws the client's reset, which clears the
+    // TIME_WAIT, and the SYN goes again), a sign that lb lost track of a close.
     assert_eq!(syn_retransmits, 0, "{what}: SYNs retransmitted");
     assert!(
         report.rps() >= 1000.0,

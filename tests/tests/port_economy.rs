@@ -1039,3 +1039,73 @@ fn fins_that_cross_leave_the_backend_in_time_wait() {
     assert_eq!(v, XDP_TX);
     assert_eq!(out.unwrap().sport, 61000);
 }
+
+#[test]
+fn a_reset_for_a_stray_segment_does_not_end_the_handshake_it_came_in() {
+    let lab = lab_with((61000, 61000), CookieMode::Never, 4096);
+    let port = open(&lab, CLIENT_PORT, 1000, 5000);
+    // The backend closes first; the client's FIN leaves it in TIME_WAIT (last timestamp
+    // 5001).
+    let bfin = backend(port, flags(false, true, true, false), 9001, 1001);
+    lab.run(lab.v0, &with_ts(bfin, 70_001, 5000).bytes());
+    let cfin = client(CLIENT_PORT, flags(false, true, true, false), 1001, 9002);
+    lab.run(lab.v0, &with_ts(cfin, 5001, 70_001).bytes());
+    assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::TIME_WAIT));
+
+    // Another client's SYN that the TIME_WAIT takes gets the port at once...
+    let (b, b_isn) = (CLIENT_PORT + 1, 20_000);
+    let (v, out) = try_syn(&lab, b, b_isn, Some(6000));
+    assert_eq!((v, out.map(|o| o.sport)), (XDP_TX, Some(port)));
+    // ...so the backend's ACK of the old connection's FIN, on its way as the SYN came,
+    // reaches this new client, just before the backend's SYN-ACK. The client answers that
+    // ACK with a reset whose sequence number is the ACK's: nothing the backend's
+    // half-open connection takes, so the handshake goes on.
+    let (v, out) = lab.run(
+        lab.v0,
+        &with_ts(backend(port, ACK, 9002, 1002), 70_002, 5001).bytes(),
+    );
+    assert_eq!((v, seen(&out).dport), (XDP_TX, b));
+    let synack = backend(port, flags(true, true, false, false), 30_000, b_isn + 1);
+    assert_eq!(
+        lab.run(lab.v0, &with_ts(synack, 80_000, 6000).bytes()).0,
+        XDP_TX
+    );
+    let stray_reset = client(b, flags(false, false, false, true), 1002, 0);
+    assert_eq!(lab.run(lab.v0, &stray_reset.bytes()).0, XDP_TX);
+    assert_eq!(
+        reverse_state(&lab, b),
+        Some(state::EMBRYONIC),
+        "a reset the backend ignores ended the flow"
+    );
+    // The connection opens, and the backend closes it first: TIME_WAIT again, last
+    // timestamp 6002.
+    let ack = client(b, ACK, b_isn + 1, 30_001);
+    assert_eq!(
+        lab.run(lab.v0, &with_ts(ack, 6001, 80_000).bytes()).0,
+        XDP_TX
+    );
+    let bfin = backend(port, flags(false, true, true, false), 30_001, b_isn + 1);
+    lab.run(lab.v0, &with_ts(bfin, 80_001, 6001).bytes());
+    let cfin = client(b, flags(false, true, true, false), b_isn + 1, 30_002);
+    lab.run(lab.v0, &with_ts(cfin, 6002, 80_001).bytes());
+    let (_, r) = lab.reverse(CLIENT, b).expect("the new flow's entry");
+    assert_eq!(
+        (r.state, r.tw_seq, r.tw_tsval),
+        (state::TIME_WAIT, b_isn + 2, 6002)
+    );
+    // So a SYN whose timestamp that TIME_WAIT refuses does not get the port.
+    assert_eq!(try_syn(&lab, CLIENT_PORT + 2, 50, Some(5500)).0, XDP_DROP);
+
+    // The client's own reset during a handshake (its ISN + 1) does end it.
+    let c = CLIENT_PORT + 3;
+    assert_eq!(try_syn(&lab, c, 40_000, Some(7000)).0, XDP_TX);
+    let synack = backend(port, flags(true, true, false, false), 50_000, 40_001);
+    assert_eq!(
+        lab.run(lab.v0, &with_ts(synack, 90_000, 7000).bytes()).0,
+        XDP_TX
+    );
+    assert_eq!(reverse_state(&lab, c), Some(state::EMBRYONIC));
+    let reset = client(c, flags(false, false, false, true), 40_001, 0);
+    lab.run(lab.v0, &reset.bytes());
+    assert_eq!(reverse_state(&lab, c), Some(state::CLOSED));
+}
