@@ -2,6 +2,7 @@
 //! host (as root) needs nothing but `cargo xtask demo` or `cargo xtask test`.
 mod leftovers;
 mod setup;
+mod suites;
 
 use std::{
     path::{Path, PathBuf},
@@ -90,6 +91,26 @@ fn build_release() -> anyhow::Result<()> {
     ]))
 }
 
+/// `lb-tests`' suites, one after another (one test at a time: they share the host's
+/// namespaces and bpffs), each under [`suites::SUITE_LIMIT`]; the first failure ends the
+/// run.
+fn privileged_suites(filter: Option<&str>) -> anyhow::Result<()> {
+    for suite in suites::names(&root())? {
+        let mut c = cargo(&["test", "--release", "-p", "lb-tests"]);
+        match &suite {
+            None => c.args(["--lib", "--bins"]),
+            Some(name) => c.args(["--test", name]),
+        };
+        c.args(["--", "--test-threads=1"]);
+        if let Some(f) = filter {
+            c.arg(f);
+        }
+        c.env("LB_BIN", root().join("target/release/lb"));
+        suites::run_limited(&mut c, suites::SUITE_LIMIT)?;
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::setup(),
@@ -108,16 +129,13 @@ fn main() -> anyhow::Result<()> {
                 "-p",
                 "xtask",
             ]);
-            let mut privileged = cargo(&["test", "--release", "-p", "lb-tests", "--"]);
-            privileged.arg("--test-threads=1");
             if let Some(f) = &filter {
                 unit.args(["--", f]);
-                privileged.arg(f);
             }
             // Whatever an earlier, interrupted run left is not this run's doing.
             leftovers::remove(&leftovers::find());
             run(&mut unit)?;
-            let tests = run(privileged.env("LB_BIN", root().join("target/release/lb")));
+            let tests = privileged_suites(filter.as_deref());
             let left = leftovers::check();
             tests.and(left)
         }

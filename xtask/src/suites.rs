@@ -1,0 +1,135 @@
+//! The privileged suites of `lb-tests`, one at a time, each under a time limit. A suite runs
+//! in a process group of its own (cargo, the test binary, and the servers its tests start),
+//! so that a hang, or an interrupt of `cargo xtask test`, stops all of it instead of
+//! holding CI until its own limit.
+use std::{
+    os::unix::process::CommandExt,
+    path::Path,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use nix::{
+    sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, killpg, sigaction},
+    unistd::Pid,
+};
+
+/// The longest one suite may take: several times the slowest one's usual run.
+pub const SUITE_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+/// Set by SIGINT or SIGTERM: the suite running is stopped, and no other starts.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: i32) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Lets an interrupt reach the suite's group too: it is not in the terminal's foreground
+/// group, so only this process hears Ctrl-C.
+fn catch_interrupts() -> anyhow::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
+/// The suites: `lb-tests`' own unit tests (`None`), then each file of `tests/tests`.
+pub fn names(root: &Path) -> anyhow::Result<Vec<Option<String>>> {
+    let mut files: Vec<String> = std::fs::read_dir(root.join("tests/tests"))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_suffix(".rs")
+                .map(str::to_string)
+        })
+        .collect();
+    files.sort();
+    Ok(std::iter::once(None)
+        .chain(files.into_iter().map(Some))
+        .collect())
+}
+
+/// Runs `cmd` (one suite) in a process group of its own; the whole group is killed when it
+/// outlives `limit` or this process is interrupted.
+pub fn run_limited(cmd: &mut Command, limit: Duration) -> anyhow::Result<()> {
+    catch_interrupts()?;
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    let mut child = cmd
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("{cmd:?} failed ({status})");
+            }
+            return Ok(());
+        }
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if interrupted || started.elapsed() > limit {
+            // The group's id is the child's pid (process_group(0)).
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+            if interrupted {
+                bail!("interrupted: {cmd:?} stopped");
+            }
+            bail!(
+                "{cmd:?} ran longer than {} s: stopped with everything it started",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_suite_past_its_limit_is_stopped_with_everything_it_started() {
+        let marker = std::env::temp_dir().join(format!("xtask-limit-{}", std::process::id()));
+        // A shell that leaves a grandchild behind, which touches the marker if it lives.
+        let script = format!("(sleep 3; touch {}) & sleep 30", marker.display());
+        let started = Instant::now();
+        let err = run_limited(
+            Command::new("sh").args(["-c", &script]),
+            Duration::from_millis(500),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("stopped"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "not stopped in time"
+        );
+        std::thread::sleep(Duration::from_secs(4));
+        assert!(!marker.exists(), "the suite's grandchild outlived it");
+    }
+
+    #[test]
+    fn a_suite_that_fails_or_passes_says_so() {
+        let limit = Duration::from_secs(10);
+        assert!(run_limited(&mut Command::new("false"), limit).is_err());
+        run_limited(&mut Command::new("true"), limit).unwrap();
+    }
+
+    #[test]
+    fn the_suites_are_the_unit_tests_then_each_test_file() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let names = names(root).unwrap();
+        assert_eq!(names[0], None);
+        assert!(names.contains(&Some("e2e_churn".to_string())), "{names:?}");
+    }
+}
