@@ -93,7 +93,7 @@ mod tests {
             assert_eq!(*r as usize, i);
         }
         let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
-        names.sort();
+        names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), DropReason::COUNT as usize);
     }

@@ -138,7 +138,7 @@ fn try_new_flow(
     // The port, and whether the flow is tracked at once: past its first choice, or
     // re-balanced, so that its next packets (and SYN retries) find the port.
     let (addr, port, track) =
-        match ports::first(&want, &t.hop, cfg).map_err(|_| DropReason::SnatExhausted)? {
+        match ports::first(&want, &t.hop, cfg).map_err(|()| DropReason::SnatExhausted)? {
             // The first packet of a flow: one insert; tracked on its next packet.
             First::Claimed(addr, port) => (addr, port, f.rebalanced),
             First::Own(e, addr, port) => match own(e, f, &want, cfg) {
@@ -165,10 +165,10 @@ fn try_new_flow(
                 if tcp_syn {
                     // A retry of a flow that took a port past its first choice, or a SYN on a
                     // live connection.
-                    if let Some(c) = flows::get(&f.key, cfg) {
-                        if unsafe { &*c }.takes_syn(isn, pkt.proto, now, cfg) {
-                            return Ok(Outcome::Tracked);
-                        }
+                    if let Some(c) = flows::get(&f.key, cfg)
+                        && unsafe { &*c }.takes_syn(isn, pkt.proto, now, cfg)
+                    {
+                        return Ok(Outcome::Tracked);
                     }
                 }
                 track::write_conn(&mut scratch.conn, &to, ([0; 4], 0), flags, isn, now);
@@ -327,7 +327,7 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
         now,
         rev,
     };
-    let first = ports::first(&want, &t.hop, cfg).map_err(|_| DropReason::SnatExhausted)?;
+    let first = ports::first(&want, &t.hop, cfg).map_err(|()| DropReason::SnatExhausted)?;
     let claimed = match first {
         First::Claimed(addr, port) => Some((addr, port)),
         // An earlier connection of this 5-tuple held the port: taken over only if the

@@ -73,8 +73,8 @@ extern "C" fn add_cpu(cpu: u32, ctx: *mut c_void) -> i64 {
     if age < 2 * s.win {
         // The current window's SYNs over its age so far (at least one window's worth).
         let span = if age < s.win { s.win } else { age };
-        if span > 0 {
-            s.total += w.count * s.second / span;
+        if let Some(rate) = (w.count * s.second).checked_div(span) {
+            s.total += rate;
         }
     }
     0

@@ -119,7 +119,7 @@ fn cmpxchg(p: *mut u64, expected: u64, new: u64) -> bool {
             new = in(reg) new,
             inout("r0") expected => old,
             options(nostack),
-        )
+        );
     };
     old == expected
 }
@@ -176,10 +176,10 @@ pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<
     // Live: the key and value are written before the state says so.
     set_state(s, slot::BUSY, slot::LIVE);
     // The new entry is whole before the old one goes: a lookup finds one or the other.
-    if let Some(old) = old {
-        if let Some(o) = maps::conntrack.get_ptr_mut(old) {
-            set_state(unsafe { &mut *o }, slot::LIVE, slot::DEAD);
-        }
+    if let Some(old) = old
+        && let Some(o) = maps::conntrack.get_ptr_mut(old)
+    {
+        set_state(unsafe { &mut *o }, slot::LIVE, slot::DEAD);
     }
     Ok(())
 }

@@ -72,10 +72,10 @@ pub fn lookup(
         dst,
         ingress_ifindex: ctx.ingress_ifindex() as u32,
     };
-    if let Some(e) = unsafe { maps::fib_cache.get(&key) } {
-        if fresh(e, pkt, now) {
-            return Ok(*e);
-        }
+    if let Some(e) = unsafe { maps::fib_cache.get(&key) }
+        && fresh(e, pkt, now)
+    {
+        return Ok(*e);
     }
     let hop = fib(ctx, pkt, src, dst, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
     // A full cache only costs speed, never correctness.

@@ -73,26 +73,27 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(xdp_action::XDP_PASS);
     };
     let dport = pkt.dst_port();
-    if dport >= cfg.snat_port_min && dport <= cfg.snat_port_max {
-        if let Some(rev) = maps::nat_reverse.get_ptr_mut(&track::reverse_key(&pkt)) {
-            let mut seen = 0;
-            let mut v = reply::reply(ctx, &pkt, rev, seen, cfg);
-            if v == next::ROUTE {
-                seen |= reply::SEEN_ROUTE;
-                v = reply::refresh_hop(ctx, &pkt, rev, cfg);
-                if v == next::CONTINUE {
-                    v = reply::reply(ctx, &pkt, rev, seen, cfg);
-                }
+    if dport >= cfg.snat_port_min
+        && dport <= cfg.snat_port_max
+        && let Some(rev) = maps::nat_reverse.get_ptr_mut(&track::reverse_key(&pkt))
+    {
+        let mut seen = 0;
+        let mut v = reply::reply(ctx, &pkt, rev, seen, cfg);
+        if v == next::ROUTE {
+            seen |= reply::SEEN_ROUTE;
+            v = reply::refresh_hop(ctx, &pkt, rev, cfg);
+            if v == next::CONTINUE {
+                v = reply::reply(ctx, &pkt, rev, seen, cfg);
             }
-            if v == next::SYNPROXY {
-                seen |= reply::SEEN_HANDSHAKE;
-                v = reply::synproxy_handshake(ctx, &pkt, rev, cfg);
-                if v == next::CONTINUE {
-                    v = reply::reply(ctx, &pkt, rev, seen, cfg);
-                }
-            }
-            return Ok(v);
         }
+        if v == next::SYNPROXY {
+            seen |= reply::SEEN_HANDSHAKE;
+            v = reply::synproxy_handshake(ctx, &pkt, rev, cfg);
+            if v == next::CONTINUE {
+                v = reply::reply(ctx, &pkt, rev, seen, cfg);
+            }
+        }
+        return Ok(v);
     }
     let key = ServiceKey::new(pkt.dst_addr(), dport, pkt.proto);
     match maps::vip_filter.get(key.filter_slot()) {
@@ -251,10 +252,10 @@ fn try_syn(
     flood::count_syn(now, cfg);
     if flood::cookies(cfg) {
         // A retry of a handshake begun before, or a SYN on a live connection, goes on.
-        if let Some(c) = flows::get(flow, cfg) {
-            if unsafe { &*c }.takes_syn(pkt.seq(), pkt.proto, now, cfg) {
-                return Ok(next::TRACKED);
-            }
+        if let Some(c) = flows::get(flow, cfg)
+            && unsafe { &*c }.takes_syn(pkt.seq(), pkt.proto, now, cfg)
+        {
+            return Ok(next::TRACKED);
         }
         let (id, _) = select::pick(svc, slot_hash(hash(flow, cfg))).ok_or(DropReason::NoBackend)?;
         maps::scratch_space()

@@ -124,7 +124,7 @@ pub struct Scratch {
 /// size is a whole number of words (every shared type is 8-byte aligned).
 #[inline(always)]
 pub fn copy_value<T>(dst: &mut T, src: &T) {
-    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8)) };
     let words = core::mem::size_of::<T>() / 8;
     let (d, s) = (
         core::ptr::from_mut(dst).cast::<u64>(),

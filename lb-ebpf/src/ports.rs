@@ -156,13 +156,12 @@ pub fn address(hop: &NextHop, hash: u32, nth: u32) -> [u8; 4] {
 #[inline(always)]
 fn forget_holder(old: &NatReverse, key: &FlowKey, cfg: &Config) {
     let client = track::client_flow(old, key.proto);
-    if let Some(c) = crate::flows::get(&client, cfg).map(|c| unsafe { &*c }) {
-        if c.snat_port == key.dst_port
-            && c.snat_addr == key.dst_addr
-            && c.backend_id == old.backend_id
-        {
-            crate::flows::remove(&client, cfg);
-        }
+    if let Some(c) = crate::flows::get(&client, cfg).map(|c| unsafe { &*c })
+        && c.snat_port == key.dst_port
+        && c.snat_addr == key.dst_addr
+        && c.backend_id == old.backend_id
+    {
+        crate::flows::remove(&client, cfg);
     }
 }
 

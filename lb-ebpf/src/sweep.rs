@@ -57,8 +57,8 @@ fn count(r: &NatReverse, s: &mut Sweep) {
         _ => 1,
     };
     let capacity = s.range as u64 * addrs;
-    if capacity > 0 {
-        let permille = (b.ports_in_use as u64 * 1000 / capacity) as u32;
+    if let Some(permille) = (b.ports_in_use as u64 * 1000).checked_div(capacity) {
+        let permille = permille as u32;
         if permille > s.max_permille {
             s.max_permille = permille;
         }
@@ -81,10 +81,12 @@ extern "C" fn sweep_reverse(
         return 0;
     }
     let client = track::client_flow(r, k.proto);
-    if let Some(c) = flows::get(&client, &s.cfg).map(|c| unsafe { &*c }) {
-        if c.snat_port == k.dst_port && c.snat_addr == k.dst_addr && c.backend_id == r.backend_id {
-            flows::remove(&client, &s.cfg);
-        }
+    if let Some(c) = flows::get(&client, &s.cfg).map(|c| unsafe { &*c })
+        && c.snat_port == k.dst_port
+        && c.snat_addr == k.dst_addr
+        && c.backend_id == r.backend_id
+    {
+        flows::remove(&client, &s.cfg);
     }
     if !ports::released(r.state) {
         ports::release(k.src_addr, k.src_port, k.dst_addr, k.dst_port, &s.cfg);
@@ -179,7 +181,7 @@ pub fn lb_sweep(_ctx: XdpContext) -> u32 {
         epoch: f.sweeps.wrapping_add(1),
         max_permille: 0,
         removed: 0,
-        range: ports::Range::of(cfg).map(|r| r.len).unwrap_or(0),
+        range: ports::Range::of(cfg).map_or(0, |r| r.len),
     };
     let ctx = core::ptr::from_mut(&mut s).cast::<c_void>();
     unsafe {

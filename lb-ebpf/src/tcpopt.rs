@@ -136,7 +136,7 @@ extern "C" fn step(_i: u32, w: *mut c_void) -> i64 {
                 o.flags |= SYN_TIMESTAMPS;
             }
         }
-        (SACK, _) if len >= 10 && (len - 2) % 8 == 0 => {
+        (SACK, _) if len >= 10 && (len - 2).is_multiple_of(8) => {
             o.sack_off = off;
             o.sack_blocks = (len - 2) / 8;
         }

@@ -139,7 +139,7 @@ async fn with_controller<T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let mut ctrl = controller
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut ctrl)
     })
     .await

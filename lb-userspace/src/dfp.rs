@@ -64,7 +64,7 @@ fn list(params: &HashMap<String, String>, name: &str) -> Vec<String> {
 
 fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, Nok> {
     match params.get(name).map(String::as_str) {
-        None | Some("") | Some("false") => Ok(false),
+        None | Some("" | "false") => Ok(false),
         Some("true") => Ok(true),
         Some(other) => Err(nok(
             StatusCode::BAD_REQUEST,
@@ -212,7 +212,11 @@ fn spec_of(
 
 /// DFP's view of a service.
 fn view(svc: &Service) -> Value {
-    let ports: std::collections::BTreeSet<u16> = svc.backends.iter().map(|b| b.port()).collect();
+    let ports: std::collections::BTreeSet<u16> = svc
+        .backends
+        .iter()
+        .map(std::net::SocketAddrV4::port)
+        .collect();
     let port = match ports.len() {
         1 => ports.into_iter().next().unwrap().to_string(),
         _ => String::new(),
@@ -317,7 +321,7 @@ async fn config(
     let services = s
         .controller()
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .list();
     let body: Vec<Value> = services.iter().map(view).collect();
     (StatusCode::OK, Json(body)).into_response()

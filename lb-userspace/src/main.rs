@@ -299,7 +299,9 @@ async fn adopt_group_keys(
         cookie_key: group.cookie,
         ..settings
     };
-    let mut c = controller.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = controller
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Err(e) = c.dataplane().configure(&settings) {
         tracing::error!("configuring the data plane with the group's keys: {e}");
     }
@@ -341,7 +343,7 @@ async fn discovery_sources(
 }
 
 fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The proxy's route for an HTTP service.
@@ -431,8 +433,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tokio::task::block_in_place(|| {
                     state
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .set_health(&event)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .set_health(&event);
                 });
             }
         })
@@ -460,7 +462,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .and_then(|all| net::snat_addresses(&all, &wanted));
                 match addrs {
                     Ok(addrs) => {
-                        let mut c = state.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut c = state
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
                         if let Err(e) = c.dataplane().set_iface_addrs(&addrs) {
                             tracing::warn!(error = %e, "updating interface addresses");
                         }

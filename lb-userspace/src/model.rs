@@ -713,7 +713,12 @@ mod tests {
         ServiceSpec {
             vip: Some(vip.into()),
             protocol: Some(proto.into()),
-            backends: Some(backends.iter().map(|s| s.to_string()).collect()),
+            backends: Some(
+                backends
+                    .iter()
+                    .map(std::string::ToString::to_string)
+                    .collect(),
+            ),
             ..ServiceSpec::default()
         }
     }

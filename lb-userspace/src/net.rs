@@ -56,7 +56,7 @@ pub fn interface_addresses() -> Result<HashMap<u32, Vec<[u8; 4]>>, NetError> {
             .address
             .as_ref()
             .and_then(|a| a.as_sockaddr_in())
-            .map(|s| s.ip())
+            .map(nix::sys::socket::SockaddrIn::ip)
         else {
             continue;
         };
@@ -90,7 +90,7 @@ pub fn snat_addresses(
         .map(|(&ifindex, list)| {
             let chosen: Vec<[u8; 4]> = wanted
                 .iter()
-                .map(|w| w.octets())
+                .map(std::net::Ipv4Addr::octets)
                 .filter(|w| list.contains(w))
                 .collect();
             let addrs = if chosen.is_empty() {

@@ -145,19 +145,24 @@ impl Reconciler {
     }
 
     fn ctrl(&self) -> std::sync::MutexGuard<'_, Controller> {
-        self.controller.lock().unwrap_or_else(|p| p.into_inner())
+        self.controller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn revision_of(&self, name: &str) -> Option<u64> {
         self.revisions
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(name)
             .copied()
     }
 
     fn set_revision(&self, name: &str, revision: Option<u64>) {
-        let mut r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self
+            .revisions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match revision {
             Some(rev) => r.insert(name.to_string(), rev),
             None => r.remove(name),
@@ -167,7 +172,9 @@ impl Reconciler {
     fn followers(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, (Discovery, tokio::task::JoinHandle<()>)>> {
-        self.followers.lock().unwrap_or_else(|p| p.into_inner())
+        self.followers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// For a spec that names a discovery source: fills in the instances it lists now, and
@@ -261,7 +268,7 @@ impl Reconciler {
             };
             match ctrl.check(name, spec).and_then(|svc| ctrl.apply(svc)) {
                 Ok(svc) => {
-                    tracing::info!(service = name, backends = ?svc.backends, "discovery changed the backends")
+                    tracing::info!(service = name, backends = ?svc.backends, "discovery changed the backends");
                 }
                 Err(e) => tracing::error!(service = name, "applying discovered backends: {e}"),
             }
@@ -308,7 +315,7 @@ impl Reconciler {
                 match undo {
                     Ok(rev) => self.set_revision(name, rev.or(self.revision_of(name))),
                     Err(u) => {
-                        tracing::error!(service = name, error = %u, "could not undo a store write the maps refused")
+                        tracing::error!(service = name, error = %u, "could not undo a store write the maps refused");
                     }
                 }
                 Err(e.into())
@@ -363,7 +370,7 @@ impl Reconciler {
                 self.follow(&svc, watch);
             }
             Err(e) => {
-                tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}")
+                tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
             }
         }
     }
@@ -406,7 +413,10 @@ impl Reconciler {
             // Services this node has that the store no longer has (deleted while the
             // watch was down).
             let gone: Vec<String> = {
-                let r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+                let r = self
+                    .revisions
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 r.keys()
                     .filter(|n| !snapshot.entries.iter().any(|e| &e.name == *n))
                     .cloned()

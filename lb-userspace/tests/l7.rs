@@ -181,7 +181,7 @@ async fn start(config: ProxyConfig, routes: Vec<Route>) -> Running {
 fn route(service: &str, paths: &[&str], backends: &[&Backend]) -> Route {
     Route {
         service: service.into(),
-        paths: paths.iter().map(|p| p.to_string()).collect(),
+        paths: paths.iter().map(std::string::ToString::to_string).collect(),
         backends: backends.iter().map(|b| b.addr).collect(),
         ..Route::default()
     }

@@ -12,9 +12,10 @@ use crate::netns::{Netns, in_netns};
 
 /// The `lb` binary: `$LB_BIN` (set by `cargo xtask test`), else the release build.
 pub fn lb_bin() -> PathBuf {
-    std::env::var_os("LB_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"))
+    std::env::var_os("LB_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"),
+        PathBuf::from,
+    )
 }
 
 /// Runs `cmd` to its end, as `Command::output` does, but for at most `limit`: a command
@@ -188,7 +189,7 @@ impl LbProcess {
 
     fn spawn(ns: &Netns, ifaces: &[&str], extra: &[&str], bpffs: PathBuf) -> anyhow::Result<Self> {
         let own_store = (!extra.contains(&"--store")).then(temp_store);
-        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = extra.iter().map(std::string::ToString::to_string).collect();
         if let Some(dir) = &own_store {
             args.extend(["--store".to_string(), format!("file://{}", dir.display())]);
         }

@@ -184,7 +184,12 @@ impl PacketLab {
         let spec = ServiceSpec {
             vip: Some(vip.into()),
             protocol: Some(protocol.into()),
-            backends: Some(backends.iter().map(|s| s.to_string()).collect()),
+            backends: Some(
+                backends
+                    .iter()
+                    .map(std::string::ToString::to_string)
+                    .collect(),
+            ),
             table_size: None,
             ..Default::default()
         };
@@ -313,7 +318,6 @@ impl PacketLab {
             .drops()
             .into_iter()
             .find(|(r, _)| *r == reason)
-            .map(|(_, n)| n)
-            .unwrap_or(0)
+            .map_or(0, |(_, n)| n)
     }
 }

@@ -108,10 +108,9 @@ impl Drop for Daemon {
 
 /// The first line of `program ARGS`' output (stdout or stderr): its version banner.
 pub fn version(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| {
+    Command::new(program).args(args).output().map_or_else(
+        |_| format!("{program} not found"),
+        |o| {
             let text = [o.stdout, o.stderr].concat();
             String::from_utf8_lossy(&text)
                 .lines()
@@ -119,8 +118,8 @@ pub fn version(program: &str, args: &[&str]) -> String {
                 .unwrap_or("")
                 .trim()
                 .to_string()
-        })
-        .unwrap_or_else(|_| format!("{program} not found"))
+        },
+    )
 }
 
 /// An nginx (Debian's `nginx`) with one worker answering `GET /a/...` and `GET /b/...` on
@@ -268,7 +267,7 @@ frontend http
         routes: &[Route],
         reuse: &str,
     ) -> anyhow::Result<Self> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let mut daemon = Daemon::new("lbt-haproxy", "haproxy (Debian package haproxy)")?;
         let conf = daemon.dir().join("haproxy.cfg");
         std::fs::write(&conf, Self::config(listen, routes, threads, reuse))?;

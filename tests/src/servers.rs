@@ -449,7 +449,7 @@ impl ClientLoad {
                 match kept
                     .as_mut()
                     .map_err(|e| anyhow::anyhow!("{e}"))
-                    .and_then(|c| c.get())
+                    .and_then(HttpConn::get)
                 {
                     Ok(backend) => {
                         report.kept_answered += 1;

@@ -23,9 +23,7 @@ const SPOOFED: [u8; 2] = [10, 203];
 
 /// Entries in a pinned map of lb's.
 fn entries(lb: &LbProcess, map: &str) -> usize {
-    serde_json::from_str::<Vec<serde_json::Value>>(&dump(lb, map))
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX)
+    serde_json::from_str::<Vec<serde_json::Value>>(&dump(lb, map)).map_or(usize::MAX, |v| v.len())
 }
 
 /// A pinned map of lb's as bpftool shows it (pretty JSON, with the fields' names).

@@ -48,7 +48,7 @@ fn services_map(lb: &LbProcess) -> Vec<Value> {
         .output()
         .unwrap();
     let mut entries: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    entries.sort_by_key(|e| e.to_string());
+    entries.sort_by_key(std::string::ToString::to_string);
     entries
 }
 

@@ -311,10 +311,10 @@ fn fuzz(cookies: CookieMode, seed: u64) {
         // wrong one leaves with a wrong one (its receiver drops it, as without lb).
         let udp_zero =
             i.proto == IPPROTO_UDP && input.len() >= 42 && input[40] == 0 && input[41] == 0;
-        if checksums_verify(&input, true).is_ok() {
-            if let Err(e) = checksums_verify(&out, udp_zero) {
-                fail(e);
-            }
+        if checksums_verify(&input, true).is_ok()
+            && let Err(e) = checksums_verify(&out, udp_zero)
+        {
+            fail(e);
         }
         let o = tuple(&out).unwrap();
         let made_by_lb = o.flags != i.flags;
@@ -348,12 +348,11 @@ fn fuzz(cookies: CookieMode, seed: u64) {
         // A reply: the input came to a port lb holds, and goes to that flow's client, from
         // its VIP.
         let as_reply = FlowKey::new(i.src.octets(), i.sport, i.dst.octets(), i.dport, i.proto);
-        if let Some(r) = lab.reverse_at(&as_reply) {
-            if (r.client_addr, r.client_port, r.vip_addr, r.vip_port)
+        if let Some(r) = lab.reverse_at(&as_reply)
+            && (r.client_addr, r.client_port, r.vip_addr, r.vip_port)
                 == (o.dst.octets(), o.dport, o.src.octets(), o.sport)
-            {
-                continue;
-            }
+        {
+            continue;
         }
         // Otherwise a client's packet: to a backend, from a SNAT port whose entry is this
         // very client flow's.

@@ -365,7 +365,7 @@ fn packets_that_are_not_for_a_service_pass_untouched() {
             what: "first fragment",
             packet: with(syn.bytes(), |p| {
                 p[20] = 0x20;
-                fix_ip_checksum(p)
+                fix_ip_checksum(p);
             }),
         },
         PassCase {
@@ -373,7 +373,7 @@ fn packets_that_are_not_for_a_service_pass_untouched() {
             packet: with(syn.bytes(), |p| {
                 p[20] = 0x00;
                 p[21] = 0x10;
-                fix_ip_checksum(p)
+                fix_ip_checksum(p);
             }),
         },
         PassCase {
@@ -384,7 +384,7 @@ fn packets_that_are_not_for_a_service_pass_untouched() {
                 p[14] = 0x46;
                 let len = u16::from_be_bytes([p[16], p[17]]) + 4;
                 p[16..18].copy_from_slice(&len.to_be_bytes());
-                fix_ip_checksum(p)
+                fix_ip_checksum(p);
             }),
         },
     ];
@@ -455,14 +455,14 @@ fn malformed_headers_are_dropped_and_counted() {
         (
             "total length below the header",
             with(tcp.clone(), |p| {
-                p[16..18].copy_from_slice(&10u16.to_be_bytes())
+                p[16..18].copy_from_slice(&10u16.to_be_bytes());
             }),
             DropReason::Malformed,
         ),
         (
             "total length beyond the frame",
             with(tcp.clone(), |p| {
-                p[16..18].copy_from_slice(&1400u16.to_be_bytes())
+                p[16..18].copy_from_slice(&1400u16.to_be_bytes());
             }),
             DropReason::Truncated,
         ),
@@ -479,14 +479,14 @@ fn malformed_headers_are_dropped_and_counted() {
         (
             "UDP length below 8",
             with(udp.clone(), |p| {
-                p[38..40].copy_from_slice(&4u16.to_be_bytes())
+                p[38..40].copy_from_slice(&4u16.to_be_bytes());
             }),
             DropReason::Malformed,
         ),
         (
             "UDP length beyond the packet",
             with(udp.clone(), |p| {
-                p[38..40].copy_from_slice(&400u16.to_be_bytes())
+                p[38..40].copy_from_slice(&400u16.to_be_bytes());
             }),
             DropReason::Malformed,
         ),

@@ -79,9 +79,7 @@ fn ten_thousand_services_of_ten_backends_fit_in_a_few_hundred_mib() {
         .filter(|(n, _)| matches!(*n, "service_stats" | "backend_stats"))
         .map(|(_, b)| b)
         .sum();
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1) as u64;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u64;
     let on_two_cpus = total - per_cpu + per_cpu * 2 / cpus;
     assert!(
         mib(on_two_cpus) < 262.0,
@@ -97,9 +95,7 @@ fn the_default_sizes_take_about_two_hundred_mib() {
     let dp = Dataplane::load(&pins, &Limits::default()).unwrap();
     let total: u64 = dp.map_memory().iter().map(|(_, b)| b).sum();
     let mib = total as f64 / (1024.0 * 1024.0);
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     println!("default sizes: {mib:.1} MiB on {cpus} CPUs");
     // Per-CPU counters: 16 bytes per service and per backend on every CPU.
     let per_cpu = (2 * 65_537 * 16 * cpus) as f64 / (1024.0 * 1024.0);

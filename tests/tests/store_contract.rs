@@ -258,7 +258,7 @@ async fn file_store_keeps_the_contract() {
     let store = FileStore::open(&root, "lb", Duration::from_millis(20)).unwrap();
     let dir = root.join("lb/services");
     contract(&store, History::Every, |name| {
-        std::fs::write(dir.join(name), b"\x00garbage{").unwrap()
+        std::fs::write(dir.join(name), b"\x00garbage{").unwrap();
     })
     .await;
     // Another process (here: another handle) on the same directory sees the same state.
@@ -309,7 +309,7 @@ async fn etcd_store_keeps_the_contract() {
         etcdctl(
             &raw,
             &["put", &format!("{key_prefix}{name}"), "\u{1}garbage{"],
-        )
+        );
     })
     .await;
 }
@@ -368,7 +368,7 @@ async fn consul_store_keeps_the_contract() {
     let server = ConsulServer::start().unwrap();
     let (store, keys) = consul_store(&[server.addr().to_string()], None);
     contract(&store, History::LatestPerKey, |name| {
-        server.kv_put_raw(&format!("{keys}{name}"), b"\x00garbage{")
+        server.kv_put_raw(&format!("{keys}{name}"), b"\x00garbage{");
     })
     .await;
 }
@@ -416,7 +416,7 @@ async fn consul_store_falls_over_to_the_next_address() {
     let server = ConsulServer::start().unwrap();
     let (store, keys) = consul_store(&[closed_port(), server.addr().to_string()], None);
     contract(&store, History::LatestPerKey, |name| {
-        server.kv_put_raw(&format!("{keys}{name}"), b"\x00garbage{")
+        server.kv_put_raw(&format!("{keys}{name}"), b"\x00garbage{");
     })
     .await;
 

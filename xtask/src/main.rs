@@ -26,8 +26,9 @@ enum Cmd {
     Setup,
     /// Build the eBPF object (lb-ebpf) with nightly and bpf-linker.
     BuildEbpf,
-    /// Build everything and run every test: unit, BPF_PROG_TEST_RUN packet tables and
-    /// end-to-end suites in network namespaces (needs root).
+    /// Check formatting and clippy (warnings denied), then build everything and run every
+    /// test: unit, BPF_PROG_TEST_RUN packet tables and end-to-end suites in network
+    /// namespaces (needs root).
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -55,22 +56,48 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_ebpf() -> anyhow::Result<()> {
-    run(Command::new("cargo")
-        .current_dir(root().join("lb-ebpf"))
+/// Cargo on nightly in the eBPF crate, as its build needs it.
+fn ebpf_cargo(args: &[&str]) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root().join("lb-ebpf"))
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("CARGO_TARGET_DIR")
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
-        .args([
-            "+nightly",
-            "build",
-            "-Z",
-            "build-std=core",
-            "--target",
-            "bpfel-unknown-none",
-            "--release",
-        ]))
+        .arg("+nightly")
+        .args(args);
+    c
+}
+
+const EBPF_TARGET: [&str; 5] = [
+    "-Z",
+    "build-std=core",
+    "--target",
+    "bpfel-unknown-none",
+    "--release",
+];
+
+fn build_ebpf() -> anyhow::Result<()> {
+    run(ebpf_cargo(&["build"]).args(EBPF_TARGET))
+}
+
+/// Formatting and clippy (the workspace's lints, warnings denied) on both crates' sides,
+/// before anything is built for the tests: the first finding ends the run.
+fn lint() -> anyhow::Result<()> {
+    run(&mut cargo(&["fmt", "--all", "--check"]))?;
+    run(&mut ebpf_cargo(&["fmt", "--check"]))?;
+    run(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(ebpf_cargo(&["clippy"])
+        .args(EBPF_TARGET)
+        .args(["--", "-D", "warnings"]))
 }
 
 fn cargo(args: &[&str]) -> Command {
@@ -117,6 +144,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Test { filter } => {
             setup::setup()?;
+            lint()?;
             build_ebpf()?;
             build_release()?;
             let mut unit = cargo(&[

@@ -121,14 +121,16 @@ fn install_rust_pieces() -> anyhow::Result<()> {
             "minimal",
         ]))?;
     }
-    if !has_rust_src() {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+    for (toolchain, component) in COMPONENTS {
+        if !has_component(toolchain, component) {
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
+        }
     }
     if !has_bpf_linker() {
         eprintln!(
@@ -147,14 +149,24 @@ fn install_rust_pieces() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn has_rust_src() -> bool {
+/// The toolchain components the build and `cargo xtask test`'s lint step use: core's source
+/// for the eBPF build, and rustfmt and clippy on both toolchains.
+const COMPONENTS: [(&str, &str); 5] = [
+    ("nightly", "rust-src"),
+    ("nightly", "rustfmt"),
+    ("nightly", "clippy"),
+    ("stable", "rustfmt"),
+    ("stable", "clippy"),
+];
+
+fn has_component(toolchain: &str, component: &str) -> bool {
     output(
         "rustup",
-        &["component", "list", "--installed", "--toolchain", "nightly"],
+        &["component", "list", "--installed", "--toolchain", toolchain],
     )
     .unwrap_or_default()
     .lines()
-    .any(|l| l.starts_with("rust-src"))
+    .any(|l| l.starts_with(component))
 }
 
 fn has_bpf_linker() -> bool {
@@ -248,7 +260,12 @@ fn check() -> Vec<String> {
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Usage: wrk")),
         "wrk: `wrk` does not run",
     );
-    expect(has_rust_src(), "rust-src for the nightly toolchain");
+    for (toolchain, component) in COMPONENTS {
+        expect(
+            has_component(toolchain, component),
+            &format!("{component} for the {toolchain} toolchain"),
+        );
+    }
     expect(
         has_bpf_linker(),
         &format!("bpf-linker {BPF_LINKER_VERSION} (cargo install bpf-linker)"),

@@ -141,9 +141,9 @@ impl Dataplane {
                     adopted.down.clear();
                     self.adopted.insert(key, adopted);
                 }
-                result.map(|_| if was_down { missing } else { Vec::new() })
+                result.map(|()| if was_down { missing } else { Vec::new() })
             }
-            None => self.upsert_over(svc, key, None).map(|_| Vec::new()),
+            None => self.upsert_over(svc, key, None).map(|()| Vec::new()),
         }
     }
 

@@ -90,7 +90,7 @@ mod tests {
             );
             got.push(id);
         }
-        got.sort();
+        got.sort_unstable();
         assert_eq!(got, [1, 3, 4, 6, 7]);
     }
 }

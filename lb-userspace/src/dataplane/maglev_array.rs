@@ -54,7 +54,7 @@ impl MaglevArray {
         assert!(slot < self.slots, "slot {slot} out of {}", self.slots);
         // SAFETY: in bounds (checked above) and aligned; the kernel reads it as a u32.
         unsafe {
-            (self.base.as_ptr().add(slot as usize * STRIDE) as *mut u32).write_volatile(backend_id)
+            (self.base.as_ptr().add(slot as usize * STRIDE) as *mut u32).write_volatile(backend_id);
         };
     }
 

@@ -680,10 +680,7 @@ impl Dataplane {
             .map(|&r| {
                 (
                     r,
-                    self.drops
-                        .get(&(r as u32), 0)
-                        .map(|v| v.iter().sum())
-                        .unwrap_or(0),
+                    self.drops.get(&(r as u32), 0).map_or(0, |v| v.iter().sum()),
                 )
             })
             .collect()

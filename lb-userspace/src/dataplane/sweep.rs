@@ -81,8 +81,7 @@ impl Dataplane {
         let count = |s: CookieStat| -> u64 {
             self.cookie_stats
                 .get(&(s as u32), 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0)
+                .map_or(0, |v| v.iter().sum())
         };
         let now = super::clock::jiffies_now().unwrap_or(f.since);
         let hz = u64::from(self.hz.max(1));
@@ -112,7 +111,7 @@ impl Dataplane {
 
     /// The ports backend `id`'s flows hold.
     pub fn port_use(&self, id: u32) -> PortUse {
-        let sweeps = self.flood.get(&0, 0).map(|f| f.sweeps).unwrap_or(0);
+        let sweeps = self.flood.get(&0, 0).map_or(0, |f| f.sweeps);
         let state = self.backend_state.get(&id, 0).unwrap_or_default();
         let (in_use, time_wait) = if state.sweep == sweeps && sweeps != 0 {
             (state.ports_in_use, state.ports_time_wait)
@@ -122,13 +121,11 @@ impl Dataplane {
         let addrs = self
             .backend_hops
             .get(&id, 0)
-            .map(|h| u32::from(h.snat_count.max(1)))
-            .unwrap_or(1);
+            .map_or(1, |h| u32::from(h.snat_count.max(1)));
         let range = self
             .settings
             .as_ref()
-            .map(|s| u32::from(s.snat_ports.1 - s.snat_ports.0) + 1)
-            .unwrap_or(0);
+            .map_or(0, |s| u32::from(s.snat_ports.1 - s.snat_ports.0) + 1);
         PortUse {
             in_use,
             time_wait,

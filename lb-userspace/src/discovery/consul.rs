@@ -153,7 +153,7 @@ pub fn watch_service(
             };
             let answer = tokio::select! {
                 a = client.request(Method::GET, &path, None, timeout) => a,
-                _ = tx.closed() => return,
+                () = tx.closed() => return,
             };
             let parsed = match answer {
                 Err(e) => Err(e.to_string()),
@@ -189,8 +189,8 @@ pub fn watch_service(
                     let backoff =
                         (Duration::from_millis(100) * 2u32.pow(failures.min(7))).min(MAX_BACKOFF);
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = tx.closed() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                        () = tx.closed() => return,
                     }
                 }
             }

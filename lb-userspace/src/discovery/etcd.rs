@@ -70,7 +70,9 @@ async fn follow(
         .get(keys, Some(GetOptions::new().with_prefix()))
         .await
         .map_err(|e| e.to_string())?;
-    let revision = resp.header().map_or(0, |h| h.revision());
+    let revision = resp
+        .header()
+        .map_or(0, etcd_client::ResponseHeader::revision);
     let mut instances: BTreeMap<String, SocketAddrV4> = BTreeMap::new();
     for kv in resp.kvs() {
         record(
@@ -91,7 +93,7 @@ async fn follow(
     loop {
         let message = tokio::select! {
             m = stream.message() => m.map_err(|e| e.to_string())?,
-            _ = tx.closed() => return Ok(()),
+            () = tx.closed() => return Ok(()),
         };
         let Some(resp) = message else {
             return Err("the watch stream closed".into());

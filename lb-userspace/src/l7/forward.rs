@@ -32,7 +32,7 @@ impl Proxy {
                 .headers()
                 .get(HOST)
                 .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().authority().map(|a| a.as_str()));
+                .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
             let path = req.uri().path();
             let Some(t) = table.lookup(host, path) else {
                 return self.answer(StatusCode::NOT_FOUND, format!("no route for {path}\n"));
@@ -77,9 +77,10 @@ impl Proxy {
             Err(e) => {
                 let service = lease.service();
                 tracing::debug!(%service, error = %e, "backend failed");
-                let (status, what) = match e.is_timeout() {
-                    true => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
-                    false => (StatusCode::BAD_GATEWAY, "failed"),
+                let (status, what) = if e.is_timeout() {
+                    (StatusCode::GATEWAY_TIMEOUT, "timed out")
+                } else {
+                    (StatusCode::BAD_GATEWAY, "failed")
                 };
                 return self.answer(status, format!("service {service}: backend {what}\n"));
             }
@@ -118,7 +119,7 @@ impl Proxy {
                 if let Some(sent) = &sent {
                     sent.wait().await;
                 }
-                tokio::time::sleep(config.response_header_timeout).await
+                tokio::time::sleep(config.response_header_timeout).await;
             };
             let answered = if upgrade {
                 let response = conn.into_upgradeable().try_send_request(req);

@@ -81,7 +81,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Arc<Self> {
         let workers = match config.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             n => n,
         };
         Arc::new(Self {

@@ -264,7 +264,7 @@ mod tests {
     fn route(service: &str, domain: Option<&str>, paths: &[&str]) -> Route {
         Route {
             service: service.into(),
-            paths: paths.iter().map(|p| p.to_string()).collect(),
+            paths: paths.iter().map(std::string::ToString::to_string).collect(),
             domain: domain.map(Into::into),
             backends: vec!["127.0.0.1:1".parse().unwrap()],
             ..Route::default()

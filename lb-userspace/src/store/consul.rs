@@ -364,7 +364,7 @@ impl Store for ConsulStore {
                 let block = (index > 0).then_some((index, wait));
                 let answer = tokio::select! {
                     a = list_keys(&client, &keys, block) => a,
-                    _ = tx.closed() => return,
+                    () = tx.closed() => return,
                 };
                 let snapshot = match answer {
                     Ok(s) => s,
@@ -378,8 +378,8 @@ impl Store for ConsulStore {
                         }
                         let backoff = Duration::from_millis(100 * failures.min(10) as u64);
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = tx.closed() => return,
+                            () = tokio::time::sleep(backoff) => {}
+                            () = tx.closed() => return,
                         }
                         continue;
                     }

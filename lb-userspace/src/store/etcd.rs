@@ -143,7 +143,7 @@ impl Store for EtcdStore {
             })
             .await
             .map_err(|e| self.unavailable(e))?;
-        let revision = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+        let revision = resp.header().map_or(0, |h| h.revision() as u64);
         let mut entries: Vec<Entry> = resp.kvs().iter().filter_map(|kv| self.entry(kv)).collect();
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Snapshot { entries, revision })
@@ -153,7 +153,7 @@ impl Store for EtcdStore {
         let resp = self
             .guarded(name, TxnOp::put(self.key(name), value, None), expect)
             .await?;
-        Ok(resp.header().map(|h| h.revision() as u64).unwrap_or(0))
+        Ok(resp.header().map_or(0, |h| h.revision() as u64))
     }
 
     async fn secret(&self, proposal: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -228,12 +228,9 @@ impl Store for EtcdStore {
                 loop {
                     let message = tokio::select! {
                         m = stream.message() => m,
-                        _ = tx.closed() => return,
+                        () = tx.closed() => return,
                     };
-                    let resp = match message {
-                        Ok(Some(r)) => r,
-                        Ok(None) | Err(_) => break,
-                    };
+                    let Ok(Some(resp)) = message else { break };
                     failures = 0;
                     if resp.canceled() {
                         let why = format!(

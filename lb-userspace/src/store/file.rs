@@ -233,7 +233,7 @@ impl FileStore {
             serde_json::to_string(&line).map_err(|e| StoreError::Invalid(e.to_string()))?;
         text.push('\n');
         f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
+            .and_then(|()| f.sync_all())
             .map_err(io(&log))?;
         write_atomically(&self.dir.join("revision"), revision.to_string().as_bytes())?;
         Ok((revision, current.is_some()))
@@ -303,8 +303,8 @@ async fn follow(
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(poll) => {}
-            _ = tx.closed() => return,
+            () = tokio::time::sleep(poll) => {}
+            () = tx.closed() => return,
         }
     }
 }

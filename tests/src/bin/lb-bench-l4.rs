@@ -51,7 +51,11 @@ fn nft_ruleset(topo: &Topology) -> String {
         .enumerate()
         .map(|(i, a)| format!("{i} : {a}"))
         .collect();
-    let set: Vec<String> = topo.backend_addrs.iter().map(|a| a.to_string()).collect();
+    let set: Vec<String> = topo
+        .backend_addrs
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     format!(
         "table ip lbbench {{
     chain pre {{
@@ -73,7 +77,7 @@ fn nft_ruleset(topo: &Topology) -> String {
 
 /// HAProxy in TCP mode on the VIP, round robin over the backends, one thread a CPU.
 fn haproxy_config(topo: &Topology) -> String {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut c = format!(
         "global
     nbthread {threads}
@@ -200,7 +204,7 @@ fn answered(topo: &Topology) -> anyhow::Result<()> {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 

@@ -166,7 +166,11 @@ fn start_lb(ns: &Netns, routes: &[Route]) -> anyhow::Result<Option<LbProcess>> {
     args.extend(extra.split_whitespace());
     let lb = LbProcess::start(ns, &["lbv0"], &args)?;
     for r in routes {
-        let backends: Vec<String> = r.backends.iter().map(|b| b.to_string()).collect();
+        let backends: Vec<String> = r
+            .backends
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         lb.put_service(
             &r.name,
             &serde_json::json!({
@@ -286,7 +290,7 @@ fn main() -> anyhow::Result<()> {
         Some("close") => vec![&MODES[1]],
         Some(other) => bail!("LB_BENCH_MODE={other:?}: keep-alive or close"),
     };
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
 
     let ns = Netns::new(&unique("lbt-l7"))?;
     let backends: Vec<SocketAddr> = (0..BACKENDS)

@@ -36,9 +36,7 @@ fn frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, l4: L4) -> Frame 
 
 /// Keeps the measuring thread on one CPU: per-CPU map state and caches stay put.
 fn pin_to_last_cpu() {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut set = nix::sched::CpuSet::new();
     if set.set(cpus - 1).is_ok() {
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);

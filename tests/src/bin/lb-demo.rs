@@ -107,8 +107,7 @@ fn main() -> anyhow::Result<()> {
     let down = (0..40).any(|_| {
         std::thread::sleep(Duration::from_millis(250));
         lb.request("GET", "/v1/services/go-demo", None)
-            .map(|(_, v)| v["backend_counters"][2]["health"] == "down")
-            .unwrap_or(false)
+            .is_ok_and(|(_, v)| v["backend_counters"][2]["health"] == "down")
     });
     let (_, view) = lb.request("GET", "/v1/services/go-demo", None)?;
     println!(
