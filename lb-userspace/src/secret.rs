@@ -46,6 +46,7 @@ impl GroupKeys {
         let mut bytes = [0u8; 32];
         let mut filled = 0;
         while filled < bytes.len() {
+            // SAFETY: the buffer is the unfilled tail of `bytes`, and its length is passed.
             let n = unsafe {
                 libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
             };

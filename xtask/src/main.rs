@@ -82,7 +82,7 @@ fn build_ebpf() -> anyhow::Result<()> {
 }
 
 /// Formatting and clippy (the workspace's lints, warnings denied) on both crates' sides,
-/// before anything is built for the tests: the first finding ends the run.
+/// before the tests are built: the first finding ends the run.
 fn lint() -> anyhow::Result<()> {
     run(&mut cargo(&["fmt", "--all", "--check"]))?;
     run(&mut ebpf_cargo(&["fmt", "--check"]))?;
@@ -144,8 +144,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Test { filter } => {
             setup::setup()?;
-            lint()?;
+            // After the eBPF build: lb-userspace's build script embeds its object.
             build_ebpf()?;
+            lint()?;
             build_release()?;
             let mut unit = cargo(&[
                 "test",

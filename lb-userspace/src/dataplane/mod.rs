@@ -217,6 +217,8 @@ fn is_bpffs(dir: &Path) -> bool {
     let Ok(path) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return false;
     };
+    // SAFETY: statfs is plain data, valid all zero; the kernel fills it from a
+    // NUL-terminated path that lives across the call.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     unsafe { libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
@@ -229,6 +231,7 @@ fn mount_bpffs_if_missing(dir: &Path) -> std::io::Result<()> {
         return Ok(());
     }
     let (src, fstype, target) = (c"bpf", c"bpf", c"/sys/fs/bpf");
+    // SAFETY: NUL-terminated static strings, and no mount data.
     if unsafe {
         libc::mount(
             src.as_ptr(),
@@ -296,6 +299,7 @@ impl Dataplane {
             return Err(DataplaneError::NotBpffs(pin_dir.to_path_buf()));
         }
         let lock = std::fs::File::open(pin_dir).map_err(pin_err)?;
+        // SAFETY: flock on a descriptor held open here; no memory is passed.
         if unsafe {
             libc::flock(
                 std::os::fd::AsRawFd::as_raw_fd(&lock),

@@ -163,6 +163,8 @@ fn pinned_link_ifindex(pin: &Path) -> Option<u32> {
         bpf_fd: 0,
         file_flags: 0,
     };
+    // SAFETY: BPF_OBJ_GET reads an attribute block of the size passed, whose path is
+    // NUL-terminated and outlives the call.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -176,12 +178,15 @@ fn pinned_link_ifindex(pin: &Path) -> Option<u32> {
     }
     // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: LinkInfo is plain data, valid all zero.
     let mut info: LinkInfo = unsafe { std::mem::zeroed() };
     let mut attr = InfoByFd {
         bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
         info_len: std::mem::size_of::<LinkInfo>() as u32,
         info: &mut info as *mut LinkInfo as u64,
     };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which outlives the
+    // call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,

@@ -103,6 +103,7 @@ impl Lock {
         } else {
             libc::LOCK_SH
         };
+        // SAFETY: flock on a descriptor this function holds open; no memory is passed.
         if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
             return Err(io(path)(std::io::Error::last_os_error()));
         }
