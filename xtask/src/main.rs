@@ -122,6 +122,14 @@ fn build_release() -> anyhow::Result<()> {
 /// namespaces and bpffs), each under [`suites::SUITE_LIMIT`]; the first failure ends the
 /// run.
 fn privileged_suites(filter: Option<&str>) -> anyhow::Result<()> {
+    // Every suite built first, on all cores at once, so a build error shows before any test.
+    run(&mut cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "lb-tests",
+        "--no-run",
+    ]))?;
     for suite in suites::names(&root())? {
         let mut c = cargo(&["test", "--release", "-p", "lb-tests"]);
         match &suite {
