@@ -83,6 +83,11 @@ fn with_ts(mut s: Seg, tsval: u32, tsecr: u32) -> Seg {
     s
 }
 
+/// Runs segment `s` with timestamps `tsval` and `tsecr`: the verdict.
+fn run_ts(lab: &PacketLab, s: Seg, tsval: u32, tsecr: u32) -> u32 {
+    lab.run(lab.v0, &with_ts(s, tsval, tsecr).bytes()).0
+}
+
 /// Opens a connection from `sport` (client ISN `isn`, timestamp `ts`): SYN, the backend's
 /// SYN-ACK (ISN 9000), the client's ACK. The SNAT port it got.
 fn open(lab: &PacketLab, sport: u16, isn: u32, ts: u32) -> u16 {
@@ -905,22 +910,16 @@ fn a_closed_connections_5_tuple_opens_again_through_a_cookie() {
         let (port, cookie) = cookie_open(&lab, CLIENT_PORT, 1000, 5000);
         // The backend closes first, the client second; the backend's last ACK.
         let fin = backend(port, flags(false, true, true, false), 777_001, 1001);
-        assert_eq!(
-            lab.run(lab.v0, &with_ts(fin, 90_001, 5002).bytes()).0,
-            XDP_TX
-        );
+        assert_eq!(run_ts(&lab, fin, 90_001, 5002), XDP_TX);
         let cfin = client(
             CLIENT_PORT,
             flags(false, true, true, false),
             1001,
             cookie.wrapping_add(2),
         );
-        assert_eq!(lab.run(lab.v0, &with_ts(cfin, 5003, 0).bytes()).0, XDP_TX);
+        assert_eq!(run_ts(&lab, cfin, 5003, 0), XDP_TX);
         let last = backend(port, ACK, 777_002, 1002);
-        assert_eq!(
-            lab.run(lab.v0, &with_ts(last, 90_002, 5003).bytes()).0,
-            XDP_TX
-        );
+        assert_eq!(run_ts(&lab, last, 90_002, 5003), XDP_TX);
         assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::TIME_WAIT));
 
         // The same 5-tuple again: with a newer timestamp, or (without timestamps) a
@@ -960,20 +959,14 @@ fn a_reused_5_tuple_is_tracked_as_the_new_connection() {
     for round in 0..3 {
         let port = open(&lab, CLIENT_PORT, isn, ts);
         let fin = backend(port, flags(false, true, true, false), 9001, isn + 1);
-        assert_eq!(
-            lab.run(lab.v0, &with_ts(fin, 70_001, ts + 1).bytes()).0,
-            XDP_TX
-        );
+        assert_eq!(run_ts(&lab, fin, 70_001, ts + 1), XDP_TX);
         assert_eq!(
             reverse_state(&lab, CLIENT_PORT),
             Some(state::FIN_BACKEND),
             "round {round}"
         );
         let cfin = client(CLIENT_PORT, flags(false, true, true, false), isn + 1, 9002);
-        assert_eq!(
-            lab.run(lab.v0, &with_ts(cfin, ts + 2, 70_001).bytes()).0,
-            XDP_TX
-        );
+        assert_eq!(run_ts(&lab, cfin, ts + 2, 70_001), XDP_TX);
         assert_eq!(
             reverse_state(&lab, CLIENT_PORT),
             Some(state::TIME_WAIT),
@@ -997,17 +990,11 @@ fn fins_that_cross_leave_the_backend_in_time_wait() {
     let lab = lab_with((61000, 61000), CookieMode::Never, 4096);
     let port = open(&lab, CLIENT_PORT, 1000, 5000);
     let cfin = client(CLIENT_PORT, flags(false, true, true, false), 1001, 9001);
-    assert_eq!(
-        lab.run(lab.v0, &with_ts(cfin, 5001, 70_000).bytes()).0,
-        XDP_TX
-    );
+    assert_eq!(run_ts(&lab, cfin, 5001, 70_000), XDP_TX);
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::FIN_CLIENT));
     // The backend's FIN acknowledges 1001, not the client's FIN (1002).
     let bfin = backend(port, flags(false, true, true, false), 9001, 1001);
-    assert_eq!(
-        lab.run(lab.v0, &with_ts(bfin, 70_001, 5000).bytes()).0,
-        XDP_TX
-    );
+    assert_eq!(run_ts(&lab, bfin, 70_001, 5000), XDP_TX);
     let (_, r) = lab.reverse(CLIENT, CLIENT_PORT).unwrap();
     assert_eq!(
         (r.state, r.tw_seq, r.tw_tsval),
@@ -1016,15 +1003,9 @@ fn fins_that_cross_leave_the_backend_in_time_wait() {
     );
     // The rest of the close: each side acknowledges the other's FIN.
     let back = backend(port, ACK, 9002, 1002);
-    assert_eq!(
-        lab.run(lab.v0, &with_ts(back, 70_002, 5001).bytes()).0,
-        XDP_TX
-    );
+    assert_eq!(run_ts(&lab, back, 70_002, 5001), XDP_TX);
     let last = client(CLIENT_PORT, ACK, 1002, 9002);
-    assert_eq!(
-        lab.run(lab.v0, &with_ts(last, 5002, 70_001).bytes()).0,
-        XDP_TX
-    );
+    assert_eq!(run_ts(&lab, last, 5002, 70_001), XDP_TX);
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::TIME_WAIT));
 
     // A SYN that TIME_WAIT refuses (an older timestamp, as another client port's clock
@@ -1047,9 +1028,9 @@ fn a_reset_for_a_stray_segment_does_not_end_the_handshake_it_came_in() {
     // The backend closes first; the client's FIN leaves it in TIME_WAIT (last timestamp
     // 5001).
     let bfin = backend(port, flags(false, true, true, false), 9001, 1001);
-    lab.run(lab.v0, &with_ts(bfin, 70_001, 5000).bytes());
+    run_ts(&lab, bfin, 70_001, 5000);
     let cfin = client(CLIENT_PORT, flags(false, true, true, false), 1001, 9002);
-    lab.run(lab.v0, &with_ts(cfin, 5001, 70_001).bytes());
+    run_ts(&lab, cfin, 5001, 70_001);
     assert_eq!(reverse_state(&lab, CLIENT_PORT), Some(state::TIME_WAIT));
 
     // Another client's SYN that the TIME_WAIT takes gets the port at once...
@@ -1066,10 +1047,7 @@ fn a_reset_for_a_stray_segment_does_not_end_the_handshake_it_came_in() {
     );
     assert_eq!((v, seen(&out).dport), (XDP_TX, b));
     let synack = backend(port, flags(true, true, false, false), 30_000, b_isn + 1);
-    assert_eq!(
-        lab.run(lab.v0, &with_ts(synack, 80_000, 6000).bytes()).0,
-        XDP_TX
-    );
+    assert_eq!(run_ts(&lab, synack, 80_000, 6000), XDP_TX);
     let stray_reset = client(b, flags(false, false, false, true), 1002, 0);
     assert_eq!(lab.run(lab.v0, &stray_reset.bytes()).0, XDP_TX);
     assert_eq!(
@@ -1080,14 +1058,11 @@ fn a_reset_for_a_stray_segment_does_not_end_the_handshake_it_came_in() {
     // The connection opens, and the backend closes it first: TIME_WAIT again, last
     // timestamp 6002.
     let ack = client(b, ACK, b_isn + 1, 30_001);
-    assert_eq!(
-        lab.run(lab.v0, &with_ts(ack, 6001, 80_000).bytes()).0,
-        XDP_TX
-    );
+    assert_eq!(run_ts(&lab, ack, 6001, 80_000), XDP_TX);
     let bfin = backend(port, flags(false, true, true, false), 30_001, b_isn + 1);
-    lab.run(lab.v0, &with_ts(bfin, 80_001, 6001).bytes());
+    run_ts(&lab, bfin, 80_001, 6001);
     let cfin = client(b, flags(false, true, true, false), b_isn + 1, 30_002);
-    lab.run(lab.v0, &with_ts(cfin, 6002, 80_001).bytes());
+    run_ts(&lab, cfin, 6002, 80_001);
     let (_, r) = lab.reverse(CLIENT, b).expect("the new flow's entry");
     assert_eq!(
         (r.state, r.tw_seq, r.tw_tsval),
@@ -1100,10 +1075,7 @@ fn a_reset_for_a_stray_segment_does_not_end_the_handshake_it_came_in() {
     let c = CLIENT_PORT + 3;
     assert_eq!(try_syn(&lab, c, 40_000, Some(7000)).0, XDP_TX);
     let synack = backend(port, flags(true, true, false, false), 50_000, 40_001);
-    assert_eq!(
-        lab.run(lab.v0, &with_ts(synack, 90_000, 7000).bytes()).0,
-        XDP_TX
-    );
+    assert_eq!(run_ts(&lab, synack, 90_000, 7000), XDP_TX);
     assert_eq!(reverse_state(&lab, c), Some(state::EMBRYONIC));
     let reset = client(c, flags(false, false, false, true), 40_001, 0);
     lab.run(lab.v0, &reset.bytes());
