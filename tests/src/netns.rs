@@ -70,6 +70,12 @@ impl Netns {
             .with_context(|| format!("no TcpExt {name} in /proc/net/netstat"))
     }
 
+    /// The SYNs sent again so far from this namespace (`TcpExt TCPSynRetrans`): each one a
+    /// connection that waited for its answer.
+    pub fn syn_retransmits(&self) -> u64 {
+        self.tcp_ext_counter("TCPSynRetrans").unwrap()
+    }
+
     /// Runs a shell command in this namespace (network only; host mounts and bpffs).
     pub fn sh(&self, cmd: &str) -> anyhow::Result<String> {
         sh(&format!("nsenter --net={} sh -c '{cmd}'", self.path()))

@@ -55,12 +55,6 @@ fn stats(lb: &LbProcess) -> Value {
         .unwrap_or_default()
 }
 
-/// The client's SYNs sent again so far: each one a connection that waited for lb or a
-/// backend.
-fn syn_retransmits(topo: &Topology) -> u64 {
-    topo.client.tcp_ext_counter("TCPSynRetrans").unwrap()
-}
-
 fn check(report: &WrkReport, what: &str, stats: &Value, syn_retransmits: u64) {
     println!(
         "{what}: {} requests in {:.1} s, {:.0}/s, errors: {}, SYNs retransmitted: \
@@ -92,12 +86,17 @@ fn check(report: &WrkReport, what: &str, stats: &Value, syn_retransmits: u64) {
 /// `what`: wrk's report.
 fn checked_churn(topo: &Topology, lb: &LbProcess, seconds: u64, what: &str) -> WrkReport {
     let wrk = Wrk::new(&["/a/"]).unwrap();
-    let retransmitted = syn_retransmits(topo);
+    let retransmitted = topo.client.syn_retransmits();
     let report = wrk
         .run(&topo.client, topo.vip(80).into(), &churn(seconds))
         .unwrap();
     let stats = stats(lb);
-    check(&report, what, &stats, syn_retransmits(topo) - retransmitted);
+    check(
+        &report,
+        what,
+        &stats,
+        topo.client.syn_retransmits() - retransmitted,
+    );
     report
 }
 
@@ -134,7 +133,7 @@ fn kill_9_and_restart_under_connection_churn_fails_none() {
     let store = temp_store();
     let (_nginx, lb) = setup(&topo, &store.url(), &[]);
     let wrk = Wrk::new(&["/a/"]).unwrap();
-    let retransmitted = syn_retransmits(&topo);
+    let retransmitted = topo.client.syn_retransmits();
     let (report, stats) = std::thread::scope(|s| {
         let load = s.spawn(|| {
             wrk.run(&topo.client, topo.vip(80).into(), &churn(30))
@@ -149,7 +148,7 @@ fn kill_9_and_restart_under_connection_churn_fails_none() {
         let report = load.join().unwrap();
         (report, stats(&second))
     });
-    let retransmitted = syn_retransmits(&topo) - retransmitted;
+    let retransmitted = topo.client.syn_retransmits() - retransmitted;
     check(
         &report,
         "30 s of connection churn, lb killed and restarted",

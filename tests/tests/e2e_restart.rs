@@ -77,8 +77,7 @@ fn kill_9_and_restarts_lose_no_connection() {
     let map_before = services_map(&first);
     assert_eq!(map_before.len(), 2);
 
-    let syn_retransmits = || topo.client.tcp_ext_counter("TCPSynRetrans").unwrap();
-    let retransmitted = syn_retransmits();
+    let retransmitted = topo.client.syn_retransmits();
     let load = ClientLoad::start(&topo.client, topo.vip(80).into()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // kill -9: no daemon at all for a while, and the kernel keeps forwarding.
@@ -109,7 +108,7 @@ fn kill_9_and_restarts_lose_no_connection() {
     let report = load.stop();
     // A SYN lost in a swap is retried after a second and still answered: count those too.
     assert_eq!(
-        syn_retransmits() - retransmitted,
+        topo.client.syn_retransmits() - retransmitted,
         0,
         "SYNs retransmitted across the restarts: {report:?}"
     );
@@ -180,8 +179,7 @@ fn pinned_state_keeps_serving_while_the_store_is_unreachable() {
     let pins = pins_of_a_killed_lb(&topo, &url);
     drop(etcd);
     let second = LbProcess::spawn_on(&topo.lb, &topo.lb_ifaces, &["--store", &url], pins).unwrap();
-    let syn_retransmits = || topo.client.tcp_ext_counter("TCPSynRetrans").unwrap();
-    let retransmitted = syn_retransmits();
+    let retransmitted = topo.client.syn_retransmits();
     let load = ClientLoad::start(&topo.client, topo.vip(80).into()).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let report = load.stop();
@@ -189,7 +187,7 @@ fn pinned_state_keeps_serving_while_the_store_is_unreachable() {
     let log = second.log_text();
     assert!(report.failures.is_empty(), "{:?}\n{log}", report.failures);
     assert_eq!(
-        syn_retransmits() - retransmitted,
+        topo.client.syn_retransmits() - retransmitted,
         0,
         "SYNs retransmitted: {report:?}"
     );
