@@ -166,6 +166,9 @@ fn try_new_flow(
                     // A retry of a flow that took a port past its first choice, or a SYN on a
                     // live connection.
                     if let Some(c) = flows::get(&f.key, cfg)
+                        // SAFETY: `flows::get` returned a non-null `conntrack` slot; array
+                        // values live as long as the map. Other CPUs may change it
+                        // meanwhile (see `flows`).
                         && unsafe { &*c }.takes_syn(isn, pkt.proto, now, cfg)
                     {
                         return Ok(Outcome::Tracked);
@@ -294,6 +297,8 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
     if pkt.ttl_expires() {
         return Err(DropReason::TtlExceeded);
     }
+    // SAFETY: `parse` checked the IP header against data_end, and the verifier refuses a
+    // packet pointer kept across a resize.
     let ttl = unsafe { (*pkt.ip).ttl } - 1;
     let now = track::now();
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;

@@ -262,6 +262,8 @@ pub fn backend_accepts(
     // The client's entry translates from now on.
     let client = crate::track::client_flow(r, pkt.proto);
     if let Some(c) = crate::flows::get(&client, cfg) {
+        // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live as
+        // long as the map. Other CPUs may change it meanwhile (see `flows`).
         let c = unsafe { &mut *c };
         c.seq_delta = r.seq_delta;
         c.ts_delta = r.ts_delta;
@@ -298,6 +300,8 @@ pub fn complete_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse) -> Resul
     let client_wscale = match maps::config
         .get(0)
         .and_then(|cfg| crate::flows::get(&crate::track::client_flow(r, pkt.proto), cfg))
+        // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live as
+        // long as the map. Other CPUs may change it meanwhile (see `flows`).
         .map(|c| unsafe { &*c })
     {
         Some(c) if c.syn.flags & SYN_WSCALE != 0 => c.syn.wscale,
@@ -324,6 +328,8 @@ pub fn complete_backend(ctx: &XdpContext, pkt: &Packet, r: &NatReverse) -> Resul
 #[inline(always)]
 pub fn learn(id: u32, opts: &tcpopt::Options) {
     if let Some(b) = maps::backend_state.get_ptr_mut(id) {
+        // SAFETY: non-null from the lookup; array values live as long as the map. Other
+        // CPUs and the sweep may write it meanwhile: plain fields, no atomics.
         let b = unsafe { &mut *b };
         if opts.mss != 0 && b.mss != opts.mss {
             b.mss = opts.mss;

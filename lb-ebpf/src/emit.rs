@@ -51,18 +51,24 @@ fn fold(mut sum: u32) -> u16 {
 pub fn write(ctx: &XdpContext, seg: &Segment) -> Result<(), DropReason> {
     let len = crate::parse::data_end(ctx) - crate::parse::data(ctx);
     let delta = FRAME_LEN as i32 - len as i32;
+    // SAFETY: a BPF helper call with arguments of the types it documents: the program's
+    // context and a length change. Every packet pointer is derived afresh after it.
     if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
         // No room after the frame (a small packet in a buffer of its own size, as veth
         // gives an option-less SYN): grow at the front instead, into the headroom XDP
         // always has, and move the Ethernet header there.
+        // SAFETY: as above: the helper grows the packet at its front by `delta` bytes.
         if !(0..64).contains(&delta) || unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
             return Err(DropReason::NoRoom);
         }
         // Masked where the verifier sees it (the compiler drops a mask it can prove).
         let mut off = delta as usize;
+        // SAFETY: inline asm that only moves a register to itself: no memory touched.
         unsafe { core::arch::asm!("{0} = {0}", inout(reg) off, options(pure, nomem, nostack)) };
         let old: *mut [u8; 14] = ptr_at(ctx, off & 63)?;
         let new: *mut [u8; 14] = ptr_at(ctx, 0)?;
+        // SAFETY: `ptr_at` checked both 14-byte headers against data_end; the accesses are
+        // unaligned ones.
         unsafe {
             let (o, n) = (old as *mut u8, new as *mut u8);
             (n as *mut u32).write_unaligned((o as *const u32).read_unaligned());
@@ -87,6 +93,8 @@ pub fn write(ctx: &XdpContext, seg: &Segment) -> Result<(), DropReason> {
     sum = sum_words(sum, &seg.dst);
     let ip_check = fold(sum).to_ne_bytes();
     let ipw = ip as *mut [u8; 4];
+    // SAFETY: `ptr_at` checked the 20-byte IP header against data_end: five unaligned
+    // words.
     unsafe {
         ipw.write_unaligned(w0);
         ipw.add(1).write_unaligned(w1);
@@ -126,6 +134,8 @@ pub fn write(ctx: &XdpContext, seg: &Segment) -> Result<(), DropReason> {
     }
     let check = fold(sum).to_ne_bytes();
     let tw = tcp as *mut [u8; 4];
+    // SAFETY: `ptr_at` checked the 40-byte TCP header against data_end: ten unaligned
+    // words.
     unsafe {
         tw.write_unaligned(words[0]);
         tw.add(1).write_unaligned(words[1]);
@@ -148,6 +158,8 @@ pub fn write(ctx: &XdpContext, seg: &Segment) -> Result<(), DropReason> {
 pub fn send_back(ctx: &XdpContext) -> Result<u32, DropReason> {
     swap_macs(ctx)?;
     let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: the program never inserts into or removes from `iface_addrs`, and its
+    // elements are preallocated: the value stays valid for the run.
     let by_redirect = unsafe { maps::iface_addrs.get(&ifindex) }
         .is_some_and(|a| a.flags & IFACE_TX_BY_REDIRECT != 0);
     Ok(if by_redirect {
@@ -161,6 +173,8 @@ pub fn send_back(ctx: &XdpContext) -> Result<u32, DropReason> {
 #[inline(always)]
 fn swap_macs(ctx: &XdpContext) -> Result<(), DropReason> {
     let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the 12 MAC bytes against data_end; the accesses are
+    // unaligned.
     unsafe {
         let p = eth as *mut u8;
         let d0 = (p as *const u32).read_unaligned();

@@ -38,6 +38,8 @@ pub fn count_syn(now: u64, cfg: &Config) {
     let Some(w) = maps::syn_window.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: non-null from the lookup; this CPU's own window, which no other CPU writes
+    // (`add_cpu` reads it through the helper while `w` is held).
     let w = unsafe { &mut *w };
     w.count += 1;
     if now.wrapping_sub(w.start) < window(cfg) {
@@ -59,15 +61,21 @@ struct RateSum {
 }
 
 extern "C" fn add_cpu(cpu: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the `RateSum` that `syn_rate` gave it, alive on its
+    // stack for the loop.
     let s = unsafe { &mut *(ctx as *mut RateSum) };
     let key = 0u32;
     let map = core::ptr::from_ref(&maps::syn_window).cast_mut().cast();
+    // SAFETY: a BPF helper call with arguments of the types it documents: the map, a key on
+    // the stack and a CPU number.
     let p = unsafe {
         bpf_map_lookup_percpu_elem(map, core::ptr::from_ref(&key).cast_mut().cast(), cpu)
     } as *const SynWindow;
     if p.is_null() {
         return 0;
     }
+    // SAFETY: non-null: that CPU's `SynWindow`, which lives as long as the map. That CPU
+    // may write it meanwhile: a torn copy only skews the rate.
     let w = unsafe { *p };
     let age = s.now.wrapping_sub(w.start);
     if age < 2 * s.win {
@@ -95,6 +103,8 @@ pub fn syn_rate(now: u64, cfg: &Config) -> u64 {
         second: cfg.jiffies(1),
         total: 0,
     };
+    // SAFETY: a BPF helper call with arguments of the types it documents: `add_cpu` as the
+    // callback, and `s`, which outlives the loop, as its context.
     unsafe {
         bpf_loop(
             cpus,
@@ -112,6 +122,8 @@ pub fn reconsider(now: u64, cfg: &Config) {
     let Some(f) = maps::flood.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: non-null from the lookup; array values live as long as the map. Other CPUs
+    // and the sweep may write it at once: plain figures, no atomics.
     let f = unsafe { &mut *f };
     let rate = syn_rate(now, cfg);
     f.syn_rate = rate;

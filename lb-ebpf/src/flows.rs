@@ -45,6 +45,8 @@ pub extern "C" fn lb_flow_find(w0: u64, w1: u64, k0: u64, k1: u64, slots: u32) -
             break;
         };
         let p = s.cast::<u64>();
+        // SAFETY: non-null from the lookup: a 64-byte slot, 8-byte aligned, read as its
+        // first two words (volatile: other CPUs change them).
         let (x, y) = unsafe {
             (
                 core::ptr::read_volatile(p),
@@ -91,6 +93,7 @@ pub extern "C" fn lb_flow_claim(w1: u64, home: u32, mask: u32) -> i64 {
             return NONE;
         };
         let word = state_word(s);
+        // SAFETY: `word` is the state word of a slot the lookup returned non-null.
         let seen = unsafe { core::ptr::read_volatile(word) };
         let st = state_of(seen);
         if (st == slot::EMPTY || st == slot::DEAD) && cmpxchg(word, seen, busy) {
@@ -104,6 +107,8 @@ pub extern "C" fn lb_flow_claim(w1: u64, home: u32, mask: u32) -> i64 {
 /// The word of slot `s` that holds its state.
 #[inline(always)]
 fn state_word(s: *mut FlowSlot) -> *mut u64 {
+    // SAFETY: `STATE_WORD` (8) is inside the 64-byte slot, and every caller passes a
+    // `conntrack` slot.
     unsafe { s.cast::<u8>().add(STATE_WORD).cast::<u64>() }
 }
 
@@ -112,6 +117,8 @@ fn state_word(s: *mut FlowSlot) -> *mut u64 {
 #[inline(always)]
 fn cmpxchg(p: *mut u64, expected: u64, new: u64) -> bool {
     let old: u64;
+    // SAFETY: callers pass the state word of a `conntrack` slot: valid and 8-byte aligned;
+    // BPF_CMPXCHG is atomic against other CPUs.
     unsafe {
         core::arch::asm!(
             "r0 = cmpxchg_64({p} + 0, r0, {new})",
@@ -133,6 +140,7 @@ fn find(flow: &FlowKey, cfg: &Config) -> Option<*mut FlowSlot> {
 /// The tracked flow `flow`, to read and update in place.
 #[inline(always)]
 pub fn get(flow: &FlowKey, cfg: &Config) -> Option<*mut Conn> {
+    // SAFETY: `find` returned the slot non-null; this only takes a field's address.
     find(flow, cfg).map(|s| unsafe { core::ptr::addr_of_mut!((*s).conn) })
 }
 
@@ -165,6 +173,8 @@ pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<
     if idx < 0 {
         return Err(Refused::Full);
     }
+    // SAFETY: non-null from the lookup. This CPU claimed the slot (busy): no other CPU
+    // writes it, and lookups skip it until it is live.
     let s = unsafe {
         &mut *maps::conntrack
             .get_ptr_mut(idx as u32)
@@ -179,6 +189,8 @@ pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<
     if let Some(old) = old
         && let Some(o) = maps::conntrack.get_ptr_mut(old)
     {
+        // SAFETY: non-null from the lookup; array values live as long as the map, and
+        // `set_state` only changes the state word, atomically.
         set_state(unsafe { &mut *o }, slot::LIVE, slot::DEAD);
     }
     Ok(())
@@ -188,6 +200,7 @@ pub fn insert(flow: &FlowKey, conn: &Conn, how: Insert, cfg: &Config) -> Result<
 #[inline(always)]
 pub fn remove(flow: &FlowKey, cfg: &Config) {
     if let Some(s) = find(flow, cfg) {
+        // SAFETY: as above: a slot `find` returned non-null; only its state word changes.
         set_state(unsafe { &mut *s }, slot::LIVE, slot::DEAD);
     }
 }
@@ -196,6 +209,7 @@ pub fn remove(flow: &FlowKey, cfg: &Config) {
 #[inline(always)]
 pub fn set_state(s: &mut FlowSlot, from: u8, to: u8) -> bool {
     let word = state_word(s);
+    // SAFETY: `word` points into `s`, a whole slot (see `state_word`).
     let seen = unsafe { core::ptr::read_volatile(word) };
     state_of(seen) == from && cmpxchg(word, seen, with_state(seen, to))
 }

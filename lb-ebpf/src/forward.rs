@@ -38,6 +38,8 @@ pub fn backend_hop(
     let Some(kept) = maps::backend_hops.get_ptr_mut(id) else {
         return Err(DropReason::NoRoute);
     };
+    // SAFETY: non-null from the lookup; array values live as long as the map. All CPUs
+    // share it and may rewrite it at once (see below).
     let kept = unsafe { &mut *kept };
     if fresh(kept, pkt, now) {
         return Ok(kept);
@@ -72,6 +74,8 @@ pub fn lookup(
         dst,
         ingress_ifindex: ctx.ingress_ifindex() as u32,
     };
+    // SAFETY: LRU elements are preallocated, so the value stays valid for the run, and it
+    // is copied out before the insert below. Another CPU's insert may recycle it meanwhile.
     if let Some(e) = unsafe { maps::fib_cache.get(&key) }
         && fresh(e, pkt, now)
     {
@@ -107,6 +111,8 @@ fn fib(
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     p.__bindgen_anon_5.tbid = 0;
+    // SAFETY: a BPF helper call with arguments of the types it documents: the context, a
+    // parameter block in the scratch map and its size.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
@@ -118,6 +124,8 @@ fn fib(
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // No address on the egress interface: a new flow there is dropped.
+            // SAFETY: the program never inserts into or removes from `iface_addrs`, and its
+            // elements are preallocated: the value stays valid for the run.
             let (src_addr, snat_count, flags) = match unsafe { maps::iface_addrs.get(&p.ifindex) } {
                 Some(a) if a.count > 0 => (a.addrs[0], a.count, a.flags),
                 Some(a) => ([0; 4], 0, a.flags),
@@ -160,6 +168,8 @@ pub fn send_rewritten(ctx: &XdpContext, hop: &NextHop) -> Result<u32, DropReason
 fn put_macs(eth: *mut u8, hop: &NextHop) {
     // Word writes: a plain `[u8; 6]` assignment becomes a call to a byte-loop memmove.
     let (d, s) = (&hop.dmac, &hop.smac);
+    // SAFETY: callers pass the start of a frame whose Ethernet header was checked against
+    // data_end (`parse`, `ptr_at`); the writes are unaligned.
     unsafe {
         (eth as *mut u32).write_unaligned(u32::from_ne_bytes([d[0], d[1], d[2], d[3]]));
         (eth.add(4) as *mut u16).write_unaligned(u16::from_ne_bytes([d[4], d[5]]));
@@ -181,6 +191,7 @@ fn verdict(ctx: &XdpContext, hop: &NextHop) -> u32 {
 /// so that the verifier knows a verdict from a sub-program is never `CONTINUE`).
 #[inline(always)]
 pub fn redirect(ifindex: u32) -> u32 {
+    // SAFETY: a BPF helper call with plain integer arguments: no memory passed.
     match unsafe { bpf_redirect(ifindex, 0) } as u32 {
         xdp_action::XDP_REDIRECT => xdp_action::XDP_REDIRECT,
         _ => xdp_action::XDP_ABORTED,

@@ -135,6 +135,9 @@ fn to_service(
         Some(c) => tracked_with_slow(ctx, pkt, &flow, c, cfg),
         None if pkt.is_tcp() => unknown_tcp(ctx, pkt, &flow, key, cfg),
         None => {
+            // SAFETY: the program never inserts into or removes from `services`, and its
+            // elements are preallocated: the value stays valid for the run (the daemon may
+            // change or remove it meanwhile).
             let Some(svc) = (unsafe { maps::services.get(key) }) else {
                 return Ok(xdp_action::XDP_PASS);
             };
@@ -156,6 +159,9 @@ fn then(
 ) -> u32 {
     let mut v = v;
     if v == next::REBALANCE {
+        // SAFETY: the program never inserts into or removes from `services`, and its
+        // elements are preallocated: the value stays valid for the run (the daemon may
+        // change or remove it meanwhile).
         let Some(svc) = (unsafe { maps::services.get(key) }) else {
             return xdp_action::XDP_PASS;
         };
@@ -245,6 +251,9 @@ fn try_syn(
     key: &ServiceKey,
     cfg: &Config,
 ) -> Result<u32, DropReason> {
+    // SAFETY: the program never inserts into or removes from `services`, and its elements
+    // are preallocated: the value stays valid for the run (the daemon may change or remove
+    // it meanwhile).
     let Some(svc) = (unsafe { maps::services.get(key) }) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -253,6 +262,8 @@ fn try_syn(
     if flood::cookies(cfg) {
         // A retry of a handshake begun before, or a SYN on a live connection, goes on.
         if let Some(c) = flows::get(flow, cfg)
+            // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live
+            // as long as the map. Other CPUs may change it meanwhile (see `flows`).
             && unsafe { &*c }.takes_syn(pkt.seq(), pkt.proto, now, cfg)
         {
             return Ok(next::TRACKED);
@@ -316,6 +327,9 @@ fn try_unknown_tcp(
     key: &ServiceKey,
     cfg: &Config,
 ) -> Result<u32, DropReason> {
+    // SAFETY: the program never inserts into or removes from `services`, and its elements
+    // are preallocated: the value stays valid for the run (the daemon may change or remove
+    // it meanwhile).
     let Some(svc) = (unsafe { maps::services.get(key) }) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -336,6 +350,9 @@ fn try_unknown_tcp(
 #[inline(never)]
 fn cookie_ack(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, cfg: &Config) -> u32 {
     let key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto);
+    // SAFETY: the program never inserts into or removes from `services`, and its elements
+    // are preallocated: the value stays valid for the run (the daemon may change or remove
+    // it meanwhile).
     let Some(svc) = (unsafe { maps::services.get(&key) }) else {
         return next::CONTINUE;
     };
@@ -430,6 +447,8 @@ fn try_tracked(
     if pkt.ttl_expires() {
         return Err(DropReason::TtlExceeded);
     }
+    // SAFETY: `conn` is `flows::get`'s non-null `conntrack` slot; array values live as long
+    // as the map. Other CPUs may change it meanwhile (see `flows`).
     let c = unsafe { &mut *conn };
     let now = track::now();
     let expired = c.expired(pkt.proto, now, cfg);
@@ -474,6 +493,8 @@ fn try_slow(
     conn: *mut Conn,
     cfg: &Config,
 ) -> Result<Option<u32>, DropReason> {
+    // SAFETY: `conn` is `flows::get`'s non-null `conntrack` slot; array values live as long
+    // as the map. Other CPUs may change it meanwhile (see `flows`).
     let c = unsafe { &mut *conn };
     let Some(backend) = maps::backends.get(c.backend_id) else {
         return Ok(None);
@@ -487,6 +508,8 @@ fn try_slow(
     }
     if c.flags & CONN_BACKEND_OPEN == 0 {
         // The backend has not answered lb's SYN: this segment carries it again.
+        // SAFETY: `parse` checked the IP header against data_end, and the verifier refuses
+        // a packet pointer kept across a resize.
         let ttl = unsafe { (*pkt.ip).ttl } - 1;
         let hop = forward::backend_hop(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
         cookie::syn_to_backend(ctx, c, backend, ttl)?;

@@ -141,6 +141,9 @@ pub fn copy_value<T>(dst: &mut T, src: &T) {
 /// This CPU's scratch space.
 #[inline(always)]
 pub fn scratch_space() -> Option<&'static mut Scratch> {
+    // SAFETY: non-null from the lookup; this CPU's value outlives the program run and no
+    // other CPU touches it. (Callers hold several of these `&mut` at once, which Rust's
+    // aliasing rules forbid.)
     scratch.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 

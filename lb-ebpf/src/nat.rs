@@ -11,6 +11,8 @@ use crate::parse::Packet;
 /// (the L4 one through the pseudo-header) and is summed once.
 #[inline(always)]
 pub fn rewrite(pkt: &Packet, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) {
+    // SAFETY: `parse` checked the IP header, ports and checksum against data_end, and the
+    // verifier refuses them across a resize. (`ports` as u16s assumes an even start.)
     unsafe {
         let ip = &mut *pkt.ip;
         let addrs = diff_addr(ip.src_addr, src) + diff_addr(ip.dst_addr, dst);

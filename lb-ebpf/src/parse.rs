@@ -24,6 +24,7 @@ pub const L4_OFF: usize = EthHdr::LEN + Ipv4Hdr::LEN;
 /// compiler store a header pointer as two 32-bit halves, which the verifier refuses.)
 #[inline(always)]
 pub fn start(ctx: &XdpContext) -> *mut u8 {
+    // SAFETY: `ctx.ctx` is the `xdp_md` the kernel passed the program, valid for its run.
     opaque(unsafe { (*ctx.ctx).data })
 }
 
@@ -31,6 +32,7 @@ pub fn start(ctx: &XdpContext) -> *mut u8 {
 #[inline(always)]
 fn opaque(field: u32) -> *mut u8 {
     let mut v = field as usize;
+    // SAFETY: inline asm that only moves a register to itself: no memory touched.
     unsafe { core::arch::asm!("{0} = {0}", inout(reg) v, options(pure, nomem, nostack)) };
     v as *mut u8
 }
@@ -53,6 +55,7 @@ pub fn data_end(ctx: &XdpContext) -> usize {
 /// spilled that way. A register move in `asm` makes the value opaque.
 #[inline(always)]
 pub fn end(ctx: &XdpContext) -> *mut u8 {
+    // SAFETY: as in `start`: the kernel's `xdp_md`, valid for the program's run.
     opaque(unsafe { (*ctx.ctx).data_end })
 }
 
@@ -99,10 +102,13 @@ pub enum Parsed {
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the Ethernet header against data_end (the verifier does
+    // too). A u16 read: this assumes the frame starts 2-byte aligned.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Ok(Parsed::Pass);
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: `ptr_at` checked the IPv4 header against data_end (the verifier does too).
     let (vihl, frags, proto, tot_len) =
         unsafe { ((*ip).vihl, (*ip).frags, (*ip).proto, (*ip).tot_len) };
     if vihl >> 4 != 4 {
@@ -131,6 +137,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
             if l4_len < TCP_HDR_LEN {
                 return Err(DropReason::Malformed);
             }
+            // SAFETY: `ptr_at` checked the 20-byte TCP header against data_end.
             let data_off = unsafe { (*hdr)[12] >> 4 } as usize * 4;
             if data_off < TCP_HDR_LEN || data_off > l4_len {
                 return Err(DropReason::Malformed);
@@ -139,8 +146,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
                 ip,
                 l4: hdr,
                 ports: hdr as *mut [u16; 2],
+                // SAFETY: offset 16 is inside the 20 bytes `ptr_at` checked.
                 l4_check: unsafe { (hdr as *mut u8).add(TCP_CHECK_OFF) } as *mut u16,
                 proto,
+                // SAFETY: byte 13 of the 20 `ptr_at` checked.
                 tcp_flags: unsafe { (*hdr)[TCP_FLAGS_OFF] },
                 ip_len,
                 l4_hdr_len: data_off as u16,
@@ -148,6 +157,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
         }
         IPPROTO_UDP => {
             let hdr: *mut [u8; UDP_HDR_LEN] = ptr_at(ctx, L4_OFF)?;
+            // SAFETY: `ptr_at` checked the 8-byte UDP header against data_end.
             let udp_len = u16::from_be_bytes(unsafe { [(*hdr)[4], (*hdr)[5]] }) as usize;
             if udp_len < UDP_HDR_LEN || udp_len > l4_len {
                 return Err(DropReason::Malformed);
@@ -156,6 +166,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
                 ip,
                 l4: hdr as *mut [u8; TCP_HDR_LEN],
                 ports: hdr as *mut [u16; 2],
+                // SAFETY: offset 6 is inside the 8 bytes `ptr_at` checked.
                 l4_check: unsafe { (hdr as *mut u8).add(UDP_CHECK_OFF) } as *mut u16,
                 proto,
                 tcp_flags: 0,
@@ -169,6 +180,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
 
 #[inline(always)]
 fn be32(p: *const u8) -> u32 {
+    // SAFETY: callers (`seq`, `ack_seq`) pass 4 bytes inside the TCP header `parse`
+    // checked; the read is unaligned.
     u32::from_be_bytes(unsafe { (p as *const [u8; 4]).read_unaligned() })
 }
 
@@ -183,25 +196,32 @@ impl Packet {
 
     #[inline(always)]
     pub fn src_addr(&self) -> [u8; 4] {
+        // SAFETY: `Packet`s come only from `parse`, which checked the IP header against
+        // data_end; the verifier refuses a packet pointer kept across a resize.
         unsafe { (*self.ip).src_addr }
     }
     #[inline(always)]
     pub fn dst_addr(&self) -> [u8; 4] {
+        // SAFETY: as in `src_addr`.
         unsafe { (*self.ip).dst_addr }
     }
     /// Source port, host order.
     #[inline(always)]
     pub fn src_port(&self) -> u16 {
+        // SAFETY: as in `src_addr`: the L4 header's first 4 bytes. A u16 read: this assumes
+        // the frame starts 2-byte aligned.
         u16::from_be(unsafe { (*self.ports)[0] })
     }
     /// Destination port, host order.
     #[inline(always)]
     pub fn dst_port(&self) -> u16 {
+        // SAFETY: as in `src_port`.
         u16::from_be(unsafe { (*self.ports)[1] })
     }
     /// Forwarding decrements the TTL; a packet that would reach zero is not forwarded.
     #[inline(always)]
     pub fn ttl_expires(&self) -> bool {
+        // SAFETY: as in `src_addr`.
         unsafe { (*self.ip).ttl <= 1 }
     }
     #[inline(always)]
@@ -237,15 +257,22 @@ impl Packet {
     }
     #[inline(always)]
     pub fn seq(&self) -> u32 {
+        // SAFETY: offset 4 is inside the L4 header `parse` checked (20 bytes for TCP, 8 for
+        // UDP).
         be32(unsafe { (self.l4 as *const u8).add(4) })
     }
     #[inline(always)]
     pub fn ack_seq(&self) -> u32 {
+        // SAFETY: offset 8 is inside the TCP header `parse` checked. Only called on TCP
+        // packets: on UDP the read would pass the checked 8 bytes, which the verifier
+        // refuses.
         be32(unsafe { (self.l4 as *const u8).add(8) })
     }
     /// The TCP window field, host order.
     #[inline(always)]
     pub fn window(&self) -> u16 {
+        // SAFETY: bytes 14 and 15 of the TCP header `parse` checked (TCP only, as
+        // `ack_seq`).
         unsafe { u16::from_be_bytes([(*self.l4)[14], (*self.l4)[15]]) }
     }
     /// TCP payload bytes.

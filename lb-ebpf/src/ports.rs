@@ -77,12 +77,16 @@ fn table_key(backend_addr: [u8; 4], backend_port: u16, addr: [u8; 4]) -> PortTab
 fn table(backend: &Backend, addr: [u8; 4]) -> Option<&'static mut PortTable> {
     let key = table_key(backend.addr, backend.port, addr);
     if let Some(t) = maps::port_tables.get_ptr_mut(&key) {
+        // SAFETY: non-null from the lookup. Only the daemon removes from `port_tables`, and
+        // a removed element's memory stays valid through the run (it may be reused for
+        // another key). Other CPUs may flip its bits meanwhile: the bitmap is a hint.
         return Some(unsafe { &mut *t });
     }
     let scratch = maps::scratch_space()?;
     let _ = maps::port_tables.insert(&key, &scratch.empty_table, BPF_NOEXIST as u64);
     maps::port_tables
         .get_ptr_mut(&key)
+        // SAFETY: as above.
         .map(|t| unsafe { &mut *t })
 }
 
@@ -90,6 +94,7 @@ fn table(backend: &Backend, addr: [u8; 4]) -> Option<&'static mut PortTable> {
 fn word(t: &mut PortTable, idx: u32) -> &mut u64 {
     // Masked where the verifier sees it: the compiler drops a mask it can prove redundant.
     let mut w = (idx / 64) as usize;
+    // SAFETY: inline asm that only moves a register to itself: no memory touched.
     unsafe { core::arch::asm!("{0} = {0}", inout(reg) w, options(pure, nomem, nostack)) };
     &mut t.used[w & (PORT_TABLE_WORDS - 1)]
 }
@@ -98,6 +103,7 @@ fn word(t: &mut PortTable, idx: u32) -> &mut u64 {
 #[inline(always)]
 fn summary(t: &mut PortTable, w: u32) -> &mut u64 {
     let mut i = (w / 64) as usize;
+    // SAFETY: inline asm that only moves a register to itself: no memory touched.
     unsafe { core::arch::asm!("{0} = {0}", inout(reg) i, options(pure, nomem, nostack)) };
     &mut t.full[i & (PORT_TABLE_SUMMARY_WORDS - 1)]
 }
@@ -128,6 +134,7 @@ pub fn release(backend_addr: [u8; 4], backend_port: u16, addr: [u8; 4], port: u1
     }
     let key = table_key(backend_addr, backend_port, addr);
     if let Some(t) = maps::port_tables.get_ptr_mut(&key) {
+        // SAFETY: as in `table`: a `port_tables` element, valid for the run; a hint only.
         let t = unsafe { &mut *t };
         *word(t, idx) &= !(1 << (idx & 63));
         *summary(t, idx / 64) &= !(1 << ((idx / 64) & 63));
@@ -145,6 +152,8 @@ pub fn address(hop: &NextHop, hash: u32, nth: u32) -> [u8; 4] {
     if i == 0 {
         return hop.src_addr;
     }
+    // SAFETY: the program never inserts into or removes from `iface_addrs`, and its
+    // elements are preallocated: the value stays valid for the run.
     match unsafe { maps::iface_addrs.get(&hop.ifindex) } {
         Some(a) => a.addrs[(i as usize) & (lb_common::config::MAX_SNAT_ADDRS - 1)],
         None => hop.src_addr,
@@ -156,6 +165,8 @@ pub fn address(hop: &NextHop, hash: u32, nth: u32) -> [u8; 4] {
 #[inline(always)]
 fn forget_holder(old: &NatReverse, key: &FlowKey, cfg: &Config) {
     let client = track::client_flow(old, key.proto);
+    // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live as long
+    // as the map. Other CPUs may change it meanwhile (see `flows`).
     if let Some(c) = crate::flows::get(&client, cfg).map(|c| unsafe { &*c })
         && c.snat_port == key.dst_port
         && c.snat_addr == key.dst_addr
@@ -170,6 +181,8 @@ fn forget_holder(old: &NatReverse, key: &FlowKey, cfg: &Config) {
 #[inline(always)]
 fn alive_by_conntrack(e: &mut NatReverse, key: &FlowKey, now: u64, cfg: &Config) -> bool {
     let client = track::client_flow(e, key.proto);
+    // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live as long
+    // as the map. Other CPUs may change it meanwhile (see `flows`).
     match crate::flows::get(&client, cfg).map(|c| unsafe { &*c }) {
         Some(c)
             if c.snat_port == key.dst_port
@@ -209,6 +222,8 @@ fn try_claim(key: &FlowKey, rev: &NatReverse, syn: SynProbe, now: u64, cfg: &Con
         // Removed meanwhile.
         return overwrite(key, rev);
     };
+    // SAFETY: non-null from the lookup. `nat_reverse`'s elements are preallocated: valid
+    // for the run even when another CPU (or `overwrite` below) replaces the entry.
     let e = unsafe { &mut *e };
     if e.client_addr == rev.client_addr
         && e.client_port == rev.client_port
@@ -322,6 +337,8 @@ pub extern "C" fn lb_claim(args: *mut ClaimArgs) -> i32 {
     if args.is_null() {
         return TAKEN_LIVE;
     }
+    // SAFETY: non-null (checked above); the only caller (`claim`) passes a `ClaimArgs` on
+    // its stack, and the verifier checks a global function's pointer arguments.
     let a = unsafe { &*args };
     let (Some(cfg), Some(scratch)) = (maps::config.get(0), maps::scratch_space()) else {
         return TAKEN_LIVE;
@@ -344,11 +361,14 @@ pub extern "C" fn lb_claim(args: *mut ClaimArgs) -> i32 {
 /// counters and verify every round anew.
 macro_rules! get {
     ($st:expr, $f:ident) => {
+        // SAFETY: `$st` is always this CPU's scratch `SearchState` (see `lb_scan`):
+        // non-null from the lookup, valid for the run, used by no other CPU.
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$st).$f)) }
     };
 }
 macro_rules! set {
     ($st:expr, $f:ident, $v:expr) => {
+        // SAFETY: as in `get!`.
         unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*$st).$f), $v) }
     };
 }
@@ -530,6 +550,8 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
     if args.is_null() {
         return -1;
     }
+    // SAFETY: non-null (checked above); the only caller (`scan`) passes this CPU's scratch
+    // `ScanArgs`, and the verifier checks a global function's pointer arguments.
     let a = unsafe { &mut *args };
     let Some(cfg) = maps::config.get(0) else {
         return -1;
@@ -608,6 +630,8 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
 #[inline(always)]
 fn note_crowded() {
     if let Some(f) = maps::flood.get_ptr_mut(0) {
+        // SAFETY: non-null from the lookup; array values live as long as the map. Other
+        // CPUs may set the flag at once: all store the same 1.
         unsafe {
             if (*f).occupancy_high == 0 {
                 (*f).occupancy_high = 1;

@@ -34,6 +34,8 @@ fn try_reply(
     if pkt.ttl_expires() {
         return Err(DropReason::TtlExceeded);
     }
+    // SAFETY: `rev` is `lb_xdp`'s non-null `nat_reverse` lookup. Its elements are
+    // preallocated: valid for the run even if another CPU removes the entry.
     let r = unsafe { &mut *rev };
     let now = track::now();
     if !forward::fresh(&r.hop, pkt, now) && seen & SEEN_ROUTE == 0 {
@@ -71,6 +73,8 @@ fn try_reply(
     if conn_flags != 0 || (track::due(r.last_seen, now, cfg) && !retried_answer) {
         r.last_seen = now;
         if let Some(c) = crate::flows::get(&track::client_flow(r, pkt.proto), cfg) {
+            // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live
+            // as long as the map. Other CPUs may change it meanwhile (see `flows`).
             let c = unsafe { &mut *c };
             if c.snat_port == pkt.dst_port() && c.snat_addr == pkt.dst_addr() {
                 c.flags |= conn_flags;
@@ -88,6 +92,7 @@ fn try_reply(
 /// `reply`'s calls into `flows` together would not fit.
 #[inline(never)]
 pub fn refresh_hop(ctx: &XdpContext, pkt: &Packet, rev: *mut NatReverse, cfg: &Config) -> u32 {
+    // SAFETY: as in `try_reply`: `lb_xdp`'s non-null `nat_reverse` lookup.
     let r = unsafe { &mut *rev };
     match forward::lookup(ctx, pkt, r.vip_addr, r.client_addr, track::now(), cfg) {
         Ok(hop) => {
@@ -123,6 +128,7 @@ pub fn synproxy_handshake(
     rev: *mut NatReverse,
     cfg: &Config,
 ) -> u32 {
+    // SAFETY: as in `try_reply`: `lb_xdp`'s non-null `nat_reverse` lookup.
     let r = unsafe { &mut *rev };
     match try_synproxy_handshake(ctx, pkt, r, cfg) {
         Ok(Some(v)) => v,

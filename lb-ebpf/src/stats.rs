@@ -10,6 +10,7 @@ use crate::maps;
 #[inline(always)]
 fn add<const N: usize>(map: &PerCpuArray<Counters, N>, index: u32, bytes: u64) {
     if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: non-null from the lookup; array values live as long as the map.
         // Per-CPU slot: no other writer, no atomics needed.
         unsafe {
             (*c).packets += 1;
@@ -27,6 +28,8 @@ pub fn count(service_id: u32, backend_id: u32, bytes: u64) {
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
     if let Some(c) = maps::drops.get_ptr_mut(reason as u32) {
+        // SAFETY: non-null from the lookup; this CPU's own counter, which no other CPU
+        // writes.
         unsafe { *c += 1 };
     }
 }
@@ -34,6 +37,8 @@ pub fn count_drop(reason: DropReason) {
 #[inline(always)]
 pub fn count_cookie(what: CookieStat) {
     if let Some(c) = maps::cookie_stats.get_ptr_mut(what as u32) {
+        // SAFETY: non-null from the lookup; this CPU's own counter, which no other CPU
+        // writes.
         unsafe { *c += 1 };
     }
 }

@@ -38,6 +38,8 @@ fn count(r: &NatReverse, s: &mut Sweep) {
     let Some(b) = maps::backend_state.get_ptr_mut(r.backend_id) else {
         return;
     };
+    // SAFETY: non-null from the lookup; array values live as long as the map. The packet
+    // path may write other fields of it (the MSS) meanwhile.
     let b = unsafe { &mut *b };
     if b.sweep != s.epoch {
         b.sweep = s.epoch;
@@ -71,6 +73,8 @@ extern "C" fn sweep_reverse(
     value: *mut NatReverse,
     ctx: *mut Sweep,
 ) -> i64 {
+    // SAFETY: `bpf_for_each_map_elem` passes the current element's key and value, valid
+    // through the callback, and the `Sweep` that `lb_sweep` gave it.
     let (k, r, s) = unsafe { (&*key, &mut *value, &mut *ctx) };
     let over = match r.free_for(lb_common::flow::SynProbe::NONE, s.now, k.proto, &s.cfg) {
         Some(free) => free,
@@ -81,6 +85,8 @@ extern "C" fn sweep_reverse(
         return 0;
     }
     let client = track::client_flow(r, k.proto);
+    // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live as long
+    // as the map. Other CPUs may change it meanwhile (see `flows`).
     if let Some(c) = flows::get(&client, &s.cfg).map(|c| unsafe { &*c })
         && c.snat_port == k.dst_port
         && c.snat_addr == k.dst_addr
@@ -100,6 +106,8 @@ extern "C" fn sweep_reverse(
 #[inline(always)]
 fn holder_alive(r: &NatReverse, k: &FlowKey, s: &Sweep) -> bool {
     let client = track::client_flow(r, k.proto);
+    // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live as long
+    // as the map. Other CPUs may change it meanwhile (see `flows`).
     match flows::get(&client, &s.cfg).map(|c| unsafe { &*c }) {
         Some(c) => {
             c.snat_port == k.dst_port
@@ -118,6 +126,8 @@ const SLOTS_PER_CALL: u32 = 16;
 /// The `index`-th group of `SLOTS_PER_CALL` slots of `conntrack`, counted from the end:
 /// the table is walked from its last slot down (see [`sweep_slot`]).
 extern "C" fn sweep_slots(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the `Sweep` that `lb_sweep` gave it, alive on its
+    // stack.
     let s = unsafe { &mut *ctx.cast::<Sweep>() };
     let mask = s.cfg.flow_slots.wrapping_sub(1);
     let top = mask.wrapping_sub((index as u32).wrapping_mul(SLOTS_PER_CALL));
@@ -138,7 +148,10 @@ fn sweep_slot(i: u32, mask: u32, s: &mut Sweep) {
     let Some(slot) = maps::conntrack.get_ptr_mut(i) else {
         return;
     };
+    // SAFETY: non-null from the lookup; array values live as long as the map. Other CPUs
+    // may change the slot meanwhile (see `flows`).
     let slot = unsafe { &mut *slot };
+    // SAFETY: a pointer made from a reference: valid and aligned.
     let mut st = unsafe { core::ptr::read_volatile(&slot.state) };
     if st == flowtab::slot::EMPTY {
         return;
@@ -154,6 +167,7 @@ fn sweep_slot(i: u32, mask: u32, s: &mut Sweep) {
         return;
     }
     let next_empty = |i: u32| match maps::conntrack.get(i.wrapping_add(1) & mask) {
+        // SAFETY: a pointer made from a reference: valid and aligned.
         Some(n) => (unsafe { core::ptr::read_volatile(&n.state) }) == flowtab::slot::EMPTY,
         None => false,
     };
@@ -173,6 +187,8 @@ pub fn lb_sweep(_ctx: XdpContext) -> u32 {
     let Some(f) = maps::flood.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
     };
+    // SAFETY: non-null from the lookup; array values live as long as the map. The packet
+    // path may write it at once (see `flood`): plain figures, no atomics.
     let f = unsafe { &mut *f };
     let now = track::now();
     let mut s = Sweep {
@@ -184,6 +200,8 @@ pub fn lb_sweep(_ctx: XdpContext) -> u32 {
         range: ports::Range::of(cfg).map_or(0, |r| r.len),
     };
     let ctx = core::ptr::from_mut(&mut s).cast::<c_void>();
+    // SAFETY: BPF helper calls with arguments of the types they document: callbacks of
+    // their signatures, the map, and `s`, which outlives both walks.
     unsafe {
         bpf_loop(
             cfg.flow_slots.div_ceil(SLOTS_PER_CALL),

@@ -54,6 +54,7 @@ fn byte_at(ctx: &XdpContext, off: u32) -> Option<u8> {
     if p + 1 > crate::parse::data_end(ctx) {
         return None;
     }
+    // SAFETY: one byte, checked against data_end above (the verifier does too).
     Some(unsafe { *(p as *const u8) })
 }
 
@@ -63,6 +64,7 @@ fn be16_at(ctx: &XdpContext, off: u32) -> Option<u16> {
     if p + 2 > crate::parse::data_end(ctx) {
         return None;
     }
+    // SAFETY: two bytes, checked against data_end above; an unaligned read.
     Some(u16::from_be_bytes(unsafe {
         (p as *const [u8; 2]).read_unaligned()
     }))
@@ -74,6 +76,7 @@ fn be32_at(ctx: &XdpContext, off: u32) -> Option<u32> {
     if p + 4 > crate::parse::data_end(ctx) {
         return None;
     }
+    // SAFETY: four bytes, checked against data_end above; an unaligned read.
     Some(u32::from_be_bytes(unsafe {
         (p as *const [u8; 4]).read_unaligned()
     }))
@@ -91,7 +94,11 @@ struct Walk {
 
 /// One step of the walk: the option at `w.off`. 1 ends the walk.
 extern "C" fn step(_i: u32, w: *mut c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the `Walk` that `lb_tcp_options` gave it, alive on its
+    // stack for the loop.
     let w = unsafe { &mut *(w as *mut Walk) };
+    // SAFETY: `w.ctx` points at the `XdpContext` on `lb_tcp_options`'s stack, alive for the
+    // loop.
     let ctx = unsafe { &*w.ctx };
     let off = w.off;
     if off >= w.end {
@@ -173,6 +180,8 @@ pub extern "C" fn lb_tcp_options(ctx: *mut xdp_md, end: u32, out: *mut Options) 
         end: if end > 60 { 60 } else { end },
         o: Options::default(),
     };
+    // SAFETY: a BPF helper call with arguments of the types it documents (`step`, and `w`,
+    // which outlives the loop); `out` is non-null, and the verifier checks its size.
     unsafe {
         bpf_loop(
             MAX_OPTION_BYTES as u32,
@@ -193,8 +202,10 @@ fn add32(ctx: &XdpContext, off: u32, delta: u32) -> u32 {
         return 0;
     }
     let p = p as *mut [u8; 4];
+    // SAFETY: four bytes, checked against data_end above; an unaligned read.
     let old = unsafe { p.read_unaligned() };
     let new = u32::from_be_bytes(old).wrapping_add(delta).to_be_bytes();
+    // SAFETY: the bytes just read.
     unsafe { p.write_unaligned(new) };
     diff_addr(old, new)
 }
@@ -237,6 +248,8 @@ pub fn translate(ctx: &XdpContext, opts: &Options, t: &Translation) {
     let window = (hdr + 14) as *mut [u8; 2];
     let check = (hdr + 16) as *mut u16;
     if t.ws_from != t.ws_to {
+        // SAFETY: the fixed TCP header was checked against data_end above; an unaligned
+        // read.
         let old = u16::from_be_bytes(unsafe { window.read_unaligned() });
         let wide = (old as u32) << (t.ws_from & 15);
         let mut new = wide >> (t.ws_to & 15);
@@ -247,6 +260,7 @@ pub fn translate(ctx: &XdpContext, opts: &Options, t: &Translation) {
             new = 1;
         }
         let new = new as u16;
+        // SAFETY: the bytes just read.
         unsafe { window.write_unaligned(new.to_be_bytes()) };
         diff += diff_u16(
             u16::from_ne_bytes(old.to_be_bytes()),
@@ -254,6 +268,7 @@ pub fn translate(ctx: &XdpContext, opts: &Options, t: &Translation) {
         );
     }
     if diff != 0 {
+        // SAFETY: the checksum is in the fixed header checked above; unaligned accesses.
         unsafe {
             let c = check.read_unaligned();
             check.write_unaligned(apply(c, diff));

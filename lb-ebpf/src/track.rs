@@ -28,6 +28,7 @@ use crate::{
 /// Jiffies: the cheapest clock the program can read; all its timeouts are in seconds.
 #[inline(always)]
 pub fn now() -> u64 {
+    // SAFETY: a BPF helper call without arguments.
     unsafe { bpf_jiffies64() }
 }
 
@@ -139,6 +140,8 @@ pub fn own_reverse(
         conn.snat_port,
         flow.proto,
     );
+    // SAFETY: non-null from the lookup. `nat_reverse`'s elements are preallocated: valid
+    // for the run even if another CPU removes or replaces the entry.
     let r = unsafe { &mut *maps::nat_reverse.get_ptr_mut(&key)? };
     belongs_to(r, flow).then_some((r, key))
 }
@@ -339,6 +342,8 @@ pub fn track_on_answer(r: &NatReverse, pkt: &Packet, flags: u16, now: u64, cfg: 
     let how = match flows::get(&key, cfg) {
         None => Insert::New,
         Some(old) => {
+            // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live
+            // as long as the map. Other CPUs may change it meanwhile (see `flows`).
             let old = unsafe { &*old };
             let this_flow = old.backend_id == to.backend_id
                 && old.snat_port == snat.1
