@@ -45,17 +45,24 @@ pub fn backend_hop(
         return Ok(kept);
     }
     let hop = fib(ctx, pkt, [0; 4], addr, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
-    // Shared by all CPUs: invalidated first and made valid last, so that a reader never
-    // takes a half-written entry for a fresh one.
-    kept.expires = 0;
-    kept.ifindex = hop.ifindex;
-    kept.max_len = hop.max_len;
-    kept.smac = hop.smac;
-    kept.dmac = hop.dmac;
-    kept.src_addr = hop.src_addr;
-    kept.snat_count = hop.snat_count;
-    kept.flags = hop.flags;
-    kept.expires = hop.expires;
+    // Shared by all CPUs: invalidated first and made valid last, so that a reader who
+    // checks it after the rewrite began never takes it for fresh. Volatile stores: plain
+    // ones were reordered, and the first dropped as dead, by the compiler.
+    macro_rules! put {
+        ($f:ident, $v:expr) => {
+            // SAFETY: a field of the entry `kept` points at, which is valid (see above).
+            unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!(kept.$f), $v) }
+        };
+    }
+    put!(expires, 0);
+    put!(ifindex, hop.ifindex);
+    put!(max_len, hop.max_len);
+    put!(smac, hop.smac);
+    put!(dmac, hop.dmac);
+    put!(src_addr, hop.src_addr);
+    put!(snat_count, hop.snat_count);
+    put!(flags, hop.flags);
+    put!(expires, hop.expires);
     Ok(kept)
 }
 
