@@ -47,7 +47,7 @@ pub const COOKIES_NEVER: u32 = 2;
 /// The version of the maps' layout (every key and value type here and what its fields
 /// mean). Bump it with any such change: a daemon then builds fresh maps instead of adopting
 /// pinned ones it would misread.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 impl Config {
     /// Jiffies in `seconds` (whole seconds only: every timeout lb has is).

@@ -7,7 +7,7 @@
 
 /// The murmur3 32-bit finalizer: cheap and mixes every input bit into every output bit.
 #[inline(always)]
-const fn fmix32(mut h: u32) -> u32 {
+pub const fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

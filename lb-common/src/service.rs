@@ -33,6 +33,53 @@ impl ServiceKey {
 /// an empty slot is no service's, which one array read tells, before any hash lookup.
 pub const VIP_FILTER_SLOTS: u32 = 1 << 16;
 
+/// Value of `vip_filter`: how many service keys fall on the slot, and when exactly one
+/// does, that service's key and entry, so that its packets need no hash lookup in
+/// `services` (which costs a new flow about 45 ns). The daemon rewrites a slot while the
+/// program may read it, so `check` covers the rest: a reader that finds it does not match
+/// what it read (a torn read, or a slot of several keys, whose check is 0) asks `services`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FilterSlot {
+    pub count: u32,
+    /// [`FilterSlot::check_of`] the key and entry, or 0: no entry here.
+    pub check: u32,
+    pub key: ServiceKey,
+    pub info: ServiceInfo,
+}
+assert_layout!(FilterSlot, size = 32, align = 4);
+
+impl FilterSlot {
+    /// A slot of `count` keys; when that is one and its entry is known, the entry too.
+    pub fn new(count: u32, sole: Option<(ServiceKey, ServiceInfo)>) -> Self {
+        match sole {
+            Some((key, info)) if count == 1 => Self {
+                count,
+                check: Self::check_of(&key, &info),
+                key,
+                info,
+            },
+            _ => Self {
+                count,
+                ..Self::default()
+            },
+        }
+    }
+
+    /// The check word of a key and its entry: never 0, and different for any mix of two
+    /// versions but by a chance of about one in four billion.
+    #[inline(always)]
+    pub fn check_of(key: &ServiceKey, info: &ServiceInfo) -> u32 {
+        let k = u32::from_le_bytes(key.addr)
+            ^ (((key.port as u32) << 16) | ((key.proto as u32) << 8)).rotate_left(7);
+        let mut h = crate::hash::fmix32(k ^ 0x243f_6a88);
+        for w in [info.id, info.table_offset, info.table_size, info.flags] {
+            h = crate::hash::fmix32(h ^ w);
+        }
+        if h == 0 { 1 } else { h }
+    }
+}
+
 /// Value of the `services` map. The service's Maglev table is the run
 /// `maglev[table_offset .. table_offset + table_size]`.
 #[repr(C)]

@@ -19,6 +19,7 @@ pod!(
     SynWindow,
     ServiceKey,
     ServiceInfo,
+    FilterSlot,
     Backend,
     FlowKey,
     Conn,

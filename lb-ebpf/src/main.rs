@@ -26,6 +26,7 @@ mod stats;
 mod sweep;
 mod tcpopt;
 mod track;
+mod vips;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
@@ -96,9 +97,10 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(v);
     }
     let key = ServiceKey::new(pkt.dst_addr(), dport, pkt.proto);
-    match maps::vip_filter.get(key.filter_slot()) {
-        Some(&n) if n > 0 => to_service(ctx, &pkt, &key, cfg),
-        _ => Ok(xdp_action::XDP_PASS),
+    if vips::maybe_service(&key) {
+        to_service(ctx, &pkt, &key, cfg)
+    } else {
+        Ok(xdp_action::XDP_PASS)
     }
 }
 
@@ -251,10 +253,7 @@ fn try_syn(
     key: &ServiceKey,
     cfg: &Config,
 ) -> Result<u32, DropReason> {
-    // SAFETY: the program never inserts into or removes from `services`, and its elements
-    // are preallocated: the value stays valid for the run (the daemon may change or remove
-    // it meanwhile).
-    let Some(svc) = (unsafe { maps::services.get(key) }) else {
+    let Some(svc) = vips::service(key) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let now = track::now();
@@ -268,13 +267,14 @@ fn try_syn(
         {
             return Ok(next::TRACKED);
         }
-        let (id, _) = select::pick(svc, slot_hash(hash(flow, cfg))).ok_or(DropReason::NoBackend)?;
+        let (id, _) =
+            select::pick(&svc, slot_hash(hash(flow, cfg))).ok_or(DropReason::NoBackend)?;
         maps::scratch_space()
             .ok_or(DropReason::MapUpdate)?
             .cookie_backend = id;
         return Ok(next::COOKIE_SYN);
     }
-    Ok(flow_to_balance(flow, svc, syn_probe(ctx, pkt), false, cfg))
+    Ok(flow_to_balance(flow, &svc, syn_probe(ctx, pkt), false, cfg))
 }
 
 /// lb's cookie SYN-ACK for a SYN (its backend's id left in the scratch space).

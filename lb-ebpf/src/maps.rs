@@ -14,7 +14,7 @@ use lb_common::{
     flow::{Conn, FlowKey, NatReverse},
     flowtab::FlowSlot,
     ports::{BackendState, PortTable, PortTableKey},
-    service::{Backend, ServiceInfo, ServiceKey},
+    service::{Backend, FilterSlot, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
 };
 
@@ -23,9 +23,11 @@ use lb_common::{
 pub static services: HashMap<ServiceKey, ServiceInfo, 65536> = HashMap::new();
 
 /// Counting filter over service keys (`ServiceKey::filter_slot`): 0 means no service
-/// has a key on this slot, so the packet is passed without a hash lookup.
+/// has a key on this slot, so the packet is passed without a hash lookup; a slot of one
+/// key holds that service's entry too (`FilterSlot`, read by `vips`).
 #[btf_map]
-pub static vip_filter: Array<u32, { lb_common::service::VIP_FILTER_SLOTS as usize }> = Array::new();
+pub static vip_filter: Array<FilterSlot, { lb_common::service::VIP_FILTER_SLOTS as usize }> =
+    Array::new();
 
 /// Backend id -> address, port, active flag and generation. Id 0 is unused.
 #[btf_map]

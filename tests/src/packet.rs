@@ -13,6 +13,7 @@ use lb::{
 use lb_common::{
     flow::{Conn, FlowKey, NatReverse},
     flowtab::FlowSlot,
+    service::{FilterSlot, ServiceInfo, ServiceKey},
 };
 
 use crate::{netns::Netns, unique};
@@ -306,6 +307,24 @@ impl PacketLab {
         let map: aya::maps::HashMap<_, FlowKey, NatReverse> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("nat_reverse");
         map.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The `vip_filter` slot of `key`, read from the pinned map.
+    pub fn filter_slot(&self, key: &ServiceKey) -> FilterSlot {
+        let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("vip_filter"))
+            .expect("vip_filter");
+        let map: aya::maps::Array<_, FilterSlot> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("vip_filter");
+        map.get(&key.filter_slot(), 0).expect("filter slot")
+    }
+
+    /// The `services` entry of `key`, read from the pinned map.
+    pub fn service_entry(&self, key: &ServiceKey) -> Option<ServiceInfo> {
+        let map = aya::maps::MapData::from_pin(self.dataplane.pin_dir().join("services"))
+            .expect("services");
+        let map: aya::maps::HashMap<_, ServiceKey, ServiceInfo> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("services");
+        map.get(key, 0).ok()
     }
 
     /// How many client flows are tracked.

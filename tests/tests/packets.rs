@@ -726,3 +726,84 @@ fn a_backend_down_and_up_again_leaves_the_table_in_the_map_as_it_was() {
         "up twice changed something"
     );
 }
+
+/// Services whose keys fall on one VIP filter slot are each forwarded (through the
+/// `services` map), and a slot of one key names its service's entry itself, so that the
+/// program needs no hash lookup: equal to `services` after every change, and gone
+/// before the entry is.
+#[test]
+fn services_sharing_a_filter_slot_are_each_forwarded_and_a_slot_of_one_names_its_service() {
+    use lb_common::service::{FilterSlot, ServiceKey};
+    let mut lab = lab();
+    let web = ServiceKey::new(VIP.octets(), 80, IPPROTO_TCP);
+    let (other_addr, other_port) = (101..=254u8)
+        .flat_map(|h| (1..=u16::MAX).map(move |p| (Ipv4Addr::new(10, 70, 0, h), p)))
+        .find(|(a, p)| {
+            ServiceKey::new(a.octets(), *p, IPPROTO_TCP).filter_slot() == web.filter_slot()
+        })
+        .expect("a key on web's filter slot");
+    let other = ServiceKey::new(other_addr.octets(), other_port, IPPROTO_TCP);
+    let names = |lab: &PacketLab, key: &ServiceKey| {
+        let slot = lab.filter_slot(key);
+        let entry = lab.service_entry(key).expect("services entry");
+        slot == FilterSlot::new(1, Some((*key, entry)))
+    };
+    let backend = |last: u8| Some(Ipv4Addr::new(10, 70, 0, last));
+    let syn_to = |lab: &PacketLab, dst: Ipv4Addr, dport: u16, sport: u16| {
+        let syn = Frame {
+            dst,
+            dport,
+            sport,
+            ..to_vip(SYN, b"")
+        };
+        let (verdict, out) = lab.run(lab.v0, &syn.bytes());
+        (
+            verdict,
+            (verdict == XDP_TX).then(|| backend_and_port(&out).0),
+        )
+    };
+
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080"]);
+    assert!(names(&lab, &web));
+    assert_eq!(syn_to(&lab, VIP, 80, 40001), (XDP_TX, backend(11)));
+
+    lab.service(
+        "other",
+        &format!("{other_addr}:{other_port}"),
+        "tcp",
+        &["10.70.0.12:8080"],
+    );
+    assert_eq!(
+        lab.filter_slot(&web),
+        FilterSlot::new(2, None),
+        "a slot of two keys names neither"
+    );
+    assert_eq!(syn_to(&lab, VIP, 80, 40002).1, backend(11));
+    assert_eq!(syn_to(&lab, other_addr, other_port, 40003).1, backend(12));
+
+    assert!(lab.dataplane.remove("web").unwrap());
+    assert!(names(&lab, &other));
+    assert_eq!(syn_to(&lab, VIP, 80, 40004).0, XDP_PASS);
+    assert_eq!(syn_to(&lab, other_addr, other_port, 40005).1, backend(12));
+
+    // A table of another size lies elsewhere in `maglev`: the slot follows the entry.
+    let before = lab.service_entry(&other).unwrap();
+    let spec = lb::model::ServiceSpec {
+        vip: Some(format!("{other_addr}:{other_port}")),
+        protocol: Some("tcp".into()),
+        backends: Some(vec!["10.70.0.13:8080".into()]),
+        table_size: Some(if before.table_size == 211 { 223 } else { 211 }),
+        ..Default::default()
+    };
+    lab.dataplane
+        .upsert(&spec.validate("other").unwrap())
+        .unwrap();
+    let after = lab.service_entry(&other).unwrap();
+    assert_ne!(after.table_offset, before.table_offset);
+    assert!(names(&lab, &other));
+    assert_eq!(syn_to(&lab, other_addr, other_port, 40006).1, backend(13));
+
+    assert!(lab.dataplane.remove("other").unwrap());
+    assert_eq!(lab.filter_slot(&other), FilterSlot::default());
+    assert_eq!(syn_to(&lab, other_addr, other_port, 40007).0, XDP_PASS);
+}

@@ -36,22 +36,26 @@ impl Dataplane {
                 Err(why) => bad.push((key, why)),
             }
         }
+        let mut slots: Vec<u32> = Vec::new();
         for (key, why) in bad {
             // Nothing can be trusted about it: its traffic goes to the kernel until a
             // stored service claims the address again.
             tracing::warn!(vip = %service_addr(&key), proto = key.proto, "dropping an adopted service: {why}");
             self.services.remove(&key)?;
+            // Its filter slot may name it: written again below.
+            slots.push(key.filter_slot());
         }
         self.service_ids = IdAllocator::adopting(limits.max_services + 1, &service_ids);
         self.backend_ids = IdAllocator::adopting(limits.max_backends + 1, &backend_ids);
-        let mut counts: HashMap<u32, u32> = HashMap::new();
+        let mut keys: HashMap<u32, Vec<ServiceKey>> = HashMap::new();
         for key in self.adopted.keys() {
-            *counts.entry(key.filter_slot()).or_default() += 1;
+            keys.entry(key.filter_slot()).or_default().push(*key);
         }
-        for (&slot, &count) in &counts {
-            self.vip_filter.set(slot, count, 0)?;
+        self.filter_keys = keys;
+        slots.extend(self.filter_keys.keys());
+        for slot in slots {
+            self.publish_filter_slot(slot)?;
         }
-        self.filter_counts = counts;
         tracing::info!(
             services = self.adopted.len(),
             backends = backend_ids.len(),
@@ -116,8 +120,8 @@ impl Dataplane {
 
     /// Removes `inst` (not in `installed`) from the maps: entry first, then what it held.
     pub(super) fn remove_unclaimed(&mut self, inst: Installed) -> Result<(), DataplaneError> {
-        self.services.remove(&inst.key)?;
         self.filter_add(&inst.key, -1)?;
+        self.services.remove(&inst.key)?;
         for &(_, bid) in &inst.backends {
             self.retire_backend(bid)?;
         }

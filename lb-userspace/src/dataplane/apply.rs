@@ -1,13 +1,16 @@
 //! Applying a service to the maps. Make before break: new backends and table slots are
 //! written before the service entry points at them, and old ones are retired only after
-//! it no longer does; on removal the service entry goes first.
+//! it no longer does; on removal the service entry goes first. The entry lives in two
+//! places, `services` and (when its key has its VIP filter slot alone) that slot: the slot
+//! is written after `services` on the way in, and cleared before it on the way out, so
+//! that a slot never names an entry `services` lacks, even after a crash.
 use std::net::SocketAddrV4;
 
 use lb_common::{
     config::NextHop,
     maglev,
     ports::BackendState,
-    service::{BACKEND_ACTIVE, Backend, ServiceInfo, ServiceKey},
+    service::{BACKEND_ACTIVE, Backend, FilterSlot, ServiceInfo, ServiceKey},
     stats::Counters,
 };
 
@@ -78,12 +81,28 @@ impl Dataplane {
     /// Counts `key` in (`by` = 1) or out (`by` = -1) of the VIP filter.
     pub(super) fn filter_add(&mut self, key: &ServiceKey, by: i32) -> Result<(), DataplaneError> {
         let slot = key.filter_slot();
-        let count = self.filter_counts.entry(slot).or_default();
-        *count = count.saturating_add_signed(by);
-        let value = *count;
-        if value == 0 {
-            self.filter_counts.remove(&slot);
+        let keys = self.filter_keys.entry(slot).or_default();
+        if by > 0 {
+            keys.push(*key);
+        } else if let Some(i) = keys.iter().position(|k| k == key) {
+            keys.swap_remove(i);
         }
+        if keys.is_empty() {
+            self.filter_keys.remove(&slot);
+        }
+        self.publish_filter_slot(slot)
+    }
+
+    /// Writes `vip_filter` slot `slot` as the maps stand: its count, and, when one key
+    /// falls on it, that key's `services` entry (so call it again whenever that changes,
+    /// before anything the old entry pointed at is reused).
+    pub(super) fn publish_filter_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let keys = self.filter_keys.get(&slot).map_or(&[][..], Vec::as_slice);
+        let sole = match keys {
+            [key] => self.services.get(key, 0).ok().map(|info| (*key, info)),
+            _ => None,
+        };
+        let value = FilterSlot::new(keys.len() as u32, sole);
         self.vip_filter.set(slot, value, 0)?;
         Ok(())
     }
@@ -278,12 +297,14 @@ impl Dataplane {
             flags: 0,
         };
         self.services.insert(key, info, 0)?;
+        self.publish_filter_slot(key.filter_slot())?;
 
         // Retire what the old version had and the new one does not.
         if let Some(o) = &old {
             if o.key != key {
-                self.services.remove(&o.key)?;
+                // The filter first: its slot may hold the entry itself.
                 self.filter_add(&o.key, -1)?;
+                self.services.remove(&o.key)?;
             }
             for &(addr, bid) in &o.backends {
                 if !svc.backends.contains(&addr) {
@@ -377,9 +398,10 @@ impl Dataplane {
         let Some(inst) = self.installed.get(name).cloned() else {
             return Ok(false);
         };
+        // The filter first: its slot may hold the entry itself.
+        self.filter_add(&inst.key, -1)?;
         self.services.remove(&inst.key)?;
         self.installed.remove(name);
-        self.filter_add(&inst.key, -1)?;
         for &(_, bid) in &inst.backends {
             self.retire_backend(bid)?;
         }

@@ -32,7 +32,7 @@ use lb_common::{
     flood::Flood,
     hash::SipKey,
     ports::{BackendState, PortTable, PortTableKey},
-    service::{Backend, ServiceInfo, ServiceKey},
+    service::{Backend, FilterSlot, ServiceInfo, ServiceKey},
     stats::{Counters, DropReason},
 };
 
@@ -170,9 +170,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceInfo>,
-    vip_filter: Array<MapData, u32>,
-    /// What `vip_filter` holds, slot -> count.
-    filter_counts: StdHashMap<u32, u32>,
+    vip_filter: Array<MapData, FilterSlot>,
+    /// The service keys on each `vip_filter` slot (a slot's count is their number).
+    filter_keys: StdHashMap<u32, Vec<ServiceKey>>,
     backends: Array<MapData, Backend>,
     backend_hops: Array<MapData, NextHop>,
     backend_state: Array<MapData, BackendState>,
@@ -383,7 +383,7 @@ impl Dataplane {
         let mut dataplane = Self {
             services: take(&mut ebpf, "services")?,
             vip_filter: take(&mut ebpf, "vip_filter")?,
-            filter_counts: StdHashMap::new(),
+            filter_keys: StdHashMap::new(),
             backends: take(&mut ebpf, "backends")?,
             backend_hops: take(&mut ebpf, "backend_hops")?,
             backend_state: take(&mut ebpf, "backend_state")?,
