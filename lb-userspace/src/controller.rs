@@ -453,8 +453,13 @@ impl Controller {
                 }
             }
         }
+        // Each address on its own: a restore calls this once per service, while the queue
+        // holds every backend seen so far (a scan of it per call made a cold start
+        // quadratic).
         if let Some(queue) = &mut self.deferred {
-            queue.retain(|ip| !unused.contains(ip));
+            for ip in &unused {
+                queue.remove(ip);
+            }
         }
         self.neighbors.remove(unused);
     }
