@@ -397,6 +397,8 @@ pub struct LoadReport {
     pub answered: usize,
     /// Requests that did not (connection refused, reset, timed out), with the error.
     pub failures: Vec<String>,
+    /// When each of `failures` ended, in the same order.
+    pub failed_at: Vec<std::time::Instant>,
     /// Requests on the one long-lived connection that got their answer, and which
     /// backends answered it (one, if the flow never moved).
     pub kept_answered: usize,
@@ -444,7 +446,10 @@ impl ClientLoad {
             while !flag.load(Ordering::Relaxed) {
                 match once() {
                     Ok(_) => report.answered += 1,
-                    Err(e) => report.failures.push(format!("new connection: {e:#}")),
+                    Err(e) => {
+                        report.failures.push(format!("new connection: {e:#}"));
+                        report.failed_at.push(std::time::Instant::now());
+                    }
                 }
                 match kept
                     .as_mut()
@@ -455,7 +460,10 @@ impl ClientLoad {
                         report.kept_answered += 1;
                         report.kept_backends.insert(backend);
                     }
-                    Err(e) => report.failures.push(format!("kept connection: {e:#}")),
+                    Err(e) => {
+                        report.failures.push(format!("kept connection: {e:#}"));
+                        report.failed_at.push(std::time::Instant::now());
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }

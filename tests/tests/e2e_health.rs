@@ -1,12 +1,16 @@
 //! Health checks steer traffic: a backend that stops answering leaves the rotation after
 //! the fall threshold (no request fails after that, none goes to it), and comes back after
 //! the rise threshold once it answers again; for layer-4 services through XDP as for HTTP.
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
     eventually,
     lbproc::LbProcess,
-    servers::{Backend, http_get_once},
+    servers::{Backend, ClientLoad, http_get_once},
     topology::Topology,
 };
 use serde_json::{Value, json};
@@ -75,7 +79,10 @@ fn a_failing_backend_leaves_the_maglev_table_and_returns() {
     };
     assert_eq!(answering(40).0.len(), 3);
 
-    // be1 dies. After the fall threshold it is down, and no request fails or reaches it.
+    // be1 dies under load. After the fall threshold it is down, and from then on no
+    // request fails or reaches it.
+    let load = ClientLoad::start(&topo.client, vip).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     backends[1] = None;
     let be1 = all[1].clone();
     assert!(
@@ -85,6 +92,31 @@ fn a_failing_backend_leaves_the_maglev_table_and_returns() {
         "{:?}",
         health(&lb, "web")
     );
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let report = load.stop();
+    // Connections to be1 fail until the checks take it out (the API may report it down
+    // a moment before the table changes); none after.
+    let late: Vec<&String> = report
+        .failures
+        .iter()
+        .zip(&report.failed_at)
+        .filter(|(f, at)| f.starts_with("new") && **at > down + Duration::from_millis(300))
+        .map(|(f, _)| f)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} new connections failed after be1 was down: {late:?}",
+        late.len()
+    );
+    assert!(report.answered >= 20, "the load stopped: {report:?}");
+    // The long-lived connection breaks only if it was be1's.
+    if !report.kept_backends.contains("be1") {
+        assert!(
+            report.failures.iter().all(|f| !f.starts_with("kept")),
+            "{report:?}"
+        );
+    }
     let view = backend_view(&lb, "web", &be1);
     assert!(
         view["reason"].as_str().unwrap().contains("connect"),
