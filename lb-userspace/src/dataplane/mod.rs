@@ -7,6 +7,7 @@ mod apply;
 mod clock;
 mod ids;
 mod maglev_array;
+pub mod names;
 mod pins;
 mod slots;
 mod sweep;
@@ -52,26 +53,7 @@ pub const TX_PROGRAM: &str = "lb_tx";
 pub const SWEEP_PROGRAM: &str = "lb_sweep";
 
 /// Every map, by the name it has in the object and under the pin directory.
-pub const MAPS: [&str; 18] = [
-    "services",
-    "vip_filter",
-    "backends",
-    "backend_state",
-    "backend_hops",
-    "maglev",
-    "conntrack",
-    "nat_reverse",
-    "port_tables",
-    "config",
-    "iface_addrs",
-    "fib_cache",
-    "flood",
-    "syn_window",
-    "cookie_stats",
-    "service_stats",
-    "backend_stats",
-    "drops",
-];
+pub use names::ALL as MAPS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -330,7 +312,7 @@ impl Dataplane {
     /// The addresses of the backends in the maps pinned under `pin_dir` (active, or down
     /// after a failed health check; retired ones have no address).
     pub fn pinned_backends(pin_dir: &Path) -> Vec<std::net::Ipv4Addr> {
-        let Ok(data) = MapData::from_pin(pin_dir.join("backends")) else {
+        let Ok(data) = MapData::from_pin(pin_dir.join(names::BACKENDS)) else {
             return Vec::new();
         };
         let Ok(backends) = Array::<MapData, Backend>::try_from(aya::maps::Map::Array(data)) else {
@@ -381,29 +363,29 @@ impl Dataplane {
             prog.load()?;
         }
         let mut dataplane = Self {
-            services: take(&mut ebpf, "services")?,
-            vip_filter: take(&mut ebpf, "vip_filter")?,
+            services: take(&mut ebpf, names::SERVICES)?,
+            vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
             filter_keys: StdHashMap::new(),
-            backends: take(&mut ebpf, "backends")?,
-            backend_hops: take(&mut ebpf, "backend_hops")?,
-            backend_state: take(&mut ebpf, "backend_state")?,
-            maglev: match ebpf.take_map("maglev") {
+            backends: take(&mut ebpf, names::BACKENDS)?,
+            backend_hops: take(&mut ebpf, names::BACKEND_HOPS)?,
+            backend_state: take(&mut ebpf, names::BACKEND_STATE)?,
+            maglev: match ebpf.take_map(names::MAGLEV) {
                 Some(aya::maps::Map::Array(data)) => {
                     maglev_array::MaglevArray::new(data, limits.maglev_slots)
                         .map_err(DataplaneError::Mmap)?
                 }
-                _ => return Err(DataplaneError::Missing("maglev")),
+                _ => return Err(DataplaneError::Missing(names::MAGLEV)),
             },
-            config: take(&mut ebpf, "config")?,
-            iface_addrs: take(&mut ebpf, "iface_addrs")?,
+            config: take(&mut ebpf, names::CONFIG)?,
+            iface_addrs: take(&mut ebpf, names::IFACE_ADDRS)?,
             snat_addrs: StdHashMap::new(),
             tx_by_redirect: HashSet::new(),
-            port_tables: take(&mut ebpf, "port_tables")?,
-            flood: take(&mut ebpf, "flood")?,
-            cookie_stats: take(&mut ebpf, "cookie_stats")?,
-            service_stats: take(&mut ebpf, "service_stats")?,
-            backend_stats: take(&mut ebpf, "backend_stats")?,
-            drops: take(&mut ebpf, "drops")?,
+            port_tables: take(&mut ebpf, names::PORT_TABLES)?,
+            flood: take(&mut ebpf, names::FLOOD)?,
+            cookie_stats: take(&mut ebpf, names::COOKIE_STATS)?,
+            service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
+            drops: take(&mut ebpf, names::DROPS)?,
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             links: Vec::new(),

@@ -12,7 +12,7 @@ use aya::{
 };
 use lb_common::config::{Config, LAYOUT_VERSION};
 
-use super::{EBPF_OBJECT, Limits, MAPS};
+use super::{EBPF_OBJECT, Limits, MAPS, names};
 
 /// The pin of the XDP link on interface `ifindex`. Keyed by index, not name: a renamed
 /// interface keeps its link, a re-created one (new index) does not inherit a dead one.
@@ -39,20 +39,20 @@ pub fn link_pins(dir: &Path) -> Vec<(u32, PathBuf)> {
 /// one more entry).
 pub fn max_entries(limits: &Limits) -> [(&'static str, u32); 10] {
     [
-        ("services", limits.max_services),
-        ("service_stats", limits.max_services + 1),
-        ("backends", limits.max_backends + 1),
-        ("backend_stats", limits.max_backends + 1),
-        ("backend_hops", limits.max_backends + 1),
-        ("backend_state", limits.max_backends + 1),
+        (names::SERVICES, limits.max_services),
+        (names::SERVICE_STATS, limits.max_services + 1),
+        (names::BACKENDS, limits.max_backends + 1),
+        (names::BACKEND_STATS, limits.max_backends + 1),
+        (names::BACKEND_HOPS, limits.max_backends + 1),
+        (names::BACKEND_STATE, limits.max_backends + 1),
         // One bitmap per (backend, SNAT address) in use; memory only for those.
-        ("port_tables", limits.max_backends.saturating_mul(2)),
-        ("maglev", limits.maglev_slots),
+        (names::PORT_TABLES, limits.max_backends.saturating_mul(2)),
+        (names::MAGLEV, limits.maglev_slots),
         (
-            "conntrack",
+            names::CONNTRACK,
             lb_common::flowtab::flow_slots(limits.conntrack_entries),
         ),
-        ("nat_reverse", limits.conntrack_entries),
+        (names::NAT_REVERSE, limits.conntrack_entries),
     ]
 }
 
@@ -114,7 +114,7 @@ fn check(dir: &Path, limits: &Limits) -> Result<(), String> {
         }
     }
     let config: Array<MapData, Config> = Array::try_from(Map::Array(
-        MapData::from_pin(dir.join("config")).map_err(|e| e.to_string())?,
+        MapData::from_pin(dir.join(names::CONFIG)).map_err(|e| e.to_string())?,
     ))
     .map_err(|e| e.to_string())?;
     let layout = config.get(&0, 0).map_err(|e| e.to_string())?.layout;
