@@ -11,15 +11,13 @@ use axum::{
 };
 use serde_json::json;
 
+use crate::web::{Shared, status_of};
 use crate::{
     controller::{ControlError, Controller},
-    dataplane::DataplaneError,
     model::ServiceSpec,
-    reconcile::{ReconcileError, Reconciler},
+    reconcile::ReconcileError,
     store::StoreError,
 };
-
-pub type Shared = Arc<Reconciler>;
 
 /// An error answer: status, message and (for bad input) the field.
 pub struct ApiError {
@@ -40,69 +38,37 @@ impl IntoResponse for ApiError {
 
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
-        match e {
-            ControlError::Invalid(v) => ApiError {
-                status: StatusCode::BAD_REQUEST,
-                message: v.to_string(),
-                field: Some(v.field),
-            },
-            ControlError::NotFound(_) => ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: e.to_string(),
-                field: Some("name".into()),
-            },
-            ControlError::Dataplane(d) => {
-                tracing::error!(error = %d, "applying to the data plane");
-                // A full map is the user's to fix (a flag); anything else is ours.
-                let status = match d {
-                    DataplaneError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                ApiError {
-                    status,
-                    message: d.to_string(),
-                    field: None,
-                }
-            }
-        }
+        ReconcileError::Control(e).into()
     }
 }
 
+/// The status from `status_of` (the one mapping, which the DFP API uses too), and the
+/// message and field the native API adds.
 impl From<ReconcileError> for ApiError {
     fn from(e: ReconcileError) -> Self {
-        match e {
-            ReconcileError::Control(c) => c.into(),
-            ReconcileError::Store(StoreError::Conflict { .. }) => ApiError {
-                status: StatusCode::CONFLICT,
-                message: format!("{e}; read the service again and retry"),
-                field: None,
-            },
-            ReconcileError::Store(StoreError::Invalid(m)) => ApiError {
-                status: StatusCode::BAD_REQUEST,
-                message: m,
-                field: Some("name".into()),
-            },
-            ReconcileError::Store(_) => ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: e.to_string(),
-                field: None,
-            },
+        let status = status_of(&e);
+        let (message, field) = match &e {
+            ReconcileError::Control(ControlError::Invalid(v)) => {
+                (v.to_string(), Some(v.field.clone()))
+            }
+            ReconcileError::Control(ControlError::NotFound(_)) => {
+                (e.to_string(), Some("name".to_string()))
+            }
+            ReconcileError::Store(StoreError::Invalid(m)) => (m.clone(), Some("name".to_string())),
+            ReconcileError::Control(ControlError::Dataplane(d)) => {
+                tracing::error!(error = %d, "applying to the data plane");
+                (d.to_string(), None)
+            }
+            ReconcileError::Store(StoreError::Conflict { .. }) => {
+                (format!("{e}; read the service again and retry"), None)
+            }
+            ReconcileError::Store(_) => (e.to_string(), None),
+        };
+        ApiError {
+            status,
+            message,
+            field,
         }
-    }
-}
-
-/// The HTTP status a failed write answers with.
-pub fn status_of(e: &ReconcileError) -> StatusCode {
-    match e {
-        ReconcileError::Control(ControlError::Invalid(_)) => StatusCode::BAD_REQUEST,
-        ReconcileError::Control(ControlError::NotFound(_)) => StatusCode::NOT_FOUND,
-        ReconcileError::Control(ControlError::Dataplane(DataplaneError::Full(_))) => {
-            StatusCode::INSUFFICIENT_STORAGE
-        }
-        ReconcileError::Control(ControlError::Dataplane(_)) => StatusCode::INTERNAL_SERVER_ERROR,
-        ReconcileError::Store(StoreError::Conflict { .. }) => StatusCode::CONFLICT,
-        ReconcileError::Store(StoreError::Invalid(_)) => StatusCode::BAD_REQUEST,
-        ReconcileError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -15,10 +15,10 @@ use axum::{
 use serde_json::{Value, json};
 
 use crate::{
-    api::Shared,
     controller::ControlError,
     model::{DiscoverySpec, HttpSpec, Service, ServiceSpec},
     reconcile::ReconcileError,
+    web::Shared,
 };
 
 /// A DFP error: `{"Status": "NOK", "Message": ...}` plus lb's `error` and `field`.
@@ -259,7 +259,7 @@ async fn reconfigure(
 }
 
 fn failure(e: ReconcileError) -> Nok {
-    let status = crate::api::status_of(&e);
+    let status = crate::web::status_of(&e);
     let field = match &e {
         ReconcileError::Control(ControlError::Invalid(v)) => dfp_field(&v.field),
         _ => String::new(),

@@ -14,3 +14,4 @@ pub mod reconcile;
 pub mod secret;
 pub mod snat;
 pub mod store;
+pub mod web;
