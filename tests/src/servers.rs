@@ -390,15 +390,23 @@ pub fn udp_ask(ns: &Netns, to: SocketAddr, timeout: Duration) -> anyhow::Result<
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// A request of a [`ClientLoad`] that got no answer (connection refused, reset, timed out).
+#[derive(Debug)]
+pub struct LoadFailure {
+    /// On the long-lived connection, not a new one.
+    pub kept: bool,
+    /// When it failed.
+    pub at: std::time::Instant,
+    pub error: String,
+}
+
 /// What a [`ClientLoad`] saw.
 #[derive(Debug, Default)]
 pub struct LoadReport {
     /// Requests on new connections that got their answer.
     pub answered: usize,
-    /// Requests that did not (connection refused, reset, timed out), with the error.
-    pub failures: Vec<String>,
-    /// When each of `failures` ended, in the same order.
-    pub failed_at: Vec<std::time::Instant>,
+    /// Requests that did not.
+    pub failures: Vec<LoadFailure>,
     /// Requests on the one long-lived connection that got their answer, and which
     /// backends answered it (one, if the flow never moved).
     pub kept_answered: usize,
@@ -428,6 +436,11 @@ impl ClientLoad {
             .expect("setns");
             let timeout = Duration::from_secs(2);
             let mut report = LoadReport::default();
+            let failed = |kept, e: anyhow::Error| LoadFailure {
+                kept,
+                at: std::time::Instant::now(),
+                error: format!("{e:#}"),
+            };
             let once = || -> anyhow::Result<String> {
                 let stream = TcpStream::connect_timeout(&to, timeout)?;
                 stream.set_read_timeout(Some(timeout))?;
@@ -446,10 +459,7 @@ impl ClientLoad {
             while !flag.load(Ordering::Relaxed) {
                 match once() {
                     Ok(_) => report.answered += 1,
-                    Err(e) => {
-                        report.failures.push(format!("new connection: {e:#}"));
-                        report.failed_at.push(std::time::Instant::now());
-                    }
+                    Err(e) => report.failures.push(failed(false, e)),
                 }
                 match kept
                     .as_mut()
@@ -460,10 +470,7 @@ impl ClientLoad {
                         report.kept_answered += 1;
                         report.kept_backends.insert(backend);
                     }
-                    Err(e) => {
-                        report.failures.push(format!("kept connection: {e:#}"));
-                        report.failed_at.push(std::time::Instant::now());
-                    }
+                    Err(e) => report.failures.push(failed(true, e)),
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
