@@ -121,16 +121,14 @@ fn install_rust_pieces() -> anyhow::Result<()> {
             "minimal",
         ]))?;
     }
-    for (toolchain, component) in COMPONENTS {
-        if !has_component(toolchain, component) {
-            run(Command::new("rustup").args([
-                "component",
-                "add",
-                component,
-                "--toolchain",
-                toolchain,
-            ]))?;
-        }
+    for (toolchain, component) in missing_components() {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            toolchain,
+        ]))?;
     }
     if !has_bpf_linker() {
         eprintln!(
@@ -159,14 +157,25 @@ const COMPONENTS: [(&str, &str); 5] = [
     ("stable", "clippy"),
 ];
 
-fn has_component(toolchain: &str, component: &str) -> bool {
-    output(
-        "rustup",
-        &["component", "list", "--installed", "--toolchain", toolchain],
-    )
-    .unwrap_or_default()
-    .lines()
-    .any(|l| l.starts_with(component))
+/// The [`COMPONENTS`] not installed (one `rustup component list` a toolchain).
+fn missing_components() -> Vec<(&'static str, &'static str)> {
+    let installed = |toolchain: &str| {
+        output(
+            "rustup",
+            &["component", "list", "--installed", "--toolchain", toolchain],
+        )
+        .unwrap_or_default()
+    };
+    let mut lists = std::collections::HashMap::new();
+    COMPONENTS
+        .into_iter()
+        .filter(|&(toolchain, component)| {
+            let list = lists
+                .entry(toolchain)
+                .or_insert_with(|| installed(toolchain));
+            !list.lines().any(|l| l.starts_with(component))
+        })
+        .collect()
 }
 
 fn has_bpf_linker() -> bool {
@@ -260,11 +269,8 @@ fn check() -> Vec<String> {
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Usage: wrk")),
         "wrk: `wrk` does not run",
     );
-    for (toolchain, component) in COMPONENTS {
-        expect(
-            has_component(toolchain, component),
-            &format!("{component} for the {toolchain} toolchain"),
-        );
+    for (toolchain, component) in missing_components() {
+        expect(false, &format!("{component} for the {toolchain} toolchain"));
     }
     expect(
         has_bpf_linker(),
