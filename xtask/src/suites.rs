@@ -27,18 +27,22 @@ extern "C" fn on_interrupt(_: i32) {
 }
 
 /// Lets an interrupt reach the suite's group too: it is not in the terminal's foreground
-/// group, so only this process hears Ctrl-C.
+/// group, so only this process hears Ctrl-C. Installed once, by the first suite.
 fn catch_interrupts() -> anyhow::Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_interrupt),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { sigaction(signal, &action) }.context("installing a signal handler")?;
-    }
-    Ok(())
+    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        let action = SigAction::new(
+            SigHandler::Handler(on_interrupt),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        [Signal::SIGINT, Signal::SIGTERM]
+            .into_iter()
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            .try_for_each(|signal| unsafe { sigaction(signal, &action) }.map(drop))
+            .map_err(|e| format!("installing a signal handler: {e}"))
+    });
+    installed.clone().map_err(anyhow::Error::msg)
 }
 
 /// The suites: `lb-tests`' own unit tests (`None`), then each file of `tests/tests`.
