@@ -11,12 +11,12 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::web::{Shared, status_of};
 use crate::{
     controller::{ControlError, Controller},
     model::ServiceSpec,
     reconcile::ReconcileError,
     store::StoreError,
+    web::{Shared, status_of},
 };
 
 /// An error answer: status, message and (for bad input) the field.
