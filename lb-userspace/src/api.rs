@@ -62,7 +62,7 @@ impl From<ReconcileError> for ApiError {
             ReconcileError::Store(StoreError::Conflict { .. }) => {
                 (format!("{e}; read the service again and retry"), None)
             }
-            ReconcileError::Store(_) => (e.to_string(), None),
+            ReconcileError::Store(_) | ReconcileError::Stopped(_) => (e.to_string(), None),
         };
         ApiError {
             status,
@@ -96,25 +96,17 @@ fn parse_spec(body: &[u8]) -> Result<ServiceSpec, ApiError> {
     })
 }
 
-/// Runs `f` on the controller off the async threads: map reads are syscalls.
+/// Runs `f` on the controller (on its own thread: map reads are syscalls).
 async fn with_controller<T: Send + 'static>(
     state: &Shared,
     f: impl FnOnce(&mut Controller) -> Result<T, ControlError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let controller = state.controller().clone();
-    tokio::task::spawn_blocking(move || {
-        let mut ctrl = controller
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut ctrl)
-    })
-    .await
-    .map_err(|e| ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: e.to_string(),
-        field: None,
-    })?
-    .map_err(ApiError::from)
+    let answer = state
+        .controller()
+        .call(f)
+        .await
+        .map_err(ReconcileError::from)?;
+    Ok(answer?)
 }
 
 async fn put_service(

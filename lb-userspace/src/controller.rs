@@ -144,10 +144,9 @@ impl Controller {
         }
     }
 
-    /// Starts checking backends (from now on, for every service applied); the returned
-    /// receiver gets each state change, for [`Controller::set_health`].
-    pub fn start_health_checks(&mut self) -> tokio::sync::mpsc::UnboundedReceiver<HealthEvent> {
-        let (mut checker, events) = Checker::new();
+    /// Checks backends with `checker` from now on (every service applied); it reports each
+    /// state change, for [`Controller::set_health`].
+    pub fn start_health_checks(&mut self, mut checker: Checker) {
         for svc in self.services.values() {
             checker.sync(
                 &svc.name,
@@ -157,7 +156,6 @@ impl Controller {
             );
         }
         self.checker = Some(checker);
-        events
     }
 
     /// Where the HTTP proxy listens: a layer-4 service on that address and port takes its
@@ -275,10 +273,10 @@ impl Controller {
         }
         if svc.http.is_some() {
             self.http_changed();
-        } else if let Err(e) =
-            self.dataplane
-                .set_backend_health(&event.service, event.backend, event.up)
-        {
+        } else if let Err(e) = self.dataplane.set_health(
+            &event.service,
+            &self.down_backends(&svc).into_iter().collect(),
+        ) {
             tracing::error!(service = %event.service, backend = %event.backend, "applying a health change: {e}");
         }
     }
@@ -374,8 +372,16 @@ impl Controller {
             Some(queue) => queue.extend(first_users.iter().copied()),
             None => self.neighbors.add(first_users.iter().copied()),
         }
+        // Backends that stay keep their health, unless the check changed: a new check
+        // starts from scratch, every backend up.
+        let same_check = previous.as_ref().is_some_and(|p| p.check == svc.check);
+        let down: HashSet<SocketAddrV4> = if same_check {
+            self.down_backends(&svc).into_iter().collect()
+        } else {
+            HashSet::new()
+        };
         let applied = match svc.l4_vip() {
-            Some(_) => self.dataplane.upsert(&svc),
+            Some(_) => self.dataplane.upsert(&svc, &down),
             // Now an HTTP service: out of the maps if it was a layer-4 one.
             None => self.dataplane.remove(&svc.name).map(|_| Vec::new()),
         };
@@ -408,7 +414,6 @@ impl Controller {
             self.vips.insert((vip, svc.protocol), svc.name.clone());
         }
         // Health: kept for backends that stay (unless the check changed), new ones up.
-        let same_check = previous.as_ref().is_some_and(|p| p.check == svc.check);
         let states = self.health.entry(svc.name.clone()).or_default();
         states.retain(|b, _| same_check && svc.backends.contains(b));
         for b in &svc.backends {
@@ -419,14 +424,6 @@ impl Controller {
             if let Some(h) = states.get_mut(b) {
                 h.up = false;
                 h.reason = Some("down before lb restarted; waiting for its checks to pass".into());
-            }
-        }
-        // A new check starts from scratch: every backend up again.
-        if previous.is_some() && !same_check && svc.l4_vip().is_some() {
-            for b in &svc.backends {
-                if let Err(e) = self.dataplane.set_backend_health(&svc.name, *b, true) {
-                    tracing::error!(service = %svc.name, "resetting health: {e}");
-                }
             }
         }
         let down = self.down_backends(&svc);

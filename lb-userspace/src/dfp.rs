@@ -318,11 +318,10 @@ async fn config(
             .into_response();
         }
     }
-    let services = s
-        .controller()
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .list();
+    let services = match s.controller().call(|c| c.list()).await {
+        Ok(services) => services,
+        Err(e) => return failure(e.into()).into_response(),
+    };
     let body: Vec<Value> = services.iter().map(view).collect();
     (StatusCode::OK, Json(body)).into_response()
 }

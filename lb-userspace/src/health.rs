@@ -13,7 +13,7 @@ use std::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::mpsc,
+    runtime::Handle,
     task::JoinHandle,
 };
 
@@ -29,28 +29,33 @@ pub struct HealthEvent {
     pub reason: String,
 }
 
+/// Where a check task reports a state change: false when nobody listens any more (the
+/// task then ends).
+pub type Report = std::sync::Arc<dyn Fn(HealthEvent) -> bool + Send + Sync>;
+
 /// The check tasks of every service.
 pub struct Checker {
-    events: mpsc::UnboundedSender<HealthEvent>,
+    report: Report,
+    /// Where the tasks run: the runtime `new` was called on (the checker itself is driven
+    /// from the controller's own thread).
+    runtime: Handle,
     services: HashMap<String, (Check, HashMap<SocketAddrV4, JoinHandle<()>>)>,
 }
 
 impl Checker {
-    /// A checker, and where its state changes arrive.
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<HealthEvent>) {
-        let (events, rx) = mpsc::unbounded_channel();
-        (
-            Self {
-                events,
-                services: HashMap::new(),
-            },
-            rx,
-        )
+    /// A checker whose tasks run on the current tokio runtime and call `report` on each
+    /// state change.
+    pub fn new(report: Report) -> Self {
+        Self {
+            report,
+            runtime: Handle::current(),
+            services: HashMap::new(),
+        }
     }
 
     /// Checks exactly `backends` of `service` with `check` from now on: tasks for new
     /// backends start (their backend counts as up, unless in `down`), tasks for gone ones
-    /// stop, and all restart when the check changed. Needs a tokio runtime.
+    /// stop, and all restart when the check changed.
     pub fn sync(
         &mut self,
         service: &str,
@@ -80,12 +85,12 @@ impl Checker {
         }
         for &addr in backends {
             entry.1.entry(addr).or_insert_with(|| {
-                tokio::spawn(watch(
+                self.runtime.spawn(watch(
                     service.to_string(),
                     addr,
                     check.clone(),
                     !down.contains(&addr),
-                    self.events.clone(),
+                    self.report.clone(),
                 ))
             });
         }
@@ -119,13 +124,7 @@ fn offset(service: &str, addr: SocketAddrV4, interval: Duration) -> Duration {
     Duration::from_millis(h.finish() % ms)
 }
 
-async fn watch(
-    service: String,
-    backend: SocketAddrV4,
-    check: Check,
-    mut up: bool,
-    events: mpsc::UnboundedSender<HealthEvent>,
-) {
+async fn watch(service: String, backend: SocketAddrV4, check: Check, mut up: bool, report: Report) {
     let interval = Duration::from_millis(check.interval_ms);
     tokio::time::sleep(offset(&service, backend, interval)).await;
     let mut ticks = tokio::time::interval(interval);
@@ -157,7 +156,7 @@ async fn watch(
                 up,
                 reason: result.err().unwrap_or_default(),
             };
-            if events.send(event).is_err() {
+            if !report(event) {
                 return;
             }
         }
@@ -309,7 +308,8 @@ mod tests {
         }
         .validate()
         .unwrap();
-        let (mut checker, mut events) = Checker::new();
+        let (events_in, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let mut checker = Checker::new(std::sync::Arc::new(move |e| events_in.send(e).is_ok()));
         checker.sync("web", &[addr], &[], &spec);
         // Healthy: no event for a while.
         assert!(

@@ -10,6 +10,7 @@ pub mod health;
 pub mod l7;
 pub mod model;
 pub mod net;
+pub mod owner;
 pub mod reconcile;
 pub mod secret;
 pub mod snat;

@@ -1,11 +1,6 @@
 //! `lb`: an XDP load balancer. `lb run` loads the data plane, attaches it and serves the
 //! HTTP API until SIGINT or SIGTERM.
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -14,6 +9,7 @@ use lb::{
     controller::Controller,
     dataplane::{CookieMode, Dataplane, Limits, Settings},
     discovery, l7, net,
+    owner::ControllerHandle,
     reconcile::Reconciler,
     secret::GroupKeys,
 };
@@ -275,7 +271,7 @@ async fn open_store(
 /// restarted node's pinned ones), so a store that is away stops nothing from serving.
 async fn adopt_group_keys(
     store: std::sync::Arc<dyn lb::store::Store>,
-    controller: std::sync::Arc<std::sync::Mutex<Controller>>,
+    controller: ControllerHandle,
     settings: Settings,
     keys: GroupKeys,
 ) {
@@ -299,10 +295,10 @@ async fn adopt_group_keys(
         cookie_key: group.cookie,
         ..settings
     };
-    let mut c = controller
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Err(e) = c.dataplane().configure(&settings) {
+    let configured = controller
+        .call(move |c| c.dataplane().configure(&settings))
+        .await;
+    if let Ok(Err(e)) = configured {
         tracing::error!("configuring the data plane with the group's keys: {e}");
     }
 }
@@ -340,10 +336,6 @@ async fn discovery_sources(
         );
     }
     Ok(sources)
-}
-
-fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
-    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The proxy's route for an HTTP service.
@@ -420,25 +412,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut controller = Controller::new(dataplane);
     // From here on the data plane outlives this process: a restart takes it over.
     controller.keep_on_exit();
-    let mut health_events = controller.start_health_checks();
     if let Some((addr, _)) = &http_listener {
         controller.set_http_listener(*addr);
     }
-    let controller = Arc::new(Mutex::new(controller));
-    // Health check results steer the maps and the HTTP pools.
-    let health = {
-        let state = controller.clone();
-        tokio::spawn(async move {
-            while let Some(event) = health_events.recv().await {
-                tokio::task::block_in_place(|| {
-                    state
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .set_health(&event);
-                });
-            }
-        })
-    };
+    let controller = ControllerHandle::start(controller);
     let group_keys = tokio::spawn(adopt_group_keys(
         store.clone(),
         controller.clone(),
@@ -462,10 +439,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .and_then(|all| net::snat_addresses(&all, &wanted));
                 match addrs {
                     Ok(addrs) => {
-                        let mut c = state
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        if let Err(e) = c.dataplane().set_iface_addrs(&addrs) {
+                        let set = state
+                            .call(move |c| c.dataplane().set_iface_addrs(&addrs))
+                            .await;
+                        if let Ok(Err(e)) = set {
                             tracing::warn!(error = %e, "updating interface addresses");
                         }
                     }
@@ -481,15 +458,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             for n in 0u64.. {
                 tick.tick().await;
-                let state = state.clone();
-                let swept = tokio::task::spawn_blocking(move || {
-                    let mut c = lock(&state);
-                    if n % 60 == 59 {
-                        c.dataplane().forget_port_tables()?;
-                    }
-                    c.dataplane().sweep()
-                })
-                .await;
+                let swept = state
+                    .call(move |c| {
+                        if n % 60 == 59 {
+                            c.dataplane().forget_port_tables()?;
+                        }
+                        c.dataplane().sweep()
+                    })
+                    .await;
                 if let Ok(Err(e)) = swept {
                     tracing::warn!(error = %e, "sweeping the flow maps");
                 }
@@ -515,10 +491,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ..l7::ProxyConfig::default()
         });
         let (state, routes_of) = (controller.clone(), engine.clone());
-        let mut changes = lock(&controller).http_changes();
+        let mut changes = controller.call(|c| c.http_changes()).await?;
         route_tasks.push(tokio::spawn(async move {
             loop {
-                let services = lock(&state).http_services();
+                let Ok(services) = state.call(|c| c.http_services()).await else {
+                    return;
+                };
                 routes_of.set_routes(services.iter().map(route).collect());
                 if changes.changed().await.is_err() {
                     return;
@@ -559,10 +537,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     refresher.abort();
     sweeper.abort();
     restoring.abort();
-    health.abort();
     group_keys.abort();
     drop(state);
-    drop(controller);
+    controller.close().await;
     tracing::info!(
         bpffs = %args.bpffs.display(),
         "stopped; XDP stays attached and forwarding until the next `lb run` takes over (`lb down` removes it)"

@@ -26,6 +26,7 @@ use crate::{
         Check, CheckSpec, Discovery, DiscoverySpec, HttpRoute, HttpSpec, Service, ServiceSpec,
         ValidationError,
     },
+    owner::{ControllerHandle, Stopped},
     store::{Entry, Event, Expect, Store, StoreError},
 };
 
@@ -98,11 +99,13 @@ pub enum ReconcileError {
     Control(#[from] ControlError),
     #[error("the store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
 }
 
 pub struct Reconciler {
     store: Arc<dyn Store>,
-    controller: Arc<Mutex<Controller>>,
+    controller: ControllerHandle,
     /// The store revision each applied service was written at.
     revisions: Mutex<HashMap<String, u64>>,
     /// One API write at a time on this node, from check to apply.
@@ -119,11 +122,7 @@ pub struct Reconciler {
 const FIRST_ANSWER: Duration = Duration::from_secs(3);
 
 impl Reconciler {
-    pub fn new(
-        store: Arc<dyn Store>,
-        controller: Arc<Mutex<Controller>>,
-        sources: Sources,
-    ) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, controller: ControllerHandle, sources: Sources) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             store,
             controller,
@@ -136,18 +135,12 @@ impl Reconciler {
         })
     }
 
-    pub fn controller(&self) -> &Arc<Mutex<Controller>> {
+    pub fn controller(&self) -> &ControllerHandle {
         &self.controller
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
-    }
-
-    fn ctrl(&self) -> std::sync::MutexGuard<'_, Controller> {
-        self.controller
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn revision_of(&self, name: &str) -> Option<u64> {
@@ -197,8 +190,12 @@ impl Reconciler {
             .get(name)
             .is_some_and(|(d, task)| *d == wanted && !task.is_finished());
         if followed {
-            let current = self.ctrl().get_service(name).map(|s| s.backends.clone());
-            spec.discovered = Some(current.unwrap_or_default());
+            let owned = name.to_string();
+            let current = self
+                .controller
+                .call(move |c| c.get_service(&owned).map(|s| s.backends.clone()))
+                .await;
+            spec.discovered = Some(current.ok().flatten().unwrap_or_default());
             return Ok(None);
         }
         let mut watch = self.sources.watch(&wanted)?;
@@ -254,25 +251,31 @@ impl Reconciler {
     /// The source of `name` lists `found` now: its backends become those.
     async fn rediscovered(&self, name: &str, source: &Discovery, found: Vec<SocketAddrV4>) {
         let _one = self.writes.lock().await;
-        tokio::task::block_in_place(|| {
-            let mut ctrl = self.ctrl();
-            let Some(current) = ctrl.get_service(name).cloned() else {
-                return;
-            };
-            if current.discovery.as_ref() != Some(source) || current.backends == found {
-                return;
-            }
-            let spec = ServiceSpec {
-                discovered: Some(found),
-                ..ServiceSpec::from(&current)
-            };
-            match ctrl.check(name, spec).and_then(|svc| ctrl.apply(svc)) {
-                Ok(svc) => {
-                    tracing::info!(service = name, backends = ?svc.backends, "discovery changed the backends");
+        let (owned, source) = (name.to_string(), source.clone());
+        let applied = self
+            .controller
+            .call(move |c| {
+                let current = c.get_service(&owned)?.clone();
+                if current.discovery.as_ref() != Some(&source) || current.backends == found {
+                    return None;
                 }
-                Err(e) => tracing::error!(service = name, "applying discovered backends: {e}"),
+                let spec = ServiceSpec {
+                    discovered: Some(found),
+                    ..ServiceSpec::from(&current)
+                };
+                Some(c.check(&owned, spec).and_then(|svc| c.apply(svc)))
+            })
+            .await;
+        match applied {
+            Ok(None) => {}
+            Ok(Some(Ok(svc))) => {
+                tracing::info!(service = name, backends = ?svc.backends, "discovery changed the backends");
             }
-        });
+            Ok(Some(Err(e))) => {
+                tracing::error!(service = name, "applying discovered backends: {e}");
+            }
+            Err(e) => tracing::error!(service = name, "applying discovered backends: {e}"),
+        }
     }
 
     /// `PUT`: store, then maps. Nothing changes when it fails.
@@ -280,14 +283,20 @@ impl Reconciler {
         let _one = self.writes.lock().await;
         crate::model::validate_name(name).map_err(ControlError::from)?;
         let watch = self.discover(name, &mut spec).await?;
-        let svc = self.ctrl().check(name, spec)?;
+        let owned = name.to_string();
+        let (svc, previous) = self
+            .controller
+            .call(move |c| {
+                let svc = c.check(&owned, spec)?;
+                Ok::<_, ControlError>((svc, c.get_service(&owned).cloned()))
+            })
+            .await??;
         let expect = self
             .revision_of(name)
             .map_or(Expect::Absent, Expect::Revision);
-        let previous = self.ctrl().get_service(name).cloned();
         let doc = serde_json::to_vec(&StoredService::of(&svc)).expect("serialisable");
         let revision = self.store.put(name, &doc, expect).await?;
-        let applied = tokio::task::block_in_place(|| self.ctrl().apply(svc));
+        let applied = self.controller.call(move |c| c.apply(svc)).await?;
         match applied {
             Ok(svc) => {
                 self.set_revision(name, Some(revision));
@@ -331,7 +340,8 @@ impl Reconciler {
             return Err(ControlError::NotFound(name.to_string()).into());
         };
         self.store.delete(name, Expect::Revision(revision)).await?;
-        tokio::task::block_in_place(|| self.ctrl().delete(name))?;
+        let owned = name.to_string();
+        self.controller.call(move |c| c.delete(&owned)).await??;
         self.set_revision(name, None);
         self.unfollow(name);
         Ok(())
@@ -359,11 +369,13 @@ impl Reconciler {
                 return;
             }
         };
-        let result = tokio::task::block_in_place(|| {
-            let mut ctrl = self.ctrl();
-            ctrl.check(&entry.name, spec)
-                .and_then(|svc| ctrl.apply(svc))
-        });
+        let name = entry.name.clone();
+        let result = self
+            .controller
+            .call(move |c| c.check(&name, spec).and_then(|svc| c.apply(svc)))
+            .await
+            .map_err(ReconcileError::from)
+            .and_then(|applied| applied.map_err(ReconcileError::from));
         match result {
             Ok(svc) => {
                 self.set_revision(&entry.name, Some(entry.revision));
@@ -380,7 +392,12 @@ impl Reconciler {
             Event::Put(entry) => self.apply_entry(entry).await,
             Event::Deleted { name, revision } => {
                 if self.revision_of(name).is_some_and(|r| r < *revision) {
-                    if let Err(e) = tokio::task::block_in_place(|| self.ctrl().delete(name)) {
+                    let owned = name.clone();
+                    let deleted = self.controller.call(move |c| c.delete(&owned)).await;
+                    if let Err(e) = deleted
+                        .map_err(ReconcileError::from)
+                        .and_then(|d| d.map_err(ReconcileError::from))
+                    {
                         tracing::error!(key = %name, "removing a service deleted from the store: {e}");
                     }
                     self.set_revision(name, None);
@@ -405,11 +422,15 @@ impl Reconciler {
                 }
             };
             backoff = Duration::from_millis(100);
-            self.ctrl().defer_neighbors();
+            // A stopped controller is reported by whoever calls it next.
+            let _ = self.controller.call(Controller::defer_neighbors).await;
             for entry in &snapshot.entries {
                 self.apply_entry(entry).await;
             }
-            tokio::task::block_in_place(|| self.ctrl().resolve_deferred_neighbors());
+            let _ = self
+                .controller
+                .call(Controller::resolve_deferred_neighbors)
+                .await;
             // Services this node has that the store no longer has (deleted while the
             // watch was down).
             let gone: Vec<String> = {
@@ -430,9 +451,11 @@ impl Reconciler {
                 .await;
             }
             // What an earlier daemon left in the maps and the store no longer has.
-            if let Err(e) =
-                tokio::task::block_in_place(|| self.ctrl().dataplane().finish_adoption())
-            {
+            let finished = self
+                .controller
+                .call(|c| c.dataplane().finish_adoption())
+                .await;
+            if let Ok(Err(e)) = finished {
                 tracing::error!(error = %e, "removing adopted services the store does not have");
             }
             if !self.ready.swap(true, Ordering::AcqRel) {

@@ -25,5 +25,6 @@ pub fn status_of(e: &ReconcileError) -> StatusCode {
         ReconcileError::Store(StoreError::Conflict { .. }) => StatusCode::CONFLICT,
         ReconcileError::Store(StoreError::Invalid(_)) => StatusCode::BAD_REQUEST,
         ReconcileError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ReconcileError::Stopped(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

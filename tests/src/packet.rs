@@ -195,7 +195,9 @@ impl PacketLab {
             ..Default::default()
         };
         let svc = spec.validate(name).expect("valid service");
-        self.dataplane.upsert(&svc).expect("upsert");
+        self.dataplane
+            .upsert(&svc, &Default::default())
+            .expect("upsert");
         svc
     }
 

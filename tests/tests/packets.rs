@@ -692,7 +692,7 @@ fn a_backend_down_and_up_again_leaves_the_table_in_the_map_as_it_was() {
         // The id whose slots go: the one the table loses.
         assert!(
             lab.dataplane
-                .set_backend_health("web", fallen, false)
+                .set_health("web", &std::collections::HashSet::from([fallen]))
                 .unwrap()
         );
         let down = lab.dataplane.table_in_map("web").unwrap();
@@ -711,7 +711,7 @@ fn a_backend_down_and_up_again_leaves_the_table_in_the_map_as_it_was() {
     };
     assert!(
         lab.dataplane
-            .set_backend_health("web", fallen, true)
+            .set_health("web", &std::collections::HashSet::new())
             .unwrap()
     );
     let after = lab.dataplane.table_in_map("web").unwrap();
@@ -721,7 +721,7 @@ fn a_backend_down_and_up_again_leaves_the_table_in_the_map_as_it_was() {
     );
     assert!(
         !lab.dataplane
-            .set_backend_health("web", fallen, true)
+            .set_health("web", &std::collections::HashSet::new())
             .unwrap(),
         "up twice changed something"
     );
@@ -796,7 +796,7 @@ fn services_sharing_a_filter_slot_are_each_forwarded_and_a_slot_of_one_names_its
         ..Default::default()
     };
     lab.dataplane
-        .upsert(&spec.validate("other").unwrap())
+        .upsert(&spec.validate("other").unwrap(), &Default::default())
         .unwrap();
     let after = lab.service_entry(&other).unwrap();
     assert_ne!(after.table_offset, before.table_offset);

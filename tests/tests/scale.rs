@@ -41,7 +41,7 @@ fn ten_thousand_services_of_ten_backends_fit_in_a_few_hundred_mib() {
             ..Default::default()
         };
         let svc = spec.validate(&format!("svc-{s}")).unwrap();
-        dp.upsert(&svc)
+        dp.upsert(&svc, &Default::default())
             .unwrap_or_else(|e| panic!("service {s}: {e}"));
     }
     // What the kernel holds is the paper's table for that backend set.

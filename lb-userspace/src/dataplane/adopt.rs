@@ -108,8 +108,8 @@ impl Dataplane {
             table_offset: info.table_offset,
             table_size: info.table_size,
             backends,
-            down: Vec::new(),
             table,
+            full_table: Vec::new(),
         })
     }
 

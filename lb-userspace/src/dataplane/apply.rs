@@ -4,7 +4,7 @@
 //! places, `services` and (when its key has its VIP filter slot alone) that slot: the slot
 //! is written after `services` on the way in, and cleared before it on the way out, so
 //! that a slot never names an entry `services` lacks, even after a crash.
-use std::net::SocketAddrV4;
+use std::{collections::HashSet, net::SocketAddrV4};
 
 use lb_common::{
     config::NextHop,
@@ -26,46 +26,49 @@ pub struct Installed {
     pub table_size: u32,
     /// Each backend and its backend id.
     pub backends: Vec<(SocketAddrV4, u32)>,
-    /// Backends whose health check failed: out of the table, inactive in `backends`.
-    pub down: Vec<SocketAddrV4>,
     /// The table as written: backend id per slot.
     pub table: Vec<u32>,
+    /// The table of all the backends, down or not (what `table` is made from on a health
+    /// change); empty for a table adopted from an earlier daemon.
+    pub full_table: Vec<u32>,
 }
 
-/// The Maglev table of `backends` with those in `down` taken out: the table of them all,
-/// except that the slots of a down backend go to whom the table of the healthy ones gives
-/// them. So a backend that falls moves only its own slots, one that rises takes back just
-/// those, and the result depends only on the two sets: nodes that agree on health build the
-/// same table. Slots with no healthy backend hold 0 (no backend: packets are dropped).
-pub fn table_for(backends: &[(SocketAddrV4, u32)], down: &[SocketAddrV4], size: u32) -> Vec<u32> {
-    let build = |set: &[(SocketAddrV4, u32)]| -> Vec<u32> {
-        if set.is_empty() {
-            return vec![0; size as usize];
-        }
-        let addrs: Vec<SocketAddrV4> = set.iter().map(|&(a, _)| a).collect();
-        maglev::build_table(&addrs, size)
-            .into_iter()
-            .map(|i| set[i as usize].1)
-            .collect()
-    };
-    let full = build(backends);
-    if down.is_empty() {
-        return full;
+/// The Maglev table of `backends`: backend id per slot (0 in every slot when there are none).
+pub fn full_table(backends: &[(SocketAddrV4, u32)], size: u32) -> Vec<u32> {
+    if backends.is_empty() {
+        return vec![0; size as usize];
     }
-    let healthy: Vec<(SocketAddrV4, u32)> = backends
+    let addrs: Vec<SocketAddrV4> = backends.iter().map(|&(a, _)| a).collect();
+    maglev::build_table(&addrs, size)
+        .into_iter()
+        .map(|i| backends[i as usize].1)
+        .collect()
+}
+
+/// `full` (the table of all `backends`) with those in `down` taken out: the slots of a down
+/// backend go to whom the table of the healthy ones gives them. So a backend that falls
+/// moves only its own slots, one that rises takes back just those, and the result depends
+/// only on the two sets: nodes that agree on health build the same table. Slots with no
+/// healthy backend hold 0 (no backend: packets are dropped). One table build and one pass
+/// over the slots.
+pub fn table_for(
+    full: &[u32],
+    backends: &[(SocketAddrV4, u32)],
+    down: &HashSet<SocketAddrV4>,
+    size: u32,
+) -> Vec<u32> {
+    if !backends.iter().any(|(a, _)| down.contains(a)) {
+        return full.to_vec();
+    }
+    let (fallen, healthy): (Vec<_>, Vec<_>) = backends
         .iter()
-        .filter(|(a, _)| !down.contains(a))
         .copied()
-        .collect();
-    let down_ids: Vec<u32> = backends
-        .iter()
-        .filter(|(a, _)| down.contains(a))
-        .map(|&(_, id)| id)
-        .collect();
-    let sub = build(&healthy);
-    full.into_iter()
+        .partition(|(a, _)| down.contains(a));
+    let fallen: HashSet<u32> = fallen.into_iter().map(|(_, id)| id).collect();
+    let sub = full_table(&healthy, size);
+    full.iter()
         .zip(sub)
-        .map(|(f, s)| if down_ids.contains(&f) { s } else { f })
+        .map(|(&f, s)| if fallen.contains(&f) { s } else { f })
         .collect()
 }
 
@@ -126,129 +129,179 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Creates or replaces `svc` in the maps. Returns the backends that start down: after
-    /// a restart, those the adopted table had taken out (their health check had failed).
-    pub fn upsert(&mut self, svc: &Service) -> Result<Vec<SocketAddrV4>, DataplaneError> {
+    /// Creates or replaces `svc` in the maps, with the backends in `down` out of its table
+    /// and inactive. Returns the backends that start down besides: after a restart, those
+    /// the adopted table had taken out (their health check had failed).
+    pub fn upsert(
+        &mut self,
+        svc: &Service,
+        down: &HashSet<SocketAddrV4>,
+    ) -> Result<Vec<SocketAddrV4>, DataplaneError> {
         let key = service_key(svc);
         if let Some(o) = self.installed.get(&svc.name).cloned() {
             if let Some(stale) = self.claim_adopted(&key) {
                 // The key it moves to was another service's before the restart.
                 self.remove_unclaimed(stale)?;
             }
-            self.upsert_over(svc, key, Some(o))?;
+            self.upsert_over(svc, key, Some(o), down)?;
             return Ok(Vec::new());
         }
         // A service first applied after a restart takes over the entry an earlier daemon
         // left for its key, so that its tracked flows keep their ids.
-        match self.claim_adopted(&key) {
-            Some(mut adopted) => {
-                let missing: Vec<SocketAddrV4> = svc
-                    .backends
-                    .iter()
-                    .filter(|b| !adopted.backends.iter().any(|(a, _)| a == *b))
-                    .copied()
-                    .collect();
-                // Only when the table was written with some backends left out: then the
-                // missing ones were down. (A service whose backends all changed while no
-                // daemon ran is new, not down.)
-                let was_down = !missing.is_empty() && missing.len() < svc.backends.len();
-                if was_down {
-                    adopted.down = missing.clone();
-                }
-                let result = self.upsert_over(svc, key, Some(adopted.clone()));
-                if result.is_err() {
-                    adopted.down.clear();
-                    self.adopted.insert(key, adopted);
-                }
-                result.map(|()| if was_down { missing } else { Vec::new() })
+        let Some(adopted) = self.claim_adopted(&key) else {
+            return self.upsert_over(svc, key, None, down).map(|()| Vec::new());
+        };
+        let missing: Vec<SocketAddrV4> = svc
+            .backends
+            .iter()
+            .filter(|b| !adopted.backends.iter().any(|(a, _)| a == *b))
+            .copied()
+            .collect();
+        // Only when the table was written with some backends left out: then the missing
+        // ones were down. (A service whose backends all changed while no daemon ran is new,
+        // not down.)
+        let was_down = !missing.is_empty() && missing.len() < svc.backends.len();
+        let mut starts_down = down.clone();
+        if was_down {
+            starts_down.extend(missing.iter().copied());
+        }
+        match self.upsert_over(svc, key, Some(adopted.clone()), &starts_down) {
+            Ok(()) => Ok(if was_down { missing } else { Vec::new() }),
+            Err(e) => {
+                self.adopted.insert(key, adopted);
+                Err(e)
             }
-            None => self.upsert_over(svc, key, None).map(|()| Vec::new()),
         }
     }
 
-    /// Writes `svc` over `old`, what its key or name had in the maps.
+    /// Writes `svc` over `old`, what its key or name had in the maps: room is checked and
+    /// taken first (so that a full map fails the call without changing anything), then
+    /// the backends and table are written, the service entry switched over, and what only
+    /// `old` used retired.
     fn upsert_over(
         &mut self,
         svc: &Service,
         key: ServiceKey,
         old: Option<Installed>,
+        down: &HashSet<SocketAddrV4>,
     ) -> Result<(), DataplaneError> {
-        // Every capacity is checked before the first write, so that a full map fails the
-        // call without changing anything. A new key (a new service, or a moved VIP, whose
-        // old key goes only after the new one is in) needs room in `services`.
-        let new_key = old.as_ref().is_none_or(|o| o.key != key);
-        let used = self.installed.len() + self.adopted.len();
-        if new_key && used as u32 >= self.max_services {
-            return Err(DataplaneError::Full(
-                "no room for another service key (raise --max-services)".into(),
-            ));
-        }
-
-        // Backend ids: kept for backends that stay, new ones for the others.
-        let mut backends = Vec::with_capacity(svc.backends.len());
-        let needed = svc
-            .backends
-            .iter()
-            .filter(|b| {
-                !old.as_ref()
-                    .is_some_and(|o| o.backends.iter().any(|(a, _)| a == *b))
-            })
-            .count();
-        if needed as u32 > self.backend_ids.available() {
-            return Err(DataplaneError::Full(format!(
-                "no room for {needed} more backends (raise --max-backends)"
-            )));
-        }
-        let (id, reused_id) = match &old {
+        let old = old.as_ref();
+        self.check_room(svc, key, old)?;
+        let (id, reused_id) = match old {
             Some(o) => (o.id, false),
             None => self.service_ids.alloc_noting_reuse().ok_or_else(|| {
                 DataplaneError::Full("no room for another service (raise --max-services)".into())
             })?,
         };
-        let reuse_region = old.as_ref().is_some_and(|o| o.table_size == svc.table_size);
-        let offset = if reuse_region {
-            old.as_ref().unwrap().table_offset
-        } else {
-            match self.slots.alloc(svc.table_size) {
-                Some(o) => o,
-                None => {
-                    if old.is_none() {
-                        self.service_ids.release(id);
-                    }
-                    return Err(DataplaneError::Full(format!(
-                        "no room for a {}-slot Maglev table (raise --maglev-slots)",
-                        svc.table_size
-                    )));
-                }
+        let Some(region) = self.table_region(svc.table_size, old) else {
+            if old.is_none() {
+                self.service_ids.release(id);
             }
+            return Err(DataplaneError::Full(format!(
+                "no room for a {}-slot Maglev table (raise --maglev-slots)",
+                svc.table_size
+            )));
         };
         // Entries under a fresh id are zero already: a cold start of thousands of
         // services skips these writes.
         if reused_id {
             self.zero_counters(Some(id), None)?;
         }
-        let down: Vec<SocketAddrV4> = old
-            .as_ref()
-            .map(|o| {
-                o.down
-                    .iter()
-                    .filter(|a| svc.backends.contains(a))
-                    .copied()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let backends = self.write_backends(svc, old, down)?;
+        let full = full_table(&backends, svc.table_size);
+        let table = table_for(&full, &backends, down, svc.table_size);
+        let in_place = old
+            .filter(|o| o.table_offset == region)
+            .map(|o| &o.table[..]);
+        self.write_table(region, &table, in_place);
+        self.switch_entry(
+            key,
+            old.map(|o| o.key),
+            ServiceInfo {
+                id,
+                table_offset: region,
+                table_size: svc.table_size,
+                flags: 0,
+            },
+        )?;
+        if let Some(o) = old {
+            self.retire_unused(svc, o, region)?;
+        }
+        // Kept backends that are down turn inactive once the table no longer names them.
+        self.write_health(&backends, down, false)?;
+        self.installed.insert(
+            svc.name.clone(),
+            Installed {
+                key,
+                id,
+                table_offset: region,
+                table_size: svc.table_size,
+                backends,
+                table,
+                full_table: full,
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether `svc` fits: a new key (a new service, or a moved VIP, whose old key goes
+    /// only after the new one is in) needs room in `services`, new backends their ids.
+    fn check_room(
+        &self,
+        svc: &Service,
+        key: ServiceKey,
+        old: Option<&Installed>,
+    ) -> Result<(), DataplaneError> {
+        let new_key = old.is_none_or(|o| o.key != key);
+        let used = self.installed.len() + self.adopted.len();
+        if new_key && used as u32 >= self.max_services {
+            return Err(DataplaneError::Full(
+                "no room for another service key (raise --max-services)".into(),
+            ));
+        }
+        let needed = svc
+            .backends
+            .iter()
+            .filter(|b| !old.is_some_and(|o| o.backends.iter().any(|(a, _)| a == *b)))
+            .count();
+        if needed as u32 > self.backend_ids.available() {
+            return Err(DataplaneError::Full(format!(
+                "no room for {needed} more backends (raise --max-backends)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where a table of `size` slots goes: `old`'s region when it is that size, else a
+    /// new one (None when there is no room).
+    fn table_region(&mut self, size: u32, old: Option<&Installed>) -> Option<u32> {
+        match old {
+            Some(o) if o.table_size == size => Some(o.table_offset),
+            _ => self.slots.alloc(size),
+        }
+    }
+
+    /// Backend ids for `svc`'s backends: kept for those `old` had, new ones (written, and
+    /// active unless in `down`) for the others. Kept backends that are up are made active
+    /// here, before the table can name them.
+    fn write_backends(
+        &mut self,
+        svc: &Service,
+        old: Option<&Installed>,
+        down: &HashSet<SocketAddrV4>,
+    ) -> Result<Vec<(SocketAddrV4, u32)>, DataplaneError> {
+        let mut backends = Vec::with_capacity(svc.backends.len());
+        let mut kept = Vec::new();
         for &addr in &svc.backends {
-            if let Some(&(_, bid)) = old
-                .as_ref()
-                .and_then(|o| o.backends.iter().find(|(a, _)| *a == addr))
-            {
+            if let Some(&(_, bid)) = old.and_then(|o| o.backends.iter().find(|(a, _)| *a == addr)) {
                 backends.push((addr, bid));
+                kept.push((addr, bid));
                 continue;
             }
             let (bid, reused) = self
                 .backend_ids
                 .alloc_noting_reuse()
-                .expect("counted above");
+                .expect("counted by check_room");
             self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
             if reused {
                 self.zero_counters(None, Some(bid))?;
@@ -257,103 +310,19 @@ impl Dataplane {
                 self.backend_hops.set(bid, NextHop::default(), 0)?;
                 self.backend_state.set(bid, BackendState::default(), 0)?;
             }
-            self.backends.set(
-                bid,
-                Backend {
-                    addr: addr.ip().octets(),
-                    port: addr.port(),
-                    _pad: 0,
-                    flags: if down.contains(&addr) {
-                        0
-                    } else {
-                        BACKEND_ACTIVE
-                    },
-                    generation: self.generations[bid as usize],
-                },
-                0,
-            )?;
+            self.write_backend(addr, bid, !down.contains(&addr))?;
             backends.push((addr, bid));
         }
-
-        // The table: only the slots that change when it stays in place. Backends that
-        // stay keep their health; new ones start up.
-        let table = table_for(&backends, &down, svc.table_size);
-        for (slot, &bid) in table.iter().enumerate() {
-            let unchanged = reuse_region && old.as_ref().unwrap().table[slot] == bid;
-            if !unchanged {
-                self.maglev.set(offset + slot as u32, bid);
-            }
-        }
-
-        // Switch the service entry over (the filter lets its packets through first).
-        let moved = old.as_ref().is_none_or(|o| o.key != key);
-        if moved {
-            self.filter_add(&key, 1)?;
-        }
-        let info = ServiceInfo {
-            id,
-            table_offset: offset,
-            table_size: svc.table_size,
-            flags: 0,
-        };
-        self.services.insert(key, info, 0)?;
-        self.publish_filter_slot(key.filter_slot())?;
-
-        // Retire what the old version had and the new one does not.
-        if let Some(o) = &old {
-            if o.key != key {
-                // The filter first: its slot may hold the entry itself.
-                self.filter_add(&o.key, -1)?;
-                self.services.remove(&o.key)?;
-            }
-            for &(addr, bid) in &o.backends {
-                if !svc.backends.contains(&addr) {
-                    self.retire_backend(bid)?;
-                }
-            }
-            if !reuse_region {
-                self.slots.release(o.table_offset, o.table_size);
-            }
-        }
-        self.installed.insert(
-            svc.name.clone(),
-            Installed {
-                key,
-                id,
-                table_offset: offset,
-                table_size: svc.table_size,
-                backends,
-                down,
-                table,
-            },
-        );
-        Ok(())
+        self.write_health(&kept, down, true)?;
+        Ok(backends)
     }
 
-    /// Takes backend `addr` of service `name` out of its table (`up` false: tracked flows
-    /// to it are balanced again on their next packet) or puts it back. Whether anything
-    /// changed.
-    pub fn set_backend_health(
+    fn write_backend(
         &mut self,
-        name: &str,
         addr: SocketAddrV4,
+        bid: u32,
         up: bool,
-    ) -> Result<bool, DataplaneError> {
-        let Some(inst) = self.installed.get(name).cloned() else {
-            return Ok(false);
-        };
-        let Some(&(_, bid)) = inst.backends.iter().find(|(a, _)| *a == addr) else {
-            return Ok(false);
-        };
-        if inst.down.contains(&addr) != up {
-            return Ok(false);
-        }
-        let mut down = inst.down.clone();
-        if up {
-            down.retain(|a| *a != addr);
-        } else {
-            down.push(addr);
-        }
+    ) -> Result<(), DataplaneError> {
         let backend = Backend {
             addr: addr.ip().octets(),
             port: addr.port(),
@@ -361,24 +330,103 @@ impl Dataplane {
             flags: if up { BACKEND_ACTIVE } else { 0 },
             generation: self.generations[bid as usize],
         };
-        // Rising: usable before the table points at it. Falling: out of the table before
-        // it turns inactive, so that re-balanced flows cannot pick it again.
-        if up {
-            self.backends.set(bid, backend, 0)?;
-        }
-        let table = table_for(&inst.backends, &down, inst.table_size);
-        for (slot, (&new, &was)) in table.iter().zip(&inst.table).enumerate() {
-            if new != was {
-                self.maglev.set(inst.table_offset + slot as u32, new);
+        self.backends.set(bid, backend, 0)?;
+        Ok(())
+    }
+
+    /// Writes the active flag of those of `backends` that are up (`up` true) or down as
+    /// `down` says, where the map differs. Whether it wrote any.
+    fn write_health(
+        &mut self,
+        backends: &[(SocketAddrV4, u32)],
+        down: &HashSet<SocketAddrV4>,
+        up: bool,
+    ) -> Result<bool, DataplaneError> {
+        let mut wrote = false;
+        for &(addr, bid) in backends {
+            if down.contains(&addr) == up {
+                continue;
+            }
+            let active = self.backends.get(&bid, 0)?.is_active();
+            if active != up {
+                self.write_backend(addr, bid, up)?;
+                wrote = true;
             }
         }
-        if !up {
-            self.backends.set(bid, backend, 0)?;
+        Ok(wrote)
+    }
+
+    /// Writes `table` at `offset`; only the slots that differ from `in_place` when it is
+    /// the table there now.
+    fn write_table(&mut self, offset: u32, table: &[u32], in_place: Option<&[u32]>) {
+        for (slot, &bid) in table.iter().enumerate() {
+            if in_place.is_none_or(|t| t[slot] != bid) {
+                self.maglev.set(offset + slot as u32, bid);
+            }
         }
-        let entry = self.installed.get_mut(name).expect("installed above");
-        entry.down = down;
-        entry.table = table;
-        Ok(true)
+    }
+
+    /// Points `key` at `info`, moving it from `old_key` (the filter lets its packets
+    /// through first; the old key goes after the new one is in).
+    fn switch_entry(
+        &mut self,
+        key: ServiceKey,
+        old_key: Option<ServiceKey>,
+        info: ServiceInfo,
+    ) -> Result<(), DataplaneError> {
+        let moved = old_key != Some(key);
+        if moved {
+            self.filter_add(&key, 1)?;
+        }
+        self.services.insert(key, info, 0)?;
+        self.publish_filter_slot(key.filter_slot())?;
+        if let Some(old_key) = old_key.filter(|_| moved) {
+            // The filter first: its slot may hold the entry itself.
+            self.filter_add(&old_key, -1)?;
+            self.services.remove(&old_key)?;
+        }
+        Ok(())
+    }
+
+    /// Retires what `old` had and `svc`, now at table `region`, does not.
+    fn retire_unused(
+        &mut self,
+        svc: &Service,
+        old: &Installed,
+        region: u32,
+    ) -> Result<(), DataplaneError> {
+        for &(addr, bid) in &old.backends {
+            if !svc.backends.contains(&addr) {
+                self.retire_backend(bid)?;
+            }
+        }
+        if old.table_offset != region {
+            self.slots.release(old.table_offset, old.table_size);
+        }
+        Ok(())
+    }
+
+    /// Makes the table and active flags of service `name` match `down`, its backends that
+    /// are down: those that fall leave the table (their tracked flows are balanced again on
+    /// their next packet), those that rise take back their own slots. Whether anything
+    /// changed.
+    pub fn set_health(
+        &mut self,
+        name: &str,
+        down: &HashSet<SocketAddrV4>,
+    ) -> Result<bool, DataplaneError> {
+        let Some(inst) = self.installed.get(name).cloned() else {
+            return Ok(false);
+        };
+        // Rising: usable before the table points at it. Falling: out of the table before
+        // it turns inactive, so that re-balanced flows cannot pick it again.
+        let rose = self.write_health(&inst.backends, down, true)?;
+        let table = table_for(&inst.full_table, &inst.backends, down, inst.table_size);
+        let moved = table != inst.table;
+        self.write_table(inst.table_offset, &table, Some(&inst.table));
+        let fell = self.write_health(&inst.backends, down, false)?;
+        self.installed.get_mut(name).expect("installed above").table = table;
+        Ok(rose || moved || fell)
     }
 
     pub(super) fn retire_backend(&mut self, bid: u32) -> Result<(), DataplaneError> {
@@ -421,9 +469,9 @@ mod tests {
             .map(|i| (SocketAddrV4::new([10, 0, 0, i as u8].into(), 80), i))
             .collect();
         let size = 509;
-        let full = table_for(&backends, &[], size);
+        let full = full_table(&backends, size);
         let fallen = backends[2].0;
-        let without = table_for(&backends, &[fallen], size);
+        let without = table_for(&full, &backends, &HashSet::from([fallen]), size);
         assert!(!without.contains(&3), "the fallen backend has no slot");
         for (slot, (&before, &after)) in full.iter().zip(&without).enumerate() {
             if before != 3 {
@@ -439,8 +487,12 @@ mod tests {
             .collect();
         assert!(heirs.len() >= 3, "{heirs:?}");
         // Nobody healthy: no backend in any slot.
-        let all: Vec<SocketAddrV4> = backends.iter().map(|b| b.0).collect();
-        assert!(table_for(&backends, &all, size).iter().all(|&id| id == 0));
-        assert!(table_for(&[], &[], size).iter().all(|&id| id == 0));
+        let all: HashSet<SocketAddrV4> = backends.iter().map(|b| b.0).collect();
+        assert!(
+            table_for(&full, &backends, &all, size)
+                .iter()
+                .all(|&id| id == 0)
+        );
+        assert!(full_table(&[], size).iter().all(|&id| id == 0));
     }
 }

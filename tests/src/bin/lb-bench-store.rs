@@ -2,7 +2,7 @@
 //! backends each, from the file store and from etcd, with the map memory it took; and the
 //! time from a PUT returning to the first packet forwarded to its new backend.
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -11,6 +11,7 @@ use lb::{
     controller::Controller,
     dataplane::{Dataplane, Limits},
     model::ServiceSpec,
+    owner::ControllerHandle,
     reconcile::Reconciler,
     store::{Expect, Store, etcd::EtcdStore, file::FileStore},
 };
@@ -54,7 +55,7 @@ async fn cold_start(store: Arc<dyn Store>) -> (Duration, f64, Arc<Reconciler>) {
     let loaded = start.elapsed();
     let reconciler = Reconciler::new(
         store,
-        Arc::new(Mutex::new(Controller::new(dataplane))),
+        ControllerHandle::start(Controller::new(dataplane)),
         Default::default(),
     );
     tokio::spawn(reconciler.clone().run());
@@ -66,14 +67,13 @@ async fn cold_start(store: Arc<dyn Store>) -> (Duration, f64, Arc<Reconciler>) {
         "    (of which loading the program and creating the maps: {} ms)",
         loaded.as_millis()
     );
-    let ctrl = reconciler.controller().lock().unwrap();
-    assert_eq!(
-        ctrl.list().len(),
-        SERVICES as usize,
-        "every service restored"
-    );
-    let mib = ctrl.memory() as f64 / (1024.0 * 1024.0);
-    drop(ctrl);
+    let (restored, memory) = reconciler
+        .controller()
+        .call(|c| (c.list().len(), c.memory()))
+        .await
+        .expect("the controller runs");
+    assert_eq!(restored, SERVICES as usize, "every service restored");
+    let mib = memory as f64 / (1024.0 * 1024.0);
     (took, mib, reconciler)
 }
 
@@ -149,24 +149,27 @@ fn main() -> anyhow::Result<()> {
                 payload: b"q".to_vec(),
             }
             .bytes();
-            let out = {
-                let mut ctrl = reconciler.controller().lock().unwrap();
-                let prog = ctrl
-                    .dataplane()
-                    .program(lb::dataplane::PROGRAM)
-                    .expect("program");
-                let mut out = vec![0u8; packet.len() + 64];
-                let mut ctx = [0u8; 24];
-                ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-                ctx[12..16].copy_from_slice(&v0.to_ne_bytes());
-                let mut opts = TestRunOptions::new();
-                opts.data_in = Some(&packet);
-                opts.data_out = Some(&mut out);
-                opts.ctx_in = Some(&ctx);
-                let r = prog.test_run(opts)?;
-                assert_eq!(r.return_value, XDP_TX, "the probe was not forwarded");
-                out
-            };
+            let out = reconciler
+                .controller()
+                .call(move |c| {
+                    let prog = c
+                        .dataplane()
+                        .program(lb::dataplane::PROGRAM)
+                        .expect("program");
+                    let mut out = vec![0u8; packet.len() + 64];
+                    let mut ctx = [0u8; 24];
+                    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+                    ctx[12..16].copy_from_slice(&v0.to_ne_bytes());
+                    let mut opts = TestRunOptions::new();
+                    opts.data_in = Some(&packet);
+                    opts.data_out = Some(&mut out);
+                    opts.ctx_in = Some(&ctx);
+                    let r = prog.test_run(opts)?;
+                    assert_eq!(r.return_value, XDP_TX, "the probe was not forwarded");
+                    Ok::<_, aya::programs::ProgramError>(out)
+                })
+                .await
+                .expect("the controller runs")?;
             waits.push(returned.elapsed());
             assert_eq!(
                 &out[30..34],
