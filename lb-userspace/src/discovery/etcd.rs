@@ -8,6 +8,7 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 
 use super::{Instances, parse_instance};
+use crate::retry::Backoff;
 
 pub struct EtcdRegistry {
     client: Client,
@@ -38,7 +39,7 @@ impl EtcdRegistry {
             self.endpoints.clone(),
         );
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
             let mut last: Option<Vec<SocketAddrV4>> = None;
             loop {
                 let result = follow(&client, &keys, &tx, &mut last).await;
@@ -50,8 +51,7 @@ impl EtcdRegistry {
                 if tx.send(Err(message)).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff.wait().await;
             }
         });
         rx
