@@ -17,6 +17,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+use super::instances::{Instances, SourceError};
 use crate::{
     consul_http::{ConsulClient, blocking_timeout, next_index, wait_param},
     retry::Backoff,
@@ -126,7 +127,7 @@ pub fn watch_service(
     client: Arc<ConsulClient>,
     service: &str,
     options: HealthOptions,
-) -> mpsc::Receiver<Result<Vec<SocketAddrV4>, String>> {
+) -> Instances {
     let (tx, rx) = mpsc::channel(16);
     let base = format!("/v1/health/service/{}", encode_segment(service));
     let service = service.to_string();
@@ -161,11 +162,18 @@ pub fn watch_service(
                 () = tx.closed() => return,
             };
             let parsed = match answer {
-                Err(e) => Err(e.to_string()),
-                Ok(reply) if reply.status != StatusCode::OK => Err(reply.unexpected()),
+                Err(e) => Err(SourceError::Consul(e)),
+                Ok(reply) if reply.status != StatusCode::OK => Err(SourceError::ConsulStatus {
+                    body: reply.body_text(),
+                    addr: reply.addr,
+                    status: reply.status,
+                }),
                 Ok(reply) => serde_json::from_slice::<Vec<ServiceEntry>>(&reply.body)
                     .map(|entries| (entries, reply.index.unwrap_or(0)))
-                    .map_err(|e| format!("consul at {}: not a health listing: {e}", reply.addr)),
+                    .map_err(|source| SourceError::ConsulListing {
+                        addr: reply.addr,
+                        source,
+                    }),
             };
             match parsed {
                 Ok((entries, answered)) => {

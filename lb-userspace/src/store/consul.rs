@@ -65,7 +65,8 @@ impl ConsulStore {
         token: Option<String>,
     ) -> Result<Self, StoreError> {
         check_name(prefix)?;
-        let client = ConsulClient::new(addrs, token).map_err(StoreError::Invalid)?;
+        let client =
+            ConsulClient::new(addrs, token).map_err(|e| StoreError::Invalid(e.to_string()))?;
         Ok(Self {
             client: Arc::new(client),
             keys: format!("{prefix}/services/"),
