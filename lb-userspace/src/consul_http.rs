@@ -28,6 +28,15 @@ pub enum ConsulError {
     Refused { addr: String, body: String },
 }
 
+/// Why a client cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no Consul address given")]
+    NoAddress,
+    #[error("building the HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
+}
+
 /// One answer from an agent.
 #[derive(Debug)]
 pub struct Reply {
@@ -72,14 +81,14 @@ pub struct ConsulClient {
 impl ConsulClient {
     /// A client for the agents at `addrs` (`host:port`, at least one), sending `token` if
     /// given.
-    pub fn new(addrs: Vec<String>, token: Option<String>) -> Result<Self, String> {
+    pub fn new(addrs: Vec<String>, token: Option<String>) -> Result<Self, ClientError> {
         if addrs.is_empty() {
-            return Err("no Consul address given".into());
+            return Err(ClientError::NoAddress);
         }
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
+            .map_err(ClientError::Http)?;
         Ok(Self {
             http,
             addrs,

@@ -154,7 +154,7 @@ async fn watch(service: String, backend: SocketAddrV4, check: Check, mut up: boo
                 service: service.clone(),
                 backend,
                 up,
-                reason: result.err().unwrap_or_default(),
+                reason: result.err().map(|e| e.to_string()).unwrap_or_default(),
             };
             if !report(event) {
                 return;
@@ -163,8 +163,45 @@ async fn watch(service: String, backend: SocketAddrV4, check: Check, mut up: boo
     }
 }
 
+/// Why a check of a backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect {target}: {source}")]
+    Connect {
+        target: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("sending to {target}: {source}")]
+    Send {
+        target: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reading from {target}: {source}")]
+    Read {
+        target: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{target} closed the connection without an answer")]
+    NoAnswer { target: SocketAddr },
+    /// The HTTP status is not the one expected.
+    #[error("{target}{path} answered {status}, not {expect}")]
+    Status {
+        target: SocketAddr,
+        path: String,
+        status: u16,
+        expect: u16,
+    },
+    #[error("{target}{path} did not answer HTTP")]
+    NotHttp { target: SocketAddr, path: String },
+    #[error("no answer from {target} within {timeout:?}")]
+    Timeout {
+        target: SocketAddr,
+        timeout: Duration,
+    },
+}
+
 /// One check of `backend`: Ok, or why it failed.
-pub async fn probe(check: &Check, backend: SocketAddrV4) -> Result<(), String> {
+pub async fn probe(check: &Check, backend: SocketAddrV4) -> Result<(), ProbeError> {
     let timeout = Duration::from_millis(check.timeout_ms);
     let target = SocketAddr::V4(SocketAddrV4::new(
         *backend.ip(),
@@ -173,7 +210,7 @@ pub async fn probe(check: &Check, backend: SocketAddrV4) -> Result<(), String> {
     let attempt = async {
         let mut stream = TcpStream::connect(target)
             .await
-            .map_err(|e| format!("connect {target}: {e}"))?;
+            .map_err(|source| ProbeError::Connect { target, source })?;
         if check.kind != CheckKind::Http {
             return Ok(());
         }
@@ -184,7 +221,7 @@ pub async fn probe(check: &Check, backend: SocketAddrV4) -> Result<(), String> {
         stream
             .write_all(request.as_bytes())
             .await
-            .map_err(|e| format!("sending to {target}: {e}"))?;
+            .map_err(|source| ProbeError::Send { target, source })?;
         // The status line is all that is needed: "HTTP/1.1 200 OK".
         let mut head = [0u8; 32];
         let mut got = 0;
@@ -192,9 +229,9 @@ pub async fn probe(check: &Check, backend: SocketAddrV4) -> Result<(), String> {
             let n = stream
                 .read(&mut head[got..])
                 .await
-                .map_err(|e| format!("reading from {target}: {e}"))?;
+                .map_err(|source| ProbeError::Read { target, source })?;
             if n == 0 {
-                return Err(format!("{target} closed the connection without an answer"));
+                return Err(ProbeError::NoAnswer { target });
             }
             got += n;
         }
@@ -204,15 +241,21 @@ pub async fn probe(check: &Check, backend: SocketAddrV4) -> Result<(), String> {
             .and_then(|rest| rest.get(2..5))
             .and_then(|code| code.parse().ok());
         let expect = check.expect.unwrap_or(200);
+        let path = path.to_string();
         match status {
-            Some(code) if code == expect => Ok(()),
-            Some(code) => Err(format!("{target}{path} answered {code}, not {expect}")),
-            None => Err(format!("{target}{path} did not answer HTTP")),
+            Some(status) if status == expect => Ok(()),
+            Some(status) => Err(ProbeError::Status {
+                target,
+                path,
+                status,
+                expect,
+            }),
+            None => Err(ProbeError::NotHttp { target, path }),
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(format!("no answer from {target} within {timeout:?}")),
+        Err(_) => Err(ProbeError::Timeout { target, timeout }),
     }
 }
 
@@ -256,12 +299,15 @@ mod tests {
     async fn probes_tell_good_from_bad() {
         let ok = http_server(200).await;
         let failing = http_server(503).await;
-        assert_eq!(probe(&check("http", Some("/health")), ok).await, Ok(()));
-        assert_eq!(probe(&check("tcp", None), ok).await, Ok(()));
+        probe(&check("http", Some("/health")), ok).await.unwrap();
+        probe(&check("tcp", None), ok).await.unwrap();
         let e = probe(&check("http", Some("/health")), failing)
             .await
             .unwrap_err();
-        assert!(e.contains("503"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("{failing}/health answered 503, not 200")
+        );
         // A port nobody listens on.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -271,7 +317,11 @@ mod tests {
             a
         };
         let e = probe(&check("tcp", None), closed).await.unwrap_err();
-        assert!(e.contains("connect"), "{e}");
+        assert!(matches!(e, ProbeError::Connect { .. }), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!("connect {closed}: ")),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ pub mod model;
 pub mod net;
 pub mod owner;
 pub mod reconcile;
+pub mod retry;
 pub mod secret;
 pub mod snat;
 pub mod store;

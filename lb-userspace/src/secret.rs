@@ -16,6 +16,18 @@ pub struct GroupKeys {
     pub cookie: SipKey,
 }
 
+/// Why stored bytes are not the group's keys.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("not a secret document: {0}")]
+    NotADocument(#[source] serde_json::Error),
+    #[error("schema {0} (this lb reads 1)")]
+    Schema(u32),
+    /// A key (named by its field) is not 32 hex digits.
+    #[error("{0}: expected 32 hex digits")]
+    NotAKey(&'static str),
+}
+
 /// The stored form.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,16 +93,14 @@ impl GroupKeys {
         .expect("serialisable")
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let doc: Doc =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a secret document: {e}"))?;
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SecretError> {
+        let doc: Doc = serde_json::from_slice(bytes).map_err(SecretError::NotADocument)?;
         if doc.schema != 1 {
-            return Err(format!("schema {} (this lb reads 1)", doc.schema));
+            return Err(SecretError::Schema(doc.schema));
         }
-        let bad = |what: &str| format!("{what}: expected 32 hex digits");
         Ok(Self {
-            flow: unhex(&doc.flow_key).ok_or_else(|| bad("flow_key"))?,
-            cookie: unhex(&doc.cookie_key).ok_or_else(|| bad("cookie_key"))?,
+            flow: unhex(&doc.flow_key).ok_or(SecretError::NotAKey("flow_key"))?,
+            cookie: unhex(&doc.cookie_key).ok_or(SecretError::NotAKey("cookie_key"))?,
         })
     }
 }
@@ -113,11 +123,13 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a.flow, a.cookie);
         assert_eq!(GroupKeys::from_bytes(&a.to_bytes()).unwrap(), a);
-        assert!(
-            GroupKeys::from_bytes(b"{\"schema\":1,\"flow_key\":\"xy\",\"cookie_key\":\"00\"}")
-                .unwrap_err()
-                .contains("flow_key")
-        );
-        assert!(GroupKeys::from_bytes(b"[]").is_err());
+        let e = GroupKeys::from_bytes(b"{\"schema\":1,\"flow_key\":\"xy\",\"cookie_key\":\"00\"}")
+            .unwrap_err();
+        assert_eq!(e.to_string(), "flow_key: expected 32 hex digits");
+        let e = GroupKeys::from_bytes(b"{\"schema\":2,\"flow_key\":\"\",\"cookie_key\":\"\"}")
+            .unwrap_err();
+        assert_eq!(e.to_string(), "schema 2 (this lb reads 1)");
+        let e = GroupKeys::from_bytes(b"[]").unwrap_err();
+        assert!(e.to_string().starts_with("not a secret document: "), "{e}");
     }
 }

@@ -575,9 +575,7 @@ fn consul_server_runs_inside_a_namespace() {
     assert_eq!(listed, 1);
 }
 
-async fn next_list(
-    rx: &mut tokio::sync::mpsc::Receiver<Result<Vec<std::net::SocketAddrV4>, String>>,
-) -> Vec<String> {
+async fn next_list(rx: &mut lb::discovery::Instances) -> Vec<String> {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("an instance list within 5 s")
@@ -662,6 +660,7 @@ async fn consul_health_watch_follows_instances() {
         .await
         .unwrap()
         .unwrap()
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("403") && err.contains("ACL"), "{err}");
 }

@@ -7,9 +7,27 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
+use aya::maps::MapError;
 use lb_common::service::{ServiceInfo, ServiceKey};
 
 use super::{Dataplane, DataplaneError, Installed, Limits, ids::IdAllocator};
+
+/// Why an adopted service cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+enum Untrusted {
+    #[error("service id {0} is out of range or taken")]
+    ServiceId(u32),
+    #[error("table run ends at {0}, past the slot array")]
+    PastSlots(u64),
+    #[error("backend id {0} is out of range or taken")]
+    BackendId(u32),
+    #[error("backend {id}: {source}")]
+    Backend { id: u32, source: MapError },
+    #[error("its table names inactive backend {0}")]
+    Inactive(u32),
+    #[error("its table run overlaps another")]
+    Overlap,
+}
 
 impl Dataplane {
     /// Reads the services, tables and backends in adopted maps into `self.adopted`, and
@@ -73,13 +91,13 @@ impl Dataplane {
         limits: &Limits,
         service_ids: &HashSet<u32>,
         backend_ids: &HashSet<u32>,
-    ) -> Result<Installed, String> {
+    ) -> Result<Installed, Untrusted> {
         if info.id == 0 || info.id > limits.max_services || service_ids.contains(&info.id) {
-            return Err(format!("service id {} is out of range or taken", info.id));
+            return Err(Untrusted::ServiceId(info.id));
         }
         let end = info.table_offset as u64 + info.table_size as u64;
         if end > limits.maglev_slots as u64 {
-            return Err(format!("table run ends at {end}, past the slot array"));
+            return Err(Untrusted::PastSlots(end));
         }
         let table: Vec<u32> = (0..info.table_size)
             .map(|i| self.maglev.get(info.table_offset + i))
@@ -91,16 +109,19 @@ impl Dataplane {
                 continue;
             }
             if id == 0 || id > limits.max_backends || backend_ids.contains(&id) {
-                return Err(format!("backend id {id} is out of range or taken"));
+                return Err(Untrusted::BackendId(id));
             }
-            let b = self.backends.get(&id, 0).map_err(|e| e.to_string())?;
+            let b = self
+                .backends
+                .get(&id, 0)
+                .map_err(|source| Untrusted::Backend { id, source })?;
             if !b.is_active() {
-                return Err(format!("its table names inactive backend {id}"));
+                return Err(Untrusted::Inactive(id));
             }
             backends.push((SocketAddrV4::new(Ipv4Addr::from(b.addr), b.port), id));
         }
         if !self.slots.reserve(info.table_offset, info.table_size) {
-            return Err("its table run overlaps another".into());
+            return Err(Untrusted::Overlap);
         }
         Ok(Installed {
             key,

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::{
-    maps::{Array, Map, MapData, MapInfo},
+    maps::{Array, Map, MapData, MapError, MapInfo},
     programs::links::{FdLink, PinnedLink},
 };
 use lb_common::config::{Config, LAYOUT_VERSION};
@@ -56,15 +56,43 @@ pub fn max_entries(limits: &Limits) -> [(&'static str, u32); 10] {
     ]
 }
 
+/// Why pinned maps cannot be adopted.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("the eBPF object: {0}")]
+    Object(#[source] aya_obj::ParseError),
+    #[error("the program has no map {0}")]
+    NoMap(&'static str),
+    /// A pinned map that cannot be read.
+    #[error("{name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    /// A pinned map of another shape than this lb makes, as (type, key size, value size,
+    /// entries, flags).
+    #[error("{name} is (type, key, value, entries, flags) {found:?}, this lb makes {want:?}")]
+    Shape {
+        name: &'static str,
+        found: MapShape,
+        want: MapShape,
+    },
+    #[error("layout version {0}, this lb has {LAYOUT_VERSION}")]
+    Layout(u32),
+}
+
+/// A map's (type, key size, value size, max entries, flags).
+pub type MapShape = (u32, u32, u32, u32, u32);
+
 /// What the pin directory holds.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Pinned {
     /// No maps (a first start, or after a reboot).
     Nothing,
     /// Maps this daemon can use as they are.
     Adoptable,
     /// Maps it cannot use, and why.
-    Incompatible(String),
+    Incompatible(PinError),
 }
 
 /// Compares the pinned maps with the ones this daemon would create.
@@ -79,20 +107,18 @@ pub fn inspect(dir: &Path, limits: &Limits) -> Pinned {
     }
 }
 
-fn check(dir: &Path, limits: &Limits) -> Result<(), String> {
-    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| e.to_string())?;
+fn check(dir: &Path, limits: &Limits) -> Result<(), PinError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(PinError::Object)?;
     let sizes = max_entries(limits);
     for name in MAPS {
-        let def = object
-            .maps
-            .get(name)
-            .ok_or_else(|| format!("the program has no map {name}"))?;
-        let info = MapInfo::from_pin(dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
+        let def = object.maps.get(name).ok_or(PinError::NoMap(name))?;
+        let unreadable = |source| PinError::Map { name, source };
+        let info = MapInfo::from_pin(dir.join(name)).map_err(unreadable)?;
         let want_entries = sizes
             .iter()
             .find(|(n, _)| *n == name)
             .map_or(def.max_entries(), |&(_, n)| n);
-        let kind = info.map_type().map_err(|e| format!("{name}: {e}"))? as u32;
+        let kind = info.map_type().map_err(unreadable)? as u32;
         let found = (
             kind,
             info.key_size(),
@@ -108,20 +134,20 @@ fn check(dir: &Path, limits: &Limits) -> Result<(), String> {
             def.map_flags(),
         );
         if found != want {
-            return Err(format!(
-                "{name} is (type, key, value, entries, flags) {found:?}, this lb makes {want:?}"
-            ));
+            return Err(PinError::Shape { name, found, want });
         }
     }
+    let unreadable = |source| PinError::Map {
+        name: names::CONFIG,
+        source,
+    };
     let config: Array<MapData, Config> = Array::try_from(Map::Array(
-        MapData::from_pin(dir.join(names::CONFIG)).map_err(|e| e.to_string())?,
+        MapData::from_pin(dir.join(names::CONFIG)).map_err(unreadable)?,
     ))
-    .map_err(|e| e.to_string())?;
-    let layout = config.get(&0, 0).map_err(|e| e.to_string())?.layout;
+    .map_err(unreadable)?;
+    let layout = config.get(&0, 0).map_err(unreadable)?.layout;
     if layout != LAYOUT_VERSION {
-        return Err(format!(
-            "layout version {layout}, this lb has {LAYOUT_VERSION}"
-        ));
+        return Err(PinError::Layout(layout));
     }
     Ok(())
 }

@@ -17,7 +17,11 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::consul_http::{ConsulClient, blocking_timeout, next_index, wait_param};
+use super::instances::{Instances, SourceError};
+use crate::{
+    consul_http::{ConsulClient, blocking_timeout, next_index, wait_param},
+    retry::Backoff,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub struct HealthOptions {
@@ -38,6 +42,8 @@ impl Default for HealthOptions {
 
 /// The least time between the starts of two queries.
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
+/// The wait after a failed query: doubling from the least to the most, in a row of failures.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
@@ -121,7 +127,7 @@ pub fn watch_service(
     client: Arc<ConsulClient>,
     service: &str,
     options: HealthOptions,
-) -> mpsc::Receiver<Result<Vec<SocketAddrV4>, String>> {
+) -> Instances {
     let (tx, rx) = mpsc::channel(16);
     let base = format!("/v1/health/service/{}", encode_segment(service));
     let service = service.to_string();
@@ -129,7 +135,7 @@ pub fn watch_service(
         let mut index = 0u64;
         let mut last: Option<Vec<SocketAddrV4>> = None;
         let mut warned = HashSet::new();
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         let mut last_start = None::<tokio::time::Instant>;
         loop {
             if let Some(t) = last_start {
@@ -156,15 +162,22 @@ pub fn watch_service(
                 () = tx.closed() => return,
             };
             let parsed = match answer {
-                Err(e) => Err(e.to_string()),
-                Ok(reply) if reply.status != StatusCode::OK => Err(reply.unexpected()),
+                Err(e) => Err(SourceError::Consul(e)),
+                Ok(reply) if reply.status != StatusCode::OK => Err(SourceError::ConsulStatus {
+                    body: reply.body_text(),
+                    addr: reply.addr,
+                    status: reply.status,
+                }),
                 Ok(reply) => serde_json::from_slice::<Vec<ServiceEntry>>(&reply.body)
                     .map(|entries| (entries, reply.index.unwrap_or(0)))
-                    .map_err(|e| format!("consul at {}: not a health listing: {e}", reply.addr)),
+                    .map_err(|source| SourceError::ConsulListing {
+                        addr: reply.addr,
+                        source,
+                    }),
             };
             match parsed {
                 Ok((entries, answered)) => {
-                    failures = 0;
+                    backoff.reset();
                     let (list, skipped) = instances(&entries, options.passing_only);
                     for s in skipped {
                         if warned.insert(s.clone()) {
@@ -180,16 +193,13 @@ pub fn watch_service(
                     index = next_index(index, answered);
                 }
                 Err(e) => {
-                    failures += 1;
                     last = None;
                     index = 0;
                     if tx.send(Err(e)).await.is_err() {
                         return;
                     }
-                    let backoff =
-                        (Duration::from_millis(100) * 2u32.pow(failures.min(7))).min(MAX_BACKOFF);
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = backoff.wait() => {}
                         () = tx.closed() => return,
                     }
                 }

@@ -7,7 +7,18 @@ use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 
-use super::{Instances, parse_instance};
+use super::instances::{Instances, SourceError, WatchBroke, parse_instance};
+use crate::retry::Backoff;
+
+/// The etcd registry cannot be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd registry at {endpoints}: {source}")]
+pub struct ConnectError {
+    endpoints: String,
+    source: etcd_client::Error,
+}
+
+type Sender = mpsc::Sender<Result<Vec<SocketAddrV4>, SourceError>>;
 
 pub struct EtcdRegistry {
     client: Client,
@@ -17,11 +28,14 @@ pub struct EtcdRegistry {
 }
 
 impl EtcdRegistry {
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, String> {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, ConnectError> {
         let joined = endpoints.join(",");
         let client = crate::store::etcd::connect_client(endpoints)
             .await
-            .map_err(|e| format!("etcd registry at {joined}: {e}"))?;
+            .map_err(|source| ConnectError {
+                endpoints: joined.clone(),
+                source,
+            })?;
         Ok(Self {
             client,
             keys: format!("{prefix}/registry/"),
@@ -38,20 +52,22 @@ impl EtcdRegistry {
             self.endpoints.clone(),
         );
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
             let mut last: Option<Vec<SocketAddrV4>> = None;
             loop {
                 let result = follow(&client, &keys, &tx, &mut last).await;
                 if tx.is_closed() {
                     return;
                 }
-                let why = result.err().unwrap_or_else(|| "the watch ended".into());
-                let message = format!("etcd registry at {endpoints}, {keys}: {why}");
-                if tx.send(Err(message)).await.is_err() {
+                let error = SourceError::Etcd {
+                    endpoints: endpoints.clone(),
+                    keys: keys.clone(),
+                    why: result.err().unwrap_or(WatchBroke::Ended),
+                };
+                if tx.send(Err(error)).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff.wait().await;
             }
         });
         rx
@@ -62,14 +78,13 @@ impl EtcdRegistry {
 async fn follow(
     client: &Client,
     keys: &str,
-    tx: &mpsc::Sender<Result<Vec<SocketAddrV4>, String>>,
+    tx: &Sender,
     last: &mut Option<Vec<SocketAddrV4>>,
-) -> Result<(), String> {
+) -> Result<(), WatchBroke> {
     let resp = client
         .kv_client()
         .get(keys, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let revision = resp
         .header()
         .map_or(0, etcd_client::ResponseHeader::revision);
@@ -81,25 +96,23 @@ async fn follow(
             Some(kv.value()),
         );
     }
-    send(tx, &instances, last).await?;
+    if !send(tx, &instances, last).await {
+        return Ok(());
+    }
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
-    let mut stream = client
-        .watch_client()
-        .watch(keys, Some(options))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut stream = client.watch_client().watch(keys, Some(options)).await?;
     loop {
         let message = tokio::select! {
-            m = stream.message() => m.map_err(|e| e.to_string())?,
+            m = stream.message() => m?,
             () = tx.closed() => return Ok(()),
         };
         let Some(resp) = message else {
-            return Err("the watch stream closed".into());
+            return Err(WatchBroke::StreamClosed);
         };
         if resp.canceled() {
-            return Err(format!("the watch was cancelled: {}", resp.cancel_reason()));
+            return Err(WatchBroke::Cancelled(resp.cancel_reason().to_string()));
         }
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
@@ -109,7 +122,9 @@ async fn follow(
                 EventType::Delete => record(&mut instances, key, None),
             }
         }
-        send(tx, &instances, last).await?;
+        if !send(tx, &instances, last).await {
+            return Ok(());
+        }
     }
 }
 
@@ -130,18 +145,18 @@ fn record(instances: &mut BTreeMap<String, SocketAddrV4>, key: &str, value: Opti
     }
 }
 
-/// Sends the instance list if it changed.
+/// Sends the instance list if it changed; false when the receiver is gone.
 async fn send(
-    tx: &mpsc::Sender<Result<Vec<SocketAddrV4>, String>>,
+    tx: &Sender,
     instances: &BTreeMap<String, SocketAddrV4>,
     last: &mut Option<Vec<SocketAddrV4>>,
-) -> Result<(), String> {
+) -> bool {
     let mut now: Vec<SocketAddrV4> = instances.values().copied().collect();
     now.sort();
     now.dedup();
     if last.as_ref() == Some(&now) {
-        return Ok(());
+        return true;
     }
     *last = Some(now.clone());
-    tx.send(Ok(now)).await.map_err(|_| "closed".to_string())
+    tx.send(Ok(now)).await.is_ok()
 }

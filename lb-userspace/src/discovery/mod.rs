@@ -3,19 +3,24 @@
 //! the instances it lists reaches the maps without an API call.
 pub mod consul;
 pub mod etcd;
+mod instances;
 
-use std::net::SocketAddrV4;
-
-use tokio::sync::mpsc;
+pub use instances::{Instances, SourceError, WatchBroke, parse_instance};
 
 use crate::{
     model::{Discovery, DiscoveryKind, ValidationError},
     store::server_list,
 };
 
-/// The instances a source lists now (sorted, no duplicates), sent on every change; an
-/// `Err` says why the source cannot be read at the moment (the watch goes on retrying).
-pub type Instances = mpsc::Receiver<Result<Vec<SocketAddrV4>, String>>;
+/// A discovery URL that does not name its servers as `SCHEME://HOST:PORT[,HOST:PORT...]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("{url}: expected {scheme}HOST:PORT[,HOST:PORT...]")]
+    Form { url: String, scheme: &'static str },
+    /// The URL lists no server; `server` says what one is called ("endpoint", "address").
+    #[error("{url}: no {server}")]
+    Empty { url: String, server: &'static str },
+}
 
 /// The discovery sources this lb was started with.
 #[derive(Default)]
@@ -55,29 +60,57 @@ impl Sources {
 
 /// The endpoints of an `etcd://host:port[,host:port...]` URL, as the etcd client takes
 /// them.
-pub fn etcd_endpoints(url: &str) -> Result<Vec<String>, String> {
-    let endpoints = server_list(url, "etcd://")
-        .ok_or_else(|| format!("{url}: expected etcd://HOST:PORT[,HOST:PORT...]"))?;
-    if endpoints.is_empty() {
-        return Err(format!("{url}: no endpoint"));
-    }
+pub fn etcd_endpoints(url: &str) -> Result<Vec<String>, UrlError> {
+    let endpoints = servers(url, "etcd://", "endpoint")?;
     Ok(endpoints.iter().map(|e| format!("http://{e}")).collect())
 }
 
 /// The agent addresses of a `consul://host:port[,host:port...]` URL.
-pub fn consul_addrs(url: &str) -> Result<Vec<String>, String> {
-    let addrs = server_list(url, "consul://")
-        .ok_or_else(|| format!("{url}: expected consul://HOST:PORT[,HOST:PORT...]"))?;
-    if addrs.is_empty() {
-        return Err(format!("{url}: no address"));
-    }
-    Ok(addrs)
+pub fn consul_addrs(url: &str) -> Result<Vec<String>, UrlError> {
+    servers(url, "consul://", "address")
 }
 
-/// Parses an instance's `ip:port`.
-pub fn parse_instance(value: &str) -> Option<SocketAddrV4> {
-    let addr: SocketAddrV4 = value.trim().parse().ok()?;
-    let ip = addr.ip();
-    (addr.port() != 0 && !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast())
-        .then_some(addr)
+/// The servers `url` lists after `scheme`, at least one (called `server` in errors).
+fn servers(url: &str, scheme: &'static str, server: &'static str) -> Result<Vec<String>, UrlError> {
+    let list = server_list(url, scheme).ok_or_else(|| UrlError::Form {
+        url: url.into(),
+        scheme,
+    })?;
+    if list.is_empty() {
+        return Err(UrlError::Empty {
+            url: url.into(),
+            server,
+        });
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_servers() {
+        assert_eq!(
+            etcd_endpoints("etcd://a:1,b:2").unwrap(),
+            ["http://a:1", "http://b:2"]
+        );
+        assert_eq!(consul_addrs("consul://a:1").unwrap(), ["a:1"]);
+        assert_eq!(
+            etcd_endpoints("http://a:1").unwrap_err().to_string(),
+            "http://a:1: expected etcd://HOST:PORT[,HOST:PORT...]"
+        );
+        assert_eq!(
+            consul_addrs("etcd://a:1").unwrap_err().to_string(),
+            "etcd://a:1: expected consul://HOST:PORT[,HOST:PORT...]"
+        );
+        assert_eq!(
+            etcd_endpoints("etcd://").unwrap_err().to_string(),
+            "etcd://: no endpoint"
+        );
+        assert_eq!(
+            consul_addrs("consul://,").unwrap_err().to_string(),
+            "consul://,: no address"
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! Backends: choosing one for a request, and each one's pool of keep-alive connections.
+//! Backends: each one's pool of keep-alive connections, and its requests in flight.
 //!
 //! Our own pool over `hyper::client::conn::http1` rather than hyper-util's legacy `Client`:
 //! the balancer must pick the backend itself (that client picks by URI authority), tell a
@@ -42,10 +42,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{
-    body::UpstreamBody,
-    routes::{Balance, Table, Target},
-    server::worker_index,
+    request_body::UpstreamBody,
     shard::{Padded, Sharded},
+    worker,
 };
 
 /// Idle connections kept per backend beyond which returned ones are closed.
@@ -217,7 +216,7 @@ impl Backend {
 
     /// The current worker's pool.
     fn pool(&self) -> &Mutex<Vec<Idle>> {
-        &self.idle[worker_index() % self.idle.len()].0
+        &self.idle[worker::index() % self.idle.len()].0
     }
 
     fn now(&self) -> u64 {
@@ -226,6 +225,15 @@ impl Backend {
 
     pub fn outstanding(&self) -> usize {
         self.outstanding.sum() as usize
+    }
+
+    /// Counts one more request in flight (see [`Lease`](super::lease::Lease)).
+    pub fn request_started(&self) {
+        self.outstanding.add(1);
+    }
+
+    pub fn request_finished(&self) {
+        self.outstanding.sub(1);
     }
 
     /// A pooled connection not idle for too long, newest first.
@@ -315,60 +323,4 @@ impl Backend {
             driver: Some(driver),
         })))
     }
-}
-
-/// A request in flight to a backend: counted in its outstanding requests until dropped.
-/// It holds the worker's route table that the request was routed with (whose reference
-/// count only that worker touches) rather than a handle on the shared backend.
-pub(crate) struct Lease {
-    table: Arc<Table>,
-    target: usize,
-    backend: usize,
-}
-
-impl Lease {
-    pub fn new(table: Arc<Table>, target: usize, backend: usize) -> Self {
-        let lease = Self {
-            table,
-            target,
-            backend,
-        };
-        lease.backend().outstanding.add(1);
-        lease
-    }
-
-    pub fn backend(&self) -> &Backend {
-        &self.table.target(self.target).backends[self.backend]
-    }
-
-    pub fn service(&self) -> &str {
-        &self.table.target(self.target).service
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.backend().outstanding.sub(1);
-    }
-}
-
-/// Picks the backend (its index) for one request of `target`; None when it has none.
-pub(crate) fn pick(target: &Target) -> Option<usize> {
-    let backends = &target.backends;
-    let n = backends.len();
-    if n == 0 {
-        return None;
-    }
-    let turn = target.cursor.fetch_add(1, Ordering::Relaxed);
-    Some(match target.balance {
-        Balance::RoundRobin => turn % n,
-        Balance::LeastOutstanding => {
-            // Scan from a rotating start so that ties (an idle pool) still take turns.
-            let start = turn % n;
-            (0..n)
-                .map(|i| (start + i) % n)
-                .min_by_key(|&b| backends[b].outstanding())
-                .expect("n > 0")
-        }
-    })
 }

@@ -14,10 +14,12 @@ use hyper_util::rt::TokioIo;
 
 use super::{
     Proxy,
-    backend::{Backend, BackendConn, Lease, UpstreamError, pick},
-    body::{Downstream, ResponseBody, Sent, UpstreamBody},
+    backend::{Backend, BackendConn, UpstreamError},
     conn::Conn,
     headers,
+    lease::{Lease, pick},
+    request_body::{Sent, UpstreamBody},
+    response_body::{Downstream, ResponseBody},
 };
 
 impl Proxy {

@@ -6,24 +6,30 @@
 //! it without locking.
 //!
 //! - `routes`: routes and the compiled table (host, then longest path prefix)
-//! - `backend`: backend choice and per-backend connection pools
+//! - `backend`: per-backend connection pools and requests in flight
+//! - `lease`: backend choice, and a request counted against its backend
 //! - `forward`: one request, from routing to the response (and upgrades)
 //! - `headers`: hop-by-hop removal, X-Forwarded-*
-//! - `body`: the streaming body types
+//! - `request_body`: a client's request body streaming to a backend
+//! - `response_body`: the response streaming to the client
 //! - `server`: worker threads, accepting, graceful shutdown
 //! - `conn`: one client connection (idle close, upgrades)
 //! - `shard`: counters split per worker thread
 //! - `stats`: counters
+//! - `worker`: which worker thread the current thread is
 mod backend;
-mod body;
 mod conn;
 mod forward;
 mod give_way;
 mod headers;
+mod lease;
+mod request_body;
+mod response_body;
 mod routes;
 mod server;
 mod shard;
 mod stats;
+mod worker;
 
 use std::{
     sync::{Arc, Mutex},
@@ -71,7 +77,7 @@ pub struct Proxy {
     config: ProxyConfig,
     /// Worker threads per `serve`, each with its own backend connection pools.
     workers: usize,
-    /// The route table, a copy per worker thread (see [`Lease`](backend::Lease)).
+    /// The route table, a copy per worker thread (see [`Lease`](lease::Lease)).
     tables: Box<[Padded<ArcSwap<Table>>]>,
     /// What the next table reuses; only `set_routes` and `stats` take the lock.
     registry: Mutex<Registry>,
@@ -111,7 +117,7 @@ impl Proxy {
 
     /// The current worker's route table.
     fn table(&self) -> Arc<Table> {
-        self.tables[server::worker_index() % self.tables.len()]
+        self.tables[worker::index() % self.tables.len()]
             .0
             .load_full()
     }

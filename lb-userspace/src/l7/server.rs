@@ -13,7 +13,6 @@
 //! than the least busy worker passes a new connection on to it, so keep-alive clients
 //! spread evenly over the workers whichever thread happened to wake for them.
 use std::{
-    cell::Cell,
     future::Future,
     net::SocketAddr,
     sync::{
@@ -31,20 +30,10 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Proxy, backend::TICKS_PER_IDLE, conn::serve_connection, give_way};
+use super::{Proxy, backend::TICKS_PER_IDLE, conn::serve_connection, give_way, worker};
 
 /// How long in-flight requests (and upgraded connections) may go on once shutdown begins.
 const GRACE: Duration = Duration::from_secs(5);
-
-thread_local! {
-    /// The index of the worker this thread is, which picks its backend connection pools.
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The worker the current thread is (0 outside workers).
-pub(crate) fn worker_index() -> usize {
-    WORKER.with(Cell::get)
-}
 
 /// What the workers of one `serve` know of each other.
 struct Peers {
@@ -149,7 +138,7 @@ impl Worker {
         listener: std::net::TcpListener,
         inbox: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     ) -> std::io::Result<()> {
-        WORKER.with(|w| w.set(self.index));
+        worker::set_index(self.index);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .on_thread_park(give_way::before_park)

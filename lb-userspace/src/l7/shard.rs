@@ -2,7 +2,7 @@
 //! writes its part, so counting costs no cache-line transfer between cores; readers sum.
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::server::worker_index;
+use super::worker;
 
 /// Keeps what it holds on cache lines of its own (128 bytes: adjacent-line prefetch).
 #[repr(align(128))]
@@ -21,7 +21,7 @@ impl Sharded {
     }
 
     fn mine(&self) -> &AtomicU64 {
-        &self.parts[worker_index() % self.parts.len()].0
+        &self.parts[worker::index() % self.parts.len()].0
     }
 
     pub fn add(&self, n: u64) {

@@ -15,8 +15,11 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
-use crate::consul_http::{
-    ConsulClient, ConsulError, REQUEST_TIMEOUT, Reply, blocking_timeout, next_index, wait_param,
+use crate::{
+    consul_http::{
+        ConsulClient, ConsulError, REQUEST_TIMEOUT, Reply, blocking_timeout, next_index, wait_param,
+    },
+    retry::Backoff,
 };
 
 /// How long a watch's blocking query waits for a change before asking again.
@@ -26,6 +29,9 @@ const WATCH_WAIT: Duration = Duration::from_secs(30);
 const WATCH_MIN_INTERVAL: Duration = Duration::from_millis(50);
 /// Failed queries in a row after which a watch gives up and reports the error.
 const WATCH_MAX_FAILURES: u32 = 20;
+/// The wait after a failed query of a watch: doubling from the least to the most.
+const WATCH_MIN_BACKOFF: Duration = Duration::from_millis(100);
+const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 pub struct ConsulStore {
     client: Arc<ConsulClient>,
@@ -59,7 +65,8 @@ impl ConsulStore {
         token: Option<String>,
     ) -> Result<Self, StoreError> {
         check_name(prefix)?;
-        let client = ConsulClient::new(addrs, token).map_err(StoreError::Invalid)?;
+        let client =
+            ConsulClient::new(addrs, token).map_err(|e| StoreError::Invalid(e.to_string()))?;
         Ok(Self {
             client: Arc::new(client),
             keys: format!("{prefix}/services/"),
@@ -352,6 +359,7 @@ impl Store for ConsulStore {
         let mut index = from.revision;
         tokio::spawn(async move {
             let mut failures = 0u32;
+            let mut backoff = Backoff::new(WATCH_MIN_BACKOFF, WATCH_MAX_BACKOFF);
             let mut last_start = None::<tokio::time::Instant>;
             loop {
                 // Rate limit: answers that come back at once must not make a tight loop.
@@ -376,15 +384,15 @@ impl Store for ConsulStore {
                             let _ = tx.send(Err(e.into())).await;
                             return;
                         }
-                        let backoff = Duration::from_millis(100 * failures.min(10) as u64);
                         tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
+                            () = backoff.wait() => {}
                             () = tx.closed() => return,
                         }
                         continue;
                     }
                 };
                 failures = 0;
+                backoff.reset();
                 for event in diff(&mut known, &snapshot.entries, snapshot.revision) {
                     if tx.send(Ok(event)).await.is_err() {
                         return;
