@@ -252,14 +252,14 @@ async fn open_store(
     prefix: &str,
     token: Option<String>,
 ) -> anyhow::Result<std::sync::Arc<dyn lb::store::Store>> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = lb::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match lb::store::open(url, prefix, token.clone()).await {
             Ok(store) => return Ok(store),
             Err(lb::store::StoreError::Unavailable(why)) => {
-                tracing::warn!(retry_in = ?backoff, "cannot reach the store: {why}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                let delay = backoff.next_delay();
+                tracing::warn!(retry_in = ?delay, "cannot reach the store: {why}");
+                tokio::time::sleep(delay).await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -275,17 +275,13 @@ async fn adopt_group_keys(
     settings: Settings,
     keys: GroupKeys,
 ) {
-    let mut backoff = Duration::from_millis(200);
-    let group = loop {
-        match lb::secret::shared(store.as_ref(), keys).await {
-            Ok(group) => break group,
-            Err(e) => {
-                tracing::warn!(retry_in = ?backoff, "the group's secret in the store: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    };
+    let group = lb::retry::until_ok(
+        "the group's secret in the store",
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+        || lb::secret::shared(store.as_ref(), keys),
+    )
+    .await;
     if group == keys {
         return;
     }

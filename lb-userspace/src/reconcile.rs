@@ -27,6 +27,7 @@ use crate::{
         ValidationError,
     },
     owner::{ControllerHandle, Stopped},
+    retry::Backoff,
     store::{Entry, Event, Expect, Store, StoreError},
 };
 
@@ -410,18 +411,18 @@ impl Reconciler {
     /// Lists the store (retrying with backoff while it cannot be reached), restores every
     /// service, reports ready, then follows the store's changes for as long as it runs.
     pub async fn run(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             let snapshot = match self.store.list().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot list the store");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot list the store");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             // A stopped controller is reported by whoever calls it next.
             let _ = self.controller.call(Controller::defer_neighbors).await;
             for entry in &snapshot.entries {
