@@ -25,7 +25,10 @@ async fn main() -> anyhow::Result<()> {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    proxy.clone().serve(listener, ctrl_c).await?;
+    proxy
+        .clone()
+        .serve(listener, ctrl_c, lb::supervise::Supervisor::default())
+        .await?;
     println!("{}", serde_json::to_string(&proxy.stats())?);
     Ok(())
 }

@@ -16,6 +16,7 @@ use crate::{
     model::ServiceSpec,
     reconcile::ReconcileError,
     store::StoreError,
+    supervise::Supervisor,
     web::{Shared, status_of},
 };
 
@@ -158,16 +159,27 @@ async fn stats(
     Ok(Json(body).into_response())
 }
 
-/// 200 once every stored service has been restored, 503 before.
-async fn ready(State(s): State<Shared>) -> Response {
-    if s.is_ready() {
-        (StatusCode::OK, "ready").into_response()
+async fn ready(State(s): State<Shared>, supervisor: Supervisor) -> Response {
+    let mut stopped = supervisor.dead();
+    if s.controller().has_failed() {
+        stopped.push("controller: a command panicked".into());
+    }
+    readiness(&stopped, s.is_ready()).into_response()
+}
+
+/// 200 once every stored service has been restored, 503 before, and 503 naming them when
+/// parts of lb have `stopped`.
+fn readiness(stopped: &[String], restored: bool) -> (StatusCode, String) {
+    if !stopped.is_empty() {
+        let message = format!("stopped: {}", stopped.join("; "));
+        (StatusCode::SERVICE_UNAVAILABLE, message)
+    } else if restored {
+        (StatusCode::OK, "ready".into())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "restoring services from the store",
+            "restoring services from the store".into(),
         )
-            .into_response()
     }
 }
 
@@ -179,15 +191,26 @@ async fn not_found() -> ApiError {
     }
 }
 
-/// The native API and the Docker Flow Proxy one; `address` is the balancer's own (the VIP
-/// of DFP's tcp services).
-pub fn router(
-    state: Shared,
-    address: Option<std::net::Ipv4Addr>,
-    proxy: Option<Arc<crate::l7::Proxy>>,
-) -> Router {
+/// What the API serves besides the services.
+pub struct Extras {
+    /// The balancer's own address (the VIP of DFP's tcp services).
+    pub address: Option<std::net::Ipv4Addr>,
+    /// The HTTP proxy, for its counters.
+    pub proxy: Option<Arc<crate::l7::Proxy>>,
+    /// The daemon's parts, for `/ready`.
+    pub supervisor: Supervisor,
+}
+
+/// The native API and the Docker Flow Proxy one.
+pub fn router(state: Shared, extras: Extras) -> Router {
+    let Extras {
+        address,
+        proxy,
+        supervisor,
+    } = extras;
     let dfp = crate::dfp::router(state.clone(), address);
     let stats_route = get(move |s: State<Shared>| stats(s, proxy.clone()));
+    let ready_route = get(move |s: State<Shared>| ready(s, supervisor.clone()));
     Router::new()
         .route("/v1/services", get(list_services))
         .route(
@@ -196,8 +219,30 @@ pub fn router(
         )
         .route("/v1/stats", stats_route)
         .route("/health", get(|| async { "ok" }))
-        .route("/ready", get(ready))
+        .route("/ready", ready_route)
         .with_state(state)
         .merge(dfp)
         .fallback(not_found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_restored_and_every_part_runs() {
+        assert_eq!(readiness(&[], true), (StatusCode::OK, "ready".into()));
+        assert_eq!(readiness(&[], false).0, StatusCode::SERVICE_UNAVAILABLE);
+        let stopped = vec![
+            "http worker 1: it panicked: boom".to_string(),
+            "store: it stopped".to_string(),
+        ];
+        assert_eq!(
+            readiness(&stopped, true),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopped: http worker 1: it panicked: boom; store: it stopped".into()
+            )
+        );
+    }
 }

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod consul_http;
 pub mod controller;
+pub mod daemon;
 pub mod dataplane;
 pub mod dfp;
 pub mod discovery;
@@ -16,4 +17,5 @@ pub mod retry;
 pub mod secret;
 pub mod snat;
 pub mod store;
+pub mod supervise;
 pub mod web;

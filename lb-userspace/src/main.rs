@@ -1,16 +1,13 @@
 //! `lb`: an XDP load balancer. `lb run` loads the data plane, attaches it and serves the
 //! HTTP API until SIGINT or SIGTERM.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use lb::{
-    api,
-    controller::Controller,
+    daemon::{Config, Daemon},
     dataplane::{CookieMode, Dataplane, Limits, Settings},
-    discovery, l7, net,
-    owner::ControllerHandle,
-    reconcile::Reconciler,
+    net,
     secret::GroupKeys,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -218,12 +215,6 @@ fn settings(args: &RunArgs, ports: (u16, u16), keys: lb::secret::GroupKeys) -> S
     }
 }
 
-/// The SNAT addresses per interface (ifindex), as `--snat-address` asks.
-fn snat_addresses(args: &RunArgs) -> anyhow::Result<std::collections::HashMap<u32, Vec<[u8; 4]>>> {
-    lb::net::snat_addresses(&net::interface_addresses()?, &args.snat_addresses)
-        .map_err(anyhow::Error::msg)
-}
-
 /// The ACL token in `--store-token-file`, if given: only for Consul, and the file must hold
 /// one.
 fn read_store_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
@@ -245,302 +236,54 @@ fn read_store_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
     Ok(Some(token.to_string()))
 }
 
-/// Opens the store, retrying with backoff while its server cannot be reached (saying which
-/// and why); a bad URL is an error at once.
-async fn open_store(
-    url: &str,
-    prefix: &str,
-    token: Option<String>,
-) -> anyhow::Result<std::sync::Arc<dyn lb::store::Store>> {
-    let mut backoff = lb::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
-        match lb::store::open(url, prefix, token.clone()).await {
-            Ok(store) => return Ok(store),
-            Err(lb::store::StoreError::Unavailable(why)) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(retry_in = ?delay, "cannot reach the store: {why}");
-                tokio::time::sleep(delay).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// Takes the group's keys from the store (or puts `keys` there if the group has none yet),
-/// retrying until the store answers: meanwhile the data plane keeps the keys it has (a
-/// restarted node's pinned ones), so a store that is away stops nothing from serving.
-async fn adopt_group_keys(
-    store: std::sync::Arc<dyn lb::store::Store>,
-    controller: ControllerHandle,
-    settings: Settings,
-    keys: GroupKeys,
-) {
-    let group = lb::retry::until_ok(
-        "the group's secret in the store",
-        Duration::from_millis(200),
-        Duration::from_secs(10),
-        || lb::secret::shared(store.as_ref(), keys),
-    )
-    .await;
-    if group == keys {
-        return;
-    }
-    tracing::info!("using the group's keys from the store");
-    let settings = Settings {
-        flow_key: group.flow,
-        cookie_key: group.cookie,
-        ..settings
-    };
-    let configured = controller
-        .call(move |c| c.dataplane().configure(&settings))
-        .await;
-    if let Ok(Err(e)) = configured {
-        tracing::error!("configuring the data plane with the group's keys: {e}");
-    }
-}
-
-/// The discovery sources named by the flags, or by the store's URL.
-async fn discovery_sources(
-    args: &RunArgs,
-    token: Option<String>,
-) -> anyhow::Result<discovery::Sources> {
-    let mut sources = discovery::Sources::default();
-    let consul = args.discovery_consul.clone().or_else(|| {
-        args.store
-            .starts_with("consul://")
-            .then(|| args.store.clone())
-    });
-    if let Some(url) = consul {
-        let addrs =
-            discovery::consul_addrs(&url).map_err(|e| anyhow::anyhow!("--discovery-consul {e}"))?;
-        let client =
-            lb::consul_http::ConsulClient::new(addrs, token).map_err(anyhow::Error::msg)?;
-        sources.consul = Some(Arc::new(client));
-    }
-    let etcd = args.discovery_etcd.clone().or_else(|| {
-        args.store
-            .starts_with("etcd://")
-            .then(|| args.store.clone())
-    });
-    if let Some(url) = etcd {
-        let endpoints =
-            discovery::etcd_endpoints(&url).map_err(|e| anyhow::anyhow!("--discovery-etcd {e}"))?;
-        sources.etcd = Some(
-            discovery::etcd::EtcdRegistry::connect(&endpoints, &args.store_prefix)
-                .await
-                .map_err(anyhow::Error::msg)?,
-        );
-    }
-    Ok(sources)
-}
-
-/// The proxy's route for an HTTP service.
-fn route(s: &lb::controller::HttpService) -> l7::Route {
-    let r = s.service.http.as_ref().expect("an HTTP service");
-    l7::Route {
-        service: s.service.name.clone(),
-        paths: r.paths.clone(),
-        paths_exclude: r.paths_exclude.clone(),
-        domain: r.domain.clone(),
-        backends: s.healthy.iter().map(|&b| SocketAddr::V4(b)).collect(),
-        balance: match r.balance {
-            lb::model::Balance::RoundRobin => l7::Balance::RoundRobin,
-            lb::model::Balance::LeastOutstanding => l7::Balance::LeastOutstanding,
-        },
-        default_backend: r.default_backend,
-    }
-}
-
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let ports = snat_ports(&args)?;
-    let store_token = read_store_token(&args)?;
-    for iface in &args.ifaces {
-        net::ifindex(iface)?;
-    }
-    let limits = Limits {
-        max_services: args.max_services,
-        max_backends: args.max_backends,
-        maglev_slots: args.maglev_slots,
-        conntrack_entries: args.conntrack_entries,
-    };
-    // Listeners first: a port in use must not cost a running data plane anything.
-    let listener = tokio::net::TcpListener::bind(args.api)
-        .await
-        .with_context(|| format!("binding the API to {}", args.api))?;
-    let http_listener = match args.http.as_str() {
-        "off" => None,
-        addr => {
-            let addr: SocketAddr = addr
-                .parse()
-                .with_context(|| format!("--http {addr}: expected ADDR:PORT or off"))?;
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("binding the HTTP listener to {addr} (--http; `--http off` for none)")
-            })?;
-            Some((addr, l))
-        }
-    };
-    let mut dataplane = Dataplane::load(&args.bpffs, &limits)?;
-    // The keys an earlier daemon left keep flows where they are until the store says which
-    // are the group's.
-    let keys = match dataplane.pinned_keys() {
-        Some((flow, cookie)) => GroupKeys { flow, cookie },
-        None => GroupKeys::random().context("reading random bytes for the group's keys")?,
-    };
-    dataplane.configure(&settings(&args, ports, keys))?;
-    dataplane.set_iface_addrs(&snat_addresses(&args)?)?;
-    for iface in &args.ifaces {
-        net::enable_forwarding(iface)?;
-        if net::tx_by_redirect(iface) {
-            dataplane.set_tx_by_redirect(net::ifindex(iface)?)?;
-        }
-        dataplane.attach(iface)?;
-    }
-    dataplane.detach_others();
-    let store = open_store(
-        &args.store,
-        &args.store_prefix,
-        store_token
-            .clone()
-            .filter(|_| args.store.starts_with("consul://")),
-    )
-    .await?;
-    let base_settings = settings(&args, ports, keys);
-    let mut controller = Controller::new(dataplane);
-    // From here on the data plane outlives this process: a restart takes it over.
-    controller.keep_on_exit();
-    if let Some((addr, _)) = &http_listener {
-        controller.set_http_listener(*addr);
-    }
-    let controller = ControllerHandle::start(controller);
-    let group_keys = tokio::spawn(adopt_group_keys(
-        store.clone(),
-        controller.clone(),
-        base_settings,
-        keys,
-    ));
-    let sources = discovery_sources(&args, store_token).await?;
-    let state = Reconciler::new(store, controller.clone(), sources);
-    let restoring = tokio::spawn(state.clone().run());
-    tracing::info!(api = %args.api, ifaces = ?args.ifaces, bpffs = %args.bpffs.display(), "lb is running");
-
-    // Interface addresses can change under us; keep the SNAT sources current.
-    let refresher = {
-        let state = controller.clone();
-        let wanted = args.snat_addresses.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let addrs = net::interface_addresses()
-                    .map_err(|e| e.to_string())
-                    .and_then(|all| net::snat_addresses(&all, &wanted));
-                match addrs {
-                    Ok(addrs) => {
-                        let set = state
-                            .call(move |c| c.dataplane().set_iface_addrs(&addrs))
-                            .await;
-                        if let Ok(Err(e)) = set {
-                            tracing::warn!(error = %e, "updating interface addresses");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "reading interface addresses"),
-                }
-            }
-        })
-    };
-    // Once a second, flows that are over leave the maps and their ports go back.
-    let sweeper = {
-        let state = controller.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            for n in 0u64.. {
-                tick.tick().await;
-                let swept = state
-                    .call(move |c| {
-                        if n % 60 == 59 {
-                            c.dataplane().forget_port_tables()?;
-                        }
-                        c.dataplane().sweep()
-                    })
-                    .await;
-                if let Ok(Err(e)) = swept {
-                    tracing::warn!(error = %e, "sweeping the flow maps");
-                }
-            }
-        })
-    };
-
+    let config = config(&args)?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-    };
-    // The L7 proxy: its routes follow the controller's HTTP services and their health.
-    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
-    let mut proxy = None;
-    let (mut http_tasks, mut route_tasks) = (Vec::new(), Vec::new());
-    if let Some((addr, l)) = http_listener {
-        let engine = l7::Proxy::new(l7::ProxyConfig {
-            workers: args.http_workers,
-            ..l7::ProxyConfig::default()
-        });
-        let (state, routes_of) = (controller.clone(), engine.clone());
-        let mut changes = controller.call(|c| c.http_changes()).await?;
-        route_tasks.push(tokio::spawn(async move {
-            loop {
-                let Ok(services) = state.call(|c| c.http_services()).await else {
-                    return;
-                };
-                routes_of.set_routes(services.iter().map(route).collect());
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        }));
-        proxy = Some(engine.clone());
-        let mut stopped = http_stopped.clone();
-        http_tasks.push(tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            if let Err(e) = engine.serve(l, shutdown).await {
-                tracing::error!(%addr, "the HTTP listener failed: {e}");
-            }
-        }));
-        tracing::info!(%addr, "serving HTTP services");
+    let daemon = Daemon::start(config).await?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
     }
-    let address = args.address.or_else(|| {
-        let first = net::ifindex(&args.ifaces[0]).ok()?;
-        let addrs = net::interface_addresses().ok()?;
-        addrs
-            .get(&first)
-            .and_then(|a| a.first())
-            .map(|a| std::net::Ipv4Addr::from(*a))
-    });
-    axum::serve(listener, api::router(state.clone(), address, proxy))
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    // In-flight HTTP requests get a few seconds to finish.
-    let _ = stop_http.send(true);
-    for task in route_tasks {
-        task.abort();
-    }
-    for task in http_tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(6), task).await;
-    }
-    refresher.abort();
-    sweeper.abort();
-    restoring.abort();
-    group_keys.abort();
-    drop(state);
-    controller.close().await;
-    tracing::info!(
-        bpffs = %args.bpffs.display(),
-        "stopped; XDP stays attached and forwarding until the next `lb run` takes over (`lb down` removes it)"
-    );
+    daemon.shutdown().await;
     Ok(())
+}
+
+/// The daemon's configuration from the flags.
+fn config(args: &RunArgs) -> anyhow::Result<Config> {
+    let http = match args.http.as_str() {
+        "off" => None,
+        addr => Some(
+            addr.parse()
+                .with_context(|| format!("--http {addr}: expected ADDR:PORT or off"))?,
+        ),
+    };
+    // Placeholder keys: the daemon takes the pinned or the group's.
+    let keys = GroupKeys {
+        flow: Default::default(),
+        cookie: Default::default(),
+    };
+    Ok(Config {
+        ifaces: args.ifaces.clone(),
+        api: args.api,
+        http,
+        http_workers: args.http_workers,
+        bpffs: args.bpffs.clone(),
+        limits: Limits {
+            max_services: args.max_services,
+            max_backends: args.max_backends,
+            maglev_slots: args.maglev_slots,
+            conntrack_entries: args.conntrack_entries,
+        },
+        settings: settings(args, snat_ports(args)?, keys),
+        snat_addresses: args.snat_addresses.clone(),
+        store: args.store.clone(),
+        store_prefix: args.store_prefix.clone(),
+        store_token: read_store_token(args)?,
+        discovery_etcd: args.discovery_etcd.clone(),
+        discovery_consul: args.discovery_consul.clone(),
+        address: args.address,
+    })
 }
 
 fn down(args: DownArgs) -> anyhow::Result<()> {

@@ -167,9 +167,13 @@ async fn start(config: ProxyConfig, routes: Vec<Route>) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(proxy.clone().serve(listener, async move {
-        let _ = stopped.await;
-    }));
+    let served = tokio::spawn(proxy.clone().serve(
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        lb::supervise::Supervisor::default(),
+    ));
     Running {
         proxy,
         addr,

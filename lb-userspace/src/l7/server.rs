@@ -25,12 +25,13 @@ use std::{
 use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, watch},
     task::JoinSet,
     time::Instant,
 };
 
 use super::{Proxy, backend::TICKS_PER_IDLE, conn::serve_connection, give_way, worker};
+use crate::supervise::{Supervisor, panic_message};
 
 /// How long in-flight requests (and upgraded connections) may go on once shutdown begins.
 const GRACE: Duration = Duration::from_secs(5);
@@ -68,11 +69,13 @@ impl Peers {
 impl Proxy {
     /// Serves HTTP on `listener` until `shutdown` resolves; then stops accepting, asks
     /// every connection to close once its requests are done, and waits for that a few
-    /// seconds before closing what is left.
+    /// seconds before closing what is left. A worker that stops before then (an error or
+    /// a panic) is reported to `supervisor` as "http worker N"; the others go on.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
+        supervisor: Supervisor,
     ) -> std::io::Result<()> {
         let listener = listener.into_std()?;
         let workers = self.workers;
@@ -83,7 +86,9 @@ impl Proxy {
             load: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             inbox: inbox.into(),
         });
-        let mut finished = Vec::with_capacity(workers);
+        // Each worker thread says here when it ends, and how.
+        let (exit, mut exits) = mpsc::unbounded_channel::<(usize, Result<(), String>)>();
+        let mut running = 0;
         let mut started = Ok(());
         for (index, inbox) in inbox_rx.into_iter().enumerate() {
             let worker = Worker {
@@ -92,32 +97,46 @@ impl Proxy {
                 peers: peers.clone(),
                 drain: drain_rx.clone(),
             };
-            let (done, done_rx) = oneshot::channel();
+            let exit = exit.clone();
             let spawned = listener.try_clone().and_then(|listener| {
                 std::thread::Builder::new()
                     .name(format!("lb-l7-{index}"))
                     .spawn(move || {
-                        let _ = done.send(worker.run(listener, inbox));
+                        let run = std::panic::AssertUnwindSafe(|| worker.run(listener, inbox));
+                        let outcome = match std::panic::catch_unwind(run) {
+                            Ok(ended) => ended.map_err(|e| e.to_string()),
+                            Err(panic) => Err(format!("it panicked: {}", panic_message(panic))),
+                        };
+                        let _ = exit.send((index, outcome));
                     })
             });
             if let Err(e) = spawned {
                 started = Err(e);
                 break;
             }
-            finished.push(done_rx);
+            running += 1;
         }
         // The workers hold their own handles on the socket: it closes when they stop.
         drop(listener);
         let sweeper = tokio::spawn(sweep_pools(self.clone()));
         if started.is_ok() {
-            shutdown.await;
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    Some((index, outcome)) = exits.recv() => {
+                        running -= 1;
+                        let why = outcome.err().unwrap_or_else(|| "it stopped".into());
+                        supervisor.report(format!("http worker {index}"), why);
+                    }
+                }
+            }
         }
         drain.send_replace(true);
-        for done in finished {
-            match done.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => started = started.and(Err(e)),
-                Err(_) => tracing::error!("an L7 worker thread panicked"),
+        for _ in 0..running {
+            match exits.recv().await {
+                Some((_, Ok(()))) | None => {}
+                Some((index, Err(e))) => tracing::error!("HTTP worker {index}: {e}"),
             }
         }
         sweeper.abort();

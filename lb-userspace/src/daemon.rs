@@ -1,0 +1,426 @@
+//! `lb run` as a library: [`Daemon::start`] loads and attaches the data plane, restores the
+//! services from the store and starts every background part under a [`Supervisor`];
+//! [`Daemon::shutdown`] stops them in order and leaves the data plane forwarding for the
+//! next daemon.
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::{
+    net::TcpListener,
+    sync::watch,
+    task::{AbortHandle, JoinHandle},
+};
+
+use crate::{
+    api,
+    controller::{Controller, HttpService},
+    dataplane::{Dataplane, Limits, Settings},
+    discovery, l7, net,
+    owner::ControllerHandle,
+    reconcile::Reconciler,
+    retry::{Backoff, until_ok},
+    secret::GroupKeys,
+    store::{Store, StoreError},
+    supervise::Supervisor,
+};
+
+/// What `lb run` was asked for.
+pub struct Config {
+    /// Interfaces to attach to.
+    pub ifaces: Vec<String>,
+    /// Where the HTTP API listens.
+    pub api: SocketAddr,
+    /// Where HTTP services are served (the L7 proxy), if anywhere.
+    pub http: Option<SocketAddr>,
+    /// Threads serving HTTP; 0 is one per CPU.
+    pub http_workers: usize,
+    /// bpffs directory the maps are pinned under.
+    pub bpffs: PathBuf,
+    pub limits: Limits,
+    /// The data plane's settings; its keys are replaced by those an earlier daemon pinned
+    /// (or fresh ones), then by the group's from the store.
+    pub settings: Settings,
+    /// `--snat-address`: the SNAT sources wanted on the interfaces that have them.
+    pub snat_addresses: Vec<Ipv4Addr>,
+    /// The store's URL, its key prefix and (Consul) ACL token.
+    pub store: String,
+    pub store_prefix: String,
+    pub store_token: Option<String>,
+    /// Discovery registries, when not the store itself.
+    pub discovery_etcd: Option<String>,
+    pub discovery_consul: Option<String>,
+    /// The balancer's own address (the VIP of DFP's tcp services).
+    pub address: Option<Ipv4Addr>,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    supervisor: Supervisor,
+    controller: ControllerHandle,
+    /// Tells the API server and the HTTP listener to stop.
+    stop: watch::Sender<bool>,
+    api: JoinHandle<()>,
+    http: Option<JoinHandle<()>>,
+    /// Parts that only stop by being aborted.
+    background: Vec<AbortHandle>,
+    bpffs: PathBuf,
+}
+
+impl Daemon {
+    /// Binds the listeners, loads and attaches the data plane, opens the store and starts
+    /// serving; services are restored in the background (`/ready` says when).
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        for iface in &config.ifaces {
+            net::ifindex(iface)?;
+        }
+        // Listeners first: a port in use must not cost a running data plane anything.
+        let api_listener = TcpListener::bind(config.api)
+            .await
+            .with_context(|| format!("binding the API to {}", config.api))?;
+        let http_listener = match config.http {
+            None => None,
+            Some(addr) => Some((
+                addr,
+                TcpListener::bind(addr).await.with_context(|| {
+                    format!("binding the HTTP listener to {addr} (--http; `--http off` for none)")
+                })?,
+            )),
+        };
+        let (dataplane, keys) = load_dataplane(&config)?;
+        let store = open_store(&config).await?;
+        let mut controller = Controller::new(dataplane);
+        // From here on the data plane outlives this process: a restart takes it over.
+        controller.keep_on_exit();
+        if let Some((addr, _)) = &http_listener {
+            controller.set_http_listener(*addr);
+        }
+        let controller = ControllerHandle::start(controller);
+        let supervisor = Supervisor::default();
+        // Ends once the keys are settled.
+        let group_keys = tokio::spawn(adopt_group_keys(
+            store.clone(),
+            controller.clone(),
+            config.settings.clone(),
+            keys,
+        ));
+        let sources = discovery_sources(&config).await?;
+        let reconciler = Reconciler::new(store, controller.clone(), sources);
+        let mut background = vec![
+            group_keys.abort_handle(),
+            supervisor
+                .spawn("store", reconciler.clone().run())
+                .abort_handle(),
+            supervisor
+                .spawn(
+                    "interface addresses",
+                    follow_addresses(controller.clone(), config.snat_addresses.clone()),
+                )
+                .abort_handle(),
+            supervisor
+                .spawn("flow sweeper", sweep(controller.clone()))
+                .abort_handle(),
+        ];
+        let (stop, stopped) = watch::channel(false);
+        let mut proxy = None;
+        let mut http = None;
+        if let Some((addr, listener)) = http_listener {
+            let engine = l7::Proxy::new(l7::ProxyConfig {
+                workers: config.http_workers,
+                ..l7::ProxyConfig::default()
+            });
+            let changes = controller.call(|c| c.http_changes()).await?;
+            background.push(
+                supervisor
+                    .spawn(
+                        "http routes",
+                        follow_routes(controller.clone(), engine.clone(), changes),
+                    )
+                    .abort_handle(),
+            );
+            http = Some(supervisor.spawn(
+                "http listener",
+                serve_http(
+                    engine.clone(),
+                    listener,
+                    stopped.clone(),
+                    supervisor.clone(),
+                ),
+            ));
+            proxy = Some(engine);
+            tracing::info!(%addr, "serving HTTP services");
+        }
+        let address = config.address.or_else(|| first_address(&config.ifaces[0]));
+        let router = api::router(
+            reconciler,
+            api::Extras {
+                address,
+                proxy,
+                supervisor: supervisor.clone(),
+            },
+        );
+        let api = supervisor.spawn("api", serve_api(api_listener, router, stopped));
+        tracing::info!(api = %config.api, ifaces = ?config.ifaces, bpffs = %config.bpffs.display(), "lb is running");
+        Ok(Self {
+            supervisor,
+            controller,
+            stop,
+            api,
+            http,
+            background,
+            bpffs: config.bpffs,
+        })
+    }
+
+    /// Stops serving the API, gives in-flight HTTP requests a few seconds, stops every
+    /// other part and drops the controller (the data plane stays attached).
+    pub async fn shutdown(self) {
+        self.supervisor.shutting_down();
+        let _ = self.stop.send(true);
+        let _ = self.api.await;
+        if let Some(http) = self.http {
+            let _ = tokio::time::timeout(Duration::from_secs(6), http).await;
+        }
+        for task in self.background {
+            task.abort();
+        }
+        self.controller.close().await;
+        tracing::info!(
+            bpffs = %self.bpffs.display(),
+            "stopped; XDP stays attached and forwarding until the next `lb run` takes over (`lb down` removes it)"
+        );
+    }
+}
+
+/// Loads the data plane (adopting what an earlier daemon pinned), configures and attaches
+/// it; with the keys it runs with for now.
+fn load_dataplane(config: &Config) -> anyhow::Result<(Dataplane, GroupKeys)> {
+    let mut dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
+    // The keys an earlier daemon left keep flows where they are until the store says which
+    // are the group's.
+    let keys = match dataplane.pinned_keys() {
+        Some((flow, cookie)) => GroupKeys { flow, cookie },
+        None => GroupKeys::random().context("reading random bytes for the group's keys")?,
+    };
+    dataplane.configure(&with_keys(config.settings.clone(), keys))?;
+    dataplane.set_iface_addrs(&snat_addresses(&config.snat_addresses)?)?;
+    for iface in &config.ifaces {
+        net::enable_forwarding(iface)?;
+        if net::tx_by_redirect(iface) {
+            dataplane.set_tx_by_redirect(net::ifindex(iface)?)?;
+        }
+        dataplane.attach(iface)?;
+    }
+    dataplane.detach_others();
+    Ok((dataplane, keys))
+}
+
+fn with_keys(settings: Settings, keys: GroupKeys) -> Settings {
+    Settings {
+        flow_key: keys.flow,
+        cookie_key: keys.cookie,
+        ..settings
+    }
+}
+
+/// The SNAT addresses per interface (ifindex), as `--snat-address` asks.
+fn snat_addresses(wanted: &[Ipv4Addr]) -> anyhow::Result<HashMap<u32, Vec<[u8; 4]>>> {
+    net::snat_addresses(&net::interface_addresses()?, wanted).map_err(anyhow::Error::msg)
+}
+
+/// The first IPv4 address of `iface`.
+fn first_address(iface: &str) -> Option<Ipv4Addr> {
+    let index = net::ifindex(iface).ok()?;
+    let addrs = net::interface_addresses().ok()?;
+    addrs.get(&index)?.first().map(|a| Ipv4Addr::from(*a))
+}
+
+/// Opens the store, retrying with backoff while its server cannot be reached (saying which
+/// and why); a bad URL is an error at once.
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let token = config
+        .store_token
+        .clone()
+        .filter(|_| config.store.starts_with("consul://"));
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match crate::store::open(&config.store, &config.store_prefix, token.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(StoreError::Unavailable(why)) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(retry_in = ?delay, "cannot reach the store: {why}");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Takes the group's keys from the store (or puts `keys` there if the group has none yet),
+/// retrying until the store answers: meanwhile the data plane keeps the keys it has (a
+/// restarted node's pinned ones), so a store that is away stops nothing from serving.
+async fn adopt_group_keys(
+    store: Arc<dyn Store>,
+    controller: ControllerHandle,
+    settings: Settings,
+    keys: GroupKeys,
+) {
+    let group = until_ok(
+        "the group's secret in the store",
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+        || crate::secret::shared(store.as_ref(), keys),
+    )
+    .await;
+    if group == keys {
+        return;
+    }
+    tracing::info!("using the group's keys from the store");
+    let settings = with_keys(settings, group);
+    let configured = controller
+        .call(move |c| c.dataplane().configure(&settings))
+        .await;
+    if let Ok(Err(e)) = configured {
+        tracing::error!("configuring the data plane with the group's keys: {e}");
+    }
+}
+
+/// The discovery sources named by the flags, or by the store's URL.
+async fn discovery_sources(config: &Config) -> anyhow::Result<discovery::Sources> {
+    let mut sources = discovery::Sources::default();
+    let store_if = |scheme: &str| {
+        config
+            .store
+            .starts_with(scheme)
+            .then(|| config.store.clone())
+    };
+    if let Some(url) = config
+        .discovery_consul
+        .clone()
+        .or_else(|| store_if("consul://"))
+    {
+        let addrs =
+            discovery::consul_addrs(&url).map_err(|e| anyhow::anyhow!("--discovery-consul {e}"))?;
+        let client = crate::consul_http::ConsulClient::new(addrs, config.store_token.clone())?;
+        sources.consul = Some(Arc::new(client));
+    }
+    if let Some(url) = config
+        .discovery_etcd
+        .clone()
+        .or_else(|| store_if("etcd://"))
+    {
+        let endpoints =
+            discovery::etcd_endpoints(&url).map_err(|e| anyhow::anyhow!("--discovery-etcd {e}"))?;
+        sources.etcd =
+            Some(discovery::etcd::EtcdRegistry::connect(&endpoints, &config.store_prefix).await?);
+    }
+    Ok(sources)
+}
+
+/// Interface addresses can change under us: keeps the SNAT sources current.
+async fn follow_addresses(controller: ControllerHandle, wanted: Vec<Ipv4Addr>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let addrs = match snat_addresses(&wanted) {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading interface addresses");
+                continue;
+            }
+        };
+        match controller
+            .call(move |c| c.dataplane().set_iface_addrs(&addrs))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "updating interface addresses"),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Once a second, flows that are over leave the maps and their ports go back.
+async fn sweep(controller: ControllerHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for n in 0u64.. {
+        tick.tick().await;
+        let swept = controller
+            .call(move |c| {
+                if n % 60 == 59 {
+                    c.dataplane().forget_port_tables()?;
+                }
+                c.dataplane().sweep()
+            })
+            .await;
+        match swept {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the flow maps"),
+            Err(_) => return,
+        }
+    }
+}
+
+/// The proxy's routes follow the controller's HTTP services and their health.
+async fn follow_routes(
+    controller: ControllerHandle,
+    proxy: Arc<l7::Proxy>,
+    mut changes: watch::Receiver<u64>,
+) {
+    loop {
+        let Ok(services) = controller.call(|c| c.http_services()).await else {
+            return;
+        };
+        proxy.set_routes(services.iter().map(route).collect());
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The proxy's route for an HTTP service.
+fn route(s: &HttpService) -> l7::Route {
+    let r = s.service.http.as_ref().expect("an HTTP service");
+    l7::Route {
+        service: s.service.name.clone(),
+        paths: r.paths.clone(),
+        paths_exclude: r.paths_exclude.clone(),
+        domain: r.domain.clone(),
+        backends: s.healthy.iter().map(|&b| SocketAddr::V4(b)).collect(),
+        balance: match r.balance {
+            crate::model::Balance::RoundRobin => l7::Balance::RoundRobin,
+            crate::model::Balance::LeastOutstanding => l7::Balance::LeastOutstanding,
+        },
+        default_backend: r.default_backend,
+    }
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn serve_http(
+    proxy: Arc<l7::Proxy>,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+    supervisor: Supervisor,
+) {
+    if let Err(e) = proxy.serve(listener, stopped(stop), supervisor).await {
+        tracing::error!("the HTTP listener failed: {e}");
+    }
+}
+
+async fn serve_api(listener: TcpListener, router: axum::Router, stop: watch::Receiver<bool>) {
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(stopped(stop))
+        .await
+    {
+        tracing::error!("the API server failed: {e}");
+    }
+}
