@@ -11,6 +11,7 @@ pub mod l7;
 pub mod model;
 pub mod net;
 pub mod reconcile;
+mod rtnl;
 pub mod secret;
 pub mod snat;
 pub mod store;
