@@ -324,3 +324,223 @@ impl Drop for Neighbors {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    /// Runs `f` on a thread of its own in a new network namespace, which goes away with the
+    /// thread: the test touches no namespace but its own. Skipped (false) only without root.
+    pub(crate) fn in_new_netns(f: impl FnOnce() + Send + 'static) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: creating a network namespace needs root");
+            return false;
+        }
+        let thread = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
+            f();
+        });
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+        true
+    }
+
+    /// Runs `ip ARGS` in the calling thread's namespace (a child inherits it).
+    pub(crate) fn ip(args: &str) {
+        let status = Command::new("ip")
+            .args(args.split_whitespace())
+            .status()
+            .expect("running ip");
+        assert!(status.success(), "ip {args}: {status}");
+    }
+
+    /// `ip -j -d neigh show`, as seen by iproute2: address -> the entry's JSON object.
+    fn neigh_show() -> HashMap<Ipv4Addr, serde_json::Value> {
+        let out = Command::new("ip")
+            .args(["-j", "-d", "-4", "neigh", "show"])
+            .output()
+            .expect("running ip");
+        assert!(out.status.success());
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        entries
+            .into_iter()
+            .map(|e| (e["dst"].as_str().unwrap().parse().unwrap(), e))
+            .collect()
+    }
+
+    fn a(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// Asserts that `addr` has an entry on `dev` just like `ip neigh replace ADDR dev DEV
+    /// managed extern_learn` makes.
+    fn assert_managed(table: &HashMap<Ipv4Addr, serde_json::Value>, addr: &str, dev: &str) {
+        let e = table
+            .get(&a(addr))
+            .unwrap_or_else(|| panic!("no entry for {addr}: {table:?}"));
+        assert_eq!(e["dev"], dev, "{e}");
+        assert!(e.get("managed").is_some(), "{addr} is not managed: {e}");
+        assert!(
+            e.get("extern_learn").is_some(),
+            "{addr} is not extern_learn: {e}"
+        );
+    }
+
+    fn assert_permanent_untouched(table: &HashMap<Ipv4Addr, serde_json::Value>) {
+        let e = &table[&a("10.9.0.7")];
+        assert_eq!(e["state"], serde_json::json!(["PERMANENT"]), "{e}");
+        assert_eq!(e["lladdr"], "02:00:00:00:00:07", "{e}");
+        assert!(
+            e.get("managed").is_none() && e.get("extern_learn").is_none(),
+            "{e}"
+        );
+    }
+
+    /// Two veths (v0 with 10.9.0.1/24 and a gateway 10.9.0.254 to 10.20.0.0/16, v1 with
+    /// 10.20.7.0/24 on the link) and a permanent entry for 10.9.0.7.
+    fn setup() {
+        ip("link set lo up");
+        ip("link add v0 type veth peer name v1");
+        ip("link set v0 up");
+        ip("link set v1 up");
+        ip("addr add 10.9.0.1/24 dev v0");
+        ip("route add 10.20.0.0/16 via 10.9.0.254 dev v0");
+        ip("route add 10.20.7.0/24 dev v1");
+        ip("neigh add 10.9.0.7 lladdr 02:00:00:00:00:07 dev v0 nud permanent");
+    }
+
+    #[test]
+    fn neighbours_are_added_shared_and_removed() {
+        in_new_netns(|| {
+            setup();
+            let mut n = Neighbors::default();
+            n.add(
+                [
+                    "10.9.0.5",
+                    "10.9.0.6",
+                    "10.20.1.1",
+                    "10.20.1.2",
+                    "10.20.7.9",
+                ]
+                .into_iter()
+                .chain(["10.9.0.7", "192.168.99.1"])
+                .map(a),
+            );
+            let t = neigh_show();
+            assert_managed(&t, "10.9.0.5", "v0");
+            assert_managed(&t, "10.9.0.6", "v0");
+            // Behind the gateway: its entry, not theirs; the longer prefix wins for .7.9.
+            assert_managed(&t, "10.9.0.254", "v0");
+            assert_managed(&t, "10.20.7.9", "v1");
+            for absent in ["10.20.1.1", "10.20.1.2", "192.168.99.1"] {
+                assert!(!t.contains_key(&a(absent)), "{absent}: {t:?}");
+            }
+            assert_permanent_untouched(&t);
+            assert_eq!(t.len(), 5, "{t:?}");
+
+            // The gateway's entry stays while a backend behind it is left.
+            n.remove([a("10.20.1.1")]);
+            assert_managed(&neigh_show(), "10.9.0.254", "v0");
+            n.remove([a("10.20.1.2"), a("10.9.0.5"), a("10.9.0.7")]);
+            let t = neigh_show();
+            assert!(!t.contains_key(&a("10.9.0.254")), "{t:?}");
+            assert!(!t.contains_key(&a("10.9.0.5")), "{t:?}");
+            assert_managed(&t, "10.9.0.6", "v0");
+            assert_permanent_untouched(&t);
+
+            // Back again after removal.
+            n.add([a("10.9.0.5")]);
+            assert_managed(&neigh_show(), "10.9.0.5", "v0");
+
+            drop(n);
+            let t = neigh_show();
+            assert_eq!(t.keys().collect::<Vec<_>>(), [&a("10.9.0.7")], "{t:?}");
+            assert_permanent_untouched(&t);
+        });
+    }
+
+    #[test]
+    fn kept_on_exit_until_released() {
+        in_new_netns(|| {
+            setup();
+            let mut n = Neighbors::default();
+            n.add([a("10.9.0.8"), a("10.20.1.1")]);
+            n.keep_on_exit();
+            drop(n);
+            let t = neigh_show();
+            assert_managed(&t, "10.9.0.8", "v0");
+            assert_managed(&t, "10.9.0.254", "v0");
+            let backends = [a("10.9.0.8"), a("10.20.1.1"), a("10.20.1.2"), a("10.9.0.7")];
+            assert_eq!(release_next_hops(&backends), 2);
+            let t = neigh_show();
+            assert_eq!(t.keys().collect::<Vec<_>>(), [&a("10.9.0.7")], "{t:?}");
+            assert_permanent_untouched(&t);
+        });
+    }
+
+    #[test]
+    fn thousands_of_backends_in_one_add() {
+        in_new_netns(|| {
+            setup();
+            ip("route add 10.30.0.0/16 dev v1");
+            let backends: Vec<Ipv4Addr> = (0..5000u32)
+                .map(|i| Ipv4Addr::from(u32::from(a("10.30.0.1")) + i))
+                .collect();
+            let mut n = Neighbors::default();
+            let start = std::time::Instant::now();
+            n.add(backends.iter().copied());
+            let took = start.elapsed();
+            let t = neigh_show();
+            for b in &backends {
+                assert_managed(&t, &b.to_string(), "v1");
+            }
+            assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+            n.remove(backends[..2500].iter().copied());
+            let t = neigh_show();
+            assert!(backends[..2500].iter().all(|b| !t.contains_key(b)));
+            assert!(backends[2500..].iter().all(|b| t.contains_key(b)));
+            drop(n);
+            assert_eq!(neigh_show().len(), 1);
+        });
+    }
+
+    #[test]
+    fn veths_go_by_redirect() {
+        in_new_netns(|| {
+            setup();
+            assert!(tx_by_redirect("v0"));
+            assert!(!tx_by_redirect("lo"));
+            assert!(!tx_by_redirect("no-such-link"));
+        });
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let route = |dst: &str, len, gateway: Option<&str>, ifindex| Route {
+            dst: a(dst),
+            len,
+            gateway: gateway.map(a),
+            ifindex,
+        };
+        let table = [
+            route("0.0.0.0", 0, Some("192.0.2.1"), 1),
+            route("10.0.0.0", 8, None, 2),
+            route("10.1.0.0", 16, Some("10.0.0.254"), 2),
+            route("10.1.2.3", 32, None, 3),
+        ];
+        let hops = route_by(
+            &table,
+            &[a("8.8.8.8"), a("10.9.9.9"), a("10.1.9.9"), a("10.1.2.3")],
+        );
+        assert_eq!(hops[&a("8.8.8.8")], (a("192.0.2.1"), 1));
+        assert_eq!(hops[&a("10.9.9.9")], (a("10.9.9.9"), 2));
+        assert_eq!(hops[&a("10.1.9.9")], (a("10.0.0.254"), 2));
+        assert_eq!(hops[&a("10.1.2.3")], (a("10.1.2.3"), 3));
+        assert!(route_by(&table[1..], &[a("8.8.8.8")]).is_empty());
+    }
+}

@@ -454,3 +454,91 @@ mod tests {
         assert_eq!(main_route(&multipath), None);
     }
 }
+
+#[cfg(test)]
+mod netns_tests {
+    use super::*;
+    use crate::net::tests::{in_new_netns, ip};
+
+    /// One refused change among others: reported on its own, the rest take effect.
+    #[test]
+    fn each_change_gets_its_own_answer() {
+        in_new_netns(|| {
+            ip("link set lo up");
+            ip("link add v0 type veth peer name v1");
+            ip("link set v0 up");
+            ip("neigh add 10.9.0.7 lladdr 02:00:00:00:00:07 dev v0 nud permanent");
+            let v0 = nix::net::if_::if_nametoindex("v0").unwrap();
+            let mut rtnl = Rtnl::open().unwrap();
+            let ok = Ipv4Addr::new(10, 9, 0, 5);
+            let results = rtnl
+                .change_neighbours(&[
+                    NeighbourChange::Manage(ok, v0),
+                    NeighbourChange::Manage(Ipv4Addr::new(10, 9, 0, 6), 9999),
+                    NeighbourChange::Delete(Ipv4Addr::new(10, 9, 0, 8), v0),
+                    NeighbourChange::Manage(Ipv4Addr::new(10, 9, 0, 9), v0),
+                ])
+                .unwrap();
+            let errnos: Vec<Option<i32>> = results
+                .iter()
+                .map(|r| r.as_ref().err().map(|e| e.raw_os_error().unwrap()))
+                .collect();
+            assert_eq!(errnos, [None, Some(libc::ENODEV), Some(libc::ENOENT), None]);
+
+            let mut entries = rtnl.neighbours().unwrap();
+            entries.sort_by_key(|n| n.addr);
+            let summary: Vec<_> = entries
+                .iter()
+                .map(|n| {
+                    (
+                        n.addr.to_string(),
+                        n.ifindex == v0,
+                        n.is_fixed(),
+                        n.flags.contains(NeighbourFlags::ExtLearned),
+                        n.ext_flags.contains(NeighbourExtFlags::Managed),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                summary,
+                [
+                    ("10.9.0.5".to_string(), true, false, true, true),
+                    ("10.9.0.7".to_string(), true, true, false, false),
+                    ("10.9.0.9".to_string(), true, false, true, true),
+                ]
+            );
+        });
+    }
+
+    #[test]
+    fn main_table_routes() {
+        in_new_netns(|| {
+            ip("link set lo up");
+            ip("link add v0 type veth peer name v1");
+            ip("link set v0 up");
+            ip("addr add 10.9.0.1/24 dev v0");
+            ip("route add 10.20.0.0/16 via 10.9.0.254 dev v0");
+            ip("route add 10.40.0.0/16 via 10.9.0.254 dev v0 table 100");
+            let v0 = nix::net::if_::if_nametoindex("v0").unwrap();
+            let mut routes = Rtnl::open().unwrap().main_routes().unwrap();
+            routes.sort_by_key(|r| r.dst);
+            assert_eq!(
+                routes,
+                [
+                    Route {
+                        dst: Ipv4Addr::new(10, 9, 0, 0),
+                        len: 24,
+                        gateway: None,
+                        ifindex: v0
+                    },
+                    Route {
+                        dst: Ipv4Addr::new(10, 20, 0, 0),
+                        len: 16,
+                        gateway: Some(Ipv4Addr::new(10, 9, 0, 254)),
+                        ifindex: v0
+                    },
+                ]
+            );
+        });
+    }
+}
