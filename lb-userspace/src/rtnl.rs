@@ -270,9 +270,10 @@ impl Rtnl {
     /// (lb asks for none of them).
     fn receive(&mut self) -> Result<Vec<NetlinkMessage<RouteNetlinkMessage>>, RtnlError> {
         self.buf.clear();
+        // MSG_TRUNC: the datagram's whole length, to tell a truncated one.
         let n = self
             .socket
-            .recv(&mut self.buf, 0)
+            .recv(&mut self.buf, libc::MSG_TRUNC)
             .map_err(RtnlError::Receive)?;
         if n > self.buf.len() {
             return Err(RtnlError::Truncated(n));
