@@ -14,6 +14,7 @@ pub mod net;
 pub mod owner;
 pub mod reconcile;
 pub mod retry;
+mod rtnl;
 pub mod secret;
 pub mod snat;
 pub mod store;

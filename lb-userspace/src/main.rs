@@ -58,7 +58,7 @@ The API (JSON):
   GET    /health (liveness)     GET /ready (200 once the stored services are restored)
 
 The host: lb enables IPv4 forwarding on the interfaces it serves, keeps backends' next hops
-resolved with `ip neigh` (iproute2), and pins its maps and XDP links under --bpffs (mounting
+resolved as managed neighbour entries, and pins its maps and XDP links under --bpffs (mounting
 bpffs on /sys/fs/bpf if nothing is there). Inspect them with
 `bpftool map dump pinned DIR/services`.
 

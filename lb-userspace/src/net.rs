@@ -4,8 +4,11 @@
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
-    process::Command,
 };
+
+use netlink_packet_route::link::InfoKind;
+
+use crate::rtnl::{NeighbourChange, Route, Rtnl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -42,10 +45,17 @@ pub fn enable_forwarding(iface: &str) -> Result<(), NetError> {
 /// whose peer gets `XDP_TX` frames only when it runs an XDP program itself (see
 /// `lb_common::config::IFACE_TX_BY_REDIRECT`).
 pub fn tx_by_redirect(iface: &str) -> bool {
-    ip_json(&["-d", "link", "show", "dev", iface])
-        .first()
-        .and_then(|l| l["linkinfo"]["info_kind"].as_str().map(|k| k == "veth"))
-        .unwrap_or(false)
+    let kind = ifindex(iface).map_err(|e| e.to_string()).and_then(|index| {
+        let mut rtnl = Rtnl::open().map_err(|e| e.to_string())?;
+        rtnl.link_kind(index).map_err(|e| e.to_string())
+    });
+    match kind {
+        Ok(kind) => kind == Some(InfoKind::Veth),
+        Err(error) => {
+            tracing::warn!(%iface, %error, "reading the link's kind");
+            false
+        }
+    }
 }
 
 /// The first IPv4 address of every interface that has one: ifindex -> address.
@@ -103,132 +113,95 @@ pub fn snat_addresses(
         .collect())
 }
 
-/// Runs `ip -force -batch -` with `commands` (one per line) and `extra` options: one
-/// process however many commands, which is what keeps thousands of backends quick. Its
-/// standard output.
-fn ip_batch(extra: &[&str], commands: &str) -> String {
-    use std::io::Write;
-    let child = Command::new("ip")
-        .args(extra)
-        .args(["-force", "-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn();
-    let Ok(mut child) = child else {
-        return String::new();
-    };
-    // Fed from another thread: with many commands, `ip` blocks on a full stdout pipe
-    // until its output is read.
-    let writer = child.stdin.take().map(|mut stdin| {
-        let commands = commands.to_string();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(commands.as_bytes());
-        })
-    });
-    let out = child
-        .wait_with_output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if let Some(w) = writer {
-        let _ = w.join();
-    }
-    out
+/// A next hop: its address and the index of the device it is on.
+type Hop = (Ipv4Addr, u32);
+
+/// The device's name for logs (its index if it has none any more).
+fn dev_name(ifindex: u32) -> String {
+    nix::net::if_::if_indextoname(ifindex).map_or_else(
+        |_| format!("#{ifindex}"),
+        |name| name.to_string_lossy().into_owned(),
+    )
 }
 
-/// A next hop: its address and the device it is on.
-type Hop = (Ipv4Addr, String);
-
-/// A route of the main table: the prefix it covers, its gateway (if any) and device.
-struct Route {
-    net: u32,
-    len: u32,
-    gateway: Option<Ipv4Addr>,
-    dev: String,
-}
-
-/// What `ip -j ARGS` prints, as JSON objects (none if it fails).
-fn ip_json(args: &[&str]) -> Vec<serde_json::Value> {
-    Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .ok()
-        .and_then(|out| serde_json::from_slice(&out.stdout).ok())
-        .unwrap_or_default()
-}
-
-/// The main routing table, read once (`ip -j route show table main`).
-fn routes() -> Vec<Route> {
-    ip_json(&["route", "show", "table", "main"])
-        .iter()
-        .filter(|r| {
-            r.get("type")
-                .and_then(|t| t.as_str())
-                .is_none_or(|t| t == "unicast")
-        })
-        .filter_map(|r| {
-            let dst = r.get("dst")?.as_str()?;
-            let (net, len) = match dst {
-                "default" => (0, 0),
-                d => match d.split_once('/') {
-                    Some((a, l)) => (u32::from(a.parse::<Ipv4Addr>().ok()?), l.parse().ok()?),
-                    None => (u32::from(d.parse::<Ipv4Addr>().ok()?), 32),
-                },
-            };
-            let gateway = r
-                .get("gateway")
-                .and_then(|g| g.as_str())
-                .and_then(|g| g.parse().ok());
-            Some(Route {
-                net,
-                len,
-                gateway,
-                dev: r.get("dev")?.as_str()?.to_string(),
-            })
-        })
-        .collect()
-}
-
-/// The next hop (gateway or the address itself) and device the main table routes each of
-/// `dsts` by, by longest prefix; those without a route are left out. One read of the table
-/// however many backends (policy routing rules are not consulted).
-fn next_hops(dsts: &[Ipv4Addr]) -> HashMap<Ipv4Addr, Hop> {
-    let mut table = routes();
+/// The next hop (gateway or the address itself) and device `table` routes each of `dsts` by,
+/// by longest prefix; those without a route are left out.
+fn route_by(table: &[Route], dsts: &[Ipv4Addr]) -> HashMap<Ipv4Addr, Hop> {
+    let mut table: Vec<&Route> = table.iter().collect();
     table.sort_by_key(|r| std::cmp::Reverse(r.len));
-    let mask = |len: u32| if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let mask = |len: u8| u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
     dsts.iter()
         .filter_map(|&dst| {
             let d = u32::from(dst);
             let route = table
                 .iter()
-                .find(|r| d & mask(r.len) == r.net & mask(r.len))?;
-            Some((dst, (route.gateway.unwrap_or(dst), route.dev.clone())))
+                .find(|r| d & mask(r.len) == u32::from(r.dst) & mask(r.len))?;
+            Some((dst, (route.gateway.unwrap_or(dst), route.ifindex)))
         })
         .collect()
 }
 
-/// Neighbour entries that never go stale (configured by hand: permanent or no-ARP); lb
-/// leaves them alone.
-fn fixed_entries() -> HashSet<Hop> {
-    ip_json(&["neigh", "show"])
+/// The next hops of `dsts` by the main table, read once however many backends (policy
+/// routing rules are not consulted), and the neighbour entries lb must leave alone.
+fn next_hops(rtnl: &mut Rtnl, dsts: &[Ipv4Addr]) -> (HashMap<Ipv4Addr, Hop>, HashSet<Hop>) {
+    let hops = rtnl.main_routes().map_or_else(
+        |e| {
+            tracing::warn!(error = %e, "reading the routing table");
+            HashMap::new()
+        },
+        |table| route_by(&table, dsts),
+    );
+    (hops, fixed_entries(rtnl))
+}
+
+/// Neighbour entries that never go stale (configured by hand: permanent or no-ARP).
+fn fixed_entries(rtnl: &mut Rtnl) -> HashSet<Hop> {
+    match rtnl.neighbours() {
+        Ok(entries) => entries
+            .iter()
+            .filter(|n| n.is_fixed())
+            .map(|n| (n.addr, n.ifindex))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the neighbour table");
+            HashSet::new()
+        }
+    }
+}
+
+/// Applies `changes` in one batch; each one the kernel refuses is logged, the rest stand.
+/// The hops whose change took effect.
+fn apply(rtnl: &mut Rtnl, changes: &[NeighbourChange]) -> Vec<Hop> {
+    let results = match rtnl.change_neighbours(changes) {
+        Ok(results) => results,
+        Err(e) => {
+            tracing::warn!(error = %e, entries = changes.len(), "changing neighbour entries");
+            return Vec::new();
+        }
+    };
+    changes
         .iter()
-        .filter(|e| {
-            e.get("state")
-                .and_then(|s| s.as_array())
-                .is_some_and(|states| {
-                    states
-                        .iter()
-                        .any(|s| s.as_str().is_some_and(|s| s == "PERMANENT" || s == "NOARP"))
-                })
-        })
-        .filter_map(|e| {
-            Some((
-                e.get("dst")?.as_str()?.parse().ok()?,
-                e.get("dev")?.as_str()?.to_string(),
-            ))
+        .zip(results)
+        .filter_map(|(change, result)| {
+            let (verb, addr, ifindex) = match *change {
+                NeighbourChange::Manage(a, i) => ("adding", a, i),
+                NeighbourChange::Delete(a, i) => ("deleting", a, i),
+            };
+            match result {
+                Ok(()) => Some((addr, ifindex)),
+                Err(error) => {
+                    tracing::warn!(%addr, dev = %dev_name(ifindex), %error, "{verb} neighbour entry");
+                    None
+                }
+            }
         })
         .collect()
+}
+
+fn open() -> Option<Rtnl> {
+    Rtnl::open()
+        .inspect_err(|e| tracing::warn!(error = %e, "netlink"))
+        .ok()
 }
 
 /// Keeps the MAC addresses of backends' next hops resolved, as "managed" neighbour
@@ -243,22 +216,25 @@ pub struct Neighbors {
     /// The entries lb added (and so may delete).
     owned: HashSet<Hop>,
     keep_on_drop: bool,
+    /// Opened on first use, in the network namespace of the thread that first uses it.
+    rtnl: Option<Rtnl>,
 }
 
 /// Deletes the neighbour entries of `backends`' next hops, except hand-made ones: what
-/// `lb down` does for the backends a stopped daemon left in the maps.
+/// `lb down` does for the backends a stopped daemon left in the maps. How many it deleted.
 pub fn release_next_hops(backends: &[Ipv4Addr]) -> usize {
-    let fixed = fixed_entries();
-    let hops: HashSet<Hop> = next_hops(backends)
+    let Some(mut rtnl) = open() else {
+        return 0;
+    };
+    let (hops, fixed) = next_hops(&mut rtnl, backends);
+    let changes: Vec<NeighbourChange> = hops
         .into_values()
         .filter(|h| !fixed.contains(h))
+        .collect::<HashSet<Hop>>()
+        .into_iter()
+        .map(|(addr, ifindex)| NeighbourChange::Delete(addr, ifindex))
         .collect();
-    let commands: String = hops
-        .iter()
-        .map(|(addr, dev)| format!("neigh del {addr} dev {dev}\n"))
-        .collect();
-    ip_batch(&[], &commands);
-    hops.len()
+    apply(&mut rtnl, &changes).len()
 }
 
 impl Neighbors {
@@ -267,8 +243,11 @@ impl Neighbors {
         self.keep_on_drop = true;
     }
 
-    fn used(&self, hop: &Hop) -> bool {
-        self.backends.values().any(|h| h == hop)
+    fn rtnl(slot: &mut Option<Rtnl>) -> Option<&mut Rtnl> {
+        if slot.is_none() {
+            *slot = open();
+        }
+        slot.as_mut()
     }
 
     /// Starts keeping the next hops of `backends` resolved (those not already kept).
@@ -280,61 +259,288 @@ impl Neighbors {
         if new.is_empty() {
             return;
         }
-        let hops = next_hops(&new);
-        let fixed = fixed_entries();
-        let in_use: HashSet<Hop> = self.backends.values().cloned().collect();
-        let mut commands = String::new();
+        let Some(rtnl) = Self::rtnl(&mut self.rtnl) else {
+            return;
+        };
+        let (hops, fixed) = next_hops(rtnl, &new);
+        let in_use: HashSet<Hop> = self.backends.values().copied().collect();
+        let mut changes = Vec::new();
         let mut adding = HashSet::new();
         for b in &new {
-            let Some(hop) = hops.get(b) else {
+            let Some(&hop) = hops.get(b) else {
                 tracing::warn!(backend = %b, "no route to backend");
                 continue;
             };
-            if !in_use.contains(hop)
-                && !self.owned.contains(hop)
-                && !fixed.contains(hop)
-                && adding.insert(hop.clone())
+            if !in_use.contains(&hop)
+                && !self.owned.contains(&hop)
+                && !fixed.contains(&hop)
+                && adding.insert(hop)
             {
-                commands.push_str(&format!(
-                    "neigh replace {} dev {} managed extern_learn\n",
-                    hop.0, hop.1
-                ));
+                changes.push(NeighbourChange::Manage(hop.0, hop.1));
             }
-            self.backends.insert(*b, hop.clone());
+            self.backends.insert(*b, hop);
         }
-        if !commands.is_empty() {
-            ip_batch(&[], &commands);
-            self.owned.extend(adding);
+        if !changes.is_empty() {
+            self.owned.extend(apply(rtnl, &changes));
         }
     }
 
     /// Stops keeping next hops that only `backends` used.
     pub fn remove(&mut self, backends: impl IntoIterator<Item = Ipv4Addr>) {
-        let mut commands = String::new();
-        for b in backends {
-            let Some(hop) = self.backends.remove(&b) else {
-                continue;
-            };
-            if !self.used(&hop) && self.owned.remove(&hop) {
-                commands.push_str(&format!("neigh del {} dev {}\n", hop.0, hop.1));
-            }
+        let released: HashSet<Hop> = backends
+            .into_iter()
+            .filter_map(|b| self.backends.remove(&b))
+            .collect();
+        if released.is_empty() {
+            return;
         }
-        if !commands.is_empty() {
-            ip_batch(&[], &commands);
+        let in_use: HashSet<&Hop> = self.backends.values().collect();
+        let changes: Vec<NeighbourChange> = released
+            .into_iter()
+            .filter(|hop| !in_use.contains(hop) && self.owned.remove(hop))
+            .map(|(addr, ifindex)| NeighbourChange::Delete(addr, ifindex))
+            .collect();
+        if changes.is_empty() {
+            return;
+        }
+        if let Some(rtnl) = Self::rtnl(&mut self.rtnl) {
+            apply(rtnl, &changes);
         }
     }
 }
 
 impl Drop for Neighbors {
     fn drop(&mut self) {
-        if self.keep_on_drop {
+        if self.keep_on_drop || self.owned.is_empty() {
             return;
         }
-        let commands: String = self
+        let changes: Vec<NeighbourChange> = self
             .owned
             .drain()
-            .map(|(addr, dev)| format!("neigh del {addr} dev {dev}\n"))
+            .map(|(addr, ifindex)| NeighbourChange::Delete(addr, ifindex))
             .collect();
-        ip_batch(&[], &commands);
+        if let Some(rtnl) = Self::rtnl(&mut self.rtnl) {
+            apply(rtnl, &changes);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    /// Runs `f` on a thread of its own in a new network namespace, which goes away with the
+    /// thread: the test touches no namespace but its own. Skipped (false) only without root.
+    pub(crate) fn in_new_netns(f: impl FnOnce() + Send + 'static) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: creating a network namespace needs root");
+            return false;
+        }
+        let thread = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
+            f();
+        });
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+        true
+    }
+
+    /// Runs `ip ARGS` in the calling thread's namespace (a child inherits it).
+    pub(crate) fn ip(args: &str) {
+        let status = Command::new("ip")
+            .args(args.split_whitespace())
+            .status()
+            .expect("running ip");
+        assert!(status.success(), "ip {args}: {status}");
+    }
+
+    /// `ip -j -d neigh show`, as seen by iproute2: address -> the entry's JSON object.
+    fn neigh_show() -> HashMap<Ipv4Addr, serde_json::Value> {
+        let out = Command::new("ip")
+            .args(["-j", "-d", "-4", "neigh", "show"])
+            .output()
+            .expect("running ip");
+        assert!(out.status.success());
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        entries
+            .into_iter()
+            .map(|e| (e["dst"].as_str().unwrap().parse().unwrap(), e))
+            .collect()
+    }
+
+    fn a(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// Asserts that `addr` has an entry on `dev` just like `ip neigh replace ADDR dev DEV
+    /// managed extern_learn` makes.
+    fn assert_managed(table: &HashMap<Ipv4Addr, serde_json::Value>, addr: &str, dev: &str) {
+        let e = table
+            .get(&a(addr))
+            .unwrap_or_else(|| panic!("no entry for {addr}: {table:?}"));
+        assert_eq!(e["dev"], dev, "{e}");
+        assert!(e.get("managed").is_some(), "{addr} is not managed: {e}");
+        assert!(
+            e.get("extern_learn").is_some(),
+            "{addr} is not extern_learn: {e}"
+        );
+    }
+
+    fn assert_permanent_untouched(table: &HashMap<Ipv4Addr, serde_json::Value>) {
+        let e = &table[&a("10.9.0.7")];
+        assert_eq!(e["state"], serde_json::json!(["PERMANENT"]), "{e}");
+        assert_eq!(e["lladdr"], "02:00:00:00:00:07", "{e}");
+        assert!(
+            e.get("managed").is_none() && e.get("extern_learn").is_none(),
+            "{e}"
+        );
+    }
+
+    /// Two veths (v0 with 10.9.0.1/24 and a gateway 10.9.0.254 to 10.20.0.0/16, v1 with
+    /// 10.20.7.0/24 on the link) and a permanent entry for 10.9.0.7.
+    fn setup() {
+        ip("link set lo up");
+        ip("link add v0 type veth peer name v1");
+        ip("link set v0 up");
+        ip("link set v1 up");
+        ip("addr add 10.9.0.1/24 dev v0");
+        ip("route add 10.20.0.0/16 via 10.9.0.254 dev v0");
+        ip("route add 10.20.7.0/24 dev v1");
+        ip("neigh add 10.9.0.7 lladdr 02:00:00:00:00:07 dev v0 nud permanent");
+    }
+
+    #[test]
+    fn neighbours_are_added_shared_and_removed() {
+        in_new_netns(|| {
+            setup();
+            let mut n = Neighbors::default();
+            n.add(
+                [
+                    "10.9.0.5",
+                    "10.9.0.6",
+                    "10.20.1.1",
+                    "10.20.1.2",
+                    "10.20.7.9",
+                ]
+                .into_iter()
+                .chain(["10.9.0.7", "192.168.99.1"])
+                .map(a),
+            );
+            let t = neigh_show();
+            assert_managed(&t, "10.9.0.5", "v0");
+            assert_managed(&t, "10.9.0.6", "v0");
+            // Behind the gateway: its entry, not theirs; the longer prefix wins for .7.9.
+            assert_managed(&t, "10.9.0.254", "v0");
+            assert_managed(&t, "10.20.7.9", "v1");
+            for absent in ["10.20.1.1", "10.20.1.2", "192.168.99.1"] {
+                assert!(!t.contains_key(&a(absent)), "{absent}: {t:?}");
+            }
+            assert_permanent_untouched(&t);
+            assert_eq!(t.len(), 5, "{t:?}");
+
+            // The gateway's entry stays while a backend behind it is left.
+            n.remove([a("10.20.1.1")]);
+            assert_managed(&neigh_show(), "10.9.0.254", "v0");
+            n.remove([a("10.20.1.2"), a("10.9.0.5"), a("10.9.0.7")]);
+            let t = neigh_show();
+            assert!(!t.contains_key(&a("10.9.0.254")), "{t:?}");
+            assert!(!t.contains_key(&a("10.9.0.5")), "{t:?}");
+            assert_managed(&t, "10.9.0.6", "v0");
+            assert_permanent_untouched(&t);
+
+            // Back again after removal.
+            n.add([a("10.9.0.5")]);
+            assert_managed(&neigh_show(), "10.9.0.5", "v0");
+
+            drop(n);
+            let t = neigh_show();
+            assert_eq!(t.keys().collect::<Vec<_>>(), [&a("10.9.0.7")], "{t:?}");
+            assert_permanent_untouched(&t);
+        });
+    }
+
+    #[test]
+    fn kept_on_exit_until_released() {
+        in_new_netns(|| {
+            setup();
+            let mut n = Neighbors::default();
+            n.add([a("10.9.0.8"), a("10.20.1.1")]);
+            n.keep_on_exit();
+            drop(n);
+            let t = neigh_show();
+            assert_managed(&t, "10.9.0.8", "v0");
+            assert_managed(&t, "10.9.0.254", "v0");
+            let backends = [a("10.9.0.8"), a("10.20.1.1"), a("10.20.1.2"), a("10.9.0.7")];
+            assert_eq!(release_next_hops(&backends), 2);
+            let t = neigh_show();
+            assert_eq!(t.keys().collect::<Vec<_>>(), [&a("10.9.0.7")], "{t:?}");
+            assert_permanent_untouched(&t);
+        });
+    }
+
+    #[test]
+    fn thousands_of_backends_in_one_add() {
+        in_new_netns(|| {
+            setup();
+            ip("route add 10.30.0.0/16 dev v1");
+            let backends: Vec<Ipv4Addr> = (0..5000u32)
+                .map(|i| Ipv4Addr::from(u32::from(a("10.30.0.1")) + i))
+                .collect();
+            let mut n = Neighbors::default();
+            let start = std::time::Instant::now();
+            n.add(backends.iter().copied());
+            let took = start.elapsed();
+            let t = neigh_show();
+            for b in &backends {
+                assert_managed(&t, &b.to_string(), "v1");
+            }
+            assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+            n.remove(backends[..2500].iter().copied());
+            let t = neigh_show();
+            assert!(backends[..2500].iter().all(|b| !t.contains_key(b)));
+            assert!(backends[2500..].iter().all(|b| t.contains_key(b)));
+            drop(n);
+            assert_eq!(neigh_show().len(), 1);
+        });
+    }
+
+    #[test]
+    fn veths_go_by_redirect() {
+        in_new_netns(|| {
+            setup();
+            assert!(tx_by_redirect("v0"));
+            assert!(!tx_by_redirect("lo"));
+            assert!(!tx_by_redirect("no-such-link"));
+        });
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let route = |dst: &str, len, gateway: Option<&str>, ifindex| Route {
+            dst: a(dst),
+            len,
+            gateway: gateway.map(a),
+            ifindex,
+        };
+        let table = [
+            route("0.0.0.0", 0, Some("192.0.2.1"), 1),
+            route("10.0.0.0", 8, None, 2),
+            route("10.1.0.0", 16, Some("10.0.0.254"), 2),
+            route("10.1.2.3", 32, None, 3),
+        ];
+        let hops = route_by(
+            &table,
+            &[a("8.8.8.8"), a("10.9.9.9"), a("10.1.9.9"), a("10.1.2.3")],
+        );
+        assert_eq!(hops[&a("8.8.8.8")], (a("192.0.2.1"), 1));
+        assert_eq!(hops[&a("10.9.9.9")], (a("10.9.9.9"), 2));
+        assert_eq!(hops[&a("10.1.9.9")], (a("10.0.0.254"), 2));
+        assert_eq!(hops[&a("10.1.2.3")], (a("10.1.2.3"), 3));
+        assert!(route_by(&table[1..], &[a("8.8.8.8")]).is_empty());
     }
 }
