@@ -295,6 +295,13 @@ impl Controller {
     /// Validates `spec` as the new version of service `name`, against the other services.
     pub fn check(&self, name: &str, spec: ServiceSpec) -> Result<Service, ControlError> {
         let svc = spec.validate_after(name, self.services.get(name))?;
+        self.check_against_others(&svc)?;
+        Ok(svc)
+    }
+
+    /// Whether `svc` can be served beside the other services: its VIP and HTTP routes
+    /// are its own.
+    pub fn check_against_others(&self, svc: &Service) -> Result<(), ControlError> {
         if let Some(vip) = svc.l4_vip()
             && let Some(other) = self
                 .vips
@@ -342,7 +349,7 @@ impl Controller {
                 }
             }
         }
-        Ok(svc)
+        Ok(())
     }
 
     /// From now until `resolve_deferred_neighbors`, new backends' next hops are collected

@@ -94,68 +94,12 @@ fn spec_of(
     params: &HashMap<String, String>,
     address: Option<Ipv4Addr>,
 ) -> Result<ServiceSpec, Nok> {
-    let port = params.get("port").filter(|p| !p.is_empty());
-    if let Some(p) = port
-        && p.parse::<u16>().map_or(true, |p| p == 0)
-    {
-        return Err(nok(
-            StatusCode::BAD_REQUEST,
-            "port",
-            format!("port: {p:?} is not a port"),
-        ));
-    }
-    let mode = params.get("reqMode").map_or("http", String::as_str);
+    let port = port_param(params)?;
     let mut spec = ServiceSpec::default();
-    match mode {
-        "http" => {
-            let paths = list(params, "servicePath");
-            let domains = list(params, "serviceDomain");
-            let default_backend = flag(params, "isDefaultBackend")?;
-            if domains.len() > 1 {
-                return Err(nok(
-                    StatusCode::BAD_REQUEST,
-                    "serviceDomain",
-                    "serviceDomain: lb routes one domain per service",
-                ));
-            }
-            if paths.is_empty() && domains.is_empty() && !default_backend {
-                return Err(nok(
-                    StatusCode::CONFLICT,
-                    "servicePath",
-                    "servicePath or serviceDomain parameter is mandatory for reqMode http",
-                ));
-            }
-            spec.http = Some(HttpSpec {
-                paths: Some(paths),
-                paths_exclude: Some(list(params, "servicePathExclude")),
-                domain: domains.into_iter().next(),
-                default_backend: Some(default_backend),
-                balance: None,
-            });
-        }
+    match params.get("reqMode").map_or("http", String::as_str) {
+        "http" => spec.http = Some(http_route(params)?),
         "tcp" => {
-            let Some(src) = params.get("srcPort").filter(|p| !p.is_empty()) else {
-                return Err(nok(
-                    StatusCode::BAD_REQUEST,
-                    "srcPort",
-                    "srcPort parameter is mandatory for reqMode tcp",
-                ));
-            };
-            if port.is_none() {
-                return Err(nok(
-                    StatusCode::BAD_REQUEST,
-                    "port",
-                    "port parameter is mandatory for reqMode tcp",
-                ));
-            }
-            let Some(address) = address else {
-                return Err(nok(
-                    StatusCode::BAD_REQUEST,
-                    "reqMode",
-                    "this lb has no address of its own for tcp services (start it with --address)",
-                ));
-            };
-            spec.vip = Some(format!("{address}:{src}"));
+            spec.vip = Some(tcp_vip(params, port, address)?);
             spec.protocol = Some("tcp".into());
         }
         other => {
@@ -166,40 +110,25 @@ fn spec_of(
             ));
         }
     }
-    let backends = list(params, "backends");
-    match (backends.is_empty(), params.get("discovery")) {
-        (false, None) => {
-            let mut out = Vec::new();
-            for b in backends {
-                if b.contains(':') {
-                    out.push(b);
-                } else if let Some(p) = port {
-                    out.push(format!("{b}:{p}"));
-                } else {
-                    return Err(nok(
-                        StatusCode::BAD_REQUEST,
-                        "port",
-                        format!("port: needed for backend {b} (or give it as ip:port)"),
-                    ));
-                }
-            }
-            spec.backends = Some(out);
+    match (list(params, "backends"), params.get("discovery")) {
+        (backends, None) if !backends.is_empty() => {
+            spec.backends = Some(with_ports(backends, port)?);
         }
-        (true, Some(kind)) => {
+        (backends, Some(kind)) if backends.is_empty() => {
             spec.discovery = Some(DiscoverySpec {
                 kind: Some(kind.clone()),
                 service: params.get("serviceName").cloned(),
                 include_warning: None,
             });
         }
-        (false, Some(_)) => {
+        (_, Some(_)) => {
             return Err(nok(
                 StatusCode::BAD_REQUEST,
                 "backends",
                 "backends: give backends or discovery, not both",
             ));
         }
-        (true, None) => {
+        (_, None) => {
             return Err(nok(
                 StatusCode::BAD_REQUEST,
                 "backends",
@@ -208,6 +137,96 @@ fn spec_of(
         }
     }
     Ok(spec)
+}
+
+/// `port`, the backends' port where they are listed without one, if given.
+fn port_param(params: &HashMap<String, String>) -> Result<Option<&str>, Nok> {
+    let port = params.get("port").filter(|p| !p.is_empty());
+    if let Some(p) = port
+        && p.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "port",
+            format!("port: {p:?} is not a port"),
+        ));
+    }
+    Ok(port.map(String::as_str))
+}
+
+/// The route of a `reqMode=http` service: `servicePath`, `serviceDomain` (one),
+/// `servicePathExclude` and `isDefaultBackend`.
+fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
+    let paths = list(params, "servicePath");
+    let domains = list(params, "serviceDomain");
+    let default_backend = flag(params, "isDefaultBackend")?;
+    if domains.len() > 1 {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "serviceDomain",
+            "serviceDomain: lb routes one domain per service",
+        ));
+    }
+    if paths.is_empty() && domains.is_empty() && !default_backend {
+        return Err(nok(
+            StatusCode::CONFLICT,
+            "servicePath",
+            "servicePath or serviceDomain parameter is mandatory for reqMode http",
+        ));
+    }
+    Ok(HttpSpec {
+        paths: Some(paths),
+        paths_exclude: Some(list(params, "servicePathExclude")),
+        domain: domains.into_iter().next(),
+        default_backend: Some(default_backend),
+        balance: None,
+    })
+}
+
+/// The VIP of a `reqMode=tcp` service: the balancer's own address, on `srcPort`.
+fn tcp_vip(
+    params: &HashMap<String, String>,
+    port: Option<&str>,
+    address: Option<Ipv4Addr>,
+) -> Result<String, Nok> {
+    let Some(src) = params.get("srcPort").filter(|p| !p.is_empty()) else {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "srcPort",
+            "srcPort parameter is mandatory for reqMode tcp",
+        ));
+    };
+    if port.is_none() {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "port",
+            "port parameter is mandatory for reqMode tcp",
+        ));
+    }
+    let Some(address) = address else {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "reqMode",
+            "this lb has no address of its own for tcp services (start it with --address)",
+        ));
+    };
+    Ok(format!("{address}:{src}"))
+}
+
+/// `backends` as ip:port, `port` added to those listed without one.
+fn with_ports(backends: Vec<String>, port: Option<&str>) -> Result<Vec<String>, Nok> {
+    backends
+        .into_iter()
+        .map(|b| match port {
+            _ if b.contains(':') => Ok(b),
+            Some(p) => Ok(format!("{b}:{p}")),
+            None => Err(nok(
+                StatusCode::BAD_REQUEST,
+                "port",
+                format!("port: needed for backend {b} (or give it as ip:port)"),
+            )),
+        })
+        .collect()
 }
 
 /// DFP's view of a service.

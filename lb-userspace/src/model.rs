@@ -1,5 +1,7 @@
 //! Services as users describe them, and their validation. A [`Service`] is always valid:
-//! the only way to get one is [`ServiceSpec::validate`].
+//! it comes from [`ServiceSpec::validate`] (the API's strings, parsed, defaults filled in)
+//! or from typed values passed through [`Service::checked`] (a stored document); both end in
+//! the same checks.
 use std::{collections::HashSet, net::SocketAddrV4};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, maglev};
@@ -33,6 +35,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Its name in the API and the store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
     pub fn number(self) -> u8 {
         match self {
             Protocol::Tcp => IPPROTO_TCP,
@@ -80,6 +90,16 @@ pub enum Balance {
     #[default]
     RoundRobin,
     LeastOutstanding,
+}
+
+impl Balance {
+    /// Its name in the API and the store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastOutstanding => "least_outstanding",
+        }
+    }
 }
 
 /// A validated HTTP route: requests whose host matches `domain` (exact, or any subdomain
@@ -146,13 +166,87 @@ pub struct Check {
     pub port: Option<u16>,
 }
 
+impl CheckKind {
+    /// Its name in the API and the store.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::None => "none",
+        }
+    }
+}
+
 impl Check {
+    /// The check of a service that names none: UDP backends answer no TCP check, so
+    /// they are not checked.
+    pub fn default_for(protocol: Protocol) -> Self {
+        match protocol {
+            Protocol::Udp => Check::none(),
+            Protocol::Tcp => Check::default(),
+        }
+    }
+
     /// No checking.
     pub fn none() -> Self {
         Self {
             kind: CheckKind::None,
             ..Self::default()
         }
+    }
+
+    /// This check, if lb can run it: a path and status for http checks only, and timings
+    /// within the API's limits.
+    pub fn checked(self) -> Result<Self, ValidationError> {
+        if self.port == Some(0) {
+            return Err(ValidationError::new("check.port", "port 0 is not allowed"));
+        }
+        if self.kind == CheckKind::Http {
+            let path = self.path.as_deref().unwrap_or_default();
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ValidationError::new(
+                    "check.path",
+                    "must be a path starting with /",
+                ));
+            }
+            if !self.expect.is_some_and(|e| (100..=599).contains(&e)) {
+                return Err(ValidationError::new(
+                    "check.expect",
+                    "must be an HTTP status (100 to 599)",
+                ));
+            }
+        } else {
+            if self.path.is_some() {
+                return Err(ValidationError::new(
+                    "check.path",
+                    "applies to http checks only",
+                ));
+            }
+            if self.expect.is_some() {
+                return Err(ValidationError::new(
+                    "check.expect",
+                    "applies to http checks only",
+                ));
+            }
+        }
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err(ValidationError::new(
+                "check.interval_ms",
+                "must be 100 to 3600000",
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
+            return Err(ValidationError::new(
+                "check.timeout_ms",
+                "must be at least 1 and not above interval_ms",
+            ));
+        }
+        for (field, v) in [("check.rise", self.rise), ("check.fall", self.fall)] {
+            if !(1..=100).contains(&v) {
+                return Err(ValidationError::new(field, "must be 1 to 100"));
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -171,40 +265,8 @@ impl Default for Check {
     }
 }
 
-impl From<&Check> for CheckSpec {
-    fn from(c: &Check) -> Self {
-        Self {
-            kind: Some(format!("{:?}", c.kind).to_lowercase()),
-            path: c.path.clone(),
-            expect: c.expect,
-            interval_ms: Some(c.interval_ms),
-            timeout_ms: Some(c.timeout_ms),
-            rise: Some(c.rise),
-            fall: Some(c.fall),
-            port: c.port,
-        }
-    }
-}
-
-impl From<&HttpRoute> for HttpSpec {
-    fn from(r: &HttpRoute) -> Self {
-        Self {
-            paths: Some(r.paths.clone()),
-            paths_exclude: Some(r.paths_exclude.clone()),
-            domain: r.domain.clone(),
-            default_backend: Some(r.default_backend),
-            balance: Some(
-                match r.balance {
-                    Balance::RoundRobin => "round_robin",
-                    Balance::LeastOutstanding => "least_outstanding",
-                }
-                .into(),
-            ),
-        }
-    }
-}
-
 impl CheckSpec {
+    /// The check asked for, with the defaults filled in.
     pub fn validate(&self) -> Result<Check, ValidationError> {
         let d = Check::default();
         let kind = match self.kind.as_deref().unwrap_or("tcp") {
@@ -218,76 +280,22 @@ impl CheckSpec {
                 ));
             }
         };
-        if self.port == Some(0) {
-            return Err(ValidationError::new("check.port", "port 0 is not allowed"));
-        }
-        let (path, expect) = match kind {
-            CheckKind::Http => {
-                let path = self.path.clone().unwrap_or_else(|| "/".into());
-                if !path.starts_with('/')
-                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    return Err(ValidationError::new(
-                        "check.path",
-                        "must be a path starting with /",
-                    ));
-                }
-                let expect = self.expect.unwrap_or(200);
-                if !(100..=599).contains(&expect) {
-                    return Err(ValidationError::new(
-                        "check.expect",
-                        "must be an HTTP status (100 to 599)",
-                    ));
-                }
-                (Some(path), Some(expect))
-            }
-            CheckKind::Tcp | CheckKind::None => {
-                if self.path.is_some() {
-                    return Err(ValidationError::new(
-                        "check.path",
-                        "applies to http checks only",
-                    ));
-                }
-                if self.expect.is_some() {
-                    return Err(ValidationError::new(
-                        "check.expect",
-                        "applies to http checks only",
-                    ));
-                }
-                (None, None)
-            }
-        };
+        let http = kind == CheckKind::Http;
         let interval_ms = self.interval_ms.unwrap_or(d.interval_ms);
-        if !(100..=3_600_000).contains(&interval_ms) {
-            return Err(ValidationError::new(
-                "check.interval_ms",
-                "must be 100 to 3600000",
-            ));
-        }
-        let timeout_ms = self.timeout_ms.unwrap_or(d.timeout_ms.min(interval_ms));
-        if timeout_ms == 0 || timeout_ms > interval_ms {
-            return Err(ValidationError::new(
-                "check.timeout_ms",
-                "must be at least 1 and not above interval_ms",
-            ));
-        }
-        let rise = self.rise.unwrap_or(d.rise);
-        let fall = self.fall.unwrap_or(d.fall);
-        for (field, v) in [("check.rise", rise), ("check.fall", fall)] {
-            if !(1..=100).contains(&v) {
-                return Err(ValidationError::new(field, "must be 1 to 100"));
-            }
-        }
-        Ok(Check {
+        Check {
             kind,
-            path,
-            expect,
+            path: match &self.path {
+                None if http => Some("/".into()),
+                path => path.clone(),
+            },
+            expect: self.expect.or(http.then_some(200)),
             interval_ms,
-            timeout_ms,
-            rise,
-            fall,
+            timeout_ms: self.timeout_ms.unwrap_or(d.timeout_ms.min(interval_ms)),
+            rise: self.rise.unwrap_or(d.rise),
+            fall: self.fall.unwrap_or(d.fall),
             port: self.port,
-        })
+        }
+        .checked()
     }
 }
 
@@ -325,34 +333,8 @@ impl HttpSpec {
             validate_path(&format!("http.paths_exclude[{i}]"), p)?;
             paths_exclude.push(p.trim_end_matches('/').to_string());
         }
-        let domain = match &self.domain {
-            None => None,
-            Some(d) => {
-                let d = d.trim().to_ascii_lowercase();
-                let bare = d.strip_prefix("*.").unwrap_or(&d);
-                let ok = !bare.is_empty()
-                    && bare.len() <= 253
-                    && bare.split('.').all(|label| {
-                        !label.is_empty()
-                            && label.len() <= 63
-                            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                    });
-                if !ok {
-                    return Err(ValidationError::new(
-                        "http.domain",
-                        format!("{d:?} is not a host name (or *.domain)"),
-                    ));
-                }
-                Some(d)
-            }
-        };
+        let domain = self.domain.as_ref().map(|d| d.trim().to_ascii_lowercase());
         let default_backend = self.default_backend.unwrap_or(false);
-        if paths.is_empty() && domain.is_none() && !default_backend {
-            return Err(ValidationError::new(
-                "http.paths",
-                "an http service needs paths, a domain, or default_backend",
-            ));
-        }
         let balance = match self.balance.as_deref().unwrap_or("round_robin") {
             "round_robin" => Balance::RoundRobin,
             "least_outstanding" => Balance::LeastOutstanding,
@@ -363,13 +345,52 @@ impl HttpSpec {
                 ));
             }
         };
-        Ok(HttpRoute {
+        HttpRoute {
             paths,
             paths_exclude,
             domain,
             default_backend,
             balance,
-        })
+        }
+        .checked()
+    }
+}
+
+impl HttpRoute {
+    /// This route, if its paths are path prefixes, its domain a host name, and it
+    /// matches something.
+    pub fn checked(self) -> Result<Self, ValidationError> {
+        for (i, p) in self.paths.iter().enumerate() {
+            validate_path(&format!("http.paths[{i}]"), p)?;
+        }
+        for (i, p) in self.paths_exclude.iter().enumerate() {
+            validate_path(&format!("http.paths_exclude[{i}]"), p)?;
+        }
+        if let Some(d) = &self.domain {
+            let bare = d.strip_prefix("*.").unwrap_or(d);
+            let ok = !bare.is_empty()
+                && bare.len() <= 253
+                && bare.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                });
+            if !ok {
+                return Err(ValidationError::new(
+                    "http.domain",
+                    format!("{d:?} is not a host name (or *.domain)"),
+                ));
+            }
+        }
+        if self.paths.is_empty() && self.domain.is_none() && !self.default_backend {
+            return Err(ValidationError::new(
+                "http.paths",
+                "an http service needs paths, a domain, or default_backend",
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -420,30 +441,37 @@ impl DiscoverySpec {
             .service
             .clone()
             .ok_or_else(|| ValidationError::new("discovery.service", "is required"))?;
-        validate_name(&service)
+        Discovery {
+            kind,
+            service,
+            include_warning: self.include_warning.unwrap_or(false),
+        }
+        .checked()
+    }
+}
+
+impl DiscoveryKind {
+    /// Its name in the API and the store.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiscoveryKind::Etcd => "etcd",
+            DiscoveryKind::Consul => "consul",
+        }
+    }
+}
+
+impl Discovery {
+    /// This source, if its service is a valid name and its options apply to its kind.
+    pub fn checked(self) -> Result<Self, ValidationError> {
+        validate_name(&self.service)
             .map_err(|e| ValidationError::new("discovery.service", e.message))?;
-        let include_warning = self.include_warning.unwrap_or(false);
-        if include_warning && kind != DiscoveryKind::Consul {
+        if self.include_warning && self.kind != DiscoveryKind::Consul {
             return Err(ValidationError::new(
                 "discovery.include_warning",
                 "applies to consul only",
             ));
         }
-        Ok(Discovery {
-            kind,
-            service,
-            include_warning,
-        })
-    }
-}
-
-impl From<&Discovery> for DiscoverySpec {
-    fn from(d: &Discovery) -> Self {
-        Self {
-            kind: Some(format!("{:?}", d.kind).to_lowercase()),
-            service: Some(d.service.clone()),
-            include_warning: Some(d.include_warning),
-        }
+        Ok(self)
     }
 }
 
@@ -468,23 +496,6 @@ pub struct Service {
     pub check: Check,
 }
 
-impl From<&Service> for ServiceSpec {
-    /// The spec that validates to `svc` again (with its discovered backends as found).
-    fn from(svc: &Service) -> Self {
-        let discovered = svc.discovery.is_some();
-        Self {
-            vip: svc.vip.map(|v| v.to_string()),
-            protocol: Some(format!("{:?}", svc.protocol).to_lowercase()),
-            backends: (!discovered).then(|| svc.backends.iter().map(ToString::to_string).collect()),
-            table_size: (!discovered && svc.http.is_none()).then_some(svc.table_size),
-            discovery: svc.discovery.as_ref().map(DiscoverySpec::from),
-            discovered: discovered.then(|| svc.backends.clone()),
-            http: svc.http.as_ref().map(HttpSpec::from),
-            check: Some(CheckSpec::from(&svc.check)),
-        }
-    }
-}
-
 fn is_zero(v: &u32) -> bool {
     *v == 0
 }
@@ -493,6 +504,84 @@ impl Service {
     /// The VIP of a layer-4 service (validation guarantees one).
     pub fn l4_vip(&self) -> Option<SocketAddrV4> {
         self.vip.filter(|_| self.http.is_none())
+    }
+
+    /// This service, if it is one lb can serve: a VIP or an HTTP route (not both), its
+    /// parts valid, backends listed once each (at least one unless discovery finds them)
+    /// and a table that suits them.
+    pub fn checked(self) -> Result<Self, ValidationError> {
+        validate_name(&self.name)?;
+        let http = self.http.map(HttpRoute::checked).transpose()?;
+        let check = self.check.checked()?;
+        match (&http, self.vip) {
+            (None, Some(vip)) => {
+                check_addr("vip", vip)?;
+            }
+            (None, None) => return Err(ValidationError::new("vip", "is required (or http)")),
+            (Some(_), None) => {}
+            (Some(_), Some(_)) => {
+                return Err(ValidationError::new(
+                    "vip",
+                    "an http service is reached through the --http listener and has no vip",
+                ));
+            }
+        }
+        if http.is_some() && self.protocol != Protocol::Tcp {
+            return Err(ValidationError::new(
+                "protocol",
+                format!("{:?} is not tcp", self.protocol.name()),
+            ));
+        }
+        let discovery = self.discovery.map(Discovery::checked).transpose()?;
+        if discovery.is_none() && self.backends.is_empty() {
+            return Err(ValidationError::new(
+                "backends",
+                "must list at least one backend",
+            ));
+        }
+        if self.backends.len() > MAX_BACKENDS {
+            return Err(ValidationError::new(
+                "backends",
+                format!("at most {MAX_BACKENDS} backends"),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, &addr) in self.backends.iter().enumerate() {
+            let field = format!("backends[{i}]");
+            check_addr(&field, addr)?;
+            if !seen.insert(addr) {
+                return Err(ValidationError::new(
+                    field,
+                    format!("{addr} is listed twice"),
+                ));
+            }
+        }
+        let m = self.table_size;
+        if http.is_some() && m != 0 {
+            return Err(ValidationError::new(
+                "table_size",
+                "applies to layer-4 services only",
+            ));
+        }
+        if http.is_none()
+            && (!maglev::is_prime(m)
+                || m > maglev::MAX_TABLE_SIZE
+                || (m as usize) < self.backends.len())
+        {
+            return Err(ValidationError::new(
+                "table_size",
+                format!(
+                    "must be a prime from the backend count up to {}",
+                    maglev::MAX_TABLE_SIZE
+                ),
+            ));
+        }
+        Ok(Self {
+            http,
+            check,
+            discovery,
+            ..self
+        })
     }
 }
 
@@ -522,6 +611,11 @@ fn parse_addr(field: &str, value: &str) -> Result<SocketAddrV4, ValidationError>
             format!("{value:?} is not an IPv4 address with a port (like 10.0.0.1:80)"),
         )
     })?;
+    check_addr(field, addr)
+}
+
+/// `addr`, if lb can send to it.
+fn check_addr(field: &str, addr: SocketAddrV4) -> Result<SocketAddrV4, ValidationError> {
     if addr.port() == 0 {
         return Err(ValidationError::new(field, "port 0 is not allowed"));
     }
@@ -599,34 +693,20 @@ impl ServiceSpec {
                     "follows the instance count when backends come from discovery",
                 ));
             }
-            // Instances come and go; none at all is a service whose requests fail (and
-            // are counted) until one registers.
-            let mut found = self.discovered.clone().unwrap_or_default();
-            found.sort();
-            found.dedup();
-            found.truncate(MAX_BACKENDS);
-            found
+            discovered_backends(self.discovered.clone().unwrap_or_default())
         } else {
             self.listed_backends()?
         };
-        // UDP backends answer no TCP check: unchecked unless a check is given.
-        let check = check.unwrap_or_else(|| match protocol {
-            Protocol::Udp => Check::none(),
-            Protocol::Tcp => Check::default(),
-        });
+        let check = check.unwrap_or_else(|| Check::default_for(protocol));
         let table_size = if http.is_some() {
             0
         } else if discovery.is_some() {
-            // Every node must build the same table from the same instances, whatever
-            // order of changes it saw: the size follows the count only.
-            maglev::default_table_size(backends.len().max(1))
+            discovered_table_size(backends.len())
         } else {
-            match self.table_size {
-                None => table_size_after(previous.map(|p| p.table_size), backends.len()),
-                Some(_) => self.checked_table_size(backends.len())?,
-            }
+            self.table_size
+                .unwrap_or_else(|| table_size_after(previous.map(|p| p.table_size), backends.len()))
         };
-        Ok(Service {
+        Service {
             name: name.to_string(),
             vip,
             protocol,
@@ -635,57 +715,44 @@ impl ServiceSpec {
             discovery,
             http,
             check,
-        })
+        }
+        .checked()
     }
 
-    /// The `backends` list given, checked.
+    /// The `backends` list given, parsed (the list itself is checked with the service).
     fn listed_backends(&self) -> Result<Vec<SocketAddrV4>, ValidationError> {
         let raw = self
             .backends
             .as_deref()
             .ok_or_else(|| ValidationError::new("backends", "is required (or discovery)"))?;
-        if raw.is_empty() {
-            return Err(ValidationError::new(
-                "backends",
-                "must list at least one backend",
-            ));
-        }
         if raw.len() > MAX_BACKENDS {
             return Err(ValidationError::new(
                 "backends",
                 format!("at most {MAX_BACKENDS} backends"),
             ));
         }
-        let mut seen = HashSet::new();
-        let mut backends = Vec::with_capacity(raw.len());
-        for (i, b) in raw.iter().enumerate() {
-            let field = format!("backends[{i}]");
-            let addr = parse_addr(&field, b)?;
-            if !seen.insert(addr) {
-                return Err(ValidationError::new(
-                    field,
-                    format!("{addr} is listed twice"),
-                ));
-            }
-            backends.push(addr);
-        }
-        Ok(backends)
+        raw.iter()
+            .enumerate()
+            .map(|(i, b)| parse_addr(&format!("backends[{i}]"), b))
+            .collect()
     }
+}
 
-    /// The `table_size` given, if it suits `backends` backends.
-    fn checked_table_size(&self, backends: usize) -> Result<u32, ValidationError> {
-        let m = self.table_size.unwrap_or(0);
-        if !maglev::is_prime(m) || m > maglev::MAX_TABLE_SIZE || (m as usize) < backends {
-            return Err(ValidationError::new(
-                "table_size",
-                format!(
-                    "must be a prime from the backend count up to {}",
-                    maglev::MAX_TABLE_SIZE
-                ),
-            ));
-        }
-        Ok(m)
-    }
+/// The backends of a service whose discovery source lists `found`: in order, once each.
+/// Instances come and go; none at all is a service whose requests fail (and are counted)
+/// until one registers.
+pub fn discovered_backends(mut found: Vec<SocketAddrV4>) -> Vec<SocketAddrV4> {
+    found.sort();
+    found.dedup();
+    found.truncate(MAX_BACKENDS);
+    found
+}
+
+/// The table size of a service whose backends come from discovery, `found` of them now.
+/// Every node must build the same table from the same instances, whatever order of
+/// changes it saw: the size follows the count only.
+pub fn discovered_table_size(found: usize) -> u32 {
+    maglev::default_table_size(found.max(1))
 }
 
 /// The table size of a service with `backends` backends that had `previous`. A size that

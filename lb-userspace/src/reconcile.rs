@@ -17,82 +17,17 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
-
 use crate::{
     controller::{ControlError, Controller},
     discovery::{Instances, Sources},
     model::{
-        Check, CheckSpec, Discovery, DiscoverySpec, HttpRoute, HttpSpec, Service, ServiceSpec,
-        ValidationError,
+        Discovery, DiscoverySpec, Service, ServiceSpec, ValidationError, discovered_backends,
+        discovered_table_size,
     },
     owner::{ControllerHandle, Stopped},
     retry::Backoff,
-    store::{Entry, Event, Expect, Store, StoreError},
+    store::{Entry, Event, Expect, Store, StoreError, document::StoredService},
 };
-
-/// The stored form of a service: its whole spec, with a schema version.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoredService {
-    pub schema: u32,
-    /// None for an HTTP service.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vip: Option<String>,
-    pub protocol: String,
-    /// Empty when `discovery` names where they come from.
-    pub backends: Vec<String>,
-    #[serde(default)]
-    pub table_size: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discovery: Option<Discovery>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpRoute>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub check: Option<Check>,
-}
-
-pub const SCHEMA: u32 = 1;
-
-impl StoredService {
-    pub fn of(svc: &Service) -> Self {
-        let discovered = svc.discovery.is_some();
-        Self {
-            schema: SCHEMA,
-            vip: svc.vip.map(|v| v.to_string()),
-            protocol: format!("{:?}", svc.protocol).to_lowercase(),
-            backends: if discovered {
-                Vec::new()
-            } else {
-                svc.backends.iter().map(ToString::to_string).collect()
-            },
-            table_size: if discovered { 0 } else { svc.table_size },
-            discovery: svc.discovery.clone(),
-            http: svc.http.clone(),
-            check: Some(svc.check.clone()),
-        }
-    }
-
-    /// Parses and validates a stored entry.
-    pub fn parse(entry: &Entry) -> Result<ServiceSpec, String> {
-        let doc: StoredService = serde_json::from_slice(&entry.value)
-            .map_err(|e| format!("not a service document: {e}"))?;
-        if doc.schema != SCHEMA {
-            return Err(format!("schema {} (this lb reads {SCHEMA})", doc.schema));
-        }
-        let discovered = doc.discovery.is_some();
-        Ok(ServiceSpec {
-            vip: doc.vip,
-            protocol: Some(doc.protocol),
-            backends: (!discovered).then_some(doc.backends),
-            table_size: (!discovered && doc.http.is_none()).then_some(doc.table_size),
-            discovery: doc.discovery.as_ref().map(DiscoverySpec::from),
-            discovered: None,
-            http: doc.http.as_ref().map(HttpSpec::from),
-            check: doc.check.as_ref().map(CheckSpec::from),
-        })
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -116,6 +51,13 @@ pub struct Reconciler {
     /// The discovery watch each discovered service is followed by.
     followers: Mutex<HashMap<String, (Discovery, tokio::task::JoinHandle<()>)>>,
     me: Weak<Self>,
+}
+
+/// What a discovery source lists for a service, and the watch to follow it by.
+#[derive(Default)]
+struct Discovered {
+    found: Option<Vec<SocketAddrV4>>,
+    watch: Option<(Discovery, Instances)>,
 }
 
 /// How long a new discovery source gets to list its instances before the service is
@@ -171,20 +113,15 @@ impl Reconciler {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// For a spec that names a discovery source: fills in the instances it lists now, and
-    /// returns the watch to follow it by (none when the service already follows it).
+    /// For a service that names discovery source `wanted`: the instances it lists now, and
+    /// the watch to follow it by (none when the service already follows it).
     async fn discover(
         &self,
         name: &str,
-        spec: &mut ServiceSpec,
-    ) -> Result<Option<(Discovery, Instances)>, ValidationError> {
-        let Some(wanted) = spec
-            .discovery
-            .as_ref()
-            .map(DiscoverySpec::validate)
-            .transpose()?
-        else {
-            return Ok(None);
+        wanted: Option<&Discovery>,
+    ) -> Result<Discovered, ValidationError> {
+        let Some(wanted) = wanted.cloned() else {
+            return Ok(Discovered::default());
         };
         let followed = self
             .followers()
@@ -196,8 +133,10 @@ impl Reconciler {
                 .controller
                 .call(move |c| c.get_service(&owned).map(|s| s.backends.clone()))
                 .await;
-            spec.discovered = Some(current.ok().flatten().unwrap_or_default());
-            return Ok(None);
+            return Ok(Discovered {
+                found: Some(current.ok().flatten().unwrap_or_default()),
+                watch: None,
+            });
         }
         let mut watch = self.sources.watch(&wanted)?;
         let found = match tokio::time::timeout(FIRST_ANSWER, watch.recv()).await {
@@ -214,8 +153,10 @@ impl Reconciler {
                 Vec::new()
             }
         };
-        spec.discovered = Some(found);
-        Ok(Some((wanted, watch)))
+        Ok(Discovered {
+            found: Some(found),
+            watch: Some((wanted, watch)),
+        })
     }
 
     /// After `svc` is applied: follows its discovery source with `watch`, or stops
@@ -260,11 +201,21 @@ impl Reconciler {
                 if current.discovery.as_ref() != Some(&source) || current.backends == found {
                     return None;
                 }
-                let spec = ServiceSpec {
-                    discovered: Some(found),
-                    ..ServiceSpec::from(&current)
+                let backends = discovered_backends(found);
+                let table_size = match current.http {
+                    Some(_) => 0,
+                    None => discovered_table_size(backends.len()),
                 };
-                Some(c.check(&owned, spec).and_then(|svc| c.apply(svc)))
+                let svc = Service {
+                    backends,
+                    table_size,
+                    ..current
+                };
+                Some(
+                    svc.checked()
+                        .map_err(ControlError::from)
+                        .and_then(|svc| c.apply(svc)),
+                )
             })
             .await;
         match applied {
@@ -283,7 +234,13 @@ impl Reconciler {
     pub async fn put(&self, name: &str, mut spec: ServiceSpec) -> Result<Service, ReconcileError> {
         let _one = self.writes.lock().await;
         crate::model::validate_name(name).map_err(ControlError::from)?;
-        let watch = self.discover(name, &mut spec).await?;
+        let wanted = spec
+            .discovery
+            .as_ref()
+            .map(DiscoverySpec::validate)
+            .transpose()?;
+        let Discovered { found, watch } = self.discover(name, wanted.as_ref()).await?;
+        spec.discovered = found;
         let owned = name.to_string();
         let (svc, previous) = self
             .controller
@@ -295,7 +252,7 @@ impl Reconciler {
         let expect = self
             .revision_of(name)
             .map_or(Expect::Absent, Expect::Revision);
-        let doc = serde_json::to_vec(&StoredService::of(&svc)).expect("serialisable");
+        let doc = StoredService::of(&svc).to_bytes();
         let revision = self.store.put(name, &doc, expect).await?;
         let applied = self.controller.call(move |c| c.apply(svc)).await?;
         match applied {
@@ -311,7 +268,7 @@ impl Reconciler {
                         .store
                         .put(
                             name,
-                            &serde_json::to_vec(&StoredService::of(p)).expect("serialisable"),
+                            &StoredService::of(p).to_bytes(),
                             Expect::Revision(revision),
                         )
                         .await
@@ -356,24 +313,28 @@ impl Reconciler {
         {
             return;
         }
-        let mut spec = match StoredService::parse(entry) {
-            Ok(spec) => spec,
-            Err(e) => {
-                tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
-                return;
-            }
+        let skip = |e: &dyn std::fmt::Display| {
+            tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
         };
-        let watch = match self.discover(&entry.name, &mut spec).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
-                return;
-            }
+        let doc = match StoredService::parse(&entry.value) {
+            Ok(doc) => doc,
+            Err(e) => return skip(&e),
         };
-        let name = entry.name.clone();
+        let Discovered { found, watch } =
+            match self.discover(&entry.name, doc.discovery.as_ref()).await {
+                Ok(d) => d,
+                Err(e) => return skip(&e),
+            };
+        let svc = match doc.into_service(&entry.name, found) {
+            Ok(svc) => svc,
+            Err(e) => return skip(&e),
+        };
         let result = self
             .controller
-            .call(move |c| c.check(&name, spec).and_then(|svc| c.apply(svc)))
+            .call(move |c| {
+                c.check_against_others(&svc)?;
+                c.apply(svc)
+            })
             .await
             .map_err(ReconcileError::from)
             .and_then(|applied| applied.map_err(ReconcileError::from));
@@ -382,9 +343,7 @@ impl Reconciler {
                 self.set_revision(&entry.name, Some(entry.revision));
                 self.follow(&svc, watch);
             }
-            Err(e) => {
-                tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
-            }
+            Err(e) => skip(&e),
         }
     }
 

@@ -417,6 +417,8 @@ pub struct LoadReport {
 /// and keeps one keep-alive connection busy, until stopped.
 pub struct ClientLoad {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Requests on new connections answered so far.
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     thread: Option<std::thread::JoinHandle<LoadReport>>,
 }
 
@@ -426,6 +428,8 @@ impl ClientLoad {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let path = ns.path();
         let flag = stop.clone();
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let progress = answered.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("open netns");
@@ -458,7 +462,10 @@ impl ClientLoad {
             let _ = ready_tx.send(());
             while !flag.load(Ordering::Relaxed) {
                 match once() {
-                    Ok(_) => report.answered += 1,
+                    Ok(_) => {
+                        report.answered += 1;
+                        progress.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(e) => report.failures.push(failed(false, e)),
                 }
                 match kept
@@ -479,7 +486,16 @@ impl ClientLoad {
         ready_rx.recv()?;
         Ok(Self {
             stop,
+            answered,
             thread: Some(thread),
+        })
+    }
+
+    /// Waits until `n` requests on new connections have been answered: the load is
+    /// flowing. False if that takes longer than `within`.
+    pub fn wait_answered(&self, n: usize, within: Duration) -> bool {
+        crate::eventually(within, || {
+            self.answered.load(std::sync::atomic::Ordering::Relaxed) >= n
         })
     }
 

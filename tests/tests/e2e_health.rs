@@ -82,7 +82,10 @@ fn a_failing_backend_leaves_the_maglev_table_and_returns() {
     // be1 dies under load. After the fall threshold it is down, and from then on no
     // request fails or reaches it.
     let load = ClientLoad::start(&topo.client, vip).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        load.wait_answered(20, Duration::from_secs(5)),
+        "no load flowing"
+    );
     backends[1] = None;
     let be1 = all[1].clone();
     assert!(

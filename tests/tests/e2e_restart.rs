@@ -79,7 +79,10 @@ fn kill_9_and_restarts_lose_no_connection() {
 
     let retransmitted = topo.client.syn_retransmits();
     let load = ClientLoad::start(&topo.client, topo.vip(80).into()).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        load.wait_answered(20, Duration::from_secs(5)),
+        "no load flowing"
+    );
     // kill -9: no daemon at all for a while, and the kernel keeps forwarding.
     let pins = first.kill();
     assert!(xdp_on(&topo, "eth0") && xdp_on(&topo, "eth1"));

@@ -274,7 +274,17 @@ fn an_unreachable_store_is_retried_and_named() {
         child,
         files: vec![log.clone(), bpffs.clone()],
     };
-    std::thread::sleep(Duration::from_secs(3));
+    // Each attempt says which address failed and why, and attempts are repeated.
+    let attempts = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.contains("the store") && l.contains("127.0.0.1:2") && l.contains("refused")
+            })
+            .count()
+    };
+    let retried = lb_tests::eventually(Duration::from_secs(15), || attempts() >= 2);
     let still_running = lb.child.try_wait().unwrap().is_none();
     // The API is up meanwhile, and says it is not ready.
     let ready = lb_tests::netns::in_netns(&ns.path(), || {
@@ -289,12 +299,10 @@ fn an_unreachable_store_is_retried_and_named() {
     });
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     drop(lb);
+    assert!(
+        retried,
+        "no second attempt naming the address and the error: {text}"
+    );
     assert!(still_running, "lb gave up: {text}");
     assert_eq!(ready, 503, "{text}");
-    // Each attempt says which address failed and why, and attempts are repeated.
-    let attempts = text
-        .lines()
-        .filter(|l| l.contains("the store") && l.contains("127.0.0.1:2") && l.contains("refused"))
-        .count();
-    assert!(attempts >= 2, "{text}");
 }

@@ -5,6 +5,7 @@
 //! Implementations: [`file::FileStore`] (embedded, the default), [`etcd::EtcdStore`] and
 //! [`consul::ConsulStore`].
 pub mod consul;
+pub mod document;
 pub mod etcd;
 pub mod file;
 

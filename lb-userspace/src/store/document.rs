@@ -1,0 +1,208 @@
+//! The stored form of a service: what `PUT` stored, typed, with a schema version. Its
+//! field names are the API's, written out here rather than derived from Rust names. A
+//! restore reads it straight into a [`Service`] (through the same checks as the API's),
+//! not back through the API's spec.
+use std::net::SocketAddrV4;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    Check, Discovery, HttpRoute, Protocol, Service, ValidationError, discovered_backends,
+    discovered_table_size,
+};
+
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredService {
+    #[serde(rename = "schema")]
+    pub schema: u32,
+    /// None for an HTTP service.
+    #[serde(rename = "vip", default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<SocketAddrV4>,
+    #[serde(rename = "protocol")]
+    pub protocol: Protocol,
+    /// Empty when `discovery` names where they come from: each node follows the source.
+    #[serde(rename = "backends")]
+    pub backends: Vec<SocketAddrV4>,
+    /// 0 for an HTTP service, and for one whose table follows its discovered instances.
+    #[serde(rename = "table_size", default)]
+    pub table_size: u32,
+    #[serde(rename = "discovery", default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Discovery>,
+    #[serde(rename = "http", default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpRoute>,
+    /// None: the default check for the protocol.
+    #[serde(rename = "check", default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+}
+
+/// A stored entry lb cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("not a service document: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("schema {0} (this lb reads {SCHEMA})")]
+    Schema(u32),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+}
+
+impl StoredService {
+    pub fn of(svc: &Service) -> Self {
+        let discovered = svc.discovery.is_some();
+        Self {
+            schema: SCHEMA,
+            vip: svc.vip,
+            protocol: svc.protocol,
+            backends: if discovered {
+                Vec::new()
+            } else {
+                svc.backends.clone()
+            },
+            table_size: if discovered { 0 } else { svc.table_size },
+            discovery: svc.discovery.clone(),
+            http: svc.http.clone(),
+            check: Some(svc.check.clone()),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a stored service serialises")
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Self, DocumentError> {
+        let doc: StoredService = serde_json::from_slice(bytes)?;
+        if doc.schema != SCHEMA {
+            return Err(DocumentError::Schema(doc.schema));
+        }
+        Ok(doc)
+    }
+
+    /// The service `name` this document describes, with `found` as its backends when
+    /// they come from discovery.
+    pub fn into_service(
+        self,
+        name: &str,
+        found: Option<Vec<SocketAddrV4>>,
+    ) -> Result<Service, DocumentError> {
+        let (backends, table_size) = if self.discovery.is_some() {
+            let backends = discovered_backends(found.unwrap_or_default());
+            let size = match self.http {
+                Some(_) => 0,
+                None => discovered_table_size(backends.len()),
+            };
+            (backends, size)
+        } else {
+            (self.backends, self.table_size)
+        };
+        let service = Service {
+            name: name.to_string(),
+            vip: self.vip,
+            protocol: self.protocol,
+            backends,
+            table_size,
+            discovery: self.discovery,
+            http: self.http,
+            check: self
+                .check
+                .unwrap_or_else(|| Check::default_for(self.protocol)),
+        };
+        Ok(service.checked()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServiceSpec;
+
+    fn service(json: serde_json::Value) -> Service {
+        let spec: ServiceSpec = serde_json::from_value(json).unwrap();
+        spec.validate("web").unwrap()
+    }
+
+    #[test]
+    fn a_service_comes_back_as_it_was_stored() {
+        for svc in [
+            service(serde_json::json!({
+                "vip": "10.0.0.100:80", "protocol": "udp",
+                "backends": ["10.0.1.1:53", "10.0.1.2:53"], "table_size": 1021,
+                "check": {"kind": "tcp", "interval_ms": 500, "rise": 1, "fall": 5}
+            })),
+            service(serde_json::json!({
+                "http": {"paths": ["/demo/"], "domain": "Example.com", "balance": "least_outstanding"},
+                "backends": ["10.0.1.1:8080"],
+                "check": {"kind": "http", "path": "/health", "expect": 204}
+            })),
+        ] {
+            let bytes = StoredService::of(&svc).to_bytes();
+            let back = StoredService::parse(&bytes)
+                .unwrap()
+                .into_service("web", None)
+                .unwrap();
+            assert_eq!(back, svc);
+        }
+    }
+
+    #[test]
+    fn names_on_the_wire_are_the_apis() {
+        let svc = service(serde_json::json!({
+            "vip": "10.0.0.100:80", "protocol": "udp", "backends": ["10.0.1.1:53"]
+        }));
+        let wire: serde_json::Value =
+            serde_json::from_slice(&StoredService::of(&svc).to_bytes()).unwrap();
+        assert_eq!(wire["protocol"], "udp");
+        assert_eq!(wire["vip"], "10.0.0.100:80");
+        assert_eq!(wire["backends"][0], "10.0.1.1:53");
+        assert_eq!(wire["check"]["kind"], "none");
+        assert_eq!(wire["schema"], SCHEMA);
+    }
+
+    #[test]
+    fn discovered_backends_are_not_stored_and_come_from_the_source() {
+        let doc = StoredService::parse(
+            br#"{"schema": 1, "vip": "10.0.0.100:80", "protocol": "tcp", "backends": [],
+                 "discovery": {"kind": "etcd", "service": "web"}}"#,
+        )
+        .unwrap();
+        let found: Vec<SocketAddrV4> = vec![
+            "10.0.1.2:80".parse().unwrap(),
+            "10.0.1.1:80".parse().unwrap(),
+        ];
+        let svc = doc.clone().into_service("web", Some(found)).unwrap();
+        assert_eq!(
+            svc.backends,
+            vec![
+                "10.0.1.1:80".parse::<SocketAddrV4>().unwrap(),
+                "10.0.1.2:80".parse().unwrap()
+            ]
+        );
+        assert_eq!(svc.table_size, discovered_table_size(2));
+        assert!(StoredService::of(&svc).backends.is_empty());
+        // Nothing found yet: a service with no backends, not an error.
+        assert!(doc.into_service("web", None).unwrap().backends.is_empty());
+    }
+
+    #[test]
+    fn a_bad_entry_is_refused_naming_what_is_wrong() {
+        let parse =
+            |s: &str| StoredService::parse(s.as_bytes()).and_then(|d| d.into_service("web", None));
+        let e = parse(r#"{"schema": 2, "protocol": "tcp", "backends": []}"#).unwrap_err();
+        assert_eq!(e.to_string(), "schema 2 (this lb reads 1)");
+        let e = parse(r#"{"schema": 1, "vip": "10.0.0.1:80", "protocol": "sctp", "backends": ["10.0.1.1:80"], "table_size": 251}"#).unwrap_err();
+        assert!(e.to_string().starts_with("not a service document"), "{e}");
+        let e = parse(r#"{"schema": 1, "vip": "10.0.0.1:80", "protocol": "tcp", "backends": ["10.0.1.1:80"], "table_size": 250}"#).unwrap_err();
+        assert!(e.to_string().starts_with("table_size:"), "{e}");
+        let e = parse(r#"{"schema": 1, "vip": "10.0.0.1:80", "protocol": "tcp", "backends": ["10.0.1.1:80", "10.0.1.1:80"], "table_size": 251}"#).unwrap_err();
+        assert!(e.to_string().starts_with("backends[1]:"), "{e}");
+        let e = parse(
+            r#"{"schema": 1, "protocol": "tcp", "backends": ["10.0.1.1:80"], "table_size": 251}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("vip:"), "{e}");
+        let e = parse(r#"{"schema": 1, "vip": "10.0.0.1:80", "protocol": "tcp", "backends": ["10.0.1.1:80"], "table_size": 251, "check": {"kind": "http", "interval_ms": 1000, "timeout_ms": 500, "rise": 2, "fall": 3}}"#).unwrap_err();
+        assert!(e.to_string().starts_with("check.path:"), "{e}");
+    }
+}
