@@ -12,7 +12,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     health::{Checker, HealthEvent},
     model::{Protocol, Service, ServiceSpec, ValidationError, validate_name},
-    net::Neighbors,
+    next_hops::{NextHops, NextHopsDone},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ pub struct Controller {
     /// Backend address -> how many layer-4 services use it (for next-hop upkeep).
     backend_users: HashMap<Ipv4Addr, usize>,
     dataplane: Dataplane,
-    neighbors: Neighbors,
+    neighbors: NextHops,
     /// While set, next hops of new backends are collected rather than resolved one
     /// service at a time (see `defer_neighbors`).
     deferred: Option<HashSet<Ipv4Addr>>,
@@ -134,7 +134,7 @@ impl Controller {
             vips: HashMap::new(),
             backend_users: HashMap::new(),
             dataplane,
-            neighbors: Neighbors::default(),
+            neighbors: NextHops::default(),
             deferred: None,
             health: HashMap::new(),
             checker: None,
@@ -356,6 +356,11 @@ impl Controller {
     /// and then resolved in one go: restoring thousands of services at start.
     pub fn defer_neighbors(&mut self) {
         self.deferred.get_or_insert_with(HashSet::new);
+    }
+
+    /// Resolves once the next-hop changes made so far are done.
+    pub fn next_hops_done(&self) -> NextHopsDone {
+        self.neighbors.done()
     }
 
     pub fn resolve_deferred_neighbors(&mut self) {

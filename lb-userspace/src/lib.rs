@@ -11,6 +11,7 @@ pub mod health;
 pub mod l7;
 pub mod model;
 pub mod net;
+pub mod next_hops;
 pub mod owner;
 pub mod reconcile;
 pub mod retry;

@@ -254,9 +254,14 @@ impl Reconciler {
             .map_or(Expect::Absent, Expect::Revision);
         let doc = StoredService::of(&svc).to_bytes();
         let revision = self.store.put(name, &doc, expect).await?;
-        let applied = self.controller.call(move |c| c.apply(svc)).await?;
+        let (applied, next_hops) = self
+            .controller
+            .call(move |c| (c.apply(svc), c.next_hops_done()))
+            .await?;
         match applied {
             Ok(svc) => {
+                // Answered once the new backends' next hops are in, as the maps are.
+                next_hops.wait().await;
                 self.set_revision(name, Some(revision));
                 self.follow(&svc, watch);
                 Ok(svc)
@@ -387,10 +392,16 @@ impl Reconciler {
             for entry in &snapshot.entries {
                 self.apply_entry(entry).await;
             }
-            let _ = self
+            let next_hops = self
                 .controller
-                .call(Controller::resolve_deferred_neighbors)
+                .call(|c| {
+                    c.resolve_deferred_neighbors();
+                    c.next_hops_done()
+                })
                 .await;
+            if let Ok(next_hops) = next_hops {
+                next_hops.wait().await;
+            }
             // Services this node has that the store no longer has (deleted while the
             // watch was down).
             let gone: Vec<String> = {
