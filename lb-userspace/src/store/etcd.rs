@@ -12,6 +12,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 
 use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
+use crate::retry::Backoff;
 
 pub struct EtcdStore {
     client: Client,
@@ -206,6 +207,7 @@ impl Store for EtcdStore {
             // without any member, or when etcd has compacted the revisions needed.
             let mut next = after as i64 + 1;
             let mut failures = 0u32;
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
             loop {
                 let options = WatchOptions::new().with_prefix().with_start_revision(next);
                 let mut stream = match client
@@ -220,8 +222,10 @@ impl Store for EtcdStore {
                             let _ = tx.send(Err(fail(e.to_string()))).await;
                             return;
                         }
-                        tokio::time::sleep(Duration::from_millis(100 * failures.min(10) as u64))
-                            .await;
+                        tokio::select! {
+                            () = backoff.wait() => {}
+                            () = tx.closed() => return,
+                        }
                         continue;
                     }
                 };
@@ -232,6 +236,7 @@ impl Store for EtcdStore {
                     };
                     let Ok(Some(resp)) = message else { break };
                     failures = 0;
+                    backoff.reset();
                     if resp.canceled() {
                         let why = format!(
                             "the watch was cancelled ({}; compacted at {})",
