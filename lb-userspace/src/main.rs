@@ -55,7 +55,8 @@ The API (JSON):
   GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats
   GET    /v1/docker-flow-proxy/reconfigure?serviceName=..&servicePath=..&port=..&backends=..
          (and remove, config?type=json, ping: Docker Flow Proxy's API)
-  GET    /health (liveness)     GET /ready (200 once the stored services are restored)
+  GET    /health (liveness)     GET /ready (200 once the stored services are restored; 503
+         naming any part of lb that has stopped)
 
 The host: lb enables IPv4 forwarding on the interfaces it serves, keeps backends' next hops
 resolved as managed neighbour entries, and pins its maps and XDP links under --bpffs (mounting
