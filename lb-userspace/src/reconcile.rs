@@ -60,6 +60,16 @@ struct Discovered {
     watch: Option<(Discovery, Instances)>,
 }
 
+/// A stored service ready to apply: at `revision`, followed by `watch` if discovered.
+struct Restored {
+    service: Service,
+    revision: u64,
+    watch: Option<(Discovery, Instances)>,
+}
+
+/// Services a restore applies in one command to the controller.
+const RESTORE_BATCH: usize = 256;
+
 /// How long a new discovery source gets to list its instances before the service is
 /// applied without any (they are added when the source answers).
 const FIRST_ANSWER: Duration = Duration::from_secs(3);
@@ -312,43 +322,94 @@ impl Reconciler {
 
     /// Applies one stored entry, unless this node already has it at that revision or later.
     async fn apply_entry(&self, entry: &Entry) {
+        if let Some(ready) = self.prepare(entry).await {
+            self.commit(vec![ready]).await;
+        }
+    }
+
+    /// A stored entry read into the service it describes (with its discovered backends),
+    /// unless this node has it at that revision or later; one that cannot be used is
+    /// skipped with an error naming its key.
+    async fn prepare(&self, entry: &Entry) -> Option<Restored> {
         if self
             .revision_of(&entry.name)
             .is_some_and(|r| r >= entry.revision)
         {
-            return;
+            return None;
         }
         let skip = |e: &dyn std::fmt::Display| {
             tracing::error!(key = %entry.name, revision = entry.revision, "skipping a stored service: {e}");
         };
         let doc = match StoredService::parse(&entry.value) {
             Ok(doc) => doc,
-            Err(e) => return skip(&e),
+            Err(e) => {
+                skip(&e);
+                return None;
+            }
         };
         let Discovered { found, watch } =
             match self.discover(&entry.name, doc.discovery.as_ref()).await {
                 Ok(d) => d,
-                Err(e) => return skip(&e),
+                Err(e) => {
+                    skip(&e);
+                    return None;
+                }
             };
-        let svc = match doc.into_service(&entry.name, found) {
-            Ok(svc) => svc,
-            Err(e) => return skip(&e),
-        };
-        let result = self
+        match doc.into_service(&entry.name, found) {
+            Ok(service) => Some(Restored {
+                service,
+                revision: entry.revision,
+                watch,
+            }),
+            Err(e) => {
+                skip(&e);
+                None
+            }
+        }
+    }
+
+    /// Applies `batch` in one command to the controller (a restore of thousands of
+    /// services pays one round trip per batch, not per service).
+    async fn commit(&self, batch: Vec<Restored>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut watches = Vec::with_capacity(batch.len());
+        let mut services = Vec::with_capacity(batch.len());
+        for r in batch {
+            watches.push((r.revision, r.watch));
+            services.push(r.service);
+        }
+        let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+        let applied = self
             .controller
             .call(move |c| {
-                c.check_against_others(&svc)?;
-                c.apply(svc)
+                services
+                    .into_iter()
+                    .map(|svc| {
+                        c.check_against_others(&svc)?;
+                        c.apply(svc)
+                    })
+                    .collect::<Vec<_>>()
             })
-            .await
-            .map_err(ReconcileError::from)
-            .and_then(|applied| applied.map_err(ReconcileError::from));
-        match result {
-            Ok(svc) => {
-                self.set_revision(&entry.name, Some(entry.revision));
-                self.follow(&svc, watch);
+            .await;
+        let results: Vec<Result<Service, ReconcileError>> = match applied {
+            Ok(results) => results
+                .into_iter()
+                .map(|r| r.map_err(ReconcileError::from))
+                .collect(),
+            Err(stopped) => names.iter().map(|_| Err(stopped.into())).collect(),
+        };
+        for ((name, (revision, watch)), result) in names.iter().zip(watches).zip(results) {
+            match result {
+                Ok(svc) => {
+                    self.set_revision(name, Some(revision));
+                    self.follow(&svc, watch);
+                }
+                Err(e) => {
+                    tracing::error!(key = %name, revision, "skipping a stored service: {e}");
+                }
             }
-            Err(e) => skip(&e),
         }
     }
 
@@ -389,9 +450,14 @@ impl Reconciler {
             backoff.reset();
             // A stopped controller is reported by whoever calls it next.
             let _ = self.controller.call(Controller::defer_neighbors).await;
+            let mut batch = Vec::new();
             for entry in &snapshot.entries {
-                self.apply_entry(entry).await;
+                batch.extend(self.prepare(entry).await);
+                if batch.len() == RESTORE_BATCH {
+                    self.commit(std::mem::take(&mut batch)).await;
+                }
             }
+            self.commit(batch).await;
             let next_hops = self
                 .controller
                 .call(|c| {
