@@ -506,6 +506,22 @@ impl Service {
         self.vip.filter(|_| self.http.is_none())
     }
 
+    /// This service with `found` as its backends: what its discovery source lists now,
+    /// in order and once each, with the table size that follows their count.
+    #[must_use]
+    pub fn with_discovered(self, found: Vec<SocketAddrV4>) -> Self {
+        let backends = discovered_backends(found);
+        let table_size = match self.http {
+            Some(_) => 0,
+            None => discovered_table_size(backends.len()),
+        };
+        Self {
+            backends,
+            table_size,
+            ..self
+        }
+    }
+
     /// This service, if it is one lb can serve: a VIP or an HTTP route (not both), its
     /// parts valid, backends listed once each (at least one unless discovery finds them)
     /// and a table that suits them.

@@ -20,10 +20,7 @@ use std::{
 use crate::{
     controller::{ControlError, Controller},
     discovery::{Instances, Sources},
-    model::{
-        Discovery, DiscoverySpec, Service, ServiceSpec, ValidationError, discovered_backends,
-        discovered_table_size,
-    },
+    model::{Discovery, DiscoverySpec, Service, ServiceSpec, ValidationError},
     owner::{ControllerHandle, Stopped},
     retry::Backoff,
     store::{Entry, Event, Expect, Store, StoreError, document::StoredService},
@@ -211,18 +208,10 @@ impl Reconciler {
                 if current.discovery.as_ref() != Some(&source) || current.backends == found {
                     return None;
                 }
-                let backends = discovered_backends(found);
-                let table_size = match current.http {
-                    Some(_) => 0,
-                    None => discovered_table_size(backends.len()),
-                };
-                let svc = Service {
-                    backends,
-                    table_size,
-                    ..current
-                };
                 Some(
-                    svc.checked()
+                    current
+                        .with_discovered(found)
+                        .checked()
                         .map_err(ControlError::from)
                         .and_then(|svc| c.apply(svc)),
                 )

@@ -6,10 +6,7 @@ use std::net::SocketAddrV4;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{
-    Check, Discovery, HttpRoute, Protocol, Service, ValidationError, discovered_backends,
-    discovered_table_size,
-};
+use crate::model::{Check, Discovery, HttpRoute, Protocol, Service, ValidationError};
 
 pub const SCHEMA: u32 = 1;
 
@@ -87,28 +84,22 @@ impl StoredService {
         name: &str,
         found: Option<Vec<SocketAddrV4>>,
     ) -> Result<Service, DocumentError> {
-        let (backends, table_size) = if self.discovery.is_some() {
-            let backends = discovered_backends(found.unwrap_or_default());
-            let size = match self.http {
-                Some(_) => 0,
-                None => discovered_table_size(backends.len()),
-            };
-            (backends, size)
-        } else {
-            (self.backends, self.table_size)
-        };
-        let service = Service {
+        let discovered = self.discovery.is_some();
+        let mut service = Service {
             name: name.to_string(),
             vip: self.vip,
             protocol: self.protocol,
-            backends,
-            table_size,
+            backends: self.backends,
+            table_size: self.table_size,
             discovery: self.discovery,
             http: self.http,
             check: self
                 .check
                 .unwrap_or_else(|| Check::default_for(self.protocol)),
         };
+        if discovered {
+            service = service.with_discovered(found.unwrap_or_default());
+        }
         Ok(service.checked()?)
     }
 }
@@ -116,7 +107,7 @@ impl StoredService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ServiceSpec;
+    use crate::model::{ServiceSpec, discovered_table_size};
 
     fn service(json: serde_json::Value) -> Service {
         let spec: ServiceSpec = serde_json::from_value(json).unwrap();
