@@ -14,6 +14,9 @@ use tokio::sync::mpsc;
 use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
 use crate::retry::Backoff;
 
+/// Retries of a request while the cluster cannot be reached (see `EtcdStore::retrying`).
+const RETRIES: u32 = 6;
+
 pub struct EtcdStore {
     client: Client,
     /// `<prefix>/services/`
@@ -49,21 +52,31 @@ impl EtcdStore {
         })
     }
 
-    /// Runs `f` again (up to three times, 300 ms apart) while the cluster cannot be reached:
-    /// a request sent to a member that just died fails once before the client moves on.
+    /// Runs `f` again while the cluster cannot be reached, up to [`RETRIES`] times, backing
+    /// off from 100 ms to 1 s (about 2.5 s in all): requests sent to a member that just died
+    /// fail until the client's balancer stops picking it, which has taken over a second.
+    /// Each failure is logged at once, naming the endpoints, so that an operator sees the
+    /// store failing while lb still retries.
     async fn retrying<T, F, Fut>(&self, mut f: F) -> Result<T, etcd_client::Error>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let mut tries = 0;
         loop {
             match f().await {
-                Err(etcd_client::Error::TransportError(_) | etcd_client::Error::GRpcStatus(_))
-                    if tries < 3 =>
-                {
+                Err(
+                    e @ (etcd_client::Error::TransportError(_) | etcd_client::Error::GRpcStatus(_)),
+                ) if tries < RETRIES => {
                     tries += 1;
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        retry_in = ?delay,
+                        "a request to the store (etcd at {}) failed, try {tries} of {RETRIES}: {e}",
+                        self.endpoints
+                    );
+                    tokio::time::sleep(delay).await;
                 }
                 other => return other,
             }
