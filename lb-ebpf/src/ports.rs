@@ -3,7 +3,9 @@
 //! A flow's first choice is the port its keyed hash names (`h0`), so that its retried SYNs
 //! and later packets find the port again without a conntrack entry. When that port is
 //! held, the flow takes the first free port after it that the (backend, SNAT address)
-//! bitmap shows, a word of 64 ports at a time, and is tracked in conntrack at once. A port
+//! bitmap shows, a word of 64 ports at a time, and is tracked in conntrack at once; if the
+//! ports it tries there all refuse it, it looks once more on the hop's second SNAT address,
+//! or half the range away. A port
 //! is claimed by inserting its `nat_reverse` entry (the only truth; the bitmap is a hint),
 //! or by taking over the entry of a holder that no longer needs it.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
@@ -20,8 +22,15 @@ use crate::{maps, track};
 /// Summary words a flow's search may look through for a word with a free port: all of
 /// them (one bit per 64 ports), and the first once more after wrapping.
 const SCAN_SUMMARY: u32 = PORT_TABLE_SUMMARY_WORDS as u32 + 1;
-/// Ports a flow tries to claim past its first choice.
+/// Ports a flow tries to claim past its first choice, in each round of the search.
 const SCAN_CLAIMS: u32 = 6;
+/// Rounds of the search: from the first choice, then on the second SNAT address, or with
+/// one address from half the range away. A port in a backend's TIME_WAIT refuses a SYN
+/// whose timestamp is older than the last one it saw, and Linux clients (6.x) draw a
+/// timestamp offset per connection: about half the ports held in TIME_WAIT refuse a given
+/// SYN, so a flow needs tries enough: with 7, about one new flow in a million found none
+/// under sustained churn, and its retries failed on the same ports.
+const SCAN_ROUNDS: u32 = 2;
 
 /// The SNAT port range as the program uses it.
 #[derive(Clone, Copy)]
@@ -499,6 +508,8 @@ pub struct ScanArgs {
     /// the SYN it sends for a cookie.
     pub kind: u32,
     pub ttl: u32,
+    /// The hop's SNAT addresses that the search looks through (1 or 2).
+    pub addresses: u32,
 }
 
 /// Leaves in the scratch space what [`lb_scan`] needs to find `want` a port past its first
@@ -528,17 +539,16 @@ pub fn scan() -> u32 {
     let Some(scratch) = maps::scratch_space() else {
         return crate::next::drop(lb_common::stats::DropReason::MapUpdate);
     };
-    let a = &mut scratch.scan;
-    lb_scan(a);
-    if a.port == 0 {
-        return crate::next::drop(lb_common::stats::DropReason::SnatExhausted);
+    if lb_scan(&mut scratch.scan) == FOUND {
+        return crate::next::CONTINUE;
     }
-    crate::next::CONTINUE
+    crate::next::drop(lb_common::stats::DropReason::SnatExhausted)
 }
 
-/// A free port past the flow's first choice: from the bitmap of each SNAT address in turn
-/// (at most two), or by hashing when there is no bitmap. Sets `Flood::occupancy_high` when
-/// the search had to go past a full word: the range is nearly full.
+/// A free port past the flow's first choice, in [`SCAN_ROUNDS`] rounds (on the hop's first
+/// SNAT address, then on its second or half the range away): from the address's bitmap,
+/// or by hashing when there is none. Sets `Flood::occupancy_high` when the search had to
+/// go past a full word, or found nothing: the range is nearly full.
 ///
 /// A global function, verified once on its own: inlined into the packet path, the search
 /// made the program too complex to verify. Its loops are plain bounded ones (a `bpf_loop`
@@ -563,12 +573,23 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
         return -1;
     };
     a.port = 0;
-    let start = reduce(a.hash, range.len);
-    let addresses = if a.hop.snat_count > 1 { 2 } else { 1 };
-    for nth in 0..2u32 {
-        if nth >= addresses {
-            break;
-        }
+    // Read back through memory, so that the verifier does not follow each count on a path
+    // of its own.
+    // SAFETY: `a` is this CPU's scratch `ScanArgs` (see above).
+    unsafe {
+        core::ptr::write_volatile(
+            core::ptr::addr_of_mut!(a.addresses),
+            if a.hop.snat_count > 1 { 2 } else { 1 },
+        );
+    }
+    for step in 0..SCAN_ROUNDS {
+        // The second round: the second SNAT address if there is one, else the first once
+        // more, from half the hash space away, which `reduce` maps half the range away.
+        // SAFETY: as above.
+        let two = (unsafe { core::ptr::read_volatile(core::ptr::addr_of!(a.addresses)) } >> 1) & 1;
+        let (nth, round) = (step & two, step & (two ^ 1));
+        let hash = a.hash.wrapping_add(round << 31);
+        let start = reduce(hash, range.len);
         let addr = address(&a.hop, a.hash, nth);
         let table = table(&a.backend, addr);
         let st = &mut scratch.search;
@@ -576,7 +597,7 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
             backend_addr: a.backend.addr,
             backend_port: a.backend.port,
             proto: a.proto as u16,
-            hash: a.hash,
+            hash,
             addr,
             syn: a.syn,
             now: a.now,
@@ -599,7 +620,7 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
             Some(t) => {
                 let mut current = *word(t, start);
                 // The first choice was tried already.
-                if nth == 0 {
+                if step == 0 {
                     current |= 1 << (start & 63);
                 }
                 set!(stp, current, current);
@@ -620,12 +641,15 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
         if get!(stp, found) != 0 {
             a.port = get!(stp, port);
             a.addr = addr;
-            return 0;
+            return FOUND;
         }
     }
     note_crowded();
     0
 }
+
+/// What [`lb_scan`] answers when it found a port.
+const FOUND: i32 = 1;
 
 #[inline(always)]
 fn note_crowded() {

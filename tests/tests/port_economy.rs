@@ -276,6 +276,104 @@ fn a_syn_without_timestamps_beyond_the_old_sequence_reuses_a_time_wait_port() {
     assert_eq!(out.unwrap().sport, 61000);
 }
 
+/// A connection from `sport` (client ISN `isn`) as [`open`] makes it, or None when its SYN
+/// found no port.
+fn try_open(lab: &PacketLab, sport: u16, isn: u32) -> Option<u16> {
+    let (v, out) = try_syn(lab, sport, isn, Some(5000));
+    if v != XDP_TX {
+        return None;
+    }
+    let port = out.unwrap().sport;
+    let syn_ack = backend(port, flags(true, true, false, false), 9000, isn + 1);
+    assert_eq!(
+        run_ts(lab, syn_ack, 70_000, 5000),
+        XDP_TX,
+        "SYN-ACK to {port}"
+    );
+    let ack = client(sport, ACK, isn + 1, 9001);
+    assert_eq!(run_ts(lab, ack, 5001, 70_000), XDP_TX, "ACK from {sport}");
+    Some(port)
+}
+
+/// The backend closes the connection from `sport` on `port` first, and the client's FIN
+/// carries timestamp `tsval`: the backend holds the port in TIME_WAIT, and takes a new SYN
+/// on it only with a newer timestamp.
+fn close_into_time_wait(lab: &PacketLab, sport: u16, port: u16, isn: u32, tsval: u32) {
+    let fin = flags(false, true, true, false);
+    assert_eq!(
+        run_ts(lab, backend(port, fin, 9001, isn + 1), 70_001, 5001),
+        XDP_TX
+    );
+    assert_eq!(
+        run_ts(lab, client(sport, fin, isn + 1, 9002), tsval, 70_001),
+        XDP_TX
+    );
+    let (_, r) = lab.reverse(CLIENT, sport).unwrap();
+    assert_eq!(
+        (r.state, r.tw_tsval),
+        (state::TIME_WAIT, tsval),
+        "port {port}"
+    );
+}
+
+#[test]
+fn a_syn_that_every_port_near_its_first_choice_refuses_gets_a_port_further_away() {
+    // Two words of 64 ports, every one in the backend's TIME_WAIT. Linux clients draw a
+    // timestamp offset per connection, so a SYN's timestamp may be older than the last one
+    // the backend saw on a port, which then refuses it (PAWS): here every port of the word
+    // holding the new SYN's first choice refuses it, and every port of the other takes it.
+    let (min, max) = (61000u16, 61127u16);
+    let lab = lab_with((min, max), CookieMode::Never, 4096);
+    let first = open(&lab, CLIENT_PORT, 1000, 5000);
+    let word = |port: u16| (port - min) / 64;
+    let mut held = vec![(CLIENT_PORT, first)];
+    let mut sport = CLIENT_PORT;
+    while held.len() < usize::from(max - min) + 1 {
+        sport += 1;
+        assert!(
+            sport < CLIENT_PORT + 1000,
+            "the range did not fill: {} ports, {:?}",
+            held.len(),
+            lab.dataplane.drops()
+        );
+        if let Some(port) = try_open(&lab, sport, 1000) {
+            held.push((sport, port));
+        }
+    }
+    for &(sport, port) in &held {
+        let tsval = if word(port) == word(first) {
+            1_000_000
+        } else {
+            100
+        };
+        close_into_time_wait(&lab, sport, port, 1000, tsval);
+    }
+
+    // A new connection from the first client, its SYN stamped 500: not on its first choice
+    // nor anywhere in that word, but a port of the other word takes it.
+    let before = lab.drops(DropReason::SnatExhausted);
+    let (v, out) = try_syn(&lab, CLIENT_PORT, 5, Some(500));
+    assert_eq!(
+        v,
+        XDP_TX,
+        "no port for the SYN: {:?}",
+        lab.dataplane.drops()
+    );
+    let port = out.unwrap().sport;
+    assert_ne!(word(port), word(first), "port {port} refuses the SYN");
+    assert_eq!(lab.drops(DropReason::SnatExhausted), before);
+    // The ports tried and refused were left to the connections the backend remembers.
+    let remembered = held
+        .iter()
+        .filter(|&&(s, p)| {
+            s != CLIENT_PORT
+                && word(p) == word(first)
+                && reverse_state(&lab, s) == Some(state::TIME_WAIT)
+        })
+        .count();
+    assert_eq!(remembered, 63);
+}
+
 #[test]
 fn allocation_succeeds_for_99_percent_of_new_flows_from_95_percent_occupancy() {
     // 8192 ports towards the one backend; 7782 (95 %) held by established flows. Then 200
