@@ -709,20 +709,19 @@ impl ServiceSpec {
                     "follows the instance count when backends come from discovery",
                 ));
             }
-            discovered_backends(self.discovered.clone().unwrap_or_default())
+            // Filled in below, from what the source lists.
+            Vec::new()
         } else {
             self.listed_backends()?
         };
         let check = check.unwrap_or_else(|| Check::default_for(protocol));
-        let table_size = if http.is_some() {
+        let table_size = if http.is_some() || discovery.is_some() {
             0
-        } else if discovery.is_some() {
-            discovered_table_size(backends.len())
         } else {
             self.table_size
                 .unwrap_or_else(|| table_size_after(previous.map(|p| p.table_size), backends.len()))
         };
-        Service {
+        let service = Service {
             name: name.to_string(),
             vip,
             protocol,
@@ -731,6 +730,10 @@ impl ServiceSpec {
             discovery,
             http,
             check,
+        };
+        match service.discovery {
+            Some(_) => service.with_discovered(self.discovered.clone().unwrap_or_default()),
+            None => service,
         }
         .checked()
     }
