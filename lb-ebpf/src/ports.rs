@@ -5,9 +5,9 @@
 //! held, the flow takes the first free port after it that the (backend, SNAT address)
 //! bitmap shows, a word of 64 ports at a time, and is tracked in conntrack at once; if the
 //! ports it tries there all refuse it, it looks once more on the hop's second SNAT address,
-//! or half the range away. A port
-//! is claimed by inserting its `nat_reverse` entry (the only truth; the bitmap is a hint),
-//! or by taking over the entry of a holder that no longer needs it.
+//! or half the range away. A port is claimed by inserting its `nat_reverse` entry (the only
+//! truth; the bitmap is a hint), or by taking over the entry of a holder that no longer
+//! needs it.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     config::{Config, NextHop},
@@ -508,8 +508,8 @@ pub struct ScanArgs {
     /// the SYN it sends for a cookie.
     pub kind: u32,
     pub ttl: u32,
-    /// The hop's SNAT addresses that the search looks through (1 or 2).
-    pub addresses: u32,
+    /// 1 when the hop has a second SNAT address, which the search's second round takes.
+    pub second_address: u32,
 }
 
 /// Leaves in the scratch space what [`lb_scan`] needs to find `want` a port past its first
@@ -573,21 +573,21 @@ pub extern "C" fn lb_scan(args: *mut ScanArgs) -> i32 {
         return -1;
     };
     a.port = 0;
-    // Read back through memory, so that the verifier does not follow each count on a path
+    // Read back through memory, so that the verifier does not follow each answer on a path
     // of its own.
     // SAFETY: `a` is this CPU's scratch `ScanArgs` (see above).
     unsafe {
         core::ptr::write_volatile(
-            core::ptr::addr_of_mut!(a.addresses),
-            if a.hop.snat_count > 1 { 2 } else { 1 },
+            core::ptr::addr_of_mut!(a.second_address),
+            u32::from(a.hop.snat_count > 1),
         );
     }
     for step in 0..SCAN_ROUNDS {
         // The second round: the second SNAT address if there is one, else the first once
         // more, from half the hash space away, which `reduce` maps half the range away.
         // SAFETY: as above.
-        let two = (unsafe { core::ptr::read_volatile(core::ptr::addr_of!(a.addresses)) } >> 1) & 1;
-        let (nth, round) = (step & two, step & (two ^ 1));
+        let second = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(a.second_address)) } & 1;
+        let (nth, round) = (step & second, step & (second ^ 1));
         let hash = a.hash.wrapping_add(round << 31);
         let start = reduce(hash, range.len);
         let addr = address(&a.hop, a.hash, nth);
