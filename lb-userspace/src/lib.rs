@@ -13,6 +13,7 @@ pub mod model;
 pub mod net;
 pub mod next_hops;
 pub mod owner;
+pub mod privileges;
 pub mod reconcile;
 pub mod retry;
 mod rtnl;

@@ -242,6 +242,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let daemon = Daemon::start(config).await?;
+    // Loaded and attached: the main thread keeps what the running parts use, like the others.
+    lb::privileges::keep_only(lb::privileges::RUNNING)?;
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
@@ -311,7 +313,16 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    if matches!(cli.command, Command::Run(_)) {
+        lb::privileges::enable();
+    }
+    // Its threads keep only what the running parts use; until the daemon has started, the
+    // main thread (which loads and attaches the data plane) keeps the rest.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(|| lb::privileges::keep_only_in_thread(lb::privileges::RUNNING))
+        .build()
+        .expect("tokio runtime");
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
         Command::Down(args) => down(args),

@@ -29,6 +29,7 @@ impl Default for NextHops {
         let thread = std::thread::Builder::new()
             .name("lb-next-hops".into())
             .spawn(move || {
+                crate::privileges::keep_only_in_thread(crate::privileges::RUNNING);
                 let mut neighbors = Neighbors::default();
                 for request in inbox {
                     match request {

@@ -55,6 +55,7 @@ impl ControllerHandle {
         std::thread::Builder::new()
             .name("lb-controller".into())
             .spawn(move || {
+                crate::privileges::keep_only_in_thread(crate::privileges::RUNNING);
                 let run = std::panic::AssertUnwindSafe(|| {
                     while let Some(message) = inbox.blocking_recv() {
                         match message {

@@ -160,7 +160,22 @@ impl LbProcess {
     /// one, and waits until it is ready.
     pub fn start(ns: &Netns, ifaces: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
         let bpffs = PathBuf::from("/sys/fs/bpf").join(crate::unique("lbt"));
-        let mut lb = Self::spawn(ns, ifaces, extra, bpffs)?;
+        let mut lb = Self::spawn(ns, ifaces, extra, bpffs, None)?;
+        lb.wait_ready(Duration::from_secs(15))?;
+        Ok(lb)
+    }
+
+    /// [`LbProcess::start`] with only the capabilities `caps` (as setpriv names them:
+    /// `+bpf,+net_admin`), the rest out of its bounding set, as a systemd unit's
+    /// `CapabilityBoundingSet=` starts it.
+    pub fn start_with_capabilities(
+        ns: &Netns,
+        ifaces: &[&str],
+        extra: &[&str],
+        caps: &str,
+    ) -> anyhow::Result<Self> {
+        let bpffs = PathBuf::from("/sys/fs/bpf").join(crate::unique("lbt"));
+        let mut lb = Self::spawn(ns, ifaces, extra, bpffs, Some(caps))?;
         lb.wait_ready(Duration::from_secs(15))?;
         Ok(lb)
     }
@@ -172,7 +187,7 @@ impl LbProcess {
         extra: &[&str],
         pins: Pins,
     ) -> anyhow::Result<Self> {
-        let mut lb = Self::spawn(ns, ifaces, extra, pins.take())?;
+        let mut lb = Self::spawn(ns, ifaces, extra, pins.take(), None)?;
         lb.wait_ready(Duration::from_secs(15))?;
         Ok(lb)
     }
@@ -184,10 +199,16 @@ impl LbProcess {
         extra: &[&str],
         pins: Pins,
     ) -> anyhow::Result<Self> {
-        Self::spawn(ns, ifaces, extra, pins.take())
+        Self::spawn(ns, ifaces, extra, pins.take(), None)
     }
 
-    fn spawn(ns: &Netns, ifaces: &[&str], extra: &[&str], bpffs: PathBuf) -> anyhow::Result<Self> {
+    fn spawn(
+        ns: &Netns,
+        ifaces: &[&str],
+        extra: &[&str],
+        bpffs: PathBuf,
+        caps: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let own_store = (!extra.contains(&"--store")).then(temp_store);
         let mut args: Vec<String> = extra.iter().map(std::string::ToString::to_string).collect();
         if let Some(dir) = &own_store {
@@ -195,9 +216,13 @@ impl LbProcess {
         }
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique("lb-")));
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", ns.path()))
-            .arg(lb_bin())
-            .arg("run");
+        cmd.arg(format!("--net={}", ns.path()));
+        if let Some(caps) = caps {
+            // setpriv execs lb: the PID stays the daemon's.
+            cmd.args(["setpriv", "--inh-caps=-all"])
+                .arg(format!("--bounding-set=-all,{caps}"));
+        }
+        cmd.arg(lb_bin()).arg("run");
         for i in ifaces {
             cmd.args(["--iface", i]);
         }

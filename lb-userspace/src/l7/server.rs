@@ -102,6 +102,8 @@ impl Proxy {
                 std::thread::Builder::new()
                     .name(format!("lb-l7-{index}"))
                     .spawn(move || {
+                        // Client HTTP is parsed here: with no capability at all.
+                        crate::privileges::keep_only_in_thread(crate::privileges::HTTP_WORKER);
                         let run = std::panic::AssertUnwindSafe(|| worker.run(listener, inbox));
                         let outcome = match std::panic::catch_unwind(run) {
                             Ok(ended) => ended.map_err(|e| e.to_string()),
