@@ -57,6 +57,11 @@ pub struct Config {
     pub discovery_consul: Option<String>,
     /// The balancer's own address (the VIP of DFP's tcp services).
     pub address: Option<Ipv4Addr>,
+    /// Clients of the HTTP listener whose X-Forwarded-* headers are kept.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The HTTP proxy's time to open a backend connection, and to get response headers.
+    pub http_backend_connect_timeout: std::time::Duration,
+    pub http_backend_response_timeout: std::time::Duration,
 }
 
 /// A running daemon.
@@ -132,6 +137,9 @@ impl Daemon {
         if let Some((addr, listener)) = http_listener {
             let engine = l7::Proxy::new(l7::ProxyConfig {
                 workers: config.http_workers,
+                connect_timeout: config.http_backend_connect_timeout,
+                response_header_timeout: config.http_backend_response_timeout,
+                trusted_proxies: l7::TrustedProxies::new(config.trusted_proxies.clone()),
                 ..l7::ProxyConfig::default()
             });
             let changes = controller.call(|c| c.http_changes()).await?;

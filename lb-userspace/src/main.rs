@@ -1,6 +1,6 @@
 //! `lb`: an XDP load balancer. `lb run` loads the data plane, attaches it and serves the
 //! HTTP API until SIGINT or SIGTERM.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -156,6 +156,27 @@ struct RunArgs {
     /// connection-tracking table is made for (twice as many 64-byte slots).
     #[arg(long, default_value_t = Limits::default().conntrack_entries)]
     conntrack_entries: u32,
+    /// Clients of the HTTP listener whose forwarding headers are believed: the proxies in
+    /// front of lb, as CIDR blocks or addresses (comma-separated, or repeat the flag).
+    /// Their X-Forwarded-For is kept and their address appended, and their
+    /// X-Forwarded-Proto/-Host/-Port, X-Real-IP and Forwarded pass. Anyone else's
+    /// X-Forwarded-For, -Proto and -Host are replaced by what lb saw and the others
+    /// removed. Default: nobody is trusted.
+    #[arg(
+        long = "trusted-proxies",
+        value_name = "CIDR[,CIDR...]",
+        value_delimiter = ',',
+        value_parser = lb::l7::parse_cidr
+    )]
+    trusted_proxies: Vec<ipnet::IpNet>,
+    /// How long the HTTP proxy tries to open a connection to a backend before it sends the
+    /// request to another backend of the route (once), or answers 504.
+    #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    http_backend_connect_timeout: Duration,
+    /// How long the HTTP proxy waits for a backend's response headers, counted from when
+    /// the request has been sent in full, before it answers 504.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    http_backend_response_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -286,6 +307,9 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         discovery_etcd: args.discovery_etcd.clone(),
         discovery_consul: args.discovery_consul.clone(),
         address: args.address,
+        trusted_proxies: args.trusted_proxies.clone(),
+        http_backend_connect_timeout: args.http_backend_connect_timeout,
+        http_backend_response_timeout: args.http_backend_response_timeout,
     })
 }
 

@@ -17,7 +17,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb::l7::{Balance, Proxy, ProxyConfig, ProxyStats, Route};
+use lb::l7::{Balance, Proxy, ProxyConfig, ProxyStats, Route, TrustedProxies, parse_cidr};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -158,6 +158,7 @@ fn config() -> ProxyConfig {
         response_header_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(30),
         workers: 2,
+        ..ProxyConfig::default()
     }
 }
 
@@ -431,7 +432,7 @@ async fn own_answers_have_bodies_and_counters() {
     let stats = p.proxy.stats();
     assert_eq!(
         stats.answers,
-        [(404, 1), (502, 2), (503, 1), (504, 2)]
+        [(400, 0), (404, 1), (502, 2), (503, 1), (504, 2)]
             .into_iter()
             .collect()
     );
@@ -737,7 +738,10 @@ async fn websocket_upgrade_is_spliced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_set_and_hop_by_hop_removed() {
     let web = named("web").await;
-    let p = start(config(), vec![route("web", &[], &[&web])]).await;
+    // The test client is a proxy lb trusts: its X-Forwarded-For is kept.
+    let mut cfg = config();
+    cfg.trusted_proxies = TrustedProxies::new([parse_cidr("127.0.0.0/8").unwrap()]);
+    let p = start(cfg, vec![route("web", &[], &[&web])]).await;
     let mut client = Client::connect(p.addr).await;
     let mut req = Request::get("/headers")
         .body(Empty::new().map_err(|e| match e {}).boxed())
@@ -799,6 +803,197 @@ async fn forwarded_headers_set_and_hop_by_hop_removed() {
             "backend saw {hop}: {headers:?}"
         );
     }
+}
+
+/// What the "/headers" backend saw of a GET of `path` with `headers`, as lines.
+async fn seen_headers(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Vec<String> {
+    let mut req = Request::get(path)
+        .body(Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut().append(name, v.parse().unwrap());
+    }
+    let resp = Client::connect(addr).await.send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec())
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_of_untrusted_clients_are_replaced() {
+    let web = named("web").await;
+    let claims = [
+        ("host", "example.com"),
+        ("x-forwarded-for", "192.0.2.1"),
+        ("x-forwarded-for", "192.0.2.2"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "bank.example"),
+        ("x-forwarded-port", "443"),
+        ("x-real-ip", "192.0.2.1"),
+        ("forwarded", "for=192.0.2.1"),
+    ];
+    // By default nobody is trusted; trusting another network changes nothing for us.
+    for trusted in [vec![], vec![parse_cidr("10.0.0.0/8").unwrap()]] {
+        let mut cfg = config();
+        cfg.trusted_proxies = TrustedProxies::new(trusted);
+        let p = start(cfg, vec![route("web", &[], &[&web])]).await;
+        let seen = seen_headers(p.addr, "/headers", &claims).await;
+        let forwarded: Vec<&str> = seen
+            .iter()
+            .map(String::as_str)
+            .filter(|h| h.starts_with("x-") || h.starts_with("forwarded"))
+            .collect();
+        assert_eq!(
+            forwarded,
+            [
+                "x-forwarded-for: 127.0.0.1",
+                "x-forwarded-proto: http",
+                "x-forwarded-host: example.com"
+            ],
+            "{seen:?}"
+        );
+    }
+    // A trusted proxy's pass, with the address lb saw appended.
+    let mut cfg = config();
+    cfg.trusted_proxies = TrustedProxies::new([parse_cidr("127.0.0.1").unwrap()]);
+    let p = start(cfg, vec![route("web", &[], &[&web])]).await;
+    let seen = seen_headers(p.addr, "/headers", &claims).await;
+    for want in [
+        "x-forwarded-for: 192.0.2.1, 192.0.2.2, 127.0.0.1",
+        "x-forwarded-proto: https",
+        "x-forwarded-host: bank.example",
+        "x-forwarded-port: 443",
+        "x-real-ip: 192.0.2.1",
+        "forwarded: for=192.0.2.1",
+    ] {
+        assert!(seen.iter().any(|h| h == want), "{want}: {seen:?}");
+    }
+}
+
+// ---- a backend that fails ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_redispatched_to_another_backend() {
+    let good = named("good").await;
+    let refused = Backend {
+        addr: closed_port().await,
+        accepted: Default::default(),
+    };
+    for balance in [Balance::RoundRobin, Balance::LeastOutstanding] {
+        let mut web = route("web", &[], &[&refused, &good]);
+        web.balance = balance;
+        let p = start(config(), vec![web]).await;
+        for i in 0..20 {
+            let (status, body) = get(p.addr, "h", &format!("/{i}")).await;
+            assert_eq!((status, body), (StatusCode::OK, format!("good /{i}")));
+        }
+        let stats = p.proxy.stats();
+        assert!(stats.redispatched >= 5, "{balance:?}: {stats:?}");
+        assert_eq!(stats.requests["web"], 20, "counted once each");
+        assert!(stats.answers.values().all(|&n| n == 0), "{stats:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_backend_refuses_the_answer_is_502_after_one_retry() {
+    let refused = |a| Backend {
+        addr: a,
+        accepted: Default::default(),
+    };
+    let (a, b) = (refused(closed_port().await), refused(closed_port().await));
+    let p = start(config(), vec![route("web", &[], &[&a, &b])]).await;
+    for _ in 0..4 {
+        assert_eq!(
+            get(p.addr, "h", "/").await,
+            (
+                StatusCode::BAD_GATEWAY,
+                "service web: backend failed\n".into()
+            )
+        );
+    }
+    let stats = p.proxy.stats();
+    assert_eq!((stats.redispatched, stats.answers[&502]), (4, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_backend_took_is_never_sent_again() {
+    // Each reads the request head, counts it, and hangs up without answering.
+    let heads = Arc::new(AtomicUsize::new(0));
+    let hang_up = || {
+        let heads = heads.clone();
+        raw_backend(move |s| {
+            let heads = heads.clone();
+            async move {
+                let mut r = BufReader::new(s);
+                if !read_head(&mut r).await.is_empty() {
+                    heads.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let addr = |a| Backend {
+        addr: a,
+        accepted: Default::default(),
+    };
+    let (a, b) = (addr(hang_up().await), addr(hang_up().await));
+    let p = start(config(), vec![route("web", &[], &[&a, &b])]).await;
+    for (i, method) in ["POST", "GET", "POST"].into_iter().enumerate() {
+        let req = Request::builder()
+            .method(method)
+            .uri("/order")
+            .header("host", "h")
+            .body(full("pay once"))
+            .unwrap();
+        let resp = Client::connect(p.addr).await.send(req).await;
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{method}");
+        assert_eq!(heads.load(Ordering::SeqCst), i + 1, "{method} sent twice");
+    }
+    assert_eq!(p.proxy.stats().redispatched, 0);
+}
+
+// ---- paths ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_paths_match_however_they_are_spelled() {
+    let (app, other) = (named("app").await, named("other").await);
+    let mut app_route = route("app", &["/"], &[&app]);
+    app_route.paths_exclude = vec!["/admin".into()];
+    let p = start(
+        config(),
+        vec![app_route, route("other", &["/other"], &[&other])],
+    )
+    .await;
+    for raw in [
+        "/admin",
+        "/%61dmin",
+        "//admin",
+        "/x/../admin",
+        "/./admin",
+        "/%2e/admin/x",
+    ] {
+        let (status, body) = get(p.addr, "h", raw).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{raw}: {body}");
+    }
+    // Routed, and forwarded, by the normalised path; the query is kept as sent.
+    assert_eq!(body_of(p.addr, "h", "/x/../public").await, "app /public");
+    assert_eq!(
+        body_of(p.addr, "h", "/%6Fther//x?a=%2F").await,
+        "other /other/x"
+    );
+    let seen = seen_headers(p.addr, "/a/%2e%2e/headers?q=1", &[("host", "h")]).await;
+    assert_eq!(seen[0], "HTTP/1.1", "{seen:?}");
+    // An encoded separator is refused, and counted.
+    for raw in ["/x%2F..%2Fadmin", "/admin%2f", "/%5cadmin"] {
+        let (status, body) = get(p.addr, "h", raw).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{raw}: {body}");
+        assert!(body.contains("encoded path separator"), "{body}");
+    }
+    assert_eq!(p.proxy.stats().answers[&400], 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

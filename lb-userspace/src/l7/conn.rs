@@ -34,6 +34,8 @@ pub(crate) struct Conn {
     pub proxy: Arc<Proxy>,
     /// The client's IP as an X-Forwarded-For value, made once.
     pub client_ip: HeaderValue,
+    /// Whether the client is a trusted proxy, whose X-Forwarded-* headers are kept.
+    pub client_trusted: bool,
     activity: Activity,
     /// Set by a request whose upgrade the backend accepted; run once hyper lets go of
     /// the connection.
@@ -82,9 +84,11 @@ pub(crate) async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let idle = proxy.config.idle_timeout;
+    let client_trusted = proxy.config.trusted_proxies.trusts(peer.ip());
     let conn = Arc::new(Conn {
         proxy,
         client_ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header"),
+        client_trusted,
         activity: Activity::default(),
         tunnel: Mutex::new(None),
     });

@@ -1,6 +1,13 @@
 //! One request: route it, pick a backend, send it there over a pooled connection and
-//! stream the answer back; or answer 404/503/502/504 ourselves. Upgrades (WebSocket) are
-//! forwarded, and on 101 the two connections are spliced.
+//! stream the answer back; or answer 400/404/503/502/504 ourselves. Upgrades (WebSocket)
+//! are forwarded, and on 101 the two connections are spliced.
+//!
+//! A request the backend never took is sent to another backend of the route, once (as
+//! HAProxy's `option redispatch` with `retries 1`): the connection could not be opened
+//! (refused, reset, timed out), or it closed before the request was handed to it, which
+//! hyper tells by giving the request back. Once a request has started out it is never sent
+//! again: a POST must not reach two backends. (A stale pooled connection is no backend
+//! failure: the request tries that backend's next connection, or a new one, first.)
 use std::{future::poll_fn, sync::Arc};
 
 use bytes::Bytes;
@@ -18,6 +25,7 @@ use super::{
     conn::Conn,
     headers,
     lease::{Lease, pick},
+    path,
     request_body::{Sent, UpstreamBody},
     response_body::{Downstream, ResponseBody},
 };
@@ -28,14 +36,21 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: &Conn,
     ) -> Response<ResponseBody> {
-        let lease = {
+        // Routed by its normalised path, and forwarded with it: the backend is asked for
+        // what lb matched, whatever spelling the client used.
+        let normalized = match path::normalize(req.uri().path()) {
+            Ok(std::borrow::Cow::Borrowed(_)) => None,
+            Ok(std::borrow::Cow::Owned(p)) => Some(p),
+            Err(e) => return self.answer(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        };
+        let mut lease = {
             let table = self.table();
             let host = req
                 .headers()
                 .get(HOST)
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
-            let path = req.uri().path();
+            let path = normalized.as_deref().unwrap_or(req.uri().path());
             let Some(t) = table.lookup(host, path) else {
                 return self.answer(StatusCode::NOT_FOUND, format!("no route for {path}\n"));
             };
@@ -62,18 +77,41 @@ impl Proxy {
             let path = parts.uri.path_and_query().cloned();
             parts.uri = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         }
-        headers::add_forwarded(&mut parts.headers, &conn.client_ip);
+        if let Some(normal) = normalized {
+            let Some(uri) = with_path(&parts.uri, &normal) else {
+                let text = format!("the path {normal:?} cannot be forwarded\n");
+                return self.answer(StatusCode::BAD_REQUEST, text);
+            };
+            parts.uri = uri;
+        }
+        headers::add_forwarded(&mut parts.headers, &conn.client_ip, conn.client_trusted);
         parts.version = Version::HTTP_11;
         let (body, sent) = UpstreamBody::new(body);
 
-        let exchanged = self
-            .exchange(
-                lease.backend(),
-                Request::from_parts(parts, body),
-                sent,
-                upgrade,
-            )
-            .await;
+        let mut req = Request::from_parts(parts, body);
+        let mut redispatched = false;
+        let exchanged = loop {
+            let failed = match self.exchange(lease.backend(), req, &sent, upgrade).await {
+                Ok(r) => break Ok(r),
+                Err(failed) => failed,
+            };
+            let Failed { error, unsent } = failed;
+            let Some(unsent) = unsent.filter(|_| !redispatched) else {
+                break Err(error);
+            };
+            let failed_addr = lease.backend().addr;
+            let Some(other) = lease.redispatch() else {
+                break Err(error);
+            };
+            lease = other;
+            tracing::debug!(
+                service = %lease.service(), error = %error, to = %lease.backend().addr,
+                "backend {failed_addr} did not take the request: sent to another"
+            );
+            self.redispatched
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (req, redispatched) = (unsent, true);
+        };
         let (upstream, mut resp) = match exchanged {
             Ok(r) => r,
             Err(e) => {
@@ -106,19 +144,28 @@ impl Proxy {
 
     /// Sends `req` to `backend` and waits for the response head. The connection comes
     /// back with the response (to be driven while its body streams), except for an upgrade
-    /// request, whose connection runs in a task of its own.
+    /// request, whose connection runs in a task of its own. A failure gives the request
+    /// back if the backend never took it.
     async fn exchange(
         &self,
         backend: &Backend,
         mut req: Request<UpstreamBody>,
-        sent: Option<Arc<Sent>>,
+        sent: &Option<Arc<Sent>>,
         upgrade: bool,
-    ) -> Result<(Option<BackendConn>, Response<Incoming>), UpstreamError> {
+    ) -> Result<(Option<BackendConn>, Response<Incoming>), Failed> {
         let config = &self.config;
         loop {
-            let (mut conn, pooled) = backend.connection(config.connect_timeout).await?;
+            let (mut conn, pooled) = match backend.connection(config.connect_timeout).await {
+                Ok(c) => c,
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        unsent: Some(req),
+                    });
+                }
+            };
             let deadline = async {
-                if let Some(sent) = &sent {
+                if let Some(sent) = sent {
                     sent.wait().await;
                 }
                 tokio::time::sleep(config.response_header_timeout).await;
@@ -128,7 +175,7 @@ impl Proxy {
                 tokio::select! {
                     biased;
                     r = response => r.map(|resp| (None, resp)),
-                    () = deadline => return Err(UpstreamError::HeaderTimeout(backend.addr)),
+                    () = deadline => return Err(Failed::sent(UpstreamError::HeaderTimeout(backend.addr))),
                 }
             } else {
                 let mut response = std::pin::pin!(conn.send(req));
@@ -136,7 +183,7 @@ impl Proxy {
                 let r = tokio::select! {
                     biased;
                     r = driven => r,
-                    () = deadline => return Err(UpstreamError::HeaderTimeout(backend.addr)),
+                    () = deadline => return Err(Failed::sent(UpstreamError::HeaderTimeout(backend.addr))),
                 };
                 r.map(|resp| (Some(conn), resp))
             };
@@ -146,7 +193,11 @@ impl Proxy {
                     // A pooled connection that closed before taking the request (the
                     // backend timed it out): the request is intact, try another.
                     Some(back) if pooled => req = back,
-                    _ => return Err(UpstreamError::Request(backend.addr, e.into_error())),
+                    // A new one that closed before taking it: the backend failed.
+                    unsent => {
+                        let error = UpstreamError::Request(backend.addr, e.into_error());
+                        return Err(Failed { error, unsent });
+                    }
                 },
             }
         }
@@ -163,6 +214,32 @@ impl Proxy {
         );
         response
     }
+}
+
+/// Why `exchange` got no response, and the request if the backend never took it.
+struct Failed {
+    error: UpstreamError,
+    unsent: Option<Request<UpstreamBody>>,
+}
+
+impl Failed {
+    /// A failure after the request had started out: it cannot be sent again.
+    fn sent(error: UpstreamError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
+}
+
+/// `uri` in origin form with `path` for its path, the query as it was. (A normalised path
+/// is made of the characters of the one hyper parsed, so this does not fail in practice.)
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    target.parse::<PathAndQuery>().ok().map(Uri::from)
 }
 
 /// Splices an upgraded client connection to the upgraded backend connection until either

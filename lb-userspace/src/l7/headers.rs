@@ -1,5 +1,15 @@
 //! Header rewriting in both directions: hop-by-hop headers stay on their hop, and the
 //! backend learns who asked and how (X-Forwarded-*).
+//!
+//! What a client says about who it forwards for is believed only from the proxies
+//! `--trusted-proxies` names: from them X-Forwarded-For is kept and lb's peer appended, and
+//! X-Forwarded-Proto/-Host, X-Forwarded-Port, X-Real-IP and Forwarded pass. From anyone
+//! else X-Forwarded-For, -Proto and -Host are replaced by what lb saw, and the others
+//! removed, since lb cannot vouch for them and a backend may take them for the client.
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
 use http::{
     HeaderMap, HeaderName, HeaderValue,
     header::{CONNECTION, Entry, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE},
@@ -8,6 +18,9 @@ use http::{
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -81,9 +94,46 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
+/// The clients whose forwarding headers are believed (`--trusted-proxies`); none by
+/// default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn new(nets: impl IntoIterator<Item = IpNet>) -> Self {
+        Self(nets.into_iter().map(|n| n.trunc()).collect())
+    }
+
+    /// Whether a connection from `ip` comes from a trusted proxy. An IPv4 client seen on
+    /// an IPv6 socket (`::ffff:a.b.c.d`) is matched as the IPv4 address it is.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Parses one `--trusted-proxies` entry: a CIDR block, or an address alone (a /32 or
+/// /128).
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or a CIDR block (like 10.0.0.0/8)"))
+}
+
 /// Adds the X-Forwarded-* headers to a request about to leave for a backend. `client` is
-/// the client's address as a header value (made once per connection).
-pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue) {
+/// the client's address as a header value (made once per connection); `trusted` whether
+/// that client is a proxy whose forwarding headers are believed.
+pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, trusted: bool) {
+    if !trusted {
+        headers.insert(X_FORWARDED_FOR, client.clone());
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        set_forwarded_host(headers);
+        for name in [X_FORWARDED_PORT, X_REAL_IP, FORWARDED] {
+            headers.remove(name);
+        }
+        return;
+    }
     match headers.entry(X_FORWARDED_FOR) {
         Entry::Vacant(e) => {
             e.insert(client.clone());
@@ -100,7 +150,16 @@ pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue) {
             e.insert(value);
         }
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // The trusted proxy knows better how the client came (it may have ended TLS).
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key(X_FORWARDED_HOST) {
+        set_forwarded_host(headers);
+    }
+}
+
+fn set_forwarded_host(headers: &mut HeaderMap) {
     match headers.get(HOST).cloned() {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST, host);
@@ -162,21 +221,75 @@ mod tests {
         assert!(!h.contains_key("x-a"));
     }
 
-    #[test]
-    fn forwarded_headers_append() {
-        let client = HeaderValue::from_static("10.0.0.1");
-        let mut h = map(&[
+    fn claimed() -> HeaderMap {
+        map(&[
             ("host", "example.com"),
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
-        ]);
-        add_forwarded(&mut h, &client);
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "front.example"),
+            ("x-forwarded-port", "443"),
+            ("x-real-ip", "1.1.1.1"),
+            ("forwarded", "for=1.1.1.1"),
+        ])
+    }
+
+    #[test]
+    fn a_trusted_proxy_keeps_its_headers_and_lb_appends() {
+        let client = HeaderValue::from_static("10.0.0.1");
+        let mut h = claimed();
+        add_forwarded(&mut h, &client, true);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "front.example");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(h["x-real-ip"], "1.1.1.1");
+        assert_eq!(h["forwarded"], "for=1.1.1.1");
 
         let mut h = map(&[("host", "example.com")]);
-        add_forwarded(&mut h, &client);
+        add_forwarded(&mut h, &client, true);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+    }
+
+    #[test]
+    fn anyone_else_gets_what_lb_saw() {
+        let client = HeaderValue::from_static("10.0.0.1");
+        let mut h = claimed();
+        add_forwarded(&mut h, &client, false);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        for gone in ["x-forwarded-port", "x-real-ip", "forwarded"] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        let mut h = map(&[("x-forwarded-host", "evil.example")]);
+        add_forwarded(&mut h, &client, false);
+        assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn trusted_proxies_match_by_cidr() {
+        let nets = ["10.1.0.0/16", "192.0.2.7", "2001:db8::/32", "172.16.5.9/12"];
+        let trusted = TrustedProxies::new(nets.iter().map(|n| parse_cidr(n).unwrap()));
+        for ip in [
+            "10.1.2.3",
+            "192.0.2.7",
+            "2001:db8::1",
+            "::ffff:10.1.0.1",
+            "172.31.0.1",
+        ] {
+            assert!(trusted.trusts(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.2.0.1", "192.0.2.8", "2001:db9::1", "::1"] {
+            assert!(!trusted.trusts(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(!TrustedProxies::default().trusts("127.0.0.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope", "", "10.0.0/8"] {
+            let e = parse_cidr(bad).unwrap_err();
+            assert!(e.contains("CIDR"), "{e}");
+        }
     }
 }

@@ -8,8 +8,10 @@
 //! - `routes`: routes and the compiled table (host, then longest path prefix)
 //! - `backend`: per-backend connection pools and requests in flight
 //! - `lease`: backend choice, and a request counted against its backend
-//! - `forward`: one request, from routing to the response (and upgrades)
-//! - `headers`: hop-by-hop removal, X-Forwarded-*
+//! - `forward`: one request, from routing to the response (and upgrades), and its one
+//!   retry on another backend when the first could not take it
+//! - `headers`: hop-by-hop removal, X-Forwarded-* (and whose are believed)
+//! - `path`: the normalised path routes are matched on and requests forwarded with
 //! - `request_body`: a client's request body streaming to a backend
 //! - `response_body`: the response streaming to the client
 //! - `server`: worker threads, accepting, graceful shutdown
@@ -23,6 +25,7 @@ mod forward;
 mod give_way;
 mod headers;
 mod lease;
+mod path;
 mod request_body;
 mod response_body;
 mod routes;
@@ -32,12 +35,16 @@ mod stats;
 mod worker;
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
 
+pub use headers::{TrustedProxies, parse_cidr};
 pub use routes::{Balance, Route};
 pub use stats::ProxyStats;
 
@@ -58,6 +65,8 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Worker threads serving connections; 0: one per CPU.
     pub workers: usize,
+    /// Clients whose X-Forwarded-* headers are kept (and appended to); none by default.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for ProxyConfig {
@@ -67,6 +76,7 @@ impl Default for ProxyConfig {
             response_header_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             workers: 0,
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
@@ -82,6 +92,8 @@ pub struct Proxy {
     /// What the next table reuses; only `set_routes` and `stats` take the lock.
     registry: Mutex<Registry>,
     answers: Answers,
+    /// Requests sent to a second backend because the first could not take them.
+    redispatched: AtomicU64,
 }
 
 impl Proxy {
@@ -98,6 +110,7 @@ impl Proxy {
                 .collect(),
             registry: Mutex::new(Registry::new(workers)),
             answers: Answers::default(),
+            redispatched: AtomicU64::new(0),
         })
     }
 
@@ -122,10 +135,12 @@ impl Proxy {
             .load_full()
     }
 
-    /// Requests per service (every request routed to it, whatever the outcome) and lb's own
-    /// answers by status.
+    /// Requests per service (every request routed to it, whatever the outcome), lb's own
+    /// answers by status, and requests redispatched.
     pub fn stats(&self) -> ProxyStats {
         let registry = self.registry.lock().unwrap();
-        ProxyStats::collect(&registry.services, &self.answers)
+        let mut stats = ProxyStats::collect(&registry.services, &self.answers);
+        stats.redispatched = self.redispatched.load(Ordering::Relaxed);
+        stats
     }
 }

@@ -1,5 +1,6 @@
 //! Routes, and the compiled table that picks one for a request: by host first, then by the
-//! longest path prefix.
+//! longest path prefix. Prefixes are normalised as request paths are (see `path`), and a
+//! request is looked up by its normalised path.
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
@@ -8,6 +9,7 @@ use std::{
 
 use super::{
     backend::{Backend, PoolClock},
+    path,
     shard::Sharded,
 };
 
@@ -164,7 +166,7 @@ impl Table {
                 excludes: route
                     .paths_exclude
                     .iter()
-                    .map(|p| p.as_str().into())
+                    .map(|p| normalized_prefix(p).into())
                     .collect(),
             });
             if route.default_backend && table.default.is_none() {
@@ -181,7 +183,7 @@ impl Table {
                 tier.push("", index);
             }
             for path in &route.paths {
-                tier.push(path, index);
+                tier.push(&normalized_prefix(path), index);
             }
         }
         for tier in table
@@ -222,6 +224,13 @@ impl Table {
             .or_else(|| self.any_host.find(targets, path))
             .or(self.default)
     }
+}
+
+/// A configured prefix in the form request paths are matched in: `/%7Euser` must match
+/// the request `/~user`, which is normalised to that. One that cannot be normalised (an
+/// encoded separator, which no routed request has) stays as written.
+fn normalized_prefix(prefix: &str) -> String {
+    path::normalize(prefix).map_or_else(|_| prefix.to_string(), std::borrow::Cow::into_owned)
 }
 
 /// "/demo" matches "/demo" and "/demo/x", not "/demox"; "/demo/" and "" match by plain
@@ -344,6 +353,32 @@ mod tests {
             Some("fallback")
         );
         assert_eq!(pick(&table, "h", "/nothing").as_deref(), Some("fallback"));
+    }
+
+    #[test]
+    fn no_spelling_of_an_excluded_path_gets_past_it() {
+        let mut app = route("app", None, &["/"]);
+        app.paths_exclude = vec!["/admin".into(), "/%7Eops".into()];
+        let table = build(vec![app]);
+        let routed = |raw: &str| {
+            let normal = path::normalize(raw).unwrap();
+            pick(&table, "h", &normal)
+        };
+        for raw in [
+            "/admin",
+            "/%61dmin",
+            "//admin",
+            "/x/../admin",
+            "/./admin",
+            "/admin/",
+            "/%61dmin/x",
+            "/~ops",
+            "/%7eops/x",
+        ] {
+            assert_eq!(routed(raw), None, "{raw}");
+        }
+        assert_eq!(routed("/administrator").as_deref(), Some("app"));
+        assert_eq!(routed("/x/../public").as_deref(), Some("app"));
     }
 
     #[test]
