@@ -84,6 +84,9 @@ impl BackendHealth {
     }
 }
 
+/// Where the HTTP services go whenever they change (the proxy's route table).
+pub type RouteSink = Box<dyn Fn(Vec<HttpService>) + Send>;
+
 /// An HTTP service and the backends it may use now (its healthy ones).
 #[derive(Debug, Clone)]
 pub struct HttpService {
@@ -111,8 +114,9 @@ pub struct Controller {
     /// Service -> backend -> health.
     health: HashMap<String, HashMap<SocketAddrV4, BackendHealth>>,
     checker: Option<Checker>,
-    /// Bumped whenever an HTTP service or the health of its backends changes.
-    http_version: tokio::sync::watch::Sender<u64>,
+    /// Given the HTTP services whenever one of them or the health of its backends changes
+    /// (the proxy's route table), before the change returns.
+    http_routes: Option<RouteSink>,
     /// HTTP services removed since start, oldest first.
     removed_http: std::collections::VecDeque<Service>,
     /// The HTTP proxy's port and the local addresses it listens on (read at start).
@@ -138,7 +142,7 @@ impl Controller {
             deferred: None,
             health: HashMap::new(),
             checker: None,
-            http_version: tokio::sync::watch::channel(0).0,
+            http_routes: None,
             removed_http: std::collections::VecDeque::new(),
             http_listener: None,
         }
@@ -179,13 +183,19 @@ impl Controller {
             .is_some_and(|(port, local)| *port == vip.port() && local.contains(vip.ip()))
     }
 
-    /// Notified whenever the HTTP routes change (see [`Controller::http_services`]).
-    pub fn http_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.http_version.subscribe()
+    /// Gives `sink` the HTTP services now, and again on every change to them (see
+    /// [`Controller::http_services`]). It runs on the controller's thread, so a write
+    /// returns only once its routes are in place: a request right after it is routed the
+    /// new way.
+    pub fn set_http_routes(&mut self, sink: RouteSink) {
+        sink(self.http_services());
+        self.http_routes = Some(sink);
     }
 
     fn http_changed(&self) {
-        self.http_version.send_modify(|v| *v += 1);
+        if let Some(sink) = &self.http_routes {
+            sink(self.http_services());
+        }
     }
 
     /// Every HTTP service with the backends it may use now, then the routes of removed

@@ -116,7 +116,7 @@ impl Daemon {
         ));
         let sources = discovery_sources(&config).await?;
         let reconciler = Reconciler::new(store, controller.clone(), sources);
-        let mut background = vec![
+        let background = vec![
             group_keys.abort_handle(),
             supervisor
                 .spawn("store", reconciler.clone().run())
@@ -142,15 +142,14 @@ impl Daemon {
                 trusted_proxies: l7::TrustedProxies::new(config.trusted_proxies.clone()),
                 ..l7::ProxyConfig::default()
             });
-            let changes = controller.call(|c| c.http_changes()).await?;
-            background.push(
-                supervisor
-                    .spawn(
-                        "http routes",
-                        follow_routes(controller.clone(), engine.clone(), changes),
-                    )
-                    .abort_handle(),
-            );
+            let routes = engine.clone();
+            controller
+                .call(move |c| {
+                    c.set_http_routes(Box::new(move |services| {
+                        routes.set_routes(services.iter().map(route).collect());
+                    }));
+                })
+                .await?;
             http = Some(supervisor.spawn(
                 "http listener",
                 serve_http(
@@ -371,23 +370,6 @@ async fn sweep(controller: ControllerHandle) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the flow maps"),
             Err(_) => return,
-        }
-    }
-}
-
-/// The proxy's routes follow the controller's HTTP services and their health.
-async fn follow_routes(
-    controller: ControllerHandle,
-    proxy: Arc<l7::Proxy>,
-    mut changes: watch::Receiver<u64>,
-) {
-    loop {
-        let Ok(services) = controller.call(|c| c.http_services()).await else {
-            return;
-        };
-        proxy.set_routes(services.iter().map(route).collect());
-        if changes.changed().await.is_err() {
-            return;
         }
     }
 }

@@ -175,6 +175,36 @@ fn read_answer(c: &mut HttpConn) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// A write is in effect when it answers: the request right after a PUT is routed to the
+/// new service, and the one right after a DELETE no longer is (the route table used to be
+/// swapped in a moment later, by a task of its own).
+#[test]
+fn a_route_serves_as_soon_as_its_put_answers_and_stops_as_soon_as_its_delete_does() {
+    let topo = Topology::two_armed(1).unwrap();
+    let _backends = backends(&topo, 1);
+    let lb = start_lb(&topo);
+    let be0 = topo.backend(0, 8080).to_string();
+    for i in 0..40 {
+        let path = format!("/s{i}");
+        lb.put_service(
+            &format!("s{i}"),
+            &json!({"http": {"paths": [path]}, "backends": [be0]}),
+        )
+        .unwrap();
+        assert_eq!(
+            get(&topo, &path, "lb"),
+            (200, "be0".into()),
+            "after PUT {i}"
+        );
+        let (code, _) = lb
+            .request("DELETE", &format!("/v1/services/s{i}"), None)
+            .unwrap();
+        assert_eq!(code, 204);
+        // A removed route answers 503 (no backend) rather than falling through to others.
+        assert_eq!(get(&topo, &path, "lb").0, 503, "after DELETE {i}");
+    }
+}
+
 #[test]
 fn a_failing_backend_leaves_the_http_pool_and_returns() {
     let topo = Topology::two_armed(3).unwrap();
