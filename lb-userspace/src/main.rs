@@ -156,6 +156,11 @@ struct RunArgs {
     /// connection-tracking table is made for (twice as many 64-byte slots).
     #[arg(long, default_value_t = Limits::default().conntrack_entries)]
     conntrack_entries: u32,
+    /// Let HTTP services (served by the --http proxy) name backends at loopback addresses
+    /// (127.0.0.0/8): apps on this host. Never lb's own API or HTTP listener, and never
+    /// for layer-4 services. Default: off, every loopback backend is refused.
+    #[arg(long)]
+    allow_loopback_backends: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -284,6 +289,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         discovery_etcd: args.discovery_etcd.clone(),
         discovery_consul: args.discovery_consul.clone(),
         address: args.address,
+        allow_loopback_backends: args.allow_loopback_backends,
     })
 }
 
