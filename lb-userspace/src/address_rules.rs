@@ -65,16 +65,16 @@ impl AddressRules {
     }
 
     /// Why `backend` cannot be a backend of a service (`http`: one served by the HTTP
-    /// proxy) whose checks go to `check_port` (None: the backend's own), given the IPs of
-    /// every layer-4 VIP; None when it can.
+    /// proxy) whose checks go to `check_port` (None: the backend's own); `is_vip` tells
+    /// the addresses of lb's layer-4 VIPs. None when it can.
     pub fn refuse_backend(
         &self,
         backend: SocketAddrV4,
         http: bool,
         check_port: Option<u16>,
-        vips: &HashSet<Ipv4Addr>,
+        is_vip: &dyn Fn(Ipv4Addr) -> bool,
     ) -> Option<Refusal> {
-        if let Some(why) = self.refuse_ip(*backend.ip(), http, vips) {
+        if let Some(why) = self.refuse_ip(*backend.ip(), http, is_vip) {
             return Some(Refusal::Address(why));
         }
         if let Some(why) = self.own_listener(backend) {
@@ -85,7 +85,12 @@ impl AddressRules {
             .map(Refusal::CheckPort)
     }
 
-    fn refuse_ip(&self, ip: Ipv4Addr, http: bool, vips: &HashSet<Ipv4Addr>) -> Option<String> {
+    fn refuse_ip(
+        &self,
+        ip: Ipv4Addr,
+        http: bool,
+        is_vip: &dyn Fn(Ipv4Addr) -> bool,
+    ) -> Option<String> {
         let octets = ip.octets();
         if ip.is_unspecified() || octets[0] == 0 {
             // Linux delivers 0.0.0.0 to the host itself; the rest of 0/8 is "this network".
@@ -124,7 +129,7 @@ impl AddressRules {
                 "{ip} is an address of this host: lb would forward to itself"
             ));
         }
-        if vips.contains(&ip) {
+        if is_vip(ip) {
             return Some(format!("{ip} is the VIP of a service of this lb"));
         }
         None
@@ -191,8 +196,8 @@ mod tests {
     }
 
     fn refused(r: &AddressRules, backend: &str, http: bool, check: Option<u16>) -> Option<Refusal> {
-        let vips: HashSet<Ipv4Addr> = ["10.0.9.100".parse().unwrap()].into();
-        r.refuse_backend(backend.parse().unwrap(), http, check, &vips)
+        let vip: Ipv4Addr = "10.0.9.100".parse().unwrap();
+        r.refuse_backend(backend.parse().unwrap(), http, check, &|ip| ip == vip)
     }
 
     #[test]
@@ -270,7 +275,7 @@ mod tests {
             true,
         );
         r.set_host(HostAddresses::default());
-        let none = HashSet::new();
+        let none = |_| false;
         assert!(
             r.refuse_backend("127.0.0.1:9090".parse().unwrap(), true, None, &none)
                 .is_some()

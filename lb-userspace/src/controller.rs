@@ -105,6 +105,8 @@ pub struct Controller {
     services: BTreeMap<String, Service>,
     /// (VIP, protocol) -> the layer-4 service that has it.
     vips: HashMap<(SocketAddrV4, Protocol), String>,
+    /// VIP address -> how many of `vips` are on it (no backend may be one).
+    vip_addrs: HashMap<Ipv4Addr, usize>,
     /// Backend address -> how many layer-4 services use it (for next-hop upkeep).
     backend_users: HashMap<Ipv4Addr, usize>,
     dataplane: Dataplane,
@@ -138,6 +140,7 @@ impl Controller {
         Self {
             services: BTreeMap::new(),
             vips: HashMap::new(),
+            vip_addrs: HashMap::new(),
             backend_users: HashMap::new(),
             dataplane,
             neighbors: NextHops::default(),
@@ -164,7 +167,7 @@ impl Controller {
             return;
         }
         self.rules.set_host(host);
-        let vips = self.vip_ips(None);
+        let vips = |ip| self.is_vip(ip, None);
         for svc in self.services.values() {
             for b in &svc.backends {
                 if let Some(why) =
@@ -351,7 +354,8 @@ impl Controller {
                 }
             }
             None => {
-                let vips = self.vip_ips(svc.l4_vip());
+                let own = svc.l4_vip();
+                let vips = |ip| self.is_vip(ip, own);
                 for (i, b) in svc.backends.iter().enumerate() {
                     match self
                         .rules
@@ -380,7 +384,8 @@ impl Controller {
     /// Of the instances a discovery source lists for `svc`, those the address rules let
     /// it use; each other one is skipped with a warning naming it.
     pub fn admit_instances(&self, svc: &Service, found: Vec<SocketAddrV4>) -> Vec<SocketAddrV4> {
-        let vips = self.vip_ips(svc.l4_vip());
+        let own = svc.l4_vip();
+        let vips = |ip| self.is_vip(ip, own);
         found
             .into_iter()
             .filter(|b| {
@@ -395,13 +400,26 @@ impl Controller {
             .collect()
     }
 
-    /// The addresses of every layer-4 VIP, and `also`'s.
-    fn vip_ips(&self, also: Option<SocketAddrV4>) -> HashSet<Ipv4Addr> {
-        self.vips
-            .keys()
-            .map(|(vip, _)| *vip.ip())
-            .chain(also.map(|v| *v.ip()))
-            .collect()
+    /// Whether `ip` is the address of a layer-4 VIP, or of `also`.
+    fn is_vip(&self, ip: Ipv4Addr, also: Option<SocketAddrV4>) -> bool {
+        also.is_some_and(|v| *v.ip() == ip) || self.vip_addrs.contains_key(&ip)
+    }
+
+    fn add_vip(&mut self, vip: SocketAddrV4, protocol: Protocol, name: String) {
+        if self.vips.insert((vip, protocol), name).is_none() {
+            *self.vip_addrs.entry(*vip.ip()).or_default() += 1;
+        }
+    }
+
+    fn remove_vip(&mut self, vip: SocketAddrV4, protocol: Protocol) {
+        if self.vips.remove(&(vip, protocol)).is_some()
+            && let Some(n) = self.vip_addrs.get_mut(vip.ip())
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.vip_addrs.remove(vip.ip());
+            }
+        }
     }
 
     /// A VIP on one of the host's addresses takes every packet to its port before the
@@ -438,11 +456,14 @@ impl Controller {
     /// Whether `svc` can be served beside the other services: its VIP and HTTP routes
     /// are its own.
     pub fn check_against_others(&self, svc: &Service) -> Result<(), ControlError> {
+        // Layer-4 backends are indexed; the scan names the service only on a hit.
         if let Some(vip) = svc.l4_vip()
-            && let Some(other) = self
-                .services
-                .values()
-                .find(|o| o.name != svc.name && o.backends.iter().any(|b| b.ip() == vip.ip()))
+            && self.backend_users.contains_key(vip.ip())
+            && let Some(other) = self.services.values().find(|o| {
+                o.name != svc.name
+                    && o.http.is_none()
+                    && o.backends.iter().any(|b| b.ip() == vip.ip())
+            })
         {
             return Err(ValidationError::new(
                 "vip",
@@ -572,10 +593,10 @@ impl Controller {
         if let Some(previous) = &previous
             && let Some(vip) = previous.l4_vip()
         {
-            self.vips.remove(&(vip, previous.protocol));
+            self.remove_vip(vip, previous.protocol);
         }
         if let Some(vip) = svc.l4_vip() {
-            self.vips.insert((vip, svc.protocol), svc.name.clone());
+            self.add_vip(vip, svc.protocol, svc.name.clone());
         }
         // Health: kept for backends that stay (unless the check changed), new ones up.
         let states = self.health.entry(svc.name.clone()).or_default();
@@ -647,7 +668,7 @@ impl Controller {
         self.dataplane.remove(name)?;
         self.services.remove(name);
         if let Some(vip) = svc.l4_vip() {
-            self.vips.remove(&(vip, svc.protocol));
+            self.remove_vip(vip, svc.protocol);
         }
         self.release_backends(ips(&svc).into_iter().collect());
         self.health.remove(name);
