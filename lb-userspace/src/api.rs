@@ -49,7 +49,7 @@ impl From<ReconcileError> for ApiError {
     fn from(e: ReconcileError) -> Self {
         let status = status_of(&e);
         let (message, field) = match &e {
-            ReconcileError::Control(ControlError::Invalid(v)) => {
+            ReconcileError::Control(ControlError::Invalid(v) | ControlError::LocalListener(v)) => {
                 (v.to_string(), Some(v.field.clone()))
             }
             ReconcileError::Control(ControlError::NotFound(_)) => {

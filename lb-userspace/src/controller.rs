@@ -9,6 +9,7 @@ use lb_common::stats::{Counters, DropReason};
 use serde::Serialize;
 
 use crate::{
+    address_rules::{AddressRules, HostAddresses, Refusal},
     dataplane::{Dataplane, DataplaneError},
     health::{Checker, HealthEvent},
     model::{Protocol, Service, ServiceSpec, ValidationError, validate_name},
@@ -23,6 +24,9 @@ pub enum ControlError {
     NotFound(String),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// A layer-4 VIP on a host address and port where another program listens (a 409).
+    #[error(transparent)]
+    LocalListener(ValidationError),
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +108,8 @@ pub struct Controller {
     services: BTreeMap<String, Service>,
     /// (VIP, protocol) -> the layer-4 service that has it.
     vips: HashMap<(SocketAddrV4, Protocol), String>,
+    /// VIP address -> how many of `vips` are on it (no backend may be one).
+    vip_addrs: HashMap<Ipv4Addr, usize>,
     /// Backend address -> how many layer-4 services use it (for next-hop upkeep).
     backend_users: HashMap<Ipv4Addr, usize>,
     dataplane: Dataplane,
@@ -121,6 +127,8 @@ pub struct Controller {
     removed_http: std::collections::VecDeque<Service>,
     /// The HTTP proxy's port and the local addresses it listens on (read at start).
     http_listener: Option<(u16, Vec<Ipv4Addr>)>,
+    /// What backends may not be (lb itself), with the host's addresses kept current.
+    rules: AddressRules,
 }
 
 fn ips(svc: &Service) -> HashSet<Ipv4Addr> {
@@ -136,6 +144,7 @@ impl Controller {
         Self {
             services: BTreeMap::new(),
             vips: HashMap::new(),
+            vip_addrs: HashMap::new(),
             backend_users: HashMap::new(),
             dataplane,
             neighbors: NextHops::default(),
@@ -145,6 +154,33 @@ impl Controller {
             http_routes: None,
             removed_http: std::collections::VecDeque::new(),
             http_listener: None,
+            rules: AddressRules::default(),
+        }
+    }
+
+    /// The address rules backends are held to from now on.
+    pub fn set_address_rules(&mut self, rules: AddressRules) {
+        self.rules = rules;
+    }
+
+    /// The host's addresses changed: backends are held to the new ones from now on.
+    /// Services already served keep their backends (they were admitted under the old
+    /// ones); each backend that is now lb's own is named in a warning.
+    pub fn set_host_addresses(&mut self, host: HostAddresses) {
+        if *self.rules.host() == host {
+            return;
+        }
+        self.rules.set_host(host);
+        let vips = |ip| self.is_vip(ip, None);
+        for svc in self.services.values() {
+            for b in &svc.backends {
+                if let Some(why) =
+                    self.rules
+                        .refuse_backend(*b, svc.http.is_some(), svc.check_port(), &vips)
+                {
+                    tracing::warn!(service = %svc.name, backend = %b, reason = why.message(), "a backend now points at this host");
+                }
+            }
         }
     }
 
@@ -302,16 +338,153 @@ impl Controller {
         &mut self.dataplane
     }
 
-    /// Validates `spec` as the new version of service `name`, against the other services.
+    /// Validates `spec` as the new version of service `name` (an API write), against the
+    /// address rules, the other services and the host's listening sockets.
     pub fn check(&self, name: &str, spec: ServiceSpec) -> Result<Service, ControlError> {
+        let override_listener = spec.override_local_listener.unwrap_or(false);
         let svc = spec.validate_after(name, self.services.get(name))?;
+        let svc = self.admit(svc)?;
+        if !override_listener {
+            self.check_local_listener(&svc)?;
+        }
+        Ok(svc)
+    }
+
+    /// `svc` as it may be served: its backends held to the address rules (a listed one
+    /// that breaks them refuses the service; a discovered one is skipped with a warning
+    /// naming it), and its VIP and routes its own.
+    pub fn admit(&self, svc: Service) -> Result<Service, ControlError> {
+        let svc = match svc.discovery {
+            Some(_) => {
+                let kept = self.admit_instances(&svc, svc.backends.clone());
+                if kept.len() == svc.backends.len() {
+                    svc
+                } else {
+                    svc.with_discovered(kept).checked()?
+                }
+            }
+            None => {
+                let own = svc.l4_vip();
+                let vips = |ip| self.is_vip(ip, own);
+                for (i, b) in svc.backends.iter().enumerate() {
+                    match self
+                        .rules
+                        .refuse_backend(*b, svc.http.is_some(), svc.check_port(), &vips)
+                    {
+                        None => {}
+                        Some(Refusal::Address(why)) => {
+                            return Err(ValidationError::new(format!("backends[{i}]"), why).into());
+                        }
+                        Some(Refusal::CheckPort(why)) => {
+                            return Err(ValidationError::new(
+                                "check.port",
+                                format!("checks of backend {b}: {why}"),
+                            )
+                            .into());
+                        }
+                    }
+                }
+                svc
+            }
+        };
         self.check_against_others(&svc)?;
         Ok(svc)
+    }
+
+    /// Of the instances a discovery source lists for `svc`, those the address rules let
+    /// it use; each other one is skipped with a warning naming it.
+    pub fn admit_instances(&self, svc: &Service, found: Vec<SocketAddrV4>) -> Vec<SocketAddrV4> {
+        let own = svc.l4_vip();
+        let vips = |ip| self.is_vip(ip, own);
+        found
+            .into_iter()
+            .filter(|b| {
+                let refused =
+                    self.rules
+                        .refuse_backend(*b, svc.http.is_some(), svc.check_port(), &vips);
+                if let Some(why) = &refused {
+                    tracing::warn!(service = %svc.name, instance = %b, reason = why.message(), "skipping a discovered instance");
+                }
+                refused.is_none()
+            })
+            .collect()
+    }
+
+    /// Whether `ip` is the address of a layer-4 VIP, or of `also`.
+    fn is_vip(&self, ip: Ipv4Addr, also: Option<SocketAddrV4>) -> bool {
+        also.is_some_and(|v| *v.ip() == ip) || self.vip_addrs.contains_key(&ip)
+    }
+
+    fn add_vip(&mut self, vip: SocketAddrV4, protocol: Protocol, name: String) {
+        if self.vips.insert((vip, protocol), name).is_none() {
+            *self.vip_addrs.entry(*vip.ip()).or_default() += 1;
+        }
+    }
+
+    fn remove_vip(&mut self, vip: SocketAddrV4, protocol: Protocol) {
+        if self.vips.remove(&(vip, protocol)).is_some()
+            && let Some(n) = self.vip_addrs.get_mut(vip.ip())
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.vip_addrs.remove(vip.ip());
+            }
+        }
+    }
+
+    /// A VIP on one of the host's addresses takes every packet to its port before the
+    /// kernel sees it: refused (409) where another program listens there, unless this
+    /// service already had that VIP (it was let through then).
+    fn check_local_listener(&self, svc: &Service) -> Result<(), ControlError> {
+        let Some(vip) = svc.l4_vip() else {
+            return Ok(());
+        };
+        if !self.rules.is_local(*vip.ip()) {
+            return Ok(());
+        }
+        let had_it = self
+            .services
+            .get(&svc.name)
+            .is_some_and(|p| p.l4_vip() == Some(vip) && p.protocol == svc.protocol);
+        if had_it {
+            return Ok(());
+        }
+        let conflict =
+            |message: String| ControlError::LocalListener(ValidationError::new("vip", message));
+        match crate::host_sockets::listener_at(vip, svc.protocol) {
+            Ok(None) => Ok(()),
+            Ok(Some(socket)) => Err(conflict(format!(
+                "{vip} is an address of this host and a local socket listens on {socket} ({}): this VIP would take its traffic; \"override_local_listener\": true takes it anyway",
+                svc.protocol.name()
+            ))),
+            Err(e) => Err(conflict(format!(
+                "{vip} is an address of this host, and its listening sockets cannot be read ({e}); \"override_local_listener\": true takes the port anyway"
+            ))),
+        }
     }
 
     /// Whether `svc` can be served beside the other services: its VIP and HTTP routes
     /// are its own.
     pub fn check_against_others(&self, svc: &Service) -> Result<(), ControlError> {
+        // Layer-4 backends are indexed; the scan names the service only on a hit.
+        if let Some(vip) = svc.l4_vip()
+            && self.backend_users.contains_key(vip.ip())
+            && let Some(other) = self.services.values().find(|o| {
+                o.name != svc.name
+                    && o.http.is_none()
+                    && o.backends.iter().any(|b| b.ip() == vip.ip())
+            })
+        {
+            return Err(ValidationError::new(
+                "vip",
+                format!(
+                    "{} is a backend of service {:?}: lb would forward to itself",
+                    vip.ip(),
+                    other.name
+                ),
+            )
+            .into());
+        }
         if let Some(vip) = svc.l4_vip()
             && let Some(other) = self
                 .vips
@@ -430,10 +603,10 @@ impl Controller {
         if let Some(previous) = &previous
             && let Some(vip) = previous.l4_vip()
         {
-            self.vips.remove(&(vip, previous.protocol));
+            self.remove_vip(vip, previous.protocol);
         }
         if let Some(vip) = svc.l4_vip() {
-            self.vips.insert((vip, svc.protocol), svc.name.clone());
+            self.add_vip(vip, svc.protocol, svc.name.clone());
         }
         // Health: kept for backends that stay (unless the check changed), new ones up.
         let states = self.health.entry(svc.name.clone()).or_default();
@@ -505,7 +678,7 @@ impl Controller {
         self.dataplane.remove(name)?;
         self.services.remove(name);
         if let Some(vip) = svc.l4_vip() {
-            self.vips.remove(&(vip, svc.protocol));
+            self.remove_vip(vip, svc.protocol);
         }
         self.release_backends(ips(&svc).into_iter().collect());
         self.health.remove(name);

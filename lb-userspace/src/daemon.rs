@@ -18,6 +18,7 @@ use tokio::{
 };
 
 use crate::{
+    address_rules::{AddressRules, Listener},
     api,
     controller::{Controller, HttpService},
     dataplane::{Dataplane, Limits, Settings},
@@ -62,6 +63,8 @@ pub struct Config {
     /// The HTTP proxy's time to open a backend connection, and to get response headers.
     pub http_backend_connect_timeout: std::time::Duration,
     pub http_backend_response_timeout: std::time::Duration,
+    /// HTTP services may name backends at loopback addresses (apps on this host).
+    pub allow_loopback_backends: bool,
 }
 
 /// A running daemon.
@@ -105,6 +108,7 @@ impl Daemon {
         if let Some((addr, _)) = &http_listener {
             controller.set_http_listener(*addr);
         }
+        controller.set_address_rules(address_rules(&config)?);
         let controller = ControllerHandle::start(controller);
         let supervisor = Supervisor::default();
         // Ends once the keys are settled.
@@ -329,12 +333,47 @@ async fn discovery_sources(config: &Config) -> anyhow::Result<discovery::Sources
     Ok(sources)
 }
 
-/// Interface addresses can change under us: keeps the SNAT sources current.
+/// What backends are held to: never lb itself (its addresses, SNAT sources and
+/// listeners), loopback only where the flag allows it.
+fn address_rules(config: &Config) -> anyhow::Result<AddressRules> {
+    let mut listeners = vec![Listener {
+        what: "lb's API",
+        addr: config.api,
+    }];
+    if let Some(addr) = config.http {
+        listeners.push(Listener {
+            what: "lb's HTTP listener",
+            addr,
+        });
+    }
+    let mut rules = AddressRules::new(
+        config.snat_addresses.clone(),
+        listeners,
+        config.allow_loopback_backends,
+    );
+    rules.set_host(net::host_addresses()?);
+    Ok(rules)
+}
+
+/// Interface addresses can change under us: keeps the SNAT sources, and the host's
+/// addresses that backends may not be, current.
 async fn follow_addresses(controller: ControllerHandle, wanted: Vec<Ipv4Addr>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.tick().await;
     loop {
         tick.tick().await;
+        match net::host_addresses() {
+            Ok(host) => {
+                if controller
+                    .call(move |c| c.set_host_addresses(host))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the host's addresses"),
+        }
         let addrs = match snat_addresses(&wanted) {
             Ok(addrs) => addrs,
             Err(e) => {

@@ -101,6 +101,8 @@ fn spec_of(
         "tcp" => {
             spec.vip = Some(tcp_vip(params, port, address)?);
             spec.protocol = Some("tcp".into());
+            // The balancer's own address: `srcPort` may be a port the host listens on.
+            spec.override_local_listener = Some(flag(params, "overrideLocalListener")?);
         }
         other => {
             return Err(nok(
@@ -280,7 +282,9 @@ async fn reconfigure(
 fn failure(e: ReconcileError) -> Nok {
     let status = crate::web::status_of(&e);
     let field = match &e {
-        ReconcileError::Control(ControlError::Invalid(v)) => dfp_field(&v.field),
+        ReconcileError::Control(ControlError::Invalid(v) | ControlError::LocalListener(v)) => {
+            dfp_field(&v.field)
+        }
         _ => String::new(),
     };
     nok(status, &field, e.to_string())

@@ -1,5 +1,6 @@
 //! lb's control plane as a library: the CLI in `main.rs` is a thin shell over it, and the
 //! privileged tests drive it directly.
+pub mod address_rules;
 pub mod api;
 pub mod consul_http;
 pub mod controller;
@@ -8,6 +9,7 @@ pub mod dataplane;
 pub mod dfp;
 pub mod discovery;
 pub mod health;
+pub mod host_sockets;
 pub mod l7;
 pub mod model;
 pub mod net;

@@ -177,6 +177,11 @@ struct RunArgs {
     /// the request has been sent in full, before it answers 504.
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     http_backend_response_timeout: Duration,
+    /// Let HTTP services (served by the --http proxy) name backends at loopback addresses
+    /// (127.0.0.0/8): apps on this host. Never lb's own API or HTTP listener, and never
+    /// for layer-4 services. Default: off, every loopback backend is refused.
+    #[arg(long)]
+    allow_loopback_backends: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -310,6 +315,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         trusted_proxies: args.trusted_proxies.clone(),
         http_backend_connect_timeout: args.http_backend_connect_timeout,
         http_backend_response_timeout: args.http_backend_response_timeout,
+        allow_loopback_backends: args.allow_loopback_backends,
     })
 }
 

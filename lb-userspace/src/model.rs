@@ -70,6 +70,10 @@ pub struct ServiceSpec {
     pub http: Option<HttpSpec>,
     /// How backends are checked (default: a TCP connect every 2 s, rise 2, fall 3).
     pub check: Option<CheckSpec>,
+    /// This write may put a layer-4 VIP on a host address and port where another program
+    /// listens (its traffic goes to the backends from then on). Not stored: it answers
+    /// for this request only.
+    pub override_local_listener: Option<bool>,
 }
 
 /// `"http": {"paths": ["/demo"], "paths_exclude": [], "domain": "example.com",
@@ -501,6 +505,13 @@ fn is_zero(v: &u32) -> bool {
 }
 
 impl Service {
+    /// The port checks go to when it is not the backend's own (and checks run).
+    pub fn check_port(&self) -> Option<u16> {
+        self.check
+            .port
+            .filter(|_| self.check.kind != CheckKind::None)
+    }
+
     /// The VIP of a layer-4 service (validation guarantees one).
     pub fn l4_vip(&self) -> Option<SocketAddrV4> {
         self.vip.filter(|_| self.http.is_none())

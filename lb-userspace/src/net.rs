@@ -81,6 +81,25 @@ pub fn interface_addresses() -> Result<HashMap<u32, Vec<[u8; 4]>>, NetError> {
     Ok(out)
 }
 
+/// Every IPv4 address of every interface, and their broadcast addresses: what a backend
+/// may not be (see `address_rules`).
+pub fn host_addresses() -> Result<crate::address_rules::HostAddresses, NetError> {
+    let mut host = crate::address_rules::HostAddresses::default();
+    let v4 = |a: Option<&nix::sys::socket::SockaddrStorage>| {
+        a.and_then(|a| a.as_sockaddr_in())
+            .map(nix::sys::socket::SockaddrIn::ip)
+    };
+    for ifa in nix::ifaddrs::getifaddrs().map_err(NetError::Addresses)? {
+        if let Some(addr) = v4(ifa.address.as_ref()) {
+            host.local.insert(addr);
+        }
+        if let Some(brd) = v4(ifa.broadcast.as_ref()) {
+            host.broadcast.insert(brd);
+        }
+    }
+    Ok(host)
+}
+
 /// The SNAT addresses on each interface: the ones `wanted` (`--snat-address`) names that
 /// the interface has, in that order, else its first IPv4 address. An address in `wanted`
 /// that no interface has is an error.

@@ -205,7 +205,11 @@ impl Reconciler {
             .controller
             .call(move |c| {
                 let current = c.get_service(&owned)?.clone();
-                if current.discovery.as_ref() != Some(&source) || current.backends == found {
+                if current.discovery.as_ref() != Some(&source) {
+                    return None;
+                }
+                let found = c.admit_instances(&current, crate::model::discovered_backends(found));
+                if current.backends == found {
                     return None;
                 }
                 Some(
@@ -376,7 +380,7 @@ impl Reconciler {
                 services
                     .into_iter()
                     .map(|svc| {
-                        c.check_against_others(&svc)?;
+                        let svc = c.admit(svc)?;
                         c.apply(svc)
                     })
                     .collect::<Vec<_>>()

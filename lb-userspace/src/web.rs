@@ -18,6 +18,7 @@ pub fn status_of(e: &ReconcileError) -> StatusCode {
     match e {
         ReconcileError::Control(ControlError::Invalid(_)) => StatusCode::BAD_REQUEST,
         ReconcileError::Control(ControlError::NotFound(_)) => StatusCode::NOT_FOUND,
+        ReconcileError::Control(ControlError::LocalListener(_)) => StatusCode::CONFLICT,
         ReconcileError::Control(ControlError::Dataplane(DataplaneError::Full(_))) => {
             StatusCode::INSUFFICIENT_STORAGE
         }
