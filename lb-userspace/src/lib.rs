@@ -1,6 +1,8 @@
 //! lb's control plane as a library: the CLI in `main.rs` is a thin shell over it, and the
 //! privileged tests drive it directly.
 pub mod api;
+pub mod api_auth;
+pub mod api_listen;
 pub mod consul_http;
 pub mod controller;
 pub mod daemon;
