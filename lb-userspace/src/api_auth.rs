@@ -203,7 +203,9 @@ impl AccessPolicy {
         {
             return Err(forbidden(
                 "Origin",
-                format!("Origin {origin:?} is not this API's host: a page of another site sent this"),
+                format!(
+                    "Origin {origin:?} is not this API's host: a page of another site sent this"
+                ),
             ));
         }
         Ok(())
@@ -233,8 +235,12 @@ fn single<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a s
     }
     first
         .map(|v| {
-            v.to_str()
-                .map_err(|_| forbidden(field_name(name), format!("{} is not text", field_name(name))))
+            v.to_str().map_err(|_| {
+                forbidden(
+                    field_name(name),
+                    format!("{} is not text", field_name(name)),
+                )
+            })
         })
         .transpose()
 }
@@ -311,7 +317,9 @@ fn credential(headers: &HeaderMap) -> Option<Vec<u8>> {
     if scheme.eq_ignore_ascii_case("bearer") {
         Some(rest.as_bytes().to_vec())
     } else if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
         let colon = decoded.iter().position(|&b| b == b':')?;
         Some(decoded[colon + 1..].to_vec())
     } else {
@@ -360,7 +368,12 @@ mod tests {
         }
     }
 
-    fn check(p: &AccessPolicy, method: &str, target: &str, headers: &[(&str, &str)]) -> Result<(), (u16, &'static str)> {
+    fn check(
+        p: &AccessPolicy,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(), (u16, &'static str)> {
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             map.append(
@@ -381,11 +394,24 @@ mod tests {
         let get = Method::GET;
         assert_eq!(kind_of(&get, "/health"), Kind::Probe);
         assert_eq!(kind_of(&Method::POST, "/ready"), Kind::Probe);
-        for read in ["/v1/services", "/v1/services/web", "/v1/stats", "/v1/docker-flow-proxy/config", "/v1/docker-flow-proxy/ping"] {
+        for read in [
+            "/v1/services",
+            "/v1/services/web",
+            "/v1/stats",
+            "/v1/docker-flow-proxy/config",
+            "/v1/docker-flow-proxy/ping",
+        ] {
             assert_eq!(kind_of(&get, read), Kind::Read, "{read}");
             assert_eq!(kind_of(&Method::HEAD, read), Kind::Read, "{read}");
         }
-        for change in ["/v1/docker-flow-proxy/reconfigure", "/v1/docker-flow-proxy/remove", "/v1/services/", "/v1/services/a/b", "/elsewhere", "/v1/services/../stats"] {
+        for change in [
+            "/v1/docker-flow-proxy/reconfigure",
+            "/v1/docker-flow-proxy/remove",
+            "/v1/services/",
+            "/v1/services/a/b",
+            "/elsewhere",
+            "/v1/services/../stats",
+        ] {
             assert_eq!(kind_of(&get, change), Kind::Change, "{change}");
         }
         assert_eq!(kind_of(&Method::PUT, "/v1/services/web"), Kind::Change);
@@ -396,18 +422,88 @@ mod tests {
     #[test]
     fn the_token_as_bearer_or_basic_password() {
         let p = policy(Some("s3cret"), false);
-        let basic = |cred: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(cred));
-        assert_eq!(check(&p, "PUT", "/v1/services/a", &[]), Err((401, "Authorization")));
-        assert_eq!(check(&p, "GET", "/v1/services", &[]), Err((401, "Authorization")));
-        assert_eq!(check(&p, "PUT", "/v1/services/a", &[("authorization", "Bearer s3cret")]), Ok(()));
-        assert_eq!(check(&p, "PUT", "/v1/services/a", &[("authorization", "bearer  s3cret")]), Ok(()));
-        assert_eq!(check(&p, "PUT", "/v1/services/a", &[("authorization", &basic("anyone:s3cret"))]), Ok(()));
-        assert_eq!(check(&p, "PUT", "/v1/services/a", &[("authorization", &basic(":s3cret"))]), Ok(()));
-        for wrong in ["Bearer s3cre", "Bearer s3cret2", "Bearer ", "Token s3cret", "s3cret", "Basic !!!"] {
-            assert_eq!(check(&p, "PUT", "/v1/services/a", &[("authorization", wrong)]), Err((401, "Authorization")), "{wrong}");
+        let basic = |cred: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(cred)
+            )
+        };
+        assert_eq!(
+            check(&p, "PUT", "/v1/services/a", &[]),
+            Err((401, "Authorization"))
+        );
+        assert_eq!(
+            check(&p, "GET", "/v1/services", &[]),
+            Err((401, "Authorization"))
+        );
+        assert_eq!(
+            check(
+                &p,
+                "PUT",
+                "/v1/services/a",
+                &[("authorization", "Bearer s3cret")]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                &p,
+                "PUT",
+                "/v1/services/a",
+                &[("authorization", "bearer  s3cret")]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                &p,
+                "PUT",
+                "/v1/services/a",
+                &[("authorization", &basic("anyone:s3cret"))]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                &p,
+                "PUT",
+                "/v1/services/a",
+                &[("authorization", &basic(":s3cret"))]
+            ),
+            Ok(())
+        );
+        for wrong in [
+            "Bearer s3cre",
+            "Bearer s3cret2",
+            "Bearer ",
+            "Token s3cret",
+            "s3cret",
+            "Basic !!!",
+        ] {
+            assert_eq!(
+                check(&p, "PUT", "/v1/services/a", &[("authorization", wrong)]),
+                Err((401, "Authorization")),
+                "{wrong}"
+            );
         }
-        assert_eq!(check(&p, "PUT", "/v1/services/a", &[("authorization", &basic("s3cret:x"))]), Err((401, "Authorization")));
-        assert_eq!(check(&p, "GET", "/v1/services", &[("authorization", "Bearer s3cret")]), Ok(()));
+        assert_eq!(
+            check(
+                &p,
+                "PUT",
+                "/v1/services/a",
+                &[("authorization", &basic("s3cret:x"))]
+            ),
+            Err((401, "Authorization"))
+        );
+        assert_eq!(
+            check(
+                &p,
+                "GET",
+                "/v1/services",
+                &[("authorization", "Bearer s3cret")]
+            ),
+            Ok(())
+        );
         assert_eq!(check(&p, "GET", "/health", &[]), Ok(()));
         assert_eq!(check(&p, "GET", "/ready", &[]), Ok(()));
     }
@@ -415,13 +511,31 @@ mod tests {
     #[test]
     fn read_open_opens_reads_only() {
         let p = policy(Some("s3cret"), true);
-        for read in ["/v1/services", "/v1/services/web", "/v1/stats", "/v1/docker-flow-proxy/config?type=json", "/v1/docker-flow-proxy/ping"] {
+        for read in [
+            "/v1/services",
+            "/v1/services/web",
+            "/v1/stats",
+            "/v1/docker-flow-proxy/config?type=json",
+            "/v1/docker-flow-proxy/ping",
+        ] {
             assert_eq!(check(&p, "GET", read, &[]), Ok(()), "{read}");
         }
-        assert_eq!(check(&p, "PUT", "/v1/services/web", &[]), Err((401, "Authorization")));
-        assert_eq!(check(&p, "DELETE", "/v1/services/web", &[]), Err((401, "Authorization")));
-        assert_eq!(check(&p, "GET", RECONFIGURE, &[]), Err((401, "Authorization")));
-        assert_eq!(check(&p, "GET", "/v1/docker-flow-proxy/remove?serviceName=a", &[]), Err((401, "Authorization")));
+        assert_eq!(
+            check(&p, "PUT", "/v1/services/web", &[]),
+            Err((401, "Authorization"))
+        );
+        assert_eq!(
+            check(&p, "DELETE", "/v1/services/web", &[]),
+            Err((401, "Authorization"))
+        );
+        assert_eq!(
+            check(&p, "GET", RECONFIGURE, &[]),
+            Err((401, "Authorization"))
+        );
+        assert_eq!(
+            check(&p, "GET", "/v1/docker-flow-proxy/remove?serviceName=a", &[]),
+            Err((401, "Authorization"))
+        );
     }
 
     #[test]
@@ -434,24 +548,93 @@ mod tests {
                 check(&p, "GET", RECONFIGURE, &h)
             };
             assert_eq!(ok(&[("host", "127.0.0.1:9090")]), Ok(()));
-            assert_eq!(ok(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", "same-origin")]), Ok(()));
-            assert_eq!(ok(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", "none")]), Ok(()));
+            assert_eq!(
+                ok(&[
+                    ("host", "127.0.0.1:9090"),
+                    ("sec-fetch-site", "same-origin")
+                ]),
+                Ok(())
+            );
+            assert_eq!(
+                ok(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", "none")]),
+                Ok(())
+            );
             for site in ["cross-site", "same-site", "Cross-Site", ""] {
-                assert_eq!(ok(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", site)]), Err((403, "Sec-Fetch-Site")), "{site}");
+                assert_eq!(
+                    ok(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", site)]),
+                    Err((403, "Sec-Fetch-Site")),
+                    "{site}"
+                );
             }
-            assert_eq!(ok(&[("host", "127.0.0.1:9090"), ("origin", "http://127.0.0.1:9090")]), Ok(()));
-            assert_eq!(ok(&[("host", "LocalHost:9090"), ("origin", "http://localhost:9090")]), Ok(()));
-            assert_eq!(ok(&[("host", "lb.internal"), ("origin", "http://lb.internal:80")]), Ok(()));
-            assert_eq!(ok(&[("host", "lb.internal"), ("origin", "https://lb.internal")]), Ok(()));
-            for origin in ["http://evil.example", "http://127.0.0.1:9091", "null", "http://127.0.0.1", "https://127.0.0.1:9090.evil.example", "http://127.0.0.1:9090@evil.example"] {
-                assert_eq!(ok(&[("host", "127.0.0.1:9090"), ("origin", origin)]), Err((403, "Origin")), "{origin}");
+            assert_eq!(
+                ok(&[
+                    ("host", "127.0.0.1:9090"),
+                    ("origin", "http://127.0.0.1:9090")
+                ]),
+                Ok(())
+            );
+            assert_eq!(
+                ok(&[
+                    ("host", "LocalHost:9090"),
+                    ("origin", "http://localhost:9090")
+                ]),
+                Ok(())
+            );
+            assert_eq!(
+                ok(&[("host", "lb.internal"), ("origin", "http://lb.internal:80")]),
+                Ok(())
+            );
+            assert_eq!(
+                ok(&[("host", "lb.internal"), ("origin", "https://lb.internal")]),
+                Ok(())
+            );
+            for origin in [
+                "http://evil.example",
+                "http://127.0.0.1:9091",
+                "null",
+                "http://127.0.0.1",
+                "https://127.0.0.1:9090.evil.example",
+                "http://127.0.0.1:9090@evil.example",
+            ] {
+                assert_eq!(
+                    ok(&[("host", "127.0.0.1:9090"), ("origin", origin)]),
+                    Err((403, "Origin")),
+                    "{origin}"
+                );
             }
             // An Origin with no Host to compare it with is a browser's: refused.
-            assert_eq!(ok(&[("origin", "http://127.0.0.1:9090")]), Err((403, "Origin")));
+            assert_eq!(
+                ok(&[("origin", "http://127.0.0.1:9090")]),
+                Err((403, "Origin"))
+            );
             // The same on the native API's writes, which browsers can send as forms.
-            assert_eq!(check(&p, "DELETE", "/v1/services/a", &[auth, ("host", "127.0.0.1"), ("sec-fetch-site", "cross-site")]), Err((403, "Sec-Fetch-Site")));
+            assert_eq!(
+                check(
+                    &p,
+                    "DELETE",
+                    "/v1/services/a",
+                    &[
+                        auth,
+                        ("host", "127.0.0.1"),
+                        ("sec-fetch-site", "cross-site")
+                    ]
+                ),
+                Err((403, "Sec-Fetch-Site"))
+            );
             // Reads are not guarded.
-            assert_eq!(check(&p, "GET", "/v1/services", &[auth, ("host", "evil.example"), ("sec-fetch-site", "cross-site")]), Ok(()));
+            assert_eq!(
+                check(
+                    &p,
+                    "GET",
+                    "/v1/services",
+                    &[
+                        auth,
+                        ("host", "evil.example"),
+                        ("sec-fetch-site", "cross-site")
+                    ]
+                ),
+                Ok(())
+            );
         }
     }
 
@@ -459,20 +642,65 @@ mod tests {
     fn hosts_the_api_answers_to() {
         let p = policy(None, false);
         let put = |host: &str| check(&p, "PUT", "/v1/services/a", &[("host", host)]);
-        for good in ["127.0.0.1", "127.0.0.1:9090", "10.1.2.3:80", "[::1]", "[::1]:9090", "[fe80::1]:1", "localhost", "LOCALHOST:9090", "lb.internal", "LB.Internal:8080"] {
+        for good in [
+            "127.0.0.1",
+            "127.0.0.1:9090",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:9090",
+            "[fe80::1]:1",
+            "localhost",
+            "LOCALHOST:9090",
+            "lb.internal",
+            "LB.Internal:8080",
+        ] {
             assert_eq!(put(good), Ok(()), "{good}");
         }
-        for bad in ["evil.example", "evil.example:9090", "localhost.evil.example", "lb.internal.evil.example", "127.0.0.1.nip.io", "[127.0.0.1]", "::1", "user@127.0.0.1", "127.0.0.1:x", "", "localhost."] {
+        for bad in [
+            "evil.example",
+            "evil.example:9090",
+            "localhost.evil.example",
+            "lb.internal.evil.example",
+            "127.0.0.1.nip.io",
+            "[127.0.0.1]",
+            "::1",
+            "user@127.0.0.1",
+            "127.0.0.1:x",
+            "",
+            "localhost.",
+        ] {
             assert_eq!(put(bad), Err((403, "Host")), "{bad}");
         }
         // No Host at all (HTTP/1.0): no browser sends that.
         assert_eq!(check(&p, "PUT", "/v1/services/a", &[]), Ok(()));
         // h2's :authority (or an absolute-form target) is the host when there is no header.
-        assert_eq!(check(&p, "PUT", "http://evil.example/v1/services/a", &[]), Err((403, "Host")));
-        assert_eq!(check(&p, "PUT", "http://127.0.0.1:9090/v1/services/a", &[]), Ok(()));
-        assert_eq!(check(&p, "PUT", "http://evil.example/v1/services/a", &[("host", "127.0.0.1")]), Err((403, "Host")));
+        assert_eq!(
+            check(&p, "PUT", "http://evil.example/v1/services/a", &[]),
+            Err((403, "Host"))
+        );
+        assert_eq!(
+            check(&p, "PUT", "http://127.0.0.1:9090/v1/services/a", &[]),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                &p,
+                "PUT",
+                "http://evil.example/v1/services/a",
+                &[("host", "127.0.0.1")]
+            ),
+            Err((403, "Host"))
+        );
         // Two Host headers: which one would a proxy believe?
-        assert_eq!(check(&p, "PUT", "/v1/services/a", &[("host", "127.0.0.1"), ("host", "evil.example")]), Err((403, "Host")));
+        assert_eq!(
+            check(
+                &p,
+                "PUT",
+                "/v1/services/a",
+                &[("host", "127.0.0.1"), ("host", "evil.example")]
+            ),
+            Err((403, "Host"))
+        );
     }
 
     #[test]
@@ -492,13 +720,25 @@ mod tests {
         for mode in [0o644, 0o640, 0o604, 0o660, 0o606, 0o700] {
             let path = write(&format!("m{mode:o}"), "s3cret", mode);
             let e = ApiToken::from_file(&path).unwrap_err().to_string();
-            assert!(e.contains(&path.display().to_string()) && e.contains(&format!("{mode:04o}")), "{e}");
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(&format!("{mode:04o}")),
+                "{e}"
+            );
         }
-        let e = ApiToken::from_file(&write("empty", " \n", 0o600)).unwrap_err().to_string();
+        let e = ApiToken::from_file(&write("empty", " \n", 0o600))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty"), "{e}");
-        let e = ApiToken::from_file(&write("spaces", "two words", 0o600)).unwrap_err().to_string();
+        let e = ApiToken::from_file(&write("spaces", "two words", 0o600))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("printable"), "{e}");
-        assert!(ApiToken::from_file(&dir).unwrap_err().to_string().contains("not a regular file"));
+        assert!(
+            ApiToken::from_file(&dir)
+                .unwrap_err()
+                .to_string()
+                .contains("not a regular file")
+        );
         assert!(format!("{good:?}").contains(".."));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -25,7 +25,9 @@ impl FromStr for ApiListen {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(path) = s.strip_prefix("unix:") {
             if !path.starts_with('/') {
-                return Err(format!("{s:?}: the socket path must be absolute (unix:/PATH)"));
+                return Err(format!(
+                    "{s:?}: the socket path must be absolute (unix:/PATH)"
+                ));
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
@@ -48,7 +50,9 @@ impl fmt::Display for ApiListen {
 /// Unix socket (whose mode, 0600, keeps other users out), unless `insecure` says otherwise.
 pub fn check_listen(listen: &ApiListen, has_token: bool, insecure: bool) -> anyhow::Result<()> {
     match listen {
-        ApiListen::Tcp(addr) if !has_token && !insecure && !addr.ip().to_canonical().is_loopback() => {
+        ApiListen::Tcp(addr)
+            if !has_token && !insecure && !addr.ip().to_canonical().is_loopback() =>
+        {
             bail!(
                 "--api {addr} is not a loopback address, and without --api-token-file anyone who reaches it could repoint every VIP: give --api-token-file, or --api-insecure to serve the API unauthenticated anyway"
             )
@@ -56,7 +60,6 @@ pub fn check_listen(listen: &ApiListen, has_token: bool, insecure: bool) -> anyh
         _ => Ok(()),
     }
 }
-
 
 /// A bound API listener.
 pub enum ApiListener {
@@ -127,12 +130,22 @@ mod tests {
         assert!(check_listen(&tcp("[::1]:9090"), false, false).is_ok());
         assert!(check_listen(&tcp("[::ffff:127.0.0.1]:9090"), false, false).is_ok());
         assert!(check_listen(&tcp("unix:/run/lb/api.sock"), false, false).is_ok());
-        let e = check_listen(&tcp("0.0.0.0:9090"), false, false).unwrap_err().to_string();
-        assert!(e.contains("--api-token-file") && e.contains("--api-insecure") && e.contains("0.0.0.0:9090"), "{e}");
+        let e = check_listen(&tcp("0.0.0.0:9090"), false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--api-token-file")
+                && e.contains("--api-insecure")
+                && e.contains("0.0.0.0:9090"),
+            "{e}"
+        );
         assert!(check_listen(&tcp("10.0.0.1:9090"), false, false).is_err());
         assert!(check_listen(&tcp("0.0.0.0:9090"), true, false).is_ok());
         assert!(check_listen(&tcp("0.0.0.0:9090"), false, true).is_ok());
-        assert_eq!(tcp("unix:/run/lb/api.sock"), ApiListen::Unix("/run/lb/api.sock".into()));
+        assert_eq!(
+            tcp("unix:/run/lb/api.sock"),
+            ApiListen::Unix("/run/lb/api.sock".into())
+        );
         assert!(ApiListen::from_str("unix:api.sock").is_err());
         assert!(ApiListen::from_str("localhost:9090").is_err());
         assert_eq!(tcp("unix:/a b").to_string(), "unix:/a b");
@@ -145,14 +158,19 @@ mod tests {
         let path = dir.join("api.sock");
         let listen = ApiListen::Unix(path.clone());
         let bound = bind(&listen).await.unwrap();
-        let mode = std::fs::symlink_metadata(&path).unwrap().permissions().mode();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         // Served: a second lb is refused, and the socket stays.
         let e = format!("{:#}", bind(&listen).await.err().unwrap());
         assert!(e.contains("another process serves"), "{e}");
         assert!(path.exists());
         // A stale socket (a crashed lb's) is replaced.
-        let ApiListener::Unix(listener, file) = bound else { unreachable!() };
+        let ApiListener::Unix(listener, file) = bound else {
+            unreachable!()
+        };
         drop(listener);
         std::mem::forget(file);
         assert!(path.exists());

@@ -92,7 +92,11 @@ struct RunArgs {
     /// Where the HTTP API listens: ADDR:PORT, or unix:/PATH for a Unix socket (created mode
     /// 0600, a stale one replaced, removed at stop). Without --api-token-file only a loopback
     /// address or a Unix socket is allowed, unless --api-insecure.
-    #[arg(long, default_value = "127.0.0.1:9090", value_name = "ADDR:PORT|unix:/PATH")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9090",
+        value_name = "ADDR:PORT|unix:/PATH"
+    )]
     api: ApiListen,
     /// bpffs directory the maps are pinned under.
     #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
@@ -190,9 +194,7 @@ struct RunArgs {
 /// A DNS name for --api-host: labels of letters, digits and `-`, lowercased, no port.
 fn parse_host_name(s: &str) -> Result<String, String> {
     let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
     if s.len() > 253 || !s.split('.').all(label_ok) {
         return Err(format!(
