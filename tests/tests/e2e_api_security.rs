@@ -441,10 +441,9 @@ fn the_api_on_a_unix_socket_is_mode_0600_answers_and_is_removed_at_stop() {
     assert!(!socket.exists(), "the socket was left behind");
 }
 
-/// `.` and `..` would be path segments in every store. The fuzz test found
-/// `PUT /v1/services/%2e%2e` answered 503 by the file store (`..` is a directory; seed
-/// 1796081356784886709 against lb before the fix), and in Consul `..` wrote outside
-/// `services/`.
+/// `.` and `..` would be path segments in every store. The fuzz test once found
+/// `PUT /v1/services/%2e%2e` answered 503 by the file store (`..` is a directory), after
+/// other writes; in Consul `..` wrote outside `services/`.
 #[test]
 fn dot_and_dot_dot_are_no_service_names_from_either_api() {
     let topo = Topology::two_armed(1).unwrap();
