@@ -178,7 +178,7 @@ fn without_the_token_a_call_is_a_401_and_with_it_as_bearer_or_basic_auth_it_succ
     let url = format!(
         "http://deploy:{TOKEN}@127.0.0.1:9090/v1/docker-flow-proxy/remove?serviceName=go-demo"
     );
-    let status = in_netns(&lb.ns_path().to_string(), move || {
+    let status = in_netns(lb.ns_path(), move || {
         ureq::get(&url)
             .call()
             .map(|r| r.status())
@@ -720,11 +720,7 @@ fn random_query(rng: &mut Rng) -> String {
             (encode(rng, &name), encode(rng, &value))
         };
         // Raw: whatever the request line can carry of it.
-        let clean = |s: String| {
-            s.chars()
-                .filter(|c| c.is_ascii_graphic())
-                .collect::<String>()
-        };
+        let clean = |s: String| s.chars().filter(char::is_ascii_graphic).collect::<String>();
         pairs.push(format!("{}={}", clean(name), clean(value)));
         if rng.chance(10) {
             pairs.push(pairs.last().unwrap().clone());
@@ -761,7 +757,7 @@ fn random_path(rng: &mut Rng) -> String {
     let mut path = String::new();
     for _ in 0..=rng.below(6) {
         path.push('/');
-        path.push_str(&rng.pick(SEGMENTS));
+        path.push_str(rng.pick(SEGMENTS));
     }
     if rng.chance(5) {
         path.push('/');
