@@ -199,6 +199,8 @@ pub struct Extras {
     pub proxy: Option<Arc<crate::l7::Proxy>>,
     /// The daemon's parts, for `/ready`.
     pub supervisor: Supervisor,
+    /// Who may call which endpoint, applied before any of them.
+    pub access: Arc<crate::api_auth::AccessPolicy>,
 }
 
 /// The native API and the Docker Flow Proxy one.
@@ -207,6 +209,7 @@ pub fn router(state: Shared, extras: Extras) -> Router {
         address,
         proxy,
         supervisor,
+        access,
     } = extras;
     let dfp = crate::dfp::router(state.clone(), address);
     let stats_route = get(move |s: State<Shared>| stats(s, proxy.clone()));
@@ -223,6 +226,10 @@ pub fn router(state: Shared, extras: Extras) -> Router {
         .with_state(state)
         .merge(dfp)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            crate::api_auth::guard,
+        ))
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use tokio::{
 use crate::{
     address_rules::{AddressRules, Listener},
     api,
+    api_auth::AccessPolicy,
+    api_listen::{self, ApiListen, ApiListener},
     controller::{Controller, HttpService},
     dataplane::{Dataplane, Limits, Settings},
     discovery, l7, net,
@@ -36,7 +38,7 @@ pub struct Config {
     /// Interfaces to attach to.
     pub ifaces: Vec<String>,
     /// Where the HTTP API listens.
-    pub api: SocketAddr,
+    pub api: ApiListen,
     /// Where HTTP services are served (the L7 proxy), if anywhere.
     pub http: Option<SocketAddr>,
     /// Threads serving HTTP; 0 is one per CPU.
@@ -65,6 +67,11 @@ pub struct Config {
     pub http_backend_response_timeout: std::time::Duration,
     /// HTTP services may name backends at loopback addresses (apps on this host).
     pub allow_loopback_backends: bool,
+    /// Who may call the API: its token, whether reads are open, the host names it answers
+    /// to.
+    pub api_access: AccessPolicy,
+    /// `--api-insecure`: serve the API beyond loopback without a token.
+    pub api_insecure: bool,
 }
 
 /// A running daemon.
@@ -87,10 +94,13 @@ impl Daemon {
         for iface in &config.ifaces {
             net::ifindex(iface)?;
         }
+        api_listen::check_listen(
+            &config.api,
+            config.api_access.token.is_some(),
+            config.api_insecure,
+        )?;
         // Listeners first: a port in use must not cost a running data plane anything.
-        let api_listener = TcpListener::bind(config.api)
-            .await
-            .with_context(|| format!("binding the API to {}", config.api))?;
+        let api_listener = api_listen::bind(&config.api).await?;
         let http_listener = match config.http {
             None => None,
             Some(addr) => Some((
@@ -173,6 +183,7 @@ impl Daemon {
                 address,
                 proxy,
                 supervisor: supervisor.clone(),
+                access: Arc::new(config.api_access.clone()),
             },
         );
         let api = supervisor.spawn("api", serve_api(api_listener, router, stopped));
@@ -445,11 +456,21 @@ async fn serve_http(
     }
 }
 
-async fn serve_api(listener: TcpListener, router: axum::Router, stop: watch::Receiver<bool>) {
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(stopped(stop))
-        .await
-    {
+/// Serves the API until `stop`; a Unix socket's file goes with it.
+async fn serve_api(listener: ApiListener, router: axum::Router, stop: watch::Receiver<bool>) {
+    let served = match listener {
+        ApiListener::Tcp(listener) => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped(stop))
+                .await
+        }
+        ApiListener::Unix(listener, _file) => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped(stop))
+                .await
+        }
+    };
+    if let Err(e) = served {
         tracing::error!("the API server failed: {e}");
     }
 }

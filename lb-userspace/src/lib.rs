@@ -2,6 +2,8 @@
 //! privileged tests drive it directly.
 pub mod address_rules;
 pub mod api;
+pub mod api_auth;
+pub mod api_listen;
 pub mod consul_http;
 pub mod controller;
 pub mod daemon;

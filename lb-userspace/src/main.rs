@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use lb::{
+    api_auth::{AccessPolicy, ApiToken},
+    api_listen::ApiListen,
     daemon::{Config, Daemon},
     dataplane::{CookieMode, Dataplane, Limits, Settings},
     net,
@@ -58,6 +60,12 @@ The API (JSON):
   GET    /health (liveness)     GET /ready (200 once the stored services are restored; 503
          naming any part of lb that has stopped)
 
+Access: with --api-token-file every call but /health and /ready sends the token (Bearer, or
+as basic auth's password; --api-read-open opens the reads). Without it the API listens on
+loopback or a Unix socket only (--api-insecure overrides). Calls that change something are
+refused (403) when a browser marks them cross-site (Sec-Fetch-Site, Origin) or their Host is
+not an IP address, localhost or an --api-host name.
+
 The host: lb enables IPv4 forwarding on the interfaces it serves, keeps backends' next hops
 resolved as managed neighbour entries, and pins its maps and XDP links under --bpffs (mounting
 bpffs on /sys/fs/bpf if nothing is there). Inspect them with
@@ -81,9 +89,15 @@ struct RunArgs {
     /// CPU.
     #[arg(long, default_value_t = 0, value_name = "N")]
     http_workers: usize,
-    /// Address of the HTTP API.
-    #[arg(long, default_value = "127.0.0.1:9090", value_name = "ADDR")]
-    api: SocketAddr,
+    /// Where the HTTP API listens: ADDR:PORT, or unix:/PATH for a Unix socket (created mode
+    /// 0600, a stale one replaced, removed at stop). Without --api-token-file only a loopback
+    /// address or a Unix socket is allowed, unless --api-insecure.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9090",
+        value_name = "ADDR:PORT|unix:/PATH"
+    )]
+    api: ApiListen,
     /// bpffs directory the maps are pinned under.
     #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
     bpffs: PathBuf,
@@ -182,6 +196,38 @@ struct RunArgs {
     /// for layer-4 services. Default: off, every loopback backend is refused.
     #[arg(long)]
     allow_loopback_backends: bool,
+    /// A file holding the API token (mode 0600 or 0400; surrounding whitespace ignored).
+    /// Calls must send it as `Authorization: Bearer TOKEN` or as the password of basic auth
+    /// (any user name, so `http://lb:TOKEN@host/...` works); /health and /ready never need
+    /// it. Default: no token, and the API on loopback only.
+    #[arg(long, value_name = "FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Serve the API on a non-loopback --api address without --api-token-file: anyone who
+    /// reaches it can repoint every VIP.
+    #[arg(long)]
+    api_insecure: bool,
+    /// Reads (GET /v1/services[/NAME], /v1/stats, DFP config and ping) need no token; every
+    /// change still does.
+    #[arg(long)]
+    api_read_open: bool,
+    /// A DNS name the API is called by (repeat for several): calls that change something
+    /// are refused under any other Host than these, IP addresses and localhost, so that a
+    /// web page cannot reach the API through DNS rebinding. Default: none.
+    #[arg(long = "api-host", value_name = "NAME", value_parser = parse_host_name)]
+    api_hosts: Vec<String>,
+}
+
+/// A DNS name for --api-host: labels of letters, digits and `-`, lowercased, no port.
+fn parse_host_name(s: &str) -> Result<String, String> {
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if s.len() > 253 || !s.split('.').all(label_ok) {
+        return Err(format!(
+            "{s:?} is not a DNS name (letters, digits, '-' and '.'; no port)"
+        ));
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -294,7 +340,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
     };
     Ok(Config {
         ifaces: args.ifaces.clone(),
-        api: args.api,
+        api: args.api.clone(),
         http,
         http_workers: args.http_workers,
         bpffs: args.bpffs.clone(),
@@ -316,6 +362,16 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         http_backend_connect_timeout: args.http_backend_connect_timeout,
         http_backend_response_timeout: args.http_backend_response_timeout,
         allow_loopback_backends: args.allow_loopback_backends,
+        api_access: AccessPolicy {
+            token: args
+                .api_token_file
+                .as_deref()
+                .map(ApiToken::from_file)
+                .transpose()?,
+            read_open: args.api_read_open,
+            hosts: args.api_hosts.clone(),
+        },
+        api_insecure: args.api_insecure,
     })
 }
 

@@ -628,6 +628,13 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
             "may hold only letters, digits, '-', '_' and '.'",
         ));
     }
+    // A name is a path segment in every store: `..` would be the parent of `services/`.
+    if name == "." || name == ".." {
+        return Err(ValidationError::new(
+            "name",
+            format!("{name:?} is not a service name"),
+        ));
+    }
     Ok(())
 }
 
@@ -863,6 +870,17 @@ mod tests {
             .validate_after("a", Some(&prev))
             .unwrap();
         assert_eq!(next.table_size, 509);
+    }
+
+    #[test]
+    fn dot_and_dot_dot_are_not_names() {
+        for name in [".", ".."] {
+            let e = validate_name(name).unwrap_err();
+            assert_eq!(e.field, "name", "{name}");
+        }
+        for name in ["...", ".a", "a..b", "a."] {
+            assert!(validate_name(name).is_ok(), "{name}");
+        }
     }
 
     #[test]

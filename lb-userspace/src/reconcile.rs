@@ -41,6 +41,10 @@ pub struct Reconciler {
     controller: ControllerHandle,
     /// The store revision each applied service was written at.
     revisions: Mutex<HashMap<String, u64>>,
+    /// Services this node deleted (or whose write it undid), with the revision it had: the
+    /// watch may still deliver that write afterwards, and must not bring the service back.
+    /// Forgotten when the store's deletion comes through the watch.
+    deleted: Mutex<HashMap<String, u64>>,
     /// One API write at a time on this node, from check to apply.
     writes: tokio::sync::Mutex<()>,
     ready: AtomicBool,
@@ -77,6 +81,7 @@ impl Reconciler {
             store,
             controller,
             revisions: Mutex::new(HashMap::new()),
+            deleted: Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
             sources,
@@ -99,6 +104,38 @@ impl Reconciler {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(name)
             .copied()
+    }
+
+    /// Whether this node deleted `name` after applying `revision` (or a later one).
+    fn deleted_since(&self, name: &str, revision: u64) -> bool {
+        self.deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .is_some_and(|&r| r >= revision)
+    }
+
+    /// This node deleted `name`, which it had at `revision`: the watch may still bring
+    /// writes up to it.
+    fn set_deleted(&self, name: &str, revision: u64) {
+        let mut d = self
+            .deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = d.entry(name.to_string()).or_insert(revision);
+        *known = (*known).max(revision);
+    }
+
+    /// The store's deletion of `name` at `revision` came through the watch: writes before
+    /// it will not come again.
+    fn forget_deleted(&self, name: &str, revision: u64) {
+        let mut d = self
+            .deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if d.get(name).is_some_and(|&r| r < revision) {
+            d.remove(name);
+        }
     }
 
     fn set_revision(&self, name: &str, revision: Option<u64>) {
@@ -287,6 +324,9 @@ impl Reconciler {
                         .await
                         .map(|_| None),
                 };
+                if previous.is_none() {
+                    self.set_deleted(name, revision);
+                }
                 match undo {
                     Ok(rev) => self.set_revision(name, rev.or(self.revision_of(name))),
                     Err(u) => {
@@ -308,6 +348,7 @@ impl Reconciler {
         self.store.delete(name, Expect::Revision(revision)).await?;
         let owned = name.to_string();
         self.controller.call(move |c| c.delete(&owned)).await??;
+        self.set_deleted(name, revision);
         self.set_revision(name, None);
         self.unfollow(name);
         Ok(())
@@ -327,6 +368,7 @@ impl Reconciler {
         if self
             .revision_of(&entry.name)
             .is_some_and(|r| r >= entry.revision)
+            || self.deleted_since(&entry.name, entry.revision)
         {
             return None;
         }
@@ -406,10 +448,14 @@ impl Reconciler {
         }
     }
 
+    /// Applies a change from the store's watch; one at a time with this node's own writes,
+    /// which set the revision they wrote before the watch looks at it.
     async fn apply_event(&self, event: &Event) {
+        let _one = self.writes.lock().await;
         match event {
             Event::Put(entry) => self.apply_entry(entry).await,
             Event::Deleted { name, revision } => {
+                self.forget_deleted(name, *revision);
                 if self.revision_of(name).is_some_and(|r| r < *revision) {
                     let owned = name.clone();
                     let deleted = self.controller.call(move |c| c.delete(&owned)).await;

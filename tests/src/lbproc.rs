@@ -61,7 +61,10 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> anyhow::Result<std::
 pub struct LbProcess {
     child: Option<Child>,
     ns_path: String,
+    /// `http://ADDR` of the API, or `unix:PATH`.
     pub api: String,
+    /// The API token `request` sends, if any.
+    pub token: Option<String>,
     pub bpffs: PathBuf,
     /// Whether drop removes the pins (`lb down`): not after `kill` or `stop_keeping_pins`,
     /// which hand them on.
@@ -226,9 +229,21 @@ impl LbProcess {
         for i in ifaces {
             cmd.args(["--iface", i]);
         }
-        cmd.args(["--api", "127.0.0.1:9090", "--bpffs"])
-            .arg(&bpffs)
-            .args(&args);
+        // The API on 127.0.0.1:9090 unless `extra` says where.
+        let api = match extra.iter().position(|a| *a == "--api") {
+            Some(i) => {
+                let given = extra.get(i + 1).context("--api without a value")?;
+                match given.strip_prefix("unix:") {
+                    Some(_) => (*given).to_string(),
+                    None => format!("http://{}", given.replace("0.0.0.0", "127.0.0.1")),
+                }
+            }
+            None => {
+                cmd.args(["--api", "127.0.0.1:9090"]);
+                "http://127.0.0.1:9090".to_string()
+            }
+        };
+        cmd.arg("--bpffs").arg(&bpffs).args(&args);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -238,7 +253,8 @@ impl LbProcess {
         Ok(Self {
             child: Some(child),
             ns_path: ns.path(),
-            api: "http://127.0.0.1:9090".into(),
+            api,
+            token: None,
             bpffs,
             own_pins: true,
             log,
@@ -296,18 +312,58 @@ impl LbProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// One API call: status and JSON body (Null when empty).
+    /// Where the API is, for `rawhttp`.
+    pub fn api_target(&self) -> crate::rawhttp::Target {
+        use crate::rawhttp::Target;
+        match self.api.strip_prefix("unix:") {
+            Some(path) => Target::Unix(path.into()),
+            None => Target::Tcp(
+                self.api
+                    .trim_start_matches("http://")
+                    .parse()
+                    .expect("an ADDR:PORT"),
+            ),
+        }
+    }
+
+    /// The network namespace lb runs in.
+    pub fn ns_path(&self) -> &str {
+        &self.ns_path
+    }
+
+    /// Sends a request byte for byte (see `rawhttp::request`) and reads the answer.
+    pub fn raw(&self, bytes: Vec<u8>) -> anyhow::Result<crate::rawhttp::Answer> {
+        let target = self.api_target();
+        in_netns(&self.ns_path, move || {
+            crate::rawhttp::exchange(&target, &bytes, Duration::from_secs(10))
+        })
+    }
+
+    /// One API call (with the token, if set): status and JSON body (Null when empty).
     pub fn request(
         &self,
         method: &str,
         path: &str,
         body: Option<&str>,
     ) -> anyhow::Result<(u16, Value)> {
+        let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        if self.api.starts_with("unix:") {
+            let mut headers = vec![("Host", "localhost"), ("Content-Type", "application/json")];
+            if let Some(b) = &bearer {
+                headers.push(("Authorization", b));
+            }
+            let bytes = crate::rawhttp::request(method, path, &headers, body.map(str::as_bytes));
+            let answer = self.raw(bytes)?;
+            return Ok((answer.status, answer.json()));
+        }
         let url = format!("{}{path}", self.api);
         let method = method.to_string();
         let body = body.map(str::to_string);
         in_netns(&self.ns_path, move || {
-            let req = ureq::request(&method, &url).timeout(Duration::from_secs(10));
+            let mut req = ureq::request(&method, &url).timeout(Duration::from_secs(10));
+            if let Some(b) = bearer {
+                req = req.set("authorization", &b);
+            }
             let resp = match body {
                 Some(b) => req.set("content-type", "application/json").send_string(&b),
                 None => req.call(),
