@@ -617,6 +617,11 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
             "may hold only letters, digits, '-', '_' and '.'",
         ));
     }
+    // `.` and `..` would name a directory in a file path or a key path, and a leading dot
+    // a hidden file: a name is one plain path segment.
+    if name.starts_with('.') {
+        return Err(ValidationError::new("name", "may not start with '.'"));
+    }
     Ok(())
 }
 
@@ -891,6 +896,16 @@ mod tests {
         let mut s = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]);
         s.table_size = Some(1000);
         assert_eq!(field_of(s.validate("a")), "table_size");
+    }
+
+    #[test]
+    fn dot_names_are_no_service_names() {
+        for name in [".", "..", ".hidden"] {
+            let e = validate_name(name).unwrap_err();
+            assert_eq!(e.field, "name", "{name}");
+        }
+        validate_name("a.b").unwrap();
+        validate_name("a.").unwrap();
     }
 
     fn discovered(kind: &str, found: &[&str]) -> ServiceSpec {
