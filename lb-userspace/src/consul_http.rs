@@ -134,7 +134,10 @@ impl ConsulClient {
         let mut failures = Vec::new();
         for step in 0..self.addrs.len() {
             let i = (first + step) % self.addrs.len();
-            match self.attempt(i, &method, path_and_query, body, timeout).await {
+            match self
+                .attempt(i, &method, path_and_query, body, timeout)
+                .await
+            {
                 Attempt::Answered(reply) => return self.answered(i, reply),
                 Attempt::NotSent(why) | Attempt::Unknown(why) => failures.push(why),
             }
@@ -158,7 +161,10 @@ impl ConsulClient {
         let mut failures = Vec::new();
         for step in 0..self.addrs.len() {
             let i = (first + step) % self.addrs.len();
-            match self.attempt(i, &method, path_and_query, body, timeout).await {
+            match self
+                .attempt(i, &method, path_and_query, body, timeout)
+                .await
+            {
                 Attempt::Answered(reply) => {
                     return self.answered(i, reply).map_err(WriteError::Refused);
                 }

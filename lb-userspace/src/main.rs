@@ -390,7 +390,12 @@ mod tests {
         assert!(e.to_string().contains("is for Consul"), "{e}");
 
         // Readable by group or others: refused, naming the file and its mode.
-        for (mode, ok) in [(0o400, true), (0o640, false), (0o604, false), (0o620, false)] {
+        for (mode, ok) in [
+            (0o400, true),
+            (0o640, false),
+            (0o604, false),
+            (0o620, false),
+        ] {
             std::fs::set_permissions(&good, std::fs::Permissions::from_mode(mode)).unwrap();
             let got = read_store_token(&args(consul, Some(&good)));
             if ok {

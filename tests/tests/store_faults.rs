@@ -70,7 +70,10 @@ async fn a_write_the_stalled_agent_never_applied_goes_to_the_next_agent() {
             applied: Applied::Never,
         },
     );
-    let r2 = store.put("web", b"two", Expect::Revision(r1)).await.unwrap();
+    let r2 = store
+        .put("web", b"two", Expect::Revision(r1))
+        .await
+        .unwrap();
     assert_eq!(server.kv_get_raw(&format!("{keys}web")).unwrap(), b"two");
     assert_eq!(server.kv_index(&format!("{keys}web")), Some(r2));
     assert!(
@@ -92,7 +95,10 @@ async fn a_write_applied_after_the_client_gave_up_changes_nothing_twice() {
         },
     );
     // Read back before the stalled write lands: not applied, so sent to agent 1.
-    let r2 = store.put("web", b"two", Expect::Revision(r1)).await.unwrap();
+    let r2 = store
+        .put("web", b"two", Expect::Revision(r1))
+        .await
+        .unwrap();
     // The stalled copy lands later; its compare-and-set against r1 fails as it must.
     tokio::time::sleep(HOLD + Duration::from_millis(300)).await;
     assert_eq!(server.kv_get_raw(&format!("{keys}web")).unwrap(), b"two");
@@ -110,7 +116,10 @@ async fn a_connection_dropped_without_an_answer_is_settled_by_reading() {
             applied: Applied::Before,
         },
     );
-    let r2 = store.put("web", b"two", Expect::Revision(r1)).await.unwrap();
+    let r2 = store
+        .put("web", b"two", Expect::Revision(r1))
+        .await
+        .unwrap();
     assert_eq!(server.kv_index(&format!("{keys}web")), Some(r2));
 
     server.inject(
@@ -120,7 +129,10 @@ async fn a_connection_dropped_without_an_answer_is_settled_by_reading() {
             applied: Applied::Never,
         },
     );
-    let r3 = store.put("web", b"three", Expect::Revision(r2)).await.unwrap();
+    let r3 = store
+        .put("web", b"three", Expect::Revision(r2))
+        .await
+        .unwrap();
     assert_eq!(server.kv_get_raw(&format!("{keys}web")).unwrap(), b"three");
     assert_eq!(server.kv_index(&format!("{keys}web")), Some(r3));
     assert_eq!(server.faults_pending(), 0);
@@ -227,4 +239,32 @@ async fn a_write_no_agent_answers_is_reported_unavailable_and_changes_nothing() 
     assert!(err.to_string().contains("none took effect"), "{err}");
     assert!(err.to_string().contains("No cluster leader"), "{err}");
     assert_eq!(server.kv_get_raw(&format!("{keys}web")).unwrap(), b"one");
+}
+
+/// A store whose watch fails at once, every time: lb lists again after a growing wait,
+/// rather than spinning.
+#[test]
+fn a_watch_that_keeps_failing_is_retried_with_a_growing_wait() {
+    let root = lb_tests::lbproc::temp_store();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let s = lb::store::file::FileStore::open(&root, "lb", Duration::from_millis(50)).unwrap();
+        s.put("first", b"{ not json", Expect::Absent).await.unwrap();
+    });
+    // A record no watch can read, followed by a good one: listings work, watches fail.
+    let log = root.join("lb/log");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str("not a record\n");
+    text.push_str(r#"{"revision":2,"name":"second","value":"{}"}"#);
+    text.push('\n');
+    std::fs::write(&log, text).unwrap();
+    let ns = lb_tests::netns::Netns::new(&lb_tests::unique("lbt-wf")).unwrap();
+    let lb = lb_tests::lbproc::LbProcess::start(&ns, &["lo"], &["--store", &root.url()]).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let ended = lb.log_text().matches("the store's watch ended").count();
+    assert!(
+        (2..=12).contains(&ended),
+        "{ended} watch restarts in 4 s: {}",
+        lb.log_text()
+    );
+    assert_eq!(lb.request("GET", "/ready", None).unwrap().0, 200);
 }

@@ -73,7 +73,14 @@ fn fuzzed(rng: &mut Rng, valid: &[Vec<u8>]) -> Vec<u8> {
             }
             2 => {
                 let tokens: [&[u8]; 8] = [
-                    b"\"", b"{", b"}", b"[", b",", b"null", b"-1", b"99999999999999999999",
+                    b"\"",
+                    b"{",
+                    b"}",
+                    b"[",
+                    b",",
+                    b"null",
+                    b"-1",
+                    b"99999999999999999999",
                 ];
                 let t = tokens[rng.below(tokens.len())];
                 doc.splice(at.min(doc.len())..at.min(doc.len()), t.iter().copied());
@@ -99,7 +106,9 @@ fn corpus(rng: &mut Rng, count: usize) -> Vec<(String, Vec<u8>)> {
 /// Decodes a stored entry as a restore does: never a panic.
 fn decode(name: &str, value: &[u8]) -> Result<(), String> {
     let doc = StoredService::parse(value).map_err(|e| e.to_string())?;
-    doc.into_service(name, None).map(|_| ()).map_err(|e| e.to_string())
+    doc.into_service(name, None)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -165,7 +174,10 @@ fn lb_restores_around_garbage(ns: &Netns, store_url: &str, docs: &[(String, Vec<
         .map(|s| s["name"].as_str().unwrap().to_string())
         .collect();
     for good in ["good-a", "good-b"] {
-        assert!(restored.iter().any(|n| n == good), "{good} not restored: {restored:?}");
+        assert!(
+            restored.iter().any(|n| n == good),
+            "{good} not restored: {restored:?}"
+        );
     }
     let log = lb.log_text();
     for (name, _) in docs {
@@ -181,8 +193,14 @@ fn lb_restores_around_garbage(ns: &Netns, store_url: &str, docs: &[(String, Vec<
 
 fn good_documents() -> [(&'static str, Value); 2] {
     [
-        ("good-a", json!({"schema": 1, "vip": "10.9.7.1:80", "protocol": "tcp", "backends": ["10.9.6.1:80"], "table_size": 251})),
-        ("good-b", json!({"schema": 1, "vip": "10.9.7.2:80", "protocol": "tcp", "backends": ["10.9.6.2:80"], "table_size": 251})),
+        (
+            "good-a",
+            json!({"schema": 1, "vip": "10.9.7.1:80", "protocol": "tcp", "backends": ["10.9.6.1:80"], "table_size": 251}),
+        ),
+        (
+            "good-b",
+            json!({"schema": 1, "vip": "10.9.7.2:80", "protocol": "tcp", "backends": ["10.9.6.2:80"], "table_size": 251}),
+        ),
     ]
 }
 

@@ -158,7 +158,10 @@ impl ConsulStore {
         match self.client.write(method, path, body, self.timeout).await {
             Ok(reply) => write_answer(&reply).map(Some),
             Err(WriteError::Unknown(why)) => {
-                tracing::warn!(path, "consul: a write got no answer ({why}); reading to learn whether it took effect");
+                tracing::warn!(
+                    path,
+                    "consul: a write got no answer ({why}); reading to learn whether it took effect"
+                );
                 *unknown = why;
                 Ok(None)
             }
@@ -399,7 +402,12 @@ impl Store for ConsulStore {
         let mut unknown = String::new();
         for _ in 0..WRITE_ATTEMPTS {
             let created = self
-                .write(Method::PUT, &format!("{path}?cas=0"), Some(proposal), &mut unknown)
+                .write(
+                    Method::PUT,
+                    &format!("{path}?cas=0"),
+                    Some(proposal),
+                    &mut unknown,
+                )
                 .await?;
             if created == Some(true) {
                 return Ok(proposal.to_vec());
@@ -447,7 +455,10 @@ impl Store for ConsulStore {
                 }
             };
             let path = format!("{}?cas={index}", self.path(name));
-            match self.write(Method::DELETE, &path, None, &mut unknown).await? {
+            match self
+                .write(Method::DELETE, &path, None, &mut unknown)
+                .await?
+            {
                 Some(true) => return Ok(true),
                 // Changed between the read and the delete: read again (a conflict, unless
                 // any revision will do).

@@ -298,7 +298,9 @@ impl FileStore {
             if end < len {
                 // A record a crash cut short: its writer never returned, so nobody was
                 // told of its revision.
-                f.set_len(end).and_then(|()| f.sync_all()).map_err(io(&path))?;
+                f.set_len(end)
+                    .and_then(|()| f.sync_all())
+                    .map_err(io(&path))?;
                 tracing::warn!(log = %path.display(), bytes = len - end, "cut off a torn last record");
             }
             if end == 0 {
@@ -586,7 +588,11 @@ impl Store for FileStore {
 
     async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError> {
         let (me, name) = (self.clone(), name.to_string());
-        blocking(move || me.write_sync(&name, None, expect).map(|(_, existed)| existed)).await
+        blocking(move || {
+            me.write_sync(&name, None, expect)
+                .map(|(_, existed)| existed)
+        })
+        .await
     }
 
     fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>> {
@@ -710,7 +716,12 @@ mod tests {
         store.put("web", b"1", Expect::Absent).await.unwrap();
         store.secret(b"s3cret").await.unwrap();
         let mode = |p: PathBuf| fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        for dir in [root.0.clone(), root.dir(), root.dir().join("services"), root.dir().join("tmp")] {
+        for dir in [
+            root.0.clone(),
+            root.dir(),
+            root.dir().join("services"),
+            root.dir().join("tmp"),
+        ] {
             assert_eq!(mode(dir.clone()), 0o700, "{}", dir.display());
         }
         for file in ["services/web", "log", "secret", "lock"] {
@@ -732,7 +743,10 @@ mod tests {
         assert_eq!(snap.revision, 2);
         assert_eq!(store.put("api", b"3", Expect::Absent).await.unwrap(), 3);
         let got = events(&store, 0, 3).await;
-        assert_eq!(got.iter().map(Event::revision).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            got.iter().map(Event::revision).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
 
         // Zeros where the blocks of an append never reached the disk, newline included.
         root.append_raw(&[0; 40]);
@@ -754,14 +768,20 @@ mod tests {
         let store = root.open();
         let snap = store.list().await.unwrap();
         assert_eq!(snap.revision, 3);
-        assert_eq!(names(&snap), [("db", &b"2"[..], 2), ("web", &b"new"[..], 3)]);
+        assert_eq!(
+            names(&snap),
+            [("db", &b"2"[..], 2), ("web", &b"new"[..], 3)]
+        );
 
         // The same for a deletion, found by another handle's next write rather than an open.
         let line = LogLine::new(4, "db", None);
         root.append_raw(&[serde_json::to_vec(&line).unwrap(), b"\n".to_vec()].concat());
         assert_eq!(store.put("api", b"x", Expect::Absent).await.unwrap(), 5);
         let snap = store.list().await.unwrap();
-        assert_eq!(names(&snap), [("api", &b"x"[..], 5), ("web", &b"new"[..], 3)]);
+        assert_eq!(
+            names(&snap),
+            [("api", &b"x"[..], 5), ("web", &b"new"[..], 3)]
+        );
     }
 
     #[tokio::test]
@@ -777,7 +797,10 @@ mod tests {
         let store = root.open();
         assert!(!root.dir().join("revision").exists());
         assert_eq!(store.list().await.unwrap().revision, 3);
-        assert_eq!(store.put("web", b"4", Expect::Revision(1)).await.unwrap(), 4);
+        assert_eq!(
+            store.put("web", b"4", Expect::Revision(1)).await.unwrap(),
+            4
+        );
         let got = events(&store, 2, 2).await;
         assert_eq!(
             got,
@@ -844,8 +867,14 @@ mod tests {
         let (start, end) = last_line_bounds(&mut f, len).unwrap();
         assert_eq!((start, end), (2, 2 + long.len() as u64 + 1));
         fs::write(&path, "only").unwrap();
-        assert_eq!(last_line_bounds(&mut File::open(&path).unwrap(), 4).unwrap(), (0, 0));
+        assert_eq!(
+            last_line_bounds(&mut File::open(&path).unwrap(), 4).unwrap(),
+            (0, 0)
+        );
         fs::write(&path, "one\n").unwrap();
-        assert_eq!(last_line_bounds(&mut File::open(&path).unwrap(), 4).unwrap(), (0, 4));
+        assert_eq!(
+            last_line_bounds(&mut File::open(&path).unwrap(), 4).unwrap(),
+            (0, 4)
+        );
     }
 }
