@@ -1,7 +1,9 @@
 //! A small client for Consul's HTTP API, shared by the Consul store and the health watcher.
 //!
 //! It knows several agent addresses and sticks to the last one that answered: a request
-//! that cannot connect, times out or gets a 5xx moves on to the next address. An ACL token,
+//! that cannot connect, times out or gets a 5xx moves on to the next address. A write that
+//! must not be sent twice (a compare-and-set) moves on only when it could not connect;
+//! after any other failure its caller reads to learn whether it took effect. An ACL token,
 //! when given, goes with every request as `X-Consul-Token`; a 403 is reported at once (every
 //! agent of a datacenter judges a token alike).
 use std::{
@@ -26,6 +28,21 @@ pub enum ConsulError {
         "consul at {addr}: 403 Forbidden: the ACL token was refused or lacks permission ({body})"
     )]
     Refused { addr: String, body: String },
+}
+
+/// Why a write got no answer to trust.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// No address could be connected to: the write was sent nowhere.
+    #[error("{0}")]
+    NotSent(String),
+    /// The write was sent, but what became of it is unknown: it timed out, the connection
+    /// dropped before the answer was whole, or the agent answered with a 5xx (Consul's
+    /// servers may have applied it). Only a read can tell.
+    #[error("{0}")]
+    Unknown(String),
+    #[error(transparent)]
+    Refused(ConsulError),
 }
 
 /// Why a client cannot be made.
@@ -104,7 +121,8 @@ impl ConsulClient {
 
     /// Sends `method path_and_query` (a path starting with `/v1/`), trying each address in
     /// turn from the one that answered last, until one answers with anything but a 5xx.
-    /// `timeout` bounds each attempt.
+    /// `timeout` bounds each attempt. For reads, and writes that may be sent twice: a
+    /// compare-and-set goes through [`ConsulClient::write`].
     pub async fn request(
         &self,
         method: Method,
@@ -116,58 +134,122 @@ impl ConsulClient {
         let mut failures = Vec::new();
         for step in 0..self.addrs.len() {
             let i = (first + step) % self.addrs.len();
-            let addr = &self.addrs[i];
-            let mut req = self
-                .http
-                .request(method.clone(), format!("http://{addr}{path_and_query}"))
-                .timeout(timeout);
-            if let Some(token) = &self.token {
-                req = req.header("X-Consul-Token", token);
+            match self
+                .attempt(i, &method, path_and_query, body, timeout)
+                .await
+            {
+                Attempt::Answered(reply) => return self.answered(i, reply),
+                Attempt::NotSent(why) | Attempt::Unknown(why) => failures.push(why),
             }
-            if let Some(b) = body {
-                req = req.body(b.to_vec());
-            }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    failures.push(format!("consul at {addr}: {}", reason(&e, timeout)));
-                    continue;
-                }
-            };
-            let status = resp.status();
-            let index = resp
-                .headers()
-                .get("X-Consul-Index")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            let body = match resp.bytes().await {
-                Ok(b) => b.to_vec(),
-                Err(e) => {
-                    failures.push(format!("consul at {addr}: {}", reason(&e, timeout)));
-                    continue;
-                }
-            };
-            let reply = Reply {
-                status,
-                index,
-                body,
-                addr: addr.clone(),
-            };
-            if status.is_server_error() {
-                failures.push(reply.unexpected());
-                continue;
-            }
-            self.current.store(i, Ordering::Relaxed);
-            if status == StatusCode::FORBIDDEN {
-                return Err(ConsulError::Refused {
-                    addr: addr.clone(),
-                    body: reply.body_text(),
-                });
-            }
-            return Ok(reply);
         }
         Err(ConsulError::Unreachable(failures.join("; ")))
     }
+
+    /// Sends a write that must not be sent twice (a compare-and-set: sent again after it
+    /// took effect, it fails, and a write that succeeded would be reported as a conflict).
+    /// Moves on to the next address only while the write certainly reached no agent (the
+    /// connection could not be made); once sent, a timeout, a dropped connection or a 5xx
+    /// is [`WriteError::Unknown`], and the next request starts at the next address.
+    pub async fn write(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Reply, WriteError> {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for step in 0..self.addrs.len() {
+            let i = (first + step) % self.addrs.len();
+            match self
+                .attempt(i, &method, path_and_query, body, timeout)
+                .await
+            {
+                Attempt::Answered(reply) => {
+                    return self.answered(i, reply).map_err(WriteError::Refused);
+                }
+                Attempt::NotSent(why) => failures.push(why),
+                Attempt::Unknown(why) => {
+                    self.current
+                        .store((i + 1) % self.addrs.len(), Ordering::Relaxed);
+                    failures.push(why);
+                    return Err(WriteError::Unknown(failures.join("; ")));
+                }
+            }
+        }
+        Err(WriteError::NotSent(failures.join("; ")))
+    }
+
+    /// One request to address `i`.
+    async fn attempt(
+        &self,
+        i: usize,
+        method: &Method,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Attempt {
+        let addr = &self.addrs[i];
+        let mut req = self
+            .http
+            .request(method.clone(), format!("http://{addr}{path_and_query}"))
+            .timeout(timeout);
+        if let Some(token) = &self.token {
+            req = req.header("X-Consul-Token", token);
+        }
+        if let Some(b) = body {
+            req = req.body(b.to_vec());
+        }
+        let failed = |e: &reqwest::Error| format!("consul at {addr}: {}", reason(e, timeout));
+        let resp = match req.send().await {
+            Ok(r) => r,
+            // A connection that could not be made carried nothing.
+            Err(e) if e.is_connect() => return Attempt::NotSent(failed(&e)),
+            Err(e) => return Attempt::Unknown(failed(&e)),
+        };
+        let status = resp.status();
+        let index = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = match resp.bytes().await {
+            Ok(b) => b.to_vec(),
+            Err(e) => return Attempt::Unknown(failed(&e)),
+        };
+        let reply = Reply {
+            status,
+            index,
+            body,
+            addr: addr.clone(),
+        };
+        if status.is_server_error() {
+            return Attempt::Unknown(reply.unexpected());
+        }
+        Attempt::Answered(reply)
+    }
+
+    /// An answer from address `i`, which later requests start at; a 403 as an error.
+    fn answered(&self, i: usize, reply: Reply) -> Result<Reply, ConsulError> {
+        self.current.store(i, Ordering::Relaxed);
+        if reply.status == StatusCode::FORBIDDEN {
+            return Err(ConsulError::Refused {
+                body: reply.body_text(),
+                addr: reply.addr,
+            });
+        }
+        Ok(reply)
+    }
+}
+
+/// What became of one request to one address.
+enum Attempt {
+    /// An answer other than a 5xx.
+    Answered(Reply),
+    /// Certainly not sent: the connection could not be made.
+    NotSent(String),
+    /// Sent, but no answer to trust.
+    Unknown(String),
 }
 
 /// Why a request failed, in a few words: reqwest's own message names only the URL, the

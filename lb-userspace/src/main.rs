@@ -136,7 +136,8 @@ struct RunArgs {
     #[arg(long, default_value = "file:///var/lib/lb", value_name = "URL")]
     store: String,
     /// A file holding the ACL token (X-Consul-Token) for Consul: a consul:// store and
-    /// --discovery-consul (surrounding whitespace is ignored).
+    /// --discovery-consul (surrounding whitespace is ignored). Its mode must be 0600 or
+    /// 0400: a file group or others may read is refused at start.
     #[arg(long, value_name = "FILE")]
     store_token_file: Option<PathBuf>,
     /// Prefix of this balancer group's entries in the store: groups with different prefixes
@@ -300,13 +301,30 @@ fn read_store_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
             args.store
         );
     }
-    let text = std::fs::read_to_string(path)
+    let text = read_private_file(path)
         .with_context(|| format!("--store-token-file {}", path.display()))?;
     let token = text.trim();
     if token.is_empty() {
         bail!("--store-token-file {}: the file is empty", path.display());
     }
     Ok(Some(token.to_string()))
+}
+
+/// The text of a file that holds a secret, refused when its mode lets group or others
+/// read or write it (0600 or 0400 will do): a token others can read is no secret.
+fn read_private_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::{io::Read, os::unix::fs::PermissionsExt};
+    let mut f = std::fs::File::open(path)?;
+    let mode = f.metadata()?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "mode {mode:04o} lets group or others at the secret in it; chmod 600 {} (0600 or 0400 only)",
+            path.display()
+        );
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -429,6 +447,8 @@ fn main() {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn args(store: &str, token_file: Option<&std::path::Path>) -> RunArgs {
@@ -449,6 +469,9 @@ mod tests {
         let (good, empty) = (dir.join("good"), dir.join("empty"));
         std::fs::write(&good, " s3cret\n").unwrap();
         std::fs::write(&empty, "\n \n").unwrap();
+        for f in [&good, &empty] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
 
         let consul = "consul://127.0.0.1:8500";
         assert_eq!(read_store_token(&args(consul, None)).unwrap(), None);
@@ -462,6 +485,24 @@ mod tests {
         assert!(format!("{e:#}").contains("No such file"), "{e:#}");
         let e = read_store_token(&args("etcd://127.0.0.1:2379", Some(&good))).unwrap_err();
         assert!(e.to_string().contains("is for Consul"), "{e}");
+
+        // Readable by group or others: refused, naming the file and its mode.
+        for (mode, ok) in [
+            (0o400, true),
+            (0o640, false),
+            (0o604, false),
+            (0o620, false),
+        ] {
+            std::fs::set_permissions(&good, std::fs::Permissions::from_mode(mode)).unwrap();
+            let got = read_store_token(&args(consul, Some(&good)));
+            if ok {
+                assert_eq!(got.unwrap(), Some("s3cret".to_string()));
+            } else {
+                let e = format!("{:#}", got.unwrap_err());
+                assert!(e.contains(&good.display().to_string()), "{e}");
+                assert!(e.contains(&format!("mode {mode:04o}")), "{e}");
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -628,12 +628,10 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
             "may hold only letters, digits, '-', '_' and '.'",
         ));
     }
-    // A name is a path segment in every store: `..` would be the parent of `services/`.
-    if name == "." || name == ".." {
-        return Err(ValidationError::new(
-            "name",
-            format!("{name:?} is not a service name"),
-        ));
+    // `.` and `..` would name a directory in a file path or a key path, and a leading dot
+    // a hidden file: a name is one plain path segment.
+    if name.starts_with('.') {
+        return Err(ValidationError::new("name", "may not start with '.'"));
     }
     Ok(())
 }
@@ -873,17 +871,6 @@ mod tests {
     }
 
     #[test]
-    fn dot_and_dot_dot_are_not_names() {
-        for name in [".", ".."] {
-            let e = validate_name(name).unwrap_err();
-            assert_eq!(e.field, "name", "{name}");
-        }
-        for name in ["...", ".a", "a..b", "a."] {
-            assert!(validate_name(name).is_ok(), "{name}");
-        }
-    }
-
-    #[test]
     fn each_bad_field_is_named() {
         assert_eq!(
             field_of(spec("10.0.0.100", "tcp", &["10.0.1.1:1"]).validate("a")),
@@ -920,6 +907,17 @@ mod tests {
         let mut s = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]);
         s.table_size = Some(1000);
         assert_eq!(field_of(s.validate("a")), "table_size");
+    }
+
+    #[test]
+    fn dot_names_are_no_service_names() {
+        for name in [".", "..", ".hidden", "..."] {
+            let e = validate_name(name).unwrap_err();
+            assert_eq!(e.field, "name", "{name}");
+        }
+        validate_name("a.b").unwrap();
+        validate_name("a..b").unwrap();
+        validate_name("a.").unwrap();
     }
 
     fn discovered(kind: &str, found: &[&str]) -> ServiceSpec {

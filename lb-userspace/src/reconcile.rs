@@ -75,6 +75,10 @@ const RESTORE_BATCH: usize = 256;
 /// applied without any (they are added when the source answers).
 const FIRST_ANSWER: Duration = Duration::from_secs(3);
 
+/// How long a store watch must have run for its end to count as a new fault rather than
+/// the same one again: the wait before listing again starts over from its least.
+const WATCH_SETTLED: Duration = Duration::from_secs(10);
+
 impl Reconciler {
     pub fn new(store: Arc<dyn Store>, controller: ControllerHandle, sources: Sources) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
@@ -486,7 +490,6 @@ impl Reconciler {
                     continue;
                 }
             };
-            backoff.reset();
             // A stopped controller is reported by whoever calls it next.
             let _ = self.controller.call(Controller::defer_neighbors).await;
             let mut batch = Vec::new();
@@ -541,16 +544,27 @@ impl Reconciler {
                     "restored from the store; ready"
                 );
             }
+            let watched = tokio::time::Instant::now();
             let mut watch = self.store.watch(&snapshot);
+            let mut why = "the watch stopped".to_string();
             while let Some(event) = watch.recv().await {
                 match event {
                     Ok(event) => self.apply_event(&event).await,
                     Err(e) => {
-                        tracing::warn!(error = %e, "the store's watch ended; listing again");
+                        why = e.to_string();
                         break;
                     }
                 }
             }
+            // Listed again after a wait that grows while watches keep failing soon after
+            // they start (a log that does not parse, a store that accepts the watch and
+            // drops it), so that a lasting fault costs no spinning.
+            if watched.elapsed() >= WATCH_SETTLED {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(error = %why, retry_in = ?delay, "the store's watch ended; listing again");
+            tokio::time::sleep(delay).await;
         }
     }
 }

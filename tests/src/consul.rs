@@ -19,7 +19,13 @@
 //! when absent). An index below 1 is answered as 1.
 //!
 //! The server runs on a thread of its own with its own tokio runtime, so sync and async
-//! tests can use it alike; it stops when dropped.
+//! tests can use it alike; it stops when dropped. It may listen as several agents of one
+//! datacenter ([`ConsulServer::start_agents`]): several addresses, one KV store.
+//!
+//! A test may inject a [`Fault`] into the next request of a method at one agent: a 5xx, a
+//! stall past the client's timeout, a connection dropped without an answer, each with the
+//! request taking effect or not, as a Consul agent that loses its leader or its network
+//! would. Requests without a fault follow the protocol above exactly.
 use std::{
     collections::{BTreeMap, HashMap},
     hash::{BuildHasher, Hasher},
@@ -35,7 +41,7 @@ use anyhow::Context;
 use axum::{
     Router,
     body::Bytes,
-    extract::{Path, Query, Request, State},
+    extract::{Extension, Path, Query, Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -246,8 +252,46 @@ impl Catalogue {
     }
 }
 
+/// A failure the server injects into one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answers 500 as Consul does without a cluster leader; the request does nothing.
+    ServerError,
+    /// Holds the request for `hold` (to outlast the client's timeout) without answering,
+    /// then closes the connection; the request takes effect as `applied` says.
+    Stall { hold: Duration, applied: Applied },
+    /// Closes the connection without an answer; the request takes effect as `applied`
+    /// says (`After` is taken as `Before`).
+    Drop { applied: Applied },
+}
+
+/// When a request that meets a [`Fault`] takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// At once, before the failure: the client is not told that it succeeded.
+    Before,
+    /// Once the stall is over, after the client gave up on it.
+    After,
+    Never,
+}
+
+/// Which agent (listening address) a request came in on.
+#[derive(Clone, Copy)]
+struct Agent(usize);
+
+/// A fault waiting for the next request of `method` at `agent`.
+struct Pending {
+    agent: usize,
+    method: axum::http::Method,
+    fault: Fault,
+}
+
 struct Shared {
     catalogue: Mutex<Catalogue>,
+    /// Faults not yet met, in the order injected.
+    faults: Mutex<Vec<Pending>>,
+    /// Requests per agent.
+    agent_requests: Vec<AtomicU64>,
     /// The last index, sent after every write: blocking queries wait on it.
     changed: tokio::sync::watch::Sender<u64>,
     token: Mutex<Option<String>>,
@@ -384,8 +428,67 @@ fn bool_answer(b: bool) -> Response {
     answer(StatusCode::OK, None, Some(b.to_string()))
 }
 
-async fn acl_and_count(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+/// Counts the request, and injects the fault waiting for it, if any.
+async fn count_and_inject(
+    State(shared): State<Arc<Shared>>,
+    Extension(Agent(agent)): Extension<Agent>,
+    req: Request,
+    next: Next,
+) -> Response {
     shared.requests.fetch_add(1, Ordering::Relaxed);
+    shared.agent_requests[agent].fetch_add(1, Ordering::Relaxed);
+    let fault = {
+        let mut faults = shared.faults.lock().unwrap();
+        let at = faults
+            .iter()
+            .position(|p| p.agent == agent && p.method == *req.method());
+        at.map(|i| faults.remove(i).fault)
+    };
+    let Some(fault) = fault else {
+        return next.run(req).await;
+    };
+    match fault {
+        Fault::ServerError => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "rpc error making call: No cluster leader",
+        ),
+        Fault::Drop { applied } => {
+            if applied != Applied::Never {
+                next.run(req).await;
+            }
+            dropped()
+        }
+        Fault::Stall { hold, applied } => {
+            match applied {
+                Applied::Before => {
+                    next.run(req).await;
+                    tokio::time::sleep(hold).await;
+                }
+                // On a task of its own: the client's going away must not cancel it.
+                Applied::After => {
+                    let late = tokio::spawn(async move {
+                        tokio::time::sleep(hold).await;
+                        next.run(req).await;
+                    });
+                    let _ = late.await;
+                }
+                Applied::Never => tokio::time::sleep(hold).await,
+            }
+            dropped()
+        }
+    }
+}
+
+/// An answer that never comes: the body fails at once, so the server closes the
+/// connection before the client has a whole answer.
+fn dropped() -> Response {
+    let failing = futures_util::stream::once(async {
+        Err::<Bytes, _>(std::io::Error::other("connection dropped (injected fault)"))
+    });
+    axum::body::Body::from_stream(failing).into_response()
+}
+
+async fn acl(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let want = shared.token.lock().unwrap().clone();
     if let Some(want) = want {
         let headers = req.headers();
@@ -554,6 +657,8 @@ async fn health_service(
 
 pub struct ConsulServer {
     addr: SocketAddr,
+    /// Every agent's address, the first being `addr`.
+    addrs: Vec<SocketAddr>,
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -562,9 +667,16 @@ pub struct ConsulServer {
 impl ConsulServer {
     /// A server on 127.0.0.1 at a free port.
     pub fn start() -> anyhow::Result<Self> {
-        let listener =
-            TcpListener::bind("127.0.0.1:0").context("binding the Consul test server")?;
-        Self::serve(listener, "127.0.0.1")
+        Self::start_agents(1)
+    }
+
+    /// `n` agents of one datacenter on 127.0.0.1, each at a free port of its own, sharing
+    /// one KV store and catalogue.
+    pub fn start_agents(n: usize) -> anyhow::Result<Self> {
+        let listeners = (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").context("binding the Consul test server"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Self::serve(listeners, "127.0.0.1")
     }
 
     /// A server inside `ns`, listening on `ip` (an address of `ns`) at a free port.
@@ -575,29 +687,40 @@ impl ConsulServer {
                 .with_context(|| {
                     format!("binding the Consul test server to {ip} in {}", ns.name)
                 })?;
-        Self::serve(listener, ip)
+        Self::serve(vec![listener], ip)
     }
 
-    fn serve(listener: TcpListener, node_address: &str) -> anyhow::Result<Self> {
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
+    fn serve(listeners: Vec<TcpListener>, node_address: &str) -> anyhow::Result<Self> {
+        let mut addrs = Vec::new();
+        for l in &listeners {
+            l.set_nonblocking(true)?;
+            addrs.push(l.local_addr()?);
+        }
+        let addr = addrs[0];
         let shared = Arc::new(Shared {
             catalogue: Mutex::new(Catalogue::default()),
+            faults: Mutex::new(Vec::new()),
+            agent_requests: addrs.iter().map(|_| AtomicU64::new(0)).collect(),
             changed: tokio::sync::watch::channel(0).0,
             token: Mutex::new(None),
             requests: AtomicU64::new(0),
             node_address: node_address.to_string(),
         });
-        let app = Router::new()
-            .route("/v1/kv/", get(kv_get).put(kv_put).delete(kv_delete))
-            .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
-            .route("/v1/health/service/{service}", get(health_service))
-            .layer(middleware::from_fn_with_state(
-                shared.clone(),
-                acl_and_count,
-            ))
-            .layer(axum::extract::DefaultBodyLimit::max(2 * MAX_VALUE))
-            .with_state(shared.clone());
+        let app = |agent: usize| {
+            Router::new()
+                .route("/v1/kv/", get(kv_get).put(kv_put).delete(kv_delete))
+                .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
+                .route("/v1/health/service/{service}", get(health_service))
+                .layer(middleware::from_fn_with_state(shared.clone(), acl))
+                .layer(middleware::from_fn_with_state(
+                    shared.clone(),
+                    count_and_inject,
+                ))
+                .layer(Extension(Agent(agent)))
+                .layer(axum::extract::DefaultBodyLimit::max(2 * MAX_VALUE))
+                .with_state(shared.clone())
+        };
+        let apps: Vec<Router> = (0..listeners.len()).map(app).collect();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let thread = std::thread::Builder::new()
@@ -614,20 +737,24 @@ impl ConsulServer {
                     }
                 };
                 runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.into()));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    // Dropping the server future (and then the runtime) ends every
-                    // connection, blocking queries included.
-                    tokio::select! {
-                        _ = axum::serve(listener, app) => {}
-                        _ = stopped => {}
+                    let mut servers = tokio::task::JoinSet::new();
+                    for (listener, app) in listeners.into_iter().zip(apps) {
+                        let listener = match tokio::net::TcpListener::from_std(listener) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e.into()));
+                                return;
+                            }
+                        };
+                        servers.spawn(async move {
+                            let _ = axum::serve(listener, app).await;
+                        });
                     }
+                    let _ = ready_tx.send(Ok(()));
+                    // Dropping the servers (and then the runtime) ends every connection,
+                    // blocking queries included.
+                    let _ = stopped.await;
+                    servers.abort_all();
                 });
             })?;
         ready_rx
@@ -635,6 +762,7 @@ impl ConsulServer {
             .context("the Consul test server's thread died")??;
         Ok(Self {
             addr,
+            addrs,
             shared,
             stop: Some(stop),
             thread: Some(thread),
@@ -651,9 +779,42 @@ impl ConsulServer {
         self.addr
     }
 
-    /// The `--store` URL of this server.
+    /// Every agent's address (`host:port`), in order.
+    pub fn addrs(&self) -> Vec<String> {
+        self.addrs.iter().map(ToString::to_string).collect()
+    }
+
+    /// The `--store` URL of this server: every agent's address.
     pub fn url(&self) -> String {
-        format!("consul://{}", self.addr)
+        format!("consul://{}", self.addrs().join(","))
+    }
+
+    /// Injects `fault` into the next `method` request (`GET`, `PUT`, `DELETE`) that agent
+    /// `agent` receives. Faults injected for one agent and method are met in order.
+    pub fn inject(&self, agent: usize, method: &str, fault: Fault) {
+        assert!(agent < self.addrs.len(), "no agent {agent}");
+        let method = method.parse().expect("an HTTP method");
+        self.shared.faults.lock().unwrap().push(Pending {
+            agent,
+            method,
+            fault,
+        });
+    }
+
+    /// How many injected faults no request has met yet.
+    pub fn faults_pending(&self) -> usize {
+        self.shared.faults.lock().unwrap().len()
+    }
+
+    /// How many requests agent `agent` has received.
+    pub fn requests_at(&self, agent: usize) -> u64 {
+        self.shared.agent_requests[agent].load(Ordering::Relaxed)
+    }
+
+    /// The `ModifyIndex` of `key`, if it exists.
+    pub fn kv_index(&self, key: &str) -> Option<u64> {
+        let c = self.shared.catalogue.lock().unwrap();
+        c.kv.get(key).map(|e| e.modify_index)
     }
 
     /// The last index given out.

@@ -173,6 +173,12 @@ fn a_service_from_consul_follows_its_health_checks() {
     std::fs::create_dir_all(&*secrets).unwrap();
     let token_file = secrets.join("token");
     std::fs::write(&token_file, "s3cret\n").unwrap();
+    // lb refuses a token file that group or others may read.
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let ip = |i: usize| topo.backend(i, 8080).ip().to_string();
     let be = |i: usize| topo.backend(i, 8080).to_string();
     consul.register("web", "web-0", &ip(0), 8080, "passing");

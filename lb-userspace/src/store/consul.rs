@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
 use crate::{
     consul_http::{
-        ConsulClient, ConsulError, REQUEST_TIMEOUT, Reply, blocking_timeout, next_index, wait_param,
+        ConsulClient, ConsulError, REQUEST_TIMEOUT, Reply, WriteError, blocking_timeout,
+        next_index, wait_param,
     },
     retry::Backoff,
 };
@@ -32,6 +33,9 @@ const WATCH_MAX_FAILURES: u32 = 20;
 /// The wait after a failed query of a watch: doubling from the least to the most.
 const WATCH_MIN_BACKOFF: Duration = Duration::from_millis(100);
 const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How many times a write is sent in all when each attempt got no answer and a read then
+/// found it had not taken effect.
+const WRITE_ATTEMPTS: usize = 3;
 
 pub struct ConsulStore {
     client: Arc<ConsulClient>,
@@ -40,6 +44,20 @@ pub struct ConsulStore {
     /// `<prefix>/secret`
     secret_key: String,
     wait: Duration,
+    /// How long an ordinary request may take.
+    timeout: Duration,
+}
+
+/// What a read after a write that got no answer found.
+enum Settled {
+    /// The key holds what was written, at this index: the write took effect (or another
+    /// writer wrote the very same value, which comes to the same).
+    Applied(u64),
+    /// The key is as it was expected before the write: the write did not take effect, and
+    /// may be sent again.
+    NotApplied,
+    /// Someone else changed the key: found at this index, or gone.
+    Changed(Option<u64>),
 }
 
 /// One key as Consul lists it.
@@ -72,7 +90,15 @@ impl ConsulStore {
             keys: format!("{prefix}/services/"),
             secret_key: format!("{prefix}/secret"),
             wait: WATCH_WAIT,
+            timeout: REQUEST_TIMEOUT,
         })
+    }
+
+    /// How long each ordinary request (not a watch's blocking query) may take before the
+    /// next address is tried (5 s unless changed).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// How long each blocking query of a watch waits (30 s unless changed).
@@ -94,7 +120,7 @@ impl ConsulStore {
     async fn get(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let reply = self
             .client
-            .request(Method::GET, &self.path(name), None, REQUEST_TIMEOUT)
+            .request(Method::GET, &self.path(name), None, self.timeout)
             .await
             .map_err(unavailable)?;
         if reply.status == StatusCode::NOT_FOUND {
@@ -120,35 +146,89 @@ impl ConsulStore {
         }
     }
 
-    /// Sends a write and reads Consul's `true` or `false`.
+    /// Sends a write once (see [`ConsulClient::write`]): Consul's `true` or `false`, or
+    /// `None` when it got no answer to trust, described in `unknown`.
     async fn write(
         &self,
         method: Method,
         path: &str,
         body: Option<&[u8]>,
-    ) -> Result<bool, StoreError> {
-        let reply = self
-            .client
-            .request(method, path, body, REQUEST_TIMEOUT)
-            .await
-            .map_err(unavailable)?;
-        if reply.status != StatusCode::OK {
-            let why = reply.unexpected();
-            return Err(if reply.status.is_client_error() {
-                StoreError::Invalid(why)
-            } else {
-                StoreError::Unavailable(why)
-            });
-        }
-        match reply.body_text().as_str() {
-            "true" => Ok(true),
-            "false" => Ok(false),
-            _ => Err(StoreError::Unavailable(format!(
-                "{} (expected true or false)",
-                reply.unexpected()
-            ))),
+        unknown: &mut String,
+    ) -> Result<Option<bool>, StoreError> {
+        match self.client.write(method, path, body, self.timeout).await {
+            Ok(reply) => write_answer(&reply).map(Some),
+            Err(WriteError::Unknown(why)) => {
+                tracing::warn!(
+                    path,
+                    "consul: a write got no answer ({why}); reading to learn whether it took effect"
+                );
+                *unknown = why;
+                Ok(None)
+            }
+            Err(WriteError::NotSent(why)) => Err(StoreError::Unavailable(why)),
+            Err(WriteError::Refused(e)) => Err(unavailable(e)),
         }
     }
+
+    /// Whether a put of `value` under `name` against `expect` took effect, from what the
+    /// key holds now.
+    async fn settle_put(
+        &self,
+        name: &str,
+        value: &[u8],
+        expect: Expect,
+    ) -> Result<Settled, StoreError> {
+        let now = self.get(name).await?;
+        Ok(match (expect, now) {
+            (_, Some((index, v))) if v == value => Settled::Applied(index),
+            (Expect::Any, _) | (Expect::Absent, None) => Settled::NotApplied,
+            (Expect::Revision(r), Some((index, _))) if index == r => Settled::NotApplied,
+            (_, now) => Settled::Changed(now.map(|(index, _)| index)),
+        })
+    }
+
+    /// The index `value`, just written under `name`, is at.
+    async fn index_of_write(&self, name: &str, value: &[u8]) -> Result<u64, StoreError> {
+        // Consul's PUT answers only true, not the index it wrote at: read it back.
+        Ok(match self.get(name).await? {
+            Some((index, now)) if now == value => index,
+            // Someone else wrote after us already: report a revision just older than
+            // theirs (and newer than ours), so a compare-and-set against it fails as it
+            // must and the watch's event for their write still counts as newer.
+            Some((index, _)) => index.saturating_sub(1).max(1),
+            // Already deleted again: the oldest revision there is, so that every later
+            // change, the deletion included, counts as newer.
+            None => 1,
+        })
+    }
+}
+
+/// Consul's `true` or `false` to a write.
+fn write_answer(reply: &Reply) -> Result<bool, StoreError> {
+    if reply.status != StatusCode::OK {
+        let why = reply.unexpected();
+        return Err(if reply.status.is_client_error() {
+            StoreError::Invalid(why)
+        } else {
+            StoreError::Unavailable(why)
+        });
+    }
+    match reply.body_text().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(StoreError::Unavailable(format!(
+            "{} (expected true or false)",
+            reply.unexpected()
+        ))),
+    }
+}
+
+/// The error for a write sent `WRITE_ATTEMPTS` times without an answer, none of which
+/// took effect.
+fn gave_up(name: &str, last: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "{name}: no answer to {WRITE_ATTEMPTS} attempts at writing it, and none took effect ({last})"
+    ))
 }
 
 fn parse_pairs(reply: &Reply) -> Result<Vec<KvPair>, StoreError> {
@@ -180,9 +260,9 @@ async fn list_keys(
     client: &ConsulClient,
     keys: &str,
     block: Option<(u64, Duration)>,
+    mut timeout: Duration,
 ) -> Result<Snapshot, ConsulListError> {
     let mut path = format!("/v1/kv/{keys}?recurse");
-    let mut timeout = REQUEST_TIMEOUT;
     if let Some((index, wait)) = block {
         path.push_str(&format!("&index={index}&wait={}", wait_param(wait)));
         timeout = blocking_timeout(wait);
@@ -267,7 +347,7 @@ fn diff(known: &mut HashMap<String, u64>, now: &[Entry], index: u64) -> Vec<Even
 #[async_trait]
 impl Store for ConsulStore {
     async fn list(&self) -> Result<Snapshot, StoreError> {
-        Ok(list_keys(&self.client, &self.keys, None).await?)
+        Ok(list_keys(&self.client, &self.keys, None, self.timeout).await?)
     }
 
     async fn put(&self, name: &str, value: &[u8], expect: Expect) -> Result<u64, StoreError> {
@@ -279,40 +359,74 @@ impl Store for ConsulStore {
             Expect::Revision(0) => return Err(self.conflict(name, expect).await),
             Expect::Revision(r) => format!("{}?cas={r}", self.path(name)),
         };
-        if !self.write(Method::PUT, &path, Some(value)).await? {
-            return Err(self.conflict(name, expect).await);
+        // A compare-and-set sent again after it took effect fails: so a write that got no
+        // answer is read back, and sent again only if it did not take effect.
+        let mut unknown = String::new();
+        for _ in 0..WRITE_ATTEMPTS {
+            let settled = match self.write(Method::PUT, &path, Some(value), &mut unknown).await? {
+                Some(true) => return self.index_of_write(name, value).await,
+                Some(false) if unknown.is_empty() => {
+                    return Err(self.conflict(name, expect).await);
+                }
+                // Refused after an attempt without an answer: that one may have taken
+                // effect, and be why this one was refused.
+                Some(false) => match self.settle_put(name, value, expect).await? {
+                    Settled::Applied(index) => return Ok(index),
+                    Settled::NotApplied | Settled::Changed(_) => {
+                        return Err(self.conflict(name, expect).await);
+                    }
+                },
+                None => self.settle_put(name, value, expect).await.map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "{unknown}; and reading {name} to learn whether the write took effect failed: {e}"
+                    ))
+                })?,
+            };
+            match settled {
+                Settled::Applied(index) => return Ok(index),
+                Settled::NotApplied => {}
+                Settled::Changed(found) => {
+                    return Err(StoreError::Conflict {
+                        name: name.to_string(),
+                        expected: expect,
+                        found,
+                    });
+                }
+            }
         }
-        // Consul's PUT answers only true, not the index it wrote at: read it back.
-        Ok(match self.get(name).await? {
-            Some((index, now)) if now == value => index,
-            // Someone else wrote after us already: report a revision just older than
-            // theirs (and newer than ours), so a compare-and-set against it fails as it
-            // must and the watch's event for their write still counts as newer.
-            Some((index, _)) => index.saturating_sub(1).max(1),
-            // Already deleted again: the oldest revision there is, so that every later
-            // change, the deletion included, counts as newer.
-            None => 1,
-        })
+        Err(gave_up(name, &unknown))
     }
 
     async fn secret(&self, proposal: &[u8]) -> Result<Vec<u8>, StoreError> {
         let path = format!("/v1/kv/{}", self.secret_key);
-        if self
-            .write(Method::PUT, &format!("{path}?cas=0"), Some(proposal))
-            .await?
-        {
-            return Ok(proposal.to_vec());
+        let mut unknown = String::new();
+        for _ in 0..WRITE_ATTEMPTS {
+            let created = self
+                .write(
+                    Method::PUT,
+                    &format!("{path}?cas=0"),
+                    Some(proposal),
+                    &mut unknown,
+                )
+                .await?;
+            if created == Some(true) {
+                return Ok(proposal.to_vec());
+            }
+            // Refused (another node's is there), or no answer (ours may be there): read it.
+            let reply = self
+                .client
+                .request(Method::GET, &path, None, self.timeout)
+                .await
+                .map_err(unavailable)?;
+            if reply.status == StatusCode::NOT_FOUND {
+                continue; // not created after all (or deleted again): propose again
+            }
+            let pairs = parse_pairs(&reply)?;
+            if let Some(pair) = pairs.into_iter().next() {
+                return decode(&reply, &pair);
+            }
         }
-        let reply = self
-            .client
-            .request(Method::GET, &path, None, REQUEST_TIMEOUT)
-            .await
-            .map_err(unavailable)?;
-        let pairs = parse_pairs(&reply)?;
-        let pair = pairs.into_iter().next().ok_or_else(|| {
-            StoreError::Unavailable(format!("consul: {} vanished", self.secret_key))
-        })?;
-        decode(&reply, &pair)
+        Err(gave_up(&self.secret_key, &unknown))
     }
 
     async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError> {
@@ -321,9 +435,14 @@ impl Store for ConsulStore {
         // the key is read first and deleted at the index read: "was it there" is then
         // exact, unless another writer deletes it between the read and our delete (both
         // deleters are told it was there).
+        let mut unknown = String::new();
+        let mut unanswered = 0;
         for _ in 0..100 {
             let current = self.get(name).await?.map(|(index, _)| index);
             let index = match (expect, current) {
+                // Gone after a delete that got no answer: that one took effect (or another
+                // deleter's did), and the key was there at the index it was sent with.
+                (_, None) if unanswered > 0 => return Ok(true),
                 (Expect::Any | Expect::Absent, None) => return Ok(false),
                 (Expect::Any, Some(index)) => index,
                 (Expect::Revision(r), Some(index)) if index == r => index,
@@ -336,11 +455,25 @@ impl Store for ConsulStore {
                 }
             };
             let path = format!("{}?cas={index}", self.path(name));
-            if self.write(Method::DELETE, &path, None).await? {
-                return Ok(true);
+            match self
+                .write(Method::DELETE, &path, None, &mut unknown)
+                .await?
+            {
+                Some(true) => return Ok(true),
+                // Changed between the read and the delete: read again (a conflict, unless
+                // any revision will do).
+                Some(false) => {}
+                // No answer: read again to learn whether it took effect.
+                None => {
+                    unanswered += 1;
+                    if unanswered == WRITE_ATTEMPTS {
+                        return match self.get(name).await? {
+                            None => Ok(true),
+                            Some(_) => Err(gave_up(name, &unknown)),
+                        };
+                    }
+                }
             }
-            // Changed between the read and the delete: read again (a conflict, unless any
-            // revision will do).
         }
         Err(StoreError::Unavailable(format!(
             "consul at {}: {name} kept changing while being deleted",
@@ -350,7 +483,12 @@ impl Store for ConsulStore {
 
     fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>> {
         let (tx, rx) = mpsc::channel(256);
-        let (client, keys, wait) = (self.client.clone(), self.keys.clone(), self.wait);
+        let (client, keys, wait, timeout) = (
+            self.client.clone(),
+            self.keys.clone(),
+            self.wait,
+            self.timeout,
+        );
         let mut known: HashMap<String, u64> = from
             .entries
             .iter()
@@ -371,7 +509,7 @@ impl Store for ConsulStore {
                 // blocking, to learn where things stand.
                 let block = (index > 0).then_some((index, wait));
                 let answer = tokio::select! {
-                    a = list_keys(&client, &keys, block) => a,
+                    a = list_keys(&client, &keys, block, timeout) => a,
                     () = tx.closed() => return,
                 };
                 let snapshot = match answer {

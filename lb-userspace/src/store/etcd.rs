@@ -242,12 +242,16 @@ impl Store for EtcdStore {
                         continue;
                     }
                 };
-                loop {
+                let broken = loop {
                     let message = tokio::select! {
                         m = stream.message() => m,
                         () = tx.closed() => return,
                     };
-                    let Ok(Some(resp)) = message else { break };
+                    let resp = match message {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) => break "the watch stream ended".to_string(),
+                        Err(e) => break e.to_string(),
+                    };
                     failures = 0;
                     backoff.reset();
                     if resp.canceled() {
@@ -281,6 +285,16 @@ impl Store for EtcdStore {
                             return;
                         }
                     }
+                };
+                // A stream that breaks at once, again and again, must not spin.
+                failures += 1;
+                if failures > 20 {
+                    let _ = tx.send(Err(fail(broken))).await;
+                    return;
+                }
+                tokio::select! {
+                    () = backoff.wait() => {}
+                    () = tx.closed() => return,
                 }
             }
         });
