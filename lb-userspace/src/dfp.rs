@@ -281,6 +281,9 @@ fn failure(e: ReconcileError) -> Nok {
     let status = crate::web::status_of(&e);
     let field = match &e {
         ReconcileError::Control(ControlError::Invalid(v)) => dfp_field(&v.field),
+        ReconcileError::Store(crate::store::StoreError::Claimed { claim, .. }) => {
+            dfp_field(claim.field())
+        }
         _ => String::new(),
     };
     nok(status, &field, e.to_string())

@@ -7,6 +7,7 @@
 //! crash an entry is either wholly there or not at all. Writers serialise on an flock of
 //! `<dir>/lock`, so several processes may share one directory.
 use std::{
+    collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{Read, Seek, SeekFrom, Write},
     os::fd::AsRawFd,
@@ -18,7 +19,11 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
+use super::{
+    Entry, Event, Expect, Snapshot, Store, StoreError,
+    claims::{self, Claim, Claims, Held},
+    check_name,
+};
 
 const HEADER: &str = "lb-store-entry 1 revision ";
 
@@ -187,6 +192,16 @@ impl FileStore {
     ) -> Result<(u64, bool), StoreError> {
         check_name(name)?;
         let _lock = Lock::take(&self.dir.join("lock"), true)?;
+        self.write_locked(name, value, expect)
+    }
+
+    /// `write_sync` for a caller that holds the lock.
+    fn write_locked(
+        &self,
+        name: &str,
+        value: Option<&[u8]>,
+        expect: Expect,
+    ) -> Result<(u64, bool), StoreError> {
         let path = self.entry_path(name);
         let current = Self::read_entry(&path, name)?.map(|e| e.revision);
         let holds = match expect {
@@ -238,6 +253,107 @@ impl FileStore {
             .map_err(io(&log))?;
         write_atomically(&self.dir.join("revision"), revision.to_string().as_bytes())?;
         Ok((revision, current.is_some()))
+    }
+}
+
+/// Claims (see [`claims`]): `<dir>/claims/<kind>/<id>` holds the name of the service that
+/// has the claim. They are written under the store's lock, before the document that makes
+/// them, and removed after the one that drops them: a crash in between leaves at worst a
+/// claim whose service has no document, which counts as free.
+impl FileStore {
+    fn claim_path(&self, claim: &Claim) -> PathBuf {
+        self.dir.join("claims").join(claim.key())
+    }
+
+    /// Who holds each of `claims` now (absent ones left out).
+    fn read_claims(&self, claims: &Claims) -> Result<HashMap<String, Held>, StoreError> {
+        let mut found = HashMap::new();
+        for claim in claims.all() {
+            let path = self.claim_path(claim);
+            let holder = match fs::read_to_string(&path) {
+                Ok(h) => h,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&path)(e)),
+            };
+            // A holder that is no service name (a damaged file) holds nothing.
+            let holder_exists =
+                check_name(&holder).is_ok() && self.entry_path(&holder).exists();
+            found.insert(
+                claim.key().to_string(),
+                Held {
+                    holder,
+                    revision: 1,
+                    holder_exists,
+                },
+            );
+        }
+        Ok(found)
+    }
+
+    fn set_claim(&self, claim: &Claim, name: &str) -> Result<(), StoreError> {
+        let path = self.claim_path(claim);
+        let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // One temporary file for every claim: writers hold the lock, and no claim kind
+        // starts with a dot.
+        let tmp = self.dir.join("claims").join(".tmp");
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(name.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))
+    }
+
+    fn remove_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        let path = self.claim_path(claim);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// `write_sync` that also moves `name`'s claims, all under the lock.
+    fn write_claiming_sync(
+        &self,
+        name: &str,
+        value: Option<&[u8]>,
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<(u64, bool), StoreError> {
+        check_name(name)?;
+        let _lock = Lock::take(&self.dir.join("lock"), true)?;
+        let current = Self::read_entry(&self.entry_path(name), name)?.map(|e| e.revision);
+        if !expect.holds(current) {
+            return Err(StoreError::Conflict {
+                name: name.to_string(),
+                expected: expect,
+                found: current,
+            });
+        }
+        let found = self.read_claims(claims)?;
+        let plan = claims::plan(name, claims, &found)?;
+        for claim in &plan.take {
+            self.set_claim(claim, name)?;
+        }
+        let written = match self.write_locked(name, value, expect) {
+            Ok(w) => w,
+            Err(e) => {
+                // Not taken after all (best effort: left behind, a claim of a service
+                // without a document is free anyway).
+                for claim in &plan.take {
+                    let _ = self.remove_claim(claim);
+                }
+                return Err(e);
+            }
+        };
+        for (claim, _) in &plan.release {
+            self.remove_claim(claim)?;
+        }
+        Ok(written)
     }
 }
 
@@ -356,6 +472,55 @@ impl Store for FileStore {
         );
         tokio::task::spawn_blocking(move || {
             me.write_sync(&name, None, expect)
+                .map(|(_, existed)| existed)
+        })
+        .await
+        .map_err(|e| StoreError::Invalid(e.to_string()))?
+    }
+
+    async fn put_claiming(
+        &self,
+        name: &str,
+        value: &[u8],
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<u64, StoreError> {
+        let (me, name, value, claims) = (
+            Self {
+                dir: self.dir.clone(),
+                poll: self.poll,
+            },
+            name.to_string(),
+            value.to_vec(),
+            claims.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            me.write_claiming_sync(&name, Some(&value), expect, &claims)
+                .map(|(r, _)| r)
+        })
+        .await
+        .map_err(|e| StoreError::Invalid(e.to_string()))?
+    }
+
+    async fn delete_claiming(
+        &self,
+        name: &str,
+        expect: Expect,
+        claims: &[Claim],
+    ) -> Result<bool, StoreError> {
+        let (me, name) = (
+            Self {
+                dir: self.dir.clone(),
+                poll: self.poll,
+            },
+            name.to_string(),
+        );
+        let claims = Claims {
+            hold: Vec::new(),
+            previous: claims.to_vec(),
+        };
+        tokio::task::spawn_blocking(move || {
+            me.write_claiming_sync(&name, None, expect, &claims)
                 .map(|(_, existed)| existed)
         })
         .await
