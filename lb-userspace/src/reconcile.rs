@@ -262,10 +262,7 @@ impl Reconciler {
             hold: claims_of(&svc),
             previous: previous.as_ref().map(claims_of).unwrap_or_default(),
         };
-        let revision = self
-            .store
-            .put_claiming(name, &doc, expect, &claims)
-            .await?;
+        let revision = self.store.put_claiming(name, &doc, expect, &claims).await?;
         let (applied, next_hops) = self
             .controller
             .call(move |c| (c.apply(svc), c.next_hops_done()))

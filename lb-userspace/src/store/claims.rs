@@ -199,8 +199,7 @@ pub fn plan<'a>(
     let mut plan = ClaimPlan::default();
     for claim in claims.all() {
         let now = found.get(claim.key());
-        plan.unchanged
-            .push((claim, now.map_or(0, |h| h.revision)));
+        plan.unchanged.push((claim, now.map_or(0, |h| h.revision)));
         let held = claims.hold.contains(claim);
         match now {
             Some(h) if h.holder == name => {
@@ -255,14 +254,14 @@ mod tests {
         }));
         assert_eq!(keys(&claims_of(&l4)), ["vip/10.0.0.1:80:udp"]);
         let http = service(serde_json::json!({
-            "http": {"paths": ["/demo", "/a b%/ü"], "domain": "Example.com", "default_backend": true},
+            "http": {"paths": ["/demo", "/a%b/ü"], "domain": "Example.com", "default_backend": true},
             "backends": ["10.0.1.1:80"]
         }));
         assert_eq!(
             keys(&claims_of(&http)),
             [
                 "default/backend",
-                "path/example.com:%2Fa%20b%25%2F%C3%BC",
+                "path/example.com:%2Fa%25b%2F%C3%BC",
                 "path/example.com:%2Fdemo",
             ]
         );

@@ -15,9 +15,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{
-    Entry, Event, Expect, Snapshot, Store, StoreError,
+    Entry, Event, Expect, Snapshot, Store, StoreError, check_name,
     claims::{self, Claim, Claims, Held},
-    check_name,
 };
 use crate::{
     consul_http::{
@@ -286,6 +285,13 @@ struct KvOp {
     index: u64,
 }
 
+/// One entry of a `/v1/txn` body: `{"KV": {...}}`.
+#[derive(serde::Serialize)]
+struct TxnOp<'a> {
+    #[serde(rename = "KV")]
+    kv: &'a KvOp,
+}
+
 /// A `/v1/txn` answer: the entries written (200), or why it was rolled back (409).
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -342,7 +348,8 @@ impl ConsulStore {
     /// Sends `ops` as one transaction: the `ModifyIndex` each written key got, or none
     /// when Consul rolled it back (409: something was not as read).
     async fn transaction(&self, ops: &[KvOp]) -> Result<Option<HashMap<String, u64>>, StoreError> {
-        let body = serde_json::to_vec(ops).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let ops: Vec<TxnOp> = ops.iter().map(|kv| TxnOp { kv }).collect();
+        let body = serde_json::to_vec(&ops).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let reply = self
             .client
             .request(Method::PUT, "/v1/txn", Some(&body), REQUEST_TIMEOUT)
@@ -396,8 +403,8 @@ impl ConsulStore {
                     continue;
                 };
                 let holder = String::from_utf8_lossy(&holder).into_owned();
-                let holder_exists =
-                    holder == name || (check_name(&holder).is_ok() && self.get(&holder).await?.is_some());
+                let holder_exists = holder == name
+                    || (check_name(&holder).is_ok() && self.get(&holder).await?.is_some());
                 found.insert(
                     claim.key().to_string(),
                     Held {

@@ -12,9 +12,8 @@ use etcd_client::{
 use tokio::sync::mpsc;
 
 use super::{
-    Entry, Event, Expect, Snapshot, Store, StoreError,
+    Entry, Event, Expect, Snapshot, Store, StoreError, check_name,
     claims::{self, Claim, Claims, Held},
-    check_name,
 };
 use crate::retry::Backoff;
 
@@ -181,6 +180,9 @@ impl EtcdStore {
         &self,
         keys: &[String],
     ) -> Result<Vec<Option<etcd_client::KeyValue>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let gets: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
         let resp = self.run_txn(Txn::new().and_then(gets)).await?;
         Ok(resp
@@ -218,7 +220,9 @@ impl EtcdStore {
                     && kv.value() == v
                     && claims.hold.iter().all(|c| {
                         let i = wanted.iter().position(|w| *w == c).expect("listed") + 1;
-                        read[i].as_ref().is_some_and(|h| h.value() == name.as_bytes())
+                        read[i]
+                            .as_ref()
+                            .is_some_and(|h| h.value() == name.as_bytes())
                     })
                 {
                     return Ok((kv.mod_revision() as u64, true));
@@ -270,7 +274,11 @@ impl EtcdStore {
                 compares.push(as_read(&self.claim_key(claim), *revision));
             }
             for gone in &plan.gone {
-                compares.push(Compare::create_revision(self.key(gone), CompareOp::Equal, 0));
+                compares.push(Compare::create_revision(
+                    self.key(gone),
+                    CompareOp::Equal,
+                    0,
+                ));
             }
             let mut ops = vec![match value {
                 Some(v) => TxnOp::put(key.as_str(), v, None),
@@ -282,7 +290,9 @@ impl EtcdStore {
             for (claim, _) in &plan.release {
                 ops.push(TxnOp::delete(self.claim_key(claim), None));
             }
-            let resp = self.run_txn(Txn::new().when(compares).and_then(ops)).await?;
+            let resp = self
+                .run_txn(Txn::new().when(compares).and_then(ops))
+                .await?;
             if resp.succeeded() {
                 let revision = resp.header().map_or(0, |h| h.revision() as u64);
                 return Ok((revision, current.is_some()));

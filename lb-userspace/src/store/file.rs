@@ -20,9 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{
-    Entry, Event, Expect, Snapshot, Store, StoreError,
+    Entry, Event, Expect, Snapshot, Store, StoreError, check_name,
     claims::{self, Claim, Claims, Held},
-    check_name,
 };
 
 const HEADER: &str = "lb-store-entry 1 revision ";
@@ -276,8 +275,7 @@ impl FileStore {
                 Err(e) => return Err(io(&path)(e)),
             };
             // A holder that is no service name (a damaged file) holds nothing.
-            let holder_exists =
-                check_name(&holder).is_ok() && self.entry_path(&holder).exists();
+            let holder_exists = check_name(&holder).is_ok() && self.entry_path(&holder).exists();
             found.insert(
                 claim.key().to_string(),
                 Held {
