@@ -282,10 +282,10 @@ async fn claims_contract(store: &dyn Store) {
         store.put_claiming("b", br#"{"who":"b"}"#, Expect::Absent, &just_vip),
     );
     assert_eq!(a.is_ok() as u8 + b.is_ok() as u8, 1, "{a:?} {b:?}");
-    let (winner, loser, won, lost) = if a.is_ok() {
-        ("a", "b", a.unwrap(), b.unwrap_err())
-    } else {
-        ("b", "a", b.unwrap(), a.unwrap_err())
+    let (winner, loser, won, lost) = match (a, b) {
+        (Ok(won), Err(lost)) => ("a", "b", won, lost),
+        (Err(lost), Ok(won)) => ("b", "a", won, lost),
+        other => unreachable!("{other:?}"),
     };
     match &lost {
         StoreError::Claimed { claim, holder } => {
@@ -380,7 +380,7 @@ async fn claims_contract(store: &dyn Store) {
 
     // Claims are not services: listings show only documents.
     let mut services = vec!["c", "f", loser];
-    services.sort();
+    services.sort_unstable();
     assert_eq!(names(&store.list().await.unwrap()), services);
 }
 

@@ -72,7 +72,7 @@ impl Claim {
     pub fn http_path(domain: Option<&str>, path: &str) -> Self {
         let host = domain.unwrap_or("*");
         let encoded = utf8_percent_encode(path, PATH_KEEP);
-        let on = domain.map_or("any host".to_string(), |d| d.to_string());
+        let on = domain.map_or_else(|| "any host".to_string(), ToString::to_string);
         Self::new(
             "path",
             format!("{host}:{encoded}"),
