@@ -60,6 +60,9 @@ impl From<ReconcileError> for ApiError {
                 tracing::error!(error = %d, "applying to the data plane");
                 (d.to_string(), None)
             }
+            ReconcileError::Store(StoreError::Claimed { claim, .. }) => {
+                (e.to_string(), Some(claim.field().to_string()))
+            }
             ReconcileError::Store(StoreError::Conflict { .. }) => {
                 (format!("{e}; read the service again and retry"), None)
             }

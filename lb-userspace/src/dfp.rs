@@ -285,6 +285,9 @@ fn failure(e: ReconcileError) -> Nok {
         ReconcileError::Control(ControlError::Invalid(v) | ControlError::LocalListener(v)) => {
             dfp_field(&v.field)
         }
+        ReconcileError::Store(crate::store::StoreError::Claimed { claim, .. }) => {
+            dfp_field(claim.field())
+        }
         _ => String::new(),
     };
     nok(status, &field, e.to_string())

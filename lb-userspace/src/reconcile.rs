@@ -23,7 +23,11 @@ use crate::{
     model::{Discovery, DiscoverySpec, Service, ServiceSpec, ValidationError},
     owner::{ControllerHandle, Stopped},
     retry::Backoff,
-    store::{Entry, Event, Expect, Store, StoreError, document::StoredService},
+    store::{
+        Entry, Event, Expect, Store, StoreError,
+        claims::{Claims, claims_of},
+        document::StoredService,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -297,7 +301,13 @@ impl Reconciler {
             .revision_of(name)
             .map_or(Expect::Absent, Expect::Revision);
         let doc = StoredService::of(&svc).to_bytes();
-        let revision = self.store.put(name, &doc, expect).await?;
+        // The VIP or routes, claimed for the whole group in the same write: another node may
+        // be giving them to another service right now.
+        let claims = Claims {
+            hold: claims_of(&svc),
+            previous: previous.as_ref().map(claims_of).unwrap_or_default(),
+        };
+        let revision = self.store.put_claiming(name, &doc, expect, &claims).await?;
         let (applied, next_hops) = self
             .controller
             .call(move |c| (c.apply(svc), c.next_hops_done()))
@@ -315,16 +325,20 @@ impl Reconciler {
                 let undo = match &previous {
                     Some(p) => self
                         .store
-                        .put(
+                        .put_claiming(
                             name,
                             &StoredService::of(p).to_bytes(),
                             Expect::Revision(revision),
+                            &Claims {
+                                hold: claims.previous.clone(),
+                                previous: claims.hold.clone(),
+                            },
                         )
                         .await
                         .map(Some),
                     None => self
                         .store
-                        .delete(name, Expect::Revision(revision))
+                        .delete_claiming(name, Expect::Revision(revision), &claims.hold)
                         .await
                         .map(|_| None),
                 };
@@ -349,7 +363,15 @@ impl Reconciler {
         let Some(revision) = self.revision_of(name) else {
             return Err(ControlError::NotFound(name.to_string()).into());
         };
-        self.store.delete(name, Expect::Revision(revision)).await?;
+        let owned = name.to_string();
+        let claims = self
+            .controller
+            .call(move |c| c.get_service(&owned).map(claims_of))
+            .await?
+            .unwrap_or_default();
+        self.store
+            .delete_claiming(name, Expect::Revision(revision), &claims)
+            .await?;
         let owned = name.to_string();
         self.controller.call(move |c| c.delete(&owned)).await??;
         self.set_deleted(name, revision);

@@ -23,7 +23,9 @@ pub fn status_of(e: &ReconcileError) -> StatusCode {
             StatusCode::INSUFFICIENT_STORAGE
         }
         ReconcileError::Control(ControlError::Dataplane(_)) => StatusCode::INTERNAL_SERVER_ERROR,
-        ReconcileError::Store(StoreError::Conflict { .. }) => StatusCode::CONFLICT,
+        ReconcileError::Store(StoreError::Conflict { .. } | StoreError::Claimed { .. }) => {
+            StatusCode::CONFLICT
+        }
         ReconcileError::Store(StoreError::Invalid(_)) => StatusCode::BAD_REQUEST,
         ReconcileError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         ReconcileError::Stopped(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -5,6 +5,11 @@
 //! - `GET /v1/kv/<key>` (404 if absent), `?recurse` (every key with that prefix; 404 if
 //!   none), `PUT` with `?cas` (0: create only) and `?flags`, `DELETE` with `?cas` or
 //!   `?recurse`; writes answer `true` or `false`.
+//! - `PUT /v1/txn` with KV operations only, verbs `set`, `cas`, `get`, `check-index`,
+//!   `check-not-exists`, `delete` and `delete-cas`: applied all or none, at one index;
+//!   200 with `Results` (the entries set, got or checked; values only for `get`), or 409
+//!   with `Errors` (each failed operation's `OpIndex` and `What`); at most 128 operations
+//!   (413 beyond).
 //! - `GET /v1/health/service/<name>`, `?passing`.
 //! - Blocking queries on both (`?index=N&wait=D`): held until the query's index exceeds N
 //!   or the wait (default 5m, at most 10m, plus up to wait/16 of jitter) passes.
@@ -59,6 +64,7 @@ const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
 /// The one node instances are registered on.
 const NODE: &str = "lbt-node";
 
+#[derive(Clone)]
 struct KvEntry {
     create_index: u64,
     modify_index: u64,
@@ -655,6 +661,220 @@ async fn health_service(
     answer(StatusCode::OK, Some(index), Some(body.to_string()))
 }
 
+/// Consul's most operations in one transaction.
+const MAX_TXN_OPS: usize = 128;
+
+/// One operation of a `/v1/txn` body, as Consul's API takes it.
+#[derive(serde::Deserialize)]
+struct TxnOp {
+    #[serde(rename = "KV")]
+    kv: Option<TxnKvOp>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TxnKvOp {
+    verb: String,
+    key: String,
+    /// Base64.
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    flags: u64,
+    #[serde(default)]
+    index: u64,
+}
+
+/// A key as a transaction's result shows it (the value only for `get`).
+fn txn_entry(key: &str, e: &KvEntry, with_value: bool) -> serde_json::Value {
+    let value = if with_value && !e.value.is_empty() {
+        base64::engine::general_purpose::STANDARD
+            .encode(&e.value)
+            .into()
+    } else {
+        serde_json::Value::Null
+    };
+    json!({"KV": {
+        "LockIndex": 0,
+        "Key": key,
+        "Flags": e.flags,
+        "Value": value,
+        "CreateIndex": e.create_index,
+        "ModifyIndex": e.modify_index,
+    }})
+}
+
+impl Catalogue {
+    /// Runs KV operations `ops` (values decoded) as one transaction: every write at one
+    /// new index, all or none. The results, or each failed operation's index and why.
+    fn txn(
+        &mut self,
+        ops: &[(TxnKvOp, Vec<u8>)],
+    ) -> Result<Vec<serde_json::Value>, Vec<(usize, String)>> {
+        let (mut kv, mut tombstones) = (self.kv.clone(), self.tombstones.clone());
+        let index = self.index + 1;
+        let mut wrote = false;
+        let mut results = Vec::new();
+        let mut errors = Vec::new();
+        for (i, (op, value)) in ops.iter().enumerate() {
+            let key = op.key.as_str();
+            let current = kv.get(key).map(|e| e.modify_index);
+            let stale = |what: &str| format!("failed to {what} key {key:?}, index is stale");
+            let outcome: Result<(), String> = match op.verb.as_str() {
+                "set" | "cas" => {
+                    let holds = op.verb == "set"
+                        || match current {
+                            None => op.index == 0,
+                            Some(m) => op.index == m,
+                        };
+                    if holds {
+                        let unchanged = kv
+                            .get(key)
+                            .is_some_and(|e| e.value == *value && e.flags == op.flags);
+                        if !unchanged {
+                            let create_index = kv.get(key).map_or(index, |e| e.create_index);
+                            kv.insert(
+                                key.to_string(),
+                                KvEntry {
+                                    create_index,
+                                    modify_index: index,
+                                    flags: op.flags,
+                                    value: value.clone(),
+                                },
+                            );
+                            tombstones.remove(key);
+                            wrote = true;
+                        }
+                        results.push(txn_entry(key, &kv[key], false));
+                        Ok(())
+                    } else {
+                        Err(stale("set"))
+                    }
+                }
+                "get" => match kv.get(key) {
+                    Some(e) => {
+                        results.push(txn_entry(key, e, true));
+                        Ok(())
+                    }
+                    None => Err(format!("key {key:?} doesn't exist")),
+                },
+                "check-index" => match kv.get(key) {
+                    Some(e) if e.modify_index == op.index => {
+                        results.push(txn_entry(key, e, false));
+                        Ok(())
+                    }
+                    Some(_) => Err(format!(
+                        "failed to check index of key {key:?}, index is stale"
+                    )),
+                    None => Err(format!(
+                        "failed to check index of key {key:?}, key does not exist"
+                    )),
+                },
+                "check-not-exists" => match current {
+                    None => Ok(()),
+                    Some(_) => Err(format!("key {key:?} exists")),
+                },
+                // As `DELETE ?cas=`: a key that is not there counts as deleted.
+                "delete" | "delete-cas" => match current {
+                    Some(m) if op.verb == "delete-cas" && m != op.index => Err(stale("delete")),
+                    Some(_) => {
+                        kv.remove(key);
+                        tombstones.insert(key.to_string(), index);
+                        wrote = true;
+                        Ok(())
+                    }
+                    None => Ok(()),
+                },
+                other => Err(format!("unknown KV verb {other:?}")),
+            };
+            if let Err(what) = outcome {
+                errors.push((i, what));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        self.kv = kv;
+        self.tombstones = tombstones;
+        if wrote {
+            self.index = index;
+            self.kv_index = index;
+        }
+        Ok(results)
+    }
+}
+
+async fn txn(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let ops: Vec<TxnOp> = match serde_json::from_slice(&body) {
+        Ok(ops) => ops,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("Failed to parse body: {e}"),
+            );
+        }
+    };
+    if ops.len() > MAX_TXN_OPS {
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "Transaction contains too many operations ({} > {MAX_TXN_OPS})",
+                ops.len()
+            ),
+        );
+    }
+    let mut decoded = Vec::with_capacity(ops.len());
+    for op in ops {
+        let Some(kv) = op.kv else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "this test server runs KV operations only",
+            );
+        };
+        let value = match &kv.value {
+            None => Vec::new(),
+            Some(v) => match base64::engine::general_purpose::STANDARD.decode(v) {
+                Ok(v) => v,
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("Failed to parse body: {e}"),
+                    );
+                }
+            },
+        };
+        if value.len() > MAX_VALUE {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "Value for key {:?} is too large ({} > {MAX_VALUE} bytes)",
+                    kv.key,
+                    value.len()
+                ),
+            );
+        }
+        decoded.push((kv, value));
+    }
+    match shared.write(|c| c.txn(&decoded)) {
+        Ok(results) => answer(
+            StatusCode::OK,
+            None,
+            Some(json!({"Results": results, "Errors": null}).to_string()),
+        ),
+        Err(errors) => {
+            let errors: Vec<serde_json::Value> = errors
+                .into_iter()
+                .map(|(i, what)| json!({"OpIndex": i, "What": what}))
+                .collect();
+            answer(
+                StatusCode::CONFLICT,
+                None,
+                Some(json!({"Results": null, "Errors": errors}).to_string()),
+            )
+        }
+    }
+}
+
 pub struct ConsulServer {
     addr: SocketAddr,
     /// Every agent's address, the first being `addr`.
@@ -708,6 +928,7 @@ impl ConsulServer {
         });
         let app = |agent: usize| {
             Router::new()
+                .route("/v1/txn", axum::routing::put(txn))
                 .route("/v1/kv/", get(kv_get).put(kv_put).delete(kv_delete))
                 .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
                 .route("/v1/health/service/{service}", get(health_service))
@@ -932,6 +1153,51 @@ mod tests {
         assert_eq!(parse_go_duration("10"), None);
         assert_eq!(parse_go_duration("s"), None);
         assert_eq!(parse_go_duration(""), None);
+    }
+
+    fn op(verb: &str, key: &str, value: &[u8], index: u64) -> (TxnKvOp, Vec<u8>) {
+        let kv = TxnKvOp {
+            verb: verb.into(),
+            key: key.into(),
+            value: None,
+            flags: 0,
+            index,
+        };
+        (kv, value.to_vec())
+    }
+
+    #[test]
+    fn a_transaction_applies_all_at_one_index_or_nothing() {
+        let mut c = Catalogue::default();
+        c.kv_set("a", b"1", 0); // 2
+        let results = c
+            .txn(&[
+                op("cas", "a", b"2", 2),
+                op("cas", "b", b"x", 0),
+                op("check-not-exists", "c", b"", 0),
+            ])
+            .unwrap();
+        assert_eq!(c.index, 3);
+        assert_eq!((c.kv["a"].modify_index, c.kv["b"].modify_index), (3, 3));
+        assert_eq!(results.len(), 2, "check-not-exists has no result");
+        assert_eq!(results[0]["KV"]["Key"], "a");
+        assert_eq!(results[0]["KV"]["ModifyIndex"], 3);
+        assert!(results[0]["KV"]["Value"].is_null());
+        // One stale operation: nothing applied, and each failure named by its position.
+        let errors = c
+            .txn(&[
+                op("delete-cas", "a", b"", 3),
+                op("check-index", "b", b"", 2),
+                op("check-not-exists", "b", b"", 0),
+            ])
+            .unwrap_err();
+        assert_eq!(errors.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(c.index, 3);
+        assert_eq!(c.kv["a"].value, b"2");
+        // delete-cas of a key that is not there counts as done, as DELETE ?cas= does.
+        c.txn(&[op("delete-cas", "zz", b"", 9), op("delete", "b", b"", 0)])
+            .unwrap();
+        assert_eq!((c.index, c.tombstones["b"]), (4, 4));
     }
 
     #[test]

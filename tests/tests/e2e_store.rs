@@ -169,12 +169,8 @@ fn udp_from(ns: &Netns, port: u16, to: SocketAddr) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-#[test]
-fn two_nodes_on_one_etcd_send_a_flow_to_the_same_backend() {
-    // Two sites built alike: each a client, a balancer and three backends with the same
-    // addresses, so a 5-tuple means the same thing at both.
-    let sites: Vec<Topology> = (0..2).map(|_| Topology::two_armed(3).unwrap()).collect();
-    // etcd in a namespace of its own, on a bridge both balancers are linked to.
+/// etcd in a namespace of its own, on a bridge every site's balancer is linked to.
+fn etcd_for(sites: &[Topology]) -> (Netns, EtcdCluster) {
     let control = Netns::new(&unique("lbt-etcd")).unwrap();
     control.ip("link add br0 type bridge").unwrap();
     control.ip("link set br0 up").unwrap();
@@ -187,6 +183,15 @@ fn two_nodes_on_one_etcd_send_a_flow_to_the_same_backend() {
             .unwrap();
     }
     let etcd = EtcdCluster::start_in(&control, "10.210.0.1").unwrap();
+    (control, etcd)
+}
+
+#[test]
+fn two_nodes_on_one_etcd_send_a_flow_to_the_same_backend() {
+    // Two sites built alike: each a client, a balancer and three backends with the same
+    // addresses, so a 5-tuple means the same thing at both.
+    let sites: Vec<Topology> = (0..2).map(|_| Topology::two_armed(3).unwrap()).collect();
+    let (_control, etcd) = etcd_for(&sites);
     let url = etcd.url();
     let mut backends = Vec::new();
     for topo in &sites {
@@ -224,6 +229,112 @@ fn two_nodes_on_one_etcd_send_a_flow_to_the_same_backend() {
         seen.insert(a);
     }
     assert_eq!(seen.len(), 3, "the flows spread over all backends");
+    drop(nodes);
+}
+
+#[test]
+fn two_nodes_racing_for_one_vip_give_it_to_one_service() {
+    // Two sites built alike, their balancers on one etcd.
+    let sites: Vec<Topology> = (0..2).map(|_| Topology::two_armed(1).unwrap()).collect();
+    let _backends: Vec<Backend> = sites
+        .iter()
+        .map(|t| t.start_backend(0, 8080, false).unwrap())
+        .collect();
+    let (_control, etcd) = etcd_for(&sites);
+    let prefix = unique("lbt");
+    let nodes: Vec<LbProcess> = sites
+        .iter()
+        .map(|topo| {
+            LbProcess::start(
+                &topo.lb,
+                &topo.lb_ifaces,
+                &["--store", &etcd.url(), "--store-prefix", &prefix],
+            )
+            .unwrap()
+        })
+        .collect();
+    let backend = sites[0].backend(0, 8080).to_string();
+    // Each round, both nodes create a different service on one VIP at the same moment.
+    // Exactly one may have it. The other is refused: with 409 naming the VIP and the
+    // winner when the store's claim caught it, or with 400 when the winner had already
+    // reached that node (then its own check caught it); at least one round must be a
+    // true race.
+    let mut raced = 0;
+    let mut last = None;
+    for round in 0..5u16 {
+        let port = 80 + round;
+        let spec =
+            json!({"vip": sites[0].vip(port).to_string(), "backends": [backend]}).to_string();
+        let gate = std::sync::Barrier::new(2);
+        let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+            let racers: Vec<_> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, node)| {
+                    let (gate, spec) = (&gate, &spec);
+                    s.spawn(move || {
+                        gate.wait();
+                        let path = format!("/v1/services/r{round}-node{i}");
+                        node.request("PUT", &path, Some(spec)).unwrap()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let won: Vec<usize> = (0..2).filter(|&i| answers[i].0 == 200).collect();
+        assert_eq!(won.len(), 1, "round {round}: {answers:?}");
+        let (winner, loser) = (won[0], 1 - won[0]);
+        let (status, body) = &answers[loser];
+        assert_eq!(body["field"], "vip", "round {round}: {body}");
+        match status {
+            409 => {
+                raced += 1;
+                let message = body["error"].as_str().unwrap();
+                assert!(
+                    message.contains(&format!("r{round}-node{winner}")),
+                    "the winner is not named: {message}"
+                );
+            }
+            400 => {}
+            other => panic!("round {round}: {other} {body}"),
+        }
+        last = Some((port, winner, loser));
+    }
+    assert!(raced > 0, "no round was a race the store had to settle");
+
+    // Both nodes converge on the winners, and only them.
+    let (port, winner, loser) = last.unwrap();
+    let winner_name = format!("r4-node{winner}");
+    for node in &nodes {
+        assert!(eventually(Duration::from_secs(3), || {
+            services(node).as_array().unwrap().len() == 5
+        }));
+        assert_eq!(
+            node.request("GET", &format!("/v1/services/{winner_name}"), None)
+                .unwrap()
+                .0,
+            200
+        );
+    }
+    // Deleting the loser's service, which does not exist, changes nothing: the winner
+    // keeps its VIP on both nodes, in the store and in the data plane.
+    let (status, _) = nodes[loser]
+        .request("DELETE", &format!("/v1/services/r4-node{loser}"), None)
+        .unwrap();
+    assert_eq!(status, 404);
+    std::thread::sleep(Duration::from_millis(500));
+    for (node, site) in nodes.iter().zip(&sites) {
+        assert_eq!(
+            node.request("GET", &format!("/v1/services/{winner_name}"), None)
+                .unwrap()
+                .0,
+            200
+        );
+        assert_eq!(
+            http_get_once(&site.client, site.vip(port).into(), T).unwrap(),
+            "be0"
+        );
+    }
     drop(nodes);
 }
 

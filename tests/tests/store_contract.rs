@@ -10,8 +10,12 @@ use std::{
 use lb::{
     consul_http::ConsulClient,
     discovery::consul::{HealthOptions, watch_service},
+    model::Protocol,
     store::{
-        Entry, Event, Expect, Store, StoreError, consul::ConsulStore, etcd::EtcdStore,
+        Entry, Event, Expect, Store, StoreError,
+        claims::{Claim, Claims},
+        consul::ConsulStore,
+        etcd::EtcdStore,
         file::FileStore,
     },
 };
@@ -250,6 +254,163 @@ async fn contract(store: &dyn Store, history: History, corrupt: impl Fn(&str)) {
         after.entries, before.entries,
         "the secret shows among the services"
     );
+}
+
+fn holding(hold: &[&Claim], previous: &[&Claim]) -> Claims {
+    Claims {
+        hold: hold.iter().map(|c| (*c).clone()).collect(),
+        previous: previous.iter().map(|c| (*c).clone()).collect(),
+    }
+}
+
+fn names(snapshot: &lb::store::Snapshot) -> Vec<&str> {
+    snapshot.entries.iter().map(|e| e.name.as_str()).collect()
+}
+
+/// The claims contract: what one service claims (a VIP, an HTTP route), no other can take,
+/// also when two writers race; deleting or moving releases it; claims are no services.
+async fn claims_contract(store: &dyn Store) {
+    let vip = Claim::vip("10.0.0.1:80".parse().unwrap(), Protocol::Tcp);
+    let moved = Claim::vip("10.0.0.2:80".parse().unwrap(), Protocol::Tcp);
+    let route = Claim::http_path(Some("example.com"), "/a%b/demo");
+
+    // Two writers race to create different services on one VIP: exactly one wins, the
+    // other is told which claim and who holds it, and its document is not written.
+    let just_vip = holding(&[&vip], &[]);
+    let (a, b) = tokio::join!(
+        store.put_claiming("a", br#"{"who":"a"}"#, Expect::Absent, &just_vip),
+        store.put_claiming("b", br#"{"who":"b"}"#, Expect::Absent, &just_vip),
+    );
+    assert_eq!(a.is_ok() as u8 + b.is_ok() as u8, 1, "{a:?} {b:?}");
+    let (winner, loser, won, lost) = match (a, b) {
+        (Ok(won), Err(lost)) => ("a", "b", won, lost),
+        (Err(lost), Ok(won)) => ("b", "a", won, lost),
+        other => unreachable!("{other:?}"),
+    };
+    match &lost {
+        StoreError::Claimed { claim, holder } => {
+            assert_eq!((claim, holder.as_str()), (&vip, winner));
+            assert_eq!(claim.field(), "vip");
+        }
+        other => panic!("not a claim conflict: {other}"),
+    }
+    assert!(lost.to_string().contains(winner), "{lost}");
+    assert_eq!(names(&store.list().await.unwrap()), [winner]);
+
+    // The winner writes again and keeps it; the loser still cannot have it.
+    let won = store
+        .put_claiming(
+            winner,
+            br#"{"v":2}"#,
+            Expect::Revision(won),
+            &holding(&[&vip], &[&vip]),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .put_claiming(loser, b"{}", Expect::Absent, &holding(&[&vip], &[]))
+            .await,
+        Err(StoreError::Claimed { .. })
+    ));
+
+    // Deleting the winner frees the VIP.
+    assert!(
+        store
+            .delete_claiming(winner, Expect::Revision(won), std::slice::from_ref(&vip))
+            .await
+            .unwrap()
+    );
+    let r = store
+        .put_claiming(loser, br#"{"v":1}"#, Expect::Absent, &holding(&[&vip], &[]))
+        .await
+        .unwrap();
+
+    // Moving the VIP releases the old claim and takes the new one.
+    store
+        .put_claiming(
+            loser,
+            br#"{"v":2}"#,
+            Expect::Revision(r),
+            &holding(&[&moved], &[&vip]),
+        )
+        .await
+        .unwrap();
+    store
+        .put_claiming("c", b"{}", Expect::Absent, &holding(&[&vip], &[]))
+        .await
+        .expect("the old VIP is free");
+    match store
+        .put_claiming("d", b"{}", Expect::Absent, &holding(&[&moved], &[]))
+        .await
+    {
+        Err(StoreError::Claimed { holder, .. }) => assert_eq!(holder, loser),
+        other => panic!("{other:?}"),
+    }
+
+    // A stale compare-and-set takes nothing: the claim stays free for others.
+    assert!(matches!(
+        store
+            .put_claiming("c", b"{}", Expect::Absent, &holding(&[&route], &[]))
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+    // An HTTP route: the same, with a path that needs escaping in a key.
+    store
+        .put_claiming("e", b"{}", Expect::Absent, &holding(&[&route], &[]))
+        .await
+        .unwrap();
+    match store
+        .put_claiming("f", b"{}", Expect::Absent, &holding(&[&route], &[]))
+        .await
+    {
+        Err(StoreError::Claimed { claim, holder }) => {
+            assert_eq!((claim.field(), holder.as_str()), ("http.paths", "e"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A claim whose service has no document any more (here: deleted without releasing
+    // it) is free.
+    assert!(store.delete("e", Expect::Any).await.unwrap());
+    store
+        .put_claiming("f", b"{}", Expect::Absent, &holding(&[&route], &[]))
+        .await
+        .expect("a claim of a deleted service is free");
+
+    // Claims are not services: listings show only documents.
+    let mut services = vec!["c", "f", loser];
+    services.sort_unstable();
+    assert_eq!(names(&store.list().await.unwrap()), services);
+}
+
+#[tokio::test]
+async fn file_store_keeps_the_claims_contract() {
+    let root = std::env::temp_dir().join(lb_tests::unique("lbt-store"));
+    let store = FileStore::open(&root, "lb", Duration::from_millis(20)).unwrap();
+    claims_contract(&store).await;
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_store_keeps_the_claims_contract() {
+    let cluster = EtcdCluster::start(1).unwrap();
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("http://{e}"))
+        .collect();
+    let store = EtcdStore::connect(&endpoints, &lb_tests::unique("lbt"))
+        .await
+        .unwrap();
+    claims_contract(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_store_keeps_the_claims_contract() {
+    let server = ConsulServer::start().unwrap();
+    let (store, _) = consul_store(&[server.addr().to_string()], None);
+    claims_contract(&store).await;
 }
 
 #[tokio::test]

@@ -14,7 +14,10 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
+use super::{
+    Entry, Event, Expect, Snapshot, Store, StoreError, check_name,
+    claims::{self, Claim, Claims, Held},
+};
 use crate::{
     consul_http::{
         ConsulClient, ConsulError, REQUEST_TIMEOUT, Reply, WriteError, blocking_timeout,
@@ -43,6 +46,8 @@ pub struct ConsulStore {
     keys: String,
     /// `<prefix>/secret`
     secret_key: String,
+    /// `<prefix>/claims/`
+    claim_keys: String,
     wait: Duration,
     /// How long an ordinary request may take.
     timeout: Duration,
@@ -89,6 +94,7 @@ impl ConsulStore {
             client: Arc::new(client),
             keys: format!("{prefix}/services/"),
             secret_key: format!("{prefix}/secret"),
+            claim_keys: format!("{prefix}/claims/"),
             wait: WATCH_WAIT,
             timeout: REQUEST_TIMEOUT,
         })
@@ -344,6 +350,260 @@ fn diff(known: &mut HashMap<String, u64>, now: &[Entry], index: u64) -> Vec<Even
     events
 }
 
+/// Reads and transactions a claiming write makes before giving up while others keep
+/// changing what it reads.
+const CLAIM_ATTEMPTS: u32 = 20;
+
+/// One operation of a `/v1/txn` transaction on the KV store.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct KvOp {
+    verb: &'static str,
+    key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+    index: u64,
+}
+
+/// One entry of a `/v1/txn` body: `{"KV": {...}}`.
+#[derive(serde::Serialize)]
+struct TxnOp<'a> {
+    #[serde(rename = "KV")]
+    kv: &'a KvOp,
+}
+
+/// A `/v1/txn` answer: the entries written (200), or why it was rolled back (409).
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TxnAnswer {
+    results: Option<Vec<TxnResult>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TxnResult {
+    #[serde(rename = "KV")]
+    kv: Option<TxnKv>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TxnKv {
+    key: String,
+    modify_index: u64,
+}
+
+/// Claims (see [`claims`]): the key `<prefix>/claims/<kind>/<id>` holds the name of the
+/// service that has the claim. A claiming write reads the document and the claim keys, then
+/// sends one transaction (`/v1/txn`) that holds only if none of them changed meanwhile
+/// (`cas`, `check-index`, `check-not-exists`, `delete-cas`, each at the index read); when
+/// one did, it reads again.
+impl ConsulStore {
+    fn claim_key(&self, claim: &Claim) -> String {
+        format!("{}{}", self.claim_keys, claim.key())
+    }
+
+    /// The `ModifyIndex` and value of any `key` (claim ids hold `%`: sent encoded).
+    async fn get_key(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let path = format!(
+            "/v1/kv/{}",
+            percent_encoding::utf8_percent_encode(key, KEY_ESCAPE)
+        );
+        let reply = self
+            .client
+            .request(Method::GET, &path, None, REQUEST_TIMEOUT)
+            .await
+            .map_err(unavailable)?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let pairs = parse_pairs(&reply)?;
+        let Some(pair) = pairs.into_iter().next() else {
+            return Ok(None);
+        };
+        let value = decode(&reply, &pair)?;
+        Ok(Some((pair.modify_index, value)))
+    }
+
+    /// Sends `ops` as one transaction: the `ModifyIndex` each written key got, or none
+    /// when Consul rolled it back (409: something was not as read).
+    async fn transaction(&self, ops: &[KvOp]) -> Result<Option<HashMap<String, u64>>, StoreError> {
+        let ops: Vec<TxnOp> = ops.iter().map(|kv| TxnOp { kv }).collect();
+        let body = serde_json::to_vec(&ops).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let reply = self
+            .client
+            .request(Method::PUT, "/v1/txn", Some(&body), REQUEST_TIMEOUT)
+            .await
+            .map_err(unavailable)?;
+        if reply.status == StatusCode::CONFLICT {
+            return Ok(None);
+        }
+        if reply.status != StatusCode::OK {
+            let why = reply.unexpected();
+            return Err(if reply.status.is_client_error() {
+                StoreError::Invalid(why)
+            } else {
+                StoreError::Unavailable(why)
+            });
+        }
+        let answer: TxnAnswer = serde_json::from_slice(&reply.body).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "consul at {}: not a transaction answer: {e}",
+                reply.addr
+            ))
+        })?;
+        Ok(Some(
+            answer
+                .results
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| r.kv.map(|kv| (kv.key, kv.modify_index)))
+                .collect(),
+        ))
+    }
+
+    /// Writes `value` (none: deletes) under `name` if `expect` holds, moving its claims.
+    /// The new revision, and whether the entry was there.
+    async fn write_claiming(
+        &self,
+        name: &str,
+        value: Option<&[u8]>,
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<(u64, bool), StoreError> {
+        check_name(name)?;
+        let key = format!("{}{name}", self.keys);
+        let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+        for _ in 0..CLAIM_ATTEMPTS {
+            let doc = self.get(name).await?;
+            let current = doc.as_ref().map(|(index, _)| *index);
+            let mut found = HashMap::new();
+            for claim in claims.all() {
+                let Some((index, holder)) = self.get_key(&self.claim_key(claim)).await? else {
+                    continue;
+                };
+                let holder = String::from_utf8_lossy(&holder).into_owned();
+                let holder_exists = holder == name
+                    || (check_name(&holder).is_ok() && self.get(&holder).await?.is_some());
+                found.insert(
+                    claim.key().to_string(),
+                    Held {
+                        holder,
+                        revision: index,
+                        holder_exists,
+                    },
+                );
+            }
+            if !expect.holds(current) {
+                // Written already, by an earlier try of this very request that seemed to
+                // fail (a timeout, then the same transaction sent to the next address):
+                // what was asked for is done.
+                if let (Some(v), Some((index, now))) = (value, &doc)
+                    && now == v
+                    && claims
+                        .hold
+                        .iter()
+                        .all(|c| found.get(c.key()).is_some_and(|h| h.holder == name))
+                {
+                    return Ok((*index, true));
+                }
+                return Err(StoreError::Conflict {
+                    name: name.to_string(),
+                    expected: expect,
+                    found: current,
+                });
+            }
+            let plan = claims::plan(name, claims, &found)?;
+            let mut ops = vec![match (value, current) {
+                (Some(v), index) => KvOp {
+                    verb: "cas",
+                    key: key.clone(),
+                    value: Some(b64(v)),
+                    index: index.unwrap_or(0),
+                },
+                (None, Some(index)) => KvOp {
+                    verb: "delete-cas",
+                    key: key.clone(),
+                    value: None,
+                    index,
+                },
+                (None, None) => KvOp {
+                    verb: "check-not-exists",
+                    key: key.clone(),
+                    value: None,
+                    index: 0,
+                },
+            }];
+            for (claim, index) in &plan.unchanged {
+                let claim_key = self.claim_key(claim);
+                let op = if plan.take.contains(claim) {
+                    // cas at 0 creates only.
+                    KvOp {
+                        verb: "cas",
+                        key: claim_key,
+                        value: Some(b64(name.as_bytes())),
+                        index: *index,
+                    }
+                } else if plan.release.iter().any(|(c, _)| c == claim) {
+                    KvOp {
+                        verb: "delete-cas",
+                        key: claim_key,
+                        value: None,
+                        index: *index,
+                    }
+                } else if *index == 0 {
+                    KvOp {
+                        verb: "check-not-exists",
+                        key: claim_key,
+                        value: None,
+                        index: 0,
+                    }
+                } else {
+                    KvOp {
+                        verb: "check-index",
+                        key: claim_key,
+                        value: None,
+                        index: *index,
+                    }
+                };
+                ops.push(op);
+            }
+            for gone in &plan.gone {
+                ops.push(KvOp {
+                    verb: "check-not-exists",
+                    key: format!("{}{gone}", self.keys),
+                    value: None,
+                    index: 0,
+                });
+            }
+            if let Some(written) = self.transaction(&ops).await? {
+                let revision = match value {
+                    Some(_) => written.get(&key).copied().ok_or_else(|| {
+                        StoreError::Unavailable(format!(
+                            "consul at {}: the transaction's answer lacks {key}",
+                            self.client.addrs()
+                        ))
+                    })?,
+                    None => 0,
+                };
+                return Ok((revision, current.is_some()));
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "consul at {}: {name} and its claims kept changing while being written",
+            self.client.addrs()
+        )))
+    }
+}
+
+/// What a key must have escaped in a URL path: `%` (claim ids hold percent-encoded paths)
+/// and what would end the path.
+const KEY_ESCAPE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b'%')
+    .add(b'?')
+    .add(b'#')
+    .add(b' ');
+
 #[async_trait]
 impl Store for ConsulStore {
     async fn list(&self) -> Result<Snapshot, StoreError> {
@@ -479,6 +739,32 @@ impl Store for ConsulStore {
             "consul at {}: {name} kept changing while being deleted",
             self.client.addrs()
         )))
+    }
+
+    async fn put_claiming(
+        &self,
+        name: &str,
+        value: &[u8],
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .write_claiming(name, Some(value), expect, claims)
+            .await?
+            .0)
+    }
+
+    async fn delete_claiming(
+        &self,
+        name: &str,
+        expect: Expect,
+        claims: &[Claim],
+    ) -> Result<bool, StoreError> {
+        let claims = Claims {
+            hold: Vec::new(),
+            previous: claims.to_vec(),
+        };
+        Ok(self.write_claiming(name, None, expect, &claims).await?.1)
     }
 
     fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>> {

@@ -2,7 +2,7 @@
 //! revisions are etcd's own (`mod_revision`), compare-and-set is a transaction, and a watch
 //! is an etcd watch from a revision. The client balances over every endpoint given, so a
 //! member that dies is failed over.
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -11,7 +11,10 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
+use super::{
+    Entry, Event, Expect, Snapshot, Store, StoreError, check_name,
+    claims::{self, Claim, Claims, Held},
+};
 use crate::retry::Backoff;
 
 /// Retries of a request while the cluster cannot be reached (see `EtcdStore::retrying`).
@@ -23,8 +26,14 @@ pub struct EtcdStore {
     keys: String,
     /// `<prefix>/secret`
     secret_key: String,
+    /// `<prefix>/claims/`
+    claim_keys: String,
     endpoints: String,
 }
+
+/// Reads and compare-and-sets a claiming write makes before giving up while others keep
+/// changing what it reads.
+const CLAIM_ATTEMPTS: u32 = 20;
 
 /// A client for the cluster at `endpoints` (balanced over all of them), with lb's timeouts
 /// and keep-alive: for the store and for the registry.
@@ -48,6 +57,7 @@ impl EtcdStore {
             client,
             keys: format!("{prefix}/services/"),
             secret_key: format!("{prefix}/secret"),
+            claim_keys: format!("{prefix}/claims/"),
             endpoints: joined,
         })
     }
@@ -147,6 +157,154 @@ impl EtcdStore {
     }
 }
 
+/// Claims (see [`claims`]): the key `<prefix>/claims/<kind>/<id>` holds the name of the
+/// service that has the claim. A claiming write reads the document and the claim keys, then
+/// writes in one transaction that holds only if none of them changed meanwhile; when one
+/// did, it reads again.
+impl EtcdStore {
+    fn claim_key(&self, claim: &Claim) -> String {
+        format!("{}{}", self.claim_keys, claim.key())
+    }
+
+    async fn run_txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.retrying(|| {
+            let (mut kv, txn) = (self.client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+        .map_err(|e| self.unavailable(e))
+    }
+
+    /// The first key-value each `get` of `keys` found, in one read.
+    async fn read_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<etcd_client::KeyValue>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let gets: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+        let resp = self.run_txn(Txn::new().and_then(gets)).await?;
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Writes `value` (none: deletes) under `name` if `expect` holds, moving its claims.
+    /// The new revision, and whether the entry was there.
+    async fn write_claiming(
+        &self,
+        name: &str,
+        value: Option<&[u8]>,
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<(u64, bool), StoreError> {
+        check_name(name)?;
+        let key = self.key(name);
+        let wanted = claims.all();
+        let mut keys = vec![key.clone()];
+        keys.extend(wanted.iter().map(|c| self.claim_key(c)));
+        for _ in 0..CLAIM_ATTEMPTS {
+            let read = self.read_keys(&keys).await?;
+            let doc = read[0].as_ref();
+            let current = doc.map(|kv| kv.mod_revision() as u64);
+            if !expect.holds(current) {
+                // Written already, by an earlier try of this very request that seemed to
+                // fail: what was asked for is done.
+                if let (Some(v), Some(kv)) = (value, doc)
+                    && kv.value() == v
+                    && claims.hold.iter().all(|c| {
+                        let i = wanted.iter().position(|w| *w == c).expect("listed") + 1;
+                        read[i]
+                            .as_ref()
+                            .is_some_and(|h| h.value() == name.as_bytes())
+                    })
+                {
+                    return Ok((kv.mod_revision() as u64, true));
+                }
+                return Err(StoreError::Conflict {
+                    name: name.to_string(),
+                    expected: expect,
+                    found: current,
+                });
+            }
+            let mut found = HashMap::new();
+            let mut holders = Vec::new();
+            for (claim, kv) in wanted.iter().zip(&read[1..]) {
+                let Some(kv) = kv else { continue };
+                let holder = String::from_utf8_lossy(kv.value()).into_owned();
+                if holder != name && check_name(&holder).is_ok() {
+                    holders.push(holder.clone());
+                }
+                found.insert(
+                    claim.key().to_string(),
+                    Held {
+                        holder,
+                        revision: kv.mod_revision() as u64,
+                        holder_exists: true,
+                    },
+                );
+            }
+            // Claims of services whose document is gone are free.
+            let holder_keys: Vec<String> = holders.iter().map(|h| self.key(h)).collect();
+            let alive = self.read_keys(&holder_keys).await?;
+            for held in found.values_mut() {
+                if held.holder != name {
+                    held.holder_exists = holders
+                        .iter()
+                        .zip(&alive)
+                        .any(|(h, kv)| *h == held.holder && kv.is_some());
+                }
+            }
+            let plan = claims::plan(name, claims, &found)?;
+            let as_read = |k: &str, revision: u64| {
+                if revision == 0 {
+                    Compare::create_revision(k, CompareOp::Equal, 0)
+                } else {
+                    Compare::mod_revision(k, CompareOp::Equal, revision as i64)
+                }
+            };
+            let mut compares = vec![as_read(&key, current.unwrap_or(0))];
+            for (claim, revision) in &plan.unchanged {
+                compares.push(as_read(&self.claim_key(claim), *revision));
+            }
+            for gone in &plan.gone {
+                compares.push(Compare::create_revision(
+                    self.key(gone),
+                    CompareOp::Equal,
+                    0,
+                ));
+            }
+            let mut ops = vec![match value {
+                Some(v) => TxnOp::put(key.as_str(), v, None),
+                None => TxnOp::delete(key.as_str(), None),
+            }];
+            for claim in &plan.take {
+                ops.push(TxnOp::put(self.claim_key(claim), name, None));
+            }
+            for (claim, _) in &plan.release {
+                ops.push(TxnOp::delete(self.claim_key(claim), None));
+            }
+            let resp = self
+                .run_txn(Txn::new().when(compares).and_then(ops))
+                .await?;
+            if resp.succeeded() {
+                let revision = resp.header().map_or(0, |h| h.revision() as u64);
+                return Ok((revision, current.is_some()));
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "etcd at {}: {name} and its claims kept changing while being written",
+            self.endpoints
+        )))
+    }
+}
+
 #[async_trait]
 impl Store for EtcdStore {
     async fn list(&self) -> Result<Snapshot, StoreError> {
@@ -203,6 +361,32 @@ impl Store for EtcdStore {
             .op_responses()
             .into_iter()
             .any(|r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0)))
+    }
+
+    async fn put_claiming(
+        &self,
+        name: &str,
+        value: &[u8],
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .write_claiming(name, Some(value), expect, claims)
+            .await?
+            .0)
+    }
+
+    async fn delete_claiming(
+        &self,
+        name: &str,
+        expect: Expect,
+        claims: &[Claim],
+    ) -> Result<bool, StoreError> {
+        let claims = Claims {
+            hold: Vec::new(),
+            previous: claims.to_vec(),
+        };
+        Ok(self.write_claiming(name, None, expect, &claims).await?.1)
     }
 
     fn watch(&self, from: &Snapshot) -> mpsc::Receiver<Result<Event, StoreError>> {

@@ -13,6 +13,7 @@
 //! Temporary files live in `<dir>/tmp/`, where no service name can be, and are removed on
 //! open. Every file is created 0600 and every directory 0700.
 use std::{
+    collections::HashMap,
     fs::{self, DirBuilder, File, OpenOptions},
     io::{Read, Seek, SeekFrom, Write},
     os::{
@@ -29,7 +30,10 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{Entry, Event, Expect, Snapshot, Store, StoreError, check_name};
+use super::{
+    Entry, Event, Expect, Snapshot, Store, StoreError, check_name,
+    claims::{self, Claim, Claims, Held},
+};
 
 const HEADER: &str = "lb-store-entry 1 revision ";
 /// How much of the log's end is read at a time when looking for its last line.
@@ -442,13 +446,28 @@ impl FileStore {
     ) -> Result<(u64, bool), StoreError> {
         check_name(name)?;
         let _lock = Lock::take(&self.dir.join("lock"), true)?;
-        let last = self.repair()?;
-        let path = self.entry_path(name);
-        let current = match Self::read_entry(&path)? {
+        self.write_locked(name, value, expect)
+    }
+
+    /// The revision `name` is at (0: there but unreadable), for a caller that holds the
+    /// lock and has repaired.
+    fn current_revision(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(match Self::read_entry(&self.entry_path(name))? {
             OnDisk::Absent => None,
             OnDisk::Unreadable(_) => Some(0),
             OnDisk::At(r, _) => Some(r),
-        };
+        })
+    }
+
+    /// `write_sync` for a caller that holds the lock.
+    fn write_locked(
+        &self,
+        name: &str,
+        value: Option<&[u8]>,
+        expect: Expect,
+    ) -> Result<(u64, bool), StoreError> {
+        let last = self.repair()?;
+        let current = self.current_revision(name)?;
         let holds = match expect {
             Expect::Any => true,
             Expect::Absent => current.is_none(),
@@ -486,6 +505,101 @@ impl FileStore {
         linked.map_err(io(&path))?;
         sync_dir(&self.dir)?;
         Ok(bytes.to_vec())
+    }
+}
+
+/// Claims (see [`claims`]): `<dir>/claims/<kind>/<id>` holds the name of the service that
+/// has the claim. They are written under the store's lock, before the document that makes
+/// them, and removed after the one that drops them: a crash in between leaves at worst a
+/// claim whose service has no document, which counts as free.
+impl FileStore {
+    fn claim_path(&self, claim: &Claim) -> PathBuf {
+        self.dir.join("claims").join(claim.key())
+    }
+
+    /// Who holds each of `claims` now (absent ones left out).
+    fn read_claims(&self, claims: &Claims) -> Result<HashMap<String, Held>, StoreError> {
+        let mut found = HashMap::new();
+        for claim in claims.all() {
+            let path = self.claim_path(claim);
+            let holder = match fs::read_to_string(&path) {
+                Ok(h) => h,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&path)(e)),
+            };
+            // A holder that is no service name (a damaged file) holds nothing.
+            let holder_exists = check_name(&holder).is_ok() && self.entry_path(&holder).exists();
+            found.insert(
+                claim.key().to_string(),
+                Held {
+                    holder,
+                    revision: 1,
+                    holder_exists,
+                },
+            );
+        }
+        Ok(found)
+    }
+
+    fn set_claim(&self, claim: &Claim, name: &str) -> Result<(), StoreError> {
+        let path = self.claim_path(claim);
+        let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        write_atomically(&self.tmp(), &path, name.as_bytes())
+    }
+
+    fn remove_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        let path = self.claim_path(claim);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// `write_sync` that also moves `name`'s claims, all under the lock.
+    fn write_claiming_sync(
+        &self,
+        name: &str,
+        value: Option<&[u8]>,
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<(u64, bool), StoreError> {
+        check_name(name)?;
+        let _lock = Lock::take(&self.dir.join("lock"), true)?;
+        self.repair()?;
+        let current = self.current_revision(name)?;
+        if !expect.holds(current) {
+            return Err(StoreError::Conflict {
+                name: name.to_string(),
+                expected: expect,
+                found: current,
+            });
+        }
+        let found = self.read_claims(claims)?;
+        let plan = claims::plan(name, claims, &found)?;
+        for claim in &plan.take {
+            self.set_claim(claim, name)?;
+        }
+        let written = match self.write_locked(name, value, expect) {
+            Ok(w) => w,
+            Err(e) => {
+                // Not taken after all (best effort: left behind, a claim of a service
+                // without a document is free anyway).
+                for claim in &plan.take {
+                    let _ = self.remove_claim(claim);
+                }
+                return Err(e);
+            }
+        };
+        for (claim, _) in &plan.release {
+            self.remove_claim(claim)?;
+        }
+        Ok(written)
     }
 }
 
@@ -590,6 +704,44 @@ impl Store for FileStore {
         let (me, name) = (self.clone(), name.to_string());
         blocking(move || {
             me.write_sync(&name, None, expect)
+                .map(|(_, existed)| existed)
+        })
+        .await
+    }
+
+    async fn put_claiming(
+        &self,
+        name: &str,
+        value: &[u8],
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<u64, StoreError> {
+        let (me, name, value, claims) = (
+            self.clone(),
+            name.to_string(),
+            value.to_vec(),
+            claims.clone(),
+        );
+        blocking(move || {
+            me.write_claiming_sync(&name, Some(&value), expect, &claims)
+                .map(|(r, _)| r)
+        })
+        .await
+    }
+
+    async fn delete_claiming(
+        &self,
+        name: &str,
+        expect: Expect,
+        claims: &[Claim],
+    ) -> Result<bool, StoreError> {
+        let (me, name) = (self.clone(), name.to_string());
+        let claims = Claims {
+            hold: Vec::new(),
+            previous: claims.to_vec(),
+        };
+        blocking(move || {
+            me.write_claiming_sync(&name, None, expect, &claims)
                 .map(|(_, existed)| existed)
         })
         .await

@@ -4,6 +4,7 @@
 //!
 //! Implementations: [`file::FileStore`] (embedded, the default), [`etcd::EtcdStore`] and
 //! [`consul::ConsulStore`].
+pub mod claims;
 pub mod consul;
 pub mod document;
 pub mod etcd;
@@ -11,6 +12,8 @@ pub mod file;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
+
+use self::claims::{Claim, Claims};
 
 /// One stored document and the store revision that last wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,17 @@ pub enum Expect {
     Revision(u64),
 }
 
+impl Expect {
+    /// Whether an entry at revision `current` (none: absent) is what this expects.
+    pub fn holds(self, current: Option<u64>) -> bool {
+        match self {
+            Expect::Any => true,
+            Expect::Absent => current.is_none(),
+            Expect::Revision(r) => current == Some(r),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{name}: changed by someone else (expected {expected:?}, found revision {found:?})")]
@@ -62,6 +76,9 @@ pub enum StoreError {
         expected: Expect,
         found: Option<u64>,
     },
+    /// Another service holds what the write claims.
+    #[error("{} is already served by service {holder:?} (claimed in the store)", claim.what())]
+    Claimed { claim: Claim, holder: String },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -82,6 +99,25 @@ pub trait Store: Send + Sync {
     async fn put(&self, name: &str, value: &[u8], expect: Expect) -> Result<u64, StoreError>;
     /// Deletes `name` if `expect` holds; whether it was there.
     async fn delete(&self, name: &str, expect: Expect) -> Result<bool, StoreError>;
+    /// As `put`, and in the same compare-and-set: `name` takes `claims.hold` (each must be
+    /// free, or already its own, or held by a service whose document is gone) and lets go
+    /// of the claims in `claims.previous` it holds and no longer needs. A claim held by
+    /// another service is a [`StoreError::Claimed`] naming it, and changes nothing.
+    async fn put_claiming(
+        &self,
+        name: &str,
+        value: &[u8],
+        expect: Expect,
+        claims: &Claims,
+    ) -> Result<u64, StoreError>;
+    /// As `delete`, and in the same compare-and-set: lets go of those of `claims` that
+    /// `name` holds.
+    async fn delete_claiming(
+        &self,
+        name: &str,
+        expect: Expect,
+        claims: &[Claim],
+    ) -> Result<bool, StoreError>;
     /// Every change after `from`, as listed, in revision order, until the receiver is
     /// dropped. The file and etcd stores deliver every single change; Consul, which keeps no
     /// history, delivers the latest state of each key that changed. An error ends the
