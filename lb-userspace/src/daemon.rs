@@ -347,10 +347,14 @@ async fn discovery_sources(config: &Config) -> anyhow::Result<discovery::Sources
 /// What backends are held to: never lb itself (its addresses, SNAT sources and
 /// listeners), loopback only where the flag allows it.
 fn address_rules(config: &Config) -> anyhow::Result<AddressRules> {
-    let mut listeners = vec![Listener {
-        what: "lb's API",
-        addr: config.api,
-    }];
+    let mut listeners = Vec::new();
+    // An API on a Unix socket is reached by no backend address.
+    if let ApiListen::Tcp(addr) = config.api {
+        listeners.push(Listener {
+            what: "lb's API",
+            addr,
+        });
+    }
     if let Some(addr) = config.http {
         listeners.push(Listener {
             what: "lb's HTTP listener",

@@ -1,6 +1,6 @@
 //! `lb`: an XDP load balancer. `lb run` loads the data plane, attaches it and serves the
 //! HTTP API until SIGINT or SIGTERM.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
