@@ -57,6 +57,8 @@ pub struct Config {
     pub discovery_consul: Option<String>,
     /// The balancer's own address (the VIP of DFP's tcp services).
     pub address: Option<Ipv4Addr>,
+    /// What one HTTP client may cost the L7 proxy.
+    pub http_limits: l7::Limits,
 }
 
 /// A running daemon.
@@ -130,8 +132,11 @@ impl Daemon {
         let mut proxy = None;
         let mut http = None;
         if let Some((addr, listener)) = http_listener {
+            // Client connections are capped below the descriptor limit, not by it.
+            l7::raise_fd_limit();
             let engine = l7::Proxy::new(l7::ProxyConfig {
                 workers: config.http_workers,
+                limits: config.http_limits.clone(),
                 ..l7::ProxyConfig::default()
             });
             let changes = controller.call(|c| c.http_changes()).await?;

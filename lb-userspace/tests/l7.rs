@@ -158,6 +158,7 @@ fn config() -> ProxyConfig {
         response_header_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(30),
         workers: 2,
+        ..ProxyConfig::default()
     }
 }
 

@@ -1,5 +1,6 @@
-//! One client connection: HTTP/1.1 or h2c served on it, closed when idle or when the
-//! server drains, and turned into a tunnel when a request upgrades it.
+//! One client connection: HTTP/1.1 or h2c served on it, closed when idle, when its first
+//! request head is late, when it stops reading a response, or when the server drains, and
+//! turned into a tunnel when a request upgrades it.
 use std::{
     convert::Infallible,
     future::Future,
@@ -20,7 +21,10 @@ use hyper_util::{
 };
 use tokio::{net::TcpStream, sync::watch, time::Instant};
 
-use super::Proxy;
+use super::{
+    Proxy,
+    limits::{CountedIo, Refusal},
+};
 
 /// Each client connection looks at its activity this many times per idle timeout, and
 /// closes when it saw none for that many looks in a row: after between one and one and a
@@ -48,10 +52,19 @@ impl Conn {
 
 /// Requests in progress on a client connection, and how many ever started: what tells an
 /// idle connection, for HTTP/1 and HTTP/2 alike, without reading the clock per request.
+/// And how far its responses have gone: what tells a client that stopped reading.
 #[derive(Default)]
 struct Activity {
     active: AtomicUsize,
     started: AtomicU64,
+    /// Bytes read from the client, in all and when its last request finished.
+    read: Arc<AtomicU64>,
+    read_when_done: AtomicU64,
+    /// Response frames handed to hyper to send.
+    handed: AtomicU64,
+    /// Responses whose last frame handed has not been asked past yet: hyper is busy
+    /// writing it, or the client is not reading.
+    awaiting_client: AtomicUsize,
 }
 
 /// A request in progress, until its response body is done with.
@@ -65,14 +78,36 @@ impl Active {
     }
 }
 
+impl Active {
+    /// A response frame handed to hyper to send.
+    pub fn frame_handed(&self) {
+        let activity = &self.0.activity;
+        activity.handed.fetch_add(1, Ordering::Relaxed);
+        activity.awaiting_client.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// hyper asked for more after a frame (or let go of the response): the client is
+    /// taking it.
+    pub fn frame_taken(&self) {
+        self.0
+            .activity
+            .awaiting_client
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.activity.active.fetch_sub(1, Ordering::Relaxed);
+        let activity = &self.0.activity;
+        let read = activity.read.load(Ordering::Relaxed);
+        activity.read_when_done.store(read, Ordering::Relaxed);
+        activity.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Serves one client connection to its end: closed by the client, idle for too long,
-/// closed gracefully once `drain` turns true, or upgraded and then tunnelled to its end.
+/// its first request head late, a response it stopped reading, closed gracefully once
+/// `drain` turns true, or upgraded and then tunnelled to its end.
 pub(crate) async fn serve_connection(
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
@@ -82,6 +117,8 @@ pub(crate) async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let idle = proxy.config.idle_timeout;
+    let limits = proxy.config.limits.clone();
+    let accepted = Instant::now();
     let conn = Arc::new(Conn {
         proxy,
         client_ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header"),
@@ -98,9 +135,13 @@ pub(crate) async fn serve_connection(
             }
         })
     };
-    let http = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let io = CountedIo::new(stream, conn.activity.read.clone());
+    let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(http);
-    let look = (idle / LOOKS).max(Duration::from_millis(10));
+    let shortest = idle
+        .min(limits.header_timeout)
+        .min(limits.response_timeout);
+    let look = (shortest / LOOKS).max(Duration::from_millis(10));
     let mut looks = tokio::time::interval_at(Instant::now() + look, look);
     looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let draining = async move {
@@ -109,16 +150,37 @@ pub(crate) async fn serve_connection(
     };
     tokio::pin!(draining);
     let (mut seen, mut quiet, mut closing, mut drained) = (0, 0, false, false);
+    // When the responses last moved towards the client.
+    let (mut handed, mut handed_at) = (0, accepted);
     loop {
         tokio::select! {
             done = http.as_mut() => {
                 if let Err(e) = done {
-                    tracing::debug!(client = %peer, error = %e, "client connection ended");
+                    let limited = conn.refusal(&*e);
+                    tracing::debug!(client = %peer, error = %e, ?limited, "client connection ended");
                 }
                 break;
             }
             _ = looks.tick() => {
-                let started = conn.activity.started.load(Ordering::Relaxed);
+                let activity = &conn.activity;
+                if activity.started.load(Ordering::Relaxed) == 0
+                    && accepted.elapsed() >= limits.header_timeout
+                {
+                    // No first request in time (before hyper's own timer runs: the
+                    // protocol is not even known yet, or h2 has had no stream).
+                    conn.proxy.refusals.count(Refusal::HeaderTimeout);
+                    tracing::debug!(client = %peer, "no request head in time");
+                    return;
+                }
+                let now_handed = activity.handed.load(Ordering::Relaxed);
+                if now_handed != handed || activity.awaiting_client.load(Ordering::Relaxed) == 0 {
+                    (handed, handed_at) = (now_handed, Instant::now());
+                } else if handed_at.elapsed() >= limits.response_timeout {
+                    conn.proxy.refusals.count(Refusal::ResponseTimeout);
+                    tracing::debug!(client = %peer, "the client stopped reading its response");
+                    return;
+                }
+                let started = activity.started.load(Ordering::Relaxed);
                 if started != seen || conn.activity.active.load(Ordering::Relaxed) > 0 {
                     (seen, quiet) = (started, 0);
                     continue;
@@ -145,4 +207,41 @@ pub(crate) async fn serve_connection(
     if let Some(tunnel) = tunnel {
         tunnel.await;
     }
+}
+
+impl Conn {
+    /// Which limit (if any) ended the connection with `error`, counted. A header timeout
+    /// on a keep-alive connection that had received nothing since its last request is
+    /// its idle end, not a refusal.
+    fn refusal(&self, error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+        let hyper = error.downcast_ref::<hyper::Error>()?;
+        let why = if hyper.is_parse_too_large() {
+            Refusal::HeaderTooLarge
+        } else if hyper.is_timeout() {
+            let activity = &self.activity;
+            let head_begun = activity.started.load(Ordering::Relaxed) == 0
+                || activity.read.load(Ordering::Relaxed)
+                    > activity.read_when_done.load(Ordering::Relaxed);
+            head_begun.then_some(Refusal::HeaderTimeout)?
+        } else if is_h2_calm_down(hyper) {
+            Refusal::H2Resets
+        } else {
+            return None;
+        };
+        self.proxy.refusals.count(why);
+        Some(why)
+    }
+}
+
+/// Whether the connection ended with our GOAWAY ENHANCE_YOUR_CALM: h2's answer to a
+/// client resetting too many streams.
+fn is_h2_calm_down(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = e.source();
+    }
+    false
 }

@@ -10,6 +10,7 @@
 //! - `lease`: backend choice, and a request counted against its backend
 //! - `forward`: one request, from routing to the response (and upgrades)
 //! - `headers`: hop-by-hop removal, X-Forwarded-*
+//! - `limits`: timeouts and caps on what a client may hold, and the refusals counted
 //! - `request_body`: a client's request body streaming to a backend
 //! - `response_body`: the response streaming to the client
 //! - `server`: worker threads, accepting, graceful shutdown
@@ -23,6 +24,7 @@ mod forward;
 mod give_way;
 mod headers;
 mod lease;
+mod limits;
 mod request_body;
 mod response_body;
 mod routes;
@@ -38,11 +40,13 @@ use std::{
 
 use arc_swap::ArcSwap;
 
+pub use limits::{Limits, raise_fd_limit};
 pub use routes::{Balance, Route};
 pub use stats::ProxyStats;
 
 use routes::{Registry, Table};
 use shard::Padded;
+use limits::{ConnectionCaps, Refusals};
 use stats::Answers;
 
 /// Timeouts and threads of the proxy.
@@ -58,6 +62,8 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Worker threads serving connections; 0: one per CPU.
     pub workers: usize,
+    /// What one client may cost: timeouts, sizes, connection caps.
+    pub limits: Limits,
 }
 
 impl Default for ProxyConfig {
@@ -67,6 +73,7 @@ impl Default for ProxyConfig {
             response_header_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             workers: 0,
+            limits: Limits::default(),
         }
     }
 }
@@ -82,6 +89,9 @@ pub struct Proxy {
     /// What the next table reuses; only `set_routes` and `stats` take the lock.
     registry: Mutex<Registry>,
     answers: Answers,
+    refusals: Refusals,
+    /// Client connections held, against `limits`' caps (shared by every `serve`).
+    caps: Arc<ConnectionCaps>,
 }
 
 impl Proxy {
@@ -91,13 +101,18 @@ impl Proxy {
             n => n,
         };
         Arc::new(Self {
-            config,
             workers,
             tables: (0..workers)
                 .map(|_| Padded(ArcSwap::from_pointee(Table::default())))
                 .collect(),
             registry: Mutex::new(Registry::new(workers)),
             answers: Answers::default(),
+            refusals: Refusals::default(),
+            caps: ConnectionCaps::new(
+                config.limits.connection_cap(),
+                config.limits.max_connections_per_client,
+            ),
+            config,
         })
     }
 
@@ -122,10 +137,10 @@ impl Proxy {
             .load_full()
     }
 
-    /// Requests per service (every request routed to it, whatever the outcome) and lb's own
-    /// answers by status.
+    /// Requests per service (every request routed to it, whatever the outcome), lb's own
+    /// answers by status, and clients refused or cut by the limits.
     pub fn stats(&self) -> ProxyStats {
         let registry = self.registry.lock().unwrap();
-        ProxyStats::collect(&registry.services, &self.answers)
+        ProxyStats::collect(&registry.services, &self.answers, &self.refusals)
     }
 }

@@ -10,7 +10,7 @@ use std::{
 use http::StatusCode;
 use serde::Serialize;
 
-use super::shard::Sharded;
+use super::{limits::Refusals, shard::Sharded};
 
 /// A snapshot of the proxy's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -20,6 +20,11 @@ pub struct ProxyStats {
     /// lb's own answers by status: 404 (no route), 503 (no backend), 502 (backend failed),
     /// 504 (backend timed out).
     pub answers: BTreeMap<u16, u64>,
+    /// Clients refused or cut by a limit, by kind: header_timeout, header_too_large (431),
+    /// body_timeout (408), response_timeout, tunnel_timeout, connections and
+    /// client_connections (closed at accept), h2_resets (GOAWAY), backend_connections
+    /// (503).
+    pub refused: BTreeMap<String, u64>,
 }
 
 /// The statuses lb answers with itself.
@@ -45,7 +50,11 @@ impl Answers {
 }
 
 impl ProxyStats {
-    pub(crate) fn collect(services: &HashMap<Arc<str>, Arc<Sharded>>, answers: &Answers) -> Self {
+    pub(crate) fn collect(
+        services: &HashMap<Arc<str>, Arc<Sharded>>,
+        answers: &Answers,
+        refusals: &Refusals,
+    ) -> Self {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Self {
             requests: services
@@ -58,6 +67,7 @@ impl ProxyStats {
                 (503, load(&answers.no_backend)),
                 (504, load(&answers.gateway_timeout)),
             ]),
+            refused: refusals.snapshot(),
         }
     }
 }
