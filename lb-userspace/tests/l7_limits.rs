@@ -132,7 +132,10 @@ async fn read_until_closed(stream: &mut TcpStream) -> (String, Instant) {
     let mut all = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match timeout(T, stream.read(&mut buf)).await.expect("never closed") {
+        match timeout(T, stream.read(&mut buf))
+            .await
+            .expect("never closed")
+        {
             Ok(0) | Err(_) => return (String::from_utf8_lossy(&all).into(), Instant::now()),
             Ok(n) => all.extend_from_slice(&buf[..n]),
         }
@@ -170,7 +173,8 @@ async fn a_connection_stuck_mid_header_is_closed_on_time_and_counted() {
     // A head trickled a byte at a time is closed just the same, however steady.
     let mut trickle = TcpStream::connect(p.addr).await.unwrap();
     let opened = Instant::now();
-    let head = b"GET / HTTP/1.1\r\nHost: h\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let head =
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
     let mut sent = 0;
     for byte in head {
         if trickle.write_all(&[*byte]).await.is_err() {
@@ -181,7 +185,10 @@ async fn a_connection_stuck_mid_header_is_closed_on_time_and_counted() {
     }
     assert!(sent < head.len(), "the whole head got through");
     let after = read_until_closed(&mut trickle).await.1 - opened;
-    assert!(after < Duration::from_millis(1500), "closed after {after:?}");
+    assert!(
+        after < Duration::from_millis(1500),
+        "closed after {after:?}"
+    );
     assert_eq!(p.refused("header_timeout"), 3);
 
     // A keep-alive connection that goes quiet after a request is closed, but is no
@@ -191,7 +198,10 @@ async fn a_connection_stuck_mid_header_is_closed_on_time_and_counted() {
         .await
         .unwrap();
     let (text, _) = read_until_closed(&mut idle).await;
-    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("ok"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("ok"),
+        "{text}"
+    );
     assert_eq!(p.refused("header_timeout"), 3);
 }
 
@@ -261,7 +271,11 @@ async fn connections_above_a_clients_cap_are_closed_at_once_and_counted() {
         let _ = s
             .write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
             .await;
-        if read_until_closed(&mut s).await.0.starts_with("HTTP/1.1 200") {
+        if read_until_closed(&mut s)
+            .await
+            .0
+            .starts_with("HTTP/1.1 200")
+        {
             ok = true;
             break;
         }
@@ -339,7 +353,10 @@ async fn a_request_body_that_stops_is_answered_408_and_frees_the_backend() {
     }
     let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
-    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("got 8"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("got 8"),
+        "{text}"
+    );
     assert_eq!(p.refused("body_timeout"), 1);
 }
 
@@ -425,9 +442,11 @@ async fn an_idle_tunnel_is_closed() {
     };
     let p = start(limits, echo).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut buf = [0u8; 1024];
     let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
@@ -465,8 +484,13 @@ async fn h2_streams_above_the_cap_are_not_served_at_once() {
     tokio::spawn(conn);
     // One request first, so that the client has the proxy's SETTINGS (the cap) before
     // the rest.
-    let req = Request::get("http://h/").body(Empty::<Bytes>::new()).unwrap();
-    let resp = timeout(T, sender.clone().send_request(req)).await.unwrap().unwrap();
+    let req = Request::get("http://h/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = timeout(T, sender.clone().send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let requests = (0..20).map(|_| {
         let mut sender = sender.clone();

@@ -23,7 +23,7 @@ use tokio::{net::TcpStream, sync::watch, time::Instant};
 
 use super::{
     Proxy,
-    limits::{CountedIo, Refusal},
+    limits::{CountedIo, IoCounters, Refusal},
 };
 
 /// Each client connection looks at its activity this many times per idle timeout, and
@@ -52,19 +52,14 @@ impl Conn {
 
 /// Requests in progress on a client connection, and how many ever started: what tells an
 /// idle connection, for HTTP/1 and HTTP/2 alike, without reading the clock per request.
-/// And how far its responses have gone: what tells a client that stopped reading.
+/// And what went through its socket: what tells a client that stopped reading.
 #[derive(Default)]
 struct Activity {
     active: AtomicUsize,
     started: AtomicU64,
-    /// Bytes read from the client, in all and when its last request finished.
-    read: Arc<AtomicU64>,
+    io: Arc<IoCounters>,
+    /// Bytes read from the client when its last request finished.
     read_when_done: AtomicU64,
-    /// Response frames handed to hyper to send.
-    handed: AtomicU64,
-    /// Responses whose last frame handed has not been asked past yet: hyper is busy
-    /// writing it, or the client is not reading.
-    awaiting_client: AtomicUsize,
 }
 
 /// A request in progress, until its response body is done with.
@@ -78,28 +73,10 @@ impl Active {
     }
 }
 
-impl Active {
-    /// A response frame handed to hyper to send.
-    pub fn frame_handed(&self) {
-        let activity = &self.0.activity;
-        activity.handed.fetch_add(1, Ordering::Relaxed);
-        activity.awaiting_client.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// hyper asked for more after a frame (or let go of the response): the client is
-    /// taking it.
-    pub fn frame_taken(&self) {
-        self.0
-            .activity
-            .awaiting_client
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Drop for Active {
     fn drop(&mut self) {
         let activity = &self.0.activity;
-        let read = activity.read.load(Ordering::Relaxed);
+        let read = activity.io.read.load(Ordering::Relaxed);
         activity.read_when_done.store(read, Ordering::Relaxed);
         activity.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -135,12 +112,10 @@ pub(crate) async fn serve_connection(
             }
         })
     };
-    let io = CountedIo::new(stream, conn.activity.read.clone());
+    let io = CountedIo::new(stream, conn.activity.io.clone());
     let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(http);
-    let shortest = idle
-        .min(limits.header_timeout)
-        .min(limits.response_timeout);
+    let shortest = idle.min(limits.header_timeout).min(limits.response_timeout);
     let look = (shortest / LOOKS).max(Duration::from_millis(10));
     let mut looks = tokio::time::interval_at(Instant::now() + look, look);
     looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -150,8 +125,8 @@ pub(crate) async fn serve_connection(
     };
     tokio::pin!(draining);
     let (mut seen, mut quiet, mut closing, mut drained) = (0, 0, false, false);
-    // When the responses last moved towards the client.
-    let (mut handed, mut handed_at) = (0, accepted);
+    // Bytes written to the client, and when that last changed or the socket took more.
+    let (mut written, mut written_at) = (0, accepted);
     loop {
         tokio::select! {
             done = http.as_mut() => {
@@ -172,10 +147,12 @@ pub(crate) async fn serve_connection(
                     tracing::debug!(client = %peer, "no request head in time");
                     return;
                 }
-                let now_handed = activity.handed.load(Ordering::Relaxed);
-                if now_handed != handed || activity.awaiting_client.load(Ordering::Relaxed) == 0 {
-                    (handed, handed_at) = (now_handed, Instant::now());
-                } else if handed_at.elapsed() >= limits.response_timeout {
+                // The client's socket full, and no byte taken since the last look: the
+                // client is not reading (a slow backend leaves the socket with room).
+                let now_written = activity.io.written.load(Ordering::Relaxed);
+                if now_written != written || !activity.io.write_blocked.load(Ordering::Relaxed) {
+                    (written, written_at) = (now_written, Instant::now());
+                } else if written_at.elapsed() >= limits.response_timeout {
                     conn.proxy.refusals.count(Refusal::ResponseTimeout);
                     tracing::debug!(client = %peer, "the client stopped reading its response");
                     return;
@@ -220,7 +197,7 @@ impl Conn {
         } else if hyper.is_timeout() {
             let activity = &self.activity;
             let head_begun = activity.started.load(Ordering::Relaxed) == 0
-                || activity.read.load(Ordering::Relaxed)
+                || activity.io.read.load(Ordering::Relaxed)
                     > activity.read_when_done.load(Ordering::Relaxed);
             head_begun.then_some(Refusal::HeaderTimeout)?
         } else if is_h2_calm_down(hyper) {

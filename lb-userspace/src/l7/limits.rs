@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -165,7 +165,12 @@ impl Refusals {
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
         Refusal::ALL
             .iter()
-            .map(|&r| (r.name().to_string(), self.0[r as usize].load(Ordering::Relaxed)))
+            .map(|&r| {
+                (
+                    r.name().to_string(),
+                    self.0[r as usize].load(Ordering::Relaxed),
+                )
+            })
             .collect()
     }
 }
@@ -246,16 +251,38 @@ fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// A client connection's socket, counting the bytes read from it: what tells a request
-/// head in progress from a keep-alive connection waiting for its next request.
+/// What went through a socket: bytes read and written, and whether the last write found
+/// it full (the peer not reading).
+#[derive(Default)]
+pub(crate) struct IoCounters {
+    pub read: AtomicU64,
+    pub written: AtomicU64,
+    pub write_blocked: AtomicBool,
+}
+
+/// A socket that keeps [`IoCounters`]: what tells a request head in progress from a
+/// keep-alive connection waiting for its next request, and a client that stopped reading
+/// from a backend that is slow to answer.
 pub(crate) struct CountedIo<T> {
     inner: T,
-    read: Arc<AtomicU64>,
+    counters: Arc<IoCounters>,
 }
 
 impl<T> CountedIo<T> {
-    pub fn new(inner: T, read: Arc<AtomicU64>) -> Self {
-        Self { inner, read }
+    pub fn new(inner: T, counters: Arc<IoCounters>) -> Self {
+        Self { inner, counters }
+    }
+
+    fn wrote(&self, polled: &Poll<std::io::Result<usize>>) {
+        let c = &self.counters;
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                c.written.fetch_add(*n as u64, Ordering::Relaxed);
+                c.write_blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => c.write_blocked.store(true, Ordering::Relaxed),
+        }
     }
 }
 
@@ -269,7 +296,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.read.fetch_add(n as u64, Ordering::Relaxed);
+            self.counters.read.fetch_add(n as u64, Ordering::Relaxed);
         }
         polled
     }
@@ -281,7 +308,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&polled);
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -297,7 +326,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -312,7 +343,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let moved = Arc::new(AtomicU64::new(0));
+    let moved = Arc::new(IoCounters::default());
     let (mut a, mut b) = (
         CountedIo::new(a, moved.clone()),
         CountedIo::new(b, moved.clone()),
@@ -332,7 +363,8 @@ where
                 return false;
             }
             _ = looks.tick() => {
-                let now = moved.load(Ordering::Relaxed);
+                // Every byte either way is read from one side.
+                let now = moved.read.load(Ordering::Relaxed);
                 if now != seen {
                     (seen, quiet) = (now, 0);
                     continue;

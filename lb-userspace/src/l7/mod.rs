@@ -44,9 +44,9 @@ pub use limits::{Limits, raise_fd_limit};
 pub use routes::{Balance, Route};
 pub use stats::ProxyStats;
 
+use limits::{ConnectionCaps, Refusals};
 use routes::{Registry, Table};
 use shard::Padded;
-use limits::{ConnectionCaps, Refusals};
 use stats::Answers;
 
 /// Timeouts and threads of the proxy.

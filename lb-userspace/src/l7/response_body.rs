@@ -77,29 +77,24 @@ enum Kind {
 }
 
 /// What the client receives. It holds the connection's activity mark so that a connection
-/// streaming a response is never taken for idle, and tells it how far the response has
-/// gone, so that a client that stops reading is found out.
+/// streaming a response is never taken for idle.
 pub(crate) struct ResponseBody {
     kind: Kind,
-    active: Option<Active>,
-    /// The last frame handed has not been asked past yet.
-    awaiting: bool,
+    _active: Option<Active>,
 }
 
 impl ResponseBody {
     pub(crate) fn proxied(body: Downstream) -> Self {
         Self {
             kind: Kind::Proxied(body),
-            active: None,
-            awaiting: false,
+            _active: None,
         }
     }
 
     pub(crate) fn local(text: Bytes) -> Self {
         Self {
             kind: Kind::Local((!text.is_empty()).then_some(text)),
-            active: None,
-            awaiting: false,
+            _active: None,
         }
     }
 
@@ -108,22 +103,8 @@ impl ResponseBody {
     }
 
     pub(crate) fn with_active(mut self, active: Active) -> Self {
-        self.active = Some(active);
+        self._active = Some(active);
         self
-    }
-
-    fn taken(&mut self) {
-        if std::mem::take(&mut self.awaiting)
-            && let Some(active) = &self.active
-        {
-            active.frame_taken();
-        }
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        self.taken();
     }
 }
 
@@ -135,17 +116,10 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        this.taken();
-        let polled = match &mut this.kind {
+        match &mut self.kind {
             Kind::Proxied(down) => down.poll_frame(cx),
             Kind::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
-        };
-        if let (Poll::Ready(Some(Ok(_))), Some(active)) = (&polled, &this.active) {
-            active.frame_handed();
-            this.awaiting = true;
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
