@@ -31,6 +31,10 @@ use super::{
 /// quarter idle timeouts.
 const LOOKS: u32 = 4;
 
+/// Bytes a client must take of its responses per response timeout while its socket is
+/// full, or be taken for one that stopped reading.
+const MIN_PROGRESS: u64 = 16 << 10;
+
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Per client connection: what each of its requests needs.
@@ -147,10 +151,13 @@ pub(crate) async fn serve_connection(
                     tracing::debug!(client = %peer, "no request head in time");
                     return;
                 }
-                // The client's socket full, and no byte taken since the last look: the
-                // client is not reading (a slow backend leaves the socket with room).
+                // The client's socket full, and next to nothing taken since: the client is
+                // not reading (a slow backend leaves the socket with room). A few bytes
+                // taken now and then (window probes) are no progress.
                 let now_written = activity.io.written.load(Ordering::Relaxed);
-                if now_written != written || !activity.io.write_blocked.load(Ordering::Relaxed) {
+                if now_written >= written + MIN_PROGRESS
+                    || !activity.io.write_blocked.load(Ordering::Relaxed)
+                {
                     (written, written_at) = (now_written, Instant::now());
                 } else if written_at.elapsed() >= limits.response_timeout {
                     conn.proxy.refusals.count(Refusal::ResponseTimeout);
