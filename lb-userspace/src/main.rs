@@ -337,7 +337,6 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
             max_connections: args.http_max_connections,
             max_connections_per_client: args.http_max_connections_per_client,
             h2_max_streams: args.http2_max_streams,
-            ..HttpLimits::default()
         },
     })
 }

@@ -1,6 +1,6 @@
 //! What one client may cost the proxy: how long it may take to send a request head or a
 //! body, or to read a response; how large a head may be; how many connections all
-//! clients, one client and one backend may hold; how many streams an h2 connection may
+//! clients and one client may hold; how many streams an h2 connection may
 //! run. Each refusal is counted ([`Refusals`]).
 use std::{
     collections::{BTreeMap, HashMap},
@@ -41,9 +41,6 @@ pub struct Limits {
     pub max_connections_per_client: usize,
     /// Streams an h2 connection may have open at once.
     pub h2_max_streams: u32,
-    /// Connections to one backend (in use and pooled) at once; 0: no limit. A request that
-    /// finds none free waits for one up to the connect timeout, then gets 503.
-    pub max_backend_connections: usize,
 }
 
 impl Default for Limits {
@@ -57,7 +54,6 @@ impl Default for Limits {
             max_connections: 0,
             max_connections_per_client: 256,
             h2_max_streams: 100,
-            max_backend_connections: 0,
         }
     }
 }
@@ -120,12 +116,10 @@ pub(crate) enum Refusal {
     ClientConnections,
     /// An h2 connection closed for resetting too many streams (GOAWAY).
     H2Resets,
-    /// A request that found no free connection to its backend in time (503).
-    BackendConnections,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 9] = [
+    const ALL: [Refusal; 8] = [
         Self::HeaderTimeout,
         Self::HeaderTooLarge,
         Self::BodyTimeout,
@@ -134,7 +128,6 @@ impl Refusal {
         Self::Connections,
         Self::ClientConnections,
         Self::H2Resets,
-        Self::BackendConnections,
     ];
 
     /// Its name in the stats.
@@ -148,7 +141,6 @@ impl Refusal {
             Self::Connections => "connections",
             Self::ClientConnections => "client_connections",
             Self::H2Resets => "h2_resets",
-            Self::BackendConnections => "backend_connections",
         }
     }
 }

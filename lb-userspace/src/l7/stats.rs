@@ -22,8 +22,7 @@ pub struct ProxyStats {
     pub answers: BTreeMap<u16, u64>,
     /// Clients refused or cut by a limit, by kind: header_timeout, header_too_large (431),
     /// body_timeout (408), response_timeout, tunnel_timeout, connections and
-    /// client_connections (closed at accept), h2_resets (GOAWAY), backend_connections
-    /// (503).
+    /// client_connections (closed at accept), h2_resets (GOAWAY).
     pub refused: BTreeMap<String, u64>,
 }
 
