@@ -72,6 +72,8 @@ pub struct Config {
     pub api_access: AccessPolicy,
     /// `--api-insecure`: serve the API beyond loopback without a token.
     pub api_insecure: bool,
+    /// What one HTTP client may cost the L7 proxy.
+    pub http_limits: l7::Limits,
 }
 
 /// A running daemon.
@@ -149,11 +151,14 @@ impl Daemon {
         let mut proxy = None;
         let mut http = None;
         if let Some((addr, listener)) = http_listener {
+            // Client connections are capped below the descriptor limit, not by it.
+            l7::raise_fd_limit();
             let engine = l7::Proxy::new(l7::ProxyConfig {
                 workers: config.http_workers,
                 connect_timeout: config.http_backend_connect_timeout,
                 response_header_timeout: config.http_backend_response_timeout,
                 trusted_proxies: l7::TrustedProxies::new(config.trusted_proxies.clone()),
+                limits: config.http_limits.clone(),
                 ..l7::ProxyConfig::default()
             });
             let routes = engine.clone();

@@ -9,6 +9,7 @@ use lb::{
     api_listen::ApiListen,
     daemon::{Config, Daemon},
     dataplane::{CookieMode, Dataplane, Limits, Settings},
+    l7::Limits as HttpLimits,
     net,
     secret::GroupKeys,
 };
@@ -229,6 +230,49 @@ fn parse_host_name(s: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_ascii_lowercase())
+    /// HTTP: the time a client has to send a request head in full (slowloris), from its
+    /// first byte, or from the connection's accept for the first request; an HTTP/1.1
+    /// keep-alive connection waits this long for its next request. Then the connection
+    /// is closed.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    http_header_timeout: Duration,
+    /// HTTP: how long a request body may send nothing before the request is answered
+    /// 408 and its backend connection closed.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    http_body_timeout: Duration,
+    /// HTTP: how long a client may leave a response unread before its connection (and
+    /// the backend's) is closed.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    http_response_timeout: Duration,
+    /// HTTP: how long an upgraded connection (WebSocket) may carry nothing either way
+    /// before both sides are closed.
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_duration)]
+    http_tunnel_timeout: Duration,
+    /// HTTP: the largest request head in bytes (HTTP/1.1: at least 8192; h2: the header
+    /// list); a larger one is answered 431.
+    #[arg(long, default_value_t = HttpLimits::default().max_header_bytes, value_name = "BYTES")]
+    http_max_header_bytes: usize,
+    /// HTTP: client connections served at once; more are closed as they are accepted.
+    /// 0: half the process's file descriptor limit (raised to its hard limit at start)
+    /// less 1024, so that connections never run lb out of descriptors.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    http_max_connections: usize,
+    /// HTTP: client connections from one address (IPv6: one /64) at once; more are
+    /// closed as they are accepted. 0: no limit.
+    #[arg(long, default_value_t = HttpLimits::default().max_connections_per_client, value_name = "N")]
+    http_max_connections_per_client: usize,
+    /// HTTP: streams an h2 connection may have open at once (more are refused with
+    /// REFUSED_STREAM; a client that keeps causing resets gets GOAWAY).
+    #[arg(long, default_value_t = HttpLimits::default().h2_max_streams, value_name = "N")]
+    http2_max_streams: u32,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (like 10s, 500ms)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -390,6 +434,16 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
             hosts: args.api_hosts.clone(),
         },
         api_insecure: args.api_insecure,
+        http_limits: HttpLimits {
+            header_timeout: args.http_header_timeout,
+            body_timeout: args.http_body_timeout,
+            response_timeout: args.http_response_timeout,
+            tunnel_timeout: args.http_tunnel_timeout,
+            max_header_bytes: args.http_max_header_bytes,
+            max_connections: args.http_max_connections,
+            max_connections_per_client: args.http_max_connections_per_client,
+            h2_max_streams: args.http2_max_streams,
+        },
     })
 }
 

@@ -1,5 +1,6 @@
-//! One client connection: HTTP/1.1 or h2c served on it, closed when idle or when the
-//! server drains, and turned into a tunnel when a request upgrades it.
+//! One client connection: HTTP/1.1 or h2c served on it, closed when idle, when its first
+//! request head is late, when it stops reading a response, or when the server drains, and
+//! turned into a tunnel when a request upgrades it.
 use std::{
     convert::Infallible,
     future::Future,
@@ -20,12 +21,19 @@ use hyper_util::{
 };
 use tokio::{net::TcpStream, sync::watch, time::Instant};
 
-use super::Proxy;
+use super::{
+    Proxy,
+    limits::{CountedIo, IoCounters, Refusal},
+};
 
 /// Each client connection looks at its activity this many times per idle timeout, and
 /// closes when it saw none for that many looks in a row: after between one and one and a
 /// quarter idle timeouts.
 const LOOKS: u32 = 4;
+
+/// Bytes a client must take of its responses per response timeout while its socket is
+/// full, or be taken for one that stopped reading.
+const MIN_PROGRESS: u64 = 16 << 10;
 
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -50,10 +58,14 @@ impl Conn {
 
 /// Requests in progress on a client connection, and how many ever started: what tells an
 /// idle connection, for HTTP/1 and HTTP/2 alike, without reading the clock per request.
+/// And what went through its socket: what tells a client that stopped reading.
 #[derive(Default)]
 struct Activity {
     active: AtomicUsize,
     started: AtomicU64,
+    io: Arc<IoCounters>,
+    /// Bytes read from the client when its last request finished.
+    read_when_done: AtomicU64,
 }
 
 /// A request in progress, until its response body is done with.
@@ -69,12 +81,16 @@ impl Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.activity.active.fetch_sub(1, Ordering::Relaxed);
+        let activity = &self.0.activity;
+        let read = activity.io.read.load(Ordering::Relaxed);
+        activity.read_when_done.store(read, Ordering::Relaxed);
+        activity.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Serves one client connection to its end: closed by the client, idle for too long,
-/// closed gracefully once `drain` turns true, or upgraded and then tunnelled to its end.
+/// its first request head late, a response it stopped reading, closed gracefully once
+/// `drain` turns true, or upgraded and then tunnelled to its end.
 pub(crate) async fn serve_connection(
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
@@ -85,6 +101,8 @@ pub(crate) async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let idle = proxy.config.idle_timeout;
     let client_trusted = proxy.config.trusted_proxies.trusts(peer.ip());
+    let limits = proxy.config.limits.clone();
+    let accepted = Instant::now();
     let conn = Arc::new(Conn {
         proxy,
         client_ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header"),
@@ -102,9 +120,11 @@ pub(crate) async fn serve_connection(
             }
         })
     };
-    let http = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let io = CountedIo::new(stream, conn.activity.io.clone());
+    let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(http);
-    let look = (idle / LOOKS).max(Duration::from_millis(10));
+    let shortest = idle.min(limits.header_timeout).min(limits.response_timeout);
+    let look = (shortest / LOOKS).max(Duration::from_millis(10));
     let mut looks = tokio::time::interval_at(Instant::now() + look, look);
     looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let draining = async move {
@@ -113,16 +133,42 @@ pub(crate) async fn serve_connection(
     };
     tokio::pin!(draining);
     let (mut seen, mut quiet, mut closing, mut drained) = (0, 0, false, false);
+    // Bytes written to the client, and when that last changed or the socket took more.
+    let (mut written, mut written_at) = (0, accepted);
     loop {
         tokio::select! {
             done = http.as_mut() => {
                 if let Err(e) = done {
-                    tracing::debug!(client = %peer, error = %e, "client connection ended");
+                    let limited = conn.refusal(&*e);
+                    tracing::debug!(client = %peer, error = %e, ?limited, "client connection ended");
                 }
                 break;
             }
             _ = looks.tick() => {
-                let started = conn.activity.started.load(Ordering::Relaxed);
+                let activity = &conn.activity;
+                if activity.started.load(Ordering::Relaxed) == 0
+                    && accepted.elapsed() >= limits.header_timeout
+                {
+                    // No first request in time (before hyper's own timer runs: the
+                    // protocol is not even known yet, or h2 has had no stream).
+                    conn.proxy.refusals.count(Refusal::HeaderTimeout);
+                    tracing::debug!(client = %peer, "no request head in time");
+                    return;
+                }
+                // The client's socket full, and next to nothing taken since: the client is
+                // not reading (a slow backend leaves the socket with room). A few bytes
+                // taken now and then (window probes) are no progress.
+                let now_written = activity.io.written.load(Ordering::Relaxed);
+                if now_written >= written + MIN_PROGRESS
+                    || !activity.io.write_blocked.load(Ordering::Relaxed)
+                {
+                    (written, written_at) = (now_written, Instant::now());
+                } else if written_at.elapsed() >= limits.response_timeout {
+                    conn.proxy.refusals.count(Refusal::ResponseTimeout);
+                    tracing::debug!(client = %peer, "the client stopped reading its response");
+                    return;
+                }
+                let started = activity.started.load(Ordering::Relaxed);
                 if started != seen || conn.activity.active.load(Ordering::Relaxed) > 0 {
                     (seen, quiet) = (started, 0);
                     continue;
@@ -149,4 +195,41 @@ pub(crate) async fn serve_connection(
     if let Some(tunnel) = tunnel {
         tunnel.await;
     }
+}
+
+impl Conn {
+    /// Which limit (if any) ended the connection with `error`, counted. A header timeout
+    /// on a keep-alive connection that had received nothing since its last request is
+    /// its idle end, not a refusal.
+    fn refusal(&self, error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+        let hyper = error.downcast_ref::<hyper::Error>()?;
+        let why = if hyper.is_parse_too_large() {
+            Refusal::HeaderTooLarge
+        } else if hyper.is_timeout() {
+            let activity = &self.activity;
+            let head_begun = activity.started.load(Ordering::Relaxed) == 0
+                || activity.io.read.load(Ordering::Relaxed)
+                    > activity.read_when_done.load(Ordering::Relaxed);
+            head_begun.then_some(Refusal::HeaderTimeout)?
+        } else if is_h2_calm_down(hyper) {
+            Refusal::H2Resets
+        } else {
+            return None;
+        };
+        self.proxy.refusals.count(why);
+        Some(why)
+    }
+}
+
+/// Whether the connection ended with our GOAWAY ENHANCE_YOUR_CALM: h2's answer to a
+/// client resetting too many streams.
+fn is_h2_calm_down(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = e.source();
+    }
+    false
 }

@@ -26,6 +26,7 @@ use super::{
     headers,
     lease::{Lease, pick},
     path,
+    limits::{Refusal, splice_until_idle},
     request_body::{Sent, UpstreamBody},
     response_body::{Downstream, ResponseBody},
 };
@@ -86,7 +87,8 @@ impl Proxy {
         }
         headers::add_forwarded(&mut parts.headers, &conn.client_ip, conn.client_trusted);
         parts.version = Version::HTTP_11;
-        let (body, sent) = UpstreamBody::new(body);
+        let (body, sent) = UpstreamBody::new(body, self.config.limits.body_timeout);
+        let body_stalled = sent.clone();
 
         let mut req = Request::from_parts(parts, body);
         let mut redispatched = false;
@@ -116,6 +118,12 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 let service = lease.service();
+                if body_stalled.is_some_and(|s| s.stalled()) {
+                    tracing::debug!(%service, error = %e, "request body stalled");
+                    self.refusals.count(Refusal::BodyTimeout);
+                    let text = "the request body stopped coming\n".to_string();
+                    return self.answer(StatusCode::REQUEST_TIMEOUT, text);
+                }
                 tracing::debug!(%service, error = %e, "backend failed");
                 let (status, what) = if e.is_timeout() {
                     (StatusCode::GATEWAY_TIMEOUT, "timed out")
@@ -129,7 +137,8 @@ impl Proxy {
         let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if let Some(client_upgrade) = client_upgrade.filter(|_| switched) {
             let backend_upgrade = hyper::upgrade::on(&mut resp);
-            conn.set_tunnel(tunnel(client_upgrade, backend_upgrade, lease));
+            let proxy = conn.proxy.clone();
+            conn.set_tunnel(tunnel(client_upgrade, backend_upgrade, lease, proxy));
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             return Response::from_parts(parts, ResponseBody::empty());
@@ -243,8 +252,9 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 }
 
 /// Splices an upgraded client connection to the upgraded backend connection until either
-/// side closes. The lease keeps the backend's in-flight count up meanwhile.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
+/// side closes or both are idle for the tunnel timeout. The lease keeps the backend's
+/// in-flight count up meanwhile.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease, proxy: Arc<Proxy>) {
     let addr = lease.backend().addr;
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(both) => both,
@@ -254,8 +264,10 @@ async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
         }
     };
     let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        tracing::debug!(backend = %addr, error = %e, "upgraded connection ended");
+    let idle = proxy.config.limits.tunnel_timeout;
+    if splice_until_idle(&mut client, &mut backend, idle).await {
+        tracing::debug!(backend = %addr, "upgraded connection idle: closed");
+        proxy.refusals.count(Refusal::TunnelTimeout);
     }
     drop(lease);
 }

@@ -11,6 +11,7 @@
 //! - `forward`: one request, from routing to the response (and upgrades), and its one
 //!   retry on another backend when the first could not take it
 //! - `headers`: hop-by-hop removal, X-Forwarded-* (and whose are believed)
+//! - `limits`: timeouts and caps on what a client may hold, and the refusals counted
 //! - `path`: the normalised path routes are matched on and requests forwarded with
 //! - `request_body`: a client's request body streaming to a backend
 //! - `response_body`: the response streaming to the client
@@ -26,6 +27,7 @@ mod give_way;
 mod headers;
 mod lease;
 mod path;
+mod limits;
 mod request_body;
 mod response_body;
 mod routes;
@@ -45,9 +47,11 @@ use std::{
 use arc_swap::ArcSwap;
 
 pub use headers::{TrustedProxies, parse_cidr};
+pub use limits::{Limits, raise_fd_limit};
 pub use routes::{Balance, Route};
 pub use stats::ProxyStats;
 
+use limits::{ConnectionCaps, Refusals};
 use routes::{Registry, Table};
 use shard::Padded;
 use stats::Answers;
@@ -67,6 +71,8 @@ pub struct ProxyConfig {
     pub workers: usize,
     /// Clients whose X-Forwarded-* headers are kept (and appended to); none by default.
     pub trusted_proxies: TrustedProxies,
+    /// What one client may cost: timeouts, sizes, connection caps.
+    pub limits: Limits,
 }
 
 impl Default for ProxyConfig {
@@ -77,6 +83,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(60),
             workers: 0,
             trusted_proxies: TrustedProxies::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -94,6 +101,9 @@ pub struct Proxy {
     answers: Answers,
     /// Requests sent to a second backend because the first could not take them.
     redispatched: AtomicU64,
+    refusals: Refusals,
+    /// Client connections held, against `limits`' caps (shared by every `serve`).
+    caps: Arc<ConnectionCaps>,
 }
 
 impl Proxy {
@@ -103,7 +113,6 @@ impl Proxy {
             n => n,
         };
         Arc::new(Self {
-            config,
             workers,
             tables: (0..workers)
                 .map(|_| Padded(ArcSwap::from_pointee(Table::default())))
@@ -111,6 +120,12 @@ impl Proxy {
             registry: Mutex::new(Registry::new(workers)),
             answers: Answers::default(),
             redispatched: AtomicU64::new(0),
+            refusals: Refusals::default(),
+            caps: ConnectionCaps::new(
+                config.limits.connection_cap(),
+                config.limits.max_connections_per_client,
+            ),
+            config,
         })
     }
 
@@ -136,10 +151,10 @@ impl Proxy {
     }
 
     /// Requests per service (every request routed to it, whatever the outcome), lb's own
-    /// answers by status, and requests redispatched.
+    /// answers by status, clients refused or cut by the limits, and requests redispatched.
     pub fn stats(&self) -> ProxyStats {
         let registry = self.registry.lock().unwrap();
-        let mut stats = ProxyStats::collect(&registry.services, &self.answers);
+        let mut stats = ProxyStats::collect(&registry.services, &self.answers, &self.refusals);
         stats.redispatched = self.redispatched.load(Ordering::Relaxed);
         stats
     }

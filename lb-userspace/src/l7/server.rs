@@ -22,7 +22,10 @@ use std::{
     time::Duration,
 };
 
-use hyper_util::{rt::TokioExecutor, server::conn::auto};
+use hyper_util::{
+    rt::{TokioExecutor, TokioTimer},
+    server::conn::auto,
+};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
@@ -30,18 +33,29 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Proxy, backend::TICKS_PER_IDLE, conn::serve_connection, give_way, worker};
+use super::{
+    Proxy,
+    backend::TICKS_PER_IDLE,
+    conn::serve_connection,
+    give_way,
+    limits::{Admitted, H2_MAX_ERROR_RESETS, H2_MAX_PENDING_RESETS, MIN_HEADER_BUFFER},
+    worker,
+};
 use crate::supervise::{Supervisor, panic_message};
 
 /// How long in-flight requests (and upgraded connections) may go on once shutdown begins.
 const GRACE: Duration = Duration::from_secs(5);
+
+/// A connection accepted by one worker and served by another, with its place under the
+/// connection caps.
+type Handed = (std::net::TcpStream, SocketAddr, Admitted);
 
 /// What the workers of one `serve` know of each other.
 struct Peers {
     /// Client connections each worker serves (or has been handed and not yet taken).
     load: Box<[AtomicUsize]>,
     /// Where each worker takes connections passed on by the others.
-    inbox: Box<[mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>]>,
+    inbox: Box<[mpsc::UnboundedSender<Handed>]>,
 }
 
 impl Peers {
@@ -157,7 +171,7 @@ impl Worker {
     fn run(
         self,
         listener: std::net::TcpListener,
-        inbox: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+        inbox: mpsc::UnboundedReceiver<Handed>,
     ) -> std::io::Result<()> {
         worker::set_index(self.index);
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -172,20 +186,10 @@ impl Worker {
     async fn serve(
         self,
         listener: std::net::TcpListener,
-        mut inbox: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+        mut inbox: mpsc::UnboundedReceiver<Handed>,
     ) -> std::io::Result<()> {
         let listener = TcpListener::from_std(listener)?;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // No Date of our own: backends send theirs, and it would cost a clock read per
-        // response. One flat write per response rather than writev of head and body:
-        // measured 2-6 % more requests/s with small bodies (see `backend::connect`).
-        builder
-            .http1()
-            .keep_alive(true)
-            .auto_date_header(false)
-            .writev(false);
-        builder.http2().auto_date_header(false);
-        let builder = Arc::new(builder);
+        let builder = Arc::new(self.builder());
         let mut conns = JoinSet::new();
         let mut drain = self.drain.clone();
         let draining = drain.wait_for(|d| *d);
@@ -195,16 +199,23 @@ impl Worker {
                 _ = &mut draining => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        if let Some(stream) = self.pass_on(stream, peer) {
-                            self.spawn(&mut conns, &builder, stream, peer);
+                        // Above a cap: closed at once (dropped), which costs the least.
+                        let admitted = self.proxy.caps.admit(peer.ip()).map_err(|why| {
+                            self.proxy.refusals.count(why);
+                            tracing::debug!(client = %peer, refused = why.name(), "connection refused");
+                        });
+                        if let Ok(admitted) = admitted
+                            && let Some((stream, admitted)) = self.pass_on(stream, peer, admitted)
+                        {
+                            self.spawn(&mut conns, &builder, stream, peer, admitted);
                         }
                     }
                     Err(e) => accept_failed(e).await,
                 },
-                Some((stream, peer)) = inbox.recv() => {
+                Some((stream, peer, admitted)) = inbox.recv() => {
                     // Already counted in this worker's load by the one that passed it on.
                     match TcpStream::from_std(stream) {
-                        Ok(stream) => self.spawn(&mut conns, &builder, stream, peer),
+                        Ok(stream) => self.spawn(&mut conns, &builder, stream, peer, admitted),
                         Err(e) => {
                             self.peers.load[self.index].fetch_sub(1, Ordering::Relaxed);
                             tracing::warn!(error = %e, "taking over a connection");
@@ -227,18 +238,54 @@ impl Worker {
         Ok(())
     }
 
+    /// The HTTP/1.1 and h2 settings every client connection is served with.
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let limits = &self.proxy.config.limits;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // No Date of our own: backends send theirs, and it would cost a clock read per
+        // response. One flat write per response rather than writev of head and body:
+        // measured 2-6 % more requests/s with small bodies (see `backend::connect`).
+        // A head larger than the read buffer is answered 431 by hyper.
+        builder
+            .http1()
+            .keep_alive(true)
+            .auto_date_header(false)
+            .writev(false)
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUFFER));
+        // A peer that stops answering pings is gone; the first request's head is timed by
+        // `conn`.
+        builder
+            .http2()
+            .auto_date_header(false)
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.header_timeout)
+            .keep_alive_timeout(limits.header_timeout)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(limits.h2_max_streams)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_ERROR_RESETS);
+        builder
+    }
+
     /// Passes `stream` on to the worker that [`Peers::claim`]s it when that is another
     /// one; gives it back to serve here otherwise.
-    fn pass_on(&self, stream: TcpStream, peer: SocketAddr) -> Option<TcpStream> {
+    fn pass_on(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admitted: Admitted,
+    ) -> Option<(TcpStream, Admitted)> {
         let to = self.peers.claim(self.index);
         if to == self.index {
-            return Some(stream);
+            return Some((stream, admitted));
         }
         let load = &self.peers.load[to];
         match stream.into_std() {
             Ok(stream) => {
                 // The other worker gone (shutting down): nobody serves it.
-                if self.peers.inbox[to].send((stream, peer)).is_err() {
+                if self.peers.inbox[to].send((stream, peer, admitted)).is_err() {
                     load.fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -257,12 +304,14 @@ impl Worker {
         builder: &Arc<auto::Builder<TokioExecutor>>,
         stream: TcpStream,
         peer: SocketAddr,
+        admitted: Admitted,
     ) {
         let (proxy, builder, drain) = (self.proxy.clone(), builder.clone(), self.drain.clone());
         let peers = self.peers.clone();
         let index = self.index;
         conns.spawn(async move {
             serve_connection(proxy, &builder, stream, peer, drain).await;
+            drop(admitted);
             peers.load[index].fetch_sub(1, Ordering::Relaxed);
         });
     }

@@ -10,7 +10,7 @@ use std::{
 use http::StatusCode;
 use serde::Serialize;
 
-use super::shard::Sharded;
+use super::{limits::Refusals, shard::Sharded};
 
 /// A snapshot of the proxy's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -23,6 +23,10 @@ pub struct ProxyStats {
     /// Requests retried on another backend after the first refused the connection (or
     /// closed it before taking the request).
     pub redispatched: u64,
+    /// Clients refused or cut by a limit, by kind: header_timeout, header_too_large (431),
+    /// body_timeout (408), response_timeout, tunnel_timeout, connections and
+    /// client_connections (closed at accept), h2_resets (GOAWAY).
+    pub refused: BTreeMap<String, u64>,
 }
 
 /// The statuses lb answers with itself.
@@ -50,7 +54,11 @@ impl Answers {
 }
 
 impl ProxyStats {
-    pub(crate) fn collect(services: &HashMap<Arc<str>, Arc<Sharded>>, answers: &Answers) -> Self {
+    pub(crate) fn collect(
+        services: &HashMap<Arc<str>, Arc<Sharded>>,
+        answers: &Answers,
+        refusals: &Refusals,
+    ) -> Self {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Self {
             requests: services
@@ -65,6 +73,7 @@ impl ProxyStats {
                 (504, load(&answers.gateway_timeout)),
             ]),
             redispatched: 0,
+            refused: refusals.snapshot(),
         }
     }
 }

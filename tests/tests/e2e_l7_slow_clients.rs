@@ -1,0 +1,356 @@
+//! Slow clients against lb's HTTP listener, in namespaces: 2,000 connections trickling a
+//! request head a byte every few seconds, POSTs whose bodies stop, and requests for large
+//! answers that are never read, all open while wrk runs its normal load. wrk keeps its
+//! rate, lb never runs out of file descriptors, and each slow connection is closed within
+//! its timeout.
+//!
+//! The generator is one thread and one task a connection, each waking every few seconds,
+//! so that on a small machine it takes little CPU from wrk, lb and the backends.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lbproc::LbProcess,
+    topology::Topology,
+    wrk::{Wrk, WrkOptions},
+};
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+    time::sleep,
+};
+
+/// lb's HTTP listener in the two-armed topology: its client-side address.
+fn listener() -> SocketAddr {
+    SocketAddr::from(([10, 202, 1, 1], 80))
+}
+
+/// The timeouts lb runs with here: short, to keep the test short.
+/// Longer than a wrk run, so that every slow connection is there through it.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(9);
+const BODY_TIMEOUT: Duration = Duration::from_secs(9);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(9);
+/// Closed on time: within the timeout and this (lb looks at its connections four times
+/// per timeout, and the machine is shared).
+const MARGIN: Duration = Duration::from_secs(3);
+/// Between two bytes of a slow head.
+const TRICKLE: Duration = Duration::from_secs(3);
+
+const SLOW_HEADERS: usize = 2000;
+const SLOW_BODIES: usize = 20;
+const UNREAD: usize = 20;
+/// The slow clients come from addresses of their own, so that lb's per-client cap (256 by
+/// default) admits them all: 10 addresses, 200 connections each at most.
+const SLOW_ADDRESSES: u8 = 10;
+
+fn slow_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 202, 1, 100 + (i % SLOW_ADDRESSES as usize) as u8)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Header,
+    Body,
+    Unread,
+}
+
+/// One slow connection ended: what it was and how long lb took, from the moment its
+/// timeout started (the first byte of the head; the last byte of the body). An unread
+/// answer is read once its timeout and the margin are over, and tells whether lb had cut
+/// it by then.
+#[derive(Debug)]
+struct Closed {
+    kind: Kind,
+    after: Duration,
+    /// Ended by lb (an unread answer: short of its length).
+    cut: bool,
+}
+
+/// The size of the answer asked for and never read.
+const BIG: usize = 64 << 20;
+
+/// One slow connection of `kind` from `from`, until lb ends it; counted in `open`
+/// meanwhile. None if it could not connect.
+async fn slow_client(kind: Kind, from: Ipv4Addr, open: Arc<AtomicUsize>) -> Option<Closed> {
+    {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        let mut s = socket.connect(listener()).await.ok()?;
+        open.fetch_add(1, Ordering::Relaxed);
+        let mut buf = vec![0u8; 65536];
+        let since;
+        let mut cut = true;
+        match kind {
+            Kind::Header => {
+                // "GET /web/x HTTP/1.1\r\nHost: lb\r\nX-Slow: aaaa..." a byte every few
+                // seconds, never ending.
+                since = Instant::now();
+                let head = b"GET /web/x HTTP/1.1\r\nHost: lb\r\nX-Slow: ";
+                let mut i = 0;
+                loop {
+                    let byte = head.get(i).copied().unwrap_or(b'a');
+                    i += 1;
+                    if s.write_all(&[byte]).await.is_err() {
+                        break;
+                    }
+                    // Wait, or less if lb closes meanwhile.
+                    match tokio::time::timeout(TRICKLE, s.read(&mut buf)).await {
+                        Err(_) => {}
+                        Ok(_) => break,
+                    }
+                }
+            }
+            Kind::Body => {
+                // The head and 10 bytes of a 1 MB body, then nothing.
+                let _ = s
+                    .write_all(b"POST /web/upload HTTP/1.1\r\nHost: lb\r\nContent-Length: 1000000\r\n\r\n0123456789")
+                    .await;
+                since = Instant::now();
+                // lb answers 408, then closes.
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+            Kind::Unread => {
+                let _ = s
+                    .write_all(
+                        format!("GET /web/big/{BIG} HTTP/1.1\r\nHost: lb\r\n\r\n").as_bytes(),
+                    )
+                    .await;
+                since = Instant::now();
+                // Not read for the timeout and the margin; then read at full speed. Cut by
+                // lb meanwhile, the answer ends short; not, it all comes.
+                sleep(RESPONSE_TIMEOUT + MARGIN).await;
+                let mut got = 0;
+                let drained = tokio::time::timeout(Duration::from_secs(10), async {
+                    while let Ok(n) = s.read(&mut buf).await
+                        && n > 0
+                    {
+                        got += n;
+                    }
+                })
+                .await;
+                cut = drained.is_ok() && got < BIG;
+            }
+        }
+        let after = since.elapsed();
+        open.fetch_sub(1, Ordering::Relaxed);
+        Some(Closed { kind, after, cut })
+    }
+}
+
+/// lb's open file descriptors and its limit on them.
+fn fds(pid: u32) -> (usize, u64) {
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let max = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (open, max)
+}
+
+/// Lets this process open the client sockets (2,000 and more).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    assert!(
+        hard >= 8192,
+        "this test needs 8192 file descriptors, the hard limit is {hard}"
+    );
+}
+
+#[test]
+fn slow_clients_cost_wrk_little_and_are_closed_on_time() {
+    raise_fd_limit();
+    let topo = Topology::two_armed(2).unwrap();
+    for i in 0..SLOW_ADDRESSES as usize {
+        topo.client
+            .ip(&format!("addr add {}/24 dev eth0", slow_address(i)))
+            .unwrap();
+    }
+    let _backends = topo.start_backends(2, 8080, false).unwrap();
+    let secs = |d: Duration| format!("{}s", d.as_secs());
+    let lb = LbProcess::start(
+        &topo.lb,
+        &topo.lb_ifaces,
+        &[
+            "--http",
+            &listener().to_string(),
+            "--http-header-timeout",
+            &secs(HEADER_TIMEOUT),
+            "--http-body-timeout",
+            &secs(BODY_TIMEOUT),
+            "--http-response-timeout",
+            &secs(RESPONSE_TIMEOUT),
+        ],
+    )
+    .unwrap();
+    let be = |i: usize| topo.backend(i, 8080).to_string();
+    lb.put_service(
+        "web",
+        &json!({"http": {"paths": ["/web"]}, "backends": [be(0), be(1)]}),
+    )
+    .unwrap();
+    let wrk = Wrk::new(&["/web/x"]).unwrap();
+    let load = WrkOptions {
+        threads: 1,
+        connections: 32,
+        duration: Duration::from_secs(5),
+        close: false,
+    };
+    let before = wrk.run(&topo.client, listener(), &load).unwrap();
+    assert_eq!(before.errors.total(), 0, "{}", before.errors);
+
+    // The slow clients, on a runtime of their own inside the client's namespace: one task
+    // a connection, all on one thread.
+    let open = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let open = open.clone();
+        let ns = topo.client.path();
+        std::thread::spawn(move || {
+            lb_tests::netns::in_netns(&ns, move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let kinds = std::iter::repeat_n(Kind::Header, SLOW_HEADERS)
+                        .chain(std::iter::repeat_n(Kind::Body, SLOW_BODIES))
+                        .chain(std::iter::repeat_n(Kind::Unread, UNREAD));
+                    let tasks: Vec<_> = kinds
+                        .enumerate()
+                        .map(|(i, kind)| {
+                            let from = slow_address(i);
+                            tokio::spawn(slow_client(kind, from, open.clone()))
+                        })
+                        .collect();
+                    let mut closed = Vec::new();
+                    for t in tasks {
+                        closed.extend(t.await.unwrap());
+                    }
+                    closed
+                })
+            })
+        })
+    };
+    // All connected before wrk starts.
+    let all = SLOW_HEADERS + SLOW_BODIES + UNREAD;
+    assert!(
+        lb_tests::eventually(Duration::from_secs(10), || open.load(Ordering::Relaxed)
+            >= all * 9 / 10),
+        "only {} slow connections opened",
+        open.load(Ordering::Relaxed)
+    );
+
+    // lb's descriptors, sampled while wrk runs.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (pid, sampling) = (lb.pid(), sampling.clone());
+        std::thread::spawn(move || {
+            let mut most = (0, 0);
+            while sampling.load(Ordering::Relaxed) {
+                let (open, max) = fds(pid);
+                most = (most.0.max(open), max);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            most
+        })
+    };
+    let slow_open_during = open.load(Ordering::Relaxed);
+    let during = wrk.run(&topo.client, listener(), &load).unwrap();
+    let slow_open_after = open.load(Ordering::Relaxed);
+    sampling.store(false, Ordering::Relaxed);
+    let (most_fds, fd_limit) = sampler.join().unwrap();
+    let closed = slow.join().unwrap();
+    let after = wrk.run(&topo.client, listener(), &load).unwrap();
+
+    // wrk keeps 90 % of its rate (against the mean of the runs before and after, as the
+    // machine is shared).
+    let alone = (before.rps() + after.rps()) / 2.0;
+    eprintln!(
+        "wrk alone {:.0} and {:.0} req/s, with {slow_open_during}..{slow_open_after} slow \
+         clients {:.0} req/s; lb held at most {most_fds} fds of {fd_limit}; {} slow \
+         connections closed",
+        before.rps(),
+        after.rps(),
+        during.rps(),
+        closed.len()
+    );
+    assert!(
+        slow_open_after >= all * 9 / 10,
+        "the slow clients were gone before wrk was done: {slow_open_after} left"
+    );
+    assert!(
+        during.rps() >= 0.9 * alone,
+        "wrk fell to {:.0} req/s from {alone:.0}",
+        during.rps()
+    );
+    assert_eq!(during.errors.total(), 0, "{}", during.errors);
+    // Descriptors: well under the limit, and no accept failed for want of one.
+    assert!(
+        fd_limit > 0 && (most_fds as u64) < fd_limit,
+        "{most_fds} of {fd_limit}"
+    );
+    assert!(
+        most_fds >= SLOW_HEADERS,
+        "the slow clients were not held: {most_fds} fds"
+    );
+    let log = lb.log_text();
+    assert!(
+        !log.contains("Too many open files") && !log.contains("EMFILE"),
+        "lb ran out of descriptors"
+    );
+
+    // Every kind was closed, each connection within its timeout and the margin.
+    for (kind, timeout, least) in [
+        (Kind::Header, HEADER_TIMEOUT, SLOW_HEADERS),
+        (Kind::Body, BODY_TIMEOUT, SLOW_BODIES),
+        (Kind::Unread, RESPONSE_TIMEOUT, UNREAD),
+    ] {
+        let of_kind: Vec<_> = closed.iter().filter(|c| c.kind == kind).collect();
+        assert!(
+            of_kind.len() * 10 >= least * 9,
+            "{kind:?}: only {} connected",
+            of_kind.len()
+        );
+        let late: Vec<&&Closed> = of_kind
+            .iter()
+            .filter(|c| !c.cut || (kind != Kind::Unread && c.after > timeout + MARGIN))
+            .collect();
+        assert!(
+            late.is_empty(),
+            "{kind:?}: {} late, like {:?}",
+            late.len(),
+            late[0]
+        );
+        let early = of_kind
+            .iter()
+            .filter(|c| kind != Kind::Unread && c.after + Duration::from_millis(500) < timeout)
+            .count();
+        assert_eq!(early, 0, "{kind:?}: closed before its timeout");
+    }
+    let (_, stats) = lb.request("GET", "/v1/stats", None).unwrap();
+    let refused = &stats["http"]["refused"];
+    assert!(
+        refused["header_timeout"].as_u64().unwrap() >= (SLOW_HEADERS * 9 / 10) as u64,
+        "{refused}"
+    );
+    assert!(
+        refused["body_timeout"].as_u64().unwrap() >= (SLOW_BODIES * 9 / 10) as u64,
+        "{refused}"
+    );
+    assert!(
+        refused["response_timeout"].as_u64().unwrap() >= (UNREAD * 9 / 10) as u64,
+        "{refused}"
+    );
+    assert_eq!(refused["client_connections"], 0, "{refused}");
+}
