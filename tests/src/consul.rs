@@ -554,6 +554,8 @@ async fn health_service(
 
 pub struct ConsulServer {
     addr: SocketAddr,
+    /// Served over HTTPS.
+    tls: bool,
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -564,21 +566,51 @@ impl ConsulServer {
     pub fn start() -> anyhow::Result<Self> {
         let listener =
             TcpListener::bind("127.0.0.1:0").context("binding the Consul test server")?;
-        Self::serve(listener, "127.0.0.1")
+        Self::serve(listener, "127.0.0.1", None)
+    }
+
+    /// A server on 127.0.0.1 at a free port, over HTTPS with `tls`'s certificate.
+    pub fn start_tls(tls: Arc<rustls::ServerConfig>) -> anyhow::Result<Self> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").context("binding the Consul test server")?;
+        Self::serve(listener, "127.0.0.1", Some(tls))
     }
 
     /// A server inside `ns`, listening on `ip` (an address of `ns`) at a free port.
     pub fn start_in(ns: &Netns, ip: &str) -> anyhow::Result<Self> {
+        Self::start_in_with(ns, ip, None)
+    }
+
+    /// As [`ConsulServer::start_in`], over HTTPS with `tls`'s certificate.
+    pub fn start_tls_in(
+        ns: &Netns,
+        ip: &str,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> anyhow::Result<Self> {
+        Self::start_in_with(ns, ip, Some(tls))
+    }
+
+    fn start_in_with(
+        ns: &Netns,
+        ip: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<Self> {
         let bind_ip = ip.to_string();
         let listener =
             crate::netns::in_netns(&ns.path(), move || TcpListener::bind((bind_ip.as_str(), 0)))
                 .with_context(|| {
                     format!("binding the Consul test server to {ip} in {}", ns.name)
                 })?;
-        Self::serve(listener, ip)
+        Self::serve(listener, ip, tls)
     }
 
-    fn serve(listener: TcpListener, node_address: &str) -> anyhow::Result<Self> {
+    /// Serves over HTTPS with `tls`'s certificate if given.
+    fn serve(
+        listener: TcpListener,
+        node_address: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<Self> {
+        let https = tls.is_some();
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -624,8 +656,17 @@ impl ConsulServer {
                     let _ = ready_tx.send(Ok(()));
                     // Dropping the server future (and then the runtime) ends every
                     // connection, blocking queries included.
+                    let served = async move {
+                        match tls {
+                            Some(tls) => {
+                                let listener = crate::pki::TlsListener::new(listener, tls);
+                                axum::serve(listener, app).await
+                            }
+                            None => axum::serve(listener, app).await,
+                        }
+                    };
                     tokio::select! {
-                        _ = axum::serve(listener, app) => {}
+                        _ = served => {}
                         _ = stopped => {}
                     }
                 });
@@ -635,6 +676,7 @@ impl ConsulServer {
             .context("the Consul test server's thread died")??;
         Ok(Self {
             addr,
+            tls: https,
             shared,
             stop: Some(stop),
             thread: Some(thread),
@@ -651,9 +693,10 @@ impl ConsulServer {
         self.addr
     }
 
-    /// The `--store` URL of this server.
+    /// The `--store` URL of this server (`consuls://` over HTTPS).
     pub fn url(&self) -> String {
-        format!("consul://{}", self.addr)
+        let scheme = if self.tls { "consuls" } else { "consul" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The last index given out.

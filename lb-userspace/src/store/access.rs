@@ -130,7 +130,11 @@ fn certificates(flag: &'static str, path: &Path, pem: &[u8]) -> Result<usize, Ac
         count += 1;
     }
     if count == 0 {
-        return Err(content(flag, path, "no PEM certificate (BEGIN CERTIFICATE) in it"));
+        return Err(content(
+            flag,
+            path,
+            "no PEM certificate (BEGIN CERTIFICATE) in it",
+        ));
     }
     Ok(count)
 }
@@ -315,22 +319,18 @@ impl Access {
 /// The TLS failure somewhere in `error`'s chain of causes, if it is one: a certificate
 /// refused on either side, or a server that speaks no TLS. Retrying cannot mend it.
 pub fn tls_failure<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        // An io::Error hides the error it wraps from source(): look inside.
-        if let Some(tls) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
-        next = e.source();
+    if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+        return Some(tls);
     }
-    None
+    // An io::Error hides the error it wraps from source() (and may wrap another io::Error).
+    if let Some(inner) = error
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+        && let Some(tls) = tls_failure(inner)
+    {
+        return Some(tls);
+    }
+    error.source().and_then(tls_failure)
 }
 
 #[cfg(test)]
@@ -387,7 +387,10 @@ mod tests {
         let junk = write(&dir, "junk.pem", "hello\n", 0o644);
         let e = read_ca_file(&junk).unwrap_err().to_string();
         assert!(e.starts_with("--store-ca-file "), "{e}");
-        assert!(e.ends_with("no PEM certificate (BEGIN CERTIFICATE) in it"), "{e}");
+        assert!(
+            e.ends_with("no PEM certificate (BEGIN CERTIFICATE) in it"),
+            "{e}"
+        );
         let bad = write(
             &dir,
             "bad.pem",
@@ -403,8 +406,9 @@ mod tests {
     fn tls_failures_are_found_inside_io_errors() {
         let inner = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, inner);
+        let wrapped = std::io::Error::other(io);
         assert!(matches!(
-            tls_failure(&io),
+            tls_failure(&wrapped),
             Some(rustls::Error::InvalidCertificate(_))
         ));
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);

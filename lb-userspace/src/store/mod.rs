@@ -136,9 +136,8 @@ pub async fn consul_client(
     token: Option<String>,
     access: &access::Access,
 ) -> Result<std::sync::Arc<crate::consul_http::ConsulClient>, StoreError> {
-    let client =
-        crate::consul_http::ConsulClient::with_tls(addrs, token, https.then_some(access))
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let client = crate::consul_http::ConsulClient::with_tls(addrs, token, https.then_some(access))
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
     if let Some(why) = client.tls_refusal().await {
         return Err(StoreError::Refused(why));
     }
