@@ -110,8 +110,8 @@ async fn etcd_over_tls_refuses_what_it_cannot_trust_and_a_wrong_password() {
     assert!(e.contains(&named), "{e}");
 
     // No client certificate, where the server asks for one: the server's alert arrives
-    // after the handshake, through HTTP/2, which keeps only its text; lb cannot tell it
-    // from a failing member and retries, naming it.
+    // after the handshake, through HTTP/2, which keeps at most its text (or only "connection
+    // closed"); lb cannot tell it from a failing member, so it is no access and a retry.
     let no_cert = Access {
         identity: None,
         ..access(&pki, Some(&pki.ca()), Some(ROOT_PASSWORD))
