@@ -1,4 +1,5 @@
-//! A small client for Consul's HTTP API, shared by the Consul store and the health watcher.
+//! A small client for Consul's HTTP API, shared by the Consul store and the health watcher,
+//! over HTTP or HTTPS.
 //!
 //! It knows several agent addresses and sticks to the last one that answered: a request
 //! that cannot connect, times out or gets a 5xx moves on to the next address. A write that
@@ -12,6 +13,8 @@ use std::{
 };
 
 use reqwest::{Method, StatusCode};
+
+use crate::store::access::Access;
 
 /// How long an ordinary (not blocking) request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,6 +92,8 @@ impl Reply {
 
 pub struct ConsulClient {
     http: reqwest::Client,
+    /// `http` or `https`.
+    scheme: &'static str,
     addrs: Vec<String>,
     /// The address that answered last; requests start there.
     current: AtomicUsize,
@@ -96,22 +101,60 @@ pub struct ConsulClient {
 }
 
 impl ConsulClient {
-    /// A client for the agents at `addrs` (`host:port`, at least one), sending `token` if
-    /// given.
+    /// A client for the agents at `addrs` (`host:port`, at least one), over HTTP, sending
+    /// `token` if given.
     pub fn new(addrs: Vec<String>, token: Option<String>) -> Result<Self, ClientError> {
+        Self::with_tls(addrs, token, None)
+    }
+
+    /// As [`ConsulClient::new`], over HTTPS when `tls` is given: the agents' certificates
+    /// checked as it says, its client certificate presented to agents that ask for one.
+    pub fn with_tls(
+        addrs: Vec<String>,
+        token: Option<String>,
+        tls: Option<&Access>,
+    ) -> Result<Self, ClientError> {
         if addrs.is_empty() {
             return Err(ClientError::NoAddress);
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(ClientError::Http)?;
+        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        if let Some(access) = tls {
+            builder = access
+                .http_tls(builder.https_only(true))
+                .map_err(ClientError::Http)?;
+        }
+        let http = builder.build().map_err(ClientError::Http)?;
         Ok(Self {
             http,
+            scheme: if tls.is_some() { "https" } else { "http" },
             addrs,
             current: AtomicUsize::new(0),
             token,
         })
+    }
+
+    /// Over HTTPS, when no agent answers because TLS failed with one of them (a certificate
+    /// refused, or an agent that speaks no TLS): why, naming the agents. Retrying cannot
+    /// mend that. `None` when an agent answers (whatever its status), or none can be
+    /// reached, or the client speaks plain HTTP.
+    pub async fn tls_refusal(&self) -> Option<String> {
+        if self.scheme != "https" {
+            return None;
+        }
+        let mut refusals = Vec::new();
+        for addr in &self.addrs {
+            // Answered without a token by every agent: only the handshake matters here.
+            let url = format!("https://{addr}/v1/status/leader");
+            match self.http.get(url).timeout(REQUEST_TIMEOUT).send().await {
+                Ok(_) => return None,
+                Err(e) => {
+                    if let Some(tls) = crate::store::access::tls_failure(&e) {
+                        refusals.push(format!("consul at {addr}: TLS: {tls}"));
+                    }
+                }
+            }
+        }
+        (!refusals.is_empty()).then(|| refusals.join("; "))
     }
 
     /// Every address, joined with commas.
@@ -192,7 +235,10 @@ impl ConsulClient {
         let addr = &self.addrs[i];
         let mut req = self
             .http
-            .request(method.clone(), format!("http://{addr}{path_and_query}"))
+            .request(
+                method.clone(),
+                format!("{}://{addr}{path_and_query}", self.scheme),
+            )
             .timeout(timeout);
         if let Some(token) = &self.token {
             req = req.header("X-Consul-Token", token);

@@ -29,7 +29,7 @@ use crate::{
     reconcile::Reconciler,
     retry::{Backoff, until_ok},
     secret::GroupKeys,
-    store::{Store, StoreError},
+    store::{Store, StoreError, access::Access},
     supervise::Supervisor,
 };
 
@@ -74,6 +74,9 @@ pub struct Config {
     pub api_insecure: bool,
     /// What one HTTP client may cost the L7 proxy.
     pub http_limits: l7::Limits,
+    /// How every etcd and Consul server (store and discovery) is reached: TLS and the etcd
+    /// user.
+    pub store_access: Access,
 }
 
 /// A running daemon.
@@ -268,19 +271,36 @@ fn first_address(iface: &str) -> Option<Ipv4Addr> {
 }
 
 /// Opens the store, retrying with backoff while its server cannot be reached (saying which
-/// and why); a bad URL is an error at once.
+/// and why); a bad URL, a TLS failure or refused credentials are an error at once.
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let token = config
         .store_token
         .clone()
-        .filter(|_| config.store.starts_with("consul://"));
+        .filter(|_| crate::store::consul_servers(&config.store).is_some());
+    while_unreachable("cannot reach the store", || {
+        crate::store::open(
+            &config.store,
+            &config.store_prefix,
+            token.clone(),
+            &config.store_access,
+        )
+    })
+    .await
+}
+
+/// Calls `attempt` again, backing off, while it fails with [`StoreError::Unavailable`]
+/// (logged as "`what`: why"); any other error is returned.
+async fn while_unreachable<T, F>(what: &str, mut attempt: impl FnMut() -> F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        match crate::store::open(&config.store, &config.store_prefix, token.clone()).await {
-            Ok(store) => return Ok(store),
+        match attempt().await {
+            Ok(value) => return Ok(value),
             Err(StoreError::Unavailable(why)) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(retry_in = ?delay, "cannot reach the store: {why}");
+                tracing::warn!(retry_in = ?delay, "{what}: {why}");
                 tokio::time::sleep(delay).await;
             }
             Err(e) => return Err(e.into()),
@@ -320,31 +340,33 @@ async fn adopt_group_keys(
 /// The discovery sources named by the flags, or by the store's URL.
 async fn discovery_sources(config: &Config) -> anyhow::Result<discovery::Sources> {
     let mut sources = discovery::Sources::default();
-    let store_if = |scheme: &str| {
-        config
-            .store
-            .starts_with(scheme)
-            .then(|| config.store.clone())
-    };
+    let access = &config.store_access;
+    let store_if = |is: fn(&str) -> bool| is(&config.store).then(|| config.store.clone());
     if let Some(url) = config
         .discovery_consul
         .clone()
-        .or_else(|| store_if("consul://"))
+        .or_else(|| store_if(|u| crate::store::consul_servers(u).is_some()))
     {
-        let addrs =
+        let (addrs, https) =
             discovery::consul_addrs(&url).map_err(|e| anyhow::anyhow!("--discovery-consul {e}"))?;
-        let client = crate::consul_http::ConsulClient::new(addrs, config.store_token.clone())?;
-        sources.consul = Some(Arc::new(client));
+        let token = config.store_token.clone();
+        let client = crate::store::consul_client(addrs, https, token, access).await?;
+        sources.consul = Some(client);
     }
     if let Some(url) = config
         .discovery_etcd
         .clone()
-        .or_else(|| store_if("etcd://"))
+        .or_else(|| store_if(|u| crate::store::etcd_endpoints(u).is_some()))
     {
         let endpoints =
             discovery::etcd_endpoints(&url).map_err(|e| anyhow::anyhow!("--discovery-etcd {e}"))?;
-        sources.etcd =
-            Some(discovery::etcd::EtcdRegistry::connect(&endpoints, &config.store_prefix).await?);
+        let prefix = &config.store_prefix;
+        sources.etcd = Some(
+            while_unreachable("cannot reach the etcd registry", || {
+                discovery::etcd::EtcdRegistry::connect(&endpoints, prefix, access)
+            })
+            .await?,
+        );
     }
     Ok(sources)
 }

@@ -132,8 +132,9 @@ struct RunArgs {
     backend_time_wait: u32,
     /// Where the configuration is kept: file:///DIR (embedded, the default),
     /// etcd://HOST:PORT[,HOST:PORT...] (etcd v3) or consul://HOST:PORT[,HOST:PORT...]
-    /// (Consul's KV store); every address listed is failed over to. Every service stored
-    /// there is restored at start.
+    /// (Consul's KV store); every address listed is failed over to. etcds:// and
+    /// consuls:// speak TLS (see --store-ca-file). Every service stored there is restored
+    /// at start.
     #[arg(long, default_value = "file:///var/lib/lb", value_name = "URL")]
     store: String,
     /// A file holding the ACL token (X-Consul-Token) for Consul: a consul:// store and
@@ -148,12 +149,12 @@ struct RunArgs {
     /// etcd registry for services with `"discovery": {"kind": "etcd"}`: instances are keys
     /// PREFIX/registry/SERVICE/INSTANCE holding ip:port. Default: the --store, when it is
     /// etcd.
-    #[arg(long, value_name = "etcd://HOST:PORT[,...]")]
+    #[arg(long, value_name = "etcd[s]://HOST:PORT[,...]")]
     discovery_etcd: Option<String>,
     /// Consul agents for services with `"discovery": {"kind": "consul"}`, read through the
     /// health API (passing instances; with "include_warning", warning ones too). Default:
     /// the --store, when it is consul.
-    #[arg(long, value_name = "consul://HOST:PORT[,...]")]
+    #[arg(long, value_name = "consul[s]://HOST:PORT[,...]")]
     discovery_consul: Option<String>,
     /// The balancer's own address: the VIP of Docker Flow Proxy `reqMode=tcp` services.
     /// Default: the IPv4 address of the first --iface.
@@ -217,19 +218,6 @@ struct RunArgs {
     /// web page cannot reach the API through DNS rebinding. Default: none.
     #[arg(long = "api-host", value_name = "NAME", value_parser = parse_host_name)]
     api_hosts: Vec<String>,
-}
-
-/// A DNS name for --api-host: labels of letters, digits and `-`, lowercased, no port.
-fn parse_host_name(s: &str) -> Result<String, String> {
-    let label_ok = |l: &str| {
-        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if s.len() > 253 || !s.split('.').all(label_ok) {
-        return Err(format!(
-            "{s:?} is not a DNS name (letters, digits, '-' and '.'; no port)"
-        ));
-    }
-    Ok(s.to_ascii_lowercase())
     /// HTTP: the time a client has to send a request head in full (slowloris), from its
     /// first byte, or from the connection's accept for the first request; an HTTP/1.1
     /// keep-alive connection waits this long for its next request. Then the connection
@@ -265,6 +253,40 @@ fn parse_host_name(s: &str) -> Result<String, String> {
     /// REFUSED_STREAM; a client that keeps causing resets gets GOAWAY).
     #[arg(long, default_value_t = HttpLimits::default().h2_max_streams, value_name = "N")]
     http2_max_streams: u32,
+    /// PEM bundle of the CA certificates that etcds:// and consuls:// servers (the store's
+    /// and the discovery registries') must present a certificate from, in place of the
+    /// system's trusted roots. Default: the system's roots.
+    #[arg(long, value_name = "FILE")]
+    store_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcds:// and consuls:// servers that ask for one
+    /// (mutual TLS), with --store-key-file. Default: none.
+    #[arg(long, value_name = "FILE", requires = "store_key_file")]
+    store_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM); readable by its owner alone (mode 0600
+    /// or 0400).
+    #[arg(long, value_name = "FILE", requires = "store_cert_file")]
+    store_key_file: Option<PathBuf>,
+    /// etcd user lb authenticates as (etcd's auth), for the store and --discovery-etcd,
+    /// with --store-password-file. Default: none.
+    #[arg(long, value_name = "NAME", requires = "store_password_file")]
+    store_user: Option<String>,
+    /// File holding the etcd user's password (one trailing newline is dropped); readable by
+    /// its owner alone (mode 0600 or 0400). The password is never taken on the command line.
+    #[arg(long, value_name = "FILE", requires = "store_user")]
+    store_password_file: Option<PathBuf>,
+}
+
+/// A DNS name for --api-host: labels of letters, digits and `-`, lowercased, no port.
+fn parse_host_name(s: &str) -> Result<String, String> {
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if s.len() > 253 || !s.split('.').all(label_ok) {
+        return Err(format!(
+            "{s:?} is not a DNS name (letters, digits, '-' and '.'; no port)"
+        ));
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -339,9 +361,9 @@ fn read_store_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
     let Some(path) = &args.store_token_file else {
         return Ok(None);
     };
-    if !args.store.starts_with("consul://") && args.discovery_consul.is_none() {
+    if lb::store::consul_servers(&args.store).is_none() && args.discovery_consul.is_none() {
         bail!(
-            "--store-token-file is for Consul (a consul:// --store or --discovery-consul); --store {} takes no token",
+            "--store-token-file is for Consul (a consul:// or consuls:// --store, or --discovery-consul); --store {} takes no token",
             args.store
         );
     }
@@ -444,7 +466,27 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
             max_connections_per_client: args.http_max_connections_per_client,
             h2_max_streams: args.http2_max_streams,
         },
+        store_access: store_access(args)?,
     })
+}
+
+/// How etcd and Consul servers are reached, from the flags.
+fn store_access(args: &RunArgs) -> anyhow::Result<lb::store::access::Access> {
+    let flags = lb::store::access::AccessFlags {
+        ca_file: args.store_ca_file.as_deref(),
+        cert_file: args.store_cert_file.as_deref(),
+        key_file: args.store_key_file.as_deref(),
+        user: args.store_user.as_deref(),
+        password_file: args.store_password_file.as_deref(),
+    };
+    let mut urls = vec![args.store.as_str()];
+    urls.extend(args.discovery_etcd.as_deref());
+    urls.extend(args.discovery_consul.as_deref());
+    Ok(lb::store::access::from_flags(
+        &flags,
+        &urls,
+        args.store_token_file.is_some(),
+    )?)
 }
 
 fn down(args: DownArgs) -> anyhow::Result<()> {

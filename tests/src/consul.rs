@@ -879,6 +879,8 @@ pub struct ConsulServer {
     addr: SocketAddr,
     /// Every agent's address, the first being `addr`.
     addrs: Vec<SocketAddr>,
+    /// Served over HTTPS.
+    tls: bool,
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -896,21 +898,51 @@ impl ConsulServer {
         let listeners = (0..n)
             .map(|_| TcpListener::bind("127.0.0.1:0").context("binding the Consul test server"))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Self::serve(listeners, "127.0.0.1")
+        Self::serve(listeners, "127.0.0.1", None)
+    }
+
+    /// A server on 127.0.0.1 at a free port, over HTTPS with `tls`'s certificate.
+    pub fn start_tls(tls: Arc<rustls::ServerConfig>) -> anyhow::Result<Self> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").context("binding the Consul test server")?;
+        Self::serve(vec![listener], "127.0.0.1", Some(tls))
     }
 
     /// A server inside `ns`, listening on `ip` (an address of `ns`) at a free port.
     pub fn start_in(ns: &Netns, ip: &str) -> anyhow::Result<Self> {
+        Self::start_in_with(ns, ip, None)
+    }
+
+    /// As [`ConsulServer::start_in`], over HTTPS with `tls`'s certificate.
+    pub fn start_tls_in(
+        ns: &Netns,
+        ip: &str,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> anyhow::Result<Self> {
+        Self::start_in_with(ns, ip, Some(tls))
+    }
+
+    fn start_in_with(
+        ns: &Netns,
+        ip: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<Self> {
         let bind_ip = ip.to_string();
         let listener =
             crate::netns::in_netns(&ns.path(), move || TcpListener::bind((bind_ip.as_str(), 0)))
                 .with_context(|| {
                     format!("binding the Consul test server to {ip} in {}", ns.name)
                 })?;
-        Self::serve(vec![listener], ip)
+        Self::serve(vec![listener], ip, tls)
     }
 
-    fn serve(listeners: Vec<TcpListener>, node_address: &str) -> anyhow::Result<Self> {
+    /// Serves every agent on its listener, over HTTPS with `tls`'s certificate if given.
+    fn serve(
+        listeners: Vec<TcpListener>,
+        node_address: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<Self> {
+        let https = tls.is_some();
         let mut addrs = Vec::new();
         for l in &listeners {
             l.set_nonblocking(true)?;
@@ -967,8 +999,15 @@ impl ConsulServer {
                                 return;
                             }
                         };
+                        let tls = tls.clone();
                         servers.spawn(async move {
-                            let _ = axum::serve(listener, app).await;
+                            let _ = match tls {
+                                Some(tls) => {
+                                    let listener = crate::pki::TlsListener::new(listener, tls);
+                                    axum::serve(listener, app).await
+                                }
+                                None => axum::serve(listener, app).await,
+                            };
                         });
                     }
                     let _ = ready_tx.send(Ok(()));
@@ -984,6 +1023,7 @@ impl ConsulServer {
         Ok(Self {
             addr,
             addrs,
+            tls: https,
             shared,
             stop: Some(stop),
             thread: Some(thread),
@@ -1005,9 +1045,10 @@ impl ConsulServer {
         self.addrs.iter().map(ToString::to_string).collect()
     }
 
-    /// The `--store` URL of this server: every agent's address.
+    /// The `--store` URL of this server: every agent's address (`consuls://` over HTTPS).
     pub fn url(&self) -> String {
-        format!("consul://{}", self.addrs().join(","))
+        let scheme = if self.tls { "consuls" } else { "consul" };
+        format!("{scheme}://{}", self.addrs().join(","))
     }
 
     /// Injects `fault` into the next `method` request (`GET`, `PUT`, `DELETE`) that agent

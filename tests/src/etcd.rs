@@ -1,6 +1,8 @@
 //! Real etcd servers for the store tests (Debian's etcd-server), each with a data directory
 //! of its own; stopped by PID and removed on drop. On loopback for tests that talk to etcd
-//! themselves, or inside a test namespace for lb processes in other namespaces.
+//! themselves, or inside a test namespace for lb processes in other namespaces. A secure
+//! cluster serves clients over TLS only, asks them for a certificate from the test's CA,
+//! and has auth enabled with a `root` user.
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -10,7 +12,13 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, pki::Pki};
+
+/// What makes a cluster secure: its certificates, and the password of its `root` user.
+pub struct Secure<'a> {
+    pub pki: &'a Pki,
+    pub root_password: &'a str,
+}
 
 /// `n` distinct free ports, taken from the kernel and released together for etcd to bind
 /// (held until all are chosen: one released at a time, the kernel may hand it out again).
@@ -30,20 +38,40 @@ struct Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     data: PathBuf,
+    /// Clients must speak TLS.
+    tls: bool,
 }
 
 impl EtcdCluster {
     /// Starts `n` members on loopback and waits until the cluster takes writes.
     pub fn start(n: usize) -> anyhow::Result<Self> {
-        Self::start_at(None, "127.0.0.1", n)
+        Self::start_at(None, "127.0.0.1", n, None)
     }
 
     /// Starts one member inside `ns`, listening on `ip` (an address of `ns`).
     pub fn start_in(ns: &Netns, ip: &str) -> anyhow::Result<Self> {
-        Self::start_at(Some(ns), ip, 1)
+        Self::start_at(Some(ns), ip, 1, None)
     }
 
-    fn start_at(ns: Option<&Netns>, ip: &str, n: usize) -> anyhow::Result<Self> {
+    /// Starts one secure member on loopback: TLS with client certificates, and auth
+    /// enabled with user `root`.
+    pub fn start_secure(secure: &Secure<'_>) -> anyhow::Result<Self> {
+        Self::start_at(None, "127.0.0.1", 1, Some(secure))
+    }
+
+    /// Starts one secure member inside `ns`, listening on `ip` (which the server
+    /// certificate must name).
+    pub fn start_secure_in(ns: &Netns, ip: &str, secure: &Secure<'_>) -> anyhow::Result<Self> {
+        Self::start_at(Some(ns), ip, 1, Some(secure))
+    }
+
+    fn start_at(
+        ns: Option<&Netns>,
+        ip: &str,
+        n: usize,
+        secure: Option<&Secure<'_>>,
+    ) -> anyhow::Result<Self> {
+        let client_scheme = if secure.is_some() { "https" } else { "http" };
         let data = std::env::temp_dir().join(crate::unique("lbt-etcd"));
         let free = free_ports(2 * n)?;
         let ports: Vec<(u16, u16)> = free.chunks(2).map(|p| (p[0], p[1])).collect();
@@ -64,15 +92,27 @@ impl EtcdCluster {
         let mut cluster = Self {
             members: Vec::new(),
             data,
+            tls: secure.is_some(),
         };
         for (i, (client, peer)) in ports.iter().enumerate() {
             let dir = cluster.data.join(format!("m{i}"));
             std::fs::create_dir_all(&dir)?;
-            let child = command("etcd")
+            let client_url = format!("{client_scheme}://{ip}:{client}");
+            let mut etcd = command("etcd");
+            if let Some(s) = secure {
+                etcd.arg("--cert-file")
+                    .arg(s.pki.server_cert())
+                    .arg("--key-file")
+                    .arg(s.pki.server_key())
+                    .arg("--trusted-ca-file")
+                    .arg(s.pki.ca())
+                    .args(["--client-cert-auth", "--auth-token", "simple"]);
+            }
+            let child = etcd
                 .args(["--name", &format!("m{i}"), "--data-dir"])
                 .arg(&dir)
-                .args(["--listen-client-urls", &format!("http://{ip}:{client}")])
-                .args(["--advertise-client-urls", &format!("http://{ip}:{client}")])
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
                 .args(["--listen-peer-urls", &format!("http://{ip}:{peer}")])
                 .args([
                     "--initial-advertise-peer-urls",
@@ -93,19 +133,51 @@ impl EtcdCluster {
             });
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        let endpoints = cluster.endpoints().join(",");
+        let endpoints: Vec<String> = cluster
+            .endpoints()
+            .iter()
+            .map(|e| format!("{client_scheme}://{e}"))
+            .collect();
+        let endpoints = endpoints.join(",");
         let etcdctl = |args: &[&str]| {
-            command("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &endpoints])
-                .args(args)
-                .output()
-                .is_ok_and(|o| o.status.success())
+            let mut c = command("etcdctl");
+            c.env("ETCDCTL_API", "3").args(["--endpoints", &endpoints]);
+            if let Some(s) = secure {
+                c.arg("--cacert")
+                    .arg(s.pki.ca())
+                    .arg("--cert")
+                    .arg(s.pki.client_cert())
+                    .arg("--key")
+                    .arg(s.pki.client_key());
+            }
+            c.args(args).output()
         };
+        let ok = |args: &[&str]| etcdctl(args).is_ok_and(|o| o.status.success());
         loop {
             // Up means every member: a write needs only a quorum (two of three), and a
             // test that kills a member expects the others to carry on.
-            if etcdctl(&["put", "lbt-probe", "1"]) && etcdctl(&["endpoint", "health"]) {
+            if ok(&["put", "lbt-probe", "1"]) && ok(&["endpoint", "health"]) {
+                if let Some(s) = secure {
+                    for args in [
+                        &[
+                            "user",
+                            "add",
+                            "root",
+                            "--new-user-password",
+                            s.root_password,
+                        ][..],
+                        &["auth", "enable"][..],
+                    ] {
+                        let out = etcdctl(args)?;
+                        if !out.status.success() {
+                            bail!(
+                                "etcdctl {}: {}",
+                                args.join(" "),
+                                String::from_utf8_lossy(&out.stderr)
+                            );
+                        }
+                    }
+                }
                 return Ok(cluster);
             }
             if Instant::now() > deadline {
@@ -121,9 +193,10 @@ impl EtcdCluster {
         self.members.iter().map(|m| m.client.clone()).collect()
     }
 
-    /// The `--store` URL of the whole cluster.
+    /// The `--store` URL of the whole cluster (`etcds://` for a secure one).
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.endpoints().join(","))
+        let scheme = if self.tls { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.endpoints().join(","))
     }
 
     /// Kills member `i` (SIGKILL), as a crash would.

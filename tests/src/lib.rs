@@ -12,6 +12,7 @@ pub mod maglev_ref;
 pub mod netns;
 pub mod packet;
 pub mod peers;
+pub mod pki;
 pub mod rawhttp;
 pub mod segment;
 pub mod servers;

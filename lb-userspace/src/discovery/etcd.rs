@@ -8,15 +8,10 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 
 use super::instances::{Instances, SourceError, WatchBroke, parse_instance};
-use crate::retry::Backoff;
-
-/// The etcd registry cannot be reached.
-#[derive(Debug, thiserror::Error)]
-#[error("etcd registry at {endpoints}: {source}")]
-pub struct ConnectError {
-    endpoints: String,
-    source: etcd_client::Error,
-}
+use crate::{
+    retry::Backoff,
+    store::{StoreError, access::Access, etcd::connect_checked},
+};
 
 type Sender = mpsc::Sender<Result<Vec<SocketAddrV4>, SourceError>>;
 
@@ -28,17 +23,20 @@ pub struct EtcdRegistry {
 }
 
 impl EtcdRegistry {
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, ConnectError> {
+    /// A client for the registry at `endpoints` (`http://` or `https://`), reached as
+    /// `access` says. A TLS failure or refused credentials are errors at once.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        access: &Access,
+    ) -> Result<Self, StoreError> {
         let joined = endpoints.join(",");
-        let client = crate::store::etcd::connect_client(endpoints)
-            .await
-            .map_err(|source| ConnectError {
-                endpoints: joined.clone(),
-                source,
-            })?;
+        let keys = format!("{prefix}/registry/");
+        let what = format!("etcd registry at {joined}");
+        let client = connect_checked(endpoints, access, &keys, &what).await?;
         Ok(Self {
             client,
-            keys: format!("{prefix}/registry/"),
+            keys,
             endpoints: joined,
         })
     }

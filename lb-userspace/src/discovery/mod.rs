@@ -7,10 +7,7 @@ mod instances;
 
 pub use instances::{Instances, SourceError, WatchBroke, parse_instance};
 
-use crate::{
-    model::{Discovery, DiscoveryKind, ValidationError},
-    store::server_list,
-};
+use crate::model::{Discovery, DiscoveryKind, ValidationError};
 
 /// A discovery URL that does not name its servers as `SCHEME://HOST:PORT[,HOST:PORT...]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +34,7 @@ impl Sources {
                 Some(r) => Ok(r.watch(&d.service)),
                 None => Err(ValidationError::new(
                     "discovery.kind",
-                    "no etcd registry: run lb with an etcd:// --store or --discovery-etcd",
+                    "no etcd registry: run lb with an etcd:// or etcds:// --store or --discovery-etcd",
                 )),
             },
             DiscoveryKind::Consul => match &self.consul {
@@ -51,31 +48,37 @@ impl Sources {
                 )),
                 None => Err(ValidationError::new(
                     "discovery.kind",
-                    "no Consul: run lb with a consul:// --store or --discovery-consul",
+                    "no Consul: run lb with a consul:// or consuls:// --store or --discovery-consul",
                 )),
             },
         }
     }
 }
 
-/// The endpoints of an `etcd://host:port[,host:port...]` URL, as the etcd client takes
-/// them.
+/// The endpoints of an `etcd://host:port[,host:port...]` URL (`etcds://` for TLS), as the
+/// etcd client takes them.
 pub fn etcd_endpoints(url: &str) -> Result<Vec<String>, UrlError> {
-    let endpoints = servers(url, "etcd://", "endpoint")?;
-    Ok(endpoints.iter().map(|e| format!("http://{e}")).collect())
-}
-
-/// The agent addresses of a `consul://host:port[,host:port...]` URL.
-pub fn consul_addrs(url: &str) -> Result<Vec<String>, UrlError> {
-    servers(url, "consul://", "address")
-}
-
-/// The servers `url` lists after `scheme`, at least one (called `server` in errors).
-fn servers(url: &str, scheme: &'static str, server: &'static str) -> Result<Vec<String>, UrlError> {
-    let list = server_list(url, scheme).ok_or_else(|| UrlError::Form {
+    let scheme = "etcd:// or etcds://";
+    let endpoints = crate::store::etcd_endpoints(url).ok_or_else(|| UrlError::Form {
         url: url.into(),
         scheme,
     })?;
+    non_empty(url, endpoints, "endpoint")
+}
+
+/// The agent addresses of a `consul://host:port[,host:port...]` URL (`consuls://` for
+/// HTTPS), and whether it asks for HTTPS.
+pub fn consul_addrs(url: &str) -> Result<(Vec<String>, bool), UrlError> {
+    let scheme = "consul:// or consuls://";
+    let (addrs, https) = crate::store::consul_servers(url).ok_or_else(|| UrlError::Form {
+        url: url.into(),
+        scheme,
+    })?;
+    Ok((non_empty(url, addrs, "address")?, https))
+}
+
+/// `list`, if it names at least one server (called `server` in errors).
+fn non_empty(url: &str, list: Vec<String>, server: &'static str) -> Result<Vec<String>, UrlError> {
     if list.is_empty() {
         return Err(UrlError::Empty {
             url: url.into(),
@@ -95,14 +98,25 @@ mod tests {
             etcd_endpoints("etcd://a:1,b:2").unwrap(),
             ["http://a:1", "http://b:2"]
         );
-        assert_eq!(consul_addrs("consul://a:1").unwrap(), ["a:1"]);
+        assert_eq!(
+            etcd_endpoints("etcds://a:1,b:2").unwrap(),
+            ["https://a:1", "https://b:2"]
+        );
+        assert_eq!(
+            consul_addrs("consul://a:1").unwrap(),
+            (vec!["a:1".to_string()], false)
+        );
+        assert_eq!(
+            consul_addrs("consuls://a:1").unwrap(),
+            (vec!["a:1".to_string()], true)
+        );
         assert_eq!(
             etcd_endpoints("http://a:1").unwrap_err().to_string(),
-            "http://a:1: expected etcd://HOST:PORT[,HOST:PORT...]"
+            "http://a:1: expected etcd:// or etcds://HOST:PORT[,HOST:PORT...]"
         );
         assert_eq!(
             consul_addrs("etcd://a:1").unwrap_err().to_string(),
-            "etcd://a:1: expected consul://HOST:PORT[,HOST:PORT...]"
+            "etcd://a:1: expected consul:// or consuls://HOST:PORT[,HOST:PORT...]"
         );
         assert_eq!(
             etcd_endpoints("etcd://").unwrap_err().to_string(),

@@ -25,8 +25,8 @@ use super::{
     conn::Conn,
     headers,
     lease::{Lease, pick},
-    path,
     limits::{Refusal, splice_until_idle},
+    path,
     request_body::{Sent, UpstreamBody},
     response_body::{Downstream, ResponseBody},
 };

@@ -87,11 +87,16 @@ impl ConsulStore {
         prefix: &str,
         token: Option<String>,
     ) -> Result<Self, StoreError> {
-        check_name(prefix)?;
         let client =
             ConsulClient::new(addrs, token).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        Self::with_client(Arc::new(client), prefix)
+    }
+
+    /// A store through `client` (over HTTP or HTTPS) for the group `prefix`.
+    pub fn with_client(client: Arc<ConsulClient>, prefix: &str) -> Result<Self, StoreError> {
+        check_name(prefix)?;
         Ok(Self {
-            client: Arc::new(client),
+            client,
             keys: format!("{prefix}/services/"),
             secret_key: format!("{prefix}/secret"),
             claim_keys: format!("{prefix}/claims/"),

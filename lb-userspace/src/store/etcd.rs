@@ -12,7 +12,9 @@ use etcd_client::{
 use tokio::sync::mpsc;
 
 use super::{
-    Entry, Event, Expect, Snapshot, Store, StoreError, check_name,
+    Entry, Event, Expect, Snapshot, Store, StoreError,
+    access::Access,
+    check_name,
     claims::{self, Claim, Claims, Held},
 };
 use crate::retry::Backoff;
@@ -35,28 +37,113 @@ pub struct EtcdStore {
 /// changing what it reads.
 const CLAIM_ATTEMPTS: u32 = 20;
 
-/// A client for the cluster at `endpoints` (balanced over all of them), with lb's timeouts
-/// and keep-alive: for the store and for the registry.
-pub async fn connect_client(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
+/// A client for the cluster at `endpoints` (`http://` or `https://` URLs, balanced over
+/// all of them), with lb's timeouts and keep-alive, over TLS to `https://` endpoints and
+/// as `access`'s user if it names one: for the store and for the registry. With a user,
+/// the client authenticates here, and again whenever etcd lets its token expire.
+pub async fn connect_client(
+    endpoints: &[String],
+    access: &Access,
+) -> Result<Client, etcd_client::Error> {
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(2));
+    if endpoints.iter().any(|e| e.starts_with("https://")) {
+        options = options.with_tls(access.etcd_tls());
+    }
+    if let Some(user) = &access.etcd_user {
+        options = options
+            .with_user(&user.name, &user.password)
+            .with_auto_token_refresh(true);
+    }
     Client::connect(endpoints, Some(options)).await
 }
 
+/// Connects as [`connect_client`] does and reads `probe` (its count only), so that what
+/// retrying cannot mend stops lb at start: a [`StoreError::Refused`] for a TLS failure or
+/// credentials etcd refused. A cluster that cannot be reached is a
+/// [`StoreError::Unavailable`] only when the client must authenticate first (a user);
+/// otherwise the client is returned, and finds the cluster once it answers. `what` names
+/// the cluster in errors.
+pub async fn connect_checked(
+    endpoints: &[String],
+    access: &Access,
+    probe: &str,
+    what: &str,
+) -> Result<Client, StoreError> {
+    let client = connect_client(endpoints, access)
+        .await
+        .map_err(|e| match refusal(&e) {
+            Some(why) => StoreError::Refused(format!("{what}: {why}")),
+            None => StoreError::Unavailable(format!("{what}: {e}")),
+        })?;
+    let answer = client
+        .kv_client()
+        .get(probe, Some(GetOptions::new().with_count_only()))
+        .await;
+    if let Err(e) = answer {
+        match refusal(&e) {
+            Some(why) => return Err(StoreError::Refused(format!("{what}: {why}"))),
+            None => tracing::warn!("{what} does not answer yet: {e}"),
+        }
+    }
+    Ok(client)
+}
+
+/// Why `e` is one that retrying cannot mend, if it is: the server's certificate or ours
+/// refused, a server that speaks no TLS, or etcd refusing the user, its password or its
+/// permissions.
+pub fn refusal(e: &etcd_client::Error) -> Option<String> {
+    use tonic::Code;
+    let tls = match e {
+        etcd_client::Error::TransportError(t) => super::access::tls_failure(t),
+        etcd_client::Error::GRpcStatus(s) => super::access::tls_failure(s),
+        _ => None,
+    };
+    if let Some(tls) = tls {
+        return Some(format!("TLS: {tls}"));
+    }
+    match e {
+        // etcd answers a wrong password and a missing user with InvalidArgument, a user
+        // given to a cluster without auth with FailedPrecondition.
+        etcd_client::Error::GRpcStatus(s)
+            if matches!(
+                s.code(),
+                Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::InvalidArgument
+                    | Code::FailedPrecondition
+            ) =>
+        {
+            Some(format!("refused: {}", s.message()))
+        }
+        _ => None,
+    }
+}
+
 impl EtcdStore {
-    /// Connects to the cluster at `endpoints` (`host:port`) for the group `prefix`.
+    /// Connects to the cluster at `endpoints` (`http://host:port`) for the group `prefix`.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, prefix, &Access::default()).await
+    }
+
+    /// Connects to the cluster at `endpoints` (`http://` or `https://`) for the group
+    /// `prefix`, as `access` says, and checks that it answers.
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        access: &Access,
+    ) -> Result<Self, StoreError> {
         check_name(prefix)?;
         let joined = endpoints.join(",");
-        let client = connect_client(endpoints)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("etcd at {joined}: {e}")))?;
+        let secret_key = format!("{prefix}/secret");
+        let client =
+            connect_checked(endpoints, access, &secret_key, &format!("etcd at {joined}")).await?;
         Ok(Self {
             client,
             keys: format!("{prefix}/services/"),
-            secret_key: format!("{prefix}/secret"),
+            secret_key,
             claim_keys: format!("{prefix}/claims/"),
             endpoints: joined,
         })

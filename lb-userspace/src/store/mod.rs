@@ -4,6 +4,7 @@
 //!
 //! Implementations: [`file::FileStore`] (embedded, the default), [`etcd::EtcdStore`] and
 //! [`consul::ConsulStore`].
+pub mod access;
 pub mod claims;
 pub mod consul;
 pub mod document;
@@ -89,6 +90,10 @@ pub enum StoreError {
     /// The store's server could not be reached or answered with an error.
     #[error("{0}")]
     Unavailable(String),
+    /// The store and lb do not trust each other: a TLS certificate refused on either side,
+    /// or credentials refused. Retrying cannot mend it.
+    #[error("{0}")]
+    Refused(String),
 }
 
 #[async_trait]
@@ -141,37 +146,73 @@ pub fn server_list(url: &str, scheme: &str) -> Option<Vec<String>> {
     )
 }
 
+/// The agents of a `consul://` or `consuls://` URL (empty items dropped), and whether it
+/// asks for HTTPS; `None` for another scheme.
+pub fn consul_servers(url: &str) -> Option<(Vec<String>, bool)> {
+    server_list(url, "consuls://")
+        .map(|list| (list, true))
+        .or_else(|| server_list(url, "consul://").map(|list| (list, false)))
+}
+
+/// The endpoints of an `etcd://` (`http://host:port`) or `etcds://` (`https://host:port`)
+/// URL, as the etcd client takes them; `None` for another scheme.
+pub fn etcd_endpoints(url: &str) -> Option<Vec<String>> {
+    let (list, scheme) = match server_list(url, "etcds://") {
+        Some(list) => (list, "https"),
+        None => (server_list(url, "etcd://")?, "http"),
+    };
+    Some(list.iter().map(|e| format!("{scheme}://{e}")).collect())
+}
+
+/// A Consul client for `addrs`, over HTTPS (checked as `access` says) if `https`.
+/// At start, a TLS failure with every agent is a [`StoreError::Refused`].
+pub async fn consul_client(
+    addrs: Vec<String>,
+    https: bool,
+    token: Option<String>,
+    access: &access::Access,
+) -> Result<std::sync::Arc<crate::consul_http::ConsulClient>, StoreError> {
+    let client = crate::consul_http::ConsulClient::with_tls(addrs, token, https.then_some(access))
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    if let Some(why) = client.tls_refusal().await {
+        return Err(StoreError::Refused(why));
+    }
+    Ok(std::sync::Arc::new(client))
+}
+
 /// Opens the store a `--store` URL names, for the group `prefix`; `token` is an ACL token
-/// (Consul only).
+/// (Consul only); `access` says how to reach etcd and Consul servers over TLS, and as which
+/// etcd user.
 pub async fn open(
     url: &str,
     prefix: &str,
     token: Option<String>,
+    access: &access::Access,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    if let Some(addrs) = server_list(url, "consul://") {
+    if let Some((addrs, https)) = consul_servers(url) {
         if addrs.is_empty() {
             return Err(StoreError::Invalid(format!(
-                "--store {url}: no address (consul://host:8500[,host:8500...])"
+                "--store {url}: no address (consul://host:8500[,host:8500...], or consuls:// for HTTPS)"
             )));
         }
-        return Ok(std::sync::Arc::new(consul::ConsulStore::new(
-            addrs, prefix, token,
+        let client = consul_client(addrs, https, token, access).await?;
+        return Ok(std::sync::Arc::new(consul::ConsulStore::with_client(
+            client, prefix,
         )?));
     }
     if token.is_some() {
         return Err(StoreError::Invalid(format!(
-            "--store {url}: an ACL token (--store-token-file) is for consul:// stores only"
+            "--store {url}: an ACL token (--store-token-file) is for consul:// and consuls:// stores only"
         )));
     }
-    if let Some(endpoints) = server_list(url, "etcd://") {
-        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
+    if let Some(endpoints) = etcd_endpoints(url) {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid(format!(
-                "--store {url}: no endpoint (etcd://host:2379[,host:2379...])"
+                "--store {url}: no endpoint (etcd://host:2379[,host:2379...], or etcds:// for TLS)"
             )));
         }
         return Ok(std::sync::Arc::new(
-            etcd::EtcdStore::connect(&endpoints, prefix).await?,
+            etcd::EtcdStore::connect_with(&endpoints, prefix, access).await?,
         ));
     }
     if let Some(path) = url.strip_prefix("file://") {
@@ -188,7 +229,7 @@ pub async fn open(
         return Ok(std::sync::Arc::new(store));
     }
     Err(StoreError::Invalid(format!(
-        "--store {url}: expected file:///DIR, etcd://HOST:PORT[,HOST:PORT...] or consul://HOST:PORT[,HOST:PORT...]"
+        "--store {url}: expected file:///DIR, etcd://HOST:PORT[,HOST:PORT...] or consul://HOST:PORT[,HOST:PORT...] (etcds:// and consuls:// for TLS)"
     )))
 }
 
