@@ -34,7 +34,7 @@ fn leaf_params(
     names: &[&str],
     usage: ExtendedKeyUsagePurpose,
 ) -> anyhow::Result<CertificateParams> {
-    let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let sans: Vec<String> = names.iter().map(ToString::to_string).collect();
     let mut params = CertificateParams::new(sans)?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![

@@ -171,8 +171,7 @@ pub fn read_password_file(path: &Path) -> Result<String, AccessError> {
     let text = String::from_utf8(bytes).map_err(|_| content(FLAG, path, "not UTF-8 text"))?;
     let password = text
         .strip_suffix('\n')
-        .map(|t| t.strip_suffix('\r').unwrap_or(t))
-        .unwrap_or(&text);
+        .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
     if password.is_empty() {
         return Err(content(FLAG, path, "the file is empty"));
     }
