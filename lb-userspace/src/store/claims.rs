@@ -151,6 +151,14 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// What a delete moves: it holds nothing, and releases what the deleted version held.
+    pub fn released(previous: &[Claim]) -> Self {
+        Self {
+            hold: Vec::new(),
+            previous: previous.to_vec(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.hold.is_empty() && self.previous.is_empty()
     }

@@ -765,10 +765,7 @@ impl Store for ConsulStore {
         expect: Expect,
         claims: &[Claim],
     ) -> Result<bool, StoreError> {
-        let claims = Claims {
-            hold: Vec::new(),
-            previous: claims.to_vec(),
-        };
+        let claims = Claims::released(claims);
         Ok(self.write_claiming(name, None, expect, &claims).await?.1)
     }
 

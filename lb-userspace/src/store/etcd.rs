@@ -469,10 +469,7 @@ impl Store for EtcdStore {
         expect: Expect,
         claims: &[Claim],
     ) -> Result<bool, StoreError> {
-        let claims = Claims {
-            hold: Vec::new(),
-            previous: claims.to_vec(),
-        };
+        let claims = Claims::released(claims);
         Ok(self.write_claiming(name, None, expect, &claims).await?.1)
     }
 

@@ -736,10 +736,7 @@ impl Store for FileStore {
         claims: &[Claim],
     ) -> Result<bool, StoreError> {
         let (me, name) = (self.clone(), name.to_string());
-        let claims = Claims {
-            hold: Vec::new(),
-            previous: claims.to_vec(),
-        };
+        let claims = Claims::released(claims);
         blocking(move || {
             me.write_claiming_sync(&name, None, expect, &claims)
                 .map(|(_, existed)| existed)
