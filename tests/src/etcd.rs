@@ -216,3 +216,12 @@ impl Drop for EtcdCluster {
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
+
+/// `etcdctl ARGS` against `url`'s members (an `etcd://` URL), from inside `ns`.
+pub fn etcdctl(ns: &Netns, url: &str, args: &str) -> String {
+    let endpoints = url.trim_start_matches("etcd://");
+    ns.sh(&format!(
+        "ETCDCTL_API=3 etcdctl --endpoints {endpoints} {args}"
+    ))
+    .unwrap()
+}

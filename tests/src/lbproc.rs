@@ -262,6 +262,17 @@ impl LbProcess {
         })
     }
 
+    /// The backends `GET /v1/services/NAME` lists (none if it fails).
+    pub fn backends_of(&self, name: &str) -> Vec<String> {
+        let (_, v) = self
+            .request("GET", &format!("/v1/services/{name}"), None)
+            .unwrap();
+        v["backends"]
+            .as_array()
+            .map(|a| a.iter().map(|b| b.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// The process ID of the daemon (nsenter execs it).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

@@ -11,6 +11,7 @@ use std::{
 
 use lb_tests::{
     etcd::EtcdCluster,
+    etcd::etcdctl,
     eventually,
     lbproc::LbProcess,
     netns::Netns,
@@ -21,25 +22,6 @@ use lb_tests::{
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(5);
-
-/// `etcdctl ARGS` against `url`'s members, from inside `ns`.
-fn etcdctl(ns: &Netns, url: &str, args: &str) -> String {
-    let endpoints = url.trim_start_matches("etcd://");
-    ns.sh(&format!(
-        "ETCDCTL_API=3 etcdctl --endpoints {endpoints} {args}"
-    ))
-    .unwrap()
-}
-
-fn backends_of(lb: &LbProcess, name: &str) -> Vec<String> {
-    let (_, v) = lb
-        .request("GET", &format!("/v1/services/{name}"), None)
-        .unwrap();
-    v["backends"]
-        .as_array()
-        .map(|a| a.iter().map(|b| b.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
 
 fn put(lb: &LbProcess, name: &str, body: &Value) -> (u16, Value) {
     lb.request(
@@ -314,9 +296,9 @@ fn a_consul_instance_at_lbs_api_is_skipped_and_the_good_ones_serve() {
     consul.register("web", "multicast", "224.0.0.1", 8080, "passing");
     consul.deregister("app");
     assert!(
-        eventually(T, || backends_of(&lb, "web") == ["10.202.2.11:8080"]),
+        eventually(T, || lb.backends_of("web") == ["10.202.2.11:8080"]),
         "{:?}",
-        backends_of(&lb, "web")
+        lb.backends_of("web")
     );
     assert!(
         eventually(T, || lb.log_text().contains("instance=224.0.0.1:8080")),
@@ -377,7 +359,7 @@ fn stored_documents_and_etcd_instances_that_point_at_lb_are_skipped_by_name() {
     )
     .unwrap();
     // Restore: the good service serves, the bad one is skipped with an error naming its key.
-    assert_eq!(backends_of(&lb, "good"), [be(0)], "{}", lb.log_text());
+    assert_eq!(lb.backends_of("good"), [be(0)], "{}", lb.log_text());
     assert_eq!(status_of(&lb, "looped"), 404);
     let skipped = |key: &str| {
         lb.log_text()
@@ -425,9 +407,9 @@ fn stored_documents_and_etcd_instances_that_point_at_lb_are_skipped_by_name() {
     etcdctl(&topo.lb, &url, &format!("put {registry}/lo 127.0.0.2:80"));
     etcdctl(&topo.lb, &url, &format!("del {registry}/i1"));
     assert!(
-        eventually(T, || backends_of(&lb, "web") == [be(0)]),
+        eventually(T, || lb.backends_of("web") == [be(0)]),
         "{:?}",
-        backends_of(&lb, "web")
+        lb.backends_of("web")
     );
 }
 

@@ -3,31 +3,12 @@
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use lb_tests::{
-    etcd::EtcdCluster, eventually, lbproc::LbProcess, netns::Netns, servers::http_get_once,
+    etcd::EtcdCluster, etcd::etcdctl, eventually, lbproc::LbProcess, servers::http_get_once,
     topology::Topology, unique,
 };
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(3);
-
-/// `etcdctl ARGS` against `url`'s members, from inside `ns`.
-fn etcdctl(ns: &Netns, url: &str, args: &str) -> String {
-    let endpoints = url.trim_start_matches("etcd://");
-    ns.sh(&format!(
-        "ETCDCTL_API=3 etcdctl --endpoints {endpoints} {args}"
-    ))
-    .unwrap()
-}
-
-fn backends_of(lb: &LbProcess, name: &str) -> Vec<String> {
-    let (_, v) = lb
-        .request("GET", &format!("/v1/services/{name}"), None)
-        .unwrap();
-    v["backends"]
-        .as_array()
-        .map(|a| a.iter().map(|b| b.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
 
 /// Which backends answer 40 new connections to `vip`.
 fn answering(topo: &Topology, vip: SocketAddr) -> BTreeSet<String> {
@@ -97,9 +78,9 @@ fn a_service_scaled_through_the_etcd_registry_is_followed_without_an_api_call() 
     // Scale up: a third instance registers.
     etcdctl(&topo.lb, &url, &format!("put {registry}/i2 {}", be(2)));
     assert!(
-        eventually(T, || backends_of(&lb, "web").len() == 3),
+        eventually(T, || lb.backends_of("web").len() == 3),
         "{:?}",
-        backends_of(&lb, "web")
+        lb.backends_of("web")
     );
     assert_eq!(
         answering(&topo, vip),
@@ -108,9 +89,9 @@ fn a_service_scaled_through_the_etcd_registry_is_followed_without_an_api_call() 
     // Scale down: the lease of the second instance ends (its process died).
     etcdctl(&topo.lb, &url, &format!("lease revoke {lease}"));
     assert!(
-        eventually(T, || backends_of(&lb, "web") == [be(0), be(2)]),
+        eventually(T, || lb.backends_of("web") == [be(0), be(2)]),
         "{:?}",
-        backends_of(&lb, "web")
+        lb.backends_of("web")
     );
     assert_eq!(
         answering(&topo, vip),
@@ -151,12 +132,12 @@ fn a_service_scaled_through_the_etcd_registry_is_followed_without_an_api_call() 
         pins,
     )
     .unwrap();
-    assert_eq!(backends_of(&lb, "web"), [be(0), be(2)]);
+    assert_eq!(lb.backends_of("web"), [be(0), be(2)]);
     etcdctl(&topo.lb, &url, &format!("del {registry}/i0"));
     assert!(
-        eventually(T, || backends_of(&lb, "web") == [be(2)]),
+        eventually(T, || lb.backends_of("web") == [be(2)]),
         "{:?}",
-        backends_of(&lb, "web")
+        lb.backends_of("web")
     );
     assert_eq!(answering(&topo, vip), BTreeSet::from(["be2".into()]));
 }
@@ -219,19 +200,19 @@ fn a_service_from_consul_follows_its_health_checks() {
     // A failing check takes the instance out of both; recovery puts it back.
     consul.set_status("web-1", "critical");
     assert!(
-        eventually(T, || backends_of(&lb, "web") == [be(0)]
-            && backends_of(&lb, "web-lenient") == [be(0), be(2)]),
+        eventually(T, || lb.backends_of("web") == [be(0)]
+            && lb.backends_of("web-lenient") == [be(0), be(2)]),
         "{:?} {:?}",
-        backends_of(&lb, "web"),
-        backends_of(&lb, "web-lenient")
+        lb.backends_of("web"),
+        lb.backends_of("web-lenient")
     );
     assert_eq!(answering(&topo, vip), BTreeSet::from(["be0".into()]));
     consul.set_status("web-1", "passing");
     consul.deregister("web-0");
     assert!(
-        eventually(T, || backends_of(&lb, "web") == [be(1)]),
+        eventually(T, || lb.backends_of("web") == [be(1)]),
         "{:?}",
-        backends_of(&lb, "web")
+        lb.backends_of("web")
     );
     assert_eq!(answering(&topo, vip), BTreeSet::from(["be1".into()]));
     // The store is Consul's KV: the service is there, with its source.
