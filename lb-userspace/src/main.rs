@@ -249,6 +249,12 @@ struct RunArgs {
     /// closed as they are accepted. 0: no limit.
     #[arg(long, default_value_t = HttpLimits::default().max_connections_per_client, value_name = "N")]
     http_max_connections_per_client: usize,
+    /// HTTP: connections open to one backend at once (pooled, in use and upgraded). At the
+    /// cap an idle pooled one is closed to make room; with none idle, the request goes to
+    /// another backend of its service, and is answered 503 when that one is full too.
+    /// 0: no limit.
+    #[arg(long, default_value_t = HttpLimits::default().max_connections_per_backend, value_name = "N")]
+    http_max_connections_per_backend: usize,
     /// HTTP: streams an h2 connection may have open at once (more are refused with
     /// REFUSED_STREAM; a client that keeps causing resets gets GOAWAY).
     #[arg(long, default_value_t = HttpLimits::default().h2_max_streams, value_name = "N")]
@@ -464,6 +470,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
             max_header_bytes: args.http_max_header_bytes,
             max_connections: args.http_max_connections,
             max_connections_per_client: args.http_max_connections_per_client,
+            max_connections_per_backend: args.http_max_connections_per_backend,
             h2_max_streams: args.http2_max_streams,
         },
         store_access: store_access(args)?,

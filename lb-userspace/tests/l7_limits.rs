@@ -93,6 +93,10 @@ struct Running {
 }
 
 async fn start(limits: Limits, backend: SocketAddr) -> Running {
+    start_with_backends(limits, vec![backend]).await
+}
+
+async fn start_with_backends(limits: Limits, backends: Vec<SocketAddr>) -> Running {
     let proxy = Proxy::new(ProxyConfig {
         connect_timeout: Duration::from_millis(500),
         workers: 2,
@@ -101,7 +105,7 @@ async fn start(limits: Limits, backend: SocketAddr) -> Running {
     });
     proxy.set_routes(vec![Route {
         service: "web".into(),
-        backends: vec![backend],
+        backends,
         ..Route::default()
     }]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -310,6 +314,61 @@ async fn the_cap_of_all_connections_is_kept() {
     assert_eq!(p.refused("client_connections"), 0);
 }
 
+/// `n` requests for "/hold" at once, each on a connection of its own: their statuses.
+async fn hold_at_once(p: &Running, n: usize) -> Vec<u16> {
+    let requests = (0..n).map(|_| {
+        let addr = p.addr;
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /hold HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let (text, _) = read_until_closed(&mut s).await;
+            text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
+        })
+    });
+    let mut statuses = Vec::new();
+    for r in requests.collect::<Vec<_>>() {
+        statuses.push(r.await.unwrap());
+    }
+    statuses.sort_unstable();
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_a_backend_are_capped_and_the_overflow_goes_elsewhere_or_gets_503() {
+    let (b1, b2) = (backend().await, backend().await);
+    let limits = Limits {
+        max_connections_per_backend: 2,
+        ..Limits::default()
+    };
+    // One backend: two requests at once are served, the others answered 503 at once.
+    let p = start(limits.clone(), b1.addr).await;
+    let statuses = hold_at_once(&p, 5).await;
+    assert_eq!(statuses, [200, 200, 503, 503, 503]);
+    assert_eq!(b1.peak.load(Ordering::SeqCst), 2);
+    assert_eq!(p.refused("backend_connections"), 3);
+    let open = || p.proxy.stats().backend_connections[&b1.addr.to_string()];
+    assert!(open() <= 2, "{} connections open", open());
+    // Once they are done, their connections (pooled now, or closed to make room for a
+    // new one on another worker) serve what comes next.
+    for _ in 0..10 {
+        assert_eq!(hold_at_once(&p, 2).await, [200, 200]);
+    }
+    assert_eq!(p.refused("backend_connections"), 3);
+    assert!(open() <= 2, "{} connections open", open());
+
+    // Two backends: a request the first cannot take goes to the other (the route's
+    // redispatch), so four are served at once, and only the fifth is refused.
+    let p = start_with_backends(limits, vec![b1.addr, b2.addr]).await;
+    b1.peak.store(0, Ordering::SeqCst);
+    let statuses = hold_at_once(&p, 5).await;
+    assert_eq!(statuses, [200, 200, 200, 200, 503]);
+    assert_eq!(b1.peak.load(Ordering::SeqCst), 2);
+    assert_eq!(b2.peak.load(Ordering::SeqCst), 2);
+    assert_eq!(p.refused("backend_connections"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_that_stops_is_answered_408_and_frees_the_backend() {
     let b = backend().await;
@@ -450,6 +509,9 @@ async fn an_idle_tunnel_is_closed() {
     let mut buf = [0u8; 1024];
     let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
+    // The tunnel holds its backend connection's place under the backend's cap.
+    let open = || p.proxy.stats().backend_connections[&echo.to_string()];
+    assert_eq!(open(), 1);
     // Busy for longer than the timeout: kept.
     for _ in 0..6 {
         sleep(Duration::from_millis(200)).await;
@@ -466,6 +528,20 @@ async fn an_idle_tunnel_is_closed() {
         "closed after {after:?}"
     );
     assert_eq!(p.refused("tunnel_timeout"), 1);
+    assert!(
+        eventually(|| open() == 0).await,
+        "the tunnel's place was never given back"
+    );
+}
+
+async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if f() {
+            return true;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,11 @@
 //! waits on it ([`BackendConn::poll_driven`]): a request then costs its client connection
 //! two polls, one for the request and one for the response.
 //!
+//! Connections to one backend, pooled or in use or upgraded, are capped
+//! (`--http-max-connections-per-backend`): at the cap an idle pooled connection is closed
+//! to make room, else the request is not taken ([`UpstreamError::Full`]) and goes to
+//! another backend, or is answered 503.
+//!
 //! The pool is a LIFO stack per backend and worker thread, behind a mutex held for a push
 //! or a pop (only the sweeper ever contends for it): the most recently used connection is
 //! the warmest and the least likely to have been closed by the backend, and the ones at the
@@ -24,7 +29,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Waker},
     time::Duration,
@@ -61,6 +66,8 @@ pub(crate) enum UpstreamError {
     HeaderTimeout(SocketAddr),
     #[error("request to {0}: {1}")]
     Request(SocketAddr, #[source] hyper::Error),
+    #[error("backend {0} has its most connections open, none idle")]
+    Full(SocketAddr),
 }
 
 impl UpstreamError {
@@ -81,6 +88,34 @@ struct ConnState {
     /// None once finished (the backend closed, or an error). Dropping it is what fails a
     /// request still queued on it, handing the request back for another connection.
     driver: Option<Driver>,
+    slot: ConnSlot,
+}
+
+/// The connections open to one backend, against its cap (0: none).
+struct ConnCount {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// One open connection's place under its backend's cap, given back on drop: held by the
+/// connection, or by the tunnel an upgraded connection became.
+pub(crate) struct ConnSlot(Arc<ConnCount>);
+
+impl ConnCount {
+    fn take(self: &Arc<Self>) -> Option<ConnSlot> {
+        let held = self.open.fetch_add(1, Ordering::Relaxed);
+        if self.max != 0 && held >= self.max {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnSlot(self.clone()))
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl BackendConn {
@@ -164,9 +199,14 @@ impl BackendConn {
     }
 
     /// For a protocol switch: the connection gets a task of its own that hands its socket
-    /// over on 101, and the request goes in by the returned handle.
-    pub fn into_upgradeable(self) -> SendRequest<UpstreamBody> {
-        let ConnState { sender, driver } = *self.0;
+    /// over on 101, and the request goes in by the returned handle. The slot is for the
+    /// tunnel to hold.
+    pub fn into_upgradeable(self) -> (SendRequest<UpstreamBody>, ConnSlot) {
+        let ConnState {
+            sender,
+            driver,
+            slot,
+        } = *self.0;
         if let Some(driver) = driver {
             tokio::spawn(async move {
                 if let Err(e) = driver.with_upgrades().await {
@@ -174,7 +214,7 @@ impl BackendConn {
                 }
             });
         }
-        sender
+        (sender, slot)
     }
 }
 
@@ -202,16 +242,27 @@ pub(crate) struct Backend {
     /// readiness check and is dropped).
     idle: Box<[Padded<Mutex<Vec<Idle>>>]>,
     clock: PoolClock,
+    connections: Arc<ConnCount>,
 }
 
 impl Backend {
-    pub fn new(addr: SocketAddr, pools: usize, clock: PoolClock) -> Self {
+    /// `max_connections`: the most connections open to it at once; 0: no cap.
+    pub fn new(addr: SocketAddr, pools: usize, clock: PoolClock, max_connections: usize) -> Self {
         Self {
             addr,
             outstanding: Sharded::new(pools),
             idle: (0..pools.max(1)).map(|_| Padded::default()).collect(),
             clock,
+            connections: Arc::new(ConnCount {
+                open: AtomicUsize::new(0),
+                max: max_connections,
+            }),
         }
+    }
+
+    /// Connections open to it: pooled, in use and upgraded.
+    pub fn connections(&self) -> usize {
+        self.connections.open.load(Ordering::Relaxed)
     }
 
     /// The current worker's pool.
@@ -302,8 +353,30 @@ impl Backend {
         Ok((Box::pin(self.connect(connect_timeout)).await?, false))
     }
 
+    /// A place for one more connection: at the cap, the oldest idle one of any worker's
+    /// pool is closed to make room.
+    fn slot(&self) -> Result<ConnSlot, UpstreamError> {
+        if let Some(slot) = self.connections.take() {
+            return Ok(slot);
+        }
+        for pool in &self.idle {
+            let mut idle = pool.0.lock().unwrap();
+            if idle.is_empty() {
+                continue;
+            }
+            let oldest = idle.remove(0);
+            drop(idle);
+            drop(oldest);
+            if let Some(slot) = self.connections.take() {
+                return Ok(slot);
+            }
+        }
+        Err(UpstreamError::Full(self.addr))
+    }
+
     async fn connect(&self, timeout: Duration) -> Result<BackendConn, UpstreamError> {
         let addr = self.addr;
+        let slot = self.slot()?;
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(addr))?
@@ -321,6 +394,7 @@ impl Backend {
         Ok(BackendConn(Box::new(ConnState {
             sender,
             driver: Some(driver),
+            slot,
         })))
     }
 }

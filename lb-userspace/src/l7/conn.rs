@@ -31,10 +31,6 @@ use super::{
 /// quarter idle timeouts.
 const LOOKS: u32 = 4;
 
-/// Bytes a client must take of its responses per response timeout while its socket is
-/// full, or be taken for one that stopped reading.
-const MIN_PROGRESS: u64 = 16 << 10;
-
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Per client connection: what each of its requests needs.
@@ -133,8 +129,11 @@ pub(crate) async fn serve_connection(
     };
     tokio::pin!(draining);
     let (mut seen, mut quiet, mut closing, mut drained) = (0, 0, false, false);
-    // Bytes written to the client, and when that last changed or the socket took more.
-    let (mut written, mut written_at) = (0, accepted);
+    // Set when a look finds the client's socket stalled: the moment its response timeout
+    // runs out, so that it is cut then and not up to a look later.
+    let stall_deadline = tokio::time::sleep_until(accepted);
+    tokio::pin!(stall_deadline);
+    let mut stall_armed = false;
     loop {
         tokio::select! {
             done = http.as_mut() => {
@@ -143,6 +142,14 @@ pub(crate) async fn serve_connection(
                     tracing::debug!(client = %peer, error = %e, ?limited, "client connection ended");
                 }
                 break;
+            }
+            () = &mut stall_deadline, if stall_armed => {
+                // Still stalled since then (or again, since later: looked at anew).
+                stall_armed = false;
+                if conn.stalled_past(limits.response_timeout) {
+                    tracing::debug!(client = %peer, "the client stopped reading its response");
+                    return;
+                }
             }
             _ = looks.tick() => {
                 let activity = &conn.activity;
@@ -155,18 +162,10 @@ pub(crate) async fn serve_connection(
                     tracing::debug!(client = %peer, "no request head in time");
                     return;
                 }
-                // The client's socket full, and next to nothing taken since: the client is
-                // not reading (a slow backend leaves the socket with room). A few bytes
-                // taken now and then (window probes) are no progress.
-                let now_written = activity.io.written.load(Ordering::Relaxed);
-                if now_written >= written + MIN_PROGRESS
-                    || !activity.io.write_blocked.load(Ordering::Relaxed)
-                {
-                    (written, written_at) = (now_written, Instant::now());
-                } else if written_at.elapsed() >= limits.response_timeout {
-                    conn.proxy.refusals.count(Refusal::ResponseTimeout);
-                    tracing::debug!(client = %peer, "the client stopped reading its response");
-                    return;
+                // Its response timeout passed by then, the deadline fires at once.
+                if let Some(since) = activity.io.stalled_since() {
+                    stall_deadline.as_mut().reset(since + limits.response_timeout);
+                    stall_armed = true;
                 }
                 let started = activity.started.load(Ordering::Relaxed);
                 if started != seen || conn.activity.active.load(Ordering::Relaxed) > 0 {
@@ -198,6 +197,20 @@ pub(crate) async fn serve_connection(
 }
 
 impl Conn {
+    /// Whether the client's socket has been stalled (full, next to nothing taken) for
+    /// `timeout`; counted if so.
+    fn stalled_past(&self, timeout: Duration) -> bool {
+        let stalled = self
+            .activity
+            .io
+            .stalled_since()
+            .is_some_and(|since| since.elapsed() >= timeout);
+        if stalled {
+            self.proxy.refusals.count(Refusal::ResponseTimeout);
+        }
+        stalled
+    }
+
     /// Which limit (if any) ended the connection with `error`, counted. A header timeout
     /// on a keep-alive connection that had received nothing since its last request is
     /// its idle end, not a refusal.

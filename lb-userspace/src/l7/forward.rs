@@ -7,7 +7,9 @@
 //! (refused, reset, timed out), or it closed before the request was handed to it, which
 //! hyper tells by giving the request back. Once a request has started out it is never sent
 //! again: a POST must not reach two backends. (A stale pooled connection is no backend
-//! failure: the request tries that backend's next connection, or a new one, first.)
+//! failure: the request tries that backend's next connection, or a new one, first.) A
+//! backend at its connection cap does not take the request either; when the other is full
+//! too, the answer is 503.
 use std::{future::poll_fn, sync::Arc};
 
 use bytes::Bytes;
@@ -21,7 +23,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{
     Proxy,
-    backend::{Backend, BackendConn, UpstreamError},
+    backend::{Backend, BackendConn, ConnSlot, UpstreamError},
     conn::Conn,
     headers,
     lease::{Lease, pick},
@@ -114,7 +116,7 @@ impl Proxy {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             (req, redispatched) = (unsent, true);
         };
-        let (upstream, mut resp) = match exchanged {
+        let (upstream, mut resp, slot) = match exchanged {
             Ok(r) => r,
             Err(e) => {
                 let service = lease.service();
@@ -123,6 +125,12 @@ impl Proxy {
                     self.refusals.count(Refusal::BodyTimeout);
                     let text = "the request body stopped coming\n".to_string();
                     return self.answer(StatusCode::REQUEST_TIMEOUT, text);
+                }
+                if matches!(e, UpstreamError::Full(_)) {
+                    tracing::debug!(%service, error = %e, "backend connections full");
+                    self.refusals.count(Refusal::BackendConnections);
+                    let text = format!("service {service}: backends at their connection cap\n");
+                    return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
                 }
                 tracing::debug!(%service, error = %e, "backend failed");
                 let (status, what) = if e.is_timeout() {
@@ -138,7 +146,7 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade.filter(|_| switched) {
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             let proxy = conn.proxy.clone();
-            conn.set_tunnel(tunnel(client_upgrade, backend_upgrade, lease, proxy));
+            conn.set_tunnel(tunnel(client_upgrade, backend_upgrade, lease, slot, proxy));
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             return Response::from_parts(parts, ResponseBody::empty());
@@ -153,15 +161,16 @@ impl Proxy {
 
     /// Sends `req` to `backend` and waits for the response head. The connection comes
     /// back with the response (to be driven while its body streams), except for an upgrade
-    /// request, whose connection runs in a task of its own. A failure gives the request
-    /// back if the backend never took it.
+    /// request, whose connection runs in a task of its own and whose place under the
+    /// backend's cap comes back instead. A failure gives the request back if the backend
+    /// never took it.
     async fn exchange(
         &self,
         backend: &Backend,
         mut req: Request<UpstreamBody>,
         sent: &Option<Arc<Sent>>,
         upgrade: bool,
-    ) -> Result<(Option<BackendConn>, Response<Incoming>), Failed> {
+    ) -> Result<Exchanged, Failed> {
         let config = &self.config;
         loop {
             let (mut conn, pooled) = match backend.connection(config.connect_timeout).await {
@@ -180,10 +189,11 @@ impl Proxy {
                 tokio::time::sleep(config.response_header_timeout).await;
             };
             let answered = if upgrade {
-                let response = conn.into_upgradeable().try_send_request(req);
+                let (mut sender, slot) = conn.into_upgradeable();
+                let response = sender.try_send_request(req);
                 tokio::select! {
                     biased;
-                    r = response => r.map(|resp| (None, resp)),
+                    r = response => r.map(|resp| (None, resp, Some(slot))),
                     () = deadline => return Err(Failed::sent(UpstreamError::HeaderTimeout(backend.addr))),
                 }
             } else {
@@ -194,7 +204,7 @@ impl Proxy {
                     r = driven => r,
                     () = deadline => return Err(Failed::sent(UpstreamError::HeaderTimeout(backend.addr))),
                 };
-                r.map(|resp| (Some(conn), resp))
+                r.map(|resp| (Some(conn), resp, None))
             };
             match answered {
                 Ok(r) => return Ok(r),
@@ -225,6 +235,10 @@ impl Proxy {
     }
 }
 
+/// A response head, with the connection its body comes on, or (an upgrade) the place the
+/// connection holds under its backend's cap.
+type Exchanged = (Option<BackendConn>, Response<Incoming>, Option<ConnSlot>);
+
 /// Why `exchange` got no response, and the request if the backend never took it.
 struct Failed {
     error: UpstreamError,
@@ -253,8 +267,14 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 
 /// Splices an upgraded client connection to the upgraded backend connection until either
 /// side closes or both are idle for the tunnel timeout. The lease keeps the backend's
-/// in-flight count up meanwhile.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease, proxy: Arc<Proxy>) {
+/// in-flight count up meanwhile, and the slot its connection count.
+async fn tunnel(
+    client: OnUpgrade,
+    backend: OnUpgrade,
+    lease: Lease,
+    slot: Option<ConnSlot>,
+    proxy: Arc<Proxy>,
+) {
     let addr = lease.backend().addr;
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(both) => both,
@@ -269,5 +289,5 @@ async fn tunnel(client: OnUpgrade, backend: OnUpgrade, lease: Lease, proxy: Arc<
         tracing::debug!(backend = %addr, "upgraded connection idle: closed");
         proxy.refusals.count(Refusal::TunnelTimeout);
     }
-    drop(lease);
+    drop((lease, slot));
 }

@@ -103,7 +103,7 @@ mod tests {
             balance,
             ..Route::default()
         };
-        Registry::new(1).tables(&[route]).remove(0)
+        Registry::new(1, 0).tables(&[route]).remove(0)
     }
 
     #[test]

@@ -14,7 +14,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::Instant,
+};
 
 /// The limits of the proxy; see each flag's help in main.rs for the why.
 #[derive(Debug, Clone)]
@@ -39,6 +42,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Client connections from one address (IPv6: one /64) at once; 0: no limit.
     pub max_connections_per_client: usize,
+    /// Connections open to one backend at once (pooled, in use, upgraded); 0: no limit.
+    pub max_connections_per_backend: usize,
     /// Streams an h2 connection may have open at once.
     pub h2_max_streams: u32,
 }
@@ -53,6 +58,7 @@ impl Default for Limits {
             max_header_bytes: 64 << 10,
             max_connections: 0,
             max_connections_per_client: 256,
+            max_connections_per_backend: 1024,
             h2_max_streams: 100,
         }
     }
@@ -116,10 +122,12 @@ pub(crate) enum Refusal {
     ClientConnections,
     /// An h2 connection closed for resetting too many streams (GOAWAY).
     H2Resets,
+    /// A request whose backends all had their most connections open (503).
+    BackendConnections,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 9] = [
         Self::HeaderTimeout,
         Self::HeaderTooLarge,
         Self::BodyTimeout,
@@ -128,6 +136,7 @@ impl Refusal {
         Self::Connections,
         Self::ClientConnections,
         Self::H2Resets,
+        Self::BackendConnections,
     ];
 
     /// Its name in the stats.
@@ -141,6 +150,7 @@ impl Refusal {
             Self::Connections => "connections",
             Self::ClientConnections => "client_connections",
             Self::H2Resets => "h2_resets",
+            Self::BackendConnections => "backend_connections",
         }
     }
 }
@@ -243,13 +253,74 @@ fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// What went through a socket: bytes read and written, and whether the last write found
-/// it full (the peer not reading).
-#[derive(Default)]
+/// Bytes a client must take of its responses per response timeout while its socket is
+/// full, or be taken for one that stopped reading. A few bytes taken now and then
+/// (window probes, a reader that trickles) are no progress.
+pub(crate) const MIN_PROGRESS: u64 = 16 << 10;
+
+/// What went through a socket: bytes read and written, and since when its writes have
+/// found it full without the peer taking [`MIN_PROGRESS`] bytes (the peer not reading).
 pub(crate) struct IoCounters {
     pub read: AtomicU64,
     pub written: AtomicU64,
-    pub write_blocked: AtomicBool,
+    /// Whether the last write found the socket full.
+    write_blocked: AtomicBool,
+    /// `written` when the peer last took [`MIN_PROGRESS`] bytes.
+    progress_mark: AtomicU64,
+    /// When a write first found the socket full since `progress_mark`, as milliseconds
+    /// after `epoch` plus one; 0: not since. The clock is read once per stall, not per
+    /// write.
+    stalled_at: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for IoCounters {
+    fn default() -> Self {
+        Self {
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
+            progress_mark: AtomicU64::new(0),
+            stalled_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl IoCounters {
+    /// Since when the socket has been full with the peer taking next to nothing of it;
+    /// None while it takes what is written, or while there is nothing to write (a slow
+    /// backend leaves the socket with room).
+    pub fn stalled_since(&self) -> Option<Instant> {
+        if !self.write_blocked.load(Ordering::Relaxed) {
+            return None;
+        }
+        match self.stalled_at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.epoch + Duration::from_millis(at - 1)),
+        }
+    }
+
+    fn wrote(&self, polled: &Poll<std::io::Result<usize>>) {
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                let written = self.written.fetch_add(*n as u64, Ordering::Relaxed) + *n as u64;
+                if written >= self.progress_mark.load(Ordering::Relaxed) + MIN_PROGRESS {
+                    self.progress_mark.store(written, Ordering::Relaxed);
+                    self.stalled_at.store(0, Ordering::Relaxed);
+                }
+                self.write_blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => {
+                self.write_blocked.store(true, Ordering::Relaxed);
+                if self.stalled_at.load(Ordering::Relaxed) == 0 {
+                    let at = self.epoch.elapsed().as_millis() as u64 + 1;
+                    self.stalled_at.store(at, Ordering::Relaxed);
+                }
+            }
+        }
+    }
 }
 
 /// A socket that keeps [`IoCounters`]: what tells a request head in progress from a
@@ -263,18 +334,6 @@ pub(crate) struct CountedIo<T> {
 impl<T> CountedIo<T> {
     pub fn new(inner: T, counters: Arc<IoCounters>) -> Self {
         Self { inner, counters }
-    }
-
-    fn wrote(&self, polled: &Poll<std::io::Result<usize>>) {
-        let c = &self.counters;
-        match polled {
-            Poll::Ready(Ok(n)) => {
-                c.written.fetch_add(*n as u64, Ordering::Relaxed);
-                c.write_blocked.store(false, Ordering::Relaxed);
-            }
-            Poll::Ready(Err(_)) => {}
-            Poll::Pending => c.write_blocked.store(true, Ordering::Relaxed),
-        }
     }
 }
 
@@ -301,7 +360,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(&polled);
+        self.counters.wrote(&polled);
         polled
     }
 
@@ -319,7 +378,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.wrote(&polled);
+        self.counters.wrote(&polled);
         polled
     }
 
@@ -425,5 +484,33 @@ mod tests {
         let (soft, _) =
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
         assert!(cap * 2 < soft.max(128 + FD_RESERVE), "{cap} of {soft}");
+    }
+
+    #[test]
+    fn a_stall_lasts_from_the_first_full_write_until_real_progress() {
+        let io = IoCounters::default();
+        let wrote = |n: usize| io.wrote(&Poll::Ready(Ok(n)));
+        let full = || io.wrote(&Poll::Pending);
+        wrote(100_000);
+        assert_eq!(io.stalled_since(), None, "taking what is written");
+        full();
+        let since = io.stalled_since().expect("full: stalled");
+        // Window probes and a trickling reader: a few bytes taken, the stall goes on from
+        // its first moment.
+        std::thread::sleep(Duration::from_millis(5));
+        for _ in 0..10 {
+            wrote(1000);
+            full();
+        }
+        assert_eq!(io.stalled_since(), Some(since));
+        // Written, not full again: nothing to write (a slow backend) is no stall.
+        wrote(1000);
+        assert_eq!(io.stalled_since(), None);
+        full();
+        assert_eq!(io.stalled_since(), Some(since));
+        // MIN_PROGRESS taken: a new stall starts at the next full write.
+        wrote(MIN_PROGRESS as usize);
+        full();
+        assert!(io.stalled_since().unwrap() > since);
     }
 }

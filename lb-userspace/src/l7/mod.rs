@@ -117,7 +117,10 @@ impl Proxy {
             tables: (0..workers)
                 .map(|_| Padded(ArcSwap::from_pointee(Table::default())))
                 .collect(),
-            registry: Mutex::new(Registry::new(workers)),
+            registry: Mutex::new(Registry::new(
+                workers,
+                config.limits.max_connections_per_backend,
+            )),
             answers: Answers::default(),
             redispatched: AtomicU64::new(0),
             refusals: Refusals::default(),
@@ -154,7 +157,7 @@ impl Proxy {
     /// answers by status, clients refused or cut by the limits, and requests redispatched.
     pub fn stats(&self) -> ProxyStats {
         let registry = self.registry.lock().unwrap();
-        let mut stats = ProxyStats::collect(&registry.services, &self.answers, &self.refusals);
+        let mut stats = ProxyStats::collect(&registry, &self.answers, &self.refusals);
         stats.redispatched = self.redispatched.load(Ordering::Relaxed);
         stats
     }

@@ -108,12 +108,15 @@ pub(crate) struct Registry {
     pub pool_clock: PoolClock,
     /// Worker threads: each gets a table, and each backend a pool per worker.
     pub workers: usize,
+    /// The most connections open to one backend; 0: no cap.
+    pub max_backend_connections: usize,
 }
 
 impl Registry {
-    pub fn new(workers: usize) -> Self {
+    pub fn new(workers: usize, max_backend_connections: usize) -> Self {
         Self {
             workers,
+            max_backend_connections,
             ..Self::default()
         }
     }
@@ -130,10 +133,10 @@ impl Registry {
     }
 
     fn backend(&mut self, addr: SocketAddr) -> Arc<Backend> {
-        let (workers, clock) = (self.workers, &self.pool_clock);
+        let (workers, clock, max) = (self.workers, &self.pool_clock, self.max_backend_connections);
         self.backends
             .entry(addr)
-            .or_insert_with(|| Arc::new(Backend::new(addr, workers, clock.clone())))
+            .or_insert_with(|| Arc::new(Backend::new(addr, workers, clock.clone(), max)))
             .clone()
     }
 }
@@ -286,7 +289,7 @@ mod tests {
     }
 
     fn build(routes: Vec<Route>) -> Table {
-        Table::build(&routes, &mut Registry::new(1))
+        Table::build(&routes, &mut Registry::new(1, 0))
     }
 
     #[test]
@@ -383,7 +386,7 @@ mod tests {
 
     #[test]
     fn rebuilding_keeps_backends_and_counters() {
-        let mut registry = Registry::new(2);
+        let mut registry = Registry::new(2, 0);
         let first = registry.tables(&[route("a", None, &[])]);
         let second = registry.tables(&[route("a", None, &["/"])]);
         assert_eq!(first.len(), 2);

@@ -1,16 +1,13 @@
 //! Counters: requests per service, and the answers lb gives itself.
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use http::StatusCode;
 use serde::Serialize;
 
-use super::{limits::Refusals, shard::Sharded};
+use super::{limits::Refusals, routes::Registry};
 
 /// A snapshot of the proxy's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -25,8 +22,11 @@ pub struct ProxyStats {
     pub redispatched: u64,
     /// Clients refused or cut by a limit, by kind: header_timeout, header_too_large (431),
     /// body_timeout (408), response_timeout, tunnel_timeout, connections and
-    /// client_connections (closed at accept), h2_resets (GOAWAY).
+    /// client_connections (closed at accept), h2_resets (GOAWAY), backend_connections
+    /// (503: every backend tried at its connection cap).
     pub refused: BTreeMap<String, u64>,
+    /// Connections open to each backend ("IP:port"): pooled, in use and upgraded.
+    pub backend_connections: BTreeMap<String, usize>,
 }
 
 /// The statuses lb answers with itself.
@@ -54,14 +54,11 @@ impl Answers {
 }
 
 impl ProxyStats {
-    pub(crate) fn collect(
-        services: &HashMap<Arc<str>, Arc<Sharded>>,
-        answers: &Answers,
-        refusals: &Refusals,
-    ) -> Self {
+    pub(crate) fn collect(registry: &Registry, answers: &Answers, refusals: &Refusals) -> Self {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Self {
-            requests: services
+            requests: registry
+                .services
                 .iter()
                 .map(|(name, c)| (name.to_string(), c.sum()))
                 .collect(),
@@ -74,6 +71,11 @@ impl ProxyStats {
             ]),
             redispatched: 0,
             refused: refusals.snapshot(),
+            backend_connections: registry
+                .backends
+                .iter()
+                .map(|(addr, b)| (addr.to_string(), b.connections()))
+                .collect(),
         }
     }
 }
