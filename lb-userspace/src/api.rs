@@ -63,6 +63,9 @@ impl From<ReconcileError> for ApiError {
             ReconcileError::Store(StoreError::Claimed { claim, .. }) => {
                 (e.to_string(), Some(claim.field().to_string()))
             }
+            ReconcileError::Store(StoreError::TooManyClaims { field, .. }) => {
+                (e.to_string(), Some((*field).to_string()))
+            }
             ReconcileError::Store(StoreError::Conflict { .. }) => {
                 (format!("{e}; read the service again and retry"), None)
             }

@@ -26,7 +26,9 @@ pub fn status_of(e: &ReconcileError) -> StatusCode {
         ReconcileError::Store(StoreError::Conflict { .. } | StoreError::Claimed { .. }) => {
             StatusCode::CONFLICT
         }
-        ReconcileError::Store(StoreError::Invalid(_)) => StatusCode::BAD_REQUEST,
+        ReconcileError::Store(StoreError::Invalid(_) | StoreError::TooManyClaims { .. }) => {
+            StatusCode::BAD_REQUEST
+        }
         ReconcileError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         ReconcileError::Stopped(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -384,6 +384,41 @@ async fn claims_contract(store: &dyn Store) {
     assert_eq!(names(&store.list().await.unwrap()), services);
 }
 
+/// etcd and Consul take at most 128 operations in one transaction: a service whose claims
+/// need more is refused before anything is written, naming the field that makes them; one
+/// just under the limit is written whole.
+async fn claims_fit_one_transaction(store: &dyn Store) {
+    let paths = |n: usize| Claims {
+        hold: (0..n)
+            .map(|i| Claim::http_path(None, &format!("/p{i}")))
+            .collect(),
+        previous: Vec::new(),
+    };
+    match store
+        .put_claiming("many", b"{}", Expect::Absent, &paths(128))
+        .await
+    {
+        Err(e @ StoreError::TooManyClaims { field, count, .. }) => {
+            assert_eq!((field, count), ("http.paths", 128), "{e}");
+            assert!(e.to_string().contains("at most 127"), "{e}");
+        }
+        other => panic!("128 claims: {other:?}"),
+    }
+    assert!(store.list().await.unwrap().entries.is_empty());
+    store
+        .put_claiming("many", b"{}", Expect::Absent, &paths(127))
+        .await
+        .expect("127 claims and the document fit one transaction");
+    // Every one of them held.
+    let other = store
+        .put_claiming("other", b"{}", Expect::Absent, &paths(127))
+        .await;
+    assert!(
+        matches!(&other, Err(StoreError::Claimed { holder, .. }) if holder == "many"),
+        "{other:?}"
+    );
+}
+
 #[tokio::test]
 async fn file_store_keeps_the_claims_contract() {
     let root = std::env::temp_dir().join(lb_tests::unique("lbt-store"));
@@ -404,6 +439,10 @@ async fn etcd_store_keeps_the_claims_contract() {
         .await
         .unwrap();
     claims_contract(&store).await;
+    let store = EtcdStore::connect(&endpoints, &lb_tests::unique("lbt"))
+        .await
+        .unwrap();
+    claims_fit_one_transaction(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -411,6 +450,9 @@ async fn consul_store_keeps_the_claims_contract() {
     let server = ConsulServer::start().unwrap();
     let (store, _) = consul_store(&[server.addr().to_string()], None);
     claims_contract(&store).await;
+    let server = ConsulServer::start().unwrap();
+    let (store, _) = consul_store(&[server.addr().to_string()], None);
+    claims_fit_one_transaction(&store).await;
 }
 
 #[tokio::test]

@@ -170,6 +170,31 @@ impl Claims {
         all.dedup();
         all
     }
+
+    /// Refuses, before anything is read or written, a write of `name` whose document and
+    /// claims would not fit in one transaction of a store that holds at most `max_ops`
+    /// operations (etcd's `--max-txn-ops` and Consul's `/v1/txn` are 128 by default).
+    pub fn check_fit(&self, name: &str, max_ops: usize) -> Result<(), StoreError> {
+        let claims = self.all();
+        if claims.len() < max_ops {
+            return Ok(());
+        }
+        // Named by the field that makes most of them (the paths, as a rule).
+        let mut by_field: HashMap<&'static str, usize> = HashMap::new();
+        for c in &claims {
+            *by_field.entry(c.field).or_default() += 1;
+        }
+        let field = by_field
+            .into_iter()
+            .max_by_key(|&(_, n)| n)
+            .map_or("http.paths", |(f, _)| f);
+        Err(StoreError::TooManyClaims {
+            name: name.to_string(),
+            count: claims.len(),
+            max: max_ops - 1,
+            field,
+        })
+    }
 }
 
 /// A claim key as a store read it: who holds it, at which revision, and whether that

@@ -355,6 +355,9 @@ fn diff(known: &mut HashMap<String, u64>, now: &[Entry], index: u64) -> Vec<Even
     events
 }
 
+/// Operations Consul takes in one `/v1/txn` transaction.
+const MAX_TXN_OPS: usize = 128;
+
 /// Reads and transactions a claiming write makes before giving up while others keep
 /// changing what it reads.
 const CLAIM_ATTEMPTS: u32 = 20;
@@ -477,6 +480,7 @@ impl ConsulStore {
         claims: &Claims,
     ) -> Result<(u64, bool), StoreError> {
         check_name(name)?;
+        claims.check_fit(name, MAX_TXN_OPS)?;
         let key = format!("{}{name}", self.keys);
         let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
         for _ in 0..CLAIM_ATTEMPTS {
@@ -579,6 +583,15 @@ impl ConsulStore {
                     key: format!("{}{gone}", self.keys),
                     value: None,
                     index: 0,
+                });
+            }
+            if ops.len() > MAX_TXN_OPS {
+                // The checks that claims' holders are gone made it too long.
+                return Err(StoreError::TooManyClaims {
+                    name: name.to_string(),
+                    count: ops.len() - 1,
+                    max: MAX_TXN_OPS - 1,
+                    field: "http.paths",
                 });
             }
             if let Some(written) = self.transaction(&ops).await? {

@@ -33,6 +33,9 @@ pub struct EtcdStore {
     endpoints: String,
 }
 
+/// Operations (and compares) etcd takes in one transaction: its `--max-txn-ops` default.
+const MAX_TXN_OPS: usize = 128;
+
 /// Reads and compare-and-sets a claiming write makes before giving up while others keep
 /// changing what it reads.
 const CLAIM_ATTEMPTS: u32 = 20;
@@ -292,6 +295,7 @@ impl EtcdStore {
         claims: &Claims,
     ) -> Result<(u64, bool), StoreError> {
         check_name(name)?;
+        claims.check_fit(name, MAX_TXN_OPS)?;
         let key = self.key(name);
         let wanted = claims.all();
         let mut keys = vec![key.clone()];

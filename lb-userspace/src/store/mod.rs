@@ -87,6 +87,19 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// A write whose claims (its VIP, each host and path it routes, and those it lets go
+    /// of) do not fit in one transaction of the store.
+    #[error(
+        "service {name} makes {count} claims (its VIP, or each host and path it routes, and \
+         those a change lets go of), and the store takes at most {max} in one transaction: \
+         split it into services with fewer paths"
+    )]
+    TooManyClaims {
+        name: String,
+        count: usize,
+        max: usize,
+        field: &'static str,
+    },
     /// The store's server could not be reached or answered with an error.
     #[error("{0}")]
     Unavailable(String),
