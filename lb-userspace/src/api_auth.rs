@@ -12,13 +12,12 @@
 use std::{
     fmt,
     net::{IpAddr, Ipv6Addr},
-    os::unix::fs::PermissionsExt,
     path::Path,
     str::FromStr,
     sync::Arc,
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use axum::{
     Json,
     extract::{Request, State},
@@ -45,21 +44,10 @@ impl ApiToken {
     /// that only its owner can read (mode 0600 or 0400), and hold a token that can be sent
     /// in a header: printable ASCII without spaces.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("--api-token-file {}", path.display()))?;
-        if !meta.is_file() {
-            bail!("--api-token-file {}: not a regular file", path.display());
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode != 0o600 && mode != 0o400 {
-            bail!(
-                "--api-token-file {}: mode {mode:04o}; it must be 0600 or 0400 (readable by its owner only): chmod 600 {}",
-                path.display(),
-                path.display()
-            );
-        }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--api-token-file {}", path.display()))?;
+        let bytes = crate::secret_file::read("--api-token-file", path)?;
+        let Ok(text) = String::from_utf8(bytes) else {
+            bail!("--api-token-file {}: not UTF-8 text", path.display());
+        };
         let token = text.trim();
         if token.is_empty() {
             bail!("--api-token-file {}: the file is empty", path.display());
@@ -710,7 +698,11 @@ mod tests {
         let write = |name: &str, text: &str, mode: u32| {
             let path = dir.join(name);
             std::fs::write(&path, text).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::set_permissions(
+                &path,
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
+            )
+            .unwrap();
             path
         };
         let good = ApiToken::from_file(&write("good", " s3cret\n", 0o600)).unwrap();

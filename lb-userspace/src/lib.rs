@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod retry;
 mod rtnl;
 pub mod secret;
+pub mod secret_file;
 pub mod snat;
 pub mod store;
 pub mod supervise;

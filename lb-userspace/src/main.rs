@@ -373,30 +373,13 @@ fn read_store_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
             args.store
         );
     }
-    let text = read_private_file(path)
-        .with_context(|| format!("--store-token-file {}", path.display()))?;
+    let bytes = lb::secret_file::read("--store-token-file", path)?;
+    let text = String::from_utf8_lossy(&bytes);
     let token = text.trim();
     if token.is_empty() {
         bail!("--store-token-file {}: the file is empty", path.display());
     }
     Ok(Some(token.to_string()))
-}
-
-/// The text of a file that holds a secret, refused when its mode lets group or others
-/// read or write it (0600 or 0400 will do): a token others can read is no secret.
-fn read_private_file(path: &std::path::Path) -> anyhow::Result<String> {
-    use std::{io::Read, os::unix::fs::PermissionsExt};
-    let mut f = std::fs::File::open(path)?;
-    let mode = f.metadata()?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "mode {mode:04o} lets group or others at the secret in it; chmod 600 {} (0600 or 0400 only)",
-            path.display()
-        );
-    }
-    let mut text = String::new();
-    f.read_to_string(&mut text)?;
-    Ok(text)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

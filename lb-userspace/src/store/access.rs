@@ -5,12 +5,11 @@
 //!
 //! The files are read once, at start. Those holding a secret (the password, the client's
 //! private key) must be readable by their owner alone.
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+use crate::secret_file::SecretFileError;
 
 /// A file named by a flag that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -21,16 +20,9 @@ pub enum AccessError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// A secret that others than its owner can read or change.
-    #[error(
-        "{flag} {}: mode {mode:04o} lets others than its owner read or change it; make it 0600 or 0400",
-        path.display()
-    )]
-    Exposed {
-        flag: &'static str,
-        path: PathBuf,
-        mode: u32,
-    },
+    /// A secret that others than its owner can read or change, or none.
+    #[error(transparent)]
+    Secret(#[from] SecretFileError),
     #[error("{flag} {}: {why}", path.display())]
     Content {
         flag: &'static str,
@@ -98,20 +90,7 @@ fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, AccessError> {
 
 /// Reads a file holding a secret, refusing one that group or others may read or change.
 fn read_secret(flag: &'static str, path: &Path) -> Result<Vec<u8>, AccessError> {
-    let meta = std::fs::metadata(path).map_err(|source| AccessError::Read {
-        flag,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(AccessError::Exposed {
-            flag,
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    read(flag, path)
+    Ok(crate::secret_file::read(flag, path)?)
 }
 
 fn content(flag: &'static str, path: &Path, why: impl Into<String>) -> AccessError {
@@ -339,7 +318,11 @@ mod tests {
     fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::fs::set_permissions(
+            &path,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
+        )
+        .unwrap();
         path
     }
 
@@ -358,14 +341,19 @@ mod tests {
         assert_eq!(
             e,
             format!(
-                "--store-password-file {}: mode 0644 lets others than its owner read or change it; make it 0600 or 0400",
+                "--store-password-file {}: mode 0644 lets others than its owner at the secret in \
+                 it; it must be 0600 or 0400: chmod 600 {}",
+                open.display(),
                 open.display()
             )
         );
         let group = write(&dir, "group", "pw\n", 0o640);
         assert!(matches!(
             read_password_file(&group),
-            Err(AccessError::Exposed { mode: 0o640, .. })
+            Err(AccessError::Secret(SecretFileError::Exposed {
+                mode: 0o640,
+                ..
+            }))
         ));
         let empty = write(&dir, "empty", "\n", 0o600);
         assert!(
