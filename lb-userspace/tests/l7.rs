@@ -351,10 +351,13 @@ async fn exclude_paths_and_default_backend() {
 
 // ---- lb's own answers ----
 
-/// A port that refuses connections.
-async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+/// A port that refuses connections: bound and not listening, so that it refuses for as long
+/// as the returned socket is kept (a port merely closed could be given to the next test
+/// listener, and answer).
+fn refusing_port() -> (SocketAddr, TcpSocket) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
 }
 
 /// A listener whose accept queue is full, so that new connections hang in SYN_SENT; the
@@ -376,8 +379,9 @@ async fn unanswering_port() -> (SocketAddr, TcpListener, Vec<TcpStream>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_answers_have_bodies_and_counters() {
+    let (refusing, _bound) = refusing_port();
     let refused = Backend {
-        addr: closed_port().await,
+        addr: refusing,
         accepted: Default::default(),
     };
     // Reads the request head, then closes without a word.
@@ -880,8 +884,9 @@ async fn forwarding_headers_of_untrusted_clients_are_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_redispatched_to_another_backend() {
     let good = named("good").await;
+    let (refusing, _bound) = refusing_port();
     let refused = Backend {
-        addr: closed_port().await,
+        addr: refusing,
         accepted: Default::default(),
     };
     for balance in [Balance::RoundRobin, Balance::LeastOutstanding] {
@@ -905,7 +910,8 @@ async fn when_every_backend_refuses_the_answer_is_502_after_one_retry() {
         addr: a,
         accepted: Default::default(),
     };
-    let (a, b) = (refused(closed_port().await), refused(closed_port().await));
+    let ((a, _a_bound), (b, _b_bound)) = (refusing_port(), refusing_port());
+    let (a, b) = (refused(a), refused(b));
     let p = start(config(), vec![route("web", &[], &[&a, &b])]).await;
     for _ in 0..4 {
         assert_eq!(
