@@ -188,11 +188,11 @@ struct RunArgs {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// How long the HTTP proxy tries to open a connection to a backend before it sends the
     /// request to another backend of the route (once), or answers 504.
-    #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = parse_duration)]
     http_backend_connect_timeout: Duration,
     /// How long the HTTP proxy waits for a backend's response headers, counted from when
     /// the request has been sent in full, before it answers 504.
-    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     http_backend_response_timeout: Duration,
     /// Let HTTP services (served by the --http proxy) name backends at loopback addresses
     /// (127.0.0.0/8): apps on this host. Never lb's own API or HTTP listener, and never

@@ -79,7 +79,10 @@ pub async fn connect_checked(
         .await
         .map_err(|e| match refusal(&e) {
             Some(why) => StoreError::Refused(format!("{what}: {why}")),
-            None => StoreError::Unavailable(format!("{what}: {e}")),
+            None => StoreError::Unavailable(format!(
+                "{what}: {e}{}",
+                client_certificate_hint(endpoints, access, &e)
+            )),
         })?;
     let answer = client
         .kv_client()
@@ -92,6 +95,25 @@ pub async fn connect_checked(
         }
     }
     Ok(client)
+}
+
+/// A hint for a TLS connection closed without a client certificate to show: a server that
+/// wants one sends its alert after the handshake, and HTTP/2 may pass on no more than
+/// "connection closed", which looks like a failing member.
+fn client_certificate_hint(
+    endpoints: &[String],
+    access: &Access,
+    e: &etcd_client::Error,
+) -> &'static str {
+    let tls = endpoints.iter().any(|e| e.starts_with("https://"));
+    let text = e.to_string();
+    let closed = text.contains("connection closed") || text.contains("fatal alert");
+    if tls && access.identity.is_none() && closed {
+        " (a server that asks for a client certificate closes the connection like this: \
+         give one with --store-cert-file and --store-key-file)"
+    } else {
+        ""
+    }
 }
 
 /// Why `e` is one that retrying cannot mend, if it is: the server's certificate or ours
