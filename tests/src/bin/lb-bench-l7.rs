@@ -162,7 +162,8 @@ fn start_lb(ns: &Netns, routes: &[Route]) -> anyhow::Result<Option<LbProcess>> {
     ns.ip("link set lbv1 up")?;
     // LB_BENCH_LB_ARGS: more `lb run` flags, for experiments (e.g. --http-workers 1).
     let extra = std::env::var("LB_BENCH_LB_ARGS").unwrap_or_default();
-    let mut args = vec!["--http", LB_HTTP];
+    // The backends are on the namespace's loopback, as HAProxy's are.
+    let mut args = vec!["--http", LB_HTTP, "--allow-loopback-backends"];
     args.extend(extra.split_whitespace());
     let lb = LbProcess::start(ns, &["lbv0"], &args)?;
     for r in routes {
