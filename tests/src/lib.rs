@@ -7,6 +7,7 @@ pub mod consul;
 pub mod etcd;
 pub mod flood;
 pub mod flowtab;
+pub mod fuzz_rng;
 pub mod lbproc;
 pub mod maglev_ref;
 pub mod netns;

@@ -11,6 +11,7 @@ use std::{
 };
 
 use lb_tests::{
+    fuzz_rng::Rng,
     lbproc::{LbProcess, lb_bin, output_within},
     netns::{Netns, in_netns},
     rawhttp::{self, Answer, Target},
@@ -497,27 +498,6 @@ fn a_deleted_service_does_not_come_back_through_the_stores_watch() {
     }
 }
 
-/// xorshift64*: reproducible from the seed the fuzz test prints.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Clone>(&mut self, of: &[T]) -> T {
-        of[self.below(of.len())].clone()
-    }
-}
-
 /// Field names lb knows, at any level.
 const FIELDS: &[&str] = &[
     "vip",
@@ -607,7 +587,7 @@ fn random_string(rng: &mut Rng) -> String {
 fn random_number(rng: &mut Rng) -> Value {
     match rng.below(6) {
         0 => json!(rng.below(10)),
-        1 => json!(rng.next()),
+        1 => json!(rng.next_u64()),
         2 => json!(-(rng.below(1000) as i64)),
         3 => json!(rng.pick(&[65_537u64, 4_294_967_296, 251, 65_521, 0])),
         4 => json!(f64::from(rng.below(1000) as u32) / 7.0),
@@ -777,7 +757,7 @@ fn random_request(rng: &mut Rng) -> (String, String, Option<Vec<u8>>) {
             let name = rng.pick(NAMES);
             let body = match rng.below(6) {
                 0 => random_json(rng, 5).to_string().into_bytes(),
-                1 => (0..rng.below(200)).map(|_| rng.next() as u8).collect(),
+                1 => (0..rng.below(200)).map(|_| rng.next_u64() as u8).collect(),
                 2 => {
                     let mut deep = String::new();
                     let n = rng.pick(&[10, 200, 10_000]);
@@ -824,16 +804,7 @@ fn random_request(rng: &mut Rng) -> (String, String, Option<Vec<u8>>) {
 
 #[test]
 fn api_fuzz_never_answers_5xx_never_drops_a_connection_and_changes_nothing_on_a_4xx() {
-    let seed = std::env::var("LB_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = lb_tests::fuzz_rng::seed();
     println!("seed {seed} (LB_FUZZ_SEED={seed} repeats this run)");
     let dir = TempDir::new();
     let token_file = dir.file("token", TOKEN, 0o600);
@@ -857,7 +828,7 @@ fn api_fuzz_never_answers_5xx_never_drops_a_connection_and_changes_nothing_on_a_
 
 /// Sends random requests (with the token) for `run`: the number sent, or what went wrong.
 fn fuzz(seed: u64, target: &Target, run: Duration) -> Result<usize, String> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let bearer = format!("Bearer {TOKEN}");
     let headers = [
         ("Host", "127.0.0.1:9090"),

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb::dataplane::{CookieMode, Limits, Settings};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, flow::FlowKey};
-use lb_tests::{packet::*, segment::*};
+use lb_tests::{fuzz_rng::Rng, packet::*, segment::*};
 
 const PACKETS_PER_RUN: u32 = 60_000;
 const XDP_ABORTED: u32 = 0;
@@ -23,27 +23,6 @@ fn backends() -> [Ipv4Addr; 4] {
         Ipv4Addr::new(10, 70, 0, 13),
         FAR_BACKEND,
     ]
-}
-
-/// xorshift64*: reproducible from the seed the test prints.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, of: &[T]) -> T {
-        of[self.below(of.len() as u64) as usize]
-    }
 }
 
 fn lab(cookies: CookieMode) -> PacketLab {
@@ -170,12 +149,12 @@ fn packet(rng: &mut Rng, held: &[(FlowKey, u16)]) -> Vec<u8> {
         sport: rng.pick(&sports),
         dport: rng.pick(&[80u16, 80, 53, 443, 22]),
         l4: SYN,
-        payload: (0..rng.below(40)).map(|_| rng.next() as u8).collect(),
+        payload: (0..rng.below(40)).map(|_| rng.next_u64() as u8).collect(),
     };
     match rng.below(10) {
         // A backend's packet to a port lb holds (or near one).
         0..=2 if !held.is_empty() => {
-            let (k, _) = held[rng.below(held.len() as u64) as usize];
+            let (k, _) = held[rng.below(held.len())];
             frame.src = Ipv4Addr::from(k.src_addr);
             frame.sport = k.src_port;
             frame.dst = Ipv4Addr::from(k.dst_addr);
@@ -201,13 +180,13 @@ fn packet(rng: &mut Rng, held: &[(FlowKey, u16)]) -> Vec<u8> {
     }
     let mut bytes = match frame.l4 {
         L4::Tcp { .. } => {
-            let mut s = Seg::new(frame, rng.next() as u32, rng.next() as u32);
+            let mut s = Seg::new(frame, rng.next_u64() as u32, rng.next_u64() as u32);
             if rng.chance(50) {
                 s.mss = Some(rng.pick(&[536u16, 1460, 9000]));
                 s.sack_ok = rng.chance(50);
                 s.ts = rng
                     .chance(70)
-                    .then(|| (rng.next() as u32, rng.next() as u32));
+                    .then(|| (rng.next_u64() as u32, rng.next_u64() as u32));
                 s.wscale = rng.chance(50).then(|| rng.below(15) as u8);
             }
             s.bytes()
@@ -217,7 +196,7 @@ fn packet(rng: &mut Rng, held: &[(FlowKey, u16)]) -> Vec<u8> {
     // Mutations.
     if rng.chance(25) {
         for _ in 0..1 + rng.below(4) {
-            let i = rng.below(bytes.len() as u64) as usize;
+            let i = rng.below(bytes.len());
             bytes[i] ^= 1 << rng.below(8);
         }
     }
@@ -234,13 +213,13 @@ fn packet(rng: &mut Rng, held: &[(FlowKey, u16)]) -> Vec<u8> {
         if bytes.len() > 60 && bytes[23] == 6 {
             bytes[46] = (5 + rng.below(11) as u8) << 4;
             for b in bytes.iter_mut().skip(54).take(8) {
-                *b = rng.next() as u8;
+                *b = rng.next_u64() as u8;
             }
         }
     }
     if rng.chance(5) {
         // (BPF_PROG_TEST_RUN wants at least an Ethernet header.)
-        bytes.truncate(14 + rng.below(bytes.len() as u64 - 14) as usize);
+        bytes.truncate(14 + rng.below(bytes.len() - 14));
     }
     bytes
 }
@@ -256,7 +235,7 @@ fn held(lab: &PacketLab) -> Vec<(FlowKey, u16)> {
 fn fuzz(cookies: CookieMode, seed: u64) {
     println!("seed {seed}");
     let lab = lab(cookies);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     // Live flows first, so that there are ports to hit.
     for sport in 40000..40004u16 {
         let syn = Seg::linux_syn(

@@ -7,41 +7,18 @@ use std::time::Duration;
 use lb::store::{Expect, Store, document::StoredService, file::FileStore};
 use lb_tests::{
     consul::ConsulServer,
+    fuzz_rng::Rng,
     lbproc::{LbProcess, temp_store},
     netns::Netns,
     unique,
 };
 use serde_json::{Value, json};
 
-/// xorshift64*: reproducible from the seed each test prints.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded() -> Self {
-        let seed = std::env::var("LB_FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("store fuzz seed: LB_FUZZ_SEED={seed}");
-        Self(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+/// A generator from the run's seed, printed so that the run can be repeated.
+fn seeded() -> Rng {
+    let seed = lb_tests::fuzz_rng::seed();
+    eprintln!("store fuzz seed: LB_FUZZ_SEED={seed}");
+    Rng::new(seed)
 }
 
 /// Valid documents to mutate: each kind of service lb stores.
@@ -60,13 +37,13 @@ fn valid_documents() -> Vec<Vec<u8>> {
 fn fuzzed(rng: &mut Rng, valid: &[Vec<u8>]) -> Vec<u8> {
     if rng.below(3) == 0 {
         let len = rng.below(200);
-        return (0..len).map(|_| rng.next() as u8).collect();
+        return (0..len).map(|_| rng.next_u64() as u8).collect();
     }
     let mut doc = valid[rng.below(valid.len())].clone();
     for _ in 0..=rng.below(4) {
         let at = rng.below(doc.len().max(1));
         match rng.below(5) {
-            0 if !doc.is_empty() => doc[at] = rng.next() as u8,
+            0 if !doc.is_empty() => doc[at] = rng.next_u64() as u8,
             1 if !doc.is_empty() => {
                 let end = (at + rng.below(8) + 1).min(doc.len());
                 doc.drain(at..end);
@@ -113,7 +90,7 @@ fn decode(name: &str, value: &[u8]) -> Result<(), String> {
 
 #[test]
 fn the_document_decoder_refuses_garbage_without_panicking() {
-    let mut rng = Rng::seeded();
+    let mut rng = seeded();
     let mut refused = 0;
     for (name, doc) in corpus(&mut rng, 20_000) {
         let outcome = std::panic::catch_unwind(|| decode(&name, &doc));
@@ -141,7 +118,7 @@ async fn stores_keep_garbage_as_written(store: &dyn Store, docs: &[(String, Vec<
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_file_and_consul_stores_list_garbage_under_its_key() {
-    let mut rng = Rng::seeded();
+    let mut rng = seeded();
     let docs = corpus(&mut rng, 300);
     let root = temp_store();
     let file = FileStore::open(&root, "lb", Duration::from_millis(20)).unwrap();
@@ -206,7 +183,7 @@ fn good_documents() -> [(&'static str, Value); 2] {
 
 #[test]
 fn lb_on_a_file_store_full_of_garbage_restores_the_rest() {
-    let mut rng = Rng::seeded();
+    let mut rng = seeded();
     let docs = corpus(&mut rng, 150);
     let root = temp_store();
     tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -233,7 +210,7 @@ fn lb_on_a_file_store_full_of_garbage_restores_the_rest() {
 
 #[test]
 fn lb_on_a_consul_store_full_of_garbage_restores_the_rest() {
-    let mut rng = Rng::seeded();
+    let mut rng = seeded();
     let docs = corpus(&mut rng, 150);
     let ns = Netns::new(&unique("lbt-fz")).unwrap();
     let server = ConsulServer::start_in(&ns, "127.0.0.1").unwrap();
