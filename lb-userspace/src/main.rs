@@ -191,7 +191,8 @@ struct RunArgs {
     #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = parse_duration)]
     http_backend_connect_timeout: Duration,
     /// How long the HTTP proxy waits for a backend's response headers, counted from when
-    /// the request has been sent in full, before it answers 504.
+    /// the request has been sent in full, before it answers 504 (looked at four times per
+    /// timeout: up to half of it later).
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     http_backend_response_timeout: Duration,
     /// Let HTTP services (served by the --http proxy) name backends at loopback addresses
@@ -218,10 +219,10 @@ struct RunArgs {
     /// web page cannot reach the API through DNS rebinding. Default: none.
     #[arg(long = "api-host", value_name = "NAME", value_parser = parse_host_name)]
     api_hosts: Vec<String>,
-    /// HTTP: the time a client has to send a request head in full (slowloris), from its
-    /// first byte, or from the connection's accept for the first request; an HTTP/1.1
-    /// keep-alive connection waits this long for its next request. Then the connection
-    /// is closed.
+    /// HTTP: the time a client has to send a request head in full (slowloris): the first
+    /// from the connection's accept, each next one (HTTP/1.1 keep-alive) from the end of
+    /// the one before, so an idle keep-alive connection waits this long for its next
+    /// request; h2: its first stream. Then the connection is closed.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     http_header_timeout: Duration,
     /// HTTP: how long a request body may send nothing before the request is answered

@@ -97,12 +97,20 @@ async fn start(limits: Limits, backend: SocketAddr) -> Running {
 }
 
 async fn start_with_backends(limits: Limits, backends: Vec<SocketAddr>) -> Running {
-    let proxy = Proxy::new(ProxyConfig {
+    start_with(config(limits), backends).await
+}
+
+fn config(limits: Limits) -> ProxyConfig {
+    ProxyConfig {
         connect_timeout: Duration::from_millis(500),
         workers: 2,
         limits,
         ..ProxyConfig::default()
-    });
+    }
+}
+
+async fn start_with(config: ProxyConfig, backends: Vec<SocketAddr>) -> Running {
+    let proxy = Proxy::new(config);
     proxy.set_routes(vec![Route {
         service: "web".into(),
         backends,
@@ -207,6 +215,74 @@ async fn a_connection_stuck_mid_header_is_closed_on_time_and_counted() {
         "{text}"
     );
     assert_eq!(p.refused("header_timeout"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_stuck_mid_its_next_head_is_closed_on_time_and_counted() {
+    let b = backend().await;
+    let p = start(short(Duration::from_millis(600)), b.addr).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    // Served, and kept open: the first answer whole, then the next head's first bytes.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"ok") {
+        let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    let begun = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let (text, closed) = read_until_closed(&mut s).await;
+    assert_eq!(text, "", "nothing answered to a head that never ended");
+    let after = closed - begun;
+    assert!(
+        after >= Duration::from_millis(500) && after < Duration::from_millis(1500),
+        "closed after {after:?}"
+    );
+    assert_eq!(p.refused("header_timeout"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_connection_between_streams_lasts_the_idle_timeout_not_the_header_timeout() {
+    let b = backend().await;
+    let config = ProxyConfig {
+        idle_timeout: Duration::from_millis(1600),
+        ..config(short(Duration::from_millis(400)))
+    };
+    let p = start_with(config, vec![b.addr]).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let opened = Instant::now();
+    let ended = tokio::spawn(async move {
+        let _ = conn.await;
+        Instant::now()
+    });
+    let get = |mut sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>| async move {
+        let req = Request::get("http://h/").body(Empty::new()).unwrap();
+        let resp = timeout(T, sender.send_request(req)).await.unwrap();
+        resp.map(|r| r.status())
+    };
+    assert_eq!(get(sender.clone()).await.unwrap(), StatusCode::OK);
+    // Quiet for twice the header timeout: still open, and serving.
+    sleep(Duration::from_millis(800)).await;
+    assert_eq!(get(sender.clone()).await.unwrap(), StatusCode::OK);
+    let served = Instant::now();
+    // Closed once idle for its timeout (and at most a quarter more, and some slack).
+    let ended = timeout(T, ended).await.unwrap().unwrap();
+    let idle = ended - served;
+    assert!(
+        idle >= Duration::from_millis(1500) && idle < Duration::from_millis(2600),
+        "closed after {idle:?} idle ({:?} open)",
+        ended - opened
+    );
+    assert_eq!(p.refused("header_timeout"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

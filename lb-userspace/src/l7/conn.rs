@@ -1,6 +1,6 @@
-//! One client connection: HTTP/1.1 or h2c served on it, closed when idle, when its first
-//! request head is late, when it stops reading a response, or when the server drains, and
-//! turned into a tunnel when a request upgrades it.
+//! One client connection: HTTP/1.1 or h2c served on it, closed when idle, when a request
+//! head is late, when it stops reading a response, or when the server drains, and turned
+//! into a tunnel when a request upgrades it.
 use std::{
     convert::Infallible,
     future::Future,
@@ -8,12 +8,12 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
-use http::HeaderValue;
+use http::{HeaderValue, Version};
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -26,9 +26,9 @@ use super::{
     limits::{CountedIo, IoCounters, Refusal},
 };
 
-/// Each client connection looks at its activity this many times per idle timeout, and
-/// closes when it saw none for that many looks in a row: after between one and one and a
-/// quarter idle timeouts.
+/// Each client connection looks at its activity this many times per timeout (the
+/// shortest of idle, header and response), and closes when it saw none for an idle
+/// timeout of looks in a row: after between one and one and a quarter idle timeouts.
 const LOOKS: u32 = 4;
 
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -62,15 +62,20 @@ struct Activity {
     io: Arc<IoCounters>,
     /// Bytes read from the client when its last request finished.
     read_when_done: AtomicU64,
+    /// The client speaks h2 (told by its first request).
+    h2: AtomicBool,
 }
 
 /// A request in progress, until its response body is done with.
 pub(crate) struct Active(Arc<Conn>);
 
 impl Active {
-    fn start(conn: Arc<Conn>) -> Self {
-        conn.activity.active.fetch_add(1, Ordering::Relaxed);
-        conn.activity.started.fetch_add(1, Ordering::Relaxed);
+    fn start(conn: Arc<Conn>, version: Version) -> Self {
+        let activity = &conn.activity;
+        activity.active.fetch_add(1, Ordering::Relaxed);
+        if activity.started.fetch_add(1, Ordering::Relaxed) == 0 && version == Version::HTTP_2 {
+            activity.h2.store(true, Ordering::Relaxed);
+        }
         Self(conn)
     }
 }
@@ -85,7 +90,7 @@ impl Drop for Active {
 }
 
 /// Serves one client connection to its end: closed by the client, idle for too long,
-/// its first request head late, a response it stopped reading, closed gracefully once
+/// a request head late (HTTP/1.1; h2: its first stream), a response it stopped reading, closed gracefully once
 /// `drain` turns true, or upgraded and then tunnelled to its end.
 pub(crate) async fn serve_connection(
     proxy: Arc<Proxy>,
@@ -109,7 +114,7 @@ pub(crate) async fn serve_connection(
     let service = {
         let conn = conn.clone();
         service_fn(move |req| {
-            let active = Active::start(conn.clone());
+            let active = Active::start(conn.clone(), req.version());
             async move {
                 let response = active.0.proxy.forward(req, &active.0).await;
                 Ok::<_, Infallible>(response.map(|body| body.with_active(active)))
@@ -121,6 +126,7 @@ pub(crate) async fn serve_connection(
     tokio::pin!(http);
     let shortest = idle.min(limits.header_timeout).min(limits.response_timeout);
     let look = (shortest / LOOKS).max(Duration::from_millis(10));
+    let idle_looks = u32::try_from(idle.as_nanos().div_ceil(look.as_nanos())).unwrap_or(u32::MAX);
     let mut looks = tokio::time::interval_at(Instant::now() + look, look);
     looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let draining = async move {
@@ -129,6 +135,10 @@ pub(crate) async fn serve_connection(
     };
     tokio::pin!(draining);
     let (mut seen, mut quiet, mut closing, mut drained) = (0, 0, false, false);
+    // Since when the connection has waited for a request head: its accept, then (HTTP/1.1)
+    // the first look that found its last request done. Timed here rather than by hyper,
+    // whose timer costs a clock read and a timer entry per request.
+    let mut waiting = Some(accepted);
     // Set when a look finds the client's socket stalled: the moment its response timeout
     // runs out, so that it is cut then and not up to a look later.
     let stall_deadline = tokio::time::sleep_until(accepted);
@@ -153,13 +163,25 @@ pub(crate) async fn serve_connection(
             }
             _ = looks.tick() => {
                 let activity = &conn.activity;
-                if activity.started.load(Ordering::Relaxed) == 0
-                    && accepted.elapsed() >= limits.header_timeout
+                let now = Instant::now();
+                let started = activity.started.load(Ordering::Relaxed);
+                let busy = activity.active.load(Ordering::Relaxed) > 0;
+                // Between requests the wait for a head is timed; h2 streams come as
+                // they come, and only the first one is awaited.
+                waiting = match waiting {
+                    _ if busy || (started > 0 && activity.h2.load(Ordering::Relaxed)) => None,
+                    Some(since) if started == seen => Some(since),
+                    _ => Some(now),
+                };
+                if let Some(since) = waiting
+                    && now.duration_since(since) >= limits.header_timeout
                 {
-                    // No first request in time (before hyper's own timer runs: the
-                    // protocol is not even known yet, or h2 has had no stream).
-                    conn.proxy.refusals.count(Refusal::HeaderTimeout);
-                    tracing::debug!(client = %peer, "no request head in time");
+                    // Part of a head came (or no request ever did): too slow, counted.
+                    // Nothing since the last request: a keep-alive connection's idle end.
+                    if conn.head_begun() {
+                        conn.proxy.refusals.count(Refusal::HeaderTimeout);
+                        tracing::debug!(client = %peer, "no request head in time");
+                    }
                     return;
                 }
                 // Its response timeout passed by then, the deadline fires at once.
@@ -167,13 +189,12 @@ pub(crate) async fn serve_connection(
                     stall_deadline.as_mut().reset(since + limits.response_timeout);
                     stall_armed = true;
                 }
-                let started = activity.started.load(Ordering::Relaxed);
-                if started != seen || conn.activity.active.load(Ordering::Relaxed) > 0 {
+                if started != seen || busy {
                     (seen, quiet) = (started, 0);
                     continue;
                 }
                 quiet += 1;
-                if quiet < LOOKS {
+                if quiet < idle_looks {
                     continue;
                 }
                 // Asked once to close (HTTP/2 GOAWAY); still there an idle period later
@@ -211,19 +232,20 @@ impl Conn {
         stalled
     }
 
-    /// Which limit (if any) ended the connection with `error`, counted. A header timeout
-    /// on a keep-alive connection that had received nothing since its last request is
-    /// its idle end, not a refusal.
+    /// Whether a request head has begun and not been received in full: the connection's
+    /// first, or bytes came after its last request was done.
+    fn head_begun(&self) -> bool {
+        let activity = &self.activity;
+        activity.started.load(Ordering::Relaxed) == 0
+            || activity.io.read.load(Ordering::Relaxed)
+                > activity.read_when_done.load(Ordering::Relaxed)
+    }
+
+    /// Which limit (if any) ended the connection with `error`, counted.
     fn refusal(&self, error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
         let hyper = error.downcast_ref::<hyper::Error>()?;
         let why = if hyper.is_parse_too_large() {
             Refusal::HeaderTooLarge
-        } else if hyper.is_timeout() {
-            let activity = &self.activity;
-            let head_begun = activity.started.load(Ordering::Relaxed) == 0
-                || activity.io.read.load(Ordering::Relaxed)
-                    > activity.read_when_done.load(Ordering::Relaxed);
-            head_begun.then_some(Refusal::HeaderTimeout)?
         } else if is_h2_calm_down(hyper) {
             Refusal::H2Resets
         } else {

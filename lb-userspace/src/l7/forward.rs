@@ -186,7 +186,7 @@ impl Proxy {
                 if let Some(sent) = sent {
                     sent.wait().await;
                 }
-                tokio::time::sleep(config.response_header_timeout).await;
+                self.response_head.expired().await;
             };
             let answered = if upgrade {
                 let (mut sender, slot) = conn.into_upgradeable();

@@ -22,9 +22,10 @@ use tokio::{
 /// The limits of the proxy; see each flag's help in main.rs for the why.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// To receive a request head in full, counted from its first byte (for the first
-    /// request: from the connection's accept). For HTTP/1.1 it also bounds the wait for
-    /// the next request on a keep-alive connection.
+    /// To receive a request head in full, counted from the connection's accept for the
+    /// first request and from the end of the one before for each next (HTTP/1.1): it also
+    /// bounds the wait for the next request on a keep-alive connection. Checked at the
+    /// connection's looks: a late head is closed within half a timeout more at most.
     pub header_timeout: Duration,
     /// How long a request body may send nothing before the request is given up (408) and
     /// its backend connection closed.

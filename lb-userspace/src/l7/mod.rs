@@ -16,11 +16,13 @@
 //! - `request_body`: a client's request body streaming to a backend
 //! - `response_body`: the response streaming to the client
 //! - `server`: worker threads, accepting, graceful shutdown
-//! - `conn`: one client connection (idle close, upgrades)
+//! - `conn`: one client connection (idle close, late heads, upgrades)
+//! - `coarse_timeout`: a per-worker coarse clock that requests time out on
 //! - `shard`: counters split per worker thread
 //! - `stats`: counters
 //! - `worker`: which worker thread the current thread is
 mod backend;
+mod coarse_timeout;
 mod conn;
 mod forward;
 mod give_way;
@@ -51,6 +53,7 @@ pub use limits::{Limits, raise_fd_limit};
 pub use routes::{Balance, Route};
 pub use stats::ProxyStats;
 
+use coarse_timeout::CoarseTimeout;
 use limits::{ConnectionCaps, Refusals};
 use routes::{Registry, Table};
 use shard::Padded;
@@ -62,7 +65,7 @@ pub struct ProxyConfig {
     /// To open a connection to a backend (then 504).
     pub connect_timeout: Duration,
     /// For a backend's response headers, counted from when the request has been sent in
-    /// full (then 504).
+    /// full (then 504); up to half of it later (see `coarse_timeout`).
     pub response_header_timeout: Duration,
     /// How long a keep-alive connection may sit idle, on the client side and in the
     /// backend pools.
@@ -104,6 +107,8 @@ pub struct Proxy {
     refusals: Refusals,
     /// Client connections held, against `limits`' caps (shared by every `serve`).
     caps: Arc<ConnectionCaps>,
+    /// A backend's time to answer (`config.response_header_timeout`), kept by the workers.
+    response_head: CoarseTimeout,
 }
 
 impl Proxy {
@@ -128,6 +133,7 @@ impl Proxy {
                 config.limits.connection_cap(),
                 config.limits.max_connections_per_client,
             ),
+            response_head: CoarseTimeout::new(config.response_header_timeout, workers),
             config,
         })
     }

@@ -86,9 +86,9 @@ impl UpstreamBody {
     /// Whether the client has been silent for the idle time, counted from the first poll
     /// that found nothing; arms the timer then.
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = Instant::now() + self.idle;
         if !self.waiting {
             self.waiting = true;
+            let deadline = Instant::now() + self.idle;
             match &mut self.stall {
                 Some(stall) => stall.as_mut().reset(deadline),
                 None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),

@@ -190,6 +190,10 @@ impl Worker {
     ) -> std::io::Result<()> {
         let listener = TcpListener::from_std(listener)?;
         let builder = Arc::new(self.builder());
+        // This worker's clock for the backends' response timeout; ends with the runtime.
+        let proxy = self.proxy.clone();
+        let index = self.index;
+        tokio::spawn(async move { proxy.response_head.run(index).await });
         let mut conns = JoinSet::new();
         let mut drain = self.drain.clone();
         let draining = drain.wait_for(|d| *d);
@@ -245,17 +249,16 @@ impl Worker {
         // No Date of our own: backends send theirs, and it would cost a clock read per
         // response. One flat write per response rather than writev of head and body:
         // measured 2-6 % more requests/s with small bodies (see `backend::connect`).
-        // A head larger than the read buffer is answered 431 by hyper.
+        // A head larger than the read buffer is answered 431 by hyper. Heads are timed by
+        // `conn`, not by hyper's timer (a timer entry per request).
         builder
             .http1()
             .keep_alive(true)
             .auto_date_header(false)
             .writev(false)
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUFFER));
-        // A peer that stops answering pings is gone; the first request's head is timed by
-        // `conn`.
+        // A peer that stops answering pings is gone; the first stream is awaited by `conn`.
         builder
             .http2()
             .auto_date_header(false)
