@@ -58,6 +58,8 @@ pub struct Config {
     /// Discovery registries, when not the store itself.
     pub discovery_etcd: Option<String>,
     pub discovery_consul: Option<String>,
+    /// `--dns`: the servers DNS discovery asks; none: the host's resolv.conf ones.
+    pub dns_servers: Vec<std::net::SocketAddr>,
     /// The balancer's own address (the VIP of DFP's tcp services).
     pub address: Option<Ipv4Addr>,
     /// Clients of the HTTP listener whose X-Forwarded-* headers are kept.
@@ -368,6 +370,15 @@ async fn discovery_sources(config: &Config) -> anyhow::Result<discovery::Sources
             .await?,
         );
     }
+    sources.dns = match discovery::dns::DnsResolver::new(&config.dns_servers) {
+        Ok(resolver) => Some(resolver),
+        Err(e) if config.dns_servers.is_empty() => {
+            // Only services discovered by DNS need it: they are refused, with the reason.
+            tracing::warn!(error = %e, "no DNS discovery: the host's resolv.conf could not be read (give --dns)");
+            None
+        }
+        Err(e) => anyhow::bail!("--dns: {e}"),
+    };
     Ok(sources)
 }
 

@@ -156,6 +156,12 @@ struct RunArgs {
     /// the --store, when it is consul.
     #[arg(long, value_name = "consul[s]://HOST:PORT[,...]")]
     discovery_consul: Option<String>,
+    /// A DNS server for services with `"discovery": {"kind": "dns"}` and Docker Flow Proxy
+    /// reconfigures without backends (repeat for several; port 53 unless given). Each name
+    /// is asked again when its answer's TTL runs out (at least every 30 s, at most every
+    /// second). Default: the servers of the host's /etc/resolv.conf.
+    #[arg(long = "dns", value_name = "IP[:PORT]", value_parser = parse_dns_server)]
+    dns_servers: Vec<std::net::SocketAddr>,
     /// The balancer's own address: the VIP of Docker Flow Proxy `reqMode=tcp` services.
     /// Default: the IPv4 address of the first --iface.
     #[arg(long, value_name = "IP")]
@@ -284,6 +290,15 @@ struct RunArgs {
 }
 
 /// A DNS name for --api-host: labels of letters, digits and `-`, lowercased, no port.
+/// A DNS server: `IP` (port 53) or `IP:PORT` (`[IPv6]:PORT`).
+fn parse_dns_server(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is not IP or IP:PORT"))
+}
+
 fn parse_host_name(s: &str) -> Result<String, String> {
     let label_ok = |l: &str| {
         !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -431,6 +446,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         store_token: read_store_token(args)?,
         discovery_etcd: args.discovery_etcd.clone(),
         discovery_consul: args.discovery_consul.clone(),
+        dns_servers: args.dns_servers.clone(),
         address: args.address,
         trusted_proxies: args.trusted_proxies.clone(),
         http_backend_connect_timeout: args.http_backend_connect_timeout,

@@ -398,13 +398,16 @@ impl HttpRoute {
     }
 }
 
-/// `"discovery": {"kind": "etcd" | "consul", "service": NAME, "include_warning": false}`
+/// `"discovery": {"kind": "etcd" | "consul", "service": NAME, "include_warning": false}`,
+/// or `{"kind": "dns", "name": DNS_NAME, "port": PORT}` (`name` and `service` are one).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoverySpec {
     pub kind: Option<String>,
+    #[serde(alias = "name")]
     pub service: Option<String>,
     pub include_warning: Option<bool>,
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -414,6 +417,9 @@ pub enum DiscoveryKind {
     Etcd,
     /// Consul's health API: `/v1/health/service/<service>`.
     Consul,
+    /// The A records of a DNS name, on the port the discovery gives (Docker Swarm's
+    /// `tasks.<service>`).
+    Dns,
 }
 
 /// A validated discovery source: the backends of a service are whatever instances it
@@ -426,6 +432,9 @@ pub struct Discovery {
     /// Consul: also take instances whose checks are only warning (default: passing only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub include_warning: bool,
+    /// DNS: the port of every instance (a DNS A record has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 impl DiscoverySpec {
@@ -433,10 +442,11 @@ impl DiscoverySpec {
         let kind = match self.kind.as_deref() {
             Some("etcd") => DiscoveryKind::Etcd,
             Some("consul") => DiscoveryKind::Consul,
+            Some("dns") => DiscoveryKind::Dns,
             Some(other) => {
                 return Err(ValidationError::new(
                     "discovery.kind",
-                    format!("{other:?} is not etcd or consul"),
+                    format!("{other:?} is not etcd, consul or dns"),
                 ));
             }
             None => return Err(ValidationError::new("discovery.kind", "is required")),
@@ -449,6 +459,7 @@ impl DiscoverySpec {
             kind,
             service,
             include_warning: self.include_warning.unwrap_or(false),
+            port: self.port,
         }
         .checked()
     }
@@ -460,6 +471,7 @@ impl DiscoveryKind {
         match self {
             DiscoveryKind::Etcd => "etcd",
             DiscoveryKind::Consul => "consul",
+            DiscoveryKind::Dns => "dns",
         }
     }
 }
@@ -475,7 +487,17 @@ impl Discovery {
                 "applies to consul only",
             ));
         }
-        Ok(self)
+        match (self.kind, self.port) {
+            (DiscoveryKind::Dns, None | Some(0)) => Err(ValidationError::new(
+                "discovery.port",
+                "is required for dns (1 to 65535): the port of every address the name has",
+            )),
+            (DiscoveryKind::Etcd | DiscoveryKind::Consul, Some(_)) => Err(ValidationError::new(
+                "discovery.port",
+                "applies to dns only (etcd and consul list each instance's port)",
+            )),
+            _ => Ok(self),
+        }
     }
 }
 

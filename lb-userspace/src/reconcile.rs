@@ -12,7 +12,7 @@ use std::{
     net::SocketAddrV4,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -55,6 +55,11 @@ pub struct Reconciler {
     sources: Sources,
     /// The discovery watch each discovered service is followed by.
     followers: Mutex<HashMap<String, (Discovery, tokio::task::JoinHandle<()>)>>,
+    /// Reloads asked for (DFP's `reload`): the watch is left and the store listed again.
+    reloads_asked: AtomicU64,
+    reload: tokio::sync::Notify,
+    /// The reloads asked for before the last complete listing began.
+    reloads_done: tokio::sync::watch::Sender<u64>,
     me: Weak<Self>,
 }
 
@@ -94,6 +99,9 @@ impl Reconciler {
             ready: AtomicBool::new(false),
             sources,
             followers: Mutex::new(HashMap::new()),
+            reloads_asked: AtomicU64::new(0),
+            reload: tokio::sync::Notify::new(),
+            reloads_done: tokio::sync::watch::Sender::new(0),
             me: me.clone(),
         })
     }
@@ -104,6 +112,16 @@ impl Reconciler {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Lists the store again and applies what it holds, as at start; returns once a
+    /// listing begun after the call is applied. Waits as long as the store cannot be
+    /// listed: the caller bounds it.
+    pub async fn reload(&self) {
+        let ticket = self.reloads_asked.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut done = self.reloads_done.subscribe();
+        self.reload.notify_one();
+        let _ = done.wait_for(|&served| served >= ticket).await;
     }
 
     fn revision_of(&self, name: &str) -> Option<u64> {
@@ -503,6 +521,7 @@ impl Reconciler {
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
+            let reloads = self.reloads_asked.load(Ordering::Acquire);
             let snapshot = match self.store.list().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -566,17 +585,30 @@ impl Reconciler {
                     "restored from the store; ready"
                 );
             }
+            self.reloads_done.send_replace(reloads);
             let watched = tokio::time::Instant::now();
             let mut watch = self.store.watch(&snapshot);
             let mut why = "the watch stopped".to_string();
-            while let Some(event) = watch.recv().await {
+            loop {
+                let event = tokio::select! {
+                    event = watch.recv() => event,
+                    () = self.reload.notified() => {
+                        why = String::new();
+                        break;
+                    }
+                };
                 match event {
-                    Ok(event) => self.apply_event(&event).await,
-                    Err(e) => {
+                    Some(Ok(event)) => self.apply_event(&event).await,
+                    Some(Err(e)) => {
                         why = e.to_string();
                         break;
                     }
+                    None => break,
                 }
+            }
+            if why.is_empty() {
+                tracing::info!("reload asked: listing the store again");
+                continue;
             }
             // Listed again after a wait that grows while watches keep failing soon after
             // they start (a log that does not parse, a store that accepts the watch and

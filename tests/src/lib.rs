@@ -1,9 +1,10 @@
 //! lb's test kit: network namespaces and veth links that remove themselves, servers and
-//! clients that live inside a namespace, real etcd and a Consul test server, an `lb`
+//! clients that live inside a namespace, real etcd, dnsmasq and a Consul test server, an `lb`
 //! process under test, packet builders for BPF_PROG_TEST_RUN, and the peers lb is
 //! measured against (nginx, HAProxy, wrk). Used by the suites in `tests/`, by the demo and
 //! the benchmarks.
 pub mod consul;
+pub mod dns;
 pub mod etcd;
 pub mod flood;
 pub mod flowtab;

@@ -1,8 +1,20 @@
-//! Docker Flow Proxy's API, replayed as its users' scripts call it: reconfigure, traffic,
-//! remove; the documented errors; the configuration as JSON.
-use std::{net::SocketAddr, time::Duration};
+//! Docker Flow Proxy's API, replayed as its users' scripts call it: reconfigure (by GET and
+//! POST), traffic, reload, remove; the documented errors, and the documented parameters lb
+//! does not honour refused; the configuration as DFP's JSON and as text; instances found
+//! through DNS as in Swarm.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
-use lb_tests::{lbproc::LbProcess, servers::http_get_once, topology::Topology};
+use lb_tests::{
+    dns::DnsServer,
+    eventually,
+    lbproc::LbProcess,
+    servers::{HttpConn, http_get_once},
+    topology::Topology,
+};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(3);
@@ -14,18 +26,25 @@ fn a_tcp_service_reconfigured_the_dfp_way_is_forwarded_by_xdp() {
     let _backends = topo.start_backends(2, 8080, false).unwrap();
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
     let ips = format!("{},{}", topo.backend_addrs[0], topo.backend_addrs[1]);
+    // DFP takes POST as well as GET, parameters in the query either way.
     let (code, body) = lb
         .request(
-            "GET",
-            &format!("/v1/docker-flow-proxy/reconfigure?serviceName=db&reqMode=tcp&srcPort=5432&port=8080&backends={ips}"),
+            "POST",
+            &format!("/v1/docker-flow-proxy/reconfigure?serviceName=db&reqMode=tcp&srcPort=5432&port=8080&backends={ips}&distribute=true&colour=blue"),
             None,
         )
         .unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["Status"], "OK");
     assert_eq!(body["ServiceName"], "db");
-    assert_eq!(body["SrcPort"], "5432");
-    assert_eq!(body["Port"], "8080");
+    assert_eq!(body["ServiceDest"][0]["SrcPort"], 5432);
+    assert_eq!(body["ServiceDest"][0]["Port"], "8080");
+    assert_eq!(body["ServiceDest"][0]["ReqMode"], "tcp");
+    // A name DFP does not document is ignored, and said so.
+    assert_eq!(
+        body["Warnings"],
+        json!(["colour: not a Docker Flow Proxy parameter; ignored"])
+    );
     // The native API sees the same service: an L4 VIP on the balancer's address.
     let (_, native) = lb.request("GET", "/v1/services/db", None).unwrap();
     assert_eq!(native["vip"], "10.201.0.1:5432");
@@ -38,8 +57,26 @@ fn a_tcp_service_reconfigured_the_dfp_way_is_forwarded_by_xdp() {
         .request("GET", "/v1/docker-flow-proxy/config?type=json", None)
         .unwrap();
     assert_eq!(code, 200);
-    assert_eq!(config[0]["ServiceName"], "db");
-    assert_eq!(config[0]["ReqMode"], "tcp");
+    // DFP's shape: an object keyed by service name.
+    assert_eq!(config["db"]["ServiceName"], "db", "{config}");
+    assert_eq!(config["db"]["ServiceDest"][0]["ReqMode"], "tcp");
+    assert_eq!(config.as_object().unwrap().len(), 1);
+    // Without a type: text, for a person to read.
+    let (code, text) = lb
+        .request("GET", "/v1/docker-flow-proxy/config", None)
+        .unwrap();
+    let text = text.as_str().unwrap_or_default().to_string();
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("service db") && text.contains("tcp   10.201.0.1:5432"),
+        "{text}"
+    );
+    // reload lists the store again: the same service, still forwarded.
+    let (code, body) = lb
+        .request("PUT", "/v1/docker-flow-proxy/reload", None)
+        .unwrap();
+    assert_eq!((code, body["Status"].as_str()), (200, Some("OK")), "{body}");
+    assert!(http_get_once(&topo.client, vip, T).is_ok());
     let (code, ping) = lb
         .request("GET", "/v1/docker-flow-proxy/ping", None)
         .unwrap();
@@ -84,10 +121,16 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
             400,
             "port",
         ),
+        // No backends: found through DNS, as in Swarm, on the port given.
         (
-            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080",
+            "reconfigure?serviceName=go-demo&servicePath=/demo",
             400,
-            "backends",
+            "port",
+        ),
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&discoveryType=SRV",
+            400,
+            "discoveryType",
         ),
         (
             "reconfigure?serviceName=go-demo&servicePath=/demo&port=80800&backends=10.201.0.11",
@@ -109,6 +152,27 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
             400,
             "reqMode",
         ),
+        // Documented by DFP, not done by lb: refused, never dropped behind an OK.
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&users=admin:secret",
+            400,
+            "users",
+        ),
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&denyHttp=true",
+            400,
+            "denyHttp",
+        ),
+        (
+            "reconfigure?serviceName=go-demo&servicePath.1=/demo&port.1=8080&backends=10.201.0.11",
+            400,
+            "port.1",
+        ),
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&pathType=path_reg&port=8080&backends=10.201.0.11",
+            400,
+            "pathType",
+        ),
         ("remove", 400, "serviceName"),
         ("config?type=haproxy", 400, "type"),
     ];
@@ -127,4 +191,56 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
         json!([]),
         "nothing was created"
     );
+}
+
+/// DFP's own first example, as its docs give it: no backends, the instances are what
+/// Swarm's DNS says the service is, here `tasks.go-demo` (`discoveryType=DNS`).
+#[test]
+fn dfp_s_first_example_finds_its_instances_through_dns() {
+    let topo = Topology::two_armed(3).unwrap();
+    let _backends = topo.start_backends(3, 8080, false).unwrap();
+    let dns = DnsServer::start_in(&topo.lb, Ipv4Addr::LOCALHOST).unwrap();
+    let ip = |i: usize| topo.backend_addrs[i];
+    dns.set("tasks.go-demo", &[ip(0), ip(1)]).unwrap();
+    let listener = SocketAddr::from(([10, 202, 1, 1], 80));
+    let lb = LbProcess::start(
+        &topo.lb,
+        &topo.lb_ifaces,
+        &["--http", &listener.to_string(), "--dns", "127.0.0.1:53"],
+    )
+    .unwrap();
+    let (code, body) = lb
+        .request(
+            "GET",
+            "/v1/docker-flow-proxy/reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&discoveryType=DNS",
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let be = |i: usize| topo.backend(i, 8080).to_string();
+    assert_eq!(body["Backends"], json!([be(0), be(1)]), "{body}");
+    let (_, native) = lb.request("GET", "/v1/services/go-demo", None).unwrap();
+    assert_eq!(
+        native["discovery"],
+        json!({"kind": "dns", "service": "tasks.go-demo", "port": 8080})
+    );
+    let who = |n: usize| -> BTreeSet<String> {
+        (0..n)
+            .map(|_| {
+                let mut c = HttpConn::connect(&topo.client, listener, T).unwrap();
+                let (code, body) = c.send("GET", "/demo/hello", "lb", b"").unwrap();
+                assert_eq!(code, 200, "{body}");
+                body
+            })
+            .collect()
+    };
+    assert_eq!(who(10), BTreeSet::from(["be0".into(), "be1".into()]));
+    // A task is added: it gets requests without a call to lb.
+    dns.set("tasks.go-demo", &[ip(0), ip(1), ip(2)]).unwrap();
+    assert!(
+        eventually(T, || lb.backends_of("go-demo").len() == 3),
+        "{:?}",
+        lb.backends_of("go-demo")
+    );
+    assert_eq!(who(15).len(), 3);
 }

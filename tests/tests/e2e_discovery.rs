@@ -1,10 +1,15 @@
-//! Services whose backends come from a registry: lb follows it, so scaling a service up
-//! or down needs no API call, and the store holds the source, not the instances.
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+//! Services whose backends come from a registry or DNS: lb follows it, so scaling a
+//! service up or down needs no API call, and the store holds the source, not the
+//! instances.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use lb_tests::{
-    etcd::EtcdCluster, etcd::etcdctl, eventually, lbproc::LbProcess, servers::http_get_once,
-    topology::Topology, unique,
+    dns::DnsServer, etcd::EtcdCluster, etcd::etcdctl, eventually, lbproc::LbProcess,
+    servers::http_get_once, topology::Topology, unique,
 };
 use serde_json::{Value, json};
 
@@ -224,4 +229,68 @@ fn a_service_from_consul_follows_its_health_checks() {
         doc["discovery"],
         json!({"kind": "consul", "service": "web"})
     );
+}
+
+#[test]
+fn a_service_found_by_dns_follows_its_records_as_swarm_serves_them() {
+    let topo = Topology::two_armed(3).unwrap();
+    let _backends = topo.start_backends(3, 8080, false).unwrap();
+    // Swarm's tasks.<service>: an A record per task, TTL 0.
+    let dns = DnsServer::start_in(&topo.lb, Ipv4Addr::LOCALHOST).unwrap();
+    let ip = |i: usize| topo.backend_addrs[i];
+    let be = |i: usize| topo.backend(i, 8080).to_string();
+    dns.set("tasks.web", &[ip(0), ip(1)]).unwrap();
+    // `--dns IP`: port 53.
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--dns", "127.0.0.1"]).unwrap();
+    let vip = SocketAddr::from(topo.vip(80));
+    let created = lb
+        .put_service(
+            "web",
+            &json!({"vip": vip.to_string(), "discovery": {"kind": "dns", "name": "tasks.web", "port": 8080}}),
+        )
+        .unwrap();
+    assert_eq!(created["backends"], json!([be(0), be(1)]));
+    assert_eq!(
+        created["discovery"],
+        json!({"kind": "dns", "service": "tasks.web", "port": 8080})
+    );
+    assert_eq!(
+        answering(&topo, vip),
+        BTreeSet::from(["be0".into(), "be1".into()])
+    );
+
+    // Scaled up, then down: the records change, lb follows within the refresh.
+    dns.set("tasks.web", &[ip(0), ip(1), ip(2)]).unwrap();
+    assert!(
+        eventually(T, || lb.backends_of("web").len() == 3),
+        "{:?}",
+        lb.backends_of("web")
+    );
+    dns.set("tasks.web", &[ip(1), ip(2)]).unwrap();
+    assert!(
+        eventually(T, || lb.backends_of("web") == [be(1), be(2)]),
+        "{:?}",
+        lb.backends_of("web")
+    );
+    assert_eq!(
+        answering(&topo, vip),
+        BTreeSet::from(["be1".into(), "be2".into()])
+    );
+
+    // The DNS server gone: the instances found last are kept, and the failure logged.
+    drop(dns);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lb.backends_of("web"), [be(1), be(2)]);
+    assert!(lb.log_text().contains("dns name tasks.web"), "{}", lb.log_text());
+
+    // A DNS source without its port is a 400 naming it.
+    let (code, err) = lb
+        .request(
+            "PUT",
+            "/v1/services/other",
+            Some(&json!({"vip": topo.vip(81).to_string(), "discovery": {"kind": "dns", "name": "tasks.web"}}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(code, 400, "{err}");
+    assert_eq!(err["field"], "discovery.port");
 }

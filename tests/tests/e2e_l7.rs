@@ -268,7 +268,7 @@ fn docker_flow_proxy_documented_flow() {
         .unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["Status"], "OK");
-    assert_eq!(body["ServicePath"], json!(["/demo"]));
+    assert_eq!(body["ServiceDest"][0]["ServicePath"], json!(["/demo"]));
     let mut seen = BTreeSet::new();
     for _ in 0..10 {
         let (code, who) = get(&topo, "/demo/hello", "lb");

@@ -30,6 +30,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "the store tests run real etcd servers"),
     ("etcd-client", "etcdctl, to see that a test etcd is up"),
     ("haproxy", "the benchmarks' peer (HTTP mode and tcp mode)"),
+    (
+        "dnsmasq-base",
+        "a real DNS server for the DNS discovery tests (the binary, no system service)",
+    ),
     ("nginx", "the benchmarks' backends"),
     ("wrk", "the benchmarks' load"),
     (
@@ -252,6 +256,7 @@ fn check() -> Vec<String> {
         ("etcd", &["--version"][..], "etcd"),
         ("etcdctl", &["version"][..], "etcdctl"),
         ("haproxy", &["-v"][..], "haproxy"),
+        ("dnsmasq", &["--version"][..], "dnsmasq (dnsmasq-base)"),
         ("nginx", &["-v"][..], "nginx"),
         ("nft", &["--version"][..], "nft (nftables)"),
         (

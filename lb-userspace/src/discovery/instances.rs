@@ -29,6 +29,13 @@ pub enum SourceError {
         addr: String,
         source: serde_json::Error,
     },
+    /// No DNS server answered for `name` (or one failed); asked again after a while.
+    #[error("dns name {name} (servers {servers}): {why}")]
+    Dns {
+        name: String,
+        servers: String,
+        why: String,
+    },
     /// Following the etcd registry's keys under `keys` stopped; the watch starts over.
     #[error("etcd registry at {endpoints}, {keys}: {why}")]
     Etcd {

@@ -1,7 +1,8 @@
 //! Where a service's backends come from when it names a discovery source instead of a
-//! list: an etcd registry or Consul's health API. Each source is watched; every change in
-//! the instances it lists reaches the maps without an API call.
+//! list: an etcd registry, Consul's health API, or a DNS name's addresses. Each source is
+//! watched; every change in the instances it lists reaches the maps without an API call.
 pub mod consul;
+pub mod dns;
 pub mod etcd;
 mod instances;
 
@@ -24,6 +25,8 @@ pub enum UrlError {
 pub struct Sources {
     pub etcd: Option<etcd::EtcdRegistry>,
     pub consul: Option<std::sync::Arc<crate::consul_http::ConsulClient>>,
+    /// None only when the host's resolv.conf could not be read and no --dns was given.
+    pub dns: Option<dns::DnsResolver>,
 }
 
 impl Sources {
@@ -50,6 +53,14 @@ impl Sources {
                     "discovery.kind",
                     "no Consul: run lb with a consul:// or consuls:// --store or --discovery-consul",
                 )),
+            },
+            DiscoveryKind::Dns => match (&self.dns, d.port) {
+                (Some(r), Some(port)) => Ok(r.watch(&d.service, port)),
+                (None, _) => Err(ValidationError::new(
+                    "discovery.kind",
+                    "no DNS servers: the host's resolv.conf could not be read; run lb with --dns",
+                )),
+                (_, None) => Err(ValidationError::new("discovery.port", "is required for dns")),
             },
         }
     }

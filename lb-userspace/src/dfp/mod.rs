@@ -1,25 +1,35 @@
 //! The Docker Flow Proxy API, as a second view of lb's own model, so that deploy scripts
-//! written for DFP work unchanged: `reconfigure` and `remove` (GET with query parameters),
-//! `config?type=json` and `ping`. A reconfigure becomes a `PUT` of a native service (stored
-//! like every other change); DFP's answers (`{"Status": "OK", ...}`) are kept, and errors
-//! also carry lb's `error` and `field`.
-use std::{collections::HashMap, net::Ipv4Addr};
+//! written for DFP work unchanged: `reconfigure` and `remove` (query parameters, by GET,
+//! POST or PUT as DFP takes them), `reload`, `config` (text, or `type=json`) and `ping`. A
+//! reconfigure becomes a `PUT` of a native service (stored like every other change);
+//! DFP's answers (`{"Status": "OK", ...}`) are kept, and errors also carry lb's `error`
+//! and `field`.
+//!
+//! - `params`: DFP's documented parameters, and what lb does with each
+//! - `view`: lb's services in DFP's shapes
+mod params;
+mod view;
+
+use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
 use axum::{
     Json, Router,
     extract::{Query, State},
-    http::StatusCode,
+    http::{StatusCode, header::CONTENT_TYPE},
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::{
     controller::ControlError,
-    model::{DiscoverySpec, HttpSpec, Service, ServiceSpec},
+    model::{DiscoverySpec, HttpSpec, ServiceSpec},
     reconcile::ReconcileError,
     web::Shared,
 };
+
+/// How long `reload` waits for the store to be listed again before it answers 503.
+const RELOAD_WAIT: Duration = Duration::from_secs(10);
 
 /// A DFP error: `{"Status": "NOK", "Message": ...}` plus lb's `error` and `field`.
 struct Nok {
@@ -120,7 +130,7 @@ fn spec_of(
             spec.discovery = Some(DiscoverySpec {
                 kind: Some(kind.clone()),
                 service: params.get("serviceName").cloned(),
-                include_warning: None,
+                ..DiscoverySpec::default()
             });
         }
         (_, Some(_)) => {
@@ -130,15 +140,44 @@ fn spec_of(
                 "backends: give backends or discovery, not both",
             ));
         }
-        (_, None) => {
-            return Err(nok(
-                StatusCode::BAD_REQUEST,
-                "backends",
-                "backends parameter (ip[:port],...) or discovery=etcd|consul is mandatory",
-            ));
-        }
+        // As in Swarm: the instances are what the service's name resolves to.
+        (_, None) => spec.discovery = Some(dns_discovery(params, port)?),
     }
     Ok(spec)
+}
+
+/// DFP's own way to find a service's instances: its name in DNS (Swarm's virtual IP), or
+/// with `discoveryType=DNS` every task's address (`tasks.<serviceName>`), on `port`.
+fn dns_discovery(
+    params: &HashMap<String, String>,
+    port: Option<&str>,
+) -> Result<DiscoverySpec, Nok> {
+    let name = service_name(params)?;
+    let name = match params.get("discoveryType").map(String::as_str) {
+        None | Some("" | "Overlay" | "overlay") => name,
+        Some("DNS" | "dns") => format!("tasks.{name}"),
+        Some(other) => {
+            return Err(nok(
+                StatusCode::BAD_REQUEST,
+                "discoveryType",
+                format!("discoveryType: {other:?} is not DNS or Overlay"),
+            ));
+        }
+    };
+    let Some(port) = port.and_then(|p| p.parse().ok()) else {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "port",
+            "port parameter is mandatory: the port of the instances found through DNS \
+             (or give backends=ip[:port],... or discovery=etcd|consul)",
+        ));
+    };
+    Ok(DiscoverySpec {
+        kind: Some("dns".into()),
+        service: Some(name),
+        port: Some(port),
+        ..DiscoverySpec::default()
+    })
 }
 
 /// `port`, the backends' port where they are listed without one, if given.
@@ -231,31 +270,6 @@ fn with_ports(backends: Vec<String>, port: Option<&str>) -> Result<Vec<String>, 
         .collect()
 }
 
-/// DFP's view of a service.
-fn view(svc: &Service) -> Value {
-    let ports: std::collections::BTreeSet<u16> = svc
-        .backends
-        .iter()
-        .map(std::net::SocketAddrV4::port)
-        .collect();
-    let port = match ports.len() {
-        1 => ports.into_iter().next().unwrap().to_string(),
-        _ => String::new(),
-    };
-    let route = svc.http.as_ref();
-    json!({
-        "ServiceName": svc.name,
-        "ServicePath": route.map(|r| r.paths.clone()).unwrap_or_default(),
-        "ServicePathExclude": route.map(|r| r.paths_exclude.clone()).unwrap_or_default(),
-        "ServiceDomain": route.and_then(|r| r.domain.clone()).unwrap_or_default(),
-        "IsDefaultBackend": route.is_some_and(|r| r.default_backend),
-        "ReqMode": if route.is_some() { "http" } else { "tcp" },
-        "SrcPort": svc.l4_vip().map(|v| v.port().to_string()).unwrap_or_default(),
-        "Port": port,
-        "Backends": svc.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
-    })
-}
-
 async fn reconfigure(
     State((s, address)): State<(Shared, Option<Ipv4Addr>)>,
     Query(params): Query<HashMap<String, String>>,
@@ -264,15 +278,28 @@ async fn reconfigure(
         Ok(name) => name,
         Err(answer) => return answer.into_response(),
     };
+    let unknown = match params::check(&params) {
+        Ok(unknown) => unknown,
+        Err(answer) => return answer.into_response(),
+    };
+    for param in &unknown {
+        tracing::warn!(service = %name, %param, "reconfigure: not a Docker Flow Proxy parameter; ignored");
+    }
     let spec = match spec_of(&params, address) {
         Ok(spec) => spec,
         Err(answer) => return answer.into_response(),
     };
     match s.put(&name, spec).await {
         Ok(svc) => {
-            let mut body = view(&svc);
+            let mut body = view::service(&svc);
             body["Status"] = "OK".into();
             body["Message"] = "".into();
+            if !unknown.is_empty() {
+                body["Warnings"] = unknown
+                    .iter()
+                    .map(|p| format!("{p}: not a Docker Flow Proxy parameter; ignored"))
+                    .collect();
+            }
             (StatusCode::OK, Json(body)).into_response()
         }
         Err(e) => failure(e).into_response(),
@@ -303,6 +330,8 @@ fn dfp_field(field: &str) -> String {
         ["http", "default_backend", ..] => "isDefaultBackend",
         ["vip", ..] => "srcPort",
         ["backends", ..] => "backends",
+        ["discovery", "port"] => "port",
+        ["discovery", "service"] => "serviceName",
         ["discovery", ..] => "discovery",
         _ => field,
     };
@@ -329,26 +358,43 @@ async fn remove(
     (StatusCode::OK, Json(body)).into_response()
 }
 
+/// `config`: a text rendering of what lb routes (DFP shows its HAProxy file), or with
+/// `type=json` every service keyed by name, as DFP answers.
 async fn config(
     State((s, _)): State<(Shared, Option<Ipv4Addr>)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    match params.get("type").map(String::as_str) {
-        None | Some("json") => {}
+    let json = match params.get("type").map(String::as_str) {
+        None | Some("") => false,
+        Some("json") => true,
         Some(other) => {
             return nok(
                 StatusCode::BAD_REQUEST,
                 "type",
-                format!("type: {other:?}: lb has no HAProxy configuration; use type=json"),
+                format!("type: {other:?}: give type=json, or no type for text"),
             )
             .into_response();
         }
-    }
+    };
     let services = match s.controller().call(|c| c.list()).await {
         Ok(services) => services,
         Err(e) => return failure(e.into()).into_response(),
     };
-    let body: Vec<Value> = services.iter().map(view).collect();
+    if json {
+        (StatusCode::OK, Json(view::config(&services))).into_response()
+    } else {
+        let text = view::config_text(&services);
+        (StatusCode::OK, [(CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+    }
+}
+
+/// `reload`: the store listed again and applied, as at start.
+async fn reload(State((s, _)): State<(Shared, Option<Ipv4Addr>)>) -> Response {
+    if tokio::time::timeout(RELOAD_WAIT, s.reload()).await.is_err() {
+        let message = "the store could not be listed again in time; lb keeps what it has";
+        return nok(StatusCode::SERVICE_UNAVAILABLE, "", message).into_response();
+    }
+    let body = json!({"Status": "OK", "Message": ""});
     (StatusCode::OK, Json(body)).into_response()
 }
 
@@ -359,8 +405,18 @@ async fn ping() -> Response {
 /// The DFP endpoints; `address` is the balancer's own, the VIP of `reqMode=tcp` services.
 pub fn router(state: Shared, address: Option<Ipv4Addr>) -> Router {
     Router::new()
-        .route("/v1/docker-flow-proxy/reconfigure", get(reconfigure))
-        .route("/v1/docker-flow-proxy/remove", get(remove))
+        .route(
+            "/v1/docker-flow-proxy/reconfigure",
+            get(reconfigure).post(reconfigure).put(reconfigure),
+        )
+        .route(
+            "/v1/docker-flow-proxy/remove",
+            get(remove).post(remove).put(remove),
+        )
+        .route(
+            "/v1/docker-flow-proxy/reload",
+            get(reload).post(reload).put(reload),
+        )
         .route("/v1/docker-flow-proxy/config", get(config))
         .route("/v1/docker-flow-proxy/ping", get(ping))
         .with_state((state, address))

@@ -1,0 +1,254 @@
+//! Docker Flow Proxy's documented `reconfigure` parameters, and what lb does with each.
+//! One that DFP documents and lb does not honour is refused (400 naming it), never
+//! dropped behind an OK: some of them protect a service (`users`, `denyHttp`,
+//! `allowedMethods`), and dropping them would publish it unprotected. A name DFP does not
+//! document is ignored, as DFP ignores it, with a warning.
+use std::collections::HashMap;
+
+use axum::http::StatusCode;
+
+use super::{Nok, nok};
+
+/// What lb does with a documented parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Support {
+    /// Read by the reconfigure.
+    Honoured,
+    /// Accepted, with no effect in lb, for the reason given.
+    NoEffect(&'static str),
+    /// Not done by lb: refused, with what to do instead when there is something.
+    Refused(&'static str),
+}
+
+use Support::{Honoured, NoEffect, Refused};
+
+struct Param {
+    name: &'static str,
+    /// DFP also takes it as `name.N`, one of several destinations of the service.
+    indexed: bool,
+    support: Support,
+}
+
+const fn p(name: &'static str, indexed: bool, support: Support) -> Param {
+    Param {
+        name,
+        indexed,
+        support,
+    }
+}
+
+const NO_TLS: &str = "lb's HTTP listener has no TLS yet";
+const NO_TEMPLATES: &str = "lb has no HAProxy configuration to add to";
+
+/// Every parameter DFP documents for `reconfigure` (its usage guide and its source's
+/// service type), and lb's own (`backends`, `discovery`, `overrideLocalListener`).
+const PARAMS: &[Param] = &[
+    // What lb reads.
+    p("serviceName", false, Honoured),
+    p("servicePath", true, Honoured),
+    p("servicePathExclude", true, Honoured),
+    p("serviceDomain", true, Honoured),
+    p("isDefaultBackend", false, Honoured),
+    p("reqMode", true, Honoured),
+    p("port", true, Honoured),
+    p("srcPort", true, Honoured),
+    p("backends", false, Honoured),
+    p("discovery", false, Honoured),
+    p("discoveryType", false, Honoured),
+    p("overrideLocalListener", false, Honoured),
+    // Prefix matching, the default, is what lb does; another kind is refused.
+    p("pathType", true, Honoured),
+    // What lb has no use for.
+    p("distribute", false, NoEffect("every lb node applies what the store holds")),
+    p("replicas", false, NoEffect("lb balances over the instances it finds")),
+    p("aclName", false, NoEffect("lb orders routes by host, then the longest path")),
+    p("checkResolvers", false, NoEffect("lb checks backends with its own health checks")),
+    p("proxyInstanceName", false, NoEffect("lb has no instance filter")),
+    p("xForwardedProto", false, NoEffect("lb always sends X-Forwarded-Proto")),
+    p("userDef", true, NoEffect("a value for DFP's templates, which lb has not")),
+    // What lb does not do (yet).
+    p("users", false, Refused("")),
+    p("usersSecret", false, Refused("")),
+    p("usersPassEncrypted", false, Refused("")),
+    p("ignoreAuthorization", true, Refused("")),
+    p("allowedMethods", true, Refused("")),
+    p("deniedMethods", true, Refused("")),
+    p("denyHttp", true, Refused(NO_TLS)),
+    p("httpsOnly", true, Refused(NO_TLS)),
+    p("httpsRedirectCode", true, Refused(NO_TLS)),
+    p("httpsPort", true, Refused(NO_TLS)),
+    p("srcHttpsPort", true, Refused(NO_TLS)),
+    p("serviceCert", false, Refused(NO_TLS)),
+    p("sslVerifyNone", true, Refused(NO_TLS)),
+    p("verifyClientSsl", true, Refused(NO_TLS)),
+    p("redirectWhenHttpProto", false, Refused(NO_TLS)),
+    p("redirectFromDomain", true, Refused("")),
+    p("reqPathSearchReplace", true, Refused("")),
+    p("reqPathSearch", false, Refused("")),
+    p("reqPathReplace", false, Refused("")),
+    p("addReqHeader", false, Refused("")),
+    p("setReqHeader", false, Refused("")),
+    p("delReqHeader", false, Refused("")),
+    p("addResHeader", false, Refused("")),
+    p("setResHeader", false, Refused("")),
+    p("delResHeader", false, Refused("")),
+    p("addHeader", false, Refused("")),
+    p("setHeader", false, Refused("")),
+    p("timeoutServer", true, Refused("lb's --http-backend-response-timeout applies to all")),
+    p("timeoutTunnel", true, Refused("lb's --http-tunnel-timeout applies to all")),
+    p("timeoutClient", true, Refused("lb's --http-header-timeout bounds an idle client")),
+    p("serviceDomainAlgo", false, Refused("")),
+    p("serviceDomainMatchAll", false, Refused("")),
+    p("serviceHeader", true, Refused("")),
+    p("userAgent", true, Refused("")),
+    p("outboundHostname", true, Refused("give the backends' addresses in backends")),
+    p("sessionType", false, Refused("")),
+    p("connectionMode", false, Refused("lb keeps connections alive on both sides")),
+    p("compressionAlgo", false, Refused("")),
+    p("compressionType", false, Refused("")),
+    p("serviceGroup", true, Refused("")),
+    p("balanceGroup", true, Refused("")),
+    p("checkTcp", true, Refused("")),
+    p("clitcpka", true, Refused("")),
+    p("templateFePath", false, Refused(NO_TEMPLATES)),
+    p("templateBePath", false, Refused(NO_TEMPLATES)),
+    p("backendExtra", false, Refused(NO_TEMPLATES)),
+];
+
+/// The parameter `name` stands for, and whether it is an indexed (`name.N`) form.
+fn documented(name: &str) -> Option<(&'static Param, bool)> {
+    let (base, indexed) = match name.rsplit_once('.') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            (base, true)
+        }
+        _ => (name, false),
+    };
+    let param = PARAMS.iter().find(|p| p.name == base)?;
+    // `serviceName.1` is no DFP parameter.
+    (!indexed || param.indexed).then_some((param, indexed))
+}
+
+/// Checks a reconfigure's parameters: the first (by name) that lb does not honour is
+/// refused; the names DFP does not document come back, to be ignored with a warning.
+pub(super) fn check(params: &HashMap<String, String>) -> Result<Vec<String>, Nok> {
+    let mut names: Vec<&String> = params.keys().collect();
+    names.sort();
+    let mut unknown = Vec::new();
+    for name in names {
+        let Some((param, indexed)) = documented(name) else {
+            unknown.push(name.clone());
+            continue;
+        };
+        if indexed {
+            return Err(refused(
+                name,
+                "several destinations of one service (the .N forms) are not supported by lb; \
+                 reconfigure one service per destination",
+            ));
+        }
+        match param.support {
+            Honoured | NoEffect(_) => {}
+            Refused(instead) => return Err(refused(name, instead)),
+        }
+        if param.name == "pathType" && params[name] != "path_beg" {
+            return Err(refused(name, "lb matches path prefixes (path_beg) only"));
+        }
+    }
+    Ok(unknown)
+}
+
+fn refused(name: &str, instead: &str) -> Nok {
+    let mut message = format!(
+        "{name}: lb does not honour this Docker Flow Proxy parameter, so the service was not \
+         changed"
+    );
+    if !instead.is_empty() {
+        message = format!("{message} ({instead})");
+    }
+    nok(StatusCode::BAD_REQUEST, name, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const DEMO: [(&str, &str); 4] = [
+        ("serviceName", "go-demo"),
+        ("servicePath", "/demo"),
+        ("port", "8080"),
+        ("backends", "10.0.0.1"),
+    ];
+
+    #[test]
+    fn every_refused_parameter_is_a_400_naming_it() {
+        for param in PARAMS.iter().filter(|p| matches!(p.support, Refused(_))) {
+            let mut q = params(&DEMO);
+            q.insert(param.name.to_string(), "x".into());
+            let e = check(&q).expect_err(param.name);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(e.field, param.name);
+            assert!(e.message.starts_with(param.name), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn protecting_parameters_are_never_dropped() {
+        for name in ["users", "usersSecret", "denyHttp", "allowedMethods", "deniedMethods"] {
+            let mut q = params(&DEMO);
+            q.insert(name.into(), "admin:secret".into());
+            assert_eq!(check(&q).unwrap_err().field, name);
+        }
+    }
+
+    #[test]
+    fn honoured_and_no_effect_parameters_pass_and_unknown_ones_come_back() {
+        let mut q = params(&DEMO);
+        q.insert("distribute".into(), "true".into());
+        q.insert("replicas".into(), "3".into());
+        q.insert("pathType".into(), "path_beg".into());
+        q.insert("colour".into(), "blue".into());
+        q.insert("serviceName.1".into(), "x".into());
+        assert_eq!(
+            check(&q).unwrap(),
+            vec!["colour".to_string(), "serviceName.1".to_string()]
+        );
+    }
+
+    #[test]
+    fn indexed_destinations_are_refused_by_their_full_name() {
+        for name in ["servicePath.1", "port.2", "users.1"] {
+            let mut q = params(&DEMO);
+            q.insert(name.into(), "x".into());
+            let checked = check(&q);
+            if name == "users.1" {
+                // `users` has no indexed form: its `.1` is unknown, and ignored.
+                assert_eq!(checked.unwrap(), vec![name.to_string()]);
+            } else {
+                assert_eq!(checked.unwrap_err().field, name);
+            }
+        }
+    }
+
+    #[test]
+    fn the_readme_says_what_lb_does_with_every_parameter() {
+        let readme = include_str!("../../../README.md");
+        let table = &readme[readme.find("| parameters | in lb |").expect("the table")..];
+        for param in PARAMS {
+            assert!(table.contains(&format!("`{}`", param.name)), "{}", param.name);
+        }
+    }
+
+    #[test]
+    fn a_path_type_other_than_prefixes_is_refused() {
+        let mut q = params(&DEMO);
+        q.insert("pathType".into(), "path_reg".into());
+        assert_eq!(check(&q).unwrap_err().field, "pathType");
+    }
+}

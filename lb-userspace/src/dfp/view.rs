@@ -1,0 +1,88 @@
+//! lb's services as Docker Flow Proxy shows them: its service object (the fields of DFP's
+//! `Service`, with one `ServiceDest` per destination) for `reconfigure`'s answer and
+//! `config?type=json`, keyed by name there as DFP keys it; and a text rendering for
+//! `config` without a type. lb adds `Backends`, the addresses it balances over.
+use std::{collections::BTreeSet, fmt::Write as _, net::SocketAddrV4};
+
+use serde_json::{Map, Value, json};
+
+use crate::model::Service;
+
+/// The port the backends share, as DFP's `Port` (a string); empty when they differ.
+fn port(svc: &Service) -> String {
+    let ports: BTreeSet<u16> = svc.backends.iter().map(SocketAddrV4::port).collect();
+    match ports.len() {
+        1 => ports.into_iter().next().unwrap_or_default().to_string(),
+        _ => String::new(),
+    }
+}
+
+/// DFP's view of one service.
+pub(super) fn service(svc: &Service) -> Value {
+    let route = svc.http.as_ref();
+    let dest = json!({
+        "Index": 0,
+        "ReqMode": if route.is_some() { "http" } else { "tcp" },
+        "ServicePath": route.map(|r| r.paths.clone()).unwrap_or_default(),
+        "ServicePathExclude": route.map(|r| r.paths_exclude.clone()).unwrap_or_default(),
+        "ServiceDomain": route.and_then(|r| r.domain.clone()).into_iter().collect::<Vec<_>>(),
+        "PathType": if route.is_some() { "path_beg" } else { "" },
+        "Port": port(svc),
+        // DFP's is a number, 0 for none.
+        "SrcPort": svc.l4_vip().map_or(0, |v| v.port()),
+    });
+    json!({
+        "ServiceName": svc.name,
+        "AclName": svc.name,
+        "IsDefaultBackend": route.is_some_and(|r| r.default_backend),
+        "ServiceDest": [dest],
+        "Backends": svc.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })
+}
+
+/// `config?type=json`: every service, keyed by name.
+pub(super) fn config(services: &[Service]) -> Value {
+    let map: Map<String, Value> = services
+        .iter()
+        .map(|s| (s.name.clone(), service(s)))
+        .collect();
+    Value::Object(map)
+}
+
+/// `config`: what lb routes, one block per service, for a person to read.
+pub(super) fn config_text(services: &[Service]) -> String {
+    let mut out = String::new();
+    if services.is_empty() {
+        out.push_str("# no services\n");
+    }
+    for svc in services {
+        let _ = writeln!(out, "service {}", svc.name);
+        match (&svc.http, svc.l4_vip()) {
+            (Some(r), _) => {
+                let domain = r.domain.as_deref().unwrap_or("any host");
+                let _ = writeln!(out, "  http  {domain}, paths {}", list(&r.paths));
+                if !r.paths_exclude.is_empty() {
+                    let _ = writeln!(out, "  not   paths {}", list(&r.paths_exclude));
+                }
+                if r.default_backend {
+                    let _ = writeln!(out, "  default backend");
+                }
+            }
+            (None, Some(vip)) => {
+                let _ = writeln!(out, "  tcp   {vip}");
+            }
+            (None, None) => {}
+        }
+        let backends: Vec<String> = svc.backends.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "  to    {}", list(&backends));
+    }
+    out
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".into()
+    } else {
+        items.join(", ")
+    }
+}
