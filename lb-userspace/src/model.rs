@@ -948,11 +948,34 @@ mod tests {
             discovery: Some(DiscoverySpec {
                 kind: Some(kind.into()),
                 service: Some("web".into()),
-                include_warning: None,
+                ..DiscoverySpec::default()
             }),
             discovered: Some(found.iter().map(|a| a.parse().unwrap()).collect()),
             ..ServiceSpec::default()
         }
+    }
+
+    #[test]
+    fn a_dns_source_needs_its_port_and_the_others_take_none() {
+        let spec = |kind: &str, port: Option<u16>| DiscoverySpec {
+            kind: Some(kind.into()),
+            service: Some("tasks.web".into()),
+            port,
+            ..DiscoverySpec::default()
+        };
+        let dns = spec("dns", Some(8080)).validate().unwrap();
+        assert_eq!((dns.kind, dns.port), (DiscoveryKind::Dns, Some(8080)));
+        for bad in [
+            spec("dns", None),
+            spec("dns", Some(0)),
+            spec("etcd", Some(8080)),
+        ] {
+            assert_eq!(bad.validate().unwrap_err().field, "discovery.port");
+        }
+        // `name` is `service`'s other spelling.
+        let named: DiscoverySpec =
+            serde_json::from_str(r#"{"kind": "dns", "name": "tasks.web", "port": 80}"#).unwrap();
+        assert_eq!(named.service.as_deref(), Some("tasks.web"));
     }
 
     #[test]

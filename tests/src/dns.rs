@@ -109,7 +109,9 @@ fn probe(addr: SocketAddr) -> bool {
         return false;
     }
     let mut buf = [0u8; 512];
-    socket.recv_from(&mut buf).is_ok_and(|(n, _)| n >= 12 && buf[..2] == [0x12, 0x34])
+    socket
+        .recv_from(&mut buf)
+        .is_ok_and(|(n, _)| n >= 12 && buf[..2] == [0x12, 0x34])
 }
 
 impl Drop for DnsServer {

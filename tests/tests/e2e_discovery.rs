@@ -279,9 +279,14 @@ fn a_service_found_by_dns_follows_its_records_as_swarm_serves_them() {
 
     // The DNS server gone: the instances found last are kept, and the failure logged.
     drop(dns);
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        eventually(Duration::from_secs(15), || lb
+            .log_text()
+            .contains("dns name tasks.web")),
+        "{}",
+        lb.log_text()
+    );
     assert_eq!(lb.backends_of("web"), [be(1), be(2)]);
-    assert!(lb.log_text().contains("dns name tasks.web"), "{}", lb.log_text());
 
     // A DNS source without its port is a 400 naming it.
     let (code, err) = lb

@@ -32,6 +32,7 @@ use crate::{
 const RELOAD_WAIT: Duration = Duration::from_secs(10);
 
 /// A DFP error: `{"Status": "NOK", "Message": ...}` plus lb's `error` and `field`.
+#[derive(Debug)]
 struct Nok {
     status: StatusCode,
     field: String,
@@ -384,7 +385,12 @@ async fn config(
         (StatusCode::OK, Json(view::config(&services))).into_response()
     } else {
         let text = view::config_text(&services);
-        (StatusCode::OK, [(CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+        (
+            StatusCode::OK,
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            text,
+        )
+            .into_response()
     }
 }
 

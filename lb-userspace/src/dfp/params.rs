@@ -59,13 +59,41 @@ const PARAMS: &[Param] = &[
     // Prefix matching, the default, is what lb does; another kind is refused.
     p("pathType", true, Honoured),
     // What lb has no use for.
-    p("distribute", false, NoEffect("every lb node applies what the store holds")),
-    p("replicas", false, NoEffect("lb balances over the instances it finds")),
-    p("aclName", false, NoEffect("lb orders routes by host, then the longest path")),
-    p("checkResolvers", false, NoEffect("lb checks backends with its own health checks")),
-    p("proxyInstanceName", false, NoEffect("lb has no instance filter")),
-    p("xForwardedProto", false, NoEffect("lb always sends X-Forwarded-Proto")),
-    p("userDef", true, NoEffect("a value for DFP's templates, which lb has not")),
+    p(
+        "distribute",
+        false,
+        NoEffect("every lb node applies what the store holds"),
+    ),
+    p(
+        "replicas",
+        false,
+        NoEffect("lb balances over the instances it finds"),
+    ),
+    p(
+        "aclName",
+        false,
+        NoEffect("lb orders routes by host, then the longest path"),
+    ),
+    p(
+        "checkResolvers",
+        false,
+        NoEffect("lb checks backends with its own health checks"),
+    ),
+    p(
+        "proxyInstanceName",
+        false,
+        NoEffect("lb has no instance filter"),
+    ),
+    p(
+        "xForwardedProto",
+        false,
+        NoEffect("lb always sends X-Forwarded-Proto"),
+    ),
+    p(
+        "userDef",
+        true,
+        NoEffect("a value for DFP's templates, which lb has not"),
+    ),
     // What lb does not do (yet).
     p("users", false, Refused("")),
     p("usersSecret", false, Refused("")),
@@ -94,16 +122,36 @@ const PARAMS: &[Param] = &[
     p("delResHeader", false, Refused("")),
     p("addHeader", false, Refused("")),
     p("setHeader", false, Refused("")),
-    p("timeoutServer", true, Refused("lb's --http-backend-response-timeout applies to all")),
-    p("timeoutTunnel", true, Refused("lb's --http-tunnel-timeout applies to all")),
-    p("timeoutClient", true, Refused("lb's --http-header-timeout bounds an idle client")),
+    p(
+        "timeoutServer",
+        true,
+        Refused("lb's --http-backend-response-timeout applies to all"),
+    ),
+    p(
+        "timeoutTunnel",
+        true,
+        Refused("lb's --http-tunnel-timeout applies to all"),
+    ),
+    p(
+        "timeoutClient",
+        true,
+        Refused("lb's --http-header-timeout bounds an idle client"),
+    ),
     p("serviceDomainAlgo", false, Refused("")),
     p("serviceDomainMatchAll", false, Refused("")),
     p("serviceHeader", true, Refused("")),
     p("userAgent", true, Refused("")),
-    p("outboundHostname", true, Refused("give the backends' addresses in backends")),
+    p(
+        "outboundHostname",
+        true,
+        Refused("give the backends' addresses in backends"),
+    ),
     p("sessionType", false, Refused("")),
-    p("connectionMode", false, Refused("lb keeps connections alive on both sides")),
+    p(
+        "connectionMode",
+        false,
+        Refused("lb keeps connections alive on both sides"),
+    ),
     p("compressionAlgo", false, Refused("")),
     p("compressionType", false, Refused("")),
     p("serviceGroup", true, Refused("")),
@@ -118,9 +166,7 @@ const PARAMS: &[Param] = &[
 /// The parameter `name` stands for, and whether it is an indexed (`name.N`) form.
 fn documented(name: &str) -> Option<(&'static Param, bool)> {
     let (base, indexed) = match name.rsplit_once('.') {
-        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
-            (base, true)
-        }
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (base, true),
         _ => (name, false),
     };
     let param = PARAMS.iter().find(|p| p.name == base)?;
@@ -200,7 +246,13 @@ mod tests {
 
     #[test]
     fn protecting_parameters_are_never_dropped() {
-        for name in ["users", "usersSecret", "denyHttp", "allowedMethods", "deniedMethods"] {
+        for name in [
+            "users",
+            "usersSecret",
+            "denyHttp",
+            "allowedMethods",
+            "deniedMethods",
+        ] {
             let mut q = params(&DEMO);
             q.insert(name.into(), "admin:secret".into());
             assert_eq!(check(&q).unwrap_err().field, name);
@@ -241,7 +293,11 @@ mod tests {
         let readme = include_str!("../../../README.md");
         let table = &readme[readme.find("| parameters | in lb |").expect("the table")..];
         for param in PARAMS {
-            assert!(table.contains(&format!("`{}`", param.name)), "{}", param.name);
+            assert!(
+                table.contains(&format!("`{}`", param.name)),
+                "{}",
+                param.name
+            );
         }
     }
 

@@ -45,6 +45,9 @@ impl DnsResolver {
             TokioResolver::builder_with_config(config, provider)
         };
         let opts = builder.options_mut();
+        // A server that does not answer is told soon; the watch asks again after a while.
+        opts.timeout = Duration::from_secs(2);
+        opts.attempts = 1;
         // Answers are kept no longer than the next refresh: a change is seen then.
         opts.positive_max_ttl = Some(REFRESH_MAX);
         opts.negative_max_ttl = Some(REFRESH_MIN);
@@ -67,8 +70,11 @@ impl DnsResolver {
     /// instances found before are kept meanwhile.
     pub fn watch(&self, name: &str, port: u16) -> Instances {
         let (tx, rx) = mpsc::channel(16);
-        let (resolver, name, servers) =
-            (self.resolver.clone(), name.to_string(), self.servers.clone());
+        let (resolver, name, servers) = (
+            self.resolver.clone(),
+            name.to_string(),
+            self.servers.clone(),
+        );
         tokio::spawn(async move {
             let mut backoff = Backoff::new(REFRESH_MIN, REFRESH_MAX);
             let mut last: Option<Vec<SocketAddrV4>> = None;

@@ -60,7 +60,10 @@ impl Sources {
                     "discovery.kind",
                     "no DNS servers: the host's resolv.conf could not be read; run lb with --dns",
                 )),
-                (_, None) => Err(ValidationError::new("discovery.port", "is required for dns")),
+                (_, None) => Err(ValidationError::new(
+                    "discovery.port",
+                    "is required for dns",
+                )),
             },
         }
     }
