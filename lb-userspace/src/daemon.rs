@@ -480,7 +480,17 @@ fn route(s: &HttpService) -> l7::Route {
             crate::model::Balance::LeastOutstanding => l7::Balance::LeastOutstanding,
         },
         default_backend: r.default_backend,
+        // Validated as methods when the service was.
+        allowed_methods: methods(&r.allowed_methods),
+        denied_methods: methods(&r.denied_methods),
     }
+}
+
+fn methods(names: &[String]) -> Vec<http::Method> {
+    names
+        .iter()
+        .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+        .collect()
 }
 
 async fn stopped(mut stop: watch::Receiver<bool>) {

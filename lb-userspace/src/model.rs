@@ -77,7 +77,8 @@ pub struct ServiceSpec {
 }
 
 /// `"http": {"paths": ["/demo"], "paths_exclude": [], "domain": "example.com",
-/// "default_backend": false, "balance": "round_robin" | "least_outstanding"}`
+/// "default_backend": false, "balance": "round_robin" | "least_outstanding",
+/// "allowed_methods": ["GET"], "denied_methods": ["DELETE"]}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -86,6 +87,8 @@ pub struct HttpSpec {
     pub domain: Option<String>,
     pub default_backend: Option<bool>,
     pub balance: Option<String>,
+    pub allowed_methods: Option<Vec<String>>,
+    pub denied_methods: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -123,6 +126,12 @@ pub struct HttpRoute {
     pub default_backend: bool,
     #[serde(default)]
     pub balance: Balance,
+    /// Only these methods are forwarded (none: any); others are answered 403.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_methods: Vec<String>,
+    /// These methods are answered 403.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied_methods: Vec<String>,
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -349,12 +358,24 @@ impl HttpSpec {
                 ));
             }
         };
+        // Methods are case-sensitive; every standard one is upper case.
+        let methods = |list: &Option<Vec<String>>| -> Vec<String> {
+            let mut out: Vec<String> = Vec::new();
+            for m in list.iter().flatten().map(|m| m.trim().to_ascii_uppercase()) {
+                if !out.contains(&m) {
+                    out.push(m);
+                }
+            }
+            out
+        };
         HttpRoute {
             paths,
             paths_exclude,
             domain,
             default_backend,
             balance,
+            allowed_methods: methods(&self.allowed_methods),
+            denied_methods: methods(&self.denied_methods),
         }
         .checked()
     }
@@ -386,6 +407,19 @@ impl HttpRoute {
                     "http.domain",
                     format!("{d:?} is not a host name (or *.domain)"),
                 ));
+            }
+        }
+        for (field, list) in [
+            ("http.allowed_methods", &self.allowed_methods),
+            ("http.denied_methods", &self.denied_methods),
+        ] {
+            for (i, m) in list.iter().enumerate() {
+                if http::Method::from_bytes(m.as_bytes()).is_err() || m.is_empty() {
+                    return Err(ValidationError::new(
+                        format!("{field}[{i}]"),
+                        format!("{m:?} is not an HTTP method"),
+                    ));
+                }
             }
         }
         if self.paths.is_empty() && self.domain.is_none() && !self.default_backend {
@@ -953,6 +987,20 @@ mod tests {
             discovered: Some(found.iter().map(|a| a.parse().unwrap()).collect()),
             ..ServiceSpec::default()
         }
+    }
+
+    #[test]
+    fn methods_are_upper_cased_and_must_be_methods() {
+        let spec = |allowed: &[&str]| HttpSpec {
+            paths: Some(vec!["/r".into()]),
+            allowed_methods: Some(allowed.iter().map(|m| m.to_string()).collect()),
+            ..HttpSpec::default()
+        };
+        let route = spec(&["get", "GET", " head "]).validate().unwrap();
+        assert_eq!(route.allowed_methods, ["GET", "HEAD"]);
+        let e = spec(&["GET", "GE T"]).validate().unwrap_err();
+        assert_eq!(e.field, "http.allowed_methods[1]");
+        assert_eq!(spec(&[""]).validate().unwrap_err().field, "http.allowed_methods[0]");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -349,6 +349,45 @@ async fn exclude_paths_and_default_backend() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_a_route_does_not_allow_are_answered_403() {
+    let (ro, open) = (named("ro").await, named("open").await);
+    let mut read_only = route("ro", &["/ro"], &[&ro]);
+    read_only.allowed_methods = vec![Method::GET, Method::HEAD];
+    let mut no_delete = route("open", &["/open"], &[&open]);
+    no_delete.denied_methods = vec![Method::DELETE];
+    let p = start(config(), vec![read_only, no_delete]).await;
+    let status = |method: Method, path: &'static str| async move {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "h")
+            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = Client::connect(p.addr).await.send(req).await;
+        let status = resp.status();
+        let body = timeout(T, resp.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap();
+        (status, String::from_utf8(body.to_bytes().to_vec()).unwrap())
+    };
+    assert_eq!(status(Method::GET, "/ro/x").await.0, StatusCode::OK);
+    assert_eq!(
+        status(Method::POST, "/ro/x").await,
+        (
+            StatusCode::FORBIDDEN,
+            "method POST is not allowed for service ro\n".into()
+        )
+    );
+    assert_eq!(status(Method::POST, "/open/x").await.0, StatusCode::OK);
+    assert_eq!(
+        status(Method::DELETE, "/open/x").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(p.proxy.stats().answers[&403], 2);
+}
+
 // ---- lb's own answers ----
 
 /// A port that refuses connections: bound and not listening, so that it refuses for as long
@@ -436,7 +475,7 @@ async fn own_answers_have_bodies_and_counters() {
     let stats = p.proxy.stats();
     assert_eq!(
         stats.answers,
-        [(400, 0), (404, 1), (502, 2), (503, 1), (504, 2)]
+        [(400, 0), (403, 0), (404, 1), (502, 2), (503, 1), (504, 2)]
             .into_iter()
             .collect()
     );

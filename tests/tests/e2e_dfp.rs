@@ -243,4 +243,27 @@ fn dfp_s_first_example_finds_its_instances_through_dns() {
         lb.backends_of("go-demo")
     );
     assert_eq!(who(15).len(), 3);
+
+    // allowedMethods: a read-only route; any other method is answered 403, as DFP's
+    // HAProxy denies it.
+    let (code, body) = lb
+        .request(
+            "PUT",
+            &format!(
+                "/v1/docker-flow-proxy/reconfigure?serviceName=reports&servicePath=/reports&port=8080&backends={}&allowedMethods=GET,HEAD",
+                topo.backend_addrs[2]
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["ServiceDest"][0]["AllowedMethods"],
+        json!(["GET", "HEAD"])
+    );
+    let mut c = HttpConn::connect(&topo.client, listener, T).unwrap();
+    assert_eq!(c.send("GET", "/reports/x", "lb", b"").unwrap().0, 200);
+    let mut c = HttpConn::connect(&topo.client, listener, T).unwrap();
+    let (code, text) = c.send("POST", "/reports/x", "lb", b"{}").unwrap();
+    assert_eq!(code, 403, "{text}");
 }

@@ -197,7 +197,7 @@ fn port_param(params: &HashMap<String, String>) -> Result<Option<&str>, Nok> {
 }
 
 /// The route of a `reqMode=http` service: `servicePath`, `serviceDomain` (one),
-/// `servicePathExclude` and `isDefaultBackend`.
+/// `servicePathExclude`, `isDefaultBackend`, `allowedMethods` and `deniedMethods`.
 fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
     let paths = list(params, "servicePath");
     let domains = list(params, "serviceDomain");
@@ -222,6 +222,8 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         domain: domains.into_iter().next(),
         default_backend: Some(default_backend),
         balance: None,
+        allowed_methods: Some(list(params, "allowedMethods")),
+        denied_methods: Some(list(params, "deniedMethods")),
     })
 }
 
@@ -329,6 +331,8 @@ fn dfp_field(field: &str) -> String {
         ["http", "paths_exclude", ..] => "servicePathExclude",
         ["http", "domain", ..] => "serviceDomain",
         ["http", "default_backend", ..] => "isDefaultBackend",
+        ["http", "allowed_methods", ..] => "allowedMethods",
+        ["http", "denied_methods", ..] => "deniedMethods",
         ["vip", ..] => "srcPort",
         ["backends", ..] => "backends",
         ["discovery", "port"] => "port",

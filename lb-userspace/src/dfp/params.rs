@@ -55,6 +55,8 @@ const PARAMS: &[Param] = &[
     p("backends", false, Honoured),
     p("discovery", false, Honoured),
     p("discoveryType", false, Honoured),
+    p("allowedMethods", true, Honoured),
+    p("deniedMethods", true, Honoured),
     p("overrideLocalListener", false, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
     p("pathType", true, Honoured),
@@ -99,8 +101,6 @@ const PARAMS: &[Param] = &[
     p("usersSecret", false, Refused("")),
     p("usersPassEncrypted", false, Refused("")),
     p("ignoreAuthorization", true, Refused("")),
-    p("allowedMethods", true, Refused("")),
-    p("deniedMethods", true, Refused("")),
     p("denyHttp", true, Refused(NO_TLS)),
     p("httpsOnly", true, Refused(NO_TLS)),
     p("httpsRedirectCode", true, Refused(NO_TLS)),
@@ -246,13 +246,7 @@ mod tests {
 
     #[test]
     fn protecting_parameters_are_never_dropped() {
-        for name in [
-            "users",
-            "usersSecret",
-            "denyHttp",
-            "allowedMethods",
-            "deniedMethods",
-        ] {
+        for name in ["users", "usersSecret", "usersPassEncrypted", "denyHttp"] {
             let mut q = params(&DEMO);
             q.insert(name.into(), "admin:secret".into());
             assert_eq!(check(&q).unwrap_err().field, name);

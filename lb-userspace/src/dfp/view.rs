@@ -27,6 +27,8 @@ pub(super) fn service(svc: &Service) -> Value {
         "ServicePathExclude": route.map(|r| r.paths_exclude.clone()).unwrap_or_default(),
         "ServiceDomain": route.and_then(|r| r.domain.clone()).into_iter().collect::<Vec<_>>(),
         "PathType": if route.is_some() { "path_beg" } else { "" },
+        "AllowedMethods": route.map(|r| r.allowed_methods.clone()).unwrap_or_default(),
+        "DeniedMethods": route.map(|r| r.denied_methods.clone()).unwrap_or_default(),
         "Port": port(svc),
         // DFP's is a number, 0 for none.
         "SrcPort": svc.l4_vip().map_or(0, |v| v.port()),

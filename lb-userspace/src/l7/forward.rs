@@ -59,6 +59,14 @@ impl Proxy {
             };
             let target = table.target(t);
             target.requests.add(1);
+            if !target.permits(req.method()) {
+                let text = format!(
+                    "method {} is not allowed for service {}\n",
+                    req.method(),
+                    target.service
+                );
+                return self.answer(StatusCode::FORBIDDEN, text);
+            }
             let Some(b) = pick(target) else {
                 let text = format!("service {} has no healthy backend\n", target.service);
                 return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);

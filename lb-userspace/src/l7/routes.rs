@@ -40,6 +40,10 @@ pub struct Route {
     pub balance: Balance,
     /// Takes the requests no route matches (instead of a 404).
     pub default_backend: bool,
+    /// Only these methods are forwarded (empty: any); others are answered 403.
+    pub allowed_methods: Vec<http::Method>,
+    /// These are answered 403.
+    pub denied_methods: Vec<http::Method>,
 }
 
 /// A route as the request path uses it: shared backend handles and counters, no strings to
@@ -54,11 +58,20 @@ pub(crate) struct Target {
     pub cursor: AtomicUsize,
     pub requests: Arc<Sharded>,
     excludes: Box<[Box<str>]>,
+    allowed_methods: Box<[http::Method]>,
+    denied_methods: Box<[http::Method]>,
 }
 
 impl Target {
     fn excluded(&self, path: &str) -> bool {
         self.excludes.iter().any(|p| prefix_matches(p, path))
+    }
+
+    /// Whether the route forwards requests of `method` (else lb answers 403, as
+    /// HAProxy's `http-request deny` under DFP's `allowedMethods`/`deniedMethods` does).
+    pub fn permits(&self, method: &http::Method) -> bool {
+        (self.allowed_methods.is_empty() || self.allowed_methods.contains(method))
+            && !self.denied_methods.contains(method)
     }
 }
 
@@ -171,6 +184,8 @@ impl Table {
                     .iter()
                     .map(|p| normalized_prefix(p).into())
                     .collect(),
+                allowed_methods: route.allowed_methods.clone().into(),
+                denied_methods: route.denied_methods.clone().into(),
             });
             if route.default_backend && table.default.is_none() {
                 table.default = Some(index);

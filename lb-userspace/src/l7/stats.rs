@@ -14,8 +14,9 @@ use super::{limits::Refusals, routes::Registry};
 pub struct ProxyStats {
     /// Requests routed to each service (including those answered 503, 502 or 504).
     pub requests: BTreeMap<String, u64>,
-    /// lb's own answers by status: 400 (a path with an encoded separator), 404 (no route),
-    /// 503 (no backend), 502 (backend failed), 504 (backend timed out).
+    /// lb's own answers by status: 400 (a path with an encoded separator), 403 (a method
+    /// the route does not allow), 404 (no route), 503 (no backend), 502 (backend failed),
+    /// 504 (backend timed out).
     pub answers: BTreeMap<u16, u64>,
     /// Requests retried on another backend after the first refused the connection (or
     /// closed it before taking the request).
@@ -33,6 +34,7 @@ pub struct ProxyStats {
 #[derive(Default)]
 pub(crate) struct Answers {
     bad_path: AtomicU64,
+    forbidden: AtomicU64,
     not_found: AtomicU64,
     no_backend: AtomicU64,
     bad_gateway: AtomicU64,
@@ -43,6 +45,7 @@ impl Answers {
     pub fn count(&self, status: StatusCode) {
         let counter = match status {
             StatusCode::BAD_REQUEST => &self.bad_path,
+            StatusCode::FORBIDDEN => &self.forbidden,
             StatusCode::NOT_FOUND => &self.not_found,
             StatusCode::SERVICE_UNAVAILABLE => &self.no_backend,
             StatusCode::BAD_GATEWAY => &self.bad_gateway,
@@ -64,6 +67,7 @@ impl ProxyStats {
                 .collect(),
             answers: BTreeMap::from([
                 (400, load(&answers.bad_path)),
+                (403, load(&answers.forbidden)),
                 (404, load(&answers.not_found)),
                 (502, load(&answers.bad_gateway)),
                 (503, load(&answers.no_backend)),
