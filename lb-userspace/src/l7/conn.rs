@@ -89,9 +89,9 @@ impl Drop for Active {
     }
 }
 
-/// Serves one client connection to its end: closed by the client, idle for too long,
-/// a request head late (HTTP/1.1; h2: its first stream), a response it stopped reading, closed gracefully once
-/// `drain` turns true, or upgraded and then tunnelled to its end.
+/// Serves one client connection to its end: closed by the client, idle for too long, a
+/// request head late (HTTP/1.1; h2: its first stream), a response it stopped reading,
+/// closed gracefully once `drain` turns true, or upgraded and then tunnelled to its end.
 pub(crate) async fn serve_connection(
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
