@@ -1000,7 +1000,10 @@ mod tests {
         assert_eq!(route.allowed_methods, ["GET", "HEAD"]);
         let e = spec(&["GET", "GE T"]).validate().unwrap_err();
         assert_eq!(e.field, "http.allowed_methods[1]");
-        assert_eq!(spec(&[""]).validate().unwrap_err().field, "http.allowed_methods[0]");
+        assert_eq!(
+            spec(&[""]).validate().unwrap_err().field,
+            "http.allowed_methods[0]"
+        );
     }
 
     #[test]
