@@ -993,7 +993,7 @@ mod tests {
     fn methods_are_upper_cased_and_must_be_methods() {
         let spec = |allowed: &[&str]| HttpSpec {
             paths: Some(vec!["/r".into()]),
-            allowed_methods: Some(allowed.iter().map(|m| m.to_string()).collect()),
+            allowed_methods: Some(allowed.iter().map(|m| (*m).to_string()).collect()),
             ..HttpSpec::default()
         };
         let route = spec(&["get", "GET", " head "]).validate().unwrap();
