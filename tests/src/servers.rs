@@ -191,11 +191,16 @@ fn serve_http(stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
         } else {
             name.clone().into_bytes()
         };
-        let resp = format!(
+        // Head and body in one write, as servers do (writev): two small writes would wait
+        // on the client's delayed ACK (Nagle), 40 ms a request, and tests measuring a rate
+        // would measure that timer.
+        let mut resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\n\r\n",
             body.len()
-        );
-        if writer.write_all(resp.as_bytes()).is_err() || writer.write_all(&body).is_err() {
+        )
+        .into_bytes();
+        resp.extend_from_slice(&body);
+        if writer.write_all(&resp).is_err() {
             return;
         }
     }
