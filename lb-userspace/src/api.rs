@@ -207,6 +207,8 @@ pub struct Extras {
     pub supervisor: Supervisor,
     /// Who may call which endpoint, applied before any of them.
     pub access: Arc<crate::api_auth::AccessPolicy>,
+    /// The TLS certificates in the store.
+    pub certs: crate::api_certs::Certs,
 }
 
 /// The native API and the Docker Flow Proxy one.
@@ -216,8 +218,9 @@ pub fn router(state: Shared, extras: Extras) -> Router {
         proxy,
         supervisor,
         access,
+        certs,
     } = extras;
-    let dfp = crate::dfp::router(state.clone(), address);
+    let dfp = crate::dfp::router(state.clone(), address, certs.clone());
     let stats_route = get(move |s: State<Shared>| stats(s, proxy.clone()));
     let ready_route = get(move |s: State<Shared>| ready(s, supervisor.clone()));
     Router::new()
@@ -231,6 +234,7 @@ pub fn router(state: Shared, extras: Extras) -> Router {
         .route("/ready", ready_route)
         .with_state(state)
         .merge(dfp)
+        .merge(crate::api_certs::router(certs))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             access,

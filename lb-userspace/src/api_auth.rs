@@ -101,15 +101,20 @@ fn kind_of(method: &Method, path: &str) -> Kind {
     if method != Method::GET && method != Method::HEAD {
         return Kind::Change;
     }
-    let one_service = path
-        .strip_prefix("/v1/services/")
-        .is_some_and(|name| !name.is_empty() && !name.contains('/'));
-    let read = one_service
+    let one_of = |dir: &str| {
+        path.strip_prefix(dir)
+            .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+    };
+    // A certificate's chain is public (every handshake sends it); its key is never shown.
+    let read = one_of("/v1/services/")
+        || one_of("/v1/certs/")
         || matches!(
             path,
             "/v1/services"
+                | "/v1/certs"
                 | "/v1/stats"
                 | "/v1/docker-flow-proxy/config"
+                | "/v1/docker-flow-proxy/certs"
                 | "/v1/docker-flow-proxy/ping"
         );
     if read { Kind::Read } else { Kind::Change }

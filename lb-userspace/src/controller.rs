@@ -125,8 +125,9 @@ pub struct Controller {
     http_routes: Option<RouteSink>,
     /// HTTP services removed since start, oldest first.
     removed_http: std::collections::VecDeque<Service>,
-    /// The HTTP proxy's port and the local addresses it listens on (read at start).
-    http_listener: Option<(u16, Vec<Ipv4Addr>)>,
+    /// The HTTP and HTTPS listeners' ports and the local addresses each listens on (read
+    /// at start).
+    http_listeners: Vec<(u16, Vec<Ipv4Addr>)>,
     /// What backends may not be (lb itself), with the host's addresses kept current.
     rules: AddressRules,
 }
@@ -153,7 +154,7 @@ impl Controller {
             checker: None,
             http_routes: None,
             removed_http: std::collections::VecDeque::new(),
-            http_listener: None,
+            http_listeners: Vec::new(),
             rules: AddressRules::default(),
         }
     }
@@ -198,9 +199,9 @@ impl Controller {
         self.checker = Some(checker);
     }
 
-    /// Where the HTTP proxy listens: a layer-4 service on that address and port takes its
-    /// traffic in XDP before the kernel sees it, which is worth a warning.
-    pub fn set_http_listener(&mut self, addr: std::net::SocketAddr) {
+    /// Where the HTTP proxy listens (HTTP, HTTPS): a layer-4 service on that address and
+    /// port takes its traffic in XDP before the kernel sees it, which is worth a warning.
+    pub fn add_http_listener(&mut self, addr: std::net::SocketAddr) {
         let local: Vec<Ipv4Addr> = match addr {
             std::net::SocketAddr::V4(a) if a.ip().is_unspecified() => {
                 crate::net::interface_addresses()
@@ -210,13 +211,13 @@ impl Controller {
             std::net::SocketAddr::V4(a) => vec![*a.ip()],
             std::net::SocketAddr::V6(_) => Vec::new(),
         };
-        self.http_listener = Some((addr.port(), local));
+        self.http_listeners.push((addr.port(), local));
     }
 
     fn shadows_http_listener(&self, vip: SocketAddrV4) -> bool {
-        self.http_listener
-            .as_ref()
-            .is_some_and(|(port, local)| *port == vip.port() && local.contains(vip.ip()))
+        self.http_listeners
+            .iter()
+            .any(|(port, local)| *port == vip.port() && local.contains(vip.ip()))
     }
 
     /// Gives `sink` the HTTP services now, and again on every change to them (see
@@ -584,7 +585,7 @@ impl Controller {
             && svc.protocol == Protocol::Tcp
             && self.shadows_http_listener(vip)
         {
-            tracing::warn!(service = %svc.name, %vip, "this VIP takes the traffic of lb's HTTP listener (--http) on that address: XDP sees it first");
+            tracing::warn!(service = %svc.name, %vip, "this VIP takes the traffic of lb's HTTP or HTTPS listener (--http, --https) on that address: XDP sees it first");
         }
         let started_down = match applied {
             Ok(down) => down,

@@ -29,8 +29,9 @@ use crate::{
     reconcile::Reconciler,
     retry::{Backoff, until_ok},
     secret::GroupKeys,
-    store::{Store, StoreError, access::Access},
+    store::{Keyspace, Store, StoreError, access::Access},
     supervise::Supervisor,
+    tls,
 };
 
 /// What `lb run` was asked for.
@@ -41,6 +42,8 @@ pub struct Config {
     pub api: ApiListen,
     /// Where HTTP services are served (the L7 proxy), if anywhere.
     pub http: Option<SocketAddr>,
+    /// Where they are served over TLS, with the store's certificates.
+    pub https: HttpsListen,
     /// Threads serving HTTP; 0 is one per CPU.
     pub http_workers: usize,
     /// bpffs directory the maps are pinned under.
@@ -81,6 +84,26 @@ pub struct Config {
     pub store_access: Access,
 }
 
+/// Where the HTTPS listener is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpsListen {
+    Off,
+    /// Bound at start.
+    At(SocketAddr),
+    /// Bound once the store holds a certificate (the default: --http's address, port 443),
+    /// so that a node with no certificate holds no port 443.
+    OnceCertified(SocketAddr),
+}
+
+impl HttpsListen {
+    fn addr(self) -> Option<SocketAddr> {
+        match self {
+            HttpsListen::Off => None,
+            HttpsListen::At(a) | HttpsListen::OnceCertified(a) => Some(a),
+        }
+    }
+}
+
 /// A running daemon.
 pub struct Daemon {
     supervisor: Supervisor,
@@ -117,13 +140,19 @@ impl Daemon {
                 })?,
             )),
         };
+        let https_listener = match config.https {
+            HttpsListen::At(addr) => Some(bind_https(addr).await?),
+            _ => None,
+        };
         let (dataplane, keys) = load_dataplane(&config)?;
         let store = open_store(&config).await?;
+        let cert_store = open_store_keyspace(&config, Keyspace::Certs).await?;
+        let cert_table = Arc::new(tls::CertTable::default());
         let mut controller = Controller::new(dataplane);
         // From here on the data plane outlives this process: a restart takes it over.
         controller.keep_on_exit();
-        if let Some((addr, _)) = &http_listener {
-            controller.set_http_listener(*addr);
+        for addr in http_listener.iter().map(|(a, _)| *a).chain(config.https.addr()) {
+            controller.add_http_listener(addr);
         }
         controller.set_address_rules(address_rules(&config)?);
         let controller = ControllerHandle::start(controller);
@@ -137,7 +166,7 @@ impl Daemon {
         ));
         let sources = discovery_sources(&config).await?;
         let reconciler = Reconciler::new(store, controller.clone(), sources);
-        let background = vec![
+        let mut background = vec![
             group_keys.abort_handle(),
             supervisor
                 .spawn("store", reconciler.clone().run())
@@ -151,11 +180,17 @@ impl Daemon {
             supervisor
                 .spawn("flow sweeper", sweep(controller.clone()))
                 .abort_handle(),
+            supervisor
+                .spawn(
+                    "certificates",
+                    tls::follow::follow(cert_store.clone(), cert_table.clone()),
+                )
+                .abort_handle(),
         ];
         let (stop, stopped) = watch::channel(false);
         let mut proxy = None;
         let mut http = None;
-        if let Some((addr, listener)) = http_listener {
+        if http_listener.is_some() || config.https != HttpsListen::Off {
             // Client connections are capped below the descriptor limit, not by it.
             l7::raise_fd_limit();
             let engine = l7::Proxy::new(l7::ProxyConfig {
@@ -174,17 +209,41 @@ impl Daemon {
                     }));
                 })
                 .await?;
+            let (https_tx, https_rx) = watch::channel(None);
+            let tls = tls::server_config(cert_table.clone());
+            match (config.https, https_listener) {
+                (HttpsListen::At(addr), Some(listener)) => {
+                    https_tx.send_replace(Some(https_frontend(listener, tls)?));
+                    tracing::info!(%addr, "serving HTTP services over TLS");
+                }
+                (HttpsListen::OnceCertified(addr), _) => background.push(
+                    tokio::spawn(open_https_once_certified(
+                        addr,
+                        cert_table.clone(),
+                        tls,
+                        https_tx,
+                    ))
+                    .abort_handle(),
+                ),
+                _ => {}
+            }
+            let frontends = l7::Frontends {
+                http: http_listener.map(|(addr, listener)| {
+                    tracing::info!(%addr, "serving HTTP services");
+                    listener
+                }),
+                https: https_rx,
+            };
             http = Some(supervisor.spawn(
                 "http listener",
                 serve_http(
                     engine.clone(),
-                    listener,
+                    frontends,
                     stopped.clone(),
                     supervisor.clone(),
                 ),
             ));
             proxy = Some(engine);
-            tracing::info!(%addr, "serving HTTP services");
         }
         let address = config.address.or_else(|| first_address(&config.ifaces[0]));
         let router = api::router(
@@ -194,6 +253,7 @@ impl Daemon {
                 proxy,
                 supervisor: supervisor.clone(),
                 access: Arc::new(config.api_access.clone()),
+                certs: crate::api_certs::Certs::new(cert_store, cert_table),
             },
         );
         let api = supervisor.spawn("api", serve_api(api_listener, router, stopped));
@@ -275,19 +335,66 @@ fn first_address(iface: &str) -> Option<Ipv4Addr> {
 /// Opens the store, retrying with backoff while its server cannot be reached (saying which
 /// and why); a bad URL, a TLS failure or refused credentials are an error at once.
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    open_store_keyspace(config, Keyspace::Services).await
+}
+
+async fn open_store_keyspace(
+    config: &Config,
+    keyspace: Keyspace,
+) -> anyhow::Result<Arc<dyn Store>> {
     let token = config
         .store_token
         .clone()
         .filter(|_| crate::store::consul_servers(&config.store).is_some());
     while_unreachable("cannot reach the store", || {
-        crate::store::open(
+        crate::store::open_keyspace(
             &config.store,
             &config.store_prefix,
             token.clone(),
             &config.store_access,
+            keyspace,
         )
     })
     .await
+}
+
+async fn bind_https(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the HTTPS listener to {addr} (--https; `--https off` for none)")
+    })
+}
+
+fn https_frontend(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<l7::HttpsFrontend> {
+    Ok(l7::HttpsFrontend {
+        listener: Arc::new(listener.into_std()?),
+        tls,
+    })
+}
+
+/// Opens the HTTPS listener on `addr` once there is a certificate to serve.
+async fn open_https_once_certified(
+    addr: SocketAddr,
+    certs: Arc<tls::CertTable>,
+    tls: Arc<rustls::ServerConfig>,
+    https: watch::Sender<Option<l7::HttpsFrontend>>,
+) {
+    certs.wait_for_one().await;
+    let opened = match bind_https(addr).await {
+        Ok(listener) => https_frontend(listener, tls),
+        Err(e) => Err(e),
+    };
+    match opened {
+        Ok(frontend) => {
+            https.send_replace(Some(frontend));
+            tracing::info!(%addr, "serving HTTP services over TLS (a certificate is stored)");
+            // The workers follow the sender: kept until the daemon stops.
+            std::future::pending::<()>().await;
+        }
+        Err(e) => tracing::error!("{e:#}; HTTPS is not served"),
+    }
 }
 
 /// Calls `attempt` again, backing off, while it fails with [`StoreError::Unavailable`]
@@ -399,6 +506,12 @@ fn address_rules(config: &Config) -> anyhow::Result<AddressRules> {
             addr,
         });
     }
+    if let Some(addr) = config.https.addr() {
+        listeners.push(Listener {
+            what: "lb's HTTPS listener",
+            addr,
+        });
+    }
     let mut rules = AddressRules::new(
         config.snat_addresses.clone(),
         listeners,
@@ -499,11 +612,11 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 
 async fn serve_http(
     proxy: Arc<l7::Proxy>,
-    listener: TcpListener,
+    frontends: l7::Frontends,
     stop: watch::Receiver<bool>,
     supervisor: Supervisor,
 ) {
-    if let Err(e) = proxy.serve(listener, stopped(stop), supervisor).await {
+    if let Err(e) = proxy.serve(frontends, stopped(stop), supervisor).await {
         tracing::error!("the HTTP listener failed: {e}");
     }
 }

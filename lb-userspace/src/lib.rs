@@ -3,6 +3,7 @@
 pub mod address_rules;
 pub mod api;
 pub mod api_auth;
+pub mod api_certs;
 pub mod api_listen;
 pub mod consul_http;
 pub mod controller;
@@ -26,4 +27,5 @@ pub mod secret_file;
 pub mod snat;
 pub mod store;
 pub mod supervise;
+pub mod tls;
 pub mod web;

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use lb::{
     api_auth::{AccessPolicy, ApiToken},
     api_listen::ApiListen,
-    daemon::{Config, Daemon},
+    daemon::{Config, Daemon, HttpsListen},
     dataplane::{CookieMode, Dataplane, Limits, Settings},
     l7::Limits as HttpLimits,
     net,
@@ -86,6 +86,11 @@ struct RunArgs {
     /// listener's traffic to the kernel untouched.
     #[arg(long, default_value = "0.0.0.0:80", value_name = "ADDR|off")]
     http: String,
+    /// Where HTTP services are served over TLS, or `off`. `auto`: --http's address on port
+    /// 443, opened once the store holds a certificate (`PUT /v1/certs/NAME`). SNI picks the
+    /// certificate; ALPN offers h2 and http/1.1; TLS 1.2 and 1.3.
+    #[arg(long, default_value = "auto", value_name = "ADDR|auto|off")]
+    https: String,
     /// Threads serving HTTP (each with its own backend connection pools); 0 is one per
     /// CPU.
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -414,11 +419,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// The daemon's configuration from the flags.
 fn config(args: &RunArgs) -> anyhow::Result<Config> {
-    let http = match args.http.as_str() {
+    let http: Option<std::net::SocketAddr> = match args.http.as_str() {
         "off" => None,
         addr => Some(
             addr.parse()
                 .with_context(|| format!("--http {addr}: expected ADDR:PORT or off"))?,
+        ),
+    };
+    let https = match (args.https.as_str(), http) {
+        ("off", _) | ("auto", None) => HttpsListen::Off,
+        ("auto", Some(http)) => HttpsListen::OnceCertified(std::net::SocketAddr::new(http.ip(), 443)),
+        (addr, _) => HttpsListen::At(
+            addr.parse()
+                .with_context(|| format!("--https {addr}: expected ADDR:PORT, auto or off"))?,
         ),
     };
     // Placeholder keys: the daemon takes the pinned or the group's.
@@ -430,6 +443,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         ifaces: args.ifaces.clone(),
         api: args.api.clone(),
         http,
+        https,
         http_workers: args.http_workers,
         bpffs: args.bpffs.clone(),
         limits: Limits {

@@ -169,7 +169,7 @@ async fn start(config: ProxyConfig, routes: Vec<Route>) -> Running {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let served = tokio::spawn(proxy.clone().serve(
-        listener,
+        lb::l7::Frontends::http(listener),
         async move {
             let _ = stopped.await;
         },

@@ -120,7 +120,7 @@ async fn start_with(config: ProxyConfig, backends: Vec<SocketAddr>) -> Running {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(proxy.clone().serve(
-        listener,
+        lb::l7::Frontends::http(listener),
         async move {
             let _ = stopped.await;
         },

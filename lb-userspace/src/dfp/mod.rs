@@ -1,6 +1,7 @@
 //! The Docker Flow Proxy API, as a second view of lb's own model, so that deploy scripts
 //! written for DFP work unchanged: `reconfigure` and `remove` (query parameters, by GET,
-//! POST or PUT as DFP takes them), `reload`, `config` (text, or `type=json`) and `ping`. A
+//! POST or PUT as DFP takes them), `reload`, `config` (text, or `type=json`), `ping`, and
+//! `cert` (PUT) and `certs` (see `api_certs`). A
 //! reconfigure becomes a `PUT` of a native service (stored like every other change);
 //! DFP's answers (`{"Status": "OK", ...}`) are kept, and errors also carry lb's `error`
 //! and `field`.
@@ -22,6 +23,7 @@ use axum::{
 use serde_json::json;
 
 use crate::{
+    api_certs::Certs,
     controller::ControlError,
     model::{DiscoverySpec, HttpSpec, ServiceSpec},
     reconcile::ReconcileError,
@@ -408,12 +410,61 @@ async fn reload(State((s, _)): State<(Shared, Option<Ipv4Addr>)>) -> Response {
     (StatusCode::OK, Json(body)).into_response()
 }
 
+/// `PUT cert?certName=NAME` with the PEM (chain and key) as the body: checked and stored
+/// as `/v1/certs/NAME` is.
+async fn put_cert(
+    State(certs): State<Certs>,
+    Query(params): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(name) = params.get("certName").filter(|n| !n.is_empty()) else {
+        let message = "certName is required: the certificate's name";
+        return nok(StatusCode::BAD_REQUEST, "certName", message).into_response();
+    };
+    let pem = String::from_utf8_lossy(&body);
+    match certs.put(name, &pem, &pem).await {
+        Ok(_) => {
+            let body = json!({"Status": "OK", "Message": "", "Certs": null});
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Err(e) => {
+            let field = match e.field() {
+                Some("name") => "certName",
+                _ => "body",
+            };
+            nok(e.status(), field, e.to_string()).into_response()
+        }
+    }
+}
+
+/// `certs`: every stored certificate, DFP's shape; `CertContent` is the chain only (lb
+/// never shows a key).
+async fn list_certs(State(certs): State<Certs>) -> Response {
+    match certs.list().await {
+        Ok(list) => {
+            let certs: Vec<_> = list
+                .iter()
+                .map(|c| {
+                    json!({"ServiceName": c.name, "CertsDir": "/certs", "CertContent": c.chain_pem})
+                })
+                .collect();
+            let body = json!({"Status": "OK", "Message": "", "Certs": certs});
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Err(e) => nok(e.status(), "", e.to_string()).into_response(),
+    }
+}
+
 async fn ping() -> Response {
     (StatusCode::OK, Json(json!({"Status": "OK"}))).into_response()
 }
 
 /// The DFP endpoints; `address` is the balancer's own, the VIP of `reqMode=tcp` services.
-pub fn router(state: Shared, address: Option<Ipv4Addr>) -> Router {
+pub fn router(state: Shared, address: Option<Ipv4Addr>, certs: Certs) -> Router {
+    let cert_routes = Router::new()
+        .route("/v1/docker-flow-proxy/cert", axum::routing::put(put_cert))
+        .route("/v1/docker-flow-proxy/certs", get(list_certs))
+        .with_state(certs);
     Router::new()
         .route(
             "/v1/docker-flow-proxy/reconfigure",
@@ -430,4 +481,5 @@ pub fn router(state: Shared, address: Option<Ipv4Addr>) -> Router {
         .route("/v1/docker-flow-proxy/config", get(config))
         .route("/v1/docker-flow-proxy/ping", get(ping))
         .with_state((state, address))
+        .merge(cert_routes)
 }

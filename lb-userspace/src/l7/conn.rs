@@ -1,6 +1,6 @@
-//! One client connection: HTTP/1.1 or h2c served on it, closed when idle, when a request
-//! head is late, when it stops reading a response, or when the server drains, and turned
-//! into a tunnel when a request upgrades it.
+//! One client connection: HTTP/1.1 or h2 (h2c, or over TLS) served on it, closed when idle,
+//! when a request head (or the TLS handshake) is late, when it stops reading a response, or
+//! when the server drains, and turned into a tunnel when a request upgrades it.
 use std::{
     convert::Infallible,
     future::Future,
@@ -19,7 +19,13 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::{net::TcpStream, sync::watch, time::Instant};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::watch,
+    time::Instant,
+};
+use tokio_rustls::TlsAcceptor;
 
 use super::{
     Proxy,
@@ -40,6 +46,8 @@ pub(crate) struct Conn {
     pub client_ip: HeaderValue,
     /// Whether the client is a trusted proxy, whose X-Forwarded-* headers are kept.
     pub client_trusted: bool,
+    /// Whether the client came over TLS (lb's HTTPS listener).
+    pub https: bool,
     activity: Activity,
     /// Set by a request whose upgrade the backend accepted; run once hyper lets go of
     /// the connection.
@@ -97,17 +105,49 @@ pub(crate) async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
     stream: TcpStream,
     peer: SocketAddr,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+    tls: Option<TlsAcceptor>,
 ) {
     let _ = stream.set_nodelay(true);
+    let accepted = Instant::now();
+    let Some(tls) = tls else {
+        return serve_http(proxy, builder, stream, peer, drain, accepted, false).await;
+    };
+    // The handshake counts against the time to the first request head.
+    let handshake = tokio::time::timeout(proxy.config.limits.header_timeout, tls.accept(stream));
+    match handshake.await {
+        Ok(Ok(stream)) => serve_http(proxy, builder, stream, peer, drain, accepted, true).await,
+        Ok(Err(e)) => {
+            proxy.refusals.count(Refusal::TlsHandshake);
+            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            proxy.refusals.count(Refusal::TlsHandshake);
+            tracing::debug!(client = %peer, "no TLS handshake in time");
+        }
+    }
+}
+
+/// [`serve_connection`] once the connection speaks HTTP (in the clear or over TLS).
+async fn serve_http<S>(
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    stream: S,
+    peer: SocketAddr,
+    mut drain: watch::Receiver<bool>,
+    accepted: Instant,
+    https: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let idle = proxy.config.idle_timeout;
     let client_trusted = proxy.config.trusted_proxies.trusts(peer.ip());
     let limits = proxy.config.limits.clone();
-    let accepted = Instant::now();
     let conn = Arc::new(Conn {
         proxy,
         client_ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header"),
         client_trusted,
+        https,
         activity: Activity::default(),
         tunnel: Mutex::new(None),
     });

@@ -95,7 +95,12 @@ impl Proxy {
             };
             parts.uri = uri;
         }
-        headers::add_forwarded(&mut parts.headers, &conn.client_ip, conn.client_trusted);
+        headers::add_forwarded(
+            &mut parts.headers,
+            &conn.client_ip,
+            conn.client_trusted,
+            conn.https,
+        );
         parts.version = Version::HTTP_11;
         let (body, sent) = UpstreamBody::new(body, self.config.limits.body_timeout);
         let body_stalled = sent.clone();

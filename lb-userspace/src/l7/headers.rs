@@ -124,10 +124,16 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
 /// Adds the X-Forwarded-* headers to a request about to leave for a backend. `client` is
 /// the client's address as a header value (made once per connection); `trusted` whether
 /// that client is a proxy whose forwarding headers are believed.
-pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, trusted: bool) {
+pub(crate) fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    trusted: bool,
+    https: bool,
+) {
+    let proto = HeaderValue::from_static(if https { "https" } else { "http" });
     if !trusted {
         headers.insert(X_FORWARDED_FOR, client.clone());
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO, proto);
         set_forwarded_host(headers);
         for name in [X_FORWARDED_PORT, X_REAL_IP, FORWARDED] {
             headers.remove(name);
@@ -152,7 +158,7 @@ pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, trust
     }
     // The trusted proxy knows better how the client came (it may have ended TLS).
     if !headers.contains_key(X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO, proto);
     }
     if !headers.contains_key(X_FORWARDED_HOST) {
         set_forwarded_host(headers);
@@ -238,7 +244,7 @@ mod tests {
     fn a_trusted_proxy_keeps_its_headers_and_lb_appends() {
         let client = HeaderValue::from_static("10.0.0.1");
         let mut h = claimed();
-        add_forwarded(&mut h, &client, true);
+        add_forwarded(&mut h, &client, true, false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "front.example");
@@ -247,7 +253,7 @@ mod tests {
         assert_eq!(h["forwarded"], "for=1.1.1.1");
 
         let mut h = map(&[("host", "example.com")]);
-        add_forwarded(&mut h, &client, true);
+        add_forwarded(&mut h, &client, true, false);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
@@ -257,7 +263,7 @@ mod tests {
     fn anyone_else_gets_what_lb_saw() {
         let client = HeaderValue::from_static("10.0.0.1");
         let mut h = claimed();
-        add_forwarded(&mut h, &client, false);
+        add_forwarded(&mut h, &client, false, false);
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -266,8 +272,23 @@ mod tests {
             assert!(!h.contains_key(gone), "{gone}");
         }
         let mut h = map(&[("x-forwarded-host", "evil.example")]);
-        add_forwarded(&mut h, &client, false);
+        add_forwarded(&mut h, &client, false, false);
         assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn a_client_over_tls_is_told_as_https() {
+        let client = HeaderValue::from_static("10.0.0.1");
+        let mut h = map(&[("x-forwarded-proto", "http")]);
+        add_forwarded(&mut h, &client, false, true);
+        assert_eq!(h["x-forwarded-proto"], "https");
+        // A trusted proxy's own word stands; without one, what lb saw.
+        let mut h = map(&[("x-forwarded-proto", "http")]);
+        add_forwarded(&mut h, &client, true, true);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = map(&[]);
+        add_forwarded(&mut h, &client, true, true);
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]

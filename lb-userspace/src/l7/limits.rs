@@ -125,10 +125,12 @@ pub(crate) enum Refusal {
     H2Resets,
     /// A request whose backends all had their most connections open (503).
     BackendConnections,
+    /// A TLS handshake that failed, or did not finish within the header timeout (closed).
+    TlsHandshake,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 9] = [
+    const ALL: [Refusal; 10] = [
         Self::HeaderTimeout,
         Self::HeaderTooLarge,
         Self::BodyTimeout,
@@ -138,6 +140,7 @@ impl Refusal {
         Self::ClientConnections,
         Self::H2Resets,
         Self::BackendConnections,
+        Self::TlsHandshake,
     ];
 
     /// Its name in the stats.
@@ -152,6 +155,7 @@ impl Refusal {
             Self::ClientConnections => "client_connections",
             Self::H2Resets => "h2_resets",
             Self::BackendConnections => "backend_connections",
+            Self::TlsHandshake => "tls_handshake",
         }
     }
 }

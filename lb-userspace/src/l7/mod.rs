@@ -1,6 +1,7 @@
 //! The L7 fallback: an HTTP reverse proxy for the services XDP leaves to user space.
 //!
-//! Clients speak HTTP/1.1 (keep-alive, upgrades) or h2c with prior knowledge; backends are
+//! Clients speak HTTP/1.1 (keep-alive, upgrades) or h2c with prior knowledge, or either
+//! over TLS on the HTTPS listener (h2 by ALPN); backends are
 //! reached over pooled keep-alive HTTP/1.1 connections. The route table is rebuilt and
 //! swapped whole on every service or health change ([`Proxy::set_routes`]); requests read
 //! it without locking.
@@ -51,6 +52,7 @@ use arc_swap::ArcSwap;
 pub use headers::{TrustedProxies, parse_cidr};
 pub use limits::{Limits, raise_fd_limit};
 pub use routes::{Balance, Route};
+pub use server::{Frontends, HttpsFrontend};
 pub use stats::ProxyStats;
 
 use coarse_timeout::CoarseTimeout;

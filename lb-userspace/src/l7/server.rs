@@ -32,6 +32,7 @@ use tokio::{
     task::JoinSet,
     time::Instant,
 };
+use tokio_rustls::TlsAcceptor;
 
 use super::{
     Proxy,
@@ -47,8 +48,62 @@ use crate::supervise::{Supervisor, panic_message};
 const GRACE: Duration = Duration::from_secs(5);
 
 /// A connection accepted by one worker and served by another, with its place under the
-/// connection caps.
-type Handed = (std::net::TcpStream, SocketAddr, Admitted);
+/// connection caps (and its TLS, from the HTTPS listener).
+type Handed = (
+    std::net::TcpStream,
+    SocketAddr,
+    Admitted,
+    Option<TlsAcceptor>,
+);
+
+/// What the workers accept on: the HTTP listener, and the HTTPS one, which may open later
+/// (when the first certificate comes).
+pub struct Frontends {
+    pub http: Option<TcpListener>,
+    pub https: watch::Receiver<Option<HttpsFrontend>>,
+}
+
+impl Frontends {
+    /// Plain HTTP on `listener` only.
+    pub fn http(listener: TcpListener) -> Self {
+        Self {
+            http: Some(listener),
+            https: watch::channel(None).1,
+        }
+    }
+}
+
+/// The HTTPS listener and its TLS settings.
+#[derive(Clone)]
+pub struct HttpsFrontend {
+    pub listener: Arc<std::net::TcpListener>,
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+/// A connection from `listener`, or never when there is none.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A worker's own handle on the HTTPS listener and its TLS, if it is open.
+fn https_listener(
+    frontend: &mut watch::Receiver<Option<HttpsFrontend>>,
+) -> std::io::Result<Option<(TcpListener, TlsAcceptor)>> {
+    let Some(frontend) = frontend.borrow_and_update().clone() else {
+        return Ok(None);
+    };
+    let listener = TcpListener::from_std(frontend.listener.try_clone()?)?;
+    Ok(Some((listener, TlsAcceptor::from(frontend.tls))))
+}
+
+fn clone_listener(
+    listener: Option<&std::net::TcpListener>,
+) -> std::io::Result<Option<std::net::TcpListener>> {
+    listener.map(std::net::TcpListener::try_clone).transpose()
+}
 
 /// What the workers of one `serve` know of each other.
 struct Peers {
@@ -81,17 +136,17 @@ impl Peers {
 }
 
 impl Proxy {
-    /// Serves HTTP on `listener` until `shutdown` resolves; then stops accepting, asks
-    /// every connection to close once its requests are done, and waits for that a few
-    /// seconds before closing what is left. A worker that stops before then (an error or
-    /// a panic) is reported to `supervisor` as "http worker N"; the others go on.
+    /// Serves HTTP and HTTPS on `frontends` until `shutdown` resolves; then stops
+    /// accepting, asks every connection to close once its requests are done, and waits for
+    /// that a few seconds before closing what is left. A worker that stops before then (an
+    /// error or a panic) is reported to `supervisor` as "http worker N"; the others go on.
     pub async fn serve(
         self: Arc<Self>,
-        listener: TcpListener,
+        frontends: Frontends,
         shutdown: impl Future<Output = ()> + Send + 'static,
         supervisor: Supervisor,
     ) -> std::io::Result<()> {
-        let listener = listener.into_std()?;
+        let listener = frontends.http.map(TcpListener::into_std).transpose()?;
         let workers = self.workers;
         let (drain, drain_rx) = watch::channel(false);
         let (inbox, inbox_rx): (Vec<_>, Vec<_>) =
@@ -110,9 +165,10 @@ impl Proxy {
                 index,
                 peers: peers.clone(),
                 drain: drain_rx.clone(),
+                https: frontends.https.clone(),
             };
             let exit = exit.clone();
-            let spawned = listener.try_clone().and_then(|listener| {
+            let spawned = clone_listener(listener.as_ref()).and_then(|listener| {
                 std::thread::Builder::new()
                     .name(format!("lb-l7-{index}"))
                     .spawn(move || {
@@ -165,12 +221,13 @@ struct Worker {
     index: usize,
     peers: Arc<Peers>,
     drain: watch::Receiver<bool>,
+    https: watch::Receiver<Option<HttpsFrontend>>,
 }
 
 impl Worker {
     fn run(
         self,
-        listener: std::net::TcpListener,
+        listener: Option<std::net::TcpListener>,
         inbox: mpsc::UnboundedReceiver<Handed>,
     ) -> std::io::Result<()> {
         worker::set_index(self.index);
@@ -185,10 +242,14 @@ impl Worker {
 
     async fn serve(
         self,
-        listener: std::net::TcpListener,
+        listener: Option<std::net::TcpListener>,
         mut inbox: mpsc::UnboundedReceiver<Handed>,
     ) -> std::io::Result<()> {
-        let listener = TcpListener::from_std(listener)?;
+        let http = listener.map(TcpListener::from_std).transpose()?;
+        // The HTTPS listener, from the start or from when it opens (its first certificate).
+        let mut https_rx = self.https.clone();
+        let mut https = https_listener(&mut https_rx)?;
+        let mut https_open = true;
         let builder = Arc::new(self.builder());
         // This worker's clock for the backends' response timeout; ends with the runtime.
         let proxy = self.proxy.clone();
@@ -201,25 +262,23 @@ impl Worker {
         loop {
             tokio::select! {
                 _ = &mut draining => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        // Above a cap: closed at once (dropped), which costs the least.
-                        let admitted = self.proxy.caps.admit(peer.ip()).map_err(|why| {
-                            self.proxy.refusals.count(why);
-                            tracing::debug!(client = %peer, refused = why.name(), "connection refused");
-                        });
-                        if let Ok(admitted) = admitted
-                            && let Some((stream, admitted)) = self.pass_on(stream, peer, admitted)
-                        {
-                            self.spawn(&mut conns, &builder, stream, peer, admitted);
-                        }
-                    }
-                    Err(e) => accept_failed(e).await,
+                accepted = accept(http.as_ref()) => {
+                    self.accepted(accepted, None, &mut conns, &builder).await;
+                }
+                accepted = accept(https.as_ref().map(|(l, _)| l)) => {
+                    let tls = https.as_ref().map(|(_, tls)| tls.clone());
+                    self.accepted(accepted, tls, &mut conns, &builder).await;
+                }
+                changed = https_rx.changed(), if https_open => match changed {
+                    Ok(()) => https = https_listener(&mut https_rx)?,
+                    Err(_) => https_open = false,
                 },
-                Some((stream, peer, admitted)) = inbox.recv() => {
+                Some((stream, peer, admitted, tls)) = inbox.recv() => {
                     // Already counted in this worker's load by the one that passed it on.
                     match TcpStream::from_std(stream) {
-                        Ok(stream) => self.spawn(&mut conns, &builder, stream, peer, admitted),
+                        Ok(stream) => {
+                            self.spawn(&mut conns, &builder, stream, peer, admitted, tls);
+                        }
                         Err(e) => {
                             self.peers.load[self.index].fetch_sub(1, Ordering::Relaxed);
                             tracing::warn!(error = %e, "taking over a connection");
@@ -229,7 +288,7 @@ impl Worker {
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
-        drop(listener);
+        drop((http, https));
         let finished =
             tokio::time::timeout(GRACE, async { while conns.join_next().await.is_some() {} }).await;
         if finished.is_err() {
@@ -272,6 +331,31 @@ impl Worker {
         builder
     }
 
+    /// A connection accepted (over TLS with `tls`): admitted under the caps, then served
+    /// here or passed on.
+    async fn accepted(
+        &self,
+        accepted: std::io::Result<(TcpStream, SocketAddr)>,
+        tls: Option<TlsAcceptor>,
+        conns: &mut JoinSet<()>,
+        builder: &Arc<auto::Builder<TokioExecutor>>,
+    ) {
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => return accept_failed(e).await,
+        };
+        // Above a cap: closed at once (dropped), which costs the least.
+        let admitted = self.proxy.caps.admit(peer.ip()).map_err(|why| {
+            self.proxy.refusals.count(why);
+            tracing::debug!(client = %peer, refused = why.name(), "connection refused");
+        });
+        if let Ok(admitted) = admitted
+            && let Some((stream, admitted, tls)) = self.pass_on(stream, peer, admitted, tls)
+        {
+            self.spawn(conns, builder, stream, peer, admitted, tls);
+        }
+    }
+
     /// Passes `stream` on to the worker that [`Peers::claim`]s it when that is another
     /// one; gives it back to serve here otherwise.
     fn pass_on(
@@ -279,16 +363,20 @@ impl Worker {
         stream: TcpStream,
         peer: SocketAddr,
         admitted: Admitted,
-    ) -> Option<(TcpStream, Admitted)> {
+        tls: Option<TlsAcceptor>,
+    ) -> Option<(TcpStream, Admitted, Option<TlsAcceptor>)> {
         let to = self.peers.claim(self.index);
         if to == self.index {
-            return Some((stream, admitted));
+            return Some((stream, admitted, tls));
         }
         let load = &self.peers.load[to];
         match stream.into_std() {
             Ok(stream) => {
                 // The other worker gone (shutting down): nobody serves it.
-                if self.peers.inbox[to].send((stream, peer, admitted)).is_err() {
+                if self.peers.inbox[to]
+                    .send((stream, peer, admitted, tls))
+                    .is_err()
+                {
                     load.fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -308,12 +396,13 @@ impl Worker {
         stream: TcpStream,
         peer: SocketAddr,
         admitted: Admitted,
+        tls: Option<TlsAcceptor>,
     ) {
         let (proxy, builder, drain) = (self.proxy.clone(), builder.clone(), self.drain.clone());
         let peers = self.peers.clone();
         let index = self.index;
         conns.spawn(async move {
-            serve_connection(proxy, &builder, stream, peer, drain).await;
+            serve_connection(proxy, &builder, stream, peer, drain, tls).await;
             drop(admitted);
             peers.load[index].fetch_sub(1, Ordering::Relaxed);
         });

@@ -24,7 +24,7 @@ pub struct ProxyStats {
     /// Clients refused or cut by a limit, by kind: header_timeout, header_too_large (431),
     /// body_timeout (408), response_timeout, tunnel_timeout, connections and
     /// client_connections (closed at accept), h2_resets (GOAWAY), backend_connections
-    /// (503: every backend tried at its connection cap).
+    /// (503: every backend tried at its connection cap), tls_handshake (failed or late).
     pub refused: BTreeMap<String, u64>,
     /// Connections open to each backend ("IP:port"): pooled, in use and upgraded.
     pub backend_connections: BTreeMap<String, usize>,

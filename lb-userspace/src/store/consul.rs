@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{
-    Entry, Event, Expect, Snapshot, Store, StoreError, check_name,
+    Entry, Event, Expect, Keyspace, Snapshot, Store, StoreError, check_name,
     claims::{self, Claim, Claims, Held},
 };
 use crate::{
@@ -42,8 +42,9 @@ const WRITE_ATTEMPTS: usize = 3;
 
 pub struct ConsulStore {
     client: Arc<ConsulClient>,
-    /// `<prefix>/services/`
+    /// `<prefix>/services/` (or another [`Keyspace`]'s directory)
     keys: String,
+    prefix: String,
     /// `<prefix>/secret`
     secret_key: String,
     /// `<prefix>/claims/`
@@ -97,12 +98,19 @@ impl ConsulStore {
         check_name(prefix)?;
         Ok(Self {
             client,
-            keys: format!("{prefix}/services/"),
+            keys: format!("{prefix}/{}/", Keyspace::Services.dir()),
+            prefix: prefix.to_string(),
             secret_key: format!("{prefix}/secret"),
             claim_keys: format!("{prefix}/claims/"),
             wait: WATCH_WAIT,
             timeout: REQUEST_TIMEOUT,
         })
+    }
+
+    /// The same agents and group, holding `keyspace`'s entries rather than services.
+    pub fn in_keyspace(mut self, keyspace: Keyspace) -> Self {
+        self.keys = format!("{}/{}/", self.prefix, keyspace.dir());
+        self
     }
 
     /// How long each ordinary request (not a watch's blocking query) may take before the

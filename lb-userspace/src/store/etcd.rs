@@ -12,7 +12,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 
 use super::{
-    Entry, Event, Expect, Snapshot, Store, StoreError,
+    Entry, Event, Expect, Keyspace, Snapshot, Store, StoreError,
     access::Access,
     check_name,
     claims::{self, Claim, Claims, Held},
@@ -24,8 +24,9 @@ const RETRIES: u32 = 6;
 
 pub struct EtcdStore {
     client: Client,
-    /// `<prefix>/services/`
+    /// `<prefix>/services/` (or another [`Keyspace`]'s directory)
     keys: String,
+    prefix: String,
     /// `<prefix>/secret`
     secret_key: String,
     /// `<prefix>/claims/`
@@ -167,7 +168,8 @@ impl EtcdStore {
             connect_checked(endpoints, access, &secret_key, &format!("etcd at {joined}")).await?;
         Ok(Self {
             client,
-            keys: format!("{prefix}/services/"),
+            keys: format!("{prefix}/{}/", Keyspace::Services.dir()),
+            prefix: prefix.to_string(),
             secret_key,
             claim_keys: format!("{prefix}/claims/"),
             endpoints: joined,
@@ -203,6 +205,12 @@ impl EtcdStore {
                 other => return other,
             }
         }
+    }
+
+    /// The same cluster and group, holding `keyspace`'s entries rather than services.
+    pub fn in_keyspace(mut self, keyspace: Keyspace) -> Self {
+        self.keys = format!("{}/{}/", self.prefix, keyspace.dir());
+        self
     }
 
     fn key(&self, name: &str) -> String {

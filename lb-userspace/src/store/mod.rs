@@ -1,5 +1,6 @@
-//! Where the configuration lives: one document per service under `<prefix>/services/`, in
-//! a store that outlives the balancer. Writes are compare-and-set; a watch delivers the
+//! Where the configuration lives: one document per service under `<prefix>/services/`
+//! (and one per TLS certificate under `<prefix>/certs/`), in a store that outlives the
+//! balancer. Writes are compare-and-set; a watch delivers the
 //! changes after a listing, in order, so that any number of lb nodes converge on one store.
 //!
 //! Implementations: [`file::FileStore`] (embedded, the default), [`etcd::EtcdStore`] and
@@ -43,6 +44,25 @@ impl Event {
         match self {
             Event::Put(e) => e.revision,
             Event::Deleted { revision, .. } => *revision,
+        }
+    }
+}
+
+/// The entries a [`Store`] holds: each is a directory of the group's prefix, with its own
+/// listing and watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyspace {
+    /// `<prefix>/services/<name>`: service documents.
+    Services,
+    /// `<prefix>/certs/<name>`: TLS certificates and their keys.
+    Certs,
+}
+
+impl Keyspace {
+    pub fn dir(self) -> &'static str {
+        match self {
+            Keyspace::Services => "services",
+            Keyspace::Certs => "certs",
         }
     }
 }
@@ -202,6 +222,18 @@ pub async fn open(
     token: Option<String>,
     access: &access::Access,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    open_keyspace(url, prefix, token, access, Keyspace::Services).await
+}
+
+/// As [`open`], for the entries of `keyspace`. The file store keeps each keyspace but the
+/// services' in a store of its own, `<dir>/<prefix>/<keyspace>/`.
+pub async fn open_keyspace(
+    url: &str,
+    prefix: &str,
+    token: Option<String>,
+    access: &access::Access,
+    keyspace: Keyspace,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     if let Some((addrs, https)) = consul_servers(url) {
         if addrs.is_empty() {
             return Err(StoreError::Invalid(format!(
@@ -209,9 +241,8 @@ pub async fn open(
             )));
         }
         let client = consul_client(addrs, https, token, access).await?;
-        return Ok(std::sync::Arc::new(consul::ConsulStore::with_client(
-            client, prefix,
-        )?));
+        let store = consul::ConsulStore::with_client(client, prefix)?.in_keyspace(keyspace);
+        return Ok(std::sync::Arc::new(store));
     }
     if token.is_some() {
         return Err(StoreError::Invalid(format!(
@@ -224,9 +255,8 @@ pub async fn open(
                 "--store {url}: no endpoint (etcd://host:2379[,host:2379...], or etcds:// for TLS)"
             )));
         }
-        return Ok(std::sync::Arc::new(
-            etcd::EtcdStore::connect_with(&endpoints, prefix, access).await?,
-        ));
+        let store = etcd::EtcdStore::connect_with(&endpoints, prefix, access).await?;
+        return Ok(std::sync::Arc::new(store.in_keyspace(keyspace)));
     }
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
@@ -234,11 +264,15 @@ pub async fn open(
                 "--store {url}: a file store needs an absolute path (file:///var/lib/lb)"
             )));
         }
-        let store = file::FileStore::open(
-            std::path::Path::new(path),
-            prefix,
-            std::time::Duration::from_millis(100),
-        )?;
+        let poll = std::time::Duration::from_millis(100);
+        let root = std::path::Path::new(path);
+        let store = match keyspace {
+            Keyspace::Services => file::FileStore::open(root, prefix, poll)?,
+            other => {
+                check_name(prefix)?;
+                file::FileStore::open(&root.join(prefix), other.dir(), poll)?
+            }
+        };
         return Ok(std::sync::Arc::new(store));
     }
     Err(StoreError::Invalid(format!(
