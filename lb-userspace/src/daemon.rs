@@ -151,7 +151,11 @@ impl Daemon {
         let mut controller = Controller::new(dataplane);
         // From here on the data plane outlives this process: a restart takes it over.
         controller.keep_on_exit();
-        for addr in http_listener.iter().map(|(a, _)| *a).chain(config.https.addr()) {
+        for addr in http_listener
+            .iter()
+            .map(|(a, _)| *a)
+            .chain(config.https.addr())
+        {
             controller.add_http_listener(addr);
         }
         controller.set_address_rules(address_rules(&config)?);
@@ -199,6 +203,7 @@ impl Daemon {
                 response_header_timeout: config.http_backend_response_timeout,
                 trusted_proxies: l7::TrustedProxies::new(config.trusted_proxies.clone()),
                 limits: config.http_limits.clone(),
+                https_port: config.https.addr().map_or(443, |a| a.port()),
                 ..l7::ProxyConfig::default()
             });
             let routes = engine.clone();
@@ -596,6 +601,21 @@ fn route(s: &HttpService) -> l7::Route {
         // Validated as methods when the service was.
         allowed_methods: methods(&r.allowed_methods),
         denied_methods: methods(&r.denied_methods),
+        plain_http: if r.deny_http {
+            l7::PlainHttp::Deny
+        } else if r.https_only {
+            let code = r.https_redirect_code.unwrap_or(302);
+            l7::PlainHttp::Redirect(
+                http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::FOUND),
+            )
+        } else {
+            l7::PlainHttp::Serve
+        },
+        users: r
+            .users
+            .iter()
+            .map(|u| (u.name.clone(), u.password_hash.clone()))
+            .collect(),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod model;
 pub mod net;
 pub mod next_hops;
 pub mod owner;
+pub mod passwords;
 pub mod privileges;
 pub mod reconcile;
 pub mod retry;

@@ -428,7 +428,9 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
     };
     let https = match (args.https.as_str(), http) {
         ("off", _) | ("auto", None) => HttpsListen::Off,
-        ("auto", Some(http)) => HttpsListen::OnceCertified(std::net::SocketAddr::new(http.ip(), 443)),
+        ("auto", Some(http)) => {
+            HttpsListen::OnceCertified(std::net::SocketAddr::new(http.ip(), 443))
+        }
         (addr, _) => HttpsListen::At(
             addr.parse()
                 .with_context(|| format!("--https {addr}: expected ADDR:PORT, auto or off"))?,

@@ -78,7 +78,9 @@ pub struct ServiceSpec {
 
 /// `"http": {"paths": ["/demo"], "paths_exclude": [], "domain": "example.com",
 /// "default_backend": false, "balance": "round_robin" | "least_outstanding",
-/// "allowed_methods": ["GET"], "denied_methods": ["DELETE"]}`
+/// "allowed_methods": ["GET"], "denied_methods": ["DELETE"], "https_only": false,
+/// "https_redirect_code": 302, "deny_http": false,
+/// "users": [{"name": "admin", "password": "..."} | {"name": "bob", "password_hash": "$6$..."}]}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -89,7 +91,32 @@ pub struct HttpSpec {
     pub balance: Option<String>,
     pub allowed_methods: Option<Vec<String>>,
     pub denied_methods: Option<Vec<String>>,
+    pub https_only: Option<bool>,
+    pub https_redirect_code: Option<u16>,
+    pub deny_http: Option<bool>,
+    pub users: Option<Vec<UserSpec>>,
 }
+
+/// A user of HTTP basic auth: a password in the clear (hashed before it is stored) or its
+/// hash already made (crypt(3) `$6$`/`$5$`, bcrypt `$2y$`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    pub name: String,
+    pub password: Option<String>,
+    pub password_hash: Option<String>,
+}
+
+/// A user as stored: never the password, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub password_hash: String,
+}
+
+/// The redirects `https_redirect_code` may be.
+pub const REDIRECT_CODES: [u16; 5] = [301, 302, 303, 307, 308];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -132,6 +159,18 @@ pub struct HttpRoute {
     /// These methods are answered 403.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub denied_methods: Vec<String>,
+    /// Requests over plain HTTP are redirected to HTTPS, with `https_redirect_code`
+    /// (302 when none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub https_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_redirect_code: Option<u16>,
+    /// Requests over plain HTTP are answered 403.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deny_http: bool,
+    /// HTTP basic auth: only these users get through (none: anyone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<User>,
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -376,15 +415,60 @@ impl HttpSpec {
             balance,
             allowed_methods: methods(&self.allowed_methods),
             denied_methods: methods(&self.denied_methods),
+            https_only: self.https_only.unwrap_or(false),
+            https_redirect_code: self.https_redirect_code,
+            deny_http: self.deny_http.unwrap_or(false),
+            users: users(self.users.as_deref().unwrap_or_default())?,
         }
         .checked()
     }
 }
 
+/// The users of `specs`, each password hashed.
+fn users(specs: &[UserSpec]) -> Result<Vec<User>, ValidationError> {
+    let mut users: Vec<User> = Vec::new();
+    for (i, u) in specs.iter().enumerate() {
+        let field = |f: &str| format!("http.users[{i}].{f}");
+        let password_hash = match (&u.password, &u.password_hash) {
+            (Some(p), None) if !p.is_empty() => crate::passwords::hash(p),
+            (None, Some(h)) => h.trim().to_string(),
+            (Some(_), None) => return Err(ValidationError::new(field("password"), "is empty")),
+            _ => {
+                return Err(ValidationError::new(
+                    field("password"),
+                    "give one of password (hashed before it is stored) or password_hash",
+                ));
+            }
+        };
+        if users.iter().any(|other| other.name == u.name) {
+            return Err(ValidationError::new(
+                field("name"),
+                format!("{:?} is given twice", u.name),
+            ));
+        }
+        users.push(User {
+            name: u.name.clone(),
+            password_hash,
+        });
+    }
+    Ok(users)
+}
+
 impl HttpRoute {
-    /// This route, if its paths are path prefixes, its domain a host name, and it
-    /// matches something.
+    /// This route, if its paths are path prefixes, its domain a host name, its users well
+    /// formed, and it matches something.
     pub fn checked(self) -> Result<Self, ValidationError> {
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() || u.name.contains(':') || u.name.chars().any(char::is_control) {
+                return Err(ValidationError::new(
+                    format!("http.users[{i}].name"),
+                    format!("{:?}: a user name is not empty and has no ':'", u.name),
+                ));
+            }
+            crate::passwords::check_format(&u.password_hash).map_err(|why| {
+                ValidationError::new(format!("http.users[{i}].password_hash"), why)
+            })?;
+        }
         for (i, p) in self.paths.iter().enumerate() {
             validate_path(&format!("http.paths[{i}]"), p)?;
         }
@@ -408,6 +492,14 @@ impl HttpRoute {
                     format!("{d:?} is not a host name (or *.domain)"),
                 ));
             }
+        }
+        if let Some(code) = self.https_redirect_code
+            && !REDIRECT_CODES.contains(&code)
+        {
+            return Err(ValidationError::new(
+                "http.https_redirect_code",
+                format!("{code} is not a redirect (301, 302, 303, 307 or 308)"),
+            ));
         }
         for (field, list) in [
             ("http.allowed_methods", &self.allowed_methods),

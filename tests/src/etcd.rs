@@ -43,6 +43,23 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
+    /// etcd in a namespace of its own (returned: it must outlive the cluster), on a bridge
+    /// every site's balancer is linked to (as `st0`, 10.210.0.10 up; etcd at 10.210.0.1).
+    pub fn for_sites(sites: &[crate::topology::Topology]) -> anyhow::Result<(Netns, Self)> {
+        let control = Netns::new(&crate::unique("lbt-etcd"))?;
+        control.ip("link add br0 type bridge")?;
+        control.ip("link set br0 up")?;
+        control.ip("addr add 10.210.0.1/24 dev br0")?;
+        for (i, topo) in sites.iter().enumerate() {
+            crate::netns::veth(&topo.lb, "st0", &control, &format!("p-st{i}"))?;
+            control.ip(&format!("link set p-st{i} master br0"))?;
+            topo.lb
+                .ip(&format!("addr add 10.210.0.{}/24 dev st0", 10 + i))?;
+        }
+        let etcd = Self::start_in(&control, "10.210.0.1")?;
+        Ok((control, etcd))
+    }
+
     /// Starts `n` members on loopback and waits until the cluster takes writes.
     pub fn start(n: usize) -> anyhow::Result<Self> {
         Self::start_at(None, "127.0.0.1", n, None)

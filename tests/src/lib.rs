@@ -4,6 +4,7 @@
 //! measured against (nginx, HAProxy, wrk). Used by the suites in `tests/`, by the demo and
 //! the benchmarks.
 pub mod consul;
+pub mod curl;
 pub mod dns;
 pub mod etcd;
 pub mod flood;

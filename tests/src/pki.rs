@@ -13,6 +13,7 @@ use rcgen::{
 
 pub struct Pki {
     dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
     /// PEM of the server certificate and key, for servers in this process.
     pub server_cert_pem: String,
     pub server_key_pem: String,
@@ -70,10 +71,11 @@ impl Pki {
 
         let pki = Self {
             dir,
+            ca,
             server_cert_pem: server.pem(),
             server_key_pem: server_key.serialize_pem(),
         };
-        pki.write("ca.pem", &ca.pem())?;
+        pki.write("ca.pem", &pki.ca.pem())?;
         pki.write("other-ca.pem", &other.pem())?;
         pki.write("server.pem", &pki.server_cert_pem)?;
         pki.write("server-key.pem", &pki.server_key_pem)?;
@@ -88,6 +90,18 @@ impl Pki {
         std::fs::write(&path, text)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         Ok(path)
+    }
+
+    /// A server certificate for the DNS names `names` signed by the CA, valid from `from`
+    /// to `until` seconds from now (a fresh ECDSA P-256 key each time): PEM chain and key.
+    pub fn leaf(&self, names: &[&str], from: i64, until: i64) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params(names[0], names, ExtendedKeyUsagePurpose::ServerAuth)?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(until);
+        let cert = params.signed_by(&key, &self.ca)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     pub fn dir(&self) -> &Path {

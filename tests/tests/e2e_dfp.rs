@@ -154,12 +154,28 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
         ),
         // Documented by DFP, not done by lb: refused, never dropped behind an OK.
         (
-            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&users=admin:secret",
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&sslVerifyNone=true",
+            400,
+            "sslVerifyNone",
+        ),
+        // Done, and bad values refused naming them.
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&users=admin",
             400,
             "users",
         ),
         (
-            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&denyHttp=true",
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&users=admin:notahash&usersPassEncrypted=true",
+            400,
+            "users",
+        ),
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&usersSecret=no-such-secret",
+            400,
+            "usersSecret",
+        ),
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&denyHttp=maybe",
             400,
             "denyHttp",
         ),
@@ -266,4 +282,83 @@ fn dfp_s_first_example_finds_its_instances_through_dns() {
     let mut c = HttpConn::connect(&topo.client, listener, T).unwrap();
     let (code, text) = c.send("POST", "/reports/x", "lb", b"{}").unwrap();
     assert_eq!(code, 403, "{text}");
+}
+
+/// DFP's basic auth examples: `users` in the clear, hashes from `mkpasswd -m sha-512`
+/// (`usersPassEncrypted`), and users read from a Docker secret (`usersSecret`). Only those
+/// users get through; the store keeps hashes, never a password.
+#[test]
+fn dfp_users_guard_a_service_with_basic_auth() {
+    let topo = Topology::one_armed(1).unwrap();
+    let _backends = topo.start_backends(1, 8080, false).unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let be = topo.backend_addrs[0];
+    // `openssl passwd -6 -salt saltsaltsalt password1`, as `mkpasswd -m sha-512` makes it.
+    let hash = "$6$saltsaltsalt$u9YMl6Ha1eAa1Vl5wiqeJes.HljTizdGIGgmTGTX4Tifu8VM14tmnqb7HK/0z6d7vd3lK1IoYHYI4qJIBNIUk.";
+    let secret = lb_tests::unique("lbt");
+    let secret_file = std::path::Path::new("/run/secrets").join(format!("dfp_users_{secret}"));
+    std::fs::create_dir_all("/run/secrets").unwrap();
+    std::fs::write(&secret_file, format!("carol:{hash}\ndave:{hash}\n")).unwrap();
+    let reconfigure = |q: &str| {
+        let (code, body) = lb
+            .request(
+                "GET",
+                &format!("/v1/docker-flow-proxy/reconfigure?port=8080&backends={be}&{q}"),
+                None,
+            )
+            .unwrap();
+        assert_eq!(code, 200, "{q}: {body}");
+    };
+    reconfigure("serviceName=plain&servicePath=/plain&users=admin:s3cret,bob:pa:ss");
+    reconfigure(&format!(
+        "serviceName=hashed&servicePath=/hashed&usersPassEncrypted=true&users=erin:{}",
+        hash.replace('$', "%24")
+    ));
+    reconfigure(&format!(
+        "serviceName=secret&servicePath=/secret&usersPassEncrypted=true&usersSecret={secret}"
+    ));
+    let _ = std::fs::remove_file(&secret_file);
+    let get = |path: &str, user: Option<&str>| {
+        let mut args = vec!["-D", "-"];
+        if let Some(u) = user {
+            args.extend(["-u", u]);
+        }
+        let url = format!("http://{}{path}", topo.vip);
+        args.push(&url);
+        lb_tests::curl::curl(&topo.client, &args)
+    };
+    for (path, good, bad) in [
+        ("/plain/x", "admin:s3cret", "admin:secret"),
+        ("/plain/x", "bob:pa:ss", "bob:s3cret"),
+        ("/hashed/x", "erin:password1", "erin:password2"),
+        ("/secret/x", "carol:password1", "carol:s3cret"),
+        ("/secret/x", "dave:password1", "admin:s3cret"),
+    ] {
+        assert_eq!(get(path, Some(good)).status, 200, "{path} {good}");
+        let refused = get(path, Some(bad));
+        assert_eq!(refused.status, 401, "{path} {bad}: {refused:?}");
+        let none = get(path, None);
+        assert_eq!(none.status, 401, "{path}: {none:?}");
+        let service = path.split('/').nth(1).unwrap();
+        assert!(
+            none.body
+                .contains(&format!("www-authenticate: Basic realm=\"{service}\"")),
+            "{none:?}"
+        );
+    }
+    // What is kept is a hash: the clear password is nowhere in the service or DFP's view.
+    let (_, svc) = lb.request("GET", "/v1/services/plain", None).unwrap();
+    let users = &svc["http"]["users"];
+    assert_eq!(users[0]["name"], "admin", "{svc}");
+    assert!(
+        users[0]["password_hash"]
+            .as_str()
+            .unwrap()
+            .starts_with("$6$")
+    );
+    assert!(!svc.to_string().contains("s3cret"), "{svc}");
+    let (_, config) = lb
+        .request("GET", "/v1/docker-flow-proxy/config?type=json", None)
+        .unwrap();
+    assert!(!config.to_string().contains("s3cret"), "{config}");
 }

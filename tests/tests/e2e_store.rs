@@ -8,7 +8,7 @@ use lb_tests::{
     etcd::EtcdCluster,
     eventually,
     lbproc::{LbProcess, temp_store},
-    netns::{Netns, veth},
+    netns::Netns,
     servers::{Backend, http_get_once, udp_ask},
     topology::Topology,
     unique,
@@ -169,21 +169,8 @@ fn udp_from(ns: &Netns, port: u16, to: SocketAddr) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-/// etcd in a namespace of its own, on a bridge every site's balancer is linked to.
 fn etcd_for(sites: &[Topology]) -> (Netns, EtcdCluster) {
-    let control = Netns::new(&unique("lbt-etcd")).unwrap();
-    control.ip("link add br0 type bridge").unwrap();
-    control.ip("link set br0 up").unwrap();
-    control.ip("addr add 10.210.0.1/24 dev br0").unwrap();
-    for (i, topo) in sites.iter().enumerate() {
-        veth(&topo.lb, "st0", &control, &format!("p-st{i}")).unwrap();
-        control.ip(&format!("link set p-st{i} master br0")).unwrap();
-        topo.lb
-            .ip(&format!("addr add 10.210.0.{}/24 dev st0", 10 + i))
-            .unwrap();
-    }
-    let etcd = EtcdCluster::start_in(&control, "10.210.0.1").unwrap();
-    (control, etcd)
+    EtcdCluster::for_sites(sites).unwrap()
 }
 
 #[test]

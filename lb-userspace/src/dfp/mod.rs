@@ -25,7 +25,7 @@ use serde_json::json;
 use crate::{
     api_certs::Certs,
     controller::ControlError,
-    model::{DiscoverySpec, HttpSpec, ServiceSpec},
+    model::{DiscoverySpec, HttpSpec, ServiceSpec, UserSpec},
     reconcile::ReconcileError,
     web::Shared,
 };
@@ -199,7 +199,8 @@ fn port_param(params: &HashMap<String, String>) -> Result<Option<&str>, Nok> {
 }
 
 /// The route of a `reqMode=http` service: `servicePath`, `serviceDomain` (one),
-/// `servicePathExclude`, `isDefaultBackend`, `allowedMethods` and `deniedMethods`.
+/// `servicePathExclude`, `isDefaultBackend`, `allowedMethods`, `deniedMethods`,
+/// `httpsOnly`, `httpsRedirectCode` and `denyHttp`.
 fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
     let paths = list(params, "servicePath");
     let domains = list(params, "serviceDomain");
@@ -226,6 +227,73 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         balance: None,
         allowed_methods: Some(list(params, "allowedMethods")),
         denied_methods: Some(list(params, "deniedMethods")),
+        https_only: Some(flag(params, "httpsOnly")?),
+        https_redirect_code: redirect_code(params)?,
+        deny_http: Some(flag(params, "denyHttp")?),
+        users: Some(users(params)?),
+    })
+}
+
+/// Where DFP reads `usersSecret`: Docker's secrets, `dfp_users_<usersSecret>`.
+const SECRETS_DIR: &str = "/run/secrets";
+
+/// Basic auth users from `users` (`user:pass,...`) and the `usersSecret` file (the same,
+/// by commas or lines); passwords are hashes when `usersPassEncrypted` says so.
+fn users(params: &HashMap<String, String>) -> Result<Vec<UserSpec>, Nok> {
+    let encrypted = flag(params, "usersPassEncrypted")?;
+    let mut entries: Vec<(String, &str)> = list(params, "users")
+        .into_iter()
+        .map(|e| (e, "users"))
+        .collect();
+    if let Some(secret) = params.get("usersSecret").filter(|s| !s.is_empty()) {
+        let bad = |why: String| {
+            nok(
+                StatusCode::BAD_REQUEST,
+                "usersSecret",
+                format!("usersSecret: {why}"),
+            )
+        };
+        if !secret
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || secret.starts_with('.')
+        {
+            return Err(bad(format!("{secret:?} is not a secret name")));
+        }
+        let path = std::path::Path::new(SECRETS_DIR).join(format!("dfp_users_{secret}"));
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| bad(format!("reading {}: {e}", path.display())))?;
+        entries.extend(
+            text.split([',', '\n'])
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(|e| (e.to_string(), "usersSecret")),
+        );
+    }
+    entries
+        .into_iter()
+        .map(|(entry, from)| {
+            let Some((name, password)) = entry.split_once(':') else {
+                let message = format!("{from}: an entry is not user:password");
+                return Err(nok(StatusCode::BAD_REQUEST, from, message));
+            };
+            let password = Some(password.to_string());
+            Ok(UserSpec {
+                name: name.to_string(),
+                password: if encrypted { None } else { password.clone() },
+                password_hash: if encrypted { password } else { None },
+            })
+        })
+        .collect()
+}
+
+fn redirect_code(params: &HashMap<String, String>) -> Result<Option<u16>, Nok> {
+    let Some(code) = params.get("httpsRedirectCode").filter(|c| !c.is_empty()) else {
+        return Ok(None);
+    };
+    code.parse().map(Some).map_err(|_| {
+        let message = format!("httpsRedirectCode: {code:?} is not a status code");
+        nok(StatusCode::BAD_REQUEST, "httpsRedirectCode", message)
     })
 }
 
@@ -335,6 +403,8 @@ fn dfp_field(field: &str) -> String {
         ["http", "default_backend", ..] => "isDefaultBackend",
         ["http", "allowed_methods", ..] => "allowedMethods",
         ["http", "denied_methods", ..] => "deniedMethods",
+        ["http", "https_redirect_code", ..] => "httpsRedirectCode",
+        ["http", "users", ..] => "users",
         ["vip", ..] => "srcPort",
         ["backends", ..] => "backends",
         ["discovery", "port"] => "port",

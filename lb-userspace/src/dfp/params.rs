@@ -37,7 +37,8 @@ const fn p(name: &'static str, indexed: bool, support: Support) -> Param {
     }
 }
 
-const NO_TLS: &str = "lb's HTTP listener has no TLS yet";
+const ONE_HTTPS_PORT: &str = "lb serves HTTPS on its one --https listener (DFP's srcHttpsPort/httpsPort have no counterpart yet)";
+const NO_BACKEND_TLS: &str = "lb reaches HTTP backends in the clear (backend TLS is not done yet)";
 const NO_TEMPLATES: &str = "lb has no HAProxy configuration to add to";
 
 /// Every parameter DFP documents for `reconfigure` (its usage guide and its source's
@@ -56,6 +57,12 @@ const PARAMS: &[Param] = &[
     p("discovery", false, Honoured),
     p("discoveryType", false, Honoured),
     p("allowedMethods", true, Honoured),
+    p("users", false, Honoured),
+    p("usersSecret", false, Honoured),
+    p("usersPassEncrypted", false, Honoured),
+    p("denyHttp", true, Honoured),
+    p("httpsOnly", true, Honoured),
+    p("httpsRedirectCode", true, Honoured),
     p("deniedMethods", true, Honoured),
     p("overrideLocalListener", false, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
@@ -97,19 +104,31 @@ const PARAMS: &[Param] = &[
         NoEffect("a value for DFP's templates, which lb has not"),
     ),
     // What lb does not do (yet).
-    p("users", false, Refused("")),
-    p("usersSecret", false, Refused("")),
-    p("usersPassEncrypted", false, Refused("")),
-    p("ignoreAuthorization", true, Refused("")),
-    p("denyHttp", true, Refused(NO_TLS)),
-    p("httpsOnly", true, Refused(NO_TLS)),
-    p("httpsRedirectCode", true, Refused(NO_TLS)),
-    p("httpsPort", true, Refused(NO_TLS)),
-    p("srcHttpsPort", true, Refused(NO_TLS)),
-    p("serviceCert", false, Refused(NO_TLS)),
-    p("sslVerifyNone", true, Refused(NO_TLS)),
-    p("verifyClientSsl", true, Refused(NO_TLS)),
-    p("redirectWhenHttpProto", false, Refused(NO_TLS)),
+    p(
+        "ignoreAuthorization",
+        true,
+        NoEffect("lb has no global users (DFP's USERS) to ignore"),
+    ),
+    p("httpsPort", true, Refused(ONE_HTTPS_PORT)),
+    p("srcHttpsPort", true, Refused(ONE_HTTPS_PORT)),
+    p(
+        "serviceCert",
+        false,
+        Refused(
+            "store it with PUT /v1/docker-flow-proxy/cert?certName=NAME (or /v1/certs/NAME): SNI picks it",
+        ),
+    ),
+    p("sslVerifyNone", true, Refused(NO_BACKEND_TLS)),
+    p(
+        "verifyClientSsl",
+        true,
+        Refused("lb does not ask clients for certificates"),
+    ),
+    p(
+        "redirectWhenHttpProto",
+        false,
+        Refused("lb redirects by how the client reached it: httpsOnly"),
+    ),
     p("redirectFromDomain", true, Refused("")),
     p("reqPathSearchReplace", true, Refused("")),
     p("reqPathSearch", false, Refused("")),
@@ -245,11 +264,19 @@ mod tests {
     }
 
     #[test]
-    fn protecting_parameters_are_never_dropped() {
-        for name in ["users", "usersSecret", "usersPassEncrypted", "denyHttp"] {
-            let mut q = params(&DEMO);
-            q.insert(name.into(), "admin:secret".into());
-            assert_eq!(check(&q).unwrap_err().field, name);
+    fn protecting_parameters_are_honoured() {
+        let protecting = [
+            "users",
+            "usersSecret",
+            "usersPassEncrypted",
+            "denyHttp",
+            "httpsOnly",
+            "allowedMethods",
+            "deniedMethods",
+        ];
+        for name in protecting {
+            let param = PARAMS.iter().find(|p| p.name == name).expect(name);
+            assert_eq!(param.support, Honoured, "{name}");
         }
     }
 

@@ -29,6 +29,9 @@ pub(super) fn service(svc: &Service) -> Value {
         "PathType": if route.is_some() { "path_beg" } else { "" },
         "AllowedMethods": route.map(|r| r.allowed_methods.clone()).unwrap_or_default(),
         "DeniedMethods": route.map(|r| r.denied_methods.clone()).unwrap_or_default(),
+        "HttpsOnly": route.is_some_and(|r| r.https_only),
+        "HttpsRedirectCode": route.and_then(|r| r.https_redirect_code).map_or(String::new(), |c| c.to_string()),
+        "DenyHttp": route.is_some_and(|r| r.deny_http),
         "Port": port(svc),
         // DFP's is a number, 0 for none.
         "SrcPort": svc.l4_vip().map_or(0, |v| v.port()),

@@ -15,7 +15,7 @@ use std::{future::poll_fn, sync::Arc};
 use bytes::Bytes;
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version,
-    header::{CONTENT_TYPE, HOST},
+    header::{AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION, WWW_AUTHENTICATE},
     uri::PathAndQuery,
 };
 use hyper::{body::Incoming, upgrade::OnUpgrade};
@@ -31,6 +31,7 @@ use super::{
     path,
     request_body::{Sent, UpstreamBody},
     response_body::{Downstream, ResponseBody},
+    routes::PlainHttp,
 };
 
 impl Proxy {
@@ -46,7 +47,7 @@ impl Proxy {
             Ok(std::borrow::Cow::Owned(p)) => Some(p),
             Err(e) => return self.answer(StatusCode::BAD_REQUEST, format!("{e}\n")),
         };
-        let mut lease = {
+        let (table, t) = {
             let table = self.table();
             let host = req
                 .headers()
@@ -67,12 +68,38 @@ impl Proxy {
                 );
                 return self.answer(StatusCode::FORBIDDEN, text);
             }
-            let Some(b) = pick(target) else {
-                let text = format!("service {} has no healthy backend\n", target.service);
-                return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
-            };
-            Lease::new(table, t, b)
+            if !conn.https {
+                match target.plain_http {
+                    PlainHttp::Serve => {}
+                    PlainHttp::Deny => {
+                        let text =
+                            format!("service {} is served over HTTPS only\n", target.service);
+                        return self.answer(StatusCode::FORBIDDEN, text);
+                    }
+                    PlainHttp::Redirect(code) => return self.to_https(code, host, req.uri()),
+                }
+            }
+            (table, t)
         };
+        let target = table.target(t);
+        if let Some(auth) = &target.auth
+            && !auth.admits(req.headers().get(AUTHORIZATION)).await
+        {
+            let text = format!(
+                "service {} needs a user name and password\n",
+                target.service
+            );
+            let mut response = self.answer(StatusCode::UNAUTHORIZED, text);
+            if let Some(challenge) = auth.challenge.clone() {
+                response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
+            }
+            return response;
+        }
+        let Some(b) = pick(target) else {
+            let text = format!("service {} has no healthy backend\n", target.service);
+            return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
+        };
+        let mut lease = Lease::new(table, t, b);
 
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -236,6 +263,33 @@ impl Proxy {
     }
 
     /// lb's own answer, counted.
+    /// `code` to the same URL over HTTPS: the Host without its port (an HTTP port is never
+    /// the HTTPS one), with the HTTPS listener's port unless it is 443.
+    fn to_https(&self, code: StatusCode, host: Option<&str>, uri: &Uri) -> Response<ResponseBody> {
+        let Some(host) = host.map(host_without_port).filter(|h| !h.is_empty()) else {
+            let text = "this service is served over HTTPS only; send a Host to be redirected\n";
+            return self.answer(StatusCode::BAD_REQUEST, text.into());
+        };
+        let port = match self.config.https_port {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
+        let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let location = format!("https://{host}{port}{target}");
+        let Ok(location) = HeaderValue::from_str(&location) else {
+            return self.answer(
+                StatusCode::BAD_REQUEST,
+                "a Host that cannot be redirected to\n".into(),
+            );
+        };
+        let mut response = self.answer(
+            code,
+            format!("moved to {}\n", location.to_str().unwrap_or("")),
+        );
+        response.headers_mut().insert(LOCATION, location);
+        response
+    }
+
     fn answer(&self, status: StatusCode, text: String) -> Response<ResponseBody> {
         self.answers.count(status);
         let mut response = Response::new(ResponseBody::local(Bytes::from(text)));
@@ -245,6 +299,14 @@ impl Proxy {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         response
+    }
+}
+
+/// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.
+fn host_without_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
     }
 }
 

@@ -11,6 +11,7 @@
 //! - `lease`: backend choice, and a request counted against its backend
 //! - `forward`: one request, from routing to the response (and upgrades), and its one
 //!   retry on another backend when the first could not take it
+//! - `basic_auth`: a route's users (401 and a challenge for anyone else)
 //! - `headers`: hop-by-hop removal, X-Forwarded-* (and whose are believed)
 //! - `limits`: timeouts and caps on what a client may hold, and the refusals counted
 //! - `path`: the normalised path routes are matched on and requests forwarded with
@@ -23,6 +24,7 @@
 //! - `stats`: counters
 //! - `worker`: which worker thread the current thread is
 mod backend;
+mod basic_auth;
 mod coarse_timeout;
 mod conn;
 mod forward;
@@ -51,7 +53,7 @@ use arc_swap::ArcSwap;
 
 pub use headers::{TrustedProxies, parse_cidr};
 pub use limits::{Limits, raise_fd_limit};
-pub use routes::{Balance, Route};
+pub use routes::{Balance, PlainHttp, Route};
 pub use server::{Frontends, HttpsFrontend};
 pub use stats::ProxyStats;
 
@@ -78,6 +80,8 @@ pub struct ProxyConfig {
     pub trusted_proxies: TrustedProxies,
     /// What one client may cost: timeouts, sizes, connection caps.
     pub limits: Limits,
+    /// The HTTPS listener's port, for redirects to HTTPS.
+    pub https_port: u16,
 }
 
 impl Default for ProxyConfig {
@@ -89,6 +93,7 @@ impl Default for ProxyConfig {
             workers: 0,
             trusted_proxies: TrustedProxies::default(),
             limits: Limits::default(),
+            https_port: 443,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::{
 
 use super::{
     backend::{Backend, PoolClock},
+    basic_auth::BasicAuth,
     path,
     shard::Sharded,
 };
@@ -44,6 +45,21 @@ pub struct Route {
     pub allowed_methods: Vec<http::Method>,
     /// These are answered 403.
     pub denied_methods: Vec<http::Method>,
+    /// What a request that came in the clear (not over TLS) gets.
+    pub plain_http: PlainHttp,
+    /// HTTP basic auth: (user, password hash); empty: none.
+    pub users: Vec<(String, String)>,
+}
+
+/// What a route does with a request that came over plain HTTP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PlainHttp {
+    #[default]
+    Serve,
+    /// Redirected to the same URL over HTTPS, with this status (DFP's `httpsOnly`).
+    Redirect(http::StatusCode),
+    /// Answered 403 (DFP's `denyHttp`).
+    Deny,
 }
 
 /// A route as the request path uses it: shared backend handles and counters, no strings to
@@ -60,6 +76,8 @@ pub(crate) struct Target {
     excludes: Box<[Box<str>]>,
     allowed_methods: Box<[http::Method]>,
     denied_methods: Box<[http::Method]>,
+    pub plain_http: PlainHttp,
+    pub auth: Option<Arc<BasicAuth>>,
 }
 
 impl Target {
@@ -123,6 +141,9 @@ pub(crate) struct Registry {
     pub workers: usize,
     /// The most connections open to one backend; 0: no cap.
     pub max_backend_connections: usize,
+    /// Each service's basic auth, kept while its users stay the same (with the
+    /// credentials it has seen pass).
+    auths: HashMap<Arc<str>, (Vec<(String, String)>, Arc<BasicAuth>)>,
 }
 
 impl Registry {
@@ -142,7 +163,28 @@ impl Registry {
             .collect();
         let used: HashSet<SocketAddr> = routes.iter().flat_map(|r| r.backends.clone()).collect();
         self.backends.retain(|addr, _| used.contains(addr));
+        let guarded: HashSet<&str> = routes
+            .iter()
+            .filter(|r| !r.users.is_empty())
+            .map(|r| r.service.as_str())
+            .collect();
+        self.auths.retain(|service, _| guarded.contains(&**service));
         tables
+    }
+
+    fn auth(&mut self, service: &Arc<str>, users: &[(String, String)]) -> Option<Arc<BasicAuth>> {
+        if users.is_empty() {
+            return None;
+        }
+        let (kept, auth) = self
+            .auths
+            .entry(service.clone())
+            .or_insert_with(|| (users.to_vec(), Arc::new(BasicAuth::new(service, users))));
+        if kept != users {
+            *kept = users.to_vec();
+            *auth = Arc::new(BasicAuth::new(service, users));
+        }
+        Some(auth.clone())
     }
 
     fn backend(&mut self, addr: SocketAddr) -> Arc<Backend> {
@@ -173,6 +215,7 @@ impl Table {
                 .map(|a| registry.backend(*a))
                 .collect();
             let index = table.targets.len();
+            let auth = registry.auth(&service, &route.users);
             table.targets.push(Target {
                 service,
                 backends,
@@ -186,6 +229,8 @@ impl Table {
                     .collect(),
                 allowed_methods: route.allowed_methods.clone().into(),
                 denied_methods: route.denied_methods.clone().into(),
+                plain_http: route.plain_http,
+                auth,
             });
             if route.default_backend && table.default.is_none() {
                 table.default = Some(index);

@@ -166,8 +166,8 @@ impl Certificate {
 
 /// The leaf's DNS names and validity.
 fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64, i64), CertError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| CertError::NotX509(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| CertError::NotX509(e.to_string()))?;
     let mut domains = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -221,8 +221,10 @@ fn unix_now() -> i64 {
 
 /// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
 fn utc(secs: i64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
-        .to_string()
+    humantime::format_rfc3339_seconds(
+        UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
+    )
+    .to_string()
 }
 
 #[cfg(test)]

@@ -168,10 +168,17 @@ mod tests {
         assert!(serves(&table, "a.test").is_none());
         let a = cert("a", &["a.test"], 30);
         let wild = cert("wild", &["*.b.test"], 30);
-        let (a_der, wild_der) = (a.certified.cert[0].to_vec(), wild.certified.cert[0].to_vec());
+        let (a_der, wild_der) = (
+            a.certified.cert[0].to_vec(),
+            wild.certified.cert[0].to_vec(),
+        );
         table.replace_all(vec![wild, a]);
         assert_eq!(serves(&table, "a.test").unwrap(), a_der);
-        assert_eq!(serves(&table, "A.Test.").unwrap(), a_der, "case and root dot");
+        assert_eq!(
+            serves(&table, "A.Test.").unwrap(),
+            a_der,
+            "case and root dot"
+        );
         assert_eq!(serves(&table, "x.b.test").unwrap(), wild_der);
         // Nothing covers it: the first by name.
         assert_eq!(serves(&table, "other.test").unwrap(), a_der);
