@@ -616,7 +616,40 @@ fn route(s: &HttpService) -> l7::Route {
             .iter()
             .map(|u| (u.name.clone(), u.password_hash.clone()))
             .collect(),
+        rewrite: rewrite(r),
     }
+}
+
+/// The route's rewriting, compiled (validated with the service); None when it has none.
+fn rewrite(r: &crate::model::HttpRoute) -> Option<Arc<l7::Rewrite>> {
+    let rules = |edits: &crate::model::HeaderEdits| {
+        let named = |n: &String| http::HeaderName::from_bytes(n.as_bytes()).ok();
+        let pairs = |m: &std::collections::BTreeMap<String, String>| {
+            m.iter()
+                .filter_map(|(n, v)| Some((named(n)?, http::HeaderValue::from_str(v).ok()?)))
+                .collect()
+        };
+        l7::HeaderRules {
+            delete: edits.delete.iter().filter_map(named).collect(),
+            set: pairs(&edits.set),
+            add: pairs(&edits.add),
+        }
+    };
+    let rewrite = l7::Rewrite {
+        request: rules(&r.request_headers),
+        response: rules(&r.response_headers),
+        path: r
+            .path_rewrite
+            .iter()
+            .filter_map(|p| {
+                Some(l7::PathRule {
+                    search: crate::model::path_regex(&p.search).ok()?,
+                    replace: p.replace.clone(),
+                })
+            })
+            .collect(),
+    };
+    (!rewrite.is_empty()).then(|| Arc::new(rewrite))
 }
 
 fn methods(names: &[String]) -> Vec<http::Method> {

@@ -80,7 +80,9 @@ pub struct ServiceSpec {
 /// "default_backend": false, "balance": "round_robin" | "least_outstanding",
 /// "allowed_methods": ["GET"], "denied_methods": ["DELETE"], "https_only": false,
 /// "https_redirect_code": 302, "deny_http": false,
-/// "users": [{"name": "admin", "password": "..."} | {"name": "bob", "password_hash": "$6$..."}]}`
+/// "users": [{"name": "admin", "password": "..."} | {"name": "bob", "password_hash": "$6$..."}],
+/// "request_headers": {"delete": ["X-A"], "set": {"X-B": "1"}, "add": {"X-C": "2"}},
+/// "response_headers": {...}, "path_rewrite": [{"search": "^/demo/", "replace": "/"}]}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -95,6 +97,101 @@ pub struct HttpSpec {
     pub https_redirect_code: Option<u16>,
     pub deny_http: Option<bool>,
     pub users: Option<Vec<UserSpec>>,
+    pub request_headers: Option<HeaderEdits>,
+    pub response_headers: Option<HeaderEdits>,
+    pub path_rewrite: Option<Vec<PathRewrite>>,
+}
+
+/// Headers a route deletes, then sets (replacing), then adds (appending), by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEdits {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub set: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub add: std::collections::BTreeMap<String, String>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+/// The first match of the regular expression `search` in the path the backend is asked for
+/// replaced by `replace` (`$1`, `${name}` for groups).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathRewrite {
+    pub search: String,
+    pub replace: String,
+}
+
+/// Headers a route may not touch: they frame the message or belong to one hop.
+const FRAMING_HEADERS: [&str; 7] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+];
+
+impl HeaderEdits {
+    fn check(&self, field: &str) -> Result<(), ValidationError> {
+        let name_ok = |f: String, n: &str| -> Result<(), ValidationError> {
+            let parsed = http::HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                ValidationError::new(f.clone(), format!("{n:?} is not a header name"))
+            })?;
+            if FRAMING_HEADERS.contains(&parsed.as_str()) {
+                return Err(ValidationError::new(
+                    f,
+                    format!("{n} frames the message or belongs to one hop: lb sets it"),
+                ));
+            }
+            Ok(())
+        };
+        for (i, n) in self.delete.iter().enumerate() {
+            name_ok(format!("{field}.delete[{i}]"), n)?;
+        }
+        for (kind, map) in [("set", &self.set), ("add", &self.add)] {
+            for (n, v) in map {
+                let f = format!("{field}.{kind}.{n}");
+                name_ok(f.clone(), n)?;
+                if v.contains("%[") {
+                    return Err(ValidationError::new(
+                        f,
+                        "HAProxy sample expressions (%[...]) are not evaluated by lb: give the value itself",
+                    ));
+                }
+                if http::HeaderValue::from_str(v).is_err() {
+                    return Err(ValidationError::new(
+                        f,
+                        format!("{v:?} is not a header value"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The longest regular expression a path rewrite may be, and its compiled size.
+pub const MAX_REGEX_LEN: usize = 1024;
+pub const MAX_REGEX_SIZE: usize = 1 << 20;
+
+/// `search` compiled, within lb's size limits.
+pub fn path_regex(search: &str) -> Result<regex::Regex, String> {
+    if search.len() > MAX_REGEX_LEN {
+        return Err(format!("longer than {MAX_REGEX_LEN} characters"));
+    }
+    regex::RegexBuilder::new(search)
+        .size_limit(MAX_REGEX_SIZE)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// A user of HTTP basic auth: a password in the clear (hashed before it is stored) or its
@@ -171,6 +268,15 @@ pub struct HttpRoute {
     /// HTTP basic auth: only these users get through (none: anyone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<User>,
+    /// Headers changed on the request sent to the backend.
+    #[serde(default, skip_serializing_if = "HeaderEdits::is_empty")]
+    pub request_headers: HeaderEdits,
+    /// Headers changed on the response sent to the client.
+    #[serde(default, skip_serializing_if = "HeaderEdits::is_empty")]
+    pub response_headers: HeaderEdits,
+    /// The path the backend is asked for, rewritten by each rule in turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_rewrite: Vec<PathRewrite>,
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -419,6 +525,9 @@ impl HttpSpec {
             https_redirect_code: self.https_redirect_code,
             deny_http: self.deny_http.unwrap_or(false),
             users: users(self.users.as_deref().unwrap_or_default())?,
+            request_headers: self.request_headers.clone().unwrap_or_default(),
+            response_headers: self.response_headers.clone().unwrap_or_default(),
+            path_rewrite: self.path_rewrite.clone().unwrap_or_default(),
         }
         .checked()
     }
@@ -467,6 +576,13 @@ impl HttpRoute {
             }
             crate::passwords::check_format(&u.password_hash).map_err(|why| {
                 ValidationError::new(format!("http.users[{i}].password_hash"), why)
+            })?;
+        }
+        self.request_headers.check("http.request_headers")?;
+        self.response_headers.check("http.response_headers")?;
+        for (i, rule) in self.path_rewrite.iter().enumerate() {
+            path_regex(&rule.search).map_err(|why| {
+                ValidationError::new(format!("http.path_rewrite[{i}].search"), why)
             })?;
         }
         for (i, p) in self.paths.iter().enumerate() {

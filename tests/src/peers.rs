@@ -188,6 +188,33 @@ pub struct Route {
     pub backends: Vec<SocketAddr>,
 }
 
+/// One HAProxy frontend on `bind` routing by path prefix as lb does, and setting the
+/// X-Forwarded-* headers lb sets (`proto`: how the client came).
+fn frontend(c: &mut String, name: &str, bind: &str, proto: &str, routes: &[Route]) {
+    let _ = write!(
+        c,
+        "
+frontend {name}
+    bind {bind}
+    http-request set-header X-Forwarded-Proto {proto}
+    http-request set-header X-Forwarded-Host %[req.hdr(host)] if {{ req.hdr(host) -m found }}
+    http-request del-header X-Forwarded-Host unless {{ req.hdr(host) -m found }}
+"
+    );
+    for r in routes {
+        let _ = writeln!(c, "    acl route_{} path {}", r.name, r.prefix);
+        let _ = writeln!(c, "    acl route_{} path_beg {}/", r.name, r.prefix);
+    }
+    c.push_str("    http-request return status 404 content-type text/plain string \"no route\" if");
+    for r in routes {
+        let _ = write!(c, " !route_{}", r.name);
+    }
+    c.push('\n');
+    for r in routes {
+        let _ = writeln!(c, "    use_backend {0} if route_{0}", r.name);
+    }
+}
+
 /// An HAProxy (Debian's `haproxy`) in HTTP mode on `listen`, one backend section a route,
 /// with lb's timeouts (`ProxyConfig::default()`: connect, a backend's answer, idle
 /// keep-alive) and checks (TCP connect every 2 s, rise 2, fall 3).
@@ -203,7 +230,15 @@ impl Haproxy {
     /// HAProxy's default, gives the first request of every client connection a backend
     /// connection of its own; `always` lets it take an idle one), one thread a CPU, no
     /// logging (nor has lb).
-    pub fn config(listen: SocketAddr, routes: &[Route], threads: usize, reuse: &str) -> String {
+    /// With `tls` (an address and a PEM file with the chain and key), the same routes are
+    /// also served over TLS there (ALPN h2 and http/1.1, X-Forwarded-Proto https).
+    pub fn config(
+        listen: SocketAddr,
+        tls: Option<(SocketAddr, &std::path::Path)>,
+        routes: &[Route],
+        threads: usize,
+        reuse: &str,
+    ) -> String {
         let lb = lb::l7::ProxyConfig::default();
         let (connect, answer, idle) = (
             lb.connect_timeout.as_secs(),
@@ -225,27 +260,12 @@ defaults
     timeout client {idle}s
     timeout http-keep-alive {idle}s
     timeout http-request {idle}s
-
-frontend http
-    bind {listen}
-    http-request set-header X-Forwarded-Proto http
-    http-request set-header X-Forwarded-Host %[req.hdr(host)] if {{ req.hdr(host) -m found }}
-    http-request del-header X-Forwarded-Host unless {{ req.hdr(host) -m found }}
 "
         );
-        for r in routes {
-            let _ = writeln!(c, "    acl route_{} path {}", r.name, r.prefix);
-            let _ = writeln!(c, "    acl route_{} path_beg {}/", r.name, r.prefix);
-        }
-        c.push_str(
-            "    http-request return status 404 content-type text/plain string \"no route\" if",
-        );
-        for r in routes {
-            let _ = write!(c, " !route_{}", r.name);
-        }
-        c.push('\n');
-        for r in routes {
-            let _ = writeln!(c, "    use_backend {0} if route_{0}", r.name);
+        frontend(&mut c, "http", &listen.to_string(), "http", routes);
+        if let Some((addr, pem)) = tls {
+            let bind = format!("{addr} ssl crt {} alpn h2,http/1.1", pem.display());
+            frontend(&mut c, "https", &bind, "https", routes);
         }
         for r in routes {
             let _ = write!(c, "\nbackend {}\n    balance roundrobin\n", r.name);
@@ -261,16 +281,24 @@ frontend http
         c
     }
 
+    /// HAProxy serving `routes` on `listen`, and over TLS on `tls` with the chain and key
+    /// in that PEM (written next to its configuration).
     pub fn start(
         ns: &Netns,
         listen: SocketAddr,
+        tls: Option<(SocketAddr, &str)>,
         routes: &[Route],
         reuse: &str,
     ) -> anyhow::Result<Self> {
         let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let mut daemon = Daemon::new("lbt-haproxy", "haproxy (Debian package haproxy)")?;
         let conf = daemon.dir().join("haproxy.cfg");
-        std::fs::write(&conf, Self::config(listen, routes, threads, reuse))?;
+        let pem = daemon.dir().join("cert.pem");
+        if let Some((_, text)) = tls {
+            std::fs::write(&pem, text)?;
+        }
+        let tls = tls.map(|(addr, _)| (addr, pem.as_path()));
+        std::fs::write(&conf, Self::config(listen, tls, routes, threads, reuse))?;
         let check = Command::new("haproxy")
             .args(["-c", "-f"])
             .arg(&conf)
@@ -317,7 +345,9 @@ mod tests {
                 backends: vec!["127.0.0.1:9003".parse().unwrap()],
             },
         ];
-        let c = Haproxy::config("127.0.0.1:8001".parse().unwrap(), &routes, 2, "safe");
+        let pem = std::path::Path::new("/tmp/cert.pem");
+        let tls = Some(("127.0.0.1:8444".parse().unwrap(), pem));
+        let c = Haproxy::config("127.0.0.1:8001".parse().unwrap(), tls, &routes, 2, "safe");
         for line in [
             "nbthread 2",
             "bind 127.0.0.1:8001",
@@ -332,7 +362,9 @@ mod tests {
             "timeout server 60s",
             "timeout http-keep-alive 60s",
             "option forwardfor",
-            "set-header X-Forwarded-Proto http",
+            "set-header X-Forwarded-Proto http\n",
+            "frontend https\n    bind 127.0.0.1:8444 ssl crt /tmp/cert.pem alpn h2,http/1.1\n",
+            "set-header X-Forwarded-Proto https\n",
         ] {
             assert!(c.contains(line), "{line:?} missing from:\n{c}");
         }

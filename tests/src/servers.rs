@@ -170,7 +170,7 @@ fn serve_http(stream: TcpStream, name: String, stop: Arc<AtomicBool>) {
                 Some((n, sum)) => format!("{name} {n} {sum}").into_bytes(),
                 None => return,
             }
-        } else if target.ends_with("/headers") {
+        } else if target.split('?').next().unwrap_or("").ends_with("/headers") {
             head.clone().into_bytes()
         } else if let Some(n) = target.rsplit_once("/big/").map(|(_, n)| n) {
             let n: usize = n.parse().unwrap_or(0);

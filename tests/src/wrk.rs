@@ -32,6 +32,8 @@ pub struct WrkOptions {
     pub duration: Duration,
     /// Sends `Connection: close`: one connection a request.
     pub close: bool,
+    /// Over TLS (`https://`): with `close`, a full handshake a request.
+    pub tls: bool,
 }
 
 /// wrk's error counts: sockets (connect, read, write, timeout) and responses that were
@@ -189,7 +191,8 @@ impl Wrk {
         self.dir.join("paths.lua")
     }
 
-    /// Loads `http://to` from inside `ns` and returns what wrk measured.
+    /// Loads `http://to` (`https://` with `tls`) from inside `ns` and returns what wrk
+    /// measured.
     pub fn run(&self, ns: &Netns, to: SocketAddr, o: &WrkOptions) -> anyhow::Result<WrkReport> {
         let secs = o.duration.as_secs().max(1);
         let mut cmd = Command::new("nsenter");
@@ -204,7 +207,8 @@ impl Wrk {
         if o.close {
             cmd.args(["-H", "Connection: close"]);
         }
-        cmd.arg(format!("http://{to}/"));
+        let scheme = if o.tls { "https" } else { "http" };
+        cmd.arg(format!("{scheme}://{to}/"));
         let before = ns.tcp_counter("PassiveOpens")?;
         let started = Instant::now();
         let out = cmd.output().context("running wrk (Debian package wrk)")?;

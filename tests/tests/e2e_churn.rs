@@ -45,6 +45,7 @@ fn churn(seconds: u64) -> WrkOptions {
         connections: 32,
         duration: Duration::from_secs(seconds),
         close: true,
+        tls: false,
     }
 }
 

@@ -362,3 +362,78 @@ fn dfp_users_guard_a_service_with_basic_auth() {
         .unwrap();
     assert!(!config.to_string().contains("s3cret"), "{config}");
 }
+
+/// DFP's rewriting parameters: headers added, set and deleted both ways, and the path the
+/// backend is asked for rewritten (`reqPathSearchReplace`); what lb cannot do as asked
+/// (HAProxy expressions, framing headers, a bad expression) is refused naming it.
+#[test]
+fn dfp_header_and_path_rewrites_reach_the_backend_and_the_client() {
+    let topo = Topology::one_armed(1).unwrap();
+    let _backends = topo.start_backends(1, 8080, false).unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let be = topo.backend_addrs[0];
+    let reconfigure = |q: &str| {
+        lb.request(
+            "GET",
+            &format!("/v1/docker-flow-proxy/reconfigure?serviceName=rw&servicePath=/rw&port=8080&backends={be}&{q}"),
+            None,
+        )
+        .unwrap()
+    };
+    for (q, field) in [
+        ("addReqHeader=X-Port%20%25%5Bdst_port%5D", "addReqHeader"),
+        ("setReqHeader=Content-Length%205", "setReqHeader"),
+        ("delResHeader=Transfer-Encoding", "delResHeader"),
+        ("addResHeader=NoValue", "addResHeader"),
+        ("reqPathSearchReplace=(%5B,x", "reqPathSearchReplace"),
+    ] {
+        let (code, body) = reconfigure(q);
+        assert_eq!(
+            (code, body["field"].as_str()),
+            (400, Some(field)),
+            "{q}: {body}"
+        );
+    }
+    let (code, body) = reconfigure(
+        "addReqHeader=X-Added%20one,X-Also:%20two&setReqHeader=X-Set-Me%20new&delReqHeader=X-Drop-Me\
+         &addResHeader=X-Res-Added%20yes&setResHeader=X-Backend%20hidden&delResHeader=Content-Type\
+         &reqPathSearchReplace=%5E/rw/(%5Ba-z%5D%2B)/,/v2/%5C1/",
+    );
+    assert_eq!(code, 200, "{body}");
+    let url = format!("http://{}/rw/api/headers?q=1", topo.vip);
+    let c = lb_tests::curl::curl(
+        &topo.client,
+        &["-D", "-", "-H", "X-Drop-Me: 1", "-H", "X-Set-Me: old", &url],
+    );
+    assert_eq!(c.status, 200, "{c:?}");
+    let seen = c.body.to_ascii_lowercase();
+    // The backend echoes the request it got after the response head curl dumped.
+    assert!(seen.contains("get /v2/api/headers?q=1 http/1.1"), "{seen}");
+    for line in [
+        "x-added: one",
+        "x-also: two",
+        "x-set-me: new",
+        "x-res-added: yes",
+        "x-backend: hidden",
+    ] {
+        assert!(seen.contains(line), "{line} missing: {seen}");
+    }
+    for gone in [
+        "x-drop-me",
+        "x-set-me: old",
+        "content-type",
+        "x-backend: be0",
+    ] {
+        assert!(!seen.contains(gone), "{gone} still there: {seen}");
+    }
+    // The native view of the same service.
+    let (_, svc) = lb.request("GET", "/v1/services/rw", None).unwrap();
+    assert_eq!(
+        svc["http"]["path_rewrite"],
+        json!([{"search": "^/rw/([a-z]+)/", "replace": "/v2/${1}/"}])
+    );
+    assert_eq!(
+        svc["http"]["request_headers"]["delete"],
+        json!(["X-Drop-Me"])
+    );
+}

@@ -206,6 +206,7 @@ fn slow_clients_cost_wrk_little_and_are_closed_on_time() {
         connections: 32,
         duration: Duration::from_secs(5),
         close: false,
+        tls: false,
     };
     let before = wrk.run(&topo.client, listener(), &load).unwrap();
     assert_eq!(before.errors.total(), 0, "{}", before.errors);

@@ -25,7 +25,7 @@ use serde_json::json;
 use crate::{
     api_certs::Certs,
     controller::ControlError,
-    model::{DiscoverySpec, HttpSpec, ServiceSpec, UserSpec},
+    model::{DiscoverySpec, HeaderEdits, HttpSpec, PathRewrite, ServiceSpec, UserSpec},
     reconcile::ReconcileError,
     web::Shared,
 };
@@ -231,7 +231,95 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         https_redirect_code: redirect_code(params)?,
         deny_http: Some(flag(params, "denyHttp")?),
         users: Some(users(params)?),
+        request_headers: Some(header_edits(
+            params,
+            &["addReqHeader", "addHeader"],
+            &["setReqHeader", "setHeader"],
+            "delReqHeader",
+        )?),
+        response_headers: Some(header_edits(
+            params,
+            &["addResHeader"],
+            &["setResHeader"],
+            "delResHeader",
+        )?),
+        path_rewrite: Some(path_rewrites(params)?),
     })
+}
+
+/// DFP's header parameters: `Name value` items (or `Name: value`) by commas to add or set,
+/// names by commas to delete. `addHeader` and `setHeader` are DFP's older names.
+fn header_edits(
+    params: &HashMap<String, String>,
+    add: &[&str],
+    set: &[&str],
+    delete: &str,
+) -> Result<HeaderEdits, Nok> {
+    let mut edits = HeaderEdits {
+        delete: list(params, delete),
+        ..HeaderEdits::default()
+    };
+    for (names, into) in [(add, &mut edits.add), (set, &mut edits.set)] {
+        for &param in names {
+            for item in list(params, param) {
+                let Some((name, value)) = item
+                    .split_once(": ")
+                    .or_else(|| item.split_once(' '))
+                    .map(|(n, v)| (n.trim_end_matches(':'), v.trim()))
+                else {
+                    let message = format!("{param}: {item:?} is not `Name value`");
+                    return Err(nok(StatusCode::BAD_REQUEST, param, message));
+                };
+                into.insert(name.to_string(), value.to_string());
+            }
+        }
+    }
+    Ok(edits)
+}
+
+/// `reqPathSearchReplace`: `search,replace` rules separated by `:`; or DFP's older
+/// `reqPathSearch` with `reqPathReplace`. HAProxy's `\1` in a replacement is `${1}` here.
+fn path_rewrites(params: &HashMap<String, String>) -> Result<Vec<PathRewrite>, Nok> {
+    let rule = |search: &str, replace: &str| PathRewrite {
+        search: search.to_string(),
+        replace: haproxy_groups(replace),
+    };
+    let mut rules = Vec::new();
+    if let Some(all) = params.get("reqPathSearchReplace").filter(|v| !v.is_empty()) {
+        for item in all.split(':').filter(|i| !i.is_empty()) {
+            let Some((search, replace)) = item.split_once(',') else {
+                let message = format!("reqPathSearchReplace: {item:?} is not `search,replace`");
+                return Err(nok(
+                    StatusCode::BAD_REQUEST,
+                    "reqPathSearchReplace",
+                    message,
+                ));
+            };
+            rules.push(rule(search, replace));
+        }
+    }
+    if let Some(search) = params.get("reqPathSearch").filter(|v| !v.is_empty()) {
+        let replace = params.get("reqPathReplace").map_or("", String::as_str);
+        rules.push(rule(search, replace));
+    }
+    Ok(rules)
+}
+
+/// `\1` (HAProxy's group reference) as `${1}`, and a literal `$` kept literal.
+fn haproxy_groups(replace: &str) -> String {
+    let mut out = String::with_capacity(replace.len());
+    let mut chars = replace.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                let digit = chars.next().expect("peeked");
+                out.push_str(&format!("${{{digit}}}"));
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Where DFP reads `usersSecret`: Docker's secrets, `dfp_users_<usersSecret>`.
@@ -405,6 +493,13 @@ fn dfp_field(field: &str) -> String {
         ["http", "denied_methods", ..] => "deniedMethods",
         ["http", "https_redirect_code", ..] => "httpsRedirectCode",
         ["http", "users", ..] => "users",
+        ["http", "request_headers", "set", ..] => "setReqHeader",
+        ["http", "request_headers", "delete", ..] => "delReqHeader",
+        ["http", "request_headers", ..] => "addReqHeader",
+        ["http", "response_headers", "set", ..] => "setResHeader",
+        ["http", "response_headers", "delete", ..] => "delResHeader",
+        ["http", "response_headers", ..] => "addResHeader",
+        ["http", "path_rewrite", ..] => "reqPathSearchReplace",
         ["vip", ..] => "srcPort",
         ["backends", ..] => "backends",
         ["discovery", "port"] => "port",

@@ -99,6 +99,7 @@ impl Proxy {
             let text = format!("service {} has no healthy backend\n", target.service);
             return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
         };
+        let rewrite = target.rewrite.clone();
         let mut lease = Lease::new(table, t, b);
 
         let upgrade = headers::is_upgrade(req.headers());
@@ -115,9 +116,12 @@ impl Proxy {
             let path = parts.uri.path_and_query().cloned();
             parts.uri = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         }
-        if let Some(normal) = normalized {
-            let Some(uri) = with_path(&parts.uri, &normal) else {
-                let text = format!("the path {normal:?} cannot be forwarded\n");
+        let rewritten = rewrite
+            .as_ref()
+            .and_then(|r| r.path(normalized.as_deref().unwrap_or(parts.uri.path())));
+        if let Some(path) = rewritten.or(normalized) {
+            let Some(uri) = with_path(&parts.uri, &path) else {
+                let text = format!("the path {path:?} cannot be forwarded\n");
                 return self.answer(StatusCode::BAD_REQUEST, text);
             };
             parts.uri = uri;
@@ -128,6 +132,9 @@ impl Proxy {
             conn.client_trusted,
             conn.https,
         );
+        if let Some(r) = &rewrite {
+            r.request.apply(&mut parts.headers);
+        }
         parts.version = Version::HTTP_11;
         let (body, sent) = UpstreamBody::new(body, self.config.limits.body_timeout);
         let body_stalled = sent.clone();
@@ -193,6 +200,9 @@ impl Proxy {
         }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
+        if let Some(r) = &rewrite {
+            r.response.apply(&mut parts.headers);
+        }
         Response::from_parts(
             parts,
             ResponseBody::proxied(Downstream::new(body, upstream, lease)),

@@ -15,6 +15,7 @@
 //! - `headers`: hop-by-hop removal, X-Forwarded-* (and whose are believed)
 //! - `limits`: timeouts and caps on what a client may hold, and the refusals counted
 //! - `path`: the normalised path routes are matched on and requests forwarded with
+//! - `rewrite`: a route's header and path rewriting
 //! - `request_body`: a client's request body streaming to a backend
 //! - `response_body`: the response streaming to the client
 //! - `server`: worker threads, accepting, graceful shutdown
@@ -35,6 +36,7 @@ mod limits;
 mod path;
 mod request_body;
 mod response_body;
+mod rewrite;
 mod routes;
 mod server;
 mod shard;
@@ -53,6 +55,7 @@ use arc_swap::ArcSwap;
 
 pub use headers::{TrustedProxies, parse_cidr};
 pub use limits::{Limits, raise_fd_limit};
+pub use rewrite::{HeaderRules, PathRule, Rewrite};
 pub use routes::{Balance, PlainHttp, Route};
 pub use server::{Frontends, HttpsFrontend};
 pub use stats::ProxyStats;

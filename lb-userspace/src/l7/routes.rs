@@ -11,6 +11,7 @@ use super::{
     backend::{Backend, PoolClock},
     basic_auth::BasicAuth,
     path,
+    rewrite::Rewrite,
     shard::Sharded,
 };
 
@@ -49,6 +50,8 @@ pub struct Route {
     pub plain_http: PlainHttp,
     /// HTTP basic auth: (user, password hash); empty: none.
     pub users: Vec<(String, String)>,
+    /// Headers and path rewritten after routing.
+    pub rewrite: Option<Arc<Rewrite>>,
 }
 
 /// What a route does with a request that came over plain HTTP.
@@ -78,6 +81,7 @@ pub(crate) struct Target {
     denied_methods: Box<[http::Method]>,
     pub plain_http: PlainHttp,
     pub auth: Option<Arc<BasicAuth>>,
+    pub rewrite: Option<Arc<Rewrite>>,
 }
 
 impl Target {
@@ -231,6 +235,7 @@ impl Table {
                 denied_methods: route.denied_methods.clone().into(),
                 plain_http: route.plain_http,
                 auth,
+                rewrite: route.rewrite.clone(),
             });
             if route.default_backend && table.default.is_none() {
                 table.default = Some(index);

@@ -254,6 +254,7 @@ fn main() -> anyhow::Result<()> {
                     connections: 32,
                     duration: Duration::from_secs(secs),
                     close: *close,
+                    tls: false,
                 };
                 let r: WrkReport = wrk.run(&topo.client, SocketAddr::from(topo.vip(80)), &o)?;
                 rates[m][b].push(r.rps());

@@ -1,6 +1,8 @@
 //! `cargo xtask bench` (third part): lb's HTTP path against HAProxy 2.6 in HTTP mode, in
 //! one run, with the same backends (four nginx), the same two routes and the same wrk
-//! load, keep-alive and one connection a request: requests per second, p50 and p99.
+//! load, keep-alive and one connection a request, over HTTP and over HTTPS (the same ECDSA
+//! P-256 certificate in both, TLS by rustls in lb and OpenSSL in HAProxy; one connection a
+//! request is then a full handshake a request): requests per second, p50 and p99.
 //! Target: lb at least as many requests per second as HAProxy, with a p99 no higher.
 //!
 //! Everything runs on the loopback of a namespace of its own, removed at the end. The runs
@@ -11,7 +13,8 @@
 //! others do not get.
 //! `LB_BENCH_SECS` (default 10) sets the length of a run, `LB_BENCH_ROUNDS` (default 5) the
 //! number of rounds, `LB_BENCH_HAPROXY_REUSE` (default `safe`, HAProxy's own default)
-//! HAProxy's `http-reuse`; `LB_BENCH_MODE=keep-alive` (or `close`) runs only that mode;
+//! HAProxy's `http-reuse`; `LB_BENCH_MODE=keep-alive` (or `close`, `https-keep-alive`,
+//! `https-close`, or `http`, `https` for both of a scheme) runs only that;
 //! `LB_BENCH_VERBOSE=1` prints wrk's own output of every run.
 use std::{
     collections::BTreeSet,
@@ -33,12 +36,14 @@ use lb_tests::{
 
 const LB_HTTP: &str = "127.0.0.1:8000";
 const HAPROXY_HTTP: &str = "127.0.0.1:8001";
+const LB_HTTPS: &str = "127.0.0.1:8443";
+const HAPROXY_HTTPS: &str = "127.0.0.1:8444";
 const BACKENDS: usize = 4;
 const THREADS: u32 = 2;
 const CONNECTIONS: u32 = 64;
 /// The paths the load cycles through: one a route.
 const PATHS: [&str; 2] = ["/a/bench", "/b/bench"];
-const NO_HTTP: &str = "lb has no --http yet";
+const NO_HTTP: &str = "this lb cannot serve it (no --http, or no --https)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Proxy {
@@ -54,10 +59,12 @@ impl Proxy {
         }
     }
 
-    fn addr(self) -> SocketAddr {
-        match self {
-            Proxy::Lb => LB_HTTP,
-            Proxy::Haproxy => HAPROXY_HTTP,
+    fn addr(self, tls: bool) -> SocketAddr {
+        match (self, tls) {
+            (Proxy::Lb, false) => LB_HTTP,
+            (Proxy::Haproxy, false) => HAPROXY_HTTP,
+            (Proxy::Lb, true) => LB_HTTPS,
+            (Proxy::Haproxy, true) => HAPROXY_HTTPS,
         }
         .parse()
         .expect("address")
@@ -66,26 +73,53 @@ impl Proxy {
 
 struct Mode {
     name: &'static str,
+    /// Its `LB_BENCH_MODE` name.
+    key: &'static str,
     close: bool,
+    tls: bool,
 }
 
-const MODES: [Mode; 2] = [
+const MODES: [Mode; 4] = [
     Mode {
         name: "keep-alive",
+        key: "keep-alive",
         close: false,
+        tls: false,
     },
     Mode {
         name: "connection per request",
+        key: "close",
         close: true,
+        tls: false,
+    },
+    Mode {
+        name: "https keep-alive",
+        key: "https-keep-alive",
+        close: false,
+        tls: true,
+    },
+    Mode {
+        name: "https conn per request",
+        key: "https-close",
+        close: true,
+        tls: true,
     },
 ];
+
+/// The benchmark's certificate: ECDSA P-256, self-signed (wrk checks none), as one PEM
+/// with the chain and the key.
+fn bench_certificate() -> anyhow::Result<String> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = rcgen::CertificateParams::new(vec!["bench.test".to_string()])?.self_signed(&key)?;
+    Ok(format!("{}{}", cert.pem(), key.serialize_pem()))
+}
 
 fn backend_name(i: usize) -> String {
     format!("backend {}", i + 1)
 }
 
-/// Whether this lb serves HTTP: `lb run --help` lists `--http`.
-fn lb_has_http() -> anyhow::Result<bool> {
+/// Whether this lb has `flag`: `lb run --help` lists it.
+fn lb_has(flag: &str) -> anyhow::Result<bool> {
     let bin = lb_bin();
     let out = Command::new(&bin)
         .args(["run", "--help"])
@@ -98,7 +132,7 @@ fn lb_has_http() -> anyhow::Result<bool> {
         })?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
-        .any(|w| w == "--http" || w.starts_with("--http=")))
+        .any(|w| w == flag || w.starts_with(&format!("{flag}="))))
 }
 
 /// Checks that `proxy` sends each route's requests to that route's backends and only
@@ -122,7 +156,7 @@ fn check_routes(
         let mut last_error = String::new();
         while seen != expected {
             let path = format!("{}/check", r.prefix);
-            match HttpConn::connect(ns, proxy.addr(), Duration::from_secs(2))
+            match HttpConn::connect(ns, proxy.addr(false), Duration::from_secs(2))
                 .and_then(|mut c| c.get_path(&path))
             {
                 Ok(body) => {
@@ -151,10 +185,11 @@ fn check_routes(
 }
 
 /// lb with `--http`, given the routes through its API; None when this lb has no `--http`.
-fn start_lb(ns: &Netns, routes: &[Route]) -> anyhow::Result<Option<LbProcess>> {
-    if !lb_has_http()? {
+fn start_lb(ns: &Netns, routes: &[Route], cert: &str) -> anyhow::Result<Option<LbProcess>> {
+    if !lb_has("--http")? {
         return Ok(None);
     }
+    let https = lb_has("--https")?;
     // lb's XDP program goes on a veth pair of its own, off the loopback that carries the
     // measured traffic (an HTTP service has no VIP for it to act on anyway).
     ns.ip("link add lbv0 type veth peer name lbv1")?;
@@ -164,8 +199,21 @@ fn start_lb(ns: &Netns, routes: &[Route]) -> anyhow::Result<Option<LbProcess>> {
     let extra = std::env::var("LB_BENCH_LB_ARGS").unwrap_or_default();
     // The backends are on the namespace's loopback, as HAProxy's are.
     let mut args = vec!["--http", LB_HTTP, "--allow-loopback-backends"];
+    if https {
+        args.extend(["--https", LB_HTTPS]);
+    }
     args.extend(extra.split_whitespace());
     let lb = LbProcess::start(ns, &["lbv0"], &args)?;
+    if https {
+        let (status, body) = lb.request(
+            "PUT",
+            "/v1/certs/bench",
+            Some(&serde_json::json!({"cert": cert, "key": cert}).to_string()),
+        )?;
+        if status != 200 {
+            bail!("lb refused the benchmark's certificate: {status} {body}");
+        }
+    }
     for r in routes {
         let backends: Vec<String> = r
             .backends
@@ -284,13 +332,21 @@ fn main() -> anyhow::Result<()> {
     if !["never", "safe", "aggressive", "always"].contains(&reuse.as_str()) {
         bail!("LB_BENCH_HAPROXY_REUSE={reuse:?}: never, safe, aggressive or always");
     }
-    let only = std::env::var("LB_BENCH_MODE").ok();
-    let modes: Vec<&Mode> = match only.as_deref() {
-        None | Some("") => MODES.iter().collect(),
-        Some("keep-alive") => vec![&MODES[0]],
-        Some("close") => vec![&MODES[1]],
-        Some(other) => bail!("LB_BENCH_MODE={other:?}: keep-alive or close"),
-    };
+    let only = std::env::var("LB_BENCH_MODE").unwrap_or_default();
+    let modes: Vec<&Mode> = MODES
+        .iter()
+        .filter(|m| match only.as_str() {
+            "" => true,
+            "http" => !m.tls,
+            "https" => m.tls,
+            key => m.key == key,
+        })
+        .collect();
+    if modes.is_empty() {
+        bail!(
+            "LB_BENCH_MODE={only:?}: keep-alive, close, https-keep-alive, https-close, http or https"
+        );
+    }
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
 
     let ns = Netns::new(&unique("lbt-l7"))?;
@@ -314,7 +370,14 @@ fn main() -> anyhow::Result<()> {
             backends: backends[2..].to_vec(),
         },
     ];
-    let haproxy = Haproxy::start(&ns, Proxy::Haproxy.addr(), &routes, &reuse)?;
+    let cert = bench_certificate()?;
+    let haproxy = Haproxy::start(
+        &ns,
+        Proxy::Haproxy.addr(false),
+        Some((Proxy::Haproxy.addr(true), &cert)),
+        &routes,
+        &reuse,
+    )?;
     check_routes(
         &ns,
         Proxy::Haproxy,
@@ -322,7 +385,7 @@ fn main() -> anyhow::Result<()> {
         &backends,
         Duration::from_secs(15),
     )?;
-    let lb = start_lb(&ns, &routes)?;
+    let lb = start_lb(&ns, &routes, &cert)?;
     if lb.is_some() {
         check_routes(&ns, Proxy::Lb, &routes, &backends, Duration::from_secs(15))?;
     }
@@ -341,7 +404,10 @@ fn main() -> anyhow::Result<()> {
         PATHS.join(" and ")
     );
     match &lb {
-        Some(_) => println!("  lb: {} --http {LB_HTTP}", lb_bin().display()),
+        Some(_) => println!(
+            "  lb: {} --http {LB_HTTP} --https {LB_HTTPS}; HTTPS: one ECDSA P-256 certificate for both, HTTP/1.1 (wrk offers no ALPN), no session resumption",
+            lb_bin().display()
+        ),
         None => println!(
             "  lb: {NO_HTTP} (`lb run --help` lists no --http): its rows are skipped, HAProxy is measured alone"
         ),
@@ -354,21 +420,25 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let wrk = Wrk::new(&PATHS)?;
-    let proxies: Vec<Proxy> = [Proxy::Lb, Proxy::Haproxy]
-        .into_iter()
-        .filter(|p| *p != Proxy::Lb || lb.is_some())
-        .collect();
+    let lb_https = lb.is_some() && lb_has("--https")?;
     let mut summaries = Vec::new();
     for mode in modes {
+        // An lb without --https (an older build) sits the HTTPS modes out.
+        let lb_runs = lb.is_some() && (lb_https || !mode.tls);
+        let proxies: Vec<Proxy> = [Proxy::Lb, Proxy::Haproxy]
+            .into_iter()
+            .filter(|p| *p != Proxy::Lb || lb_runs)
+            .collect();
         let options = |secs: u64| WrkOptions {
             threads: THREADS,
             connections: CONNECTIONS,
             duration: Duration::from_secs(secs),
             close: mode.close,
+            tls: mode.tls,
         };
         for &p in &proxies {
             // Warm-up, not counted: connections to the backends, caches, CPU frequency.
-            wrk.run(&ns, p.addr(), &options(secs.min(2)))?;
+            wrk.run(&ns, p.addr(mode.tls), &options(secs.min(2)))?;
         }
         let mut runs: Vec<(Proxy, Run)> = Vec::new();
         for round in 0..rounds {
@@ -378,7 +448,7 @@ fn main() -> anyhow::Result<()> {
             }
             for p in order {
                 let cpu_before = cpu_time(pid(p))?;
-                let report = wrk.run(&ns, p.addr(), &options(secs))?;
+                let report = wrk.run(&ns, p.addr(mode.tls), &options(secs))?;
                 let run = Run {
                     cpu: cpu_time(pid(p))?.saturating_sub(cpu_before),
                     report,
@@ -408,7 +478,7 @@ fn main() -> anyhow::Result<()> {
                 .map(|(_, r)| r.clone())
                 .collect()
         };
-        let lb_summary = lb.as_ref().map(|_| summarize(&of(Proxy::Lb)));
+        let lb_summary = lb_runs.then(|| summarize(&of(Proxy::Lb)));
         summaries.push((mode, lb_summary, summarize(&of(Proxy::Haproxy))));
     }
 
@@ -439,7 +509,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "(medians of {rounds} runs of {secs} s; errors summed over them; CPU/req: the proxy's CPU time, user and system, per request; conn/req: TCP connections accepted in the namespace per request)"
+        "(medians of {rounds} runs of {secs} s; errors summed over them; CPU/req: the proxy's CPU time, user and system, per request, and so per handshake in https conn per request; conn/req: TCP connections accepted in the namespace per request)"
     );
     if summaries
         .iter()
