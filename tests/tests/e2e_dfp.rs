@@ -282,6 +282,23 @@ fn dfp_s_first_example_finds_its_instances_through_dns() {
     let mut c = HttpConn::connect(&topo.client, listener, T).unwrap();
     let (code, text) = c.send("POST", "/reports/x", "lb", b"{}").unwrap();
     assert_eq!(code, 403, "{text}");
+
+    // outboundHostname: a service running elsewhere, found under that host name.
+    dns.set("legacy.example.internal", &[ip(2)]).unwrap();
+    let (code, body) = lb
+        .request(
+            "GET",
+            "/v1/docker-flow-proxy/reconfigure?serviceName=legacy&servicePath=/legacy&port=8080&outboundHostname=legacy.example.internal",
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["Backends"], json!([be(2)]), "{body}");
+    let mut c = HttpConn::connect(&topo.client, listener, T).unwrap();
+    assert_eq!(
+        c.send("GET", "/legacy/x", "lb", b"").unwrap(),
+        (200, "be2".to_string())
+    );
 }
 
 /// DFP's basic auth examples: `users` in the clear, hashes from `mkpasswd -m sha-512`

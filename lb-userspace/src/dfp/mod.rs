@@ -102,9 +102,10 @@ fn service_name(params: &HashMap<String, String>) -> Result<String, Nok> {
         })
 }
 
-/// The native spec a reconfigure asks for.
+/// The native spec a reconfigure of service `name` asks for.
 fn spec_of(
     params: &HashMap<String, String>,
+    name: &str,
     address: Option<Ipv4Addr>,
 ) -> Result<ServiceSpec, Nok> {
     let port = port_param(params)?;
@@ -144,21 +145,24 @@ fn spec_of(
             ));
         }
         // As in Swarm: the instances are what the service's name resolves to.
-        (_, None) => spec.discovery = Some(dns_discovery(params, port)?),
+        (_, None) => spec.discovery = Some(dns_discovery(params, name, port)?),
     }
     Ok(spec)
 }
 
 /// DFP's own way to find a service's instances: its name in DNS (Swarm's virtual IP), or
-/// with `discoveryType=DNS` every task's address (`tasks.<serviceName>`), on `port`.
+/// with `discoveryType=DNS` every task's address (`tasks.<serviceName>`), on `port`; or
+/// the host `outboundHostname` names (a service running elsewhere).
 fn dns_discovery(
     params: &HashMap<String, String>,
+    service: &str,
     port: Option<&str>,
 ) -> Result<DiscoverySpec, Nok> {
-    let name = service_name(params)?;
+    let outbound = params.get("outboundHostname").filter(|h| !h.is_empty());
     let name = match params.get("discoveryType").map(String::as_str) {
-        None | Some("" | "Overlay" | "overlay") => name,
-        Some("DNS" | "dns") => format!("tasks.{name}"),
+        _ if let Some(host) = outbound => host.clone(),
+        None | Some("" | "Overlay" | "overlay") => service.to_string(),
+        Some("DNS" | "dns") => format!("tasks.{service}"),
         Some(other) => {
             return Err(nok(
                 StatusCode::BAD_REQUEST,
@@ -446,7 +450,7 @@ async fn reconfigure(
     for param in &unknown {
         tracing::warn!(service = %name, %param, "reconfigure: not a Docker Flow Proxy parameter; ignored");
     }
-    let spec = match spec_of(&params, address) {
+    let spec = match spec_of(&params, &name, address) {
         Ok(spec) => spec,
         Err(answer) => return answer.into_response(),
     };

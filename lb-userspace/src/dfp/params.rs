@@ -58,6 +58,7 @@ const PARAMS: &[Param] = &[
     p("discoveryType", false, Honoured),
     p("allowedMethods", true, Honoured),
     p("users", false, Honoured),
+    p("outboundHostname", true, Honoured),
     p("addReqHeader", false, Honoured),
     p("setReqHeader", false, Honoured),
     p("delReqHeader", false, Honoured),
@@ -160,11 +161,6 @@ const PARAMS: &[Param] = &[
     p("serviceDomainMatchAll", false, Refused("")),
     p("serviceHeader", true, Refused("")),
     p("userAgent", true, Refused("")),
-    p(
-        "outboundHostname",
-        true,
-        Refused("give the backends' addresses in backends"),
-    ),
     p("sessionType", false, Refused("")),
     p(
         "connectionMode",

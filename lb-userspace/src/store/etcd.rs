@@ -100,7 +100,8 @@ pub async fn connect_checked(
 
 /// A hint for a TLS connection closed without a client certificate to show: a server that
 /// wants one sends its alert after the handshake, and HTTP/2 may pass on no more than
-/// "connection closed", which looks like a failing member.
+/// "connection closed" (or, when our first write meets the closed socket, "broken pipe"),
+/// which looks like a failing member.
 fn client_certificate_hint(
     endpoints: &[String],
     access: &Access,
@@ -108,7 +109,9 @@ fn client_certificate_hint(
 ) -> &'static str {
     let tls = endpoints.iter().any(|e| e.starts_with("https://"));
     let text = e.to_string();
-    let closed = text.contains("connection closed") || text.contains("fatal alert");
+    let closed = ["connection closed", "fatal alert", "broken pipe"]
+        .iter()
+        .any(|sign| text.contains(sign));
     if tls && access.identity.is_none() && closed {
         " (a server that asks for a client certificate closes the connection like this: \
          give one with --store-cert-file and --store-key-file)"
