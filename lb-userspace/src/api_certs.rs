@@ -101,11 +101,22 @@ impl Certs {
     /// Checks and stores `name`'s chain and key (the same text may hold both), replacing
     /// what was there; served on this node at once, on the others as their watch sees it.
     pub async fn put(&self, name: &str, cert: &str, key: &str) -> Result<CertView, CertsError> {
+        let certificate = Self::check(name, cert, key)?;
+        self.store(certificate).await
+    }
+
+    /// `name`'s chain and key as [`put`](Self::put) takes them, checked, not yet stored.
+    pub fn check(name: &str, cert: &str, key: &str) -> Result<Certificate, CertsError> {
         check_name(name).map_err(|e| CertsError::Name(e.to_string()))?;
         let certificate = Certificate::parse(name, cert, key)?;
         certificate.check_dates()?;
+        Ok(certificate)
+    }
+
+    /// Stores a checked certificate.
+    pub async fn store(&self, certificate: Certificate) -> Result<CertView, CertsError> {
         self.store
-            .put(name, &certificate.to_stored(), Expect::Any)
+            .put(&certificate.name, &certificate.to_stored(), Expect::Any)
             .await?;
         let view = CertView::of(&certificate, false);
         self.table.put(certificate);

@@ -352,6 +352,46 @@ fn plain_http_is_redirected_or_denied_per_service() {
         let c = https(&topo.client, &pki, "example.com", path, &[]);
         assert_eq!(c.status, 200, "{path}: {c:?}");
     }
+    // DFP's serviceCert: the certificate comes with the service, stored under its name.
+    let (shop, shop_key) = pki.leaf(&["shop.test"], -60, 86_400).unwrap();
+    let encoded: String = format!("{shop}{shop_key}")
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (status, body) = lb
+        .request(
+            "PUT",
+            &format!(
+                "/v1/docker-flow-proxy/reconfigure?serviceName=shop&serviceDomain=shop.test&port=8080&backends={}&serviceCert={encoded}",
+                topo.backend(0, 8080).ip()
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(https(&topo.client, &pki, "shop.test", "/", &[]).status, 200);
+    let (_, cert) = lb.request("GET", "/v1/certs/shop", None).unwrap();
+    assert_eq!(cert["domains"], json!(["shop.test"]), "{cert}");
+    let (status, e) = lb
+        .request(
+            "PUT",
+            "/v1/docker-flow-proxy/reconfigure?serviceName=shop2&serviceDomain=shop2.test&port=8080&backends=10.202.2.11&serviceCert=garbage",
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        (status, e["field"].as_str()),
+        (400, Some("serviceCert")),
+        "{e}"
+    );
+    assert_eq!(
+        lb.request("GET", "/v1/services/shop2", None).unwrap().0,
+        404
+    );
+
     // The view says so.
     let (_, config) = lb
         .request("GET", "/v1/docker-flow-proxy/config?type=json", None)

@@ -436,7 +436,7 @@ fn with_ports(backends: Vec<String>, port: Option<&str>) -> Result<Vec<String>, 
 }
 
 async fn reconfigure(
-    State((s, address)): State<(Shared, Option<Ipv4Addr>)>,
+    State((s, address, certs)): State<(Shared, Option<Ipv4Addr>, Certs)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let name = match service_name(&params) {
@@ -454,7 +454,25 @@ async fn reconfigure(
         Ok(spec) => spec,
         Err(answer) => return answer.into_response(),
     };
-    match s.put(&name, spec).await {
+    // serviceCert: checked before anything changes, stored under the service's name.
+    let cert = match params.get("serviceCert").filter(|c| !c.is_empty()) {
+        Some(pem) => match Certs::check(&name, pem, pem) {
+            Ok(cert) => Some(cert),
+            Err(e) => {
+                let message = format!("serviceCert: {e}");
+                return nok(e.status(), "serviceCert", message).into_response();
+            }
+        },
+        None => None,
+    };
+    let put = s.put(&name, spec).await;
+    if let (Ok(_), Some(cert)) = (&put, cert)
+        && let Err(e) = certs.store(cert).await
+    {
+        let message = format!("serviceCert: the service is in place, its certificate is not: {e}");
+        return nok(e.status(), "serviceCert", message).into_response();
+    }
+    match put {
         Ok(svc) => {
             let mut body = view::service(&svc);
             body["Status"] = "OK".into();
@@ -515,7 +533,7 @@ fn dfp_field(field: &str) -> String {
 }
 
 async fn remove(
-    State((s, _)): State<(Shared, Option<Ipv4Addr>)>,
+    State((s, _, _)): State<(Shared, Option<Ipv4Addr>, Certs)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let name = match service_name(&params) {
@@ -537,7 +555,7 @@ async fn remove(
 /// `config`: a text rendering of what lb routes (DFP shows its HAProxy file), or with
 /// `type=json` every service keyed by name, as DFP answers.
 async fn config(
-    State((s, _)): State<(Shared, Option<Ipv4Addr>)>,
+    State((s, _, _)): State<(Shared, Option<Ipv4Addr>, Certs)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let json = match params.get("type").map(String::as_str) {
@@ -570,7 +588,7 @@ async fn config(
 }
 
 /// `reload`: the store listed again and applied, as at start.
-async fn reload(State((s, _)): State<(Shared, Option<Ipv4Addr>)>) -> Response {
+async fn reload(State((s, _, _)): State<(Shared, Option<Ipv4Addr>, Certs)>) -> Response {
     if tokio::time::timeout(RELOAD_WAIT, s.reload()).await.is_err() {
         let message = "the store could not be listed again in time; lb keeps what it has";
         return nok(StatusCode::SERVICE_UNAVAILABLE, "", message).into_response();
@@ -633,7 +651,7 @@ pub fn router(state: Shared, address: Option<Ipv4Addr>, certs: Certs) -> Router 
     let cert_routes = Router::new()
         .route("/v1/docker-flow-proxy/cert", axum::routing::put(put_cert))
         .route("/v1/docker-flow-proxy/certs", get(list_certs))
-        .with_state(certs);
+        .with_state(certs.clone());
     Router::new()
         .route(
             "/v1/docker-flow-proxy/reconfigure",
@@ -649,6 +667,6 @@ pub fn router(state: Shared, address: Option<Ipv4Addr>, certs: Certs) -> Router 
         )
         .route("/v1/docker-flow-proxy/config", get(config))
         .route("/v1/docker-flow-proxy/ping", get(ping))
-        .with_state((state, address))
+        .with_state((state, address, certs))
         .merge(cert_routes)
 }

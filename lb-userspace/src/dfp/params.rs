@@ -58,6 +58,7 @@ const PARAMS: &[Param] = &[
     p("discoveryType", false, Honoured),
     p("allowedMethods", true, Honoured),
     p("users", false, Honoured),
+    p("serviceCert", false, Honoured),
     p("outboundHostname", true, Honoured),
     p("addReqHeader", false, Honoured),
     p("setReqHeader", false, Honoured),
@@ -123,13 +124,6 @@ const PARAMS: &[Param] = &[
     ),
     p("httpsPort", true, Refused(ONE_HTTPS_PORT)),
     p("srcHttpsPort", true, Refused(ONE_HTTPS_PORT)),
-    p(
-        "serviceCert",
-        false,
-        Refused(
-            "store it with PUT /v1/docker-flow-proxy/cert?certName=NAME (or /v1/certs/NAME): SNI picks it",
-        ),
-    ),
     p("sslVerifyNone", true, Refused(NO_BACKEND_TLS)),
     p(
         "verifyClientSsl",
