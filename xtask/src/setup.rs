@@ -35,6 +35,7 @@ const PACKAGES: &[(&str, &str)] = &[
         "a real DNS server for the DNS discovery tests (the binary, no system service)",
     ),
     ("nginx", "the benchmarks' backends"),
+    ("curl", "the HTTPS and DFP tests request as a user would"),
     ("wrk", "the benchmarks' load"),
     (
         "nftables",
@@ -258,6 +259,7 @@ fn check() -> Vec<String> {
         ("haproxy", &["-v"][..], "haproxy"),
         ("dnsmasq", &["--version"][..], "dnsmasq (dnsmasq-base)"),
         ("nginx", &["-v"][..], "nginx"),
+        ("curl", &["--version"][..], "curl"),
         ("nft", &["--version"][..], "nft (nftables)"),
         (
             "cc",
