@@ -221,6 +221,9 @@ pub fn router(state: Shared, extras: Extras) -> Router {
         certs,
     } = extras;
     let dfp = crate::dfp::router(state.clone(), address, certs.clone());
+    let metrics_proxy = proxy.clone();
+    let metrics_route =
+        get(move |s: State<Shared>| crate::metrics::metrics(s, metrics_proxy.clone()));
     let stats_route = get(move |s: State<Shared>| stats(s, proxy.clone()));
     let ready_route = get(move |s: State<Shared>| ready(s, supervisor.clone()));
     Router::new()
@@ -230,6 +233,7 @@ pub fn router(state: Shared, extras: Extras) -> Router {
             get(get_service).put(put_service).delete(delete_service),
         )
         .route("/v1/stats", stats_route)
+        .route("/metrics", metrics_route)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", ready_route)
         .with_state(state)

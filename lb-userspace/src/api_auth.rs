@@ -113,6 +113,7 @@ fn kind_of(method: &Method, path: &str) -> Kind {
             "/v1/services"
                 | "/v1/certs"
                 | "/v1/stats"
+                | "/metrics"
                 | "/v1/docker-flow-proxy/config"
                 | "/v1/docker-flow-proxy/certs"
                 | "/v1/docker-flow-proxy/ping"
@@ -391,7 +392,11 @@ mod tests {
             "/v1/services",
             "/v1/services/web",
             "/v1/stats",
+            "/metrics",
+            "/v1/certs",
+            "/v1/certs/site",
             "/v1/docker-flow-proxy/config",
+            "/v1/docker-flow-proxy/certs",
             "/v1/docker-flow-proxy/ping",
         ] {
             assert_eq!(kind_of(&get, read), Kind::Read, "{read}");
@@ -410,6 +415,13 @@ mod tests {
         assert_eq!(kind_of(&Method::PUT, "/v1/services/web"), Kind::Change);
         assert_eq!(kind_of(&Method::DELETE, "/v1/services/web"), Kind::Change);
         assert_eq!(kind_of(&Method::POST, "/v1/services"), Kind::Change);
+        assert_eq!(kind_of(&Method::PUT, "/v1/certs/site"), Kind::Change);
+        assert_eq!(kind_of(&Method::DELETE, "/v1/certs/site"), Kind::Change);
+        assert_eq!(
+            kind_of(&Method::PUT, "/v1/docker-flow-proxy/cert"),
+            Kind::Change
+        );
+        assert_eq!(kind_of(&get, "/v1/docker-flow-proxy/cert"), Kind::Change);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod health;
 pub mod host_sockets;
 pub mod l7;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod next_hops;

@@ -54,10 +54,16 @@ The API (JSON):
   PUT    /v1/services/NAME  {\"vip\": \"10.0.0.100:80\", \"protocol\": \"tcp\", \"backends\": [\"10.0.1.11:8080\"]}
          or, instead of backends,  \"discovery\": {\"kind\": \"etcd\" | \"consul\", \"service\": \"web\"}
          an HTTP service (served on --http): {\"http\": {\"paths\": [\"/demo\"], \"domain\": \"example.com\"}, \"backends\": [...]}
+         its http may add \"https_only\": true, \"users\": [{\"name\": \"admin\", \"password\": \"..\"}],
+         \"request_headers\"/\"response_headers\": {\"delete\": [..], \"set\": {..}, \"add\": {..}},
+         \"path_rewrite\": [{\"search\": \"^/demo/\", \"replace\": \"/\"}], \"allowed_methods\": [\"GET\"]
          health checks: \"check\": {\"kind\": \"http\", \"path\": \"/health\", \"interval_ms\": 1000, \"rise\": 2, \"fall\": 3}
   GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats
+  PUT    /v1/certs/NAME  {\"cert\": PEM chain, \"key\": PEM key} (or one PEM with both): served on --https
+  GET    /v1/certs[/NAME] (never the key)    DELETE /v1/certs/NAME
   GET    /v1/docker-flow-proxy/reconfigure?serviceName=..&servicePath=..&port=..&backends=..
-         (and remove, config?type=json, ping: Docker Flow Proxy's API)
+         (and remove, reload, config?type=json, ping, PUT cert?certName=.., certs: Docker
+         Flow Proxy's API)
   GET    /health (liveness)     GET /ready (200 once the stored services are restored; 503
          naming any part of lb that has stopped)
 

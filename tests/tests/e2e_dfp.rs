@@ -363,6 +363,11 @@ fn dfp_users_guard_a_service_with_basic_auth() {
             "{none:?}"
         );
     }
+    let (_, stats) = lb.request("GET", "/v1/stats", None).unwrap();
+    assert!(
+        stats["http"]["answers"]["401"].as_u64().unwrap() >= 15,
+        "{stats}"
+    );
     // What is kept is a hash: the clear password is nowhere in the service or DFP's view.
     let (_, svc) = lb.request("GET", "/v1/services/plain", None).unwrap();
     let users = &svc["http"]["users"];

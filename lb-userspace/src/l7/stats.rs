@@ -14,9 +14,10 @@ use super::{limits::Refusals, routes::Registry};
 pub struct ProxyStats {
     /// Requests routed to each service (including those answered 503, 502 or 504).
     pub requests: BTreeMap<String, u64>,
-    /// lb's own answers by status: 400 (a path with an encoded separator), 403 (a method
-    /// the route does not allow), 404 (no route), 503 (no backend), 502 (backend failed),
-    /// 504 (backend timed out).
+    /// lb's own answers by status: 301, 302, 303, 307, 308 (to HTTPS), 400 (a path with an
+    /// encoded separator), 401 (no user's credentials), 403 (a method the route does not
+    /// allow, or plain HTTP to a route that denies it), 404 (no route), 503 (no backend),
+    /// 502 (backend failed), 504 (backend timed out).
     pub answers: BTreeMap<u16, u64>,
     /// Requests retried on another backend after the first refused the connection (or
     /// closed it before taking the request).
@@ -39,7 +40,18 @@ pub(crate) struct Answers {
     no_backend: AtomicU64,
     bad_gateway: AtomicU64,
     gateway_timeout: AtomicU64,
+    unauthorized: AtomicU64,
+    /// 301, 302, 303, 307, 308.
+    redirects: [AtomicU64; REDIRECTS.len()],
 }
+
+const REDIRECTS: [StatusCode; 5] = [
+    StatusCode::MOVED_PERMANENTLY,
+    StatusCode::FOUND,
+    StatusCode::SEE_OTHER,
+    StatusCode::TEMPORARY_REDIRECT,
+    StatusCode::PERMANENT_REDIRECT,
+];
 
 impl Answers {
     pub fn count(&self, status: StatusCode) {
@@ -50,7 +62,11 @@ impl Answers {
             StatusCode::SERVICE_UNAVAILABLE => &self.no_backend,
             StatusCode::BAD_GATEWAY => &self.bad_gateway,
             StatusCode::GATEWAY_TIMEOUT => &self.gateway_timeout,
-            _ => return,
+            StatusCode::UNAUTHORIZED => &self.unauthorized,
+            other => match REDIRECTS.iter().position(|r| *r == other) {
+                Some(i) => &self.redirects[i],
+                None => return,
+            },
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -66,6 +82,12 @@ impl ProxyStats {
                 .map(|(name, c)| (name.to_string(), c.sum()))
                 .collect(),
             answers: BTreeMap::from([
+                (301, load(&answers.redirects[0])),
+                (302, load(&answers.redirects[1])),
+                (303, load(&answers.redirects[2])),
+                (307, load(&answers.redirects[3])),
+                (308, load(&answers.redirects[4])),
+                (401, load(&answers.unauthorized)),
                 (400, load(&answers.bad_path)),
                 (403, load(&answers.forbidden)),
                 (404, load(&answers.not_found)),
