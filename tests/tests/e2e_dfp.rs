@@ -368,6 +368,19 @@ fn dfp_users_guard_a_service_with_basic_auth() {
         stats["http"]["answers"]["401"].as_u64().unwrap() >= 15,
         "{stats}"
     );
+    // The same counters for Prometheus.
+    let (code, metrics) = lb.request("GET", "/metrics", None).unwrap();
+    let text = metrics.as_str().unwrap_or_default();
+    assert_eq!(code, 200, "{text}");
+    for family in [
+        "lb_http_requests_total{service=\"plain\"}",
+        "lb_http_answers_total{status=\"401\"}",
+        "lb_xdp_drops_total{reason=",
+        "lb_services 3",
+        "# EOF",
+    ] {
+        assert!(text.contains(family), "{family} missing from:\n{text}");
+    }
     // What is kept is a hash: the clear password is nowhere in the service or DFP's view.
     let (_, svc) = lb.request("GET", "/v1/services/plain", None).unwrap();
     let users = &svc["http"]["users"];
