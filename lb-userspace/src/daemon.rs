@@ -90,8 +90,8 @@ pub enum HttpsListen {
     Off,
     /// Bound at start.
     At(SocketAddr),
-    /// Bound once the store holds a certificate (the default: --http's address, port 443),
-    /// so that a node with no certificate holds no port 443.
+    /// Bound at start, listening once the store holds a certificate (the default: --http's
+    /// address, port 443): a node with no certificate refuses HTTPS connections.
     OnceCertified(SocketAddr),
 }
 
@@ -142,6 +142,18 @@ impl Daemon {
         };
         let https_listener = match config.https {
             HttpsListen::At(addr) => Some(bind_https(addr).await?),
+            _ => None,
+        };
+        // Bound now, while lb may bind a port below 1024; listening once a certificate is
+        // stored, which takes no privilege.
+        let https_reserved = match config.https {
+            HttpsListen::OnceCertified(addr) => match reserve(addr) {
+                Ok(socket) => Some(socket),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "HTTPS will not be served: its port cannot be bound (--https ADDR:PORT picks another, `--https off` for none)");
+                    None
+                }
+            },
             _ => None,
         };
         let (dataplane, keys) = load_dataplane(&config)?;
@@ -221,15 +233,20 @@ impl Daemon {
                     https_tx.send_replace(Some(https_frontend(listener, tls)?));
                     tracing::info!(%addr, "serving HTTP services over TLS");
                 }
-                (HttpsListen::OnceCertified(addr), _) => background.push(
-                    tokio::spawn(open_https_once_certified(
-                        addr,
-                        cert_table.clone(),
-                        tls,
-                        https_tx,
-                    ))
-                    .abort_handle(),
-                ),
+                (HttpsListen::OnceCertified(addr), _) => {
+                    if let Some(socket) = https_reserved {
+                        background.push(
+                            tokio::spawn(open_https_once_certified(
+                                addr,
+                                socket,
+                                cert_table.clone(),
+                                tls,
+                                https_tx,
+                            ))
+                            .abort_handle(),
+                        );
+                    }
+                }
                 _ => {}
             }
             let frontends = l7::Frontends {
@@ -379,17 +396,29 @@ fn https_frontend(
     })
 }
 
-/// Opens the HTTPS listener on `addr` once there is a certificate to serve.
+/// A socket bound to `addr`, not yet listening: connections to it are refused.
+fn reserve(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// Listens on the HTTPS socket bound at start once there is a certificate to serve.
 async fn open_https_once_certified(
     addr: SocketAddr,
+    socket: tokio::net::TcpSocket,
     certs: Arc<tls::CertTable>,
     tls: Arc<rustls::ServerConfig>,
     https: watch::Sender<Option<l7::HttpsFrontend>>,
 ) {
     certs.wait_for_one().await;
-    let opened = match bind_https(addr).await {
+    let opened = match socket.listen(1024) {
         Ok(listener) => https_frontend(listener, tls),
-        Err(e) => Err(e),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("listening on {addr} for HTTPS"))),
     };
     match opened {
         Ok(frontend) => {

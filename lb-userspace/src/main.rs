@@ -93,7 +93,8 @@ struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:80", value_name = "ADDR|off")]
     http: String,
     /// Where HTTP services are served over TLS, or `off`. `auto`: --http's address on port
-    /// 443, opened once the store holds a certificate (`PUT /v1/certs/NAME`). SNI picks the
+    /// 443, bound at start and listening once the store holds a certificate (`PUT
+    /// /v1/certs/NAME`); a port already taken is then only a warning. SNI picks the
     /// certificate; ALPN offers h2 and http/1.1; TLS 1.2 and 1.3.
     #[arg(long, default_value = "auto", value_name = "ADDR|auto|off")]
     https: String,
