@@ -27,7 +27,11 @@ async fn main() -> anyhow::Result<()> {
     };
     proxy
         .clone()
-        .serve(listener, ctrl_c, lb::supervise::Supervisor::default())
+        .serve(
+            lb::l7::Frontends::http(listener),
+            ctrl_c,
+            lb::supervise::Supervisor::default(),
+        )
         .await?;
     println!("{}", serde_json::to_string(&proxy.stats())?);
     Ok(())

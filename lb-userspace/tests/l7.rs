@@ -475,9 +475,22 @@ async fn own_answers_have_bodies_and_counters() {
     let stats = p.proxy.stats();
     assert_eq!(
         stats.answers,
-        [(400, 0), (403, 0), (404, 1), (502, 2), (503, 1), (504, 2)]
-            .into_iter()
-            .collect()
+        [
+            (301, 0),
+            (302, 0),
+            (303, 0),
+            (307, 0),
+            (308, 0),
+            (400, 0),
+            (401, 0),
+            (403, 0),
+            (404, 1),
+            (502, 2),
+            (503, 1),
+            (504, 2)
+        ]
+        .into_iter()
+        .collect()
     );
     for service in ["empty", "refused", "hangup", "silent", "unanswering"] {
         assert_eq!(stats.requests[service], 1, "{service}");
