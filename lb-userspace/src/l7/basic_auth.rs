@@ -24,6 +24,8 @@ pub struct BasicAuth {
     passed: Mutex<HashSet<[u8; 32]>>,
     /// `Basic realm="<service>"`.
     pub challenge: Option<HeaderValue>,
+    /// The users as given, to tell whether a new route table has the same.
+    given: Vec<(String, String)>,
 }
 
 impl BasicAuth {
@@ -37,7 +39,13 @@ impl BasicAuth {
                 .collect(),
             passed: Mutex::default(),
             challenge: HeaderValue::from_str(&format!("Basic realm=\"{realm}\"")).ok(),
+            given: users.to_vec(),
         }
+    }
+
+    /// Whether these are the users it was made for.
+    pub fn is_for(&self, users: &[(String, String)]) -> bool {
+        self.given == users
     }
 
     /// Whether `authorization` holds the credentials of one of the users.

@@ -147,7 +147,7 @@ pub(crate) struct Registry {
     pub max_backend_connections: usize,
     /// Each service's basic auth, kept while its users stay the same (with the
     /// credentials it has seen pass).
-    auths: HashMap<Arc<str>, (Vec<(String, String)>, Arc<BasicAuth>)>,
+    auths: HashMap<Arc<str>, Arc<BasicAuth>>,
 }
 
 impl Registry {
@@ -180,12 +180,11 @@ impl Registry {
         if users.is_empty() {
             return None;
         }
-        let (kept, auth) = self
+        let auth = self
             .auths
             .entry(service.clone())
-            .or_insert_with(|| (users.to_vec(), Arc::new(BasicAuth::new(service, users))));
-        if kept != users {
-            *kept = users.to_vec();
+            .or_insert_with(|| Arc::new(BasicAuth::new(service, users)));
+        if !auth.is_for(users) {
             *auth = Arc::new(BasicAuth::new(service, users));
         }
         Some(auth.clone())

@@ -235,9 +235,10 @@ pub(crate) mod tests {
     /// (seconds from now), and its key, as PEM.
     pub(crate) fn self_signed(names: &[&str], from: i64, until: i64) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        )
+        .unwrap();
         let now = time_now();
         params.not_before = now + time::Duration::seconds(from);
         params.not_after = now + time::Duration::seconds(until);
