@@ -301,6 +301,33 @@ fn dfp_s_first_example_finds_its_instances_through_dns() {
     );
 }
 
+/// A Docker secret (`/run/secrets/dfp_users_NAME`) for a test, removed on drop, with
+/// `/run/secrets` itself if the test made it.
+struct SecretFile {
+    path: std::path::PathBuf,
+    made_dir: bool,
+}
+
+impl SecretFile {
+    fn write(name: &str, text: &str) -> Self {
+        let dir = std::path::Path::new("/run/secrets");
+        let made_dir = !dir.exists();
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(format!("dfp_users_{name}"));
+        std::fs::write(&path, text).unwrap();
+        Self { path, made_dir }
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        if self.made_dir {
+            let _ = std::fs::remove_dir(std::path::Path::new("/run/secrets"));
+        }
+    }
+}
+
 /// DFP's basic auth examples: `users` in the clear, hashes from `mkpasswd -m sha-512`
 /// (`usersPassEncrypted`), and users read from a Docker secret (`usersSecret`). Only those
 /// users get through; the store keeps hashes, never a password.
@@ -313,9 +340,7 @@ fn dfp_users_guard_a_service_with_basic_auth() {
     // `openssl passwd -6 -salt saltsaltsalt password1`, as `mkpasswd -m sha-512` makes it.
     let hash = "$6$saltsaltsalt$u9YMl6Ha1eAa1Vl5wiqeJes.HljTizdGIGgmTGTX4Tifu8VM14tmnqb7HK/0z6d7vd3lK1IoYHYI4qJIBNIUk.";
     let secret = lb_tests::unique("lbt");
-    let secret_file = std::path::Path::new("/run/secrets").join(format!("dfp_users_{secret}"));
-    std::fs::create_dir_all("/run/secrets").unwrap();
-    std::fs::write(&secret_file, format!("carol:{hash}\ndave:{hash}\n")).unwrap();
+    let secret_file = SecretFile::write(&secret, &format!("carol:{hash}\ndave:{hash}\n"));
     let reconfigure = |q: &str| {
         let (code, body) = lb
             .request(
@@ -334,7 +359,7 @@ fn dfp_users_guard_a_service_with_basic_auth() {
     reconfigure(&format!(
         "serviceName=secret&servicePath=/secret&usersPassEncrypted=true&usersSecret={secret}"
     ));
-    let _ = std::fs::remove_file(&secret_file);
+    drop(secret_file);
     let get = |path: &str, user: Option<&str>| {
         let mut args = vec!["-D", "-"];
         if let Some(u) = user {
