@@ -136,10 +136,12 @@ impl Certs {
     }
 
     pub async fn get(&self, name: &str) -> Result<Certificate, CertsError> {
-        self.list()
-            .await?
-            .into_iter()
-            .find(|c| c.name == name)
+        let snapshot = self.store.list().await?;
+        snapshot
+            .entries
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| Certificate::from_stored(&e.name, &e.value).ok())
             .ok_or_else(|| CertsError::NotFound(name.to_string()))
     }
 

@@ -701,6 +701,11 @@ impl Controller {
         self.services.values().cloned().collect()
     }
 
+    /// How many services there are (what `list` would hold, without the copies).
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
     pub fn get(&self, name: &str) -> Result<ServiceView, ControlError> {
         let service = self
             .services

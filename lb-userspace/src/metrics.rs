@@ -8,47 +8,24 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
 use crate::{l7::Proxy, web::Shared};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Reason {
-    reason: String,
-}
+/// One label: its name and value.
+type Label = [(&'static str, String); 1];
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ServiceLabel {
-    service: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Status {
-    status: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Kind {
-    kind: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BackendLabel {
-    backend: String,
-}
-
-/// A counter family filled with `values`.
-fn counters<L, I>(registry: &mut Registry, name: &str, help: &str, values: I)
+/// A counter family, one series per `(value, count)` of `values`, labelled `label`.
+fn counters<I>(registry: &mut Registry, name: &str, help: &str, label: &'static str, values: I)
 where
-    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
-    I: IntoIterator<Item = (L, u64)>,
+    I: IntoIterator<Item = (String, u64)>,
 {
-    let family = Family::<L, Counter>::default();
-    for (labels, n) in values {
-        family.get_or_create(&labels).inc_by(n);
+    let family = Family::<Label, Counter>::default();
+    for (value, n) in values {
+        family.get_or_create(&[(label, value)]).inc_by(n);
     }
     registry.register(name, help, family);
 }
@@ -56,7 +33,7 @@ where
 pub async fn metrics(State(s): State<Shared>, proxy: Option<Arc<Proxy>>) -> Response {
     let read = s
         .controller()
-        .call(|c| (c.drops(), c.flood(), c.list().len()))
+        .call(|c| (c.drops(), c.flood(), c.service_count()))
         .await;
     let Ok((drops, flood, services)) = read else {
         return (StatusCode::SERVICE_UNAVAILABLE, "the controller stopped\n").into_response();
@@ -66,10 +43,8 @@ pub async fn metrics(State(s): State<Shared>, proxy: Option<Arc<Proxy>>) -> Resp
         &mut registry,
         "lb_xdp_drops",
         "Packets XDP dropped, by reason",
-        drops.into_iter().map(|(r, n)| {
-            let reason = r.name().to_string();
-            (Reason { reason }, n)
-        }),
+        "reason",
+        drops.into_iter().map(|(r, n)| (r.name().to_string(), n)),
     );
     let cookies = Gauge::<i64>::default();
     cookies.set(i64::from(flood.cookies));
@@ -94,28 +69,25 @@ pub async fn metrics(State(s): State<Shared>, proxy: Option<Arc<Proxy>>) -> Resp
             &mut registry,
             "lb_http_requests",
             "HTTP requests routed to each service",
-            stats
-                .requests
-                .into_iter()
-                .map(|(service, n)| (ServiceLabel { service }, n)),
+            "service",
+            stats.requests,
         );
         counters(
             &mut registry,
             "lb_http_answers",
             "Answers lb gave itself (not the backends'), by status",
-            stats.answers.into_iter().map(|(status, n)| {
-                let status = status.to_string();
-                (Status { status }, n)
-            }),
+            "status",
+            stats
+                .answers
+                .into_iter()
+                .map(|(status, n)| (status.to_string(), n)),
         );
         counters(
             &mut registry,
             "lb_http_refused",
             "Clients refused or cut by a limit, by kind",
-            stats
-                .refused
-                .into_iter()
-                .map(|(kind, n)| (Kind { kind }, n)),
+            "kind",
+            stats.refused,
         );
         let redispatched = Counter::<u64>::default();
         redispatched.inc_by(stats.redispatched);
@@ -124,9 +96,9 @@ pub async fn metrics(State(s): State<Shared>, proxy: Option<Arc<Proxy>>) -> Resp
             "Requests sent to a second backend after the first did not take them",
             redispatched,
         );
-        let open = Family::<BackendLabel, Gauge>::default();
+        let open = Family::<Label, Gauge>::default();
         for (backend, n) in stats.backend_connections {
-            open.get_or_create(&BackendLabel { backend })
+            open.get_or_create(&[("backend", backend)])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         registry.register(

@@ -114,12 +114,6 @@ pub struct HeaderEdits {
     pub add: std::collections::BTreeMap<String, String>,
 }
 
-impl HeaderEdits {
-    pub fn is_empty(&self) -> bool {
-        self.delete.is_empty() && self.set.is_empty() && self.add.is_empty()
-    }
-}
-
 /// The first match of the regular expression `search` in the path the backend is asked for
 /// replaced by `replace` (`$1`, `${name}` for groups).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -141,6 +135,10 @@ const FRAMING_HEADERS: [&str; 7] = [
 ];
 
 impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+
     fn check(&self, field: &str) -> Result<(), ValidationError> {
         let name_ok = |f: String, n: &str| -> Result<(), ValidationError> {
             let parsed = http::HeaderName::from_bytes(n.as_bytes()).map_err(|_| {

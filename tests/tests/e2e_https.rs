@@ -38,6 +38,12 @@ fn https(ns: &Netns, pki: &Pki, name: &str, path: &str, extra: &[&str]) -> Curl 
     curl(ns, &args)
 }
 
+/// Whether `https://NAME/PATH` answers 200 within `within` (lb follows the store's
+/// certificates and services a moment after they are written).
+fn https_ok_within(ns: &Netns, pki: &Pki, name: &str, path: &str, within: Duration) -> bool {
+    eventually(within, || https(ns, pki, name, path, &[]).status == 200)
+}
+
 fn put_cert(lb: &LbProcess, name: &str, cert: &str, key: &str) -> (u16, Value) {
     let body = json!({"cert": cert, "key": key}).to_string();
     lb.request("PUT", &format!("/v1/certs/{name}"), Some(&body))
@@ -151,15 +157,13 @@ fn https_with_certificates_from_the_api_chosen_by_sni_and_replaced_live() {
 
     // Served by SNI, each name checked by curl against the certificate it got: h2 by ALPN,
     // HTTP/1.1 when asked, TLS 1.2 as well as 1.3, and the backend told it was HTTPS.
-    assert!(eventually(Duration::from_secs(5), || https(
+    assert!(https_ok_within(
         &topo.client,
         &pki,
         "example.com",
         "/web/x",
-        &[]
-    )
-    .status
-        == 200));
+        Duration::from_secs(5)
+    ));
     let c = https(&topo.client, &pki, "example.com", "/web/headers", &[]);
     assert_eq!((c.status, c.version.as_str()), (200, "2"), "{c:?}");
     let headers = c.body.to_ascii_lowercase();
@@ -436,30 +440,26 @@ fn a_fresh_node_with_only_the_store_address_serves_the_same_https() {
             &json!({"http": {"domain": "shop.example", "https_only": true}, "backends": [be]}),
         )
         .unwrap();
-    assert!(eventually(Duration::from_secs(5), || https(
+    assert!(https_ok_within(
         &sites[0].client,
         &pki,
         "shop.example",
         "/",
-        &[]
-    )
-    .status
-        == 200));
+        Duration::from_secs(5)
+    ));
     let leaf = TlsConn::open(&sites[0].client, &pki, "shop.example")
         .unwrap()
         .leaf();
     // The node dies; a new one, told nothing but the store's address, takes over.
     drop(first.kill());
     let second = LbProcess::start(&sites[1].lb, &sites[1].lb_ifaces, &args).unwrap();
-    assert!(eventually(Duration::from_secs(10), || https(
+    assert!(https_ok_within(
         &sites[1].client,
         &pki,
         "shop.example",
         "/",
-        &[]
-    )
-    .status
-        == 200));
+        Duration::from_secs(10)
+    ));
     let again = TlsConn::open(&sites[1].client, &pki, "shop.example").unwrap();
     assert_eq!(again.leaf(), leaf, "the same certificate");
     let c = curl(
