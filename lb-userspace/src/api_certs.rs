@@ -119,7 +119,7 @@ impl Certs {
             .put(&certificate.name, &certificate.to_stored(), Expect::Any)
             .await?;
         let view = CertView::of(&certificate, false);
-        self.table.put(certificate);
+        self.table.put_cert(certificate);
         Ok(view)
     }
 
@@ -150,7 +150,7 @@ impl Certs {
         if !self.store.delete(name, Expect::Any).await? {
             return Err(CertsError::NotFound(name.to_string()));
         }
-        self.table.remove(name);
+        self.table.remove_cert(name);
         Ok(())
     }
 }

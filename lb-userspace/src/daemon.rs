@@ -3,7 +3,7 @@
 //! [`Daemon::shutdown`] stops them in order and leaves the data plane forwarding for the
 //! next daemon.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -18,6 +18,7 @@ use tokio::{
 };
 
 use crate::{
+    acme,
     address_rules::{AddressRules, Listener},
     api,
     api_auth::AccessPolicy,
@@ -82,6 +83,8 @@ pub struct Config {
     /// How every etcd and Consul server (store and discovery) is reached: TLS and the etcd
     /// user.
     pub store_access: Access,
+    /// `--acme-directory`: certificates ordered from an ACME CA.
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 /// Where the HTTPS listener is.
@@ -160,6 +163,12 @@ impl Daemon {
         let store = open_store(&config).await?;
         let cert_store = open_store_keyspace(&config, Keyspace::Certs).await?;
         let cert_table = Arc::new(tls::CertTable::default());
+        let acme_store = match config.acme {
+            Some(_) => Some(open_store_keyspace(&config, Keyspace::Acme).await?),
+            None => None,
+        };
+        let acme_challenges = Arc::new(acme::Challenges::default());
+        let (acme_wanted, acme_wanted_rx) = watch::channel(BTreeSet::new());
         let mut controller = Controller::new(dataplane);
         // From here on the data plane outlives this process: a restart takes it over.
         controller.keep_on_exit();
@@ -203,6 +212,27 @@ impl Daemon {
                 )
                 .abort_handle(),
         ];
+        let certs = crate::api_certs::Certs::new(cert_store, cert_table.clone());
+        if let (Some(acme_config), Some(acme_store)) = (&config.acme, acme_store) {
+            background.push(
+                supervisor
+                    .spawn(
+                        "acme challenges",
+                        acme::challenges::follow(acme_store.clone(), acme_challenges.clone()),
+                    )
+                    .abort_handle(),
+            );
+            let manager = acme::Manager {
+                config: acme_config.clone(),
+                store: acme_store,
+                certs: certs.clone(),
+                table: cert_table.clone(),
+                challenges: acme_challenges.clone(),
+                wanted: acme_wanted_rx,
+            };
+            background.push(supervisor.spawn("acme", manager.run()).abort_handle());
+            tracing::info!(directory = %acme_config.directory, domains = ?acme_config.domains, "ordering certificates over ACME");
+        }
         let (stop, stopped) = watch::channel(false);
         let mut proxy = None;
         let mut http = None;
@@ -216,6 +246,7 @@ impl Daemon {
                 trusted_proxies: l7::TrustedProxies::new(config.trusted_proxies.clone()),
                 limits: config.http_limits.clone(),
                 https_port: config.https.addr().map_or(443, |a| a.port()),
+                acme_challenges: acme_challenges.clone(),
                 ..l7::ProxyConfig::default()
             });
             let routes = engine.clone();
@@ -223,6 +254,12 @@ impl Daemon {
                 .call(move |c| {
                     c.set_http_routes(Box::new(move |services| {
                         routes.set_routes(services.iter().map(route).collect());
+                        let wanted = acme_domains(&services);
+                        acme_wanted.send_if_modified(|held| {
+                            let changed = *held != wanted;
+                            *held = wanted;
+                            changed
+                        });
                     }));
                 })
                 .await?;
@@ -275,7 +312,7 @@ impl Daemon {
                 proxy,
                 supervisor: supervisor.clone(),
                 access: Arc::new(config.api_access.clone()),
-                certs: crate::api_certs::Certs::new(cert_store, cert_table),
+                certs,
             },
         );
         let api = supervisor.spawn("api", serve_api(api_listener, router, stopped));
@@ -611,6 +648,17 @@ async fn sweep(controller: ControllerHandle) {
             Err(_) => return,
         }
     }
+}
+
+/// The domains of the HTTP services that ask for an ACME certificate.
+fn acme_domains(services: &[HttpService]) -> BTreeSet<String> {
+    services
+        .iter()
+        .filter(|s| !s.removed)
+        .filter_map(|s| s.service.http.as_ref())
+        .filter(|r| r.tls.acme)
+        .filter_map(|r| r.domain.clone())
+        .collect()
 }
 
 /// The proxy's route for an HTTP service.

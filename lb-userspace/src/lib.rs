@@ -1,5 +1,6 @@
 //! lb's control plane as a library: the CLI in `main.rs` is a thin shell over it, and the
 //! privileged tests drive it directly.
+pub mod acme;
 pub mod address_rules;
 pub mod api;
 pub mod api_auth;

@@ -56,7 +56,8 @@ The API (JSON):
          an HTTP service (served on --http): {\"http\": {\"paths\": [\"/demo\"], \"domain\": \"example.com\"}, \"backends\": [...]}
          its http may add \"https_only\": true, \"users\": [{\"name\": \"admin\", \"password\": \"..\"}],
          \"request_headers\"/\"response_headers\": {\"delete\": [..], \"set\": {..}, \"add\": {..}},
-         \"path_rewrite\": [{\"search\": \"^/demo/\", \"replace\": \"/\"}], \"allowed_methods\": [\"GET\"]
+         \"path_rewrite\": [{\"search\": \"^/demo/\", \"replace\": \"/\"}], \"allowed_methods\": [\"GET\"],
+         \"tls\": {\"acme\": true} (a certificate for its domain, with --acme-directory)
          health checks: \"check\": {\"kind\": \"http\", \"path\": \"/health\", \"interval_ms\": 1000, \"rise\": 2, \"fall\": 3}
   GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats
   PUT    /v1/certs/NAME  {\"cert\": PEM chain, \"key\": PEM key} (or one PEM with both): served on --https
@@ -174,6 +175,31 @@ struct RunArgs {
     /// second). Default: the servers of the host's /etc/resolv.conf.
     #[arg(long = "dns", value_name = "IP[:PORT]", value_parser = parse_dns_server)]
     dns_servers: Vec<std::net::SocketAddr>,
+    /// An ACME CA to order certificates from (RFC 8555 directory URL; `letsencrypt` for
+    /// Let's Encrypt): for each --acme-domain and the http.domain of each service with
+    /// "tls": {"acme": true}. lb answers the HTTP-01 challenge on --http (the CA must reach
+    /// it on port 80), stores each certificate as `acme.DOMAIN` (served by every node) and
+    /// renews it before it expires; one node orders at a time (a lock in the store).
+    #[arg(long, value_name = "URL|letsencrypt")]
+    acme_directory: Option<String>,
+    /// The ACME account's contact address.
+    #[arg(long, value_name = "EMAIL", requires = "acme_directory")]
+    acme_email: Option<String>,
+    /// A domain to order a certificate for, whatever the services say (repeatable).
+    #[arg(
+        long = "acme-domain",
+        value_name = "DOMAIN",
+        requires = "acme_directory"
+    )]
+    acme_domains: Vec<String>,
+    /// PEM roots the ACME directory's own HTTPS is checked against, instead of the
+    /// system's (a private CA).
+    #[arg(long, value_name = "FILE", requires = "acme_directory")]
+    acme_ca_file: Option<PathBuf>,
+    /// Renew an ordered certificate this long before it expires (or at two thirds of its
+    /// life, if that comes first).
+    #[arg(long, default_value = "30d", value_name = "DURATION", value_parser = parse_duration)]
+    acme_renew_before: std::time::Duration,
     /// The balancer's own address: the VIP of Docker Flow Proxy `reqMode=tcp` services.
     /// Default: the IPv4 address of the first --iface.
     #[arg(long, value_name = "IP")]
@@ -496,7 +522,44 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
             h2_max_streams: args.http2_max_streams,
         },
         store_access: store_access(args)?,
+        acme: acme(args)?,
     })
+}
+
+/// ACME, if --acme-directory asks for it.
+fn acme(args: &RunArgs) -> anyhow::Result<Option<lb::acme::AcmeConfig>> {
+    let Some(directory) = &args.acme_directory else {
+        return Ok(None);
+    };
+    let directory = match directory.as_str() {
+        "letsencrypt" => lb::acme::LETS_ENCRYPT.to_string(),
+        url if url.starts_with("https://") => url.to_string(),
+        other => anyhow::bail!("--acme-directory {other}: expected an https:// URL or letsencrypt"),
+    };
+    if args.http.as_str() == "off" {
+        anyhow::bail!(
+            "--acme-directory: the CA validates on the HTTP listener, which is off (--http)"
+        );
+    }
+    let mut domains = Vec::new();
+    for d in &args.acme_domains {
+        let route = lb::model::HttpSpec {
+            domain: Some(d.clone()),
+            tls: Some(lb::model::RouteTls { acme: true }),
+            ..Default::default()
+        };
+        let checked = route
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--acme-domain {d}: {}", e.message))?;
+        domains.extend(checked.domain);
+    }
+    Ok(Some(lb::acme::AcmeConfig {
+        directory,
+        email: args.acme_email.clone(),
+        ca_file: args.acme_ca_file.clone(),
+        domains,
+        renew_before: args.acme_renew_before,
+    }))
 }
 
 /// How etcd and Consul servers are reached, from the flags.

@@ -82,7 +82,8 @@ pub struct ServiceSpec {
 /// "https_redirect_code": 302, "deny_http": false,
 /// "users": [{"name": "admin", "password": "..."} | {"name": "bob", "password_hash": "$6$..."}],
 /// "request_headers": {"delete": ["X-A"], "set": {"X-B": "1"}, "add": {"X-C": "2"}},
-/// "response_headers": {...}, "path_rewrite": [{"search": "^/demo/", "replace": "/"}]}`
+/// "response_headers": {...}, "path_rewrite": [{"search": "^/demo/", "replace": "/"}],
+/// "tls": {"acme": true}}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -100,6 +101,22 @@ pub struct HttpSpec {
     pub request_headers: Option<HeaderEdits>,
     pub response_headers: Option<HeaderEdits>,
     pub path_rewrite: Option<Vec<PathRewrite>>,
+    pub tls: Option<RouteTls>,
+}
+
+/// `"tls": {"acme": true}`: the route's domain gets a certificate from the ACME CA
+/// (`--acme-directory`), renewed before it expires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTls {
+    #[serde(default)]
+    pub acme: bool,
+}
+
+impl RouteTls {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Headers a route deletes, then sets (replacing), then adds (appending), by name.
@@ -275,6 +292,8 @@ pub struct HttpRoute {
     /// The path the backend is asked for, rewritten by each rule in turn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path_rewrite: Vec<PathRewrite>,
+    #[serde(default, skip_serializing_if = "RouteTls::is_default")]
+    pub tls: RouteTls,
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -526,6 +545,7 @@ impl HttpSpec {
             request_headers: self.request_headers.clone().unwrap_or_default(),
             response_headers: self.response_headers.clone().unwrap_or_default(),
             path_rewrite: self.path_rewrite.clone().unwrap_or_default(),
+            tls: self.tls.unwrap_or_default(),
         }
         .checked()
     }
@@ -605,6 +625,25 @@ impl HttpRoute {
                     "http.domain",
                     format!("{d:?} is not a host name (or *.domain)"),
                 ));
+            }
+        }
+        if self.tls.acme {
+            match &self.domain {
+                None => {
+                    return Err(ValidationError::new(
+                        "http.tls.acme",
+                        "needs http.domain: the name the certificate is ordered for",
+                    ));
+                }
+                Some(d) if d.starts_with("*.") => {
+                    return Err(ValidationError::new(
+                        "http.tls.acme",
+                        format!(
+                            "{d:?}: a wildcard cannot be validated over HTTP (HTTP-01); store its certificate with PUT /v1/certs"
+                        ),
+                    ));
+                }
+                Some(_) => {}
             }
         }
         if let Some(code) = self.https_redirect_code

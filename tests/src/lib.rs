@@ -14,6 +14,7 @@ pub mod lbproc;
 pub mod maglev_ref;
 pub mod netns;
 pub mod packet;
+pub mod pebble;
 pub mod peers;
 pub mod pki;
 pub mod rawhttp;

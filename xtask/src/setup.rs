@@ -34,6 +34,7 @@ const PACKAGES: &[(&str, &str)] = &[
         "dnsmasq-base",
         "a real DNS server for the DNS discovery tests (the binary, no system service)",
     ),
+    ("pebble", "the ACME tests' CA (Let's Encrypt's test server)"),
     ("nginx", "the benchmarks' backends"),
     ("curl", "the HTTPS and DFP tests request as a user would"),
     ("wrk", "the benchmarks' load"),
@@ -258,6 +259,8 @@ fn check() -> Vec<String> {
         ("etcdctl", &["version"][..], "etcdctl"),
         ("haproxy", &["-v"][..], "haproxy"),
         ("dnsmasq", &["--version"][..], "dnsmasq (dnsmasq-base)"),
+        // pebble has no version flag.
+        ("sh", &["-c", "command -v pebble"][..], "pebble"),
         ("nginx", &["-v"][..], "nginx"),
         ("curl", &["--version"][..], "curl"),
         ("nft", &["--version"][..], "nft (nftables)"),

@@ -248,6 +248,9 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
             "delResHeader",
         )?),
         path_rewrite: Some(path_rewrites(params)?),
+        // DFP leaves ACME to a companion (docker-flow-letsencrypt) that stores
+        // certificates through `cert`.
+        tls: None,
     })
 }
 

@@ -40,6 +40,17 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: &Conn,
     ) -> Response<ResponseBody> {
+        // A CA validating a certificate lb orders: answered before any route (and over
+        // plain HTTP even for HTTPS-only services), as RFC 8555 has it. Other tokens go
+        // to the routes, whose backends may order their own.
+        if let Some(answer) = self.config.acme_challenges.answer(req.uri().path()) {
+            let mut response = self.answer(StatusCode::OK, answer);
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return response;
+        }
         // Routed by its normalised path, and forwarded with it: the backend is asked for
         // what lb matched, whatever spelling the client used.
         let normalized = match path::normalize(req.uri().path()) {

@@ -85,6 +85,8 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// The HTTPS listener's port, for redirects to HTTPS.
     pub https_port: u16,
+    /// The ACME HTTP-01 challenges this node answers, before any route.
+    pub acme_challenges: Arc<crate::acme::Challenges>,
 }
 
 impl Default for ProxyConfig {
@@ -97,6 +99,7 @@ impl Default for ProxyConfig {
             trusted_proxies: TrustedProxies::default(),
             limits: Limits::default(),
             https_port: 443,
+            acme_challenges: Arc::default(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Where the configuration lives: one document per service under `<prefix>/services/`
-//! (and one per TLS certificate under `<prefix>/certs/`), in a store that outlives the
+//! (and one per TLS certificate under `<prefix>/certs/`, ACME's under `<prefix>/acme/`),
+//! in a store that outlives the
 //! balancer. Writes are compare-and-set; a watch delivers the
 //! changes after a listing, in order, so that any number of lb nodes converge on one store.
 //!
@@ -11,6 +12,7 @@ pub mod consul;
 pub mod document;
 pub mod etcd;
 pub mod file;
+pub mod follow;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -56,6 +58,9 @@ pub enum Keyspace {
     Services,
     /// `<prefix>/certs/<name>`: TLS certificates and their keys.
     Certs,
+    /// `<prefix>/acme/<name>`: the ACME account, the lock of the node ordering, and the
+    /// HTTP-01 challenges being answered.
+    Acme,
 }
 
 impl Keyspace {
@@ -63,6 +68,7 @@ impl Keyspace {
         match self {
             Keyspace::Services => "services",
             Keyspace::Certs => "certs",
+            Keyspace::Acme => "acme",
         }
     }
 }

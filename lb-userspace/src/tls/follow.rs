@@ -1,43 +1,33 @@
-//! The certificates in the store, kept in the [`CertTable`]: listed, then watched; listed
-//! again after an error. A stored entry that does not parse is skipped with an error logged
-//! (the API never stores one), and one that has expired is served with a warning.
-use std::{sync::Arc, time::Duration};
+//! The certificates in the store, kept in the [`CertTable`]. A stored entry that does not
+//! parse is skipped with an error logged (the API never stores one), and one that has
+//! expired is served with a warning.
+use std::sync::Arc;
 
 use super::{cert::Certificate, table::CertTable};
-use crate::{
-    retry::Backoff,
-    store::{Entry, Event, Store},
+use crate::store::{
+    Entry, Store,
+    follow::{Follower, follow as follow_store},
 };
 
 /// Follows the store's certificates into `table` for ever.
 pub async fn follow(store: Arc<dyn Store>, table: Arc<CertTable>) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    loop {
-        let snapshot = match store.list().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing the certificates in the store");
-                backoff.wait().await;
-                continue;
-            }
-        };
-        backoff.reset();
-        table.replace_all(snapshot.entries.iter().filter_map(usable).collect());
-        let mut events = store.watch(&snapshot);
-        while let Some(event) = events.recv().await {
-            match event {
-                Ok(Event::Put(entry)) => match usable(&entry) {
-                    Some(cert) => table.put(cert),
-                    None => table.remove(&entry.name),
-                },
-                Ok(Event::Deleted { name, .. }) => table.remove(&name),
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching the certificates in the store");
-                    break;
-                }
-            }
+    follow_store(store, "certificates", &*table).await;
+}
+
+impl Follower for CertTable {
+    fn replace_all(&self, entries: &[Entry]) {
+        self.replace_all_certs(entries.iter().filter_map(usable).collect());
+    }
+
+    fn put(&self, entry: &Entry) {
+        match usable(entry) {
+            Some(cert) => self.put_cert(cert),
+            None => self.remove_cert(&entry.name),
         }
-        backoff.wait().await;
+    }
+
+    fn remove(&self, name: &str) {
+        self.remove_cert(name);
     }
 }
 

@@ -74,7 +74,7 @@ impl Lookup {
 pub struct CertTable {
     lookup: ArcSwap<Lookup>,
     certs: Mutex<BTreeMap<String, Arc<Certificate>>>,
-    /// How many certificates there are, for whoever waits for the first.
+    /// How many certificates there are, for whoever waits for the first or for a change.
     count: watch::Sender<usize>,
 }
 
@@ -98,7 +98,7 @@ impl Default for CertTable {
 
 impl CertTable {
     /// Replaces every certificate.
-    pub fn replace_all(&self, certs: Vec<Certificate>) {
+    pub fn replace_all_certs(&self, certs: Vec<Certificate>) {
         let mut held = self.certs.lock().unwrap();
         *held = certs
             .into_iter()
@@ -108,13 +108,13 @@ impl CertTable {
     }
 
     /// Adds `cert`, or replaces the one of its name.
-    pub fn put(&self, cert: Certificate) {
+    pub fn put_cert(&self, cert: Certificate) {
         let mut held = self.certs.lock().unwrap();
         held.insert(cert.name.clone(), Arc::new(cert));
         self.publish(&held);
     }
 
-    pub fn remove(&self, name: &str) {
+    pub fn remove_cert(&self, name: &str) {
         let mut held = self.certs.lock().unwrap();
         if held.remove(name).is_some() {
             self.publish(&held);
@@ -123,7 +123,18 @@ impl CertTable {
 
     fn publish(&self, held: &BTreeMap<String, Arc<Certificate>>) {
         self.lookup.store(Arc::new(Lookup::build(held)));
-        self.count.send_replace(held.len());
+        // Every change is told, even one that keeps the count.
+        self.count.send_modify(|n| *n = held.len());
+    }
+
+    /// Told of every change of the table.
+    pub fn changes(&self) -> watch::Receiver<usize> {
+        self.count.subscribe()
+    }
+
+    /// The certificate named `name`, if the table holds it.
+    pub fn get(&self, name: &str) -> Option<Arc<Certificate>> {
+        self.certs.lock().unwrap().get(name).cloned()
     }
 
     /// Waits until there is at least one certificate.
@@ -172,7 +183,7 @@ mod tests {
             a.certified.cert[0].to_vec(),
             wild.certified.cert[0].to_vec(),
         );
-        table.replace_all(vec![wild, a]);
+        table.replace_all_certs(vec![wild, a]);
         assert_eq!(serves(&table, "a.test").unwrap(), a_der);
         assert_eq!(
             serves(&table, "A.Test.").unwrap(),
@@ -184,9 +195,9 @@ mod tests {
         assert_eq!(serves(&table, "other.test").unwrap(), a_der);
         let default = cert("default", &["d.test"], 30);
         let d_der = default.certified.cert[0].to_vec();
-        table.put(default);
+        table.put_cert(default);
         assert_eq!(serves(&table, "other.test").unwrap(), d_der);
-        table.remove("default");
+        table.remove_cert("default");
         assert_eq!(serves(&table, "other.test").unwrap(), a_der);
     }
 
@@ -196,7 +207,7 @@ mod tests {
         let old = cert("old", &["a.test"], 10);
         let new = cert("new", &["a.test"], 90);
         let new_der = new.certified.cert[0].to_vec();
-        table.replace_all(vec![new, old]);
+        table.replace_all_certs(vec![new, old]);
         assert_eq!(serves(&table, "a.test").unwrap(), new_der);
     }
 }
