@@ -694,6 +694,10 @@ fn route(s: &HttpService) -> l7::Route {
             .map(|u| (u.name.clone(), u.password_hash.clone()))
             .collect(),
         rewrite: rewrite(r),
+        backend_tls: r
+            .backend_tls
+            .as_ref()
+            .map(crate::model::BackendTlsSpec::to_l7),
     }
 }
 

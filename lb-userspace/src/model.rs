@@ -83,7 +83,7 @@ pub struct ServiceSpec {
 /// "users": [{"name": "admin", "password": "..."} | {"name": "bob", "password_hash": "$6$..."}],
 /// "request_headers": {"delete": ["X-A"], "set": {"X-B": "1"}, "add": {"X-C": "2"}},
 /// "response_headers": {...}, "path_rewrite": [{"search": "^/demo/", "replace": "/"}],
-/// "tls": {"acme": true}}`
+/// "tls": {"acme": true}, "backend_tls": {"verify": true, "ca": PEM, "server_name": ".."}}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -102,6 +102,50 @@ pub struct HttpSpec {
     pub response_headers: Option<HeaderEdits>,
     pub path_rewrite: Option<Vec<PathRewrite>>,
     pub tls: Option<RouteTls>,
+    pub backend_tls: Option<BackendTlsSpec>,
+}
+
+/// `"backend_tls": {"verify": true, "ca": PEM, "server_name": "api.internal"}`: the
+/// backends are reached over TLS, their certificate checked against `ca` (default: the
+/// system's roots) for `server_name` (default: the backend's address), or not checked at
+/// all with `"verify": false` (DFP's `sslVerifyNone`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsSpec {
+    #[serde(default = "yes")]
+    pub verify: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl BackendTlsSpec {
+    /// As the proxy takes it.
+    pub fn to_l7(&self) -> crate::l7::BackendTls {
+        crate::l7::BackendTls {
+            verify: self.verify,
+            ca_pem: self.ca.clone(),
+            server_name: self.server_name.clone(),
+        }
+    }
+
+    fn check(&self) -> Result<(), ValidationError> {
+        if !self.verify && self.ca.is_some() {
+            return Err(ValidationError::new(
+                "http.backend_tls.ca",
+                "has no use with \"verify\": false",
+            ));
+        }
+        self.to_l7().check().map_err(|why| {
+            let (part, message) = why.split_once(": ").unwrap_or(("ca", &why));
+            ValidationError::new(format!("http.backend_tls.{part}"), message)
+        })
+    }
 }
 
 /// `"tls": {"acme": true}`: the route's domain gets a certificate from the ACME CA
@@ -294,6 +338,9 @@ pub struct HttpRoute {
     pub path_rewrite: Vec<PathRewrite>,
     #[serde(default, skip_serializing_if = "RouteTls::is_default")]
     pub tls: RouteTls,
+    /// The backends are reached over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_tls: Option<BackendTlsSpec>,
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -546,6 +593,7 @@ impl HttpSpec {
             response_headers: self.response_headers.clone().unwrap_or_default(),
             path_rewrite: self.path_rewrite.clone().unwrap_or_default(),
             tls: self.tls.unwrap_or_default(),
+            backend_tls: self.backend_tls.clone(),
         }
         .checked()
     }
@@ -626,6 +674,9 @@ impl HttpRoute {
                     format!("{d:?} is not a host name (or *.domain)"),
                 ));
             }
+        }
+        if let Some(tls) = &self.backend_tls {
+            tls.check()?;
         }
         if self.tls.acme {
             match &self.domain {

@@ -518,3 +518,65 @@ impl Drop for ClientLoad {
         }
     }
 }
+
+/// An HTTPS backend inside a namespace: answers every request with
+/// `tls NAME PATH proto=X-Forwarded-Proto`, over TLS with `config`'s certificate.
+pub struct TlsBackend {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TlsBackend {
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        addr: SocketAddr,
+        config: Arc<rustls::ServerConfig>,
+    ) -> anyhow::Result<Self> {
+        let listener = ns.run(move || TcpListener::bind(addr))?;
+        listener.set_nonblocking(true)?;
+        let name = name.to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app = axum::Router::new().fallback(
+                    move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+                        let proto = headers
+                            .get("x-forwarded-proto")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let name = name.clone();
+                        async move { format!("tls {name} {} proto={proto}\n", uri.path()) }
+                    },
+                );
+                let listener = crate::pki::TlsListener::new(listener, config);
+                tokio::select! {
+                    _ = axum::serve(listener, app) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

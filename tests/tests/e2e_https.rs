@@ -473,3 +473,100 @@ fn a_fresh_node_with_only_the_store_address_serves_the_same_https() {
     );
     drop(second);
 }
+
+#[test]
+fn backends_over_tls_checked_against_a_ca_by_name_or_not_at_all() {
+    let topo = Topology::two_armed(1).unwrap();
+    let backend_ip = topo.backend_addrs[0].to_string();
+    // The backend's certificate names its address and backend.internal, under the test CA.
+    let pki = Pki::new(&[&backend_ip, "backend.internal"]).unwrap();
+    let backend = topo.backend(0, 8443);
+    let _tls_backend = lb_tests::servers::TlsBackend::start(
+        &topo.backends[0],
+        "b0",
+        backend.into(),
+        pki.server_config().unwrap(),
+    )
+    .unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--http", &format!("{LB}:80")]).unwrap();
+    let ca = std::fs::read_to_string(pki.ca()).unwrap();
+    let other_ca = std::fs::read_to_string(pki.other_ca()).unwrap();
+    let put = |name: &str, path: &str, backend_tls: Value| {
+        let body = json!({"http": {"paths": [path], "backend_tls": backend_tls}, "backends": [backend.to_string()]});
+        lb.request(
+            "PUT",
+            &format!("/v1/services/{name}"),
+            Some(&body.to_string()),
+        )
+        .unwrap()
+    };
+    let get = |path: &str| curl(&topo.client, &[&format!("http://{LB}{path}")]);
+
+    // Checked against the route's CA, for the backend's address.
+    assert_eq!(put("by-ca", "/ca", json!({"ca": ca})).0, 200);
+    // Checked for a name the certificate has, and for one it lacks.
+    assert_eq!(
+        put(
+            "by-name",
+            "/name",
+            json!({"ca": ca, "server_name": "backend.internal"})
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        put(
+            "wrong-name",
+            "/wrong",
+            json!({"ca": ca, "server_name": "other.internal"})
+        )
+        .0,
+        200
+    );
+    // Against another CA, and against the system's roots: refused.
+    assert_eq!(put("other-ca", "/other", json!({"ca": other_ca})).0, 200);
+    assert_eq!(put("system", "/system", json!({})).0, 200);
+    // Not checked at all (DFP's sslVerifyNone, which also turns TLS on).
+    let (status, answer) = lb
+        .request(
+            "GET",
+            &format!(
+                "/v1/docker-flow-proxy/reconfigure?serviceName=insecure&servicePath=/insecure&port=8443&backends={backend_ip}&sslVerifyNone=true"
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+
+    for path in ["/ca/x", "/name/x", "/insecure/x"] {
+        let got = get(path);
+        assert_eq!(got.status, 200, "{path}: {got:?}\n{}", lb.log_text());
+        assert_eq!(got.body, format!("tls b0 {path} proto=http\n"), "{path}");
+    }
+    for path in ["/wrong/x", "/other/x", "/system/x"] {
+        let got = get(path);
+        assert_eq!(got.status, 502, "{path}: {got:?}");
+    }
+    assert!(
+        lb.log_text().contains("backend TLS failed"),
+        "{}",
+        lb.log_text()
+    );
+
+    // A CA that is no certificate, a name that is no name, and a CA with no checking:
+    // refused naming the field, nothing stored.
+    for (tls, field) in [
+        (json!({"ca": "junk"}), "http.backend_tls.ca"),
+        (
+            json!({"server_name": "no such name!"}),
+            "http.backend_tls.server_name",
+        ),
+        (json!({"verify": false, "ca": ca}), "http.backend_tls.ca"),
+    ] {
+        let (status, answer) = put("bad", "/bad", tls);
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["field"], field, "{answer}");
+    }
+    assert_eq!(lb.request("GET", "/v1/services/bad", None).unwrap().0, 404);
+    lb.stop().unwrap();
+}

@@ -38,7 +38,6 @@ const fn p(name: &'static str, indexed: bool, support: Support) -> Param {
 }
 
 const ONE_HTTPS_PORT: &str = "lb serves HTTPS on its one --https listener (DFP's srcHttpsPort/httpsPort have no counterpart yet)";
-const NO_BACKEND_TLS: &str = "lb reaches HTTP backends in the clear (backend TLS is not done yet)";
 const NO_TEMPLATES: &str = "lb has no HAProxy configuration to add to";
 
 /// Every parameter DFP documents for `reconfigure` (its usage guide and its source's
@@ -78,6 +77,7 @@ const PARAMS: &[Param] = &[
     p("httpsRedirectCode", true, Honoured),
     p("deniedMethods", true, Honoured),
     p("overrideLocalListener", false, Honoured),
+    p("sslVerifyNone", true, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
     p("pathType", true, Honoured),
     // What lb has no use for.
@@ -124,7 +124,6 @@ const PARAMS: &[Param] = &[
     ),
     p("httpsPort", true, Refused(ONE_HTTPS_PORT)),
     p("srcHttpsPort", true, Refused(ONE_HTTPS_PORT)),
-    p("sslVerifyNone", true, Refused(NO_BACKEND_TLS)),
     p(
         "verifyClientSsl",
         true,

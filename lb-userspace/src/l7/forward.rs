@@ -190,7 +190,12 @@ impl Proxy {
                     let text = format!("service {service}: backends at their connection cap\n");
                     return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
                 }
-                tracing::debug!(%service, error = %e, "backend failed");
+                if matches!(e, UpstreamError::Tls(..)) {
+                    // A setting to mend (a certificate lb does not trust): said loudly.
+                    tracing::warn!(%service, error = %e, "backend TLS failed");
+                } else {
+                    tracing::debug!(%service, error = %e, "backend failed");
+                }
                 let (status, what) = if e.is_timeout() {
                     (StatusCode::GATEWAY_TIMEOUT, "timed out")
                 } else {

@@ -2,12 +2,13 @@
 //!
 //! Clients speak HTTP/1.1 (keep-alive, upgrades) or h2c with prior knowledge, or either
 //! over TLS on the HTTPS listener (h2 by ALPN); backends are
-//! reached over pooled keep-alive HTTP/1.1 connections. The route table is rebuilt and
+//! reached over pooled keep-alive HTTP/1.1 connections, in the clear or over TLS. The route table is rebuilt and
 //! swapped whole on every service or health change ([`Proxy::set_routes`]); requests read
 //! it without locking.
 //!
 //! - `routes`: routes and the compiled table (host, then longest path prefix)
 //! - `backend`: per-backend connection pools and requests in flight
+//! - `backend_tls`: backends reached over TLS, checked or not
 //! - `lease`: backend choice, and a request counted against its backend
 //! - `forward`: one request, from routing to the response (and upgrades), and its one
 //!   retry on another backend when the first could not take it
@@ -25,6 +26,7 @@
 //! - `stats`: counters
 //! - `worker`: which worker thread the current thread is
 mod backend;
+mod backend_tls;
 mod basic_auth;
 mod coarse_timeout;
 mod conn;
@@ -53,6 +55,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
+pub use backend_tls::BackendTls;
 pub use headers::{TrustedProxies, parse_cidr};
 pub use limits::{Limits, raise_fd_limit};
 pub use rewrite::{HeaderRules, PathRule, Rewrite};

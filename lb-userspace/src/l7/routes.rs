@@ -9,6 +9,7 @@ use std::{
 
 use super::{
     backend::{Backend, PoolClock},
+    backend_tls::{BackendTls, TlsConnector},
     basic_auth::BasicAuth,
     path,
     rewrite::Rewrite,
@@ -52,6 +53,8 @@ pub struct Route {
     pub users: Vec<(String, String)>,
     /// Headers and path rewritten after routing.
     pub rewrite: Option<Arc<Rewrite>>,
+    /// The backends are reached over TLS.
+    pub backend_tls: Option<BackendTls>,
 }
 
 /// What a route does with a request that came over plain HTTP.
@@ -134,11 +137,17 @@ pub(crate) struct Table {
     default: Option<usize>,
 }
 
+pub(crate) type BackendKey = (SocketAddr, Option<BackendTls>);
+
 /// Shared per-name state a new table reuses from the one before: backends keep their
 /// pooled connections and in-flight counts, services their counters.
 #[derive(Default)]
 pub(crate) struct Registry {
-    pub backends: HashMap<SocketAddr, Arc<Backend>>,
+    /// By address, and how they are reached: a backend that one route reaches over TLS
+    /// and another in the clear is two.
+    pub backends: HashMap<BackendKey, Arc<Backend>>,
+    /// Each backend TLS setting, compiled once.
+    connectors: HashMap<BackendTls, Option<Arc<TlsConnector>>>,
     pub services: HashMap<Arc<str>, Arc<Sharded>>,
     pub pool_clock: PoolClock,
     /// Worker threads: each gets a table, and each backend a pool per worker.
@@ -165,8 +174,16 @@ impl Registry {
         let tables = (0..self.workers.max(1))
             .map(|_| Table::build(routes, self))
             .collect();
-        let used: HashSet<SocketAddr> = routes.iter().flat_map(|r| r.backends.clone()).collect();
-        self.backends.retain(|addr, _| used.contains(addr));
+        let used: HashSet<BackendKey> = routes
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|a| (*a, r.backend_tls.clone())))
+            .collect();
+        self.backends.retain(|key, _| used.contains(key));
+        let tls_used: HashSet<&BackendTls> = routes
+            .iter()
+            .filter_map(|r| r.backend_tls.as_ref())
+            .collect();
+        self.connectors.retain(|tls, _| tls_used.contains(tls));
         let guarded: HashSet<&str> = routes
             .iter()
             .filter(|r| !r.users.is_empty())
@@ -190,12 +207,31 @@ impl Registry {
         Some(auth.clone())
     }
 
-    fn backend(&mut self, addr: SocketAddr) -> Arc<Backend> {
+    /// The backend at `addr` reached as `tls` says; none when that TLS setting cannot be
+    /// used (validated with the service, so only logged here).
+    fn backend(&mut self, addr: SocketAddr, tls: Option<&BackendTls>) -> Option<Arc<Backend>> {
+        let connector = match tls {
+            None => None,
+            Some(tls) => Some(
+                self.connectors
+                    .entry(tls.clone())
+                    .or_insert_with(|| match tls.connector() {
+                        Ok(c) => Some(Arc::new(c)),
+                        Err(e) => {
+                            tracing::error!(%addr, "backend TLS: {e}");
+                            None
+                        }
+                    })
+                    .clone()?,
+            ),
+        };
         let (workers, clock, max) = (self.workers, &self.pool_clock, self.max_backend_connections);
-        self.backends
-            .entry(addr)
-            .or_insert_with(|| Arc::new(Backend::new(addr, workers, clock.clone(), max)))
-            .clone()
+        let backend = self
+            .backends
+            .entry((addr, tls.cloned()))
+            .or_insert_with(|| Arc::new(Backend::new(addr, workers, clock.clone(), max, connector)))
+            .clone();
+        Some(backend)
     }
 }
 
@@ -215,7 +251,7 @@ impl Table {
             let backends = route
                 .backends
                 .iter()
-                .map(|a| registry.backend(*a))
+                .filter_map(|a| registry.backend(*a, route.backend_tls.as_ref()))
                 .collect();
             let index = table.targets.len();
             let auth = registry.auth(&service, &route.users);

@@ -97,11 +97,14 @@ impl ProxyStats {
             ]),
             redispatched: 0,
             refused: refusals.snapshot(),
-            backend_connections: registry
-                .backends
-                .iter()
-                .map(|(addr, b)| (addr.to_string(), b.connections()))
-                .collect(),
+            // A backend reached both in the clear and over TLS counts once, with both.
+            backend_connections: registry.backends.iter().fold(
+                Default::default(),
+                |mut all, ((addr, _), b)| {
+                    *all.entry(addr.to_string()).or_default() += b.connections();
+                    all
+                },
+            ),
         }
     }
 }
