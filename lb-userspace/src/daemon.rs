@@ -698,6 +698,7 @@ fn route(s: &HttpService) -> l7::Route {
             .backend_tls
             .as_ref()
             .map(crate::model::BackendTlsSpec::to_l7),
+        backend_h2: r.backend_protocol == crate::model::BackendProtocol::H2,
     }
 }
 

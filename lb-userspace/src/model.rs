@@ -83,7 +83,8 @@ pub struct ServiceSpec {
 /// "users": [{"name": "admin", "password": "..."} | {"name": "bob", "password_hash": "$6$..."}],
 /// "request_headers": {"delete": ["X-A"], "set": {"X-B": "1"}, "add": {"X-C": "2"}},
 /// "response_headers": {...}, "path_rewrite": [{"search": "^/demo/", "replace": "/"}],
-/// "tls": {"acme": true}, "backend_tls": {"verify": true, "ca": PEM, "server_name": ".."}}`
+/// "tls": {"acme": true}, "backend_tls": {"verify": true, "ca": PEM, "server_name": ".."},
+/// "backend_protocol": "http1" | "h2"}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -103,6 +104,24 @@ pub struct HttpSpec {
     pub path_rewrite: Option<Vec<PathRewrite>>,
     pub tls: Option<RouteTls>,
     pub backend_tls: Option<BackendTlsSpec>,
+    pub backend_protocol: Option<String>,
+}
+
+/// What the backends of an HTTP service speak: HTTP/1.1, or HTTP/2 (gRPC; h2c in the
+/// clear, h2 by ALPN over `backend_tls`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BackendProtocol {
+    #[default]
+    #[serde(rename = "http1")]
+    Http1,
+    #[serde(rename = "h2")]
+    H2,
+}
+
+impl BackendProtocol {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `"backend_tls": {"verify": true, "ca": PEM, "server_name": "api.internal"}`: the
@@ -341,6 +360,8 @@ pub struct HttpRoute {
     /// The backends are reached over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_tls: Option<BackendTlsSpec>,
+    #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
+    pub backend_protocol: BackendProtocol,
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -594,6 +615,16 @@ impl HttpSpec {
             path_rewrite: self.path_rewrite.clone().unwrap_or_default(),
             tls: self.tls.unwrap_or_default(),
             backend_tls: self.backend_tls.clone(),
+            backend_protocol: match self.backend_protocol.as_deref() {
+                None | Some("http1") => BackendProtocol::Http1,
+                Some("h2") => BackendProtocol::H2,
+                Some(other) => {
+                    return Err(ValidationError::new(
+                        "http.backend_protocol",
+                        format!("{other:?} is not http1 or h2"),
+                    ));
+                }
+            },
         }
         .checked()
     }

@@ -10,6 +10,7 @@ pub mod etcd;
 pub mod flood;
 pub mod flowtab;
 pub mod fuzz_rng;
+pub mod grpc;
 pub mod lbproc;
 pub mod maglev_ref;
 pub mod netns;

@@ -35,6 +35,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "a real DNS server for the DNS discovery tests (the binary, no system service)",
     ),
     ("pebble", "the ACME tests' CA (Let's Encrypt's test server)"),
+    (
+        "python3-grpcio",
+        "a real gRPC server and client for the gRPC tests (run by /usr/bin/python3)",
+    ),
     ("nginx", "the benchmarks' backends"),
     ("curl", "the HTTPS and DFP tests request as a user would"),
     ("wrk", "the benchmarks' load"),
@@ -261,6 +265,11 @@ fn check() -> Vec<String> {
         ("dnsmasq", &["--version"][..], "dnsmasq (dnsmasq-base)"),
         // pebble has no version flag.
         ("sh", &["-c", "command -v pebble"][..], "pebble"),
+        (
+            "/usr/bin/python3",
+            &["-c", "import grpc"][..],
+            "Python's grpcio (python3-grpcio)",
+        ),
         ("nginx", &["-v"][..], "nginx"),
         ("curl", &["--version"][..], "curl"),
         ("nft", &["--version"][..], "nft (nftables)"),

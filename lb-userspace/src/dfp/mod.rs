@@ -251,6 +251,7 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         // DFP leaves ACME to a companion (docker-flow-letsencrypt) that stores
         // certificates through `cert`.
         tls: None,
+        backend_protocol: None,
         // DFP's sslVerifyNone "also turns on SSL on the backend side".
         backend_tls: flag(params, "sslVerifyNone")?.then_some(crate::model::BackendTlsSpec {
             verify: false,

@@ -1,6 +1,7 @@
 //! Backends reached over TLS (HAProxy's `ssl` on a server line, DFP's `sslVerifyNone`):
 //! the certificate checked against the system's roots or a route's own CA, or not at all
-//! when the route says so. HTTP/1.1 inside (ALPN http/1.1).
+//! when the route says so. HTTP/1.1 inside, or HTTP/2 for routes whose backends speak it
+//! (ALPN says which).
 use std::{net::SocketAddr, sync::Arc};
 
 use rustls::{
@@ -31,10 +32,11 @@ pub(crate) struct TlsConnector {
 impl BackendTls {
     /// Checks it as a service is validated: the CA parses, the name is a name.
     pub fn check(&self) -> Result<(), String> {
-        self.connector().map(|_| ())
+        self.connector(false).map(|_| ())
     }
 
-    pub(crate) fn connector(&self) -> Result<TlsConnector, String> {
+    /// A connector offering `h2` (HTTP/2 backends) or http/1.1 by ALPN.
+    pub(crate) fn connector(&self, h2: bool) -> Result<TlsConnector, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -64,7 +66,11 @@ impl BackendTls {
                 .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
                 .with_no_client_auth()
         };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
         let server_name = match &self.server_name {
             Some(name) => Some(
                 ServerName::try_from(name.clone())

@@ -116,6 +116,9 @@ impl Proxy {
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        let h2 = lease.backend().is_h2();
+        // gRPC needs `TE: trailers` through to an HTTP/2 backend; it is hop-by-hop.
+        let trailers = h2 && headers::asks_for_trailers(&parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         if parts.uri.authority().is_some() {
             // Absolute form (every HTTP/2 request): the backend gets origin form and a Host.
@@ -146,7 +149,20 @@ impl Proxy {
         if let Some(r) = &rewrite {
             r.request.apply(&mut parts.headers);
         }
-        parts.version = Version::HTTP_11;
+        if h2 {
+            if upgrade {
+                let text = format!(
+                    "service {}: its backends speak HTTP/2, which takes no protocol switch\n",
+                    lease.service()
+                );
+                return self.answer(StatusCode::BAD_GATEWAY, text);
+            }
+            if let Err(text) = headers::to_h2_request(&mut parts, lease.backend(), trailers) {
+                return self.answer(StatusCode::BAD_REQUEST, text);
+            }
+        } else {
+            parts.version = Version::HTTP_11;
+        }
         let (body, sent) = UpstreamBody::new(body, self.config.limits.body_timeout);
         let body_stalled = sent.clone();
 
@@ -238,6 +254,9 @@ impl Proxy {
         upgrade: bool,
     ) -> Result<Exchanged, Failed> {
         let config = &self.config;
+        if backend.is_h2() {
+            return self.exchange_h2(backend, req, sent).await;
+        }
         loop {
             let (mut conn, pooled) = match backend.connection(config.connect_timeout).await {
                 Ok(c) => c,
@@ -286,6 +305,50 @@ impl Proxy {
                 },
             }
         }
+    }
+
+    /// As `exchange`, with a backend that speaks HTTP/2: the request goes as one more
+    /// stream of the worker's connection to it, which a task of its own drives.
+    async fn exchange_h2(
+        &self,
+        backend: &Backend,
+        req: Request<UpstreamBody>,
+        sent: &Option<Arc<Sent>>,
+    ) -> Result<Exchanged, Failed> {
+        let mut sender = match backend.h2_sender(self.config.connect_timeout).await {
+            Ok(s) => s,
+            Err(error) => {
+                return Err(Failed {
+                    error,
+                    unsent: Some(req),
+                });
+            }
+        };
+        let deadline = async {
+            if let Some(sent) = sent {
+                sent.wait().await;
+            }
+            self.response_head.expired().await;
+        };
+        let answered = tokio::select! {
+            biased;
+            r = async {
+                // Ready: the connection takes one more stream (its peer's limit).
+                if let Err(e) = sender.ready().await {
+                    return Err(Failed { error: UpstreamError::Request(backend.addr, e), unsent: Some(req) });
+                }
+                sender.try_send_request(req).await.map_err(|mut e| {
+                    let unsent = e.take_message();
+                    Failed { error: UpstreamError::Request(backend.addr, e.into_error()), unsent }
+                })
+            } => r,
+            () = deadline => return Err(Failed::sent(UpstreamError::HeaderTimeout(backend.addr))),
+        };
+        answered.map(|mut resp| {
+            // Told to the client in its own version.
+            *resp.version_mut() = Version::HTTP_11;
+            (None, resp, None)
+        })
     }
 
     /// lb's own answer, counted.

@@ -48,6 +48,53 @@ fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
 /// Removes the hop-by-hop headers: those `Connection` names, and the standard ones. With
 /// `upgrade`, `Upgrade` stays and `Connection: upgrade` is set again (a protocol switch is
 /// the one hop-by-hop exchange a proxy forwards).
+/// Whether the client said it takes trailers (`TE: trailers`, as gRPC clients do).
+pub(crate) fn asks_for_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    })
+}
+
+/// Makes `parts` an HTTP/2 request to `backend`: absolute URI (HTTP/2 sends the scheme
+/// and the authority as pseudo-headers: the Host, else the backend's address), no Host
+/// header, `TE: trailers` when the client asked for trailers.
+pub(crate) fn to_h2_request(
+    parts: &mut http::request::Parts,
+    backend: &super::backend::Backend,
+    trailers: bool,
+) -> Result<(), String> {
+    let authority = match parts.headers.remove(http::header::HOST) {
+        Some(host) => host
+            .to_str()
+            .map_err(|_| "a Host that is not text\n".to_string())?
+            .to_string(),
+        None => backend.addr.to_string(),
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let scheme = if backend.is_tls() { "https" } else { "http" };
+    parts.uri = format!("{scheme}://{authority}{path}")
+        .parse()
+        .map_err(|_| format!("the Host {authority:?} cannot be sent to an HTTP/2 backend\n"))?;
+    parts.version = http::Version::HTTP_2;
+    if trailers {
+        parts
+            .headers
+            .insert(TE, HeaderValue::from_static("trailers"));
+    }
+    Ok(())
+}
+
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // One pass over the few names there are beats a lookup per hop-by-hop name, and most
     // messages have none.

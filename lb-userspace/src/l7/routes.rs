@@ -55,6 +55,8 @@ pub struct Route {
     pub rewrite: Option<Arc<Rewrite>>,
     /// The backends are reached over TLS.
     pub backend_tls: Option<BackendTls>,
+    /// The backends speak HTTP/2 (gRPC): h2c, or h2 over `backend_tls`.
+    pub backend_h2: bool,
 }
 
 /// What a route does with a request that came over plain HTTP.
@@ -137,7 +139,8 @@ pub(crate) struct Table {
     default: Option<usize>,
 }
 
-pub(crate) type BackendKey = (SocketAddr, Option<BackendTls>);
+/// A backend's address, how it is reached over TLS, and whether it speaks HTTP/2.
+pub(crate) type BackendKey = (SocketAddr, Option<BackendTls>, bool);
 
 /// Shared per-name state a new table reuses from the one before: backends keep their
 /// pooled connections and in-flight counts, services their counters.
@@ -147,7 +150,7 @@ pub(crate) struct Registry {
     /// and another in the clear is two.
     pub backends: HashMap<BackendKey, Arc<Backend>>,
     /// Each backend TLS setting, compiled once.
-    connectors: HashMap<BackendTls, Option<Arc<TlsConnector>>>,
+    connectors: HashMap<(BackendTls, bool), Option<Arc<TlsConnector>>>,
     pub services: HashMap<Arc<str>, Arc<Sharded>>,
     pub pool_clock: PoolClock,
     /// Worker threads: each gets a table, and each backend a pool per worker.
@@ -176,14 +179,18 @@ impl Registry {
             .collect();
         let used: HashSet<BackendKey> = routes
             .iter()
-            .flat_map(|r| r.backends.iter().map(|a| (*a, r.backend_tls.clone())))
+            .flat_map(|r| {
+                r.backends
+                    .iter()
+                    .map(|a| (*a, r.backend_tls.clone(), r.backend_h2))
+            })
             .collect();
         self.backends.retain(|key, _| used.contains(key));
-        let tls_used: HashSet<&BackendTls> = routes
+        let tls_used: HashSet<(BackendTls, bool)> = routes
             .iter()
-            .filter_map(|r| r.backend_tls.as_ref())
+            .filter_map(|r| Some((r.backend_tls.clone()?, r.backend_h2)))
             .collect();
-        self.connectors.retain(|tls, _| tls_used.contains(tls));
+        self.connectors.retain(|key, _| tls_used.contains(key));
         let guarded: HashSet<&str> = routes
             .iter()
             .filter(|r| !r.users.is_empty())
@@ -209,13 +216,18 @@ impl Registry {
 
     /// The backend at `addr` reached as `tls` says; none when that TLS setting cannot be
     /// used (validated with the service, so only logged here).
-    fn backend(&mut self, addr: SocketAddr, tls: Option<&BackendTls>) -> Option<Arc<Backend>> {
+    fn backend(
+        &mut self,
+        addr: SocketAddr,
+        tls: Option<&BackendTls>,
+        h2: bool,
+    ) -> Option<Arc<Backend>> {
         let connector = match tls {
             None => None,
             Some(tls) => Some(
                 self.connectors
-                    .entry(tls.clone())
-                    .or_insert_with(|| match tls.connector() {
+                    .entry((tls.clone(), h2))
+                    .or_insert_with(|| match tls.connector(h2) {
                         Ok(c) => Some(Arc::new(c)),
                         Err(e) => {
                             tracing::error!(%addr, "backend TLS: {e}");
@@ -228,8 +240,17 @@ impl Registry {
         let (workers, clock, max) = (self.workers, &self.pool_clock, self.max_backend_connections);
         let backend = self
             .backends
-            .entry((addr, tls.cloned()))
-            .or_insert_with(|| Arc::new(Backend::new(addr, workers, clock.clone(), max, connector)))
+            .entry((addr, tls.cloned(), h2))
+            .or_insert_with(|| {
+                Arc::new(Backend::new(
+                    addr,
+                    workers,
+                    clock.clone(),
+                    max,
+                    connector,
+                    h2,
+                ))
+            })
             .clone();
         Some(backend)
     }
@@ -251,7 +272,7 @@ impl Table {
             let backends = route
                 .backends
                 .iter()
-                .filter_map(|a| registry.backend(*a, route.backend_tls.as_ref()))
+                .filter_map(|a| registry.backend(*a, route.backend_tls.as_ref(), route.backend_h2))
                 .collect();
             let index = table.targets.len();
             let auth = registry.auth(&service, &route.users);

@@ -100,7 +100,7 @@ impl ProxyStats {
             // A backend reached both in the clear and over TLS counts once, with both.
             backend_connections: registry.backends.iter().fold(
                 Default::default(),
-                |mut all, ((addr, _), b)| {
+                |mut all, ((addr, _, _), b)| {
                     *all.entry(addr.to_string()).or_default() += b.connections();
                     all
                 },
