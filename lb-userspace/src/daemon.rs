@@ -169,6 +169,8 @@ impl Daemon {
         };
         let acme_challenges = Arc::new(acme::Challenges::default());
         let (acme_wanted, acme_wanted_rx) = watch::channel(BTreeSet::new());
+        // Whether a route passes TLS through: the HTTPS listener opens for it too.
+        let (passthrough, passthrough_rx) = watch::channel(false);
         let mut controller = Controller::new(dataplane);
         // From here on the data plane outlives this process: a restart takes it over.
         controller.keep_on_exit();
@@ -254,6 +256,13 @@ impl Daemon {
                 .call(move |c| {
                     c.set_http_routes(Box::new(move |services| {
                         routes.set_routes(services.iter().map(route).collect());
+                        passthrough.send_if_modified(|held| {
+                            let now = services.iter().any(|s| {
+                                !s.removed
+                                    && s.service.http.as_ref().is_some_and(|r| r.tls_passthrough)
+                            });
+                            std::mem::replace(held, now) != now
+                        });
                         let wanted = acme_domains(&services);
                         acme_wanted.send_if_modified(|held| {
                             let changed = *held != wanted;
@@ -277,6 +286,7 @@ impl Daemon {
                                 addr,
                                 socket,
                                 cert_table.clone(),
+                                passthrough_rx,
                                 tls,
                                 https_tx,
                             ))
@@ -444,15 +454,20 @@ fn reserve(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     Ok(socket)
 }
 
-/// Listens on the HTTPS socket bound at start once there is a certificate to serve.
+/// Listens on the HTTPS socket bound at start once there is a certificate to serve, or a
+/// route whose TLS is passed through.
 async fn open_https_once_certified(
     addr: SocketAddr,
     socket: tokio::net::TcpSocket,
     certs: Arc<tls::CertTable>,
+    mut passthrough: watch::Receiver<bool>,
     tls: Arc<rustls::ServerConfig>,
     https: watch::Sender<Option<l7::HttpsFrontend>>,
 ) {
-    certs.wait_for_one().await;
+    tokio::select! {
+        () = certs.wait_for_one() => {}
+        Ok(_) = passthrough.wait_for(|p| *p) => {}
+    }
     let opened = match socket.listen(1024) {
         Ok(listener) => https_frontend(listener, tls),
         Err(e) => Err(anyhow::Error::from(e).context(format!("listening on {addr} for HTTPS"))),
@@ -460,7 +475,7 @@ async fn open_https_once_certified(
     match opened {
         Ok(frontend) => {
             https.send_replace(Some(frontend));
-            tracing::info!(%addr, "serving HTTP services over TLS (a certificate is stored)");
+            tracing::info!(%addr, "serving HTTP services over TLS (a certificate is stored, or TLS is passed through)");
             // The workers follow the sender: kept until the daemon stops.
             std::future::pending::<()>().await;
         }
@@ -699,6 +714,7 @@ fn route(s: &HttpService) -> l7::Route {
             .as_ref()
             .map(crate::model::BackendTlsSpec::to_l7),
         backend_h2: r.backend_protocol == crate::model::BackendProtocol::H2,
+        tls_passthrough: r.tls_passthrough,
     }
 }
 

@@ -84,7 +84,7 @@ pub struct ServiceSpec {
 /// "request_headers": {"delete": ["X-A"], "set": {"X-B": "1"}, "add": {"X-C": "2"}},
 /// "response_headers": {...}, "path_rewrite": [{"search": "^/demo/", "replace": "/"}],
 /// "tls": {"acme": true}, "backend_tls": {"verify": true, "ca": PEM, "server_name": ".."},
-/// "backend_protocol": "http1" | "h2"}`
+/// "backend_protocol": "http1" | "h2", "tls_passthrough": false}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -105,6 +105,7 @@ pub struct HttpSpec {
     pub tls: Option<RouteTls>,
     pub backend_tls: Option<BackendTlsSpec>,
     pub backend_protocol: Option<String>,
+    pub tls_passthrough: Option<bool>,
 }
 
 /// What the backends of an HTTP service speak: HTTP/1.1, or HTTP/2 (gRPC; h2c in the
@@ -362,6 +363,10 @@ pub struct HttpRoute {
     pub backend_tls: Option<BackendTlsSpec>,
     #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
     pub backend_protocol: BackendProtocol,
+    /// A TLS service: connections to the HTTPS listener whose SNI is `domain` go whole to
+    /// the backends (DFP's `reqMode=sni`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_passthrough: bool,
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -615,6 +620,7 @@ impl HttpSpec {
             path_rewrite: self.path_rewrite.clone().unwrap_or_default(),
             tls: self.tls.unwrap_or_default(),
             backend_tls: self.backend_tls.clone(),
+            tls_passthrough: self.tls_passthrough.unwrap_or(false),
             backend_protocol: match self.backend_protocol.as_deref() {
                 None | Some("http1") => BackendProtocol::Http1,
                 Some("h2") => BackendProtocol::H2,
@@ -708,6 +714,33 @@ impl HttpRoute {
         }
         if let Some(tls) = &self.backend_tls {
             tls.check()?;
+        }
+        if self.tls_passthrough {
+            let why = if self.domain.is_none() {
+                Some("needs http.domain: the name clients ask for in their TLS handshake")
+            } else if !self.paths.is_empty() || self.default_backend {
+                Some(
+                    "takes no paths and no default_backend: lb sees no request in TLS it passes through",
+                )
+            } else if !self.users.is_empty()
+                || self.https_only
+                || self.deny_http
+                || self.tls.acme
+                || self.backend_tls.is_some()
+                || self.backend_protocol != BackendProtocol::Http1
+                || !self.path_rewrite.is_empty()
+                || !self.request_headers.is_empty()
+                || !self.response_headers.is_empty()
+            {
+                Some(
+                    "goes whole to the backends: users, redirects, ACME, backend TLS and rewriting do not apply",
+                )
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ValidationError::new("http.tls_passthrough", why));
+            }
         }
         if self.tls.acme {
             match &self.domain {

@@ -570,3 +570,90 @@ fn backends_over_tls_checked_against_a_ca_by_name_or_not_at_all() {
     assert_eq!(lb.request("GET", "/v1/services/bad", None).unwrap().0, 404);
     lb.stop().unwrap();
 }
+
+#[test]
+fn tls_passed_through_by_sni_while_other_names_are_terminated() {
+    let topo = Topology::two_armed(1).unwrap();
+    let _plain = topo.start_backends(1, 8080, false).unwrap();
+    // The backend terminates TLS itself, with a certificate lb never holds.
+    let pki = Pki::new(&["db.example.test", "db2.example.test"]).unwrap();
+    let tls_backend = topo.backend(0, 8443);
+    let _tls = lb_tests::servers::TlsBackend::start(
+        &topo.backends[0],
+        "b0",
+        tls_backend.into(),
+        pki.server_config().unwrap(),
+    )
+    .unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &["--http", &format!("{LB}:80")]).unwrap();
+    lb.put_service(
+        "db",
+        &json!({"http": {"domain": "db.example.test", "tls_passthrough": true}, "backends": [tls_backend.to_string()]}),
+    )
+    .unwrap();
+    // No certificate is stored: the passthrough route alone opens port 443. The backend's
+    // own certificate comes back, and it saw no X-Forwarded-Proto: lb did not terminate.
+    assert!(https_ok_within(
+        &topo.client,
+        &pki,
+        "db.example.test",
+        "/x",
+        Duration::from_secs(10)
+    ));
+    let got = https(&topo.client, &pki, "db.example.test", "/x", &[]);
+    assert_eq!(got.body, "tls b0 /x proto=\n", "{got:?}");
+
+    // Another name on the same listener is terminated by lb with a stored certificate.
+    let (cert, key) = pki.leaf(&["web.example.test"], -60, 86_400).unwrap();
+    assert_eq!(put_cert(&lb, "web", &cert, &key).0, 200);
+    lb.put_service(
+        "web",
+        &json!({"http": {"domain": "web.example.test", "paths": ["/"]}, "backends": [topo.backend(0, 8080).to_string()]}),
+    )
+    .unwrap();
+    assert!(https_ok_within(
+        &topo.client,
+        &pki,
+        "web.example.test",
+        "/y",
+        Duration::from_secs(10)
+    ));
+    let got = https(&topo.client, &pki, "web.example.test", "/y", &[]);
+    assert!(!got.body.starts_with("tls "), "terminated by lb: {got:?}");
+
+    // DFP's reqMode=sni does the same; on another port it is refused.
+    let be = topo.backend_addrs[0];
+    let dfp = |query: &str| {
+        lb.request(
+            "GET",
+            &format!("/v1/docker-flow-proxy/reconfigure?{query}"),
+            None,
+        )
+        .unwrap()
+    };
+    let (status, answer) = dfp(&format!(
+        "serviceName=db2&reqMode=sni&serviceDomain=db2.example.test&srcPort=443&port=8443&backends={be}"
+    ));
+    assert_eq!(status, 200, "{answer}");
+    assert!(https_ok_within(
+        &topo.client,
+        &pki,
+        "db2.example.test",
+        "/z",
+        Duration::from_secs(10)
+    ));
+    let (status, answer) = dfp(&format!(
+        "serviceName=db3&reqMode=sni&serviceDomain=db3.example.test&srcPort=8443&port=8443&backends={be}"
+    ));
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["field"], "srcPort", "{answer}");
+
+    // Paths mean nothing in TLS lb does not open: refused, naming the field.
+    let body = json!({"http": {"domain": "x.example.test", "paths": ["/a"], "tls_passthrough": true}, "backends": [tls_backend.to_string()]});
+    let (status, answer) = lb
+        .request("PUT", "/v1/services/bad", Some(&body.to_string()))
+        .unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["field"], "http.tls_passthrough", "{answer}");
+    lb.stop().unwrap();
+}

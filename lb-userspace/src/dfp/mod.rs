@@ -118,11 +118,12 @@ fn spec_of(
             // The balancer's own address: `srcPort` may be a port the host listens on.
             spec.override_local_listener = Some(flag(params, "overrideLocalListener")?);
         }
+        "sni" => spec.http = Some(sni_route(params)?),
         other => {
             return Err(nok(
                 StatusCode::BAD_REQUEST,
                 "reqMode",
-                format!("reqMode: {other:?} is not http or tcp"),
+                format!("reqMode: {other:?} is not http, tcp or sni"),
             ));
         }
     }
@@ -184,6 +185,36 @@ fn dns_discovery(
         service: Some(name),
         port: Some(port),
         ..DiscoverySpec::default()
+    })
+}
+
+/// The route of a `reqMode=sni` service: TLS for `serviceDomain` passed through whole on
+/// lb's HTTPS listener.
+fn sni_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
+    if let Some(port) = params
+        .get("srcPort")
+        .filter(|p| !p.is_empty() && *p != "443")
+    {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "srcPort",
+            format!(
+                "srcPort: {port}: lb passes TLS through on its --https listener (443 unless --https says otherwise)"
+            ),
+        ));
+    }
+    let domains = list(params, "serviceDomain");
+    let [domain] = domains.as_slice() else {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "serviceDomain",
+            "serviceDomain: reqMode sni needs one domain, the name clients ask for",
+        ));
+    };
+    Ok(HttpSpec {
+        domain: Some(domain.clone()),
+        tls_passthrough: Some(true),
+        ..HttpSpec::default()
     })
 }
 
@@ -252,6 +283,7 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         // certificates through `cert`.
         tls: None,
         backend_protocol: None,
+        tls_passthrough: None,
         // DFP's sslVerifyNone "also turns on SSL on the backend side".
         backend_tls: flag(params, "sslVerifyNone")?.then_some(crate::model::BackendTlsSpec {
             verify: false,

@@ -113,6 +113,15 @@ pub(crate) async fn serve_connection(
     let Some(tls) = tls else {
         return serve_http(proxy, builder, stream, peer, drain, accepted, false).await;
     };
+    // A TLS service named by the ClientHello is passed through, not terminated.
+    let stream = if proxy.table().has_passthrough() {
+        match super::passthrough::serve(&proxy, stream, peer).await {
+            Some(stream) => stream,
+            None => return,
+        }
+    } else {
+        stream
+    };
     // The handshake counts against the time to the first request head.
     let handshake = tokio::time::timeout(proxy.config.limits.header_timeout, tls.accept(stream));
     match handshake.await {

@@ -19,6 +19,8 @@
 //! - `rewrite`: a route's header and path rewriting
 //! - `request_body`: a client's request body streaming to a backend
 //! - `response_body`: the response streaming to the client
+//! - `passthrough`: TLS passed whole to a backend chosen by SNI (`reqMode=sni`)
+//! - `sni`: the server name of a ClientHello, peeked
 //! - `server`: worker threads, accepting, graceful shutdown
 //! - `conn`: one client connection (idle close, late heads, upgrades)
 //! - `coarse_timeout`: a per-worker coarse clock that requests time out on
@@ -35,6 +37,7 @@ mod give_way;
 mod headers;
 mod lease;
 mod limits;
+mod passthrough;
 mod path;
 mod request_body;
 mod response_body;
@@ -42,6 +45,7 @@ mod rewrite;
 mod routes;
 mod server;
 mod shard;
+mod sni;
 mod stats;
 mod worker;
 

@@ -57,6 +57,9 @@ pub struct Route {
     pub backend_tls: Option<BackendTls>,
     /// The backends speak HTTP/2 (gRPC): h2c, or h2 over `backend_tls`.
     pub backend_h2: bool,
+    /// A TLS service: connections to the HTTPS listener whose SNI is `domain` are passed
+    /// to the backends whole, not terminated (DFP's `reqMode=sni`). No paths.
+    pub tls_passthrough: bool,
 }
 
 /// What a route does with a request that came over plain HTTP.
@@ -137,6 +140,10 @@ pub(crate) struct Table {
     wildcard: HashMap<Box<str>, Tier>,
     any_host: Tier,
     default: Option<usize>,
+    /// TLS passed through by SNI: lower-case domain (for `*.domain`, the parent) -> its
+    /// route.
+    passthrough_exact: HashMap<Box<str>, usize>,
+    passthrough_wildcard: HashMap<Box<str>, usize>,
 }
 
 /// A backend's address, how it is reached over TLS, and whether it speaks HTTP/2.
@@ -293,6 +300,16 @@ impl Table {
                 auth,
                 rewrite: route.rewrite.clone(),
             });
+            if route.tls_passthrough {
+                if let Some(d) = route.domain.as_deref().map(str::to_ascii_lowercase) {
+                    let (map, key) = match d.strip_prefix("*.") {
+                        Some(parent) => (&mut table.passthrough_wildcard, parent.to_string()),
+                        None => (&mut table.passthrough_exact, d),
+                    };
+                    map.entry(key.into()).or_insert(index);
+                }
+                continue;
+            }
             if route.default_backend && table.default.is_none() {
                 table.default = Some(index);
             }
@@ -323,6 +340,23 @@ impl Table {
 
     pub fn target(&self, index: usize) -> &Target {
         &self.targets[index]
+    }
+
+    /// Whether any route passes TLS through (else the HTTPS listener need not look at
+    /// the ClientHello).
+    pub fn has_passthrough(&self) -> bool {
+        !(self.passthrough_exact.is_empty() && self.passthrough_wildcard.is_empty())
+    }
+
+    /// The route that TLS naming `server_name` (lower case) is passed through to: the
+    /// exact domain, else the closest wildcard.
+    pub fn passthrough(&self, server_name: &str) -> Option<usize> {
+        self.passthrough_exact
+            .get(server_name)
+            .copied()
+            .or_else(|| {
+                parents(server_name).find_map(|p| self.passthrough_wildcard.get(p).copied())
+            })
     }
 
     /// The route for a request. Host rules rank first (exact domain, then the closest
