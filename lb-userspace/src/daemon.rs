@@ -715,6 +715,11 @@ fn route(s: &HttpService) -> l7::Route {
             .map(crate::model::BackendTlsSpec::to_l7),
         backend_h2: r.backend_protocol == crate::model::BackendProtocol::H2,
         tls_passthrough: r.tls_passthrough,
+        sni: r
+            .sni
+            .as_ref()
+            .map(crate::model::SniSpec::to_l7)
+            .unwrap_or_default(),
     }
 }
 

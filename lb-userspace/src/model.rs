@@ -84,7 +84,8 @@ pub struct ServiceSpec {
 /// "request_headers": {"delete": ["X-A"], "set": {"X-B": "1"}, "add": {"X-C": "2"}},
 /// "response_headers": {...}, "path_rewrite": [{"search": "^/demo/", "replace": "/"}],
 /// "tls": {"acme": true}, "backend_tls": {"verify": true, "ca": PEM, "server_name": ".."},
-/// "backend_protocol": "http1" | "h2", "tls_passthrough": false}`
+/// "backend_protocol": "http1" | "h2", "tls_passthrough": false,
+/// "sni": {"match": "beg", "values": ["test."]}}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -106,6 +107,57 @@ pub struct HttpSpec {
     pub backend_tls: Option<BackendTlsSpec>,
     pub backend_protocol: Option<String>,
     pub tls_passthrough: Option<bool>,
+    pub sni: Option<SniSpec>,
+}
+
+/// `"sni": {"match": "beg", "values": ["test."]}`: the server names a `tls_passthrough`
+/// route takes besides (or instead of) its domain, as HAProxy's `req_ssl_sni -i -m
+/// beg|end|reg|str` compares them (case-insensitive; `reg`: a regular expression found
+/// anywhere in the name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniSpec {
+    #[serde(rename = "match")]
+    pub kind: String,
+    pub values: Vec<String>,
+}
+
+impl SniSpec {
+    fn check(&self) -> Result<(), ValidationError> {
+        if !matches!(self.kind.as_str(), "beg" | "end" | "reg" | "str") {
+            return Err(ValidationError::new(
+                "http.sni.match",
+                format!("{:?} is not beg, end, reg or str", self.kind),
+            ));
+        }
+        if self.values.is_empty() || self.values.iter().any(String::is_empty) {
+            return Err(ValidationError::new(
+                "http.sni.values",
+                "needs at least one value, none empty",
+            ));
+        }
+        if self.kind == "reg" {
+            for (i, v) in self.values.iter().enumerate() {
+                path_regex(&format!("(?i){v}"))
+                    .map_err(|why| ValidationError::new(format!("http.sni.values[{i}]"), why))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// As the proxy matches names.
+    pub fn to_l7(&self) -> Vec<crate::l7::SniPattern> {
+        use crate::l7::SniPattern;
+        self.values
+            .iter()
+            .map(|v| match self.kind.as_str() {
+                "beg" => SniPattern::Begins(v.to_ascii_lowercase()),
+                "end" => SniPattern::Ends(v.to_ascii_lowercase()),
+                "reg" => SniPattern::Regex(format!("(?i){v}")),
+                _ => SniPattern::Exact(v.to_ascii_lowercase()),
+            })
+            .collect()
+    }
 }
 
 /// What the backends of an HTTP service speak: HTTP/1.1, or HTTP/2 (gRPC; h2c in the
@@ -367,6 +419,9 @@ pub struct HttpRoute {
     /// the backends (DFP's `reqMode=sni`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls_passthrough: bool,
+    /// Server names a `tls_passthrough` route takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<SniSpec>,
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -621,6 +676,7 @@ impl HttpSpec {
             tls: self.tls.unwrap_or_default(),
             backend_tls: self.backend_tls.clone(),
             tls_passthrough: self.tls_passthrough.unwrap_or(false),
+            sni: self.sni.clone(),
             backend_protocol: match self.backend_protocol.as_deref() {
                 None | Some("http1") => BackendProtocol::Http1,
                 Some("h2") => BackendProtocol::H2,
@@ -715,9 +771,20 @@ impl HttpRoute {
         if let Some(tls) = &self.backend_tls {
             tls.check()?;
         }
+        if let Some(sni) = &self.sni {
+            if !self.tls_passthrough {
+                return Err(ValidationError::new(
+                    "http.sni",
+                    "applies to tls_passthrough routes only",
+                ));
+            }
+            sni.check()?;
+        }
         if self.tls_passthrough {
-            let why = if self.domain.is_none() {
-                Some("needs http.domain: the name clients ask for in their TLS handshake")
+            let why = if self.domain.is_none() && self.sni.is_none() {
+                Some(
+                    "needs http.domain or http.sni: the names clients ask for in their TLS handshake",
+                )
             } else if !self.paths.is_empty() || self.default_backend {
                 Some(
                     "takes no paths and no default_backend: lb sees no request in TLS it passes through",
@@ -782,7 +849,11 @@ impl HttpRoute {
                 }
             }
         }
-        if self.paths.is_empty() && self.domain.is_none() && !self.default_backend {
+        if self.paths.is_empty()
+            && self.domain.is_none()
+            && !self.default_backend
+            && self.sni.is_none()
+        {
             return Err(ValidationError::new(
                 "http.paths",
                 "an http service needs paths, a domain, or default_backend",

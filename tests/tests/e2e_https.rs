@@ -576,7 +576,13 @@ fn tls_passed_through_by_sni_while_other_names_are_terminated() {
     let topo = Topology::two_armed(1).unwrap();
     let _plain = topo.start_backends(1, 8080, false).unwrap();
     // The backend terminates TLS itself, with a certificate lb never holds.
-    let pki = Pki::new(&["db.example.test", "db2.example.test"]).unwrap();
+    let pki = Pki::new(&[
+        "db.example.test",
+        "db2.example.test",
+        "test.foobar.net",
+        "api.foobar.net",
+    ])
+    .unwrap();
     let tls_backend = topo.backend(0, 8443);
     let _tls = lb_tests::servers::TlsBackend::start(
         &topo.backends[0],
@@ -642,6 +648,26 @@ fn tls_passed_through_by_sni_while_other_names_are_terminated() {
         "/z",
         Duration::from_secs(10)
     ));
+    // DFP's SNI tutorial: names matched by their beginning and by a regular expression,
+    // given in servicePath.
+    for (service, path_type, path) in [
+        ("test", "req_ssl_sni%20-i%20-m%20beg", "test."),
+        ("api", "req_ssl_sni%20-i%20-m%20reg", "%5E(api%5C.)"),
+    ] {
+        let (status, answer) = dfp(&format!(
+            "serviceName={service}&reqMode=sni&pathType={path_type}&servicePath={path}&srcPort=443&port=8443&backends={be}"
+        ));
+        assert_eq!(status, 200, "{answer}");
+    }
+    for name in ["test.foobar.net", "api.foobar.net"] {
+        assert!(
+            https_ok_within(&topo.client, &pki, name, "/sleep", Duration::from_secs(10)),
+            "{name}: {:?}",
+            https(&topo.client, &pki, name, "/sleep", &[])
+        );
+        let got = https(&topo.client, &pki, name, "/sleep", &[]);
+        assert_eq!(got.body, "tls b0 /sleep proto=\n", "{name}");
+    }
     let (status, answer) = dfp(&format!(
         "serviceName=db3&reqMode=sni&serviceDomain=db3.example.test&srcPort=8443&port=8443&backends={be}"
     ));

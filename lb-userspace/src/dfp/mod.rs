@@ -25,7 +25,7 @@ use serde_json::json;
 use crate::{
     api_certs::Certs,
     controller::ControlError,
-    model::{DiscoverySpec, HeaderEdits, HttpSpec, PathRewrite, ServiceSpec, UserSpec},
+    model::{DiscoverySpec, HeaderEdits, HttpSpec, PathRewrite, ServiceSpec, SniSpec, UserSpec},
     reconcile::ReconcileError,
     web::Shared,
 };
@@ -203,19 +203,53 @@ fn sni_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
             ),
         ));
     }
+    // DFP's own example: `pathType=req_ssl_sni -i -m beg` and the names in servicePath.
+    let sni = match params.get("pathType").map(String::as_str) {
+        Some(path_type) if path_type.starts_with("req_ssl_sni") => Some(SniSpec {
+            kind: sni_match_kind(path_type)?,
+            values: list(params, "servicePath"),
+        }),
+        _ => None,
+    };
     let domains = list(params, "serviceDomain");
-    let [domain] = domains.as_slice() else {
+    if domains.len() > 1 || (domains.is_empty() && sni.is_none()) {
         return Err(nok(
             StatusCode::BAD_REQUEST,
             "serviceDomain",
-            "serviceDomain: reqMode sni needs one domain, the name clients ask for",
+            "serviceDomain: reqMode sni needs one domain (or pathType=req_ssl_sni with the names in servicePath)",
         ));
-    };
+    }
     Ok(HttpSpec {
-        domain: Some(domain.clone()),
+        domain: domains.into_iter().next(),
         tls_passthrough: Some(true),
+        sni,
         ..HttpSpec::default()
     })
+}
+
+/// The comparison of `req_ssl_sni [-i] [-m beg|end|reg|str]` (exact when none is named).
+fn sni_match_kind(path_type: &str) -> Result<String, Nok> {
+    let mut words = path_type.split_whitespace().skip(1);
+    let mut kind = "str";
+    while let Some(word) = words.next() {
+        match word {
+            // lb compares server names without case, as DFP's examples ask.
+            "-i" => {}
+            "-m" => kind = words.next().unwrap_or(""),
+            _ => kind = "",
+        }
+    }
+    if matches!(kind, "beg" | "end" | "reg" | "str") {
+        Ok(kind.to_string())
+    } else {
+        Err(nok(
+            StatusCode::BAD_REQUEST,
+            "pathType",
+            format!(
+                "pathType: {path_type:?}: lb compares req_ssl_sni with -m beg, end, reg or str"
+            ),
+        ))
+    }
 }
 
 /// `port`, the backends' port where they are listed without one, if given.
@@ -284,6 +318,7 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         tls: None,
         backend_protocol: None,
         tls_passthrough: None,
+        sni: None,
         // DFP's sslVerifyNone "also turns on SSL on the backend side".
         backend_tls: flag(params, "sslVerifyNone")?.then_some(crate::model::BackendTlsSpec {
             verify: false,

@@ -204,8 +204,15 @@ pub(super) fn check(params: &HashMap<String, String>) -> Result<Vec<String>, Nok
             Honoured | NoEffect(_) => {}
             Refused(instead) => return Err(refused(name, instead)),
         }
-        if param.name == "pathType" && params[name] != "path_beg" {
-            return Err(refused(name, "lb matches path prefixes (path_beg) only"));
+        let sni = params.get("reqMode").is_some_and(|m| m == "sni");
+        if param.name == "pathType"
+            && params[name] != "path_beg"
+            && !(sni && params[name].starts_with("req_ssl_sni"))
+        {
+            return Err(refused(
+                name,
+                "lb matches path prefixes (path_beg), and server names with req_ssl_sni for reqMode=sni",
+            ));
         }
     }
     Ok(unknown)

@@ -57,9 +57,39 @@ pub struct Route {
     pub backend_tls: Option<BackendTls>,
     /// The backends speak HTTP/2 (gRPC): h2c, or h2 over `backend_tls`.
     pub backend_h2: bool,
-    /// A TLS service: connections to the HTTPS listener whose SNI is `domain` are passed
-    /// to the backends whole, not terminated (DFP's `reqMode=sni`). No paths.
+    /// A TLS service: connections to the HTTPS listener whose SNI is `domain` (or one of
+    /// `sni`) are passed to the backends whole, not terminated (DFP's `reqMode=sni`). No
+    /// paths.
     pub tls_passthrough: bool,
+    pub sni: Vec<SniPattern>,
+}
+
+/// A server name a passthrough route takes (lower case), as HAProxy's `req_ssl_sni -m
+/// str|beg|end|reg` compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SniPattern {
+    Exact(String),
+    Begins(String),
+    Ends(String),
+    /// A regular expression found anywhere in the name (validated with the service).
+    Regex(String),
+}
+
+/// A pattern ready to match.
+enum SniMatcher {
+    Begins(Box<str>),
+    Ends(Box<str>),
+    Regex(regex::Regex),
+}
+
+impl SniMatcher {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            SniMatcher::Begins(p) => name.starts_with(&**p),
+            SniMatcher::Ends(p) => name.ends_with(&**p),
+            SniMatcher::Regex(r) => r.is_match(name),
+        }
+    }
 }
 
 /// What a route does with a request that came over plain HTTP.
@@ -144,6 +174,8 @@ pub(crate) struct Table {
     /// route.
     passthrough_exact: HashMap<Box<str>, usize>,
     passthrough_wildcard: HashMap<Box<str>, usize>,
+    /// Patterns, tried in turn after the names.
+    passthrough_patterns: Vec<(SniMatcher, usize)>,
 }
 
 /// A backend's address, how it is reached over TLS, and whether it speaks HTTP/2.
@@ -301,13 +333,7 @@ impl Table {
                 rewrite: route.rewrite.clone(),
             });
             if route.tls_passthrough {
-                if let Some(d) = route.domain.as_deref().map(str::to_ascii_lowercase) {
-                    let (map, key) = match d.strip_prefix("*.") {
-                        Some(parent) => (&mut table.passthrough_wildcard, parent.to_string()),
-                        None => (&mut table.passthrough_exact, d),
-                    };
-                    map.entry(key.into()).or_insert(index);
-                }
+                table.add_passthrough(route, index);
                 continue;
             }
             if route.default_backend && table.default.is_none() {
@@ -342,20 +368,58 @@ impl Table {
         &self.targets[index]
     }
 
+    fn add_passthrough(&mut self, route: &Route, index: usize) {
+        if let Some(d) = route.domain.as_deref().map(str::to_ascii_lowercase) {
+            let (map, key) = match d.strip_prefix("*.") {
+                Some(parent) => (&mut self.passthrough_wildcard, parent.to_string()),
+                None => (&mut self.passthrough_exact, d),
+            };
+            map.entry(key.into()).or_insert(index);
+        }
+        for pattern in &route.sni {
+            let matcher = match pattern {
+                SniPattern::Exact(name) => {
+                    self.passthrough_exact
+                        .entry(name.as_str().into())
+                        .or_insert(index);
+                    continue;
+                }
+                SniPattern::Begins(p) => SniMatcher::Begins(p.as_str().into()),
+                SniPattern::Ends(p) => SniMatcher::Ends(p.as_str().into()),
+                SniPattern::Regex(r) => match regex::Regex::new(r) {
+                    Ok(r) => SniMatcher::Regex(r),
+                    Err(e) => {
+                        tracing::error!(service = %route.service, "sni regex: {e}");
+                        continue;
+                    }
+                },
+            };
+            self.passthrough_patterns.push((matcher, index));
+        }
+    }
+
     /// Whether any route passes TLS through (else the HTTPS listener need not look at
     /// the ClientHello).
     pub fn has_passthrough(&self) -> bool {
-        !(self.passthrough_exact.is_empty() && self.passthrough_wildcard.is_empty())
+        !(self.passthrough_exact.is_empty()
+            && self.passthrough_wildcard.is_empty()
+            && self.passthrough_patterns.is_empty())
     }
 
     /// The route that TLS naming `server_name` (lower case) is passed through to: the
-    /// exact domain, else the closest wildcard.
+    /// exact name, else the closest wildcard, else the first pattern that matches.
     pub fn passthrough(&self, server_name: &str) -> Option<usize> {
         self.passthrough_exact
             .get(server_name)
             .copied()
             .or_else(|| {
                 parents(server_name).find_map(|p| self.passthrough_wildcard.get(p).copied())
+            })
+            .or_else(|| {
+                self.passthrough_patterns
+                    .iter()
+                    .find(|(m, _)| m.matches(server_name))
+                    .map(|&(_, t)| t)
             })
     }
 
@@ -537,6 +601,38 @@ mod tests {
         }
         assert_eq!(routed("/administrator").as_deref(), Some("app"));
         assert_eq!(routed("/x/../public").as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn passed_through_by_exact_name_then_wildcard_then_pattern_and_never_routed_as_http() {
+        let pass = |service: &str, domain: Option<&str>, sni: Vec<SniPattern>| Route {
+            tls_passthrough: true,
+            sni,
+            ..route(service, domain, &[])
+        };
+        let table = Registry::new(1, 0).tables(&[
+            pass("db", Some("db.example.com"), vec![]),
+            pass("wild", Some("*.example.com"), vec![]),
+            pass("test", None, vec![SniPattern::Begins("test.".into())]),
+            pass("api", None, vec![SniPattern::Regex("(?i)^api\\.".into())]),
+            route("web", Some("db.example.com"), &["/"]),
+        ]);
+        let table = &table[0];
+        let to = |name: &str| {
+            table
+                .passthrough(name)
+                .map(|t| table.target(t).service.to_string())
+        };
+        assert!(table.has_passthrough());
+        assert_eq!(to("db.example.com").as_deref(), Some("db"));
+        assert_eq!(to("x.example.com").as_deref(), Some("wild"));
+        assert_eq!(to("test.example.com").as_deref(), Some("wild"));
+        assert_eq!(to("test.foobar.net").as_deref(), Some("test"));
+        assert_eq!(to("api.foobar.net").as_deref(), Some("api"));
+        assert_eq!(to("web.foobar.net"), None);
+        // Plain HTTP to the passthrough name reaches the HTTP route, not the TLS one.
+        let http = table.lookup(Some("db.example.com"), "/x").unwrap();
+        assert_eq!(&*table.target(http).service, "web");
     }
 
     #[test]
