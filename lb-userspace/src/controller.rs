@@ -511,7 +511,10 @@ impl Controller {
                     )
                     .into());
                 }
+                // Routes that ask different conditions of a request (headers, user
+                // agents) may share paths.
                 if route.domain == theirs.domain
+                    && route.conditions() == theirs.conditions()
                     && let Some(p) = route.paths.iter().find(|p| theirs.paths.contains(p))
                 {
                     return Err(ValidationError::new(

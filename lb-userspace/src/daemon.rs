@@ -715,6 +715,18 @@ fn route(s: &HttpService) -> l7::Route {
             .map(crate::model::BackendTlsSpec::to_l7),
         backend_h2: r.backend_protocol == crate::model::BackendProtocol::H2,
         tls_passthrough: r.tls_passthrough,
+        // Validated as header names and values when the service was.
+        match_headers: r
+            .match_headers
+            .iter()
+            .filter_map(|(n, v)| {
+                Some((
+                    http::HeaderName::from_bytes(n.as_bytes()).ok()?,
+                    http::HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect(),
+        match_user_agents: r.match_user_agents.clone(),
         sni: r
             .sni
             .as_ref()

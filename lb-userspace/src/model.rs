@@ -85,7 +85,8 @@ pub struct ServiceSpec {
 /// "response_headers": {...}, "path_rewrite": [{"search": "^/demo/", "replace": "/"}],
 /// "tls": {"acme": true}, "backend_tls": {"verify": true, "ca": PEM, "server_name": ".."},
 /// "backend_protocol": "http1" | "h2", "tls_passthrough": false,
-/// "sni": {"match": "beg", "values": ["test."]}}`
+/// "sni": {"match": "beg", "values": ["test."]}, "match_headers": {"X-Version": "3"},
+/// "match_user_agents": ["googlebot"]}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -108,6 +109,8 @@ pub struct HttpSpec {
     pub backend_protocol: Option<String>,
     pub tls_passthrough: Option<bool>,
     pub sni: Option<SniSpec>,
+    pub match_headers: Option<std::collections::BTreeMap<String, String>>,
+    pub match_user_agents: Option<Vec<String>>,
 }
 
 /// `"sni": {"match": "beg", "values": ["test."]}`: the server names a `tls_passthrough`
@@ -422,6 +425,30 @@ pub struct HttpRoute {
     /// Server names a `tls_passthrough` route takes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sni: Option<SniSpec>,
+    /// Only requests with each of these headers, with that value exactly, take the route
+    /// (DFP's `serviceHeader`); another route may take the same paths without them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub match_headers: std::collections::BTreeMap<String, String>,
+    /// Only requests whose User-Agent holds one of these, without case (DFP's
+    /// `userAgent`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_user_agents: Vec<String>,
+}
+
+impl HttpRoute {
+    /// What a request must have besides its host and path, as a claim tells it apart
+    /// (empty: nothing).
+    pub fn conditions(&self) -> String {
+        let headers = self
+            .match_headers
+            .iter()
+            .map(|(n, v)| format!("{}: {v}", n.to_ascii_lowercase()));
+        let agents = self
+            .match_user_agents
+            .iter()
+            .map(|a| format!("user-agent ~ {}", a.to_ascii_lowercase()));
+        headers.chain(agents).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// `"check": {"kind": "http" | "tcp", "path": "/health", "expect": 200, "interval_ms": 1000,
@@ -677,6 +704,8 @@ impl HttpSpec {
             backend_tls: self.backend_tls.clone(),
             tls_passthrough: self.tls_passthrough.unwrap_or(false),
             sni: self.sni.clone(),
+            match_headers: self.match_headers.clone().unwrap_or_default(),
+            match_user_agents: self.match_user_agents.clone().unwrap_or_default(),
             backend_protocol: match self.backend_protocol.as_deref() {
                 None | Some("http1") => BackendProtocol::Http1,
                 Some("h2") => BackendProtocol::H2,
@@ -770,6 +799,23 @@ impl HttpRoute {
         }
         if let Some(tls) = &self.backend_tls {
             tls.check()?;
+        }
+        for (name, value) in &self.match_headers {
+            let field = format!("http.match_headers.{name}");
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ValidationError::new(field, "is not a header name"));
+            }
+            if http::HeaderValue::from_str(value).is_err() {
+                return Err(ValidationError::new(field, "is not a header value"));
+            }
+        }
+        for (i, agent) in self.match_user_agents.iter().enumerate() {
+            if agent.trim().is_empty() {
+                return Err(ValidationError::new(
+                    format!("http.match_user_agents[{i}]"),
+                    "is empty",
+                ));
+            }
         }
         if let Some(sni) = &self.sni {
             if !self.tls_passthrough {

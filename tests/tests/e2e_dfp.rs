@@ -498,3 +498,66 @@ fn dfp_header_and_path_rewrites_reach_the_backend_and_the_client() {
         json!(["X-Drop-Me"])
     );
 }
+
+#[test]
+fn dfp_service_header_and_user_agent_route_one_path_to_several_services() {
+    let topo = Topology::one_armed(3).unwrap();
+    let _backends = topo.start_backends(3, 8080, false).unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let reconfigure = |name: &str, i: usize, q: &str| {
+        let be = topo.backend_addrs[i];
+        lb.request(
+            "GET",
+            &format!("/v1/docker-flow-proxy/reconfigure?serviceName={name}&servicePath=/demo&port=8080&backends={be}{q}"),
+            None,
+        )
+        .unwrap()
+    };
+    // DFP's examples: the same path for everyone, version 2 for requests that say so,
+    // and another service for some user agents.
+    for (name, i, q) in [
+        ("demo", 0, ""),
+        ("demo-v2", 1, "&serviceHeader=X-Version:2,name:viktor"),
+        ("demo-bots", 2, "&userAgent=googlebot,iphone"),
+    ] {
+        let (code, body) = reconfigure(name, i, q);
+        assert_eq!(code, 200, "{name}: {body}");
+    }
+    let url = format!("http://{}/demo", topo.vip);
+    let get = |headers: &[&str]| {
+        let mut args: Vec<&str> = headers.iter().flat_map(|h| ["-H", *h]).collect();
+        args.push(&url);
+        let c = lb_tests::curl::curl(&topo.client, &args);
+        assert_eq!(c.status, 200, "{headers:?}: {c:?}");
+        c.body
+    };
+    assert_eq!(get(&[]), "be0");
+    assert_eq!(get(&["X-Version: 2", "name: viktor"]), "be1");
+    // Every header must be there, with its value.
+    assert_eq!(get(&["X-Version: 2"]), "be0");
+    assert_eq!(get(&["X-Version: 3", "name: viktor"]), "be0");
+    assert_eq!(
+        get(&["User-Agent: Mozilla/5.0 (compatible; Googlebot/2.1)"]),
+        "be2"
+    );
+    assert_eq!(
+        get(&["User-Agent: Mozilla/5.0 (iPhone; CPU iPhone OS 17_0)"]),
+        "be2"
+    );
+    assert_eq!(get(&["User-Agent: curl/8"]), "be0");
+
+    // A second unconditional service on the same path is still refused by its claim.
+    let (code, body) = reconfigure("demo-again", 1, "");
+    assert_eq!(
+        (code, body["field"].as_str()),
+        (400, Some("servicePath")),
+        "{body}"
+    );
+    let (code, body) = reconfigure("bad", 1, "&serviceHeader=NoColon");
+    assert_eq!(
+        (code, body["field"].as_str()),
+        (400, Some("serviceHeader")),
+        "{body}"
+    );
+    lb.stop().unwrap();
+}

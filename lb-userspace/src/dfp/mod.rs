@@ -319,6 +319,8 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         backend_protocol: None,
         tls_passthrough: None,
         sni: None,
+        match_headers: Some(service_headers(params)?),
+        match_user_agents: Some(list(params, "userAgent")),
         // DFP's sslVerifyNone "also turns on SSL on the backend side".
         backend_tls: flag(params, "sslVerifyNone")?.then_some(crate::model::BackendTlsSpec {
             verify: false,
@@ -326,6 +328,25 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
             server_name: None,
         }),
     })
+}
+
+/// `serviceHeader=X-Version:3,name:viktor`: headers a request must have, with those
+/// values.
+fn service_headers(
+    params: &HashMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, Nok> {
+    let mut headers = std::collections::BTreeMap::new();
+    for item in list(params, "serviceHeader") {
+        let Some((name, value)) = item.split_once(':') else {
+            return Err(nok(
+                StatusCode::BAD_REQUEST,
+                "serviceHeader",
+                format!("serviceHeader: {item:?} is not Name:value"),
+            ));
+        };
+        headers.insert(name.trim().to_string(), value.trim().to_string());
+    }
+    Ok(headers)
 }
 
 /// DFP's header parameters: `Name value` items (or `Name: value`) by commas to add or set,

@@ -78,6 +78,8 @@ const PARAMS: &[Param] = &[
     p("deniedMethods", true, Honoured),
     p("overrideLocalListener", false, Honoured),
     p("sslVerifyNone", true, Honoured),
+    p("serviceHeader", true, Honoured),
+    p("userAgent", true, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
     p("pathType", true, Honoured),
     // What lb has no use for.
@@ -152,8 +154,6 @@ const PARAMS: &[Param] = &[
     ),
     p("serviceDomainAlgo", false, Refused("")),
     p("serviceDomainMatchAll", false, Refused("")),
-    p("serviceHeader", true, Refused("")),
-    p("userAgent", true, Refused("")),
     p("sessionType", false, Refused("")),
     p(
         "connectionMode",

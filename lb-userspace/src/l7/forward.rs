@@ -66,7 +66,7 @@ impl Proxy {
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
             let path = normalized.as_deref().unwrap_or(req.uri().path());
-            let Some(t) = table.lookup(host, path) else {
+            let Some(t) = table.lookup(host, path, req.headers()) else {
                 return self.answer(StatusCode::NOT_FOUND, format!("no route for {path}\n"));
             };
             let target = table.target(t);

@@ -62,6 +62,12 @@ pub struct Route {
     /// paths.
     pub tls_passthrough: bool,
     pub sni: Vec<SniPattern>,
+    /// Only requests with each of these headers, with that value exactly (DFP's
+    /// `serviceHeader`), take this route.
+    pub match_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Only requests whose User-Agent holds one of these (lower case, without case; DFP's
+    /// `userAgent`) take this route.
+    pub match_user_agents: Vec<String>,
 }
 
 /// A server name a passthrough route takes (lower case), as HAProxy's `req_ssl_sni -m
@@ -120,9 +126,38 @@ pub(crate) struct Target {
     pub plain_http: PlainHttp,
     pub auth: Option<Arc<BasicAuth>>,
     pub rewrite: Option<Arc<Rewrite>>,
+    match_headers: Box<[(http::HeaderName, http::HeaderValue)]>,
+    match_user_agents: Box<[Box<str>]>,
 }
 
 impl Target {
+    /// Whether the route asks more of a request than its host and path.
+    fn is_conditional(&self) -> bool {
+        !(self.match_headers.is_empty() && self.match_user_agents.is_empty())
+    }
+
+    /// Whether a request with `headers` meets the route's conditions.
+    fn accepts(&self, headers: &http::HeaderMap) -> bool {
+        if !self
+            .match_headers
+            .iter()
+            .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value))
+        {
+            return false;
+        }
+        if self.match_user_agents.is_empty() {
+            return true;
+        }
+        let Some(agent) = headers
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        let agent = agent.to_ascii_lowercase();
+        self.match_user_agents.iter().any(|a| agent.contains(&**a))
+    }
+
     fn excluded(&self, path: &str) -> bool {
         self.excludes.iter().any(|p| prefix_matches(p, path))
     }
@@ -146,16 +181,24 @@ impl Tier {
         self.entries.push((prefix.into(), target));
     }
 
-    fn sort(&mut self) {
-        // Stable, so that of two equal prefixes the route listed first wins.
-        self.entries
-            .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+    fn sort(&mut self, targets: &[Target]) {
+        // Longest first; of two equal prefixes a route with conditions (headers, user
+        // agents) first, the others in turn as listed (stable).
+        self.entries.sort_by_key(|(prefix, t)| {
+            (
+                std::cmp::Reverse(prefix.len()),
+                !targets[*t].is_conditional(),
+            )
+        });
     }
 
-    fn find(&self, targets: &[Target], path: &str) -> Option<usize> {
+    fn find(&self, targets: &[Target], path: &str, headers: &http::HeaderMap) -> Option<usize> {
         self.entries
             .iter()
-            .find(|(prefix, t)| prefix_matches(prefix, path) && !targets[*t].excluded(path))
+            .find(|(prefix, t)| {
+                let target = &targets[*t];
+                prefix_matches(prefix, path) && !target.excluded(path) && target.accepts(headers)
+            })
             .map(|&(_, t)| t)
     }
 }
@@ -331,6 +374,12 @@ impl Table {
                 plain_http: route.plain_http,
                 auth,
                 rewrite: route.rewrite.clone(),
+                match_headers: route.match_headers.clone().into(),
+                match_user_agents: route
+                    .match_user_agents
+                    .iter()
+                    .map(|a| a.to_ascii_lowercase().into())
+                    .collect(),
             });
             if route.tls_passthrough {
                 table.add_passthrough(route, index);
@@ -359,7 +408,7 @@ impl Table {
             .chain(table.wildcard.values_mut())
             .chain([&mut table.any_host])
         {
-            tier.sort();
+            tier.sort(&table.targets);
         }
         table
     }
@@ -426,7 +475,12 @@ impl Table {
     /// The route for a request. Host rules rank first (exact domain, then the closest
     /// wildcard, then routes for any host), and within a rank the longest path prefix
     /// wins; a rank none of whose prefixes fits gives way to the next. Then the default.
-    pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<usize> {
+    pub fn lookup(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<usize> {
         let targets = &self.targets;
         let mut found = None;
         if !(self.exact.is_empty() && self.wildcard.is_empty()) {
@@ -435,15 +489,16 @@ impl Table {
                 found = self
                     .exact
                     .get(host)
-                    .and_then(|tier| tier.find(targets, path))
+                    .and_then(|tier| tier.find(targets, path, headers))
                     .or_else(|| {
-                        parents(host)
-                            .find_map(|parent| self.wildcard.get(parent)?.find(targets, path))
+                        parents(host).find_map(|parent| {
+                            self.wildcard.get(parent)?.find(targets, path, headers)
+                        })
                     });
             }
         }
         found
-            .or_else(|| self.any_host.find(targets, path))
+            .or_else(|| self.any_host.find(targets, path, headers))
             .or(self.default)
     }
 }
@@ -503,7 +558,7 @@ mod tests {
     }
 
     fn pick(table: &Table, host: &str, path: &str) -> Option<String> {
-        let t = table.lookup(Some(host), path)?;
+        let t = table.lookup(Some(host), path, &http::HeaderMap::new())?;
         Some(table.target(t).service.to_string())
     }
 
@@ -558,7 +613,9 @@ mod tests {
         assert_eq!(pick(&table, "example.com", "/x").as_deref(), Some("any"));
         assert_eq!(pick(&table, "example.com", "/y"), None);
         assert_eq!(pick(&table, "[::1]:80", "/x").as_deref(), Some("any"));
-        let any = table.lookup(None, "/x").map(|t| &*table.target(t).service);
+        let any = table
+            .lookup(None, "/x", &http::HeaderMap::new())
+            .map(|t| &*table.target(t).service);
         assert_eq!(any, Some("any"));
     }
 
@@ -631,7 +688,9 @@ mod tests {
         assert_eq!(to("api.foobar.net").as_deref(), Some("api"));
         assert_eq!(to("web.foobar.net"), None);
         // Plain HTTP to the passthrough name reaches the HTTP route, not the TLS one.
-        let http = table.lookup(Some("db.example.com"), "/x").unwrap();
+        let http = table
+            .lookup(Some("db.example.com"), "/x", &http::HeaderMap::new())
+            .unwrap();
         assert_eq!(&*table.target(http).service, "web");
     }
 

@@ -81,6 +81,24 @@ impl Claim {
         )
     }
 
+    /// As [`http_path`](Self::http_path), for requests that also meet `conditions`
+    /// (none: any request): `path/example.com:%2Fdemo%3Fx-version%3A%203`.
+    pub fn http_path_when(domain: Option<&str>, path: &str, conditions: &str) -> Self {
+        let claim = Self::http_path(domain, path);
+        if conditions.is_empty() {
+            return claim;
+        }
+        let on = domain.unwrap_or("any host");
+        let host = domain.unwrap_or("*");
+        let encoded = utf8_percent_encode(&format!("{path}?{conditions}"), PATH_KEEP).to_string();
+        Self::new(
+            "path",
+            format!("{host}:{encoded}"),
+            "http.paths",
+            format!("{path} on {on} when {conditions}"),
+        )
+    }
+
     /// Every path of `domain`, for a route with a domain and no paths: `domain/example.com`.
     pub fn http_domain(domain: &str) -> Self {
         Self::new(
@@ -125,8 +143,15 @@ pub fn claims_of(svc: &Service) -> Vec<Claim> {
         claims.push(Claim::vip(vip, svc.protocol));
     }
     if let Some(route) = &svc.http {
+        // A route with conditions shares its paths with one without, or with other
+        // conditions: what it claims is the paths under its conditions.
+        let conditions = route.conditions();
         for p in &route.paths {
-            claims.push(Claim::http_path(route.domain.as_deref(), p));
+            claims.push(Claim::http_path_when(
+                route.domain.as_deref(),
+                p,
+                &conditions,
+            ));
         }
         if let Some(d) = &route.domain
             && route.paths.is_empty()
@@ -312,6 +337,13 @@ mod tests {
     #[test]
     fn a_long_route_claims_a_hash_of_fixed_length() {
         let long = format!("/{}", "a".repeat(1000));
+        // A route with conditions claims its paths under them: no clash with the same
+        // paths asking nothing.
+        let plain = Claim::http_path_when(Some("example.com"), "/demo", "");
+        let v2 = Claim::http_path_when(Some("example.com"), "/demo", "x-version: 2");
+        assert_eq!(plain, Claim::http_path(Some("example.com"), "/demo"));
+        assert_eq!(v2.key(), "path/example.com:%2Fdemo%3Fx-version%3A%202");
+        assert_ne!(plain.key(), v2.key());
         let c = Claim::http_path(Some("example.com"), &long);
         assert!(c.key().starts_with("path/sha256-"), "{}", c.key());
         assert_eq!(c.key().len(), "path/sha256-".len() + 64);
