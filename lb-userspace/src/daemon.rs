@@ -727,6 +727,7 @@ fn route(s: &HttpService) -> l7::Route {
             })
             .collect(),
         match_user_agents: r.match_user_agents.clone(),
+        redirect_from: r.redirect_from.clone(),
         sni: r
             .sni
             .as_ref()

@@ -86,7 +86,7 @@ pub struct ServiceSpec {
 /// "tls": {"acme": true}, "backend_tls": {"verify": true, "ca": PEM, "server_name": ".."},
 /// "backend_protocol": "http1" | "h2", "tls_passthrough": false,
 /// "sni": {"match": "beg", "values": ["test."]}, "match_headers": {"X-Version": "3"},
-/// "match_user_agents": ["googlebot"]}`
+/// "match_user_agents": ["googlebot"], "redirect_from": ["www.example.com"]}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -111,6 +111,7 @@ pub struct HttpSpec {
     pub sni: Option<SniSpec>,
     pub match_headers: Option<std::collections::BTreeMap<String, String>>,
     pub match_user_agents: Option<Vec<String>>,
+    pub redirect_from: Option<Vec<String>>,
 }
 
 /// `"sni": {"match": "beg", "values": ["test."]}`: the server names a `tls_passthrough`
@@ -433,6 +434,10 @@ pub struct HttpRoute {
     /// `userAgent`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub match_user_agents: Vec<String>,
+    /// Requests for these hosts are redirected (301) to `domain`, same path (DFP's
+    /// `redirectFromDomain`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirect_from: Vec<String>,
 }
 
 impl HttpRoute {
@@ -706,6 +711,12 @@ impl HttpSpec {
             sni: self.sni.clone(),
             match_headers: self.match_headers.clone().unwrap_or_default(),
             match_user_agents: self.match_user_agents.clone().unwrap_or_default(),
+            redirect_from: self
+                .redirect_from
+                .iter()
+                .flatten()
+                .map(|d| d.trim().to_ascii_lowercase())
+                .collect(),
             backend_protocol: match self.backend_protocol.as_deref() {
                 None | Some("http1") => BackendProtocol::Http1,
                 Some("h2") => BackendProtocol::H2,
@@ -807,6 +818,35 @@ impl HttpRoute {
             }
             if http::HeaderValue::from_str(value).is_err() {
                 return Err(ValidationError::new(field, "is not a header value"));
+            }
+        }
+        for (i, from) in self.redirect_from.iter().enumerate() {
+            let field = format!("http.redirect_from[{i}]");
+            match &self.domain {
+                None => {
+                    return Err(ValidationError::new(
+                        field,
+                        "needs http.domain: where to redirect to",
+                    ));
+                }
+                Some(d) if d.starts_with("*.") => {
+                    return Err(ValidationError::new(
+                        field,
+                        "a wildcard domain is nowhere to redirect to",
+                    ));
+                }
+                Some(_) => {}
+            }
+            let ok = !from.is_empty()
+                && from.len() <= 253
+                && from.split('.').all(|l| {
+                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            if !ok {
+                return Err(ValidationError::new(
+                    field,
+                    format!("{from:?} is not a host name"),
+                ));
             }
         }
         for (i, agent) in self.match_user_agents.iter().enumerate() {

@@ -553,6 +553,43 @@ fn dfp_service_header_and_user_agent_route_one_path_to_several_services() {
         (400, Some("servicePath")),
         "{body}"
     );
+    // redirectFromDomain: requests for the old names go to the service's domain, same
+    // path and query, with a 301.
+    let (code, body) = lb
+        .request(
+            "GET",
+            &format!(
+                "/v1/docker-flow-proxy/reconfigure?serviceName=site&serviceDomain=example.test&port=8080&backends={}&redirectFromDomain=www.example.test,old.example.test",
+                topo.backend_addrs[0]
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    for host in ["www.example.test", "OLD.example.test:80"] {
+        let c = lb_tests::curl::curl(
+            &topo.client,
+            &[
+                "-H",
+                &format!("Host: {host}"),
+                &format!("http://{}/a/b?c=1", topo.vip),
+            ],
+        );
+        assert_eq!(
+            (c.status, c.location.as_str()),
+            (301, "http://example.test/a/b?c=1"),
+            "{host}: {c:?}"
+        );
+    }
+    let c = lb_tests::curl::curl(
+        &topo.client,
+        &[
+            "-H",
+            "Host: example.test",
+            &format!("http://{}/a", topo.vip),
+        ],
+    );
+    assert_eq!((c.status, c.body.as_str()), (200, "be0"), "{c:?}");
     let (code, body) = reconfigure("bad", 1, "&serviceHeader=NoColon");
     assert_eq!(
         (code, body["field"].as_str()),

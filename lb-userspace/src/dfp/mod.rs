@@ -321,6 +321,7 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         sni: None,
         match_headers: Some(service_headers(params)?),
         match_user_agents: Some(list(params, "userAgent")),
+        redirect_from: Some(list(params, "redirectFromDomain")),
         // DFP's sslVerifyNone "also turns on SSL on the backend side".
         backend_tls: flag(params, "sslVerifyNone")?.then_some(crate::model::BackendTlsSpec {
             verify: false,

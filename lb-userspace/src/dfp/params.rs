@@ -80,6 +80,7 @@ const PARAMS: &[Param] = &[
     p("sslVerifyNone", true, Honoured),
     p("serviceHeader", true, Honoured),
     p("userAgent", true, Honoured),
+    p("redirectFromDomain", true, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
     p("pathType", true, Honoured),
     // What lb has no use for.
@@ -136,7 +137,6 @@ const PARAMS: &[Param] = &[
         false,
         Refused("lb redirects by how the client reached it: httpsOnly"),
     ),
-    p("redirectFromDomain", true, Refused("")),
     p(
         "timeoutServer",
         true,

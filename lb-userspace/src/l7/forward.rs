@@ -66,6 +66,9 @@ impl Proxy {
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
             let path = normalized.as_deref().unwrap_or(req.uri().path());
+            if let Some(to) = table.redirect(host) {
+                return self.redirect(StatusCode::MOVED_PERMANENTLY, conn.https, to, req.uri());
+            }
             let Some(t) = table.lookup(host, path, req.headers()) else {
                 return self.answer(StatusCode::NOT_FOUND, format!("no route for {path}\n"));
             };
@@ -363,8 +366,20 @@ impl Proxy {
             443 => String::new(),
             p => format!(":{p}"),
         };
+        self.redirect(code, true, &format!("{host}{port}"), uri)
+    }
+
+    /// `code` to the same path and query on `authority`, over HTTPS or plain HTTP.
+    fn redirect(
+        &self,
+        code: StatusCode,
+        https: bool,
+        authority: &str,
+        uri: &Uri,
+    ) -> Response<ResponseBody> {
+        let scheme = if https { "https" } else { "http" };
         let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let location = format!("https://{host}{port}{target}");
+        let location = format!("{scheme}://{authority}{target}");
         let Ok(location) = HeaderValue::from_str(&location) else {
             return self.answer(
                 StatusCode::BAD_REQUEST,

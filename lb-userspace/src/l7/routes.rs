@@ -68,6 +68,9 @@ pub struct Route {
     /// Only requests whose User-Agent holds one of these (lower case, without case; DFP's
     /// `userAgent`) take this route.
     pub match_user_agents: Vec<String>,
+    /// Requests for these hosts are redirected (301) to `domain` (DFP's
+    /// `redirectFromDomain`).
+    pub redirect_from: Vec<String>,
 }
 
 /// A server name a passthrough route takes (lower case), as HAProxy's `req_ssl_sni -m
@@ -219,6 +222,8 @@ pub(crate) struct Table {
     passthrough_wildcard: HashMap<Box<str>, usize>,
     /// Patterns, tried in turn after the names.
     passthrough_patterns: Vec<(SniMatcher, usize)>,
+    /// Lower-case host -> the domain its requests are redirected to.
+    redirects: HashMap<Box<str>, Box<str>>,
 }
 
 /// A backend's address, how it is reached over TLS, and whether it speaks HTTP/2.
@@ -385,6 +390,14 @@ impl Table {
                 table.add_passthrough(route, index);
                 continue;
             }
+            if let Some(to) = &route.domain {
+                for from in &route.redirect_from {
+                    table
+                        .redirects
+                        .entry(from.to_ascii_lowercase().into())
+                        .or_insert_with(|| to.as_str().into());
+                }
+            }
             if route.default_backend && table.default.is_none() {
                 table.default = Some(index);
             }
@@ -470,6 +483,16 @@ impl Table {
                     .find(|(m, _)| m.matches(server_name))
                     .map(|&(_, t)| t)
             })
+    }
+
+    /// The domain requests for `host` are redirected to, if any.
+    pub fn redirect(&self, host: Option<&str>) -> Option<&str> {
+        if self.redirects.is_empty() {
+            return None;
+        }
+        let mut buf = [0u8; 256];
+        let host = normalize_host(host?, &mut buf)?;
+        self.redirects.get(host).map(|to| &**to)
     }
 
     /// The route for a request. Host rules rank first (exact domain, then the closest
