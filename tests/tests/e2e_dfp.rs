@@ -148,15 +148,21 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
             "serviceName",
         ),
         (
-            "reconfigure?serviceName=go-demo&reqMode=sni&port=8080&backends=10.201.0.11",
+            "reconfigure?serviceName=go-demo&reqMode=udp&port=8080&backends=10.201.0.11",
             400,
             "reqMode",
         ),
+        // TLS passed through needs the names it is for.
+        (
+            "reconfigure?serviceName=go-demo&reqMode=sni&port=8080&backends=10.201.0.11",
+            400,
+            "serviceDomain",
+        ),
         // Documented by DFP, not done by lb: refused, never dropped behind an OK.
         (
-            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&sslVerifyNone=true",
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&sessionType=sticky-server",
             400,
-            "sslVerifyNone",
+            "sessionType",
         ),
         // Done, and bad values refused naming them.
         (
