@@ -329,6 +329,20 @@ pub fn path_regex(search: &str) -> Result<regex::Regex, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A lower-case DNS name: dot-separated labels of letters, digits and '-', each 1 to 63
+/// long, 253 in all.
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
 /// A user of HTTP basic auth: a password in the clear (hashed before it is stored) or its
 /// hash already made (crypt(3) `$6$`/`$5$`, bcrypt `$2y$`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -791,16 +805,7 @@ impl HttpRoute {
             validate_path(&format!("http.paths_exclude[{i}]"), p)?;
         }
         if let Some(d) = &self.domain {
-            let bare = d.strip_prefix("*.").unwrap_or(d);
-            let ok = !bare.is_empty()
-                && bare.len() <= 253
-                && bare.split('.').all(|label| {
-                    !label.is_empty()
-                        && label.len() <= 63
-                        && label
-                            .chars()
-                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                });
+            let ok = is_host_name(d.strip_prefix("*.").unwrap_or(d));
             if !ok {
                 return Err(ValidationError::new(
                     "http.domain",
@@ -837,12 +842,7 @@ impl HttpRoute {
                 }
                 Some(_) => {}
             }
-            let ok = !from.is_empty()
-                && from.len() <= 253
-                && from.split('.').all(|l| {
-                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                });
-            if !ok {
+            if !is_host_name(from) {
                 return Err(ValidationError::new(
                     field,
                     format!("{from:?} is not a host name"),

@@ -270,12 +270,7 @@ impl Proxy {
                     });
                 }
             };
-            let deadline = async {
-                if let Some(sent) = sent {
-                    sent.wait().await;
-                }
-                self.response_head.expired().await;
-            };
+            let deadline = self.response_deadline(sent);
             let answered = if upgrade {
                 let (mut sender, slot) = conn.into_upgradeable();
                 let response = sender.try_send_request(req);
@@ -310,6 +305,15 @@ impl Proxy {
         }
     }
 
+    /// When a backend that has not answered is given up on: the response-head timeout,
+    /// counted from when the request body has been sent in full.
+    async fn response_deadline(&self, sent: &Option<Arc<Sent>>) {
+        if let Some(sent) = sent {
+            sent.wait().await;
+        }
+        self.response_head.expired().await;
+    }
+
     /// As `exchange`, with a backend that speaks HTTP/2: the request goes as one more
     /// stream of the worker's connection to it, which a task of its own drives.
     async fn exchange_h2(
@@ -327,12 +331,7 @@ impl Proxy {
                 });
             }
         };
-        let deadline = async {
-            if let Some(sent) = sent {
-                sent.wait().await;
-            }
-            self.response_head.expired().await;
-        };
+        let deadline = self.response_deadline(sent);
         let answered = tokio::select! {
             biased;
             r = async {
