@@ -257,7 +257,7 @@ impl Controller {
             let g = gone.http.as_ref().expect("http");
             live.iter().any(|l| {
                 let r = l.service.http.as_ref().expect("http");
-                r.domain == g.domain
+                r.shares_a_host(g)
                     && (r.paths.iter().any(|p| g.paths.contains(p))
                         || (r.paths.is_empty() && g.paths.is_empty())
                         || (r.default_backend && g.default_backend))
@@ -513,7 +513,7 @@ impl Controller {
                 }
                 // Routes that ask different conditions of a request (headers, user
                 // agents) may share paths.
-                if route.domain == theirs.domain
+                if route.shares_a_host(theirs)
                     && route.conditions() == theirs.conditions()
                     && let Some(p) = route.paths.iter().find(|p| theirs.paths.contains(p))
                 {
@@ -523,14 +523,13 @@ impl Controller {
                     )
                     .into());
                 }
-                if route.domain.is_some()
-                    && route.domain == theirs.domain
+                if let Some(d) = route.domains.iter().find(|d| theirs.domains.contains(d))
                     && route.paths.is_empty()
                     && theirs.paths.is_empty()
                 {
                     return Err(ValidationError::new(
                         "http.domain",
-                        format!("{:?} is routed to service {:?}", theirs.domain, other.name),
+                        format!("{d:?} is routed to service {:?}", other.name),
                     )
                     .into());
                 }

@@ -672,7 +672,7 @@ fn acme_domains(services: &[HttpService]) -> BTreeSet<String> {
         .filter(|s| !s.removed)
         .filter_map(|s| s.service.http.as_ref())
         .filter(|r| r.tls.acme)
-        .filter_map(|r| r.domain.clone())
+        .flat_map(|r| r.domains.iter().cloned())
         .collect()
 }
 
@@ -683,7 +683,7 @@ fn route(s: &HttpService) -> l7::Route {
         service: s.service.name.clone(),
         paths: r.paths.clone(),
         paths_exclude: r.paths_exclude.clone(),
-        domain: r.domain.clone(),
+        domains: r.domains.clone(),
         backends: s.healthy.iter().map(|&b| SocketAddr::V4(b)).collect(),
         balance: match r.balance {
             crate::model::Balance::RoundRobin => l7::Balance::RoundRobin,

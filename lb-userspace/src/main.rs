@@ -544,14 +544,14 @@ fn acme(args: &RunArgs) -> anyhow::Result<Option<lb::acme::AcmeConfig>> {
     let mut domains = Vec::new();
     for d in &args.acme_domains {
         let route = lb::model::HttpSpec {
-            domain: Some(d.clone()),
+            domain: Some(vec![d.clone()]),
             tls: Some(lb::model::RouteTls { acme: true }),
             ..Default::default()
         };
         let checked = route
             .validate()
             .map_err(|e| anyhow::anyhow!("--acme-domain {d}: {}", e.message))?;
-        domains.extend(checked.domain);
+        domains.extend(checked.domains);
     }
     Ok(Some(lb::acme::AcmeConfig {
         directory,

@@ -7,6 +7,8 @@ use std::{collections::HashSet, net::SocketAddrV4};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, maglev};
 use serde::{Deserialize, Serialize};
 
+use crate::l7::DomainPattern;
+
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_BACKENDS: usize = 4096;
 
@@ -76,7 +78,7 @@ pub struct ServiceSpec {
     pub override_local_listener: Option<bool>,
 }
 
-/// `"http": {"paths": ["/demo"], "paths_exclude": [], "domain": "example.com",
+/// `"http": {"paths": ["/demo"], "paths_exclude": [], "domain": "example.com" | [...],
 /// "default_backend": false, "balance": "round_robin" | "least_outstanding",
 /// "allowed_methods": ["GET"], "denied_methods": ["DELETE"], "https_only": false,
 /// "https_redirect_code": 302, "deny_http": false,
@@ -92,7 +94,9 @@ pub struct ServiceSpec {
 pub struct HttpSpec {
     pub paths: Option<Vec<String>>,
     pub paths_exclude: Option<Vec<String>>,
-    pub domain: Option<String>,
+    /// One domain or a list of them.
+    #[serde(default, deserialize_with = "one_or_many_opt::deserialize")]
+    pub domain: Option<Vec<String>>,
     pub default_backend: Option<bool>,
     pub balance: Option<String>,
     pub allowed_methods: Option<Vec<String>>,
@@ -343,6 +347,48 @@ fn is_host_name(name: &str) -> bool {
         })
 }
 
+/// A field that takes one string or a list of them (read into a list).
+mod one_or_many {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    pub(super) enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    impl From<OneOrMany> for Vec<String> {
+        fn from(v: OneOrMany) -> Self {
+            match v {
+                OneOrMany::One(s) => vec![s],
+                OneOrMany::Many(v) => v,
+            }
+        }
+    }
+
+    /// One item as a string (readable by lb versions that took only one), more as a list.
+    pub fn serialize<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(OneOrMany::deserialize(d)?.into())
+    }
+}
+
+/// As `one_or_many`, for a field that may be absent.
+mod one_or_many_opt {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+        Ok(Option::<super::one_or_many::OneOrMany>::deserialize(d)?.map(Into::into))
+    }
+}
+
 /// A user of HTTP basic auth: a password in the clear (hashed before it is stored) or its
 /// hash already made (crypt(3) `$6$`/`$5$`, bcrypt `$2y$`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -382,9 +428,9 @@ impl Balance {
     }
 }
 
-/// A validated HTTP route: requests whose host matches `domain` (exact, or any subdomain
-/// for `*.example.com`; any host when none) and whose path starts with one of `paths`
-/// (`/demo` matches `/demo` and `/demo/...`; the longest wins) and none of `paths_exclude`.
+/// A validated HTTP route: requests whose host matches one of `domains` (any host when
+/// none; see [`DomainPattern`]) and whose path starts with one of `paths` (`/demo`
+/// matches `/demo` and `/demo/...`; the longest wins) and none of `paths_exclude`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpRoute {
@@ -392,8 +438,14 @@ pub struct HttpRoute {
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths_exclude: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain: Option<String>,
+    /// Written `domain`: one name as a string (as stored before lists), several as a list.
+    #[serde(
+        rename = "domain",
+        default,
+        with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub domains: Vec<String>,
     /// Takes the requests no other route matches.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub default_backend: bool,
@@ -433,7 +485,7 @@ pub struct HttpRoute {
     pub backend_tls: Option<BackendTlsSpec>,
     #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
     pub backend_protocol: BackendProtocol,
-    /// A TLS service: connections to the HTTPS listener whose SNI is `domain` go whole to
+    /// A TLS service: connections to the HTTPS listener whose SNI is a domain go whole to
     /// the backends (DFP's `reqMode=sni`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls_passthrough: bool,
@@ -448,13 +500,22 @@ pub struct HttpRoute {
     /// `userAgent`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub match_user_agents: Vec<String>,
-    /// Requests for these hosts are redirected (301) to `domain`, same path (DFP's
+    /// Requests for these hosts are redirected (301) to the first domain, same path (DFP's
     /// `redirectFromDomain`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redirect_from: Vec<String>,
 }
 
 impl HttpRoute {
+    /// Whether the two routes take requests for the same host rule: both for any host, or
+    /// a domain in common.
+    pub fn shares_a_host(&self, other: &HttpRoute) -> bool {
+        if self.domains.is_empty() || other.domains.is_empty() {
+            return self.domains.is_empty() && other.domains.is_empty();
+        }
+        self.domains.iter().any(|d| other.domains.contains(d))
+    }
+
     /// What a request must have besides its host and path, as a claim tells it apart
     /// (empty: nothing).
     pub fn conditions(&self) -> String {
@@ -682,7 +743,13 @@ impl HttpSpec {
             validate_path(&format!("http.paths_exclude[{i}]"), p)?;
             paths_exclude.push(p.trim_end_matches('/').to_string());
         }
-        let domain = self.domain.as_ref().map(|d| d.trim().to_ascii_lowercase());
+        let mut domains: Vec<String> = Vec::new();
+        for d in self.domain.iter().flatten() {
+            let d = d.trim().to_ascii_lowercase();
+            if !domains.contains(&d) {
+                domains.push(d);
+            }
+        }
         let default_backend = self.default_backend.unwrap_or(false);
         let balance = match self.balance.as_deref().unwrap_or("round_robin") {
             "round_robin" => Balance::RoundRobin,
@@ -707,7 +774,7 @@ impl HttpSpec {
         HttpRoute {
             paths,
             paths_exclude,
-            domain,
+            domains,
             default_backend,
             balance,
             allowed_methods: methods(&self.allowed_methods),
@@ -804,12 +871,16 @@ impl HttpRoute {
         for (i, p) in self.paths_exclude.iter().enumerate() {
             validate_path(&format!("http.paths_exclude[{i}]"), p)?;
         }
-        if let Some(d) = &self.domain {
-            let ok = is_host_name(d.strip_prefix("*.").unwrap_or(d));
-            if !ok {
+        for (i, d) in self.domains.iter().enumerate() {
+            if !is_host_name(DomainPattern::parse(d).name()) {
+                let field = if self.domains.len() == 1 {
+                    "http.domain".to_string()
+                } else {
+                    format!("http.domain[{i}]")
+                };
                 return Err(ValidationError::new(
-                    "http.domain",
-                    format!("{d:?} is not a host name (or *.domain)"),
+                    field,
+                    format!("{d:?} is not a host name (or *.domain, or *domain)"),
                 ));
             }
         }
@@ -827,20 +898,20 @@ impl HttpRoute {
         }
         for (i, from) in self.redirect_from.iter().enumerate() {
             let field = format!("http.redirect_from[{i}]");
-            match &self.domain {
+            match self.domains.first().map(|d| DomainPattern::parse(d)) {
                 None => {
                     return Err(ValidationError::new(
                         field,
                         "needs http.domain: where to redirect to",
                     ));
                 }
-                Some(d) if d.starts_with("*.") => {
+                Some(DomainPattern::Exact(_)) => {}
+                Some(_) => {
                     return Err(ValidationError::new(
                         field,
-                        "a wildcard domain is nowhere to redirect to",
+                        "redirects go to the first domain, and a wildcard is nowhere to redirect to",
                     ));
                 }
-                Some(_) => {}
             }
             if !is_host_name(from) {
                 return Err(ValidationError::new(
@@ -867,7 +938,7 @@ impl HttpRoute {
             sni.check()?;
         }
         if self.tls_passthrough {
-            let why = if self.domain.is_none() && self.sni.is_none() {
+            let why = if self.domains.is_empty() && self.sni.is_none() {
                 Some(
                     "needs http.domain or http.sni: the names clients ask for in their TLS handshake",
                 )
@@ -896,22 +967,23 @@ impl HttpRoute {
             }
         }
         if self.tls.acme {
-            match &self.domain {
-                None => {
-                    return Err(ValidationError::new(
-                        "http.tls.acme",
-                        "needs http.domain: the name the certificate is ordered for",
-                    ));
-                }
-                Some(d) if d.starts_with("*.") => {
-                    return Err(ValidationError::new(
-                        "http.tls.acme",
-                        format!(
-                            "{d:?}: a wildcard cannot be validated over HTTP (HTTP-01); store its certificate with PUT /v1/certs"
-                        ),
-                    ));
-                }
-                Some(_) => {}
+            if self.domains.is_empty() {
+                return Err(ValidationError::new(
+                    "http.tls.acme",
+                    "needs http.domain: the names the certificate is ordered for",
+                ));
+            }
+            if let Some(d) = self
+                .domains
+                .iter()
+                .find(|d| !matches!(DomainPattern::parse(d), DomainPattern::Exact(_)))
+            {
+                return Err(ValidationError::new(
+                    "http.tls.acme",
+                    format!(
+                        "{d:?}: a wildcard cannot be validated over HTTP (HTTP-01); store its certificate with PUT /v1/certs"
+                    ),
+                ));
             }
         }
         if let Some(code) = self.https_redirect_code
@@ -936,7 +1008,7 @@ impl HttpRoute {
             }
         }
         if self.paths.is_empty()
-            && self.domain.is_none()
+            && self.domains.is_empty()
             && !self.default_backend
             && self.sni.is_none()
         {
@@ -1520,6 +1592,65 @@ mod tests {
         assert_eq!(
             spec(&[""]).validate().unwrap_err().field,
             "http.allowed_methods[0]"
+        );
+    }
+
+    #[test]
+    fn a_domain_is_one_name_or_a_list_and_reads_as_stored_before_lists() {
+        let spec: HttpSpec = serde_json::from_str(r#"{"domain": " Shop.Example.com "}"#).unwrap();
+        let route = spec.validate().unwrap();
+        assert_eq!(route.domains, ["shop.example.com"]);
+        // One domain is written as the string it always was.
+        let json = serde_json::to_value(&route).unwrap();
+        assert_eq!(json["domain"], "shop.example.com");
+        let back: HttpRoute = serde_json::from_value(json).unwrap();
+        assert_eq!(back, route);
+
+        let spec: HttpSpec = serde_json::from_str(
+            r#"{"domain": ["a.example.com", "*.example.net", "*example.org", "a.example.com"]}"#,
+        )
+        .unwrap();
+        let route = spec.validate().unwrap();
+        assert_eq!(route.domains, ["a.example.com", "*.example.net", "*example.org"]);
+        let json = serde_json::to_value(&route).unwrap();
+        assert_eq!(json["domain"][2], "*example.org");
+        assert_eq!(serde_json::from_value::<HttpRoute>(json).unwrap(), route);
+
+        let bad = |domains: &[&str]| {
+            HttpSpec {
+                domain: Some(domains.iter().map(|d| (*d).to_string()).collect()),
+                ..HttpSpec::default()
+            }
+            .validate()
+            .unwrap_err()
+            .field
+        };
+        assert_eq!(bad(&["a b"]), "http.domain");
+        assert_eq!(bad(&["ok.com", "*"]), "http.domain[1]");
+        assert_eq!(bad(&["ok.com", "**.com"]), "http.domain[1]");
+    }
+
+    #[test]
+    fn redirects_and_acme_need_plain_names() {
+        let spec = |domains: &[&str]| HttpSpec {
+            domain: Some(domains.iter().map(|d| (*d).to_string()).collect()),
+            redirect_from: Some(vec!["www.a.com".into()]),
+            ..HttpSpec::default()
+        };
+        assert!(spec(&["a.com", "*.a.com"]).validate().is_ok());
+        assert_eq!(
+            spec(&["*a.com", "a.com"]).validate().unwrap_err().field,
+            "http.redirect_from[0]"
+        );
+        let acme = |domains: &[&str]| HttpSpec {
+            domain: Some(domains.iter().map(|d| (*d).to_string()).collect()),
+            tls: Some(RouteTls { acme: true }),
+            ..HttpSpec::default()
+        };
+        assert!(acme(&["a.com", "b.com"]).validate().is_ok());
+        assert_eq!(
+            acme(&["a.com", "*b.com"]).validate().unwrap_err().field,
+            "http.tls.acme"
         );
     }
 

@@ -285,7 +285,7 @@ async fn host_routing_exact_wildcard_and_paths() {
         named("any").await,
     );
     let with_domain = |mut r: Route, d: &str| {
-        r.domain = Some(d.into());
+        r.domains = vec![d.into()];
         r
     };
     let p = start(

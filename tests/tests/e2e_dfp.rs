@@ -604,3 +604,86 @@ fn dfp_service_header_and_user_agent_route_one_path_to_several_services() {
     );
     lb.stop().unwrap();
 }
+
+#[test]
+fn dfp_several_domains_subdomains_by_algo_and_wildcard_domains_route_by_host() {
+    let topo = Topology::one_armed(3).unwrap();
+    let _backends = topo.start_backends(3, 8080, false).unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let reconfigure = |name: &str, i: usize, q: &str| {
+        let be = topo.backend_addrs[i];
+        lb.request(
+            "GET",
+            &format!(
+                "/v1/docker-flow-proxy/reconfigure?serviceName={name}&port=8080&backends={be}{q}"
+            ),
+            None,
+        )
+        .unwrap()
+    };
+    for (name, i, q) in [
+        ("shop", 0, "&serviceDomain=shop.test,store.test"),
+        (
+            "docs",
+            1,
+            "&serviceDomain=docs.test&serviceDomainAlgo=hdr_dom(host)",
+        ),
+        // DFP's wildcard: any host ending so.
+        ("tail", 2, "&serviceDomain=*example.test"),
+    ] {
+        let (code, body) = reconfigure(name, i, q);
+        assert_eq!(code, 200, "{name}: {body}");
+    }
+    let get = |host: &str| {
+        let c = lb_tests::curl::curl(
+            &topo.client,
+            &["-H", &format!("Host: {host}"), &format!("http://{}/x", topo.vip)],
+        );
+        (c.status, c.body)
+    };
+    for (host, to) in [
+        ("shop.test", "be0"),
+        ("STORE.test:80", "be0"),
+        ("docs.test", "be1"),
+        ("api.docs.test", "be1"),
+        ("example.test", "be2"),
+        ("www.example.test", "be2"),
+        ("myexample.test", "be2"),
+    ] {
+        assert_eq!(get(host), (200, to.to_string()), "{host}");
+    }
+    for host in ["www.shop.test", "docs.test.evil", "example.test.evil"] {
+        assert_eq!(get(host).0, 404, "{host}");
+    }
+    // Each name is claimed: another service cannot take store.test.
+    let (code, body) = reconfigure("store", 1, "&serviceDomain=store.test");
+    assert_eq!(
+        (code, body["field"].as_str()),
+        (400, Some("serviceDomain")),
+        "{body}"
+    );
+    assert_eq!(get("store.test"), (200, "be0".to_string()));
+    // What lb does not compare is refused, naming the parameter.
+    for algo in ["req.ssl_sni", "hdr_beg(host)", "hdr(x-host)"] {
+        let (code, body) = reconfigure(
+            "odd",
+            1,
+            &format!("&serviceDomain=odd.test&serviceDomainAlgo={algo}"),
+        );
+        assert_eq!(
+            (code, body["field"].as_str()),
+            (400, Some("serviceDomainAlgo")),
+            "{algo}: {body}"
+        );
+    }
+    let (_, config) = lb
+        .request("GET", "/v1/docker-flow-proxy/config?type=json", None)
+        .unwrap();
+    assert_eq!(
+        config["shop"]["ServiceDest"][0]["ServiceDomain"],
+        json!(["shop.test", "store.test"])
+    );
+    let (_, svc) = lb.request("GET", "/v1/services/docs", None).unwrap();
+    assert_eq!(svc["http"]["domain"], json!(["docs.test", "*.docs.test"]));
+    lb.stop().unwrap();
+}

@@ -211,16 +211,16 @@ fn sni_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         }),
         _ => None,
     };
-    let domains = list(params, "serviceDomain");
-    if domains.len() > 1 || (domains.is_empty() && sni.is_none()) {
+    let domains = service_domains(params, true)?;
+    if domains.is_empty() && sni.is_none() {
         return Err(nok(
             StatusCode::BAD_REQUEST,
             "serviceDomain",
-            "serviceDomain: reqMode sni needs one domain (or pathType=req_ssl_sni with the names in servicePath)",
+            "serviceDomain: reqMode sni needs a domain (or pathType=req_ssl_sni with the names in servicePath)",
         ));
     }
     Ok(HttpSpec {
-        domain: domains.into_iter().next(),
+        domain: Some(domains),
         tls_passthrough: Some(true),
         sni,
         ..HttpSpec::default()
@@ -252,6 +252,58 @@ fn sni_match_kind(path_type: &str) -> Result<String, Nok> {
     }
 }
 
+/// `serviceDomain` (several, comma-separated; `*domain.com` is DFP's wildcard, any host
+/// ending so) as `serviceDomainAlgo` compares them: `hdr(host)`, the default, the name
+/// itself; `hdr_dom(host)` (or the old `serviceDomainMatchAll=true`) the name and its
+/// subdomains; `hdr_end(host)` any host ending so; `req.ssl_sni` (with `reqMode=sni`,
+/// where lb compares the TLS server name in any case) the name itself.
+fn service_domains(params: &HashMap<String, String>, sni: bool) -> Result<Vec<String>, Nok> {
+    let names = list(params, "serviceDomain");
+    let algo = match params.get("serviceDomainAlgo").map(|a| a.trim()) {
+        Some(algo) if !algo.is_empty() => algo.to_string(),
+        _ if flag(params, "serviceDomainMatchAll")? => "hdr_dom(host)".to_string(),
+        _ => "hdr(host)".to_string(),
+    };
+    // HAProxy's fetch, and the header it reads (DFP's docs also write `hdr_dom()`).
+    let (fetch, header) = match algo.split_once('(') {
+        Some((fetch, rest)) => (fetch, rest.trim_end_matches(')').trim()),
+        None => (algo.as_str(), "host"),
+    };
+    let refuse = |why: &str| {
+        Err(nok(
+            StatusCode::BAD_REQUEST,
+            "serviceDomainAlgo",
+            format!("serviceDomainAlgo: {algo:?}: {why}"),
+        ))
+    };
+    if !(header.is_empty() || header.eq_ignore_ascii_case("host")) {
+        return refuse("lb matches domains against the Host header only");
+    }
+    let mut domains = Vec::new();
+    for name in names {
+        let plain = !name.starts_with('*');
+        match fetch {
+            "hdr" => domains.push(name),
+            "hdr_dom" if plain => {
+                domains.push(format!("*.{name}"));
+                domains.push(name);
+            }
+            "hdr_end" if plain => domains.push(format!("*{name}")),
+            "hdr_dom" | "hdr_end" => domains.push(name),
+            "req.ssl_sni" | "req_ssl_sni" if sni => domains.push(name),
+            "req.ssl_sni" | "req_ssl_sni" => {
+                return refuse(
+                    "lb routes HTTP by the Host header; the server name is compared with reqMode=sni",
+                );
+            }
+            _ => return refuse("lb takes hdr(host), hdr_dom(host), hdr_end(host) or req.ssl_sni"),
+        }
+    }
+    // The name first: redirects (redirectFromDomain) go to the first domain.
+    domains.sort_by_key(|d| d.starts_with('*'));
+    Ok(domains)
+}
+
 /// `port`, the backends' port where they are listed without one, if given.
 fn port_param(params: &HashMap<String, String>) -> Result<Option<&str>, Nok> {
     let port = params.get("port").filter(|p| !p.is_empty());
@@ -267,20 +319,13 @@ fn port_param(params: &HashMap<String, String>) -> Result<Option<&str>, Nok> {
     Ok(port.map(String::as_str))
 }
 
-/// The route of a `reqMode=http` service: `servicePath`, `serviceDomain` (one),
+/// The route of a `reqMode=http` service: `servicePath`, `serviceDomain`,
 /// `servicePathExclude`, `isDefaultBackend`, `allowedMethods`, `deniedMethods`,
 /// `httpsOnly`, `httpsRedirectCode` and `denyHttp`.
 fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
     let paths = list(params, "servicePath");
-    let domains = list(params, "serviceDomain");
+    let domains = service_domains(params, false)?;
     let default_backend = flag(params, "isDefaultBackend")?;
-    if domains.len() > 1 {
-        return Err(nok(
-            StatusCode::BAD_REQUEST,
-            "serviceDomain",
-            "serviceDomain: lb routes one domain per service",
-        ));
-    }
     if paths.is_empty() && domains.is_empty() && !default_backend {
         return Err(nok(
             StatusCode::CONFLICT,
@@ -291,7 +336,7 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
     Ok(HttpSpec {
         paths: Some(paths),
         paths_exclude: Some(list(params, "servicePathExclude")),
-        domain: domains.into_iter().next(),
+        domain: Some(domains),
         default_backend: Some(default_backend),
         balance: None,
         allowed_methods: Some(list(params, "allowedMethods")),

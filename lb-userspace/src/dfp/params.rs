@@ -81,6 +81,9 @@ const PARAMS: &[Param] = &[
     p("serviceHeader", true, Honoured),
     p("userAgent", true, Honoured),
     p("redirectFromDomain", true, Honoured),
+    p("serviceDomainAlgo", false, Honoured),
+    // Deprecated by DFP for serviceDomainAlgo=hdr_dom(host), which it stands for.
+    p("serviceDomainMatchAll", false, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
     p("pathType", true, Honoured),
     // What lb has no use for.
@@ -152,8 +155,6 @@ const PARAMS: &[Param] = &[
         true,
         Refused("lb's --http-header-timeout bounds an idle client"),
     ),
-    p("serviceDomainAlgo", false, Refused("")),
-    p("serviceDomainMatchAll", false, Refused("")),
     p("sessionType", false, Refused("")),
     p(
         "connectionMode",

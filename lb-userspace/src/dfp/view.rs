@@ -25,7 +25,7 @@ pub(super) fn service(svc: &Service) -> Value {
         "ReqMode": if route.is_some() { "http" } else { "tcp" },
         "ServicePath": route.map(|r| r.paths.clone()).unwrap_or_default(),
         "ServicePathExclude": route.map(|r| r.paths_exclude.clone()).unwrap_or_default(),
-        "ServiceDomain": route.and_then(|r| r.domain.clone()).into_iter().collect::<Vec<_>>(),
+        "ServiceDomain": route.map(|r| r.domains.clone()).unwrap_or_default(),
         "PathType": if route.is_some() { "path_beg" } else { "" },
         "AllowedMethods": route.map(|r| r.allowed_methods.clone()).unwrap_or_default(),
         "DeniedMethods": route.map(|r| r.denied_methods.clone()).unwrap_or_default(),
@@ -64,7 +64,11 @@ pub(super) fn config_text(services: &[Service]) -> String {
         let _ = writeln!(out, "service {}", svc.name);
         match (&svc.http, svc.l4_vip()) {
             (Some(r), _) => {
-                let domain = r.domain.as_deref().unwrap_or("any host");
+                let domain = if r.domains.is_empty() {
+                    "any host".to_string()
+                } else {
+                    r.domains.join(", ")
+                };
                 let _ = writeln!(out, "  http  {domain}, paths {}", list(&r.paths));
                 if !r.paths_exclude.is_empty() {
                     let _ = writeln!(out, "  not   paths {}", list(&r.paths_exclude));

@@ -35,9 +35,10 @@ pub struct Route {
     pub paths: Vec<String>,
     /// Prefixes (same rule) that must not reach this route.
     pub paths_exclude: Vec<String>,
-    /// "example.com" (exact, case-insensitive, the Host's port ignored) or "*.example.com"
-    /// (any subdomain, not example.com itself). None: any host.
-    pub domain: Option<String>,
+    /// "example.com" (exact, case-insensitive, the Host's port ignored), "*.example.com"
+    /// (any subdomain, not example.com itself) or "*example.com" (any host ending so).
+    /// Empty: any host.
+    pub domains: Vec<String>,
     /// The healthy backends now; empty: lb answers 503.
     pub backends: Vec<SocketAddr>,
     pub balance: Balance,
@@ -57,7 +58,7 @@ pub struct Route {
     pub backend_tls: Option<BackendTls>,
     /// The backends speak HTTP/2 (gRPC): h2c, or h2 over `backend_tls`.
     pub backend_h2: bool,
-    /// A TLS service: connections to the HTTPS listener whose SNI is `domain` (or one of
+    /// A TLS service: connections to the HTTPS listener whose SNI is a domain (or one of
     /// `sni`) are passed to the backends whole, not terminated (DFP's `reqMode=sni`). No
     /// paths.
     pub tls_passthrough: bool,
@@ -68,9 +69,41 @@ pub struct Route {
     /// Only requests whose User-Agent holds one of these (lower case, without case; DFP's
     /// `userAgent`) take this route.
     pub match_user_agents: Vec<String>,
-    /// Requests for these hosts are redirected (301) to `domain` (DFP's
+    /// Requests for these hosts are redirected (301) to the first domain (DFP's
     /// `redirectFromDomain`).
     pub redirect_from: Vec<String>,
+}
+
+/// How a route's domain matches a request's host (or a passed-through TLS server name),
+/// without case and without the Host's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainPattern<'a> {
+    /// `example.com`: that name only.
+    Exact(&'a str),
+    /// `*.example.com`: any subdomain, not `example.com` itself.
+    Subdomains(&'a str),
+    /// `*example.com` (DFP's wildcard, HAProxy's `hdr_end`): any name that ends so,
+    /// `example.com` and `myexample.com` included.
+    EndsWith(&'a str),
+}
+
+impl<'a> DomainPattern<'a> {
+    pub fn parse(domain: &'a str) -> Self {
+        if let Some(parent) = domain.strip_prefix("*.") {
+            DomainPattern::Subdomains(parent)
+        } else if let Some(suffix) = domain.strip_prefix('*') {
+            DomainPattern::EndsWith(suffix)
+        } else {
+            DomainPattern::Exact(domain)
+        }
+    }
+
+    /// The name it is written with, without its wildcard.
+    pub fn name(self) -> &'a str {
+        match self {
+            DomainPattern::Exact(n) | DomainPattern::Subdomains(n) | DomainPattern::EndsWith(n) => n,
+        }
+    }
 }
 
 /// A server name a passthrough route takes (lower case), as HAProxy's `req_ssl_sni -m
@@ -180,8 +213,9 @@ struct Tier {
 }
 
 impl Tier {
-    fn push(&mut self, prefix: &str, target: usize) {
-        self.entries.push((prefix.into(), target));
+    fn push_all(&mut self, prefixes: &[String], target: usize) {
+        self.entries
+            .extend(prefixes.iter().map(|p| (p.as_str().into(), target)));
     }
 
     fn sort(&mut self, targets: &[Target]) {
@@ -214,6 +248,8 @@ pub(crate) struct Table {
     exact: HashMap<Box<str>, Tier>,
     /// "example.com" for "*.example.com" -> its routes.
     wildcard: HashMap<Box<str>, Tier>,
+    /// "example.com" for "*example.com", and its routes; the longest first.
+    suffixes: Vec<(Box<str>, Tier)>,
     any_host: Tier,
     default: Option<usize>,
     /// TLS passed through by SNI: lower-case domain (for `*.domain`, the parent) -> its
@@ -390,7 +426,7 @@ impl Table {
                 table.add_passthrough(route, index);
                 continue;
             }
-            if let Some(to) = &route.domain {
+            if let Some(to) = route.domains.first() {
                 for from in &route.redirect_from {
                     table
                         .redirects
@@ -401,24 +437,26 @@ impl Table {
             if route.default_backend && table.default.is_none() {
                 table.default = Some(index);
             }
-            let tier = match route.domain.as_deref().map(str::to_ascii_lowercase) {
-                None => &mut table.any_host,
-                Some(d) => match d.strip_prefix("*.") {
-                    Some(parent) => table.wildcard.entry(parent.into()).or_default(),
-                    None => table.exact.entry(d.into()).or_default(),
-                },
+            let prefixes: Vec<String> = if route.paths.is_empty() {
+                vec![String::new()]
+            } else {
+                route.paths.iter().map(|p| normalized_prefix(p)).collect()
             };
-            if route.paths.is_empty() {
-                tier.push("", index);
+            if route.domains.is_empty() {
+                table.any_host.push_all(&prefixes, index);
             }
-            for path in &route.paths {
-                tier.push(&normalized_prefix(path), index);
+            for domain in &route.domains {
+                table.tier(domain).push_all(&prefixes, index);
             }
         }
+        table
+            .suffixes
+            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         for tier in table
             .exact
             .values_mut()
             .chain(table.wildcard.values_mut())
+            .chain(table.suffixes.iter_mut().map(|(_, tier)| tier))
             .chain([&mut table.any_host])
         {
             tier.sort(&table.targets);
@@ -426,17 +464,44 @@ impl Table {
         table
     }
 
+    /// The routes of hosts `domain` matches.
+    fn tier(&mut self, domain: &str) -> &mut Tier {
+        let domain = domain.to_ascii_lowercase();
+        match DomainPattern::parse(&domain) {
+            DomainPattern::Exact(name) => self.exact.entry(name.into()).or_default(),
+            DomainPattern::Subdomains(parent) => self.wildcard.entry(parent.into()).or_default(),
+            DomainPattern::EndsWith(suffix) => {
+                let at = match self.suffixes.iter().position(|(s, _)| **s == *suffix) {
+                    Some(at) => at,
+                    None => {
+                        self.suffixes.push((suffix.into(), Tier::default()));
+                        self.suffixes.len() - 1
+                    }
+                };
+                &mut self.suffixes[at].1
+            }
+        }
+    }
+
     pub fn target(&self, index: usize) -> &Target {
         &self.targets[index]
     }
 
     fn add_passthrough(&mut self, route: &Route, index: usize) {
-        if let Some(d) = route.domain.as_deref().map(str::to_ascii_lowercase) {
-            let (map, key) = match d.strip_prefix("*.") {
-                Some(parent) => (&mut self.passthrough_wildcard, parent.to_string()),
-                None => (&mut self.passthrough_exact, d),
-            };
-            map.entry(key.into()).or_insert(index);
+        for d in route.domains.iter().map(|d| d.to_ascii_lowercase()) {
+            match DomainPattern::parse(&d) {
+                DomainPattern::Exact(name) => {
+                    self.passthrough_exact.entry(name.into()).or_insert(index);
+                }
+                DomainPattern::Subdomains(parent) => {
+                    self.passthrough_wildcard
+                        .entry(parent.into())
+                        .or_insert(index);
+                }
+                DomainPattern::EndsWith(suffix) => self
+                    .passthrough_patterns
+                    .push((SniMatcher::Ends(suffix.into()), index)),
+            }
         }
         for pattern in &route.sni {
             let matcher = match pattern {
@@ -496,8 +561,9 @@ impl Table {
     }
 
     /// The route for a request. Host rules rank first (exact domain, then the closest
-    /// wildcard, then routes for any host), and within a rank the longest path prefix
-    /// wins; a rank none of whose prefixes fits gives way to the next. Then the default.
+    /// `*.` wildcard, then the longest `*` suffix, then routes for any host), and within
+    /// a rank the longest path prefix wins; a rank none of whose prefixes fits gives way
+    /// to the next. Then the default.
     pub fn lookup(
         &self,
         host: Option<&str>,
@@ -506,7 +572,7 @@ impl Table {
     ) -> Option<usize> {
         let targets = &self.targets;
         let mut found = None;
-        if !(self.exact.is_empty() && self.wildcard.is_empty()) {
+        if !(self.exact.is_empty() && self.wildcard.is_empty() && self.suffixes.is_empty()) {
             let mut buf = [0u8; 256];
             if let Some(host) = host.and_then(|h| normalize_host(h, &mut buf)) {
                 found = self
@@ -517,6 +583,12 @@ impl Table {
                         parents(host).find_map(|parent| {
                             self.wildcard.get(parent)?.find(targets, path, headers)
                         })
+                    })
+                    .or_else(|| {
+                        self.suffixes
+                            .iter()
+                            .filter(|(suffix, _)| host.ends_with(&**suffix))
+                            .find_map(|(_, tier)| tier.find(targets, path, headers))
                     });
             }
         }
@@ -574,7 +646,7 @@ mod tests {
         Route {
             service: service.into(),
             paths: paths.iter().map(std::string::ToString::to_string).collect(),
-            domain: domain.map(Into::into),
+            domains: domain.map(Into::into).into_iter().collect(),
             backends: vec!["127.0.0.1:1".parse().unwrap()],
             ..Route::default()
         }
@@ -643,6 +715,33 @@ mod tests {
     }
 
     #[test]
+    fn a_route_takes_each_of_its_domains_and_suffixes_rank_after_wildcards() {
+        let mut shop = route("shop", None, &["/"]);
+        shop.domains = vec!["shop.example.com".into(), "shop.example.net".into()];
+        let mut tail = route("tail", None, &["/"]);
+        // DFP's `*domain.com`: any host that ends so, the name itself included.
+        tail.domains = vec!["*example.org".into()];
+        let mut longer = route("longer", None, &["/"]);
+        longer.domains = vec!["*b.example.org".into()];
+        let table = build(vec![
+            shop,
+            tail,
+            longer,
+            route("wild", Some("*.example.org"), &["/only"]),
+        ]);
+        assert_eq!(pick(&table, "shop.example.com", "/").as_deref(), Some("shop"));
+        assert_eq!(pick(&table, "SHOP.example.net:80", "/a").as_deref(), Some("shop"));
+        assert_eq!(pick(&table, "example.net", "/"), None);
+        assert_eq!(pick(&table, "example.org", "/").as_deref(), Some("tail"));
+        assert_eq!(pick(&table, "myexample.org", "/").as_deref(), Some("tail"));
+        assert_eq!(pick(&table, "a.b.example.org", "/").as_deref(), Some("longer"));
+        // The wildcard ranks first where it has the path, and gives way where not.
+        assert_eq!(pick(&table, "a.example.org", "/only").as_deref(), Some("wild"));
+        assert_eq!(pick(&table, "a.example.org", "/x").as_deref(), Some("tail"));
+        assert_eq!(pick(&table, "example.org.evil", "/"), None);
+    }
+
+    #[test]
     fn excludes_and_default() {
         let mut api = route("api", None, &["/api"]);
         api.paths_exclude = vec!["/api/internal".into()];
@@ -695,6 +794,7 @@ mod tests {
             pass("wild", Some("*.example.com"), vec![]),
             pass("test", None, vec![SniPattern::Begins("test.".into())]),
             pass("api", None, vec![SniPattern::Regex("(?i)^api\\.".into())]),
+            pass("tail", Some("*foobar.org"), vec![]),
             route("web", Some("db.example.com"), &["/"]),
         ]);
         let table = &table[0];
@@ -710,6 +810,8 @@ mod tests {
         assert_eq!(to("test.foobar.net").as_deref(), Some("test"));
         assert_eq!(to("api.foobar.net").as_deref(), Some("api"));
         assert_eq!(to("web.foobar.net"), None);
+        assert_eq!(to("foobar.org").as_deref(), Some("tail"));
+        assert_eq!(to("x.myfoobar.org").as_deref(), Some("tail"));
         // Plain HTTP to the passthrough name reaches the HTTP route, not the TLS one.
         let http = table
             .lookup(Some("db.example.com"), "/x", &http::HeaderMap::new())

@@ -136,7 +136,7 @@ impl Claim {
 }
 
 /// What a service claims: its VIP and protocol (layer 4), or each of its HTTP route's
-/// (domain, path) pairs, its domain when it has no paths, and the default backend.
+/// (domain, path) pairs, its domains when it has no paths, and the default backend.
 pub fn claims_of(svc: &Service) -> Vec<Claim> {
     let mut claims = Vec::new();
     if let Some(vip) = svc.l4_vip() {
@@ -146,17 +146,20 @@ pub fn claims_of(svc: &Service) -> Vec<Claim> {
         // A route with conditions shares its paths with one without, or with other
         // conditions: what it claims is the paths under its conditions.
         let conditions = route.conditions();
-        for p in &route.paths {
-            claims.push(Claim::http_path_when(
-                route.domain.as_deref(),
-                p,
-                &conditions,
-            ));
-        }
-        if let Some(d) = &route.domain
-            && route.paths.is_empty()
-        {
-            claims.push(Claim::http_domain(d));
+        let hosts: Vec<Option<&str>> = if route.domains.is_empty() {
+            vec![None]
+        } else {
+            route.domains.iter().map(|d| Some(d.as_str())).collect()
+        };
+        for host in hosts {
+            for p in &route.paths {
+                claims.push(Claim::http_path_when(host, p, &conditions));
+            }
+            if let Some(d) = host
+                && route.paths.is_empty()
+            {
+                claims.push(Claim::http_domain(d));
+            }
         }
         if route.default_backend {
             claims.push(Claim::default_backend());
