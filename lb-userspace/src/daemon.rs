@@ -728,6 +728,10 @@ fn route(s: &HttpService) -> l7::Route {
             .collect(),
         match_user_agents: r.match_user_agents.clone(),
         redirect_from: r.redirect_from.clone(),
+        timeouts: l7::RouteTimeouts {
+            server: r.server_timeout_ms.map(std::time::Duration::from_millis),
+            tunnel: r.tunnel_timeout_ms.map(std::time::Duration::from_millis),
+        },
         sni: r
             .sni
             .as_ref()

@@ -88,7 +88,8 @@ pub struct ServiceSpec {
 /// "tls": {"acme": true}, "backend_tls": {"verify": true, "ca": PEM, "server_name": ".."},
 /// "backend_protocol": "http1" | "h2", "tls_passthrough": false,
 /// "sni": {"match": "beg", "values": ["test."]}, "match_headers": {"X-Version": "3"},
-/// "match_user_agents": ["googlebot"], "redirect_from": ["www.example.com"]}`
+/// "match_user_agents": ["googlebot"], "redirect_from": ["www.example.com"],
+/// "server_timeout_ms": 20000, "tunnel_timeout_ms": 3600000}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -116,6 +117,8 @@ pub struct HttpSpec {
     pub match_headers: Option<std::collections::BTreeMap<String, String>>,
     pub match_user_agents: Option<Vec<String>>,
     pub redirect_from: Option<Vec<String>>,
+    pub server_timeout_ms: Option<u64>,
+    pub tunnel_timeout_ms: Option<u64>,
 }
 
 /// `"sni": {"match": "beg", "values": ["test."]}`: the server names a `tls_passthrough`
@@ -504,6 +507,14 @@ pub struct HttpRoute {
     /// `redirectFromDomain`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redirect_from: Vec<String>,
+    /// How long the backends may take to answer, instead of lb's
+    /// `--http-backend-response-timeout` (DFP's `timeoutServer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_timeout_ms: Option<u64>,
+    /// How long an upgraded connection (WebSocket) or TLS passed through may sit idle,
+    /// instead of lb's `--http-tunnel-timeout` (DFP's `timeoutTunnel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_timeout_ms: Option<u64>,
 }
 
 impl HttpRoute {
@@ -723,6 +734,9 @@ fn validate_path(field: &str, p: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// The longest a route's own timeout may be: a week.
+const MAX_ROUTE_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+
 impl HttpSpec {
     pub fn validate(&self) -> Result<HttpRoute, ValidationError> {
         let mut paths = Vec::new();
@@ -798,6 +812,8 @@ impl HttpSpec {
                 .flatten()
                 .map(|d| d.trim().to_ascii_lowercase())
                 .collect(),
+            server_timeout_ms: self.server_timeout_ms,
+            tunnel_timeout_ms: self.tunnel_timeout_ms,
             backend_protocol: match self.backend_protocol.as_deref() {
                 None | Some("http1") => BackendProtocol::Http1,
                 Some("h2") => BackendProtocol::H2,
@@ -887,6 +903,17 @@ impl HttpRoute {
         if let Some(tls) = &self.backend_tls {
             tls.check()?;
         }
+        for (field, ms) in [
+            ("http.server_timeout_ms", self.server_timeout_ms),
+            ("http.tunnel_timeout_ms", self.tunnel_timeout_ms),
+        ] {
+            if ms.is_some_and(|ms| ms == 0 || ms > MAX_ROUTE_TIMEOUT_MS) {
+                return Err(ValidationError::new(
+                    field,
+                    format!("is from 1 to {MAX_ROUTE_TIMEOUT_MS} (a week)"),
+                ));
+            }
+        }
         for (name, value) in &self.match_headers {
             let field = format!("http.match_headers.{name}");
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -955,9 +982,10 @@ impl HttpRoute {
                 || !self.path_rewrite.is_empty()
                 || !self.request_headers.is_empty()
                 || !self.response_headers.is_empty()
+                || self.server_timeout_ms.is_some()
             {
                 Some(
-                    "goes whole to the backends: users, redirects, ACME, backend TLS and rewriting do not apply",
+                    "goes whole to the backends: users, redirects, ACME, backend TLS, rewriting and server_timeout_ms (tunnel_timeout_ms applies) do not",
                 )
             } else {
                 None
@@ -1611,7 +1639,10 @@ mod tests {
         )
         .unwrap();
         let route = spec.validate().unwrap();
-        assert_eq!(route.domains, ["a.example.com", "*.example.net", "*example.org"]);
+        assert_eq!(
+            route.domains,
+            ["a.example.com", "*.example.net", "*example.org"]
+        );
         let json = serde_json::to_value(&route).unwrap();
         assert_eq!(json["domain"][2], "*example.org");
         assert_eq!(serde_json::from_value::<HttpRoute>(json).unwrap(), route);
@@ -1652,6 +1683,32 @@ mod tests {
             acme(&["a.com", "*b.com"]).validate().unwrap_err().field,
             "http.tls.acme"
         );
+    }
+
+    #[test]
+    fn a_route_s_own_timeouts_are_bounded_and_a_passthrough_has_no_server_timeout() {
+        let spec = |server: Option<u64>, tunnel: Option<u64>| HttpSpec {
+            paths: Some(vec!["/r".into()]),
+            server_timeout_ms: server,
+            tunnel_timeout_ms: tunnel,
+            ..HttpSpec::default()
+        };
+        assert!(spec(Some(1), Some(MAX_ROUTE_TIMEOUT_MS)).validate().is_ok());
+        let field = |s: HttpSpec| s.validate().unwrap_err().field;
+        assert_eq!(field(spec(Some(0), None)), "http.server_timeout_ms");
+        assert_eq!(
+            field(spec(None, Some(MAX_ROUTE_TIMEOUT_MS + 1))),
+            "http.tunnel_timeout_ms"
+        );
+        let pass = |server: Option<u64>| HttpSpec {
+            domain: Some(vec!["db.test".into()]),
+            tls_passthrough: Some(true),
+            server_timeout_ms: server,
+            tunnel_timeout_ms: Some(1000),
+            ..HttpSpec::default()
+        };
+        assert!(pass(None).validate().is_ok());
+        assert_eq!(field(pass(Some(1000))), "http.tls_passthrough");
     }
 
     #[test]

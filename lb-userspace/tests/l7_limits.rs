@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb::l7::{Limits, Proxy, ProxyConfig, Route};
+use lb::l7::{Limits, Proxy, ProxyConfig, Route, RouteTimeouts};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -552,9 +552,8 @@ async fn a_response_the_client_does_not_read_is_cut_on_time() {
     assert_eq!(p.refused("response_timeout"), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_tunnel_is_closed() {
-    // A backend that accepts the upgrade and echoes.
+/// A backend that accepts any upgrade and echoes.
+async fn upgrade_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -576,20 +575,32 @@ async fn an_idle_tunnel_is_closed() {
             });
         }
     });
+    echo
+}
+
+/// Asks `proxy` for a WebSocket upgrade on `host`; the stream, switched.
+async fn upgraded(proxy: SocketAddr, host: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101"), "{host}");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed() {
+    let echo = upgrade_echo().await;
     let limits = Limits {
         tunnel_timeout: Duration::from_millis(600),
         ..Limits::default()
     };
     let p = start(limits, echo).await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let mut s = upgraded(p.addr, "h").await;
     let mut buf = [0u8; 1024];
-    let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
     // The tunnel holds its backend connection's place under the backend's cap.
     let open = || p.proxy.stats().backend_connections[&echo.to_string()];
     assert_eq!(open(), 1);
@@ -613,6 +624,64 @@ async fn an_idle_tunnel_is_closed() {
         eventually(|| open() == 0).await,
         "the tunnel's place was never given back"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_s_own_timeouts_replace_the_proxy_s_for_it_alone() {
+    let b = backend().await;
+    let echo = upgrade_echo().await;
+    // The proxy's: a minute for an answer, an hour for an idle tunnel.
+    let p = start(Limits::default(), b.addr).await;
+    let own = RouteTimeouts {
+        server: Some(Duration::from_millis(200)),
+        tunnel: Some(Duration::from_millis(400)),
+    };
+    let route = |service: &str, domain: &str, to: SocketAddr, timeouts| Route {
+        service: service.into(),
+        domains: vec![domain.into()],
+        backends: vec![to],
+        timeouts,
+        ..Route::default()
+    };
+    p.proxy.set_routes(vec![
+        route("quick", "quick.test", b.addr, own),
+        route("patient", "patient.test", b.addr, RouteTimeouts::default()),
+        route("ws-quick", "ws-quick.test", echo, own),
+        route("ws", "ws.test", echo, RouteTimeouts::default()),
+    ]);
+    let addr = p.addr;
+    let hold = |host: &'static str| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET /hold HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let (text, closed) = read_until_closed(&mut s).await;
+        (text, closed - started)
+    };
+    // The backend takes HOLD (500 ms): past the route's 200 ms, within the proxy's.
+    let (text, took) = hold("quick.test").await;
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(took < HOLD, "answered after {took:?}");
+    let (text, _) = hold("patient.test").await;
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("held"),
+        "{text}"
+    );
+
+    let mut quick = upgraded(p.addr, "ws-quick.test").await;
+    let mut patient = upgraded(p.addr, "ws.test").await;
+    let quiet = Instant::now();
+    let (_, closed) = read_until_closed(&mut quick).await;
+    let after = closed - quiet;
+    assert!(
+        after >= Duration::from_millis(350) && after < Duration::from_secs(2),
+        "closed after {after:?}"
+    );
+    // The other tunnel, as quiet as long, is still open.
+    patient.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = timeout(T, patient.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"ping");
 }
 
 async fn eventually(mut f: impl FnMut() -> bool) -> bool {

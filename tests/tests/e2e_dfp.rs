@@ -186,6 +186,21 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
             "denyHttp",
         ),
         (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&timeoutServer=soon",
+            400,
+            "timeoutServer",
+        ),
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&timeoutTunnel=0",
+            400,
+            "timeoutTunnel",
+        ),
+        (
+            "reconfigure?serviceName=go-demo&reqMode=sni&serviceDomain=db.test&port=8080&backends=10.201.0.11&timeoutServer=5",
+            400,
+            "timeoutServer",
+        ),
+        (
             "reconfigure?serviceName=go-demo&servicePath.1=/demo&port.1=8080&backends=10.201.0.11",
             400,
             "port.1",
@@ -637,7 +652,11 @@ fn dfp_several_domains_subdomains_by_algo_and_wildcard_domains_route_by_host() {
     let get = |host: &str| {
         let c = lb_tests::curl::curl(
             &topo.client,
-            &["-H", &format!("Host: {host}"), &format!("http://{}/x", topo.vip)],
+            &[
+                "-H",
+                &format!("Host: {host}"),
+                &format!("http://{}/x", topo.vip),
+            ],
         );
         (c.status, c.body)
     };
@@ -685,5 +704,21 @@ fn dfp_several_domains_subdomains_by_algo_and_wildcard_domains_route_by_host() {
     );
     let (_, svc) = lb.request("GET", "/v1/services/docs", None).unwrap();
     assert_eq!(svc["http"]["domain"], json!(["docs.test", "*.docs.test"]));
+    // DFP's per-service timeouts, in seconds, are the route's own (tested at work in
+    // lb-userspace's l7_limits).
+    let (code, body) = reconfigure(
+        "slow",
+        1,
+        "&serviceDomain=slow.test&timeoutServer=90&timeoutTunnel=7200",
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, svc) = lb.request("GET", "/v1/services/slow", None).unwrap();
+    assert_eq!(
+        (
+            &svc["http"]["server_timeout_ms"],
+            &svc["http"]["tunnel_timeout_ms"]
+        ),
+        (&json!(90_000), &json!(7_200_000))
+    );
     lb.stop().unwrap();
 }

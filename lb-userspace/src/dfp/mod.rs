@@ -219,10 +219,18 @@ fn sni_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
             "serviceDomain: reqMode sni needs a domain (or pathType=req_ssl_sni with the names in servicePath)",
         ));
     }
+    if params.get("timeoutServer").is_some_and(|t| !t.is_empty()) {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "timeoutServer",
+            "timeoutServer: TLS passed through is one tunnel: its idle time is timeoutTunnel",
+        ));
+    }
     Ok(HttpSpec {
         domain: Some(domains),
         tls_passthrough: Some(true),
         sni,
+        tunnel_timeout_ms: seconds_param(params, "timeoutTunnel")?,
         ..HttpSpec::default()
     })
 }
@@ -304,6 +312,21 @@ fn service_domains(params: &HashMap<String, String>, sni: bool) -> Result<Vec<St
     Ok(domains)
 }
 
+/// A timeout DFP takes in whole seconds (`timeoutServer=20`), in milliseconds.
+fn seconds_param(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Nok> {
+    let Some(value) = params.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match value.parse::<u64>() {
+        Ok(secs) if secs > 0 => Ok(Some(secs.saturating_mul(1000))),
+        _ => Err(nok(
+            StatusCode::BAD_REQUEST,
+            name,
+            format!("{name}: {value:?} is not a number of seconds"),
+        )),
+    }
+}
+
 /// `port`, the backends' port where they are listed without one, if given.
 fn port_param(params: &HashMap<String, String>) -> Result<Option<&str>, Nok> {
     let port = params.get("port").filter(|p| !p.is_empty());
@@ -367,6 +390,8 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         match_headers: Some(service_headers(params)?),
         match_user_agents: Some(list(params, "userAgent")),
         redirect_from: Some(list(params, "redirectFromDomain")),
+        server_timeout_ms: seconds_param(params, "timeoutServer")?,
+        tunnel_timeout_ms: seconds_param(params, "timeoutTunnel")?,
         // DFP's sslVerifyNone "also turns on SSL on the backend side".
         backend_tls: flag(params, "sslVerifyNone")?.then_some(crate::model::BackendTlsSpec {
             verify: false,
@@ -666,6 +691,8 @@ fn dfp_field(field: &str) -> String {
         ["http", "response_headers", "delete", ..] => "delResHeader",
         ["http", "response_headers", ..] => "addResHeader",
         ["http", "path_rewrite", ..] => "reqPathSearchReplace",
+        ["http", "server_timeout_ms"] => "timeoutServer",
+        ["http", "tunnel_timeout_ms"] => "timeoutTunnel",
         ["vip", ..] => "srcPort",
         ["backends", ..] => "backends",
         ["discovery", "port"] => "port",

@@ -82,6 +82,8 @@ const PARAMS: &[Param] = &[
     p("userAgent", true, Honoured),
     p("redirectFromDomain", true, Honoured),
     p("serviceDomainAlgo", false, Honoured),
+    p("timeoutServer", true, Honoured),
+    p("timeoutTunnel", true, Honoured),
     // Deprecated by DFP for serviceDomainAlgo=hdr_dom(host), which it stands for.
     p("serviceDomainMatchAll", false, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
@@ -139,16 +141,6 @@ const PARAMS: &[Param] = &[
         "redirectWhenHttpProto",
         false,
         Refused("lb redirects by how the client reached it: httpsOnly"),
-    ),
-    p(
-        "timeoutServer",
-        true,
-        Refused("lb's --http-backend-response-timeout applies to all"),
-    ),
-    p(
-        "timeoutTunnel",
-        true,
-        Refused("lb's --http-tunnel-timeout applies to all"),
     ),
     p(
         "timeoutClient",

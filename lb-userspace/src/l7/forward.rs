@@ -10,7 +10,7 @@
 //! failure: the request tries that backend's next connection, or a new one, first.) A
 //! backend at its connection cap does not take the request either; when the other is full
 //! too, the answer is 503.
-use std::{future::poll_fn, sync::Arc};
+use std::{future::poll_fn, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{
@@ -114,6 +114,7 @@ impl Proxy {
             return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
         };
         let rewrite = target.rewrite.clone();
+        let timeouts = target.timeouts;
         let mut lease = Lease::new(table, t, b);
 
         let upgrade = headers::is_upgrade(req.headers());
@@ -172,7 +173,8 @@ impl Proxy {
         let mut req = Request::from_parts(parts, body);
         let mut redispatched = false;
         let exchanged = loop {
-            let failed = match self.exchange(lease.backend(), req, &sent, upgrade).await {
+            let exchange = self.exchange(lease.backend(), req, &sent, upgrade, timeouts.server);
+            let failed = match exchange.await {
                 Ok(r) => break Ok(r),
                 Err(failed) => failed,
             };
@@ -228,7 +230,17 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade.filter(|_| switched) {
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             let proxy = conn.proxy.clone();
-            conn.set_tunnel(tunnel(client_upgrade, backend_upgrade, lease, slot, proxy));
+            let idle = timeouts
+                .tunnel
+                .unwrap_or(proxy.config.limits.tunnel_timeout);
+            conn.set_tunnel(tunnel(
+                client_upgrade,
+                backend_upgrade,
+                lease,
+                slot,
+                proxy,
+                idle,
+            ));
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             return Response::from_parts(parts, ResponseBody::empty());
@@ -248,17 +260,18 @@ impl Proxy {
     /// back with the response (to be driven while its body streams), except for an upgrade
     /// request, whose connection runs in a task of its own and whose place under the
     /// backend's cap comes back instead. A failure gives the request back if the backend
-    /// never took it.
+    /// never took it. `timeout`: the route's own for the response head.
     async fn exchange(
         &self,
         backend: &Backend,
         mut req: Request<UpstreamBody>,
         sent: &Option<Arc<Sent>>,
         upgrade: bool,
+        timeout: Option<Duration>,
     ) -> Result<Exchanged, Failed> {
         let config = &self.config;
         if backend.is_h2() {
-            return self.exchange_h2(backend, req, sent).await;
+            return self.exchange_h2(backend, req, sent, timeout).await;
         }
         loop {
             let (mut conn, pooled) = match backend.connection(config.connect_timeout).await {
@@ -270,7 +283,7 @@ impl Proxy {
                     });
                 }
             };
-            let deadline = self.response_deadline(sent);
+            let deadline = self.response_deadline(sent, timeout);
             let answered = if upgrade {
                 let (mut sender, slot) = conn.into_upgradeable();
                 let response = sender.try_send_request(req);
@@ -305,13 +318,17 @@ impl Proxy {
         }
     }
 
-    /// When a backend that has not answered is given up on: the response-head timeout,
-    /// counted from when the request body has been sent in full.
-    async fn response_deadline(&self, sent: &Option<Arc<Sent>>) {
+    /// When a backend that has not answered is given up on: the response-head timeout
+    /// (the route's own, else the proxy's coarse one), counted from when the request body
+    /// has been sent in full.
+    async fn response_deadline(&self, sent: &Option<Arc<Sent>>, timeout: Option<Duration>) {
         if let Some(sent) = sent {
             sent.wait().await;
         }
-        self.response_head.expired().await;
+        match timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => self.response_head.expired().await,
+        }
     }
 
     /// As `exchange`, with a backend that speaks HTTP/2: the request goes as one more
@@ -321,6 +338,7 @@ impl Proxy {
         backend: &Backend,
         req: Request<UpstreamBody>,
         sent: &Option<Arc<Sent>>,
+        timeout: Option<Duration>,
     ) -> Result<Exchanged, Failed> {
         let mut sender = match backend.h2_sender(self.config.connect_timeout).await {
             Ok(s) => s,
@@ -331,7 +349,7 @@ impl Proxy {
                 });
             }
         };
-        let deadline = self.response_deadline(sent);
+        let deadline = self.response_deadline(sent, timeout);
         let answered = tokio::select! {
             biased;
             r = async {
@@ -444,7 +462,7 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 }
 
 /// Splices an upgraded client connection to the upgraded backend connection until either
-/// side closes or both are idle for the tunnel timeout. The lease keeps the backend's
+/// side closes or both are idle for `idle`. The lease keeps the backend's
 /// in-flight count up meanwhile, and the slot its connection count.
 async fn tunnel(
     client: OnUpgrade,
@@ -452,6 +470,7 @@ async fn tunnel(
     lease: Lease,
     slot: Option<ConnSlot>,
     proxy: Arc<Proxy>,
+    idle: Duration,
 ) {
     let addr = lease.backend().addr;
     let (client, backend) = match tokio::try_join!(client, backend) {
@@ -462,7 +481,6 @@ async fn tunnel(
         }
     };
     let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-    let idle = proxy.config.limits.tunnel_timeout;
     if splice_until_idle(&mut client, &mut backend, idle).await {
         tracing::debug!(backend = %addr, "upgraded connection idle: closed");
         proxy.refusals.count(Refusal::TunnelTimeout);

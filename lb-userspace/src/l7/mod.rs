@@ -63,7 +63,7 @@ pub use backend_tls::BackendTls;
 pub use headers::{TrustedProxies, parse_cidr};
 pub use limits::{Limits, raise_fd_limit};
 pub use rewrite::{HeaderRules, PathRule, Rewrite};
-pub use routes::{Balance, DomainPattern, PlainHttp, Route, SniPattern};
+pub use routes::{Balance, DomainPattern, PlainHttp, Route, RouteTimeouts, SniPattern};
 pub use server::{Frontends, HttpsFrontend};
 pub use stats::ProxyStats;
 

@@ -52,7 +52,8 @@ pub(crate) async fn serve(
     let mut upstream = upstream?;
     let _ = upstream.set_nodelay(true);
     let mut stream = stream;
-    splice_until_idle(&mut stream, &mut upstream, limits.tunnel_timeout).await;
+    let idle = target.timeouts.tunnel.unwrap_or(limits.tunnel_timeout);
+    splice_until_idle(&mut stream, &mut upstream, idle).await;
     drop(lease);
     None
 }

@@ -72,6 +72,16 @@ pub struct Route {
     /// Requests for these hosts are redirected (301) to the first domain (DFP's
     /// `redirectFromDomain`).
     pub redirect_from: Vec<String>,
+    pub timeouts: RouteTimeouts,
+}
+
+/// A route's own timeouts, in place of the proxy's (none: the proxy's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteTimeouts {
+    /// For the backend's response head (DFP's `timeoutServer`).
+    pub server: Option<std::time::Duration>,
+    /// For an idle upgraded connection or TLS passed through (DFP's `timeoutTunnel`).
+    pub tunnel: Option<std::time::Duration>,
 }
 
 /// How a route's domain matches a request's host (or a passed-through TLS server name),
@@ -101,7 +111,9 @@ impl<'a> DomainPattern<'a> {
     /// The name it is written with, without its wildcard.
     pub fn name(self) -> &'a str {
         match self {
-            DomainPattern::Exact(n) | DomainPattern::Subdomains(n) | DomainPattern::EndsWith(n) => n,
+            DomainPattern::Exact(n) | DomainPattern::Subdomains(n) | DomainPattern::EndsWith(n) => {
+                n
+            }
         }
     }
 }
@@ -164,6 +176,7 @@ pub(crate) struct Target {
     pub rewrite: Option<Arc<Rewrite>>,
     match_headers: Box<[(http::HeaderName, http::HeaderValue)]>,
     match_user_agents: Box<[Box<str>]>,
+    pub timeouts: RouteTimeouts,
 }
 
 impl Target {
@@ -421,6 +434,7 @@ impl Table {
                     .iter()
                     .map(|a| a.to_ascii_lowercase().into())
                     .collect(),
+                timeouts: route.timeouts,
             });
             if route.tls_passthrough {
                 table.add_passthrough(route, index);
@@ -729,14 +743,26 @@ mod tests {
             longer,
             route("wild", Some("*.example.org"), &["/only"]),
         ]);
-        assert_eq!(pick(&table, "shop.example.com", "/").as_deref(), Some("shop"));
-        assert_eq!(pick(&table, "SHOP.example.net:80", "/a").as_deref(), Some("shop"));
+        assert_eq!(
+            pick(&table, "shop.example.com", "/").as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            pick(&table, "SHOP.example.net:80", "/a").as_deref(),
+            Some("shop")
+        );
         assert_eq!(pick(&table, "example.net", "/"), None);
         assert_eq!(pick(&table, "example.org", "/").as_deref(), Some("tail"));
         assert_eq!(pick(&table, "myexample.org", "/").as_deref(), Some("tail"));
-        assert_eq!(pick(&table, "a.b.example.org", "/").as_deref(), Some("longer"));
+        assert_eq!(
+            pick(&table, "a.b.example.org", "/").as_deref(),
+            Some("longer")
+        );
         // The wildcard ranks first where it has the path, and gives way where not.
-        assert_eq!(pick(&table, "a.example.org", "/only").as_deref(), Some("wild"));
+        assert_eq!(
+            pick(&table, "a.example.org", "/only").as_deref(),
+            Some("wild")
+        );
         assert_eq!(pick(&table, "a.example.org", "/x").as_deref(), Some("tail"));
         assert_eq!(pick(&table, "example.org.evil", "/"), None);
     }
