@@ -728,6 +728,7 @@ fn route(s: &HttpService) -> l7::Route {
             .collect(),
         match_user_agents: r.match_user_agents.clone(),
         redirect_from: r.redirect_from.clone(),
+        sticky_cookie: r.sticky_cookie.clone(),
         timeouts: l7::RouteTimeouts {
             server: r.server_timeout_ms.map(std::time::Duration::from_millis),
             tunnel: r.tunnel_timeout_ms.map(std::time::Duration::from_millis),

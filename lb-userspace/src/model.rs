@@ -89,7 +89,7 @@ pub struct ServiceSpec {
 /// "backend_protocol": "http1" | "h2", "tls_passthrough": false,
 /// "sni": {"match": "beg", "values": ["test."]}, "match_headers": {"X-Version": "3"},
 /// "match_user_agents": ["googlebot"], "redirect_from": ["www.example.com"],
-/// "server_timeout_ms": 20000, "tunnel_timeout_ms": 3600000}`
+/// "server_timeout_ms": 20000, "tunnel_timeout_ms": 3600000, "sticky_cookie": "SERVERID"}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -119,6 +119,7 @@ pub struct HttpSpec {
     pub redirect_from: Option<Vec<String>>,
     pub server_timeout_ms: Option<u64>,
     pub tunnel_timeout_ms: Option<u64>,
+    pub sticky_cookie: Option<String>,
 }
 
 /// `"sni": {"match": "beg", "values": ["test."]}`: the server names a `tls_passthrough`
@@ -392,6 +393,15 @@ mod one_or_many_opt {
     }
 }
 
+/// An RFC 6265 cookie name (an HTTP token), kept short.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// A user of HTTP basic auth: a password in the clear (hashed before it is stored) or its
 /// hash already made (crypt(3) `$6$`/`$5$`, bcrypt `$2y$`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -515,6 +525,11 @@ pub struct HttpRoute {
     /// instead of lb's `--http-tunnel-timeout` (DFP's `timeoutTunnel`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_timeout_ms: Option<u64>,
+    /// Sticky sessions: lb inserts this cookie naming the backend that answered, and
+    /// sends requests that carry it to that backend while it is healthy (DFP's
+    /// `sessionType=sticky-server`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_cookie: Option<String>,
 }
 
 impl HttpRoute {
@@ -814,6 +829,7 @@ impl HttpSpec {
                 .collect(),
             server_timeout_ms: self.server_timeout_ms,
             tunnel_timeout_ms: self.tunnel_timeout_ms,
+            sticky_cookie: self.sticky_cookie.as_ref().map(|c| c.trim().to_string()),
             backend_protocol: match self.backend_protocol.as_deref() {
                 None | Some("http1") => BackendProtocol::Http1,
                 Some("h2") => BackendProtocol::H2,
@@ -903,6 +919,16 @@ impl HttpRoute {
         if let Some(tls) = &self.backend_tls {
             tls.check()?;
         }
+        if let Some(name) = &self.sticky_cookie
+            && !is_cookie_name(name)
+        {
+            return Err(ValidationError::new(
+                "http.sticky_cookie",
+                format!(
+                    "{name:?} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~, up to 64)"
+                ),
+            ));
+        }
         for (field, ms) in [
             ("http.server_timeout_ms", self.server_timeout_ms),
             ("http.tunnel_timeout_ms", self.tunnel_timeout_ms),
@@ -983,9 +1009,10 @@ impl HttpRoute {
                 || !self.request_headers.is_empty()
                 || !self.response_headers.is_empty()
                 || self.server_timeout_ms.is_some()
+                || self.sticky_cookie.is_some()
             {
                 Some(
-                    "goes whole to the backends: users, redirects, ACME, backend TLS, rewriting and server_timeout_ms (tunnel_timeout_ms applies) do not",
+                    "goes whole to the backends: users, redirects, ACME, backend TLS, rewriting, sticky_cookie and server_timeout_ms (tunnel_timeout_ms applies) do not",
                 )
             } else {
                 None

@@ -160,9 +160,9 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
         ),
         // Documented by DFP, not done by lb: refused, never dropped behind an OK.
         (
-            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&sessionType=sticky-server",
+            "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&checkTcp=true",
             400,
-            "sessionType",
+            "checkTcp",
         ),
         // Done, and bad values refused naming them.
         (
@@ -720,5 +720,74 @@ fn dfp_several_domains_subdomains_by_algo_and_wildcard_domains_route_by_host() {
         ),
         (&json!(90_000), &json!(7_200_000))
     );
+    lb.stop().unwrap();
+}
+
+/// DFP's `sessionType=sticky-server`: lb inserts a cookie named after the service that
+/// names the backend that answered; a client that sends it back stays there, and the
+/// backend never sees it.
+#[test]
+fn dfp_sticky_server_keeps_a_client_on_its_backend_by_a_cookie_lb_inserts() {
+    let topo = Topology::one_armed(3).unwrap();
+    let _backends = topo.start_backends(3, 8080, false).unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let backends: Vec<String> = topo.backend_addrs.iter().map(ToString::to_string).collect();
+    let (code, body) = lb
+        .request(
+            "GET",
+            &format!(
+                "/v1/docker-flow-proxy/reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends={}&sessionType=sticky-server",
+                backends.join(",")
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let url = format!("http://{}/demo", topo.vip);
+    // (body, the Set-Cookie pair if any, Cache-Control) of one request.
+    let get = |cookie: Option<&str>, url: &str| {
+        let mut args = vec!["-D", "-"];
+        let header;
+        if let Some(c) = cookie {
+            header = format!("Cookie: {c}");
+            args.extend(["-H", &header]);
+        }
+        args.push(url);
+        let c = lb_tests::curl::curl(&topo.client, &args);
+        assert_eq!(c.status, 200, "{c:?}");
+        let (head, body) = c.body.split_once("\r\n\r\n").expect("a head");
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let set = header("set-cookie").map(|v| v.split(';').next().unwrap().to_string());
+        (body.to_string(), set, header("cache-control"))
+    };
+    let (first, set, cache) = get(None, &url);
+    let pair = set.expect("a sticky cookie");
+    assert!(pair.starts_with("go-demo="), "{pair}");
+    assert_eq!(cache.as_deref(), Some("private"));
+    for _ in 0..8 {
+        let (body, set, _) = get(Some(&format!("theme=dark; {pair}")), &url);
+        assert_eq!((body.as_str(), set), (first.as_str(), None));
+    }
+    // Without it, requests spread as before.
+    let spread: std::collections::BTreeSet<String> = (0..6).map(|_| get(None, &url).0).collect();
+    assert!(spread.len() >= 2, "{spread:?}");
+    // The backend gets the client's other cookies, not lb's.
+    let (echo, _, _) = get(
+        Some(&format!("theme=dark; {pair}")),
+        &format!("{url}/headers"),
+    );
+    let echo = echo.to_ascii_lowercase();
+    assert!(echo.contains("cookie: theme=dark"), "{echo}");
+    assert!(!echo.contains("go-demo="), "{echo}");
+    // A value lb did not give (a backend since gone) is replaced.
+    let (_, set, _) = get(Some("go-demo=0123456789abcdef"), &url);
+    assert!(set.is_some_and(|s| s.starts_with("go-demo=")));
+    let (_, svc) = lb.request("GET", "/v1/services/go-demo", None).unwrap();
+    assert_eq!(svc["http"]["sticky_cookie"], "go-demo");
     lb.stop().unwrap();
 }

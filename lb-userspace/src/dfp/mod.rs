@@ -219,6 +219,13 @@ fn sni_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
             "serviceDomain: reqMode sni needs a domain (or pathType=req_ssl_sni with the names in servicePath)",
         ));
     }
+    if params.get("sessionType").map(String::as_str) == Some("sticky-server") {
+        return Err(nok(
+            StatusCode::BAD_REQUEST,
+            "sessionType",
+            "sessionType: TLS passed through carries no cookie lb can read",
+        ));
+    }
     if params.get("timeoutServer").is_some_and(|t| !t.is_empty()) {
         return Err(nok(
             StatusCode::BAD_REQUEST,
@@ -392,6 +399,10 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         redirect_from: Some(list(params, "redirectFromDomain")),
         server_timeout_ms: seconds_param(params, "timeoutServer")?,
         tunnel_timeout_ms: seconds_param(params, "timeoutTunnel")?,
+        // DFP's own: the cookie is named after the service; any other type is none.
+        sticky_cookie: (params.get("sessionType").map(String::as_str) == Some("sticky-server"))
+            .then(|| params.get("serviceName").cloned())
+            .flatten(),
         // DFP's sslVerifyNone "also turns on SSL on the backend side".
         backend_tls: flag(params, "sslVerifyNone")?.then_some(crate::model::BackendTlsSpec {
             verify: false,
@@ -693,6 +704,7 @@ fn dfp_field(field: &str) -> String {
         ["http", "path_rewrite", ..] => "reqPathSearchReplace",
         ["http", "server_timeout_ms"] => "timeoutServer",
         ["http", "tunnel_timeout_ms"] => "timeoutTunnel",
+        ["http", "sticky_cookie"] => "sessionType",
         ["vip", ..] => "srcPort",
         ["backends", ..] => "backends",
         ["discovery", "port"] => "port",

@@ -84,6 +84,7 @@ const PARAMS: &[Param] = &[
     p("serviceDomainAlgo", false, Honoured),
     p("timeoutServer", true, Honoured),
     p("timeoutTunnel", true, Honoured),
+    p("sessionType", false, Honoured),
     // Deprecated by DFP for serviceDomainAlgo=hdr_dom(host), which it stands for.
     p("serviceDomainMatchAll", false, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
@@ -147,7 +148,6 @@ const PARAMS: &[Param] = &[
         true,
         Refused("lb's --http-header-timeout bounds an idle client"),
     ),
-    p("sessionType", false, Refused("")),
     p(
         "connectionMode",
         false,

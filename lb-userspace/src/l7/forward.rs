@@ -15,7 +15,9 @@ use std::{future::poll_fn, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version,
-    header::{AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION, WWW_AUTHENTICATE},
+    header::{
+        AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, LOCATION, SET_COOKIE, WWW_AUTHENTICATE,
+    },
     uri::PathAndQuery,
 };
 use hyper::{body::Incoming, upgrade::OnUpgrade};
@@ -109,7 +111,9 @@ impl Proxy {
             }
             return response;
         }
-        let Some(b) = pick(target) else {
+        // A client's sticky cookie names its backend while that one is healthy.
+        let stuck_to = target.sticky.as_ref().and_then(|s| s.chosen(req.headers()));
+        let Some(b) = stuck_to.or_else(|| pick(target)) else {
             let text = format!("service {} has no healthy backend\n", target.service);
             return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
         };
@@ -124,6 +128,9 @@ impl Proxy {
         // gRPC needs `TE: trailers` through to an HTTP/2 backend; it is hop-by-hop.
         let trailers = h2 && headers::asks_for_trailers(&parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        if let Some(sticky) = &lease.target().sticky {
+            sticky.strip(&mut parts.headers);
+        }
         if parts.uri.authority().is_some() {
             // Absolute form (every HTTP/2 request): the backend gets origin form and a Host.
             let missing_host = !parts.headers.contains_key(HOST);
@@ -249,6 +256,19 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers, false);
         if let Some(r) = &rewrite {
             r.response.apply(&mut parts.headers);
+        }
+        // A client not yet (or no longer) stuck to the backend that answered is now; as
+        // HAProxy's `nocache`, a response that sets it is for this client only.
+        if let Some(sticky) = &lease.target().sticky
+            && stuck_to != Some(lease.index())
+            && let Some(cookie) = sticky.set_cookie(lease.index())
+        {
+            parts.headers.append(SET_COOKIE, cookie);
+            if !parts.headers.contains_key(CACHE_CONTROL) {
+                parts
+                    .headers
+                    .insert(CACHE_CONTROL, HeaderValue::from_static("private"));
+            }
         }
         Response::from_parts(
             parts,

@@ -31,6 +31,14 @@ impl Lease {
         &self.table.target(self.target).backends[self.backend]
     }
 
+    pub fn index(&self) -> usize {
+        self.backend
+    }
+
+    pub fn target(&self) -> &Target {
+        self.table.target(self.target)
+    }
+
     pub fn service(&self) -> &str {
         &self.table.target(self.target).service
     }

@@ -10,6 +10,7 @@
 //! - `backend`: per-backend connection pools and requests in flight
 //! - `backend_tls`: backends reached over TLS, checked or not
 //! - `lease`: backend choice, and a request counted against its backend
+//! - `sticky`: sticky sessions by a cookie lb inserts
 //! - `forward`: one request, from routing to the response (and upgrades), and its one
 //!   retry on another backend when the first could not take it
 //! - `basic_auth`: a route's users (401 and a challenge for anyone else)
@@ -47,6 +48,7 @@ mod server;
 mod shard;
 mod sni;
 mod stats;
+mod sticky;
 mod worker;
 
 use std::{

@@ -14,6 +14,7 @@ use super::{
     path,
     rewrite::Rewrite,
     shard::Sharded,
+    sticky::Sticky,
 };
 
 /// How a route spreads requests over its backends.
@@ -73,6 +74,9 @@ pub struct Route {
     /// `redirectFromDomain`).
     pub redirect_from: Vec<String>,
     pub timeouts: RouteTimeouts,
+    /// Requests carrying this cookie go to the backend it names; lb inserts it (DFP's
+    /// `sessionType=sticky-server`).
+    pub sticky_cookie: Option<String>,
 }
 
 /// A route's own timeouts, in place of the proxy's (none: the proxy's).
@@ -177,6 +181,7 @@ pub(crate) struct Target {
     match_headers: Box<[(http::HeaderName, http::HeaderValue)]>,
     match_user_agents: Box<[Box<str>]>,
     pub timeouts: RouteTimeouts,
+    pub sticky: Option<Sticky>,
 }
 
 impl Target {
@@ -405,11 +410,15 @@ impl Table {
                 .entry(service.clone())
                 .or_insert_with(|| Arc::new(Sharded::new(workers)))
                 .clone();
-            let backends = route
+            let backends: Box<[Arc<Backend>]> = route
                 .backends
                 .iter()
                 .filter_map(|a| registry.backend(*a, route.backend_tls.as_ref(), route.backend_h2))
                 .collect();
+            let sticky = route
+                .sticky_cookie
+                .as_deref()
+                .map(|name| Sticky::new(name, &service, backends.iter().map(|b| b.addr)));
             let index = table.targets.len();
             let auth = registry.auth(&service, &route.users);
             table.targets.push(Target {
@@ -435,6 +444,7 @@ impl Table {
                     .map(|a| a.to_ascii_lowercase().into())
                     .collect(),
                 timeouts: route.timeouts,
+                sticky,
             });
             if route.tls_passthrough {
                 table.add_passthrough(route, index);
