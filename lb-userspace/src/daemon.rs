@@ -729,6 +729,9 @@ fn route(s: &HttpService) -> l7::Route {
         match_user_agents: r.match_user_agents.clone(),
         redirect_from: r.redirect_from.clone(),
         sticky_cookie: r.sticky_cookie.clone(),
+        compress: r.compression.as_ref().map(|c| l7::Compress {
+            types: c.types.clone(),
+        }),
         timeouts: l7::RouteTimeouts {
             server: r.server_timeout_ms.map(std::time::Duration::from_millis),
             tunnel: r.tunnel_timeout_ms.map(std::time::Duration::from_millis),

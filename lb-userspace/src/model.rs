@@ -89,7 +89,8 @@ pub struct ServiceSpec {
 /// "backend_protocol": "http1" | "h2", "tls_passthrough": false,
 /// "sni": {"match": "beg", "values": ["test."]}, "match_headers": {"X-Version": "3"},
 /// "match_user_agents": ["googlebot"], "redirect_from": ["www.example.com"],
-/// "server_timeout_ms": 20000, "tunnel_timeout_ms": 3600000, "sticky_cookie": "SERVERID"}`
+/// "server_timeout_ms": 20000, "tunnel_timeout_ms": 3600000, "sticky_cookie": "SERVERID",
+/// "compression": {"algo": "gzip", "types": ["text/html"]}}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -120,6 +121,7 @@ pub struct HttpSpec {
     pub server_timeout_ms: Option<u64>,
     pub tunnel_timeout_ms: Option<u64>,
     pub sticky_cookie: Option<String>,
+    pub compression: Option<CompressionSpec>,
 }
 
 /// `"sni": {"match": "beg", "values": ["test."]}`: the server names a `tls_passthrough`
@@ -530,6 +532,51 @@ pub struct HttpRoute {
     /// `sessionType=sticky-server`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky_cookie: Option<String>,
+    /// Responses gzipped for clients that accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionSpec>,
+}
+
+/// `"compression": {"algo": "gzip", "types": ["text/html", "text/"]}`: responses of these
+/// media types (a type ending in '/' takes its family; none listed: text and the web's
+/// text formats) are gzipped for clients that accept it, as HAProxy's `compression algo
+/// gzip` and `compression type` (DFP's `compressionAlgo`, `compressionType`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionSpec {
+    #[serde(default = "gzip")]
+    pub algo: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+}
+
+fn gzip() -> String {
+    "gzip".into()
+}
+
+impl CompressionSpec {
+    fn check(&self) -> Result<(), ValidationError> {
+        if self.algo != "gzip" {
+            return Err(ValidationError::new(
+                "http.compression.algo",
+                format!("{:?}: lb compresses with gzip", self.algo),
+            ));
+        }
+        for (i, t) in self.types.iter().enumerate() {
+            let ok = t.split_once('/').is_some_and(|(kind, sub)| {
+                is_cookie_name(kind) && (sub.is_empty() || is_cookie_name(sub))
+            }) && *t == t.to_ascii_lowercase();
+            if !ok {
+                return Err(ValidationError::new(
+                    format!("http.compression.types[{i}]"),
+                    format!(
+                        "{t:?} is not a media type (type/subtype, or type/ for all of it), lower case"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl HttpRoute {
@@ -830,6 +877,15 @@ impl HttpSpec {
             server_timeout_ms: self.server_timeout_ms,
             tunnel_timeout_ms: self.tunnel_timeout_ms,
             sticky_cookie: self.sticky_cookie.as_ref().map(|c| c.trim().to_string()),
+            compression: self.compression.clone().map(|mut c| {
+                c.algo = c.algo.trim().to_ascii_lowercase();
+                c.types = c
+                    .types
+                    .iter()
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect();
+                c
+            }),
             backend_protocol: match self.backend_protocol.as_deref() {
                 None | Some("http1") => BackendProtocol::Http1,
                 Some("h2") => BackendProtocol::H2,
@@ -929,6 +985,9 @@ impl HttpRoute {
                 ),
             ));
         }
+        if let Some(c) = &self.compression {
+            c.check()?;
+        }
         for (field, ms) in [
             ("http.server_timeout_ms", self.server_timeout_ms),
             ("http.tunnel_timeout_ms", self.tunnel_timeout_ms),
@@ -1010,9 +1069,10 @@ impl HttpRoute {
                 || !self.response_headers.is_empty()
                 || self.server_timeout_ms.is_some()
                 || self.sticky_cookie.is_some()
+                || self.compression.is_some()
             {
                 Some(
-                    "goes whole to the backends: users, redirects, ACME, backend TLS, rewriting, sticky_cookie and server_timeout_ms (tunnel_timeout_ms applies) do not",
+                    "goes whole to the backends: users, redirects, ACME, backend TLS, rewriting, sticky_cookie, compression and server_timeout_ms (tunnel_timeout_ms applies) do not",
                 )
             } else {
                 None

@@ -1185,3 +1185,80 @@ fn stats_start_at_zero() {
     assert!(stats.requests.is_empty());
     assert!(stats.answers.values().all(|&n| n == 0));
 }
+
+// ---- compression ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_of_listed_types_are_gzipped_for_clients_that_accept_it() {
+    let page = "<p>lb compresses what it is asked to</p>\n".repeat(2000);
+    let served = page.clone();
+    let b = backend(move |req: Request<Incoming>| {
+        let page = served.clone();
+        async move {
+            let (kind, body) = match req.uri().path() {
+                "/png" => ("image/png", page),
+                "/encoded" => ("text/html", page),
+                _ => ("text/html; charset=utf-8", page),
+            };
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut()
+                .insert("content-type", kind.parse().unwrap());
+            r.headers_mut().insert("etag", "\"v1\"".parse().unwrap());
+            if req.uri().path() == "/encoded" {
+                r.headers_mut()
+                    .insert("content-encoding", "br".parse().unwrap());
+            }
+            r
+        }
+    })
+    .await;
+    let mut r = route("web", &["/"], &[&b]);
+    r.compress = Some(lb::l7::Compress {
+        types: vec!["text/html".into()],
+    });
+    let p = start(config(), vec![r]).await;
+    let fetch = |path: &'static str, accept: Option<&'static str>| async move {
+        let mut c = Client::connect(p.addr).await;
+        let mut req = Request::get(path).header("host", "h");
+        if let Some(a) = accept {
+            req = req.header("accept-encoding", a);
+        }
+        let req = req
+            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = c.send(req).await;
+        let (parts, body) = resp.into_parts();
+        let body = timeout(T, body.collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        (parts.headers, body)
+    };
+    let (headers, body) = fetch("/page", Some("gzip, deflate")).await;
+    assert_eq!(headers["content-encoding"], "gzip");
+    assert_eq!(headers["vary"], "Accept-Encoding");
+    assert_eq!(headers["etag"], "W/\"v1\"");
+    assert!(headers.get("content-length").is_none());
+    assert!(body.len() < page.len() / 10, "{} bytes", body.len());
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text).unwrap();
+    assert_eq!(text, page);
+    // Not for a client that does not take it, a type not listed, or a body already
+    // encoded.
+    for (path, accept) in [
+        ("/page", None),
+        ("/page", Some("gzip;q=0, br")),
+        ("/png", Some("gzip")),
+        ("/encoded", Some("gzip")),
+    ] {
+        let (headers, body) = fetch(path, accept).await;
+        assert_ne!(
+            headers.get("content-encoding").map(|v| v.to_str().unwrap()),
+            Some("gzip"),
+            "{path} {accept:?}"
+        );
+        assert_eq!(body.len(), page.len(), "{path} {accept:?}");
+        assert_eq!(headers["etag"], "\"v1\"");
+    }
+}

@@ -712,6 +712,45 @@ fn dfp_several_domains_subdomains_by_algo_and_wildcard_domains_route_by_host() {
         "&serviceDomain=slow.test&timeoutServer=90&timeoutTunnel=7200",
     );
     assert_eq!(code, 200, "{body}");
+    // compressionAlgo/compressionType: the backends' text/plain gzipped for curl.
+    let (code, body) = reconfigure(
+        "zip",
+        1,
+        "&serviceDomain=zip.test&compressionAlgo=gzip&compressionType=text/html%20text/plain",
+    );
+    assert_eq!(code, 200, "{body}");
+    let c = lb_tests::curl::curl(
+        &topo.client,
+        &[
+            "--compressed",
+            "-D",
+            "-",
+            "-H",
+            "Host: zip.test",
+            &format!("http://{}/x", topo.vip),
+        ],
+    );
+    let (head, body) = c.body.split_once("\r\n\r\n").expect("a head");
+    assert!(
+        head.to_ascii_lowercase().contains("content-encoding: gzip"),
+        "{head}"
+    );
+    assert_eq!(body, "be1");
+    for (q, field) in [
+        ("&compressionAlgo=br", "compressionAlgo"),
+        ("&compressionType=text/html", "compressionAlgo"),
+        (
+            "&compressionAlgo=gzip&compressionType=html",
+            "compressionType",
+        ),
+    ] {
+        let (code, body) = reconfigure("zip2", 1, &format!("&serviceDomain=zip2.test{q}"));
+        assert_eq!(
+            (code, body["field"].as_str()),
+            (400, Some(field)),
+            "{q}: {body}"
+        );
+    }
     let (_, svc) = lb.request("GET", "/v1/services/slow", None).unwrap();
     assert_eq!(
         (

@@ -319,6 +319,41 @@ fn service_domains(params: &HashMap<String, String>, sni: bool) -> Result<Vec<St
     Ok(domains)
 }
 
+/// `compressionAlgo=gzip` and `compressionType=text/css text/html` (HAProxy's lists, by
+/// spaces; commas are taken too).
+fn compression(
+    params: &HashMap<String, String>,
+) -> Result<Option<crate::model::CompressionSpec>, Nok> {
+    let types: Vec<String> = params
+        .get("compressionType")
+        .map(|t| {
+            t.split([' ', ','])
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let algo = params.get("compressionAlgo").map_or("", |a| a.trim());
+    match algo {
+        "" if types.is_empty() => Ok(None),
+        "" => Err(nok(
+            StatusCode::BAD_REQUEST,
+            "compressionAlgo",
+            "compressionAlgo: needed with compressionType (lb compresses with gzip)",
+        )),
+        "identity" => Ok(None),
+        "gzip" => Ok(Some(crate::model::CompressionSpec {
+            algo: algo.to_string(),
+            types,
+        })),
+        other => Err(nok(
+            StatusCode::BAD_REQUEST,
+            "compressionAlgo",
+            format!("compressionAlgo: {other:?}: lb compresses with gzip"),
+        )),
+    }
+}
+
 /// A timeout DFP takes in whole seconds (`timeoutServer=20`), in milliseconds.
 fn seconds_param(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Nok> {
     let Some(value) = params.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) else {
@@ -399,6 +434,7 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         redirect_from: Some(list(params, "redirectFromDomain")),
         server_timeout_ms: seconds_param(params, "timeoutServer")?,
         tunnel_timeout_ms: seconds_param(params, "timeoutTunnel")?,
+        compression: compression(params)?,
         // DFP's own: the cookie is named after the service; any other type is none.
         sticky_cookie: (params.get("sessionType").map(String::as_str) == Some("sticky-server"))
             .then(|| params.get("serviceName").cloned())
@@ -705,6 +741,8 @@ fn dfp_field(field: &str) -> String {
         ["http", "server_timeout_ms"] => "timeoutServer",
         ["http", "tunnel_timeout_ms"] => "timeoutTunnel",
         ["http", "sticky_cookie"] => "sessionType",
+        ["http", "compression", "algo"] => "compressionAlgo",
+        ["http", "compression", ..] => "compressionType",
         ["vip", ..] => "srcPort",
         ["backends", ..] => "backends",
         ["discovery", "port"] => "port",

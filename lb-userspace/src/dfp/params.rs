@@ -85,6 +85,8 @@ const PARAMS: &[Param] = &[
     p("timeoutServer", true, Honoured),
     p("timeoutTunnel", true, Honoured),
     p("sessionType", false, Honoured),
+    p("compressionAlgo", false, Honoured),
+    p("compressionType", false, Honoured),
     // Deprecated by DFP for serviceDomainAlgo=hdr_dom(host), which it stands for.
     p("serviceDomainMatchAll", false, Honoured),
     // Prefix matching, the default, is what lb does; another kind is refused.
@@ -153,8 +155,6 @@ const PARAMS: &[Param] = &[
         false,
         Refused("lb keeps connections alive on both sides"),
     ),
-    p("compressionAlgo", false, Refused("")),
-    p("compressionType", false, Refused("")),
     p("serviceGroup", true, Refused("")),
     p("balanceGroup", true, Refused("")),
     p("checkTcp", true, Refused("")),

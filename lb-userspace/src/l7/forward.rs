@@ -26,6 +26,7 @@ use hyper_util::rt::TokioIo;
 use super::{
     Proxy,
     backend::{Backend, BackendConn, ConnSlot, UpstreamError},
+    compress::Compress,
     conn::Conn,
     headers,
     lease::{Lease, pick},
@@ -119,6 +120,8 @@ impl Proxy {
         };
         let rewrite = target.rewrite.clone();
         let timeouts = target.timeouts;
+        let gzip_accepted =
+            target.compress.is_some() && Compress::accepted(req.method(), req.headers());
         let mut lease = Lease::new(table, t, b);
 
         let upgrade = headers::is_upgrade(req.headers());
@@ -270,10 +273,21 @@ impl Proxy {
                     .insert(CACHE_CONTROL, HeaderValue::from_static("private"));
             }
         }
-        Response::from_parts(
-            parts,
-            ResponseBody::proxied(Downstream::new(body, upstream, lease)),
-        )
+        let compress = lease
+            .target()
+            .compress
+            .as_ref()
+            .is_some_and(|c| gzip_accepted && c.applies(parts.status, &parts.headers));
+        if compress {
+            Compress::mark(&mut parts.headers);
+        }
+        let body = Downstream::new(body, upstream, lease);
+        let body = if compress {
+            ResponseBody::compressed(body)
+        } else {
+            ResponseBody::proxied(body)
+        };
+        Response::from_parts(parts, body)
     }
 
     /// Sends `req` to `backend` and waits for the response head. The connection comes

@@ -18,6 +18,7 @@
 //! - `limits`: timeouts and caps on what a client may hold, and the refusals counted
 //! - `path`: the normalised path routes are matched on and requests forwarded with
 //! - `rewrite`: a route's header and path rewriting
+//! - `compress`: gzip for the responses a route compresses
 //! - `request_body`: a client's request body streaming to a backend
 //! - `response_body`: the response streaming to the client
 //! - `passthrough`: TLS passed whole to a backend chosen by SNI (`reqMode=sni`)
@@ -32,6 +33,7 @@ mod backend;
 mod backend_tls;
 mod basic_auth;
 mod coarse_timeout;
+mod compress;
 mod conn;
 mod forward;
 mod give_way;
@@ -62,6 +64,7 @@ use std::{
 use arc_swap::ArcSwap;
 
 pub use backend_tls::BackendTls;
+pub use compress::Compress;
 pub use headers::{TrustedProxies, parse_cidr};
 pub use limits::{Limits, raise_fd_limit};
 pub use rewrite::{HeaderRules, PathRule, Rewrite};

@@ -1,5 +1,6 @@
 //! The response on its way back to the client: a backend's, streamed frame by frame as it
-//! comes (nothing is buffered beyond what hyper holds), or lb's own short answer.
+//! comes (nothing is buffered beyond what hyper holds; gzipped frame by frame when the
+//! route compresses), or lb's own short answer.
 use std::{
     pin::Pin,
     task::{Context, Poll},
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::{backend::BackendConn, conn::Active, lease::Lease};
+use super::{backend::BackendConn, compress::Gzip, conn::Active, lease::Lease};
 
 /// A backend's response body while it streams to the client, driving the backend
 /// connection as it goes. When it ends, the connection goes back to the pool; dropped
@@ -72,6 +73,8 @@ impl Drop for Downstream {
 
 enum Kind {
     Proxied(Downstream),
+    /// A backend's body gzipped, and trailers held until the gzip stream has ended.
+    Compressed(Box<(Downstream, Gzip, Option<Frame<Bytes>>)>),
     /// lb's own answer, or a 101's empty body.
     Local(Option<Bytes>),
 }
@@ -87,6 +90,13 @@ impl ResponseBody {
     pub(crate) fn proxied(body: Downstream) -> Self {
         Self {
             kind: Kind::Proxied(body),
+            _active: None,
+        }
+    }
+
+    pub(crate) fn compressed(body: Downstream) -> Self {
+        Self {
+            kind: Kind::Compressed(Box::new((body, Gzip::new(), None))),
             _active: None,
         }
     }
@@ -118,6 +128,10 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.kind {
             Kind::Proxied(down) => down.poll_frame(cx),
+            Kind::Compressed(state) => {
+                let (down, gzip, held) = &mut **state;
+                poll_compressed(down, gzip, held, cx)
+            }
             Kind::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
         }
     }
@@ -125,6 +139,8 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Proxied(down) => down.inner.is_end_stream(),
+            // The gzip trailer is still to come when the backend's body has ended.
+            Kind::Compressed(..) => false,
             Kind::Local(text) => text.is_none(),
         }
     }
@@ -132,7 +148,39 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Proxied(down) => down.inner.size_hint(),
+            Kind::Compressed(..) => SizeHint::default(),
             Kind::Local(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
+        }
+    }
+}
+
+/// The next frame of a gzipped body: each data frame compressed and flushed, then the
+/// gzip trailer, then the backend's trailers if it sent any.
+fn poll_compressed(
+    down: &mut Downstream,
+    gzip: &mut Gzip,
+    held: &mut Option<Frame<Bytes>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    if let Some(trailers) = held.take() {
+        return Poll::Ready(Some(Ok(trailers)));
+    }
+    loop {
+        let frame = match std::task::ready!(down.poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            None => {
+                let end = gzip.finish();
+                return Poll::Ready((!end.is_empty()).then(|| Ok(Frame::data(end))));
+            }
+        };
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => return Poll::Ready(Some(Ok(Frame::data(gzip.frame(&data))))),
+            Err(trailers) => {
+                *held = Some(trailers);
+                return Poll::Ready(Some(Ok(Frame::data(gzip.finish()))));
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use super::{
     backend::{Backend, PoolClock},
     backend_tls::{BackendTls, TlsConnector},
     basic_auth::BasicAuth,
+    compress::Compress,
     path,
     rewrite::Rewrite,
     shard::Sharded,
@@ -77,6 +78,8 @@ pub struct Route {
     /// Requests carrying this cookie go to the backend it names; lb inserts it (DFP's
     /// `sessionType=sticky-server`).
     pub sticky_cookie: Option<String>,
+    /// Responses gzipped for clients that accept it (DFP's `compressionAlgo`).
+    pub compress: Option<Compress>,
 }
 
 /// A route's own timeouts, in place of the proxy's (none: the proxy's).
@@ -182,6 +185,7 @@ pub(crate) struct Target {
     match_user_agents: Box<[Box<str>]>,
     pub timeouts: RouteTimeouts,
     pub sticky: Option<Sticky>,
+    pub compress: Option<Compress>,
 }
 
 impl Target {
@@ -445,6 +449,7 @@ impl Table {
                     .collect(),
                 timeouts: route.timeouts,
                 sticky,
+                compress: route.compress.clone(),
             });
             if route.tls_passthrough {
                 table.add_passthrough(route, index);
