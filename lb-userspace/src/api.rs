@@ -199,8 +199,8 @@ async fn not_found() -> ApiError {
 
 /// What the API serves besides the services.
 pub struct Extras {
-    /// The balancer's own address (the VIP of DFP's tcp services).
-    pub address: Option<std::net::Ipv4Addr>,
+    /// The balancer's own address and listeners, as DFP's parameters name them.
+    pub balancer: crate::dfp::Balancer,
     /// The HTTP proxy, for its counters.
     pub proxy: Option<Arc<crate::l7::Proxy>>,
     /// The daemon's parts, for `/ready`.
@@ -214,13 +214,13 @@ pub struct Extras {
 /// The native API and the Docker Flow Proxy one.
 pub fn router(state: Shared, extras: Extras) -> Router {
     let Extras {
-        address,
+        balancer,
         proxy,
         supervisor,
         access,
         certs,
     } = extras;
-    let dfp = crate::dfp::router(state.clone(), address, certs.clone());
+    let dfp = crate::dfp::router(state.clone(), balancer, certs.clone());
     let metrics_proxy = proxy.clone();
     let metrics_route =
         get(move |s: State<Shared>| crate::metrics::metrics(s, metrics_proxy.clone()));

@@ -318,7 +318,11 @@ impl Daemon {
         let router = api::router(
             reconciler,
             api::Extras {
-                address,
+                balancer: crate::dfp::Balancer {
+                    address,
+                    http_port: config.http.map(|a| a.port()),
+                    https_port: config.https.addr().map(|a| a.port()),
+                },
                 proxy,
                 supervisor: supervisor.clone(),
                 access: Arc::new(config.api_access.clone()),

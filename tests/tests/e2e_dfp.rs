@@ -185,6 +185,12 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
             400,
             "denyHttp",
         ),
+        // An HTTP service on a port lb has no HTTP listener on would be served nowhere.
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&srcPort=8081&port=8080&backends=10.201.0.11",
+            400,
+            "srcPort",
+        ),
         (
             "reconfigure?serviceName=go-demo&servicePath=/demo&port=8080&backends=10.201.0.11&timeoutServer=soon",
             400,
@@ -644,7 +650,8 @@ fn dfp_several_domains_subdomains_by_algo_and_wildcard_domains_route_by_host() {
             "&serviceDomain=docs.test&serviceDomainAlgo=hdr_dom(host)",
         ),
         // DFP's wildcard: any host ending so.
-        ("tail", 2, "&serviceDomain=*example.test"),
+        // srcPort naming lb's own --http port (80 here) is where it serves anyway.
+        ("tail", 2, "&serviceDomain=*example.test&srcPort=80"),
     ] {
         let (code, body) = reconfigure(name, i, q);
         assert_eq!(code, 200, "{name}: {body}");

@@ -106,19 +106,25 @@ fn service_name(params: &HashMap<String, String>) -> Result<String, Nok> {
 fn spec_of(
     params: &HashMap<String, String>,
     name: &str,
-    address: Option<Ipv4Addr>,
+    balancer: &Balancer,
 ) -> Result<ServiceSpec, Nok> {
     let port = port_param(params)?;
     let mut spec = ServiceSpec::default();
     match params.get("reqMode").map_or("http", String::as_str) {
-        "http" => spec.http = Some(http_route(params)?),
+        "http" => {
+            on_listener(params, balancer.http_port, "--http")?;
+            spec.http = Some(http_route(params)?);
+        }
         "tcp" => {
-            spec.vip = Some(tcp_vip(params, port, address)?);
+            spec.vip = Some(tcp_vip(params, port, balancer.address)?);
             spec.protocol = Some("tcp".into());
             // The balancer's own address: `srcPort` may be a port the host listens on.
             spec.override_local_listener = Some(flag(params, "overrideLocalListener")?);
         }
-        "sni" => spec.http = Some(sni_route(params)?),
+        "sni" => {
+            on_listener(params, Some(balancer.https_port.unwrap_or(443)), "--https")?;
+            spec.http = Some(sni_route(params)?);
+        }
         other => {
             return Err(nok(
                 StatusCode::BAD_REQUEST,
@@ -188,21 +194,35 @@ fn dns_discovery(
     })
 }
 
+/// Checks that `srcPort`, if given, is the port of lb's one listener for the mode (`flag`
+/// names it): DFP opens a frontend per port, lb serves HTTP on one listener and HTTPS on
+/// another, so any other port is refused rather than served where the client does not
+/// look.
+fn on_listener(
+    params: &HashMap<String, String>,
+    listener: Option<u16>,
+    flag: &str,
+) -> Result<(), Nok> {
+    let Some(src) = params
+        .get("srcPort")
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(());
+    };
+    let message = match listener {
+        Some(port) if src.parse() == Ok(port) => return Ok(()),
+        Some(port) => format!(
+            "srcPort: {src}: lb serves this mode on its {flag} listener, port {port}; a listener per service port is not supported"
+        ),
+        None => format!("srcPort: {src}: lb's {flag} listener is off"),
+    };
+    Err(nok(StatusCode::BAD_REQUEST, "srcPort", message))
+}
+
 /// The route of a `reqMode=sni` service: TLS for `serviceDomain` passed through whole on
 /// lb's HTTPS listener.
 fn sni_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
-    if let Some(port) = params
-        .get("srcPort")
-        .filter(|p| !p.is_empty() && *p != "443")
-    {
-        return Err(nok(
-            StatusCode::BAD_REQUEST,
-            "srcPort",
-            format!(
-                "srcPort: {port}: lb passes TLS through on its --https listener (443 unless --https says otherwise)"
-            ),
-        ));
-    }
     // DFP's own example: `pathType=req_ssl_sni -i -m beg` and the names in servicePath.
     let sni = match params.get("pathType").map(String::as_str) {
         Some(path_type) if path_type.starts_with("req_ssl_sni") => Some(SniSpec {
@@ -652,7 +672,7 @@ fn with_ports(backends: Vec<String>, port: Option<&str>) -> Result<Vec<String>, 
 }
 
 async fn reconfigure(
-    State((s, address, certs)): State<(Shared, Option<Ipv4Addr>, Certs)>,
+    State((s, balancer, certs)): State<(Shared, Balancer, Certs)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let name = match service_name(&params) {
@@ -666,7 +686,7 @@ async fn reconfigure(
     for param in &unknown {
         tracing::warn!(service = %name, %param, "reconfigure: not a Docker Flow Proxy parameter; ignored");
     }
-    let spec = match spec_of(&params, &name, address) {
+    let spec = match spec_of(&params, &name, &balancer) {
         Ok(spec) => spec,
         Err(answer) => return answer.into_response(),
     };
@@ -754,7 +774,7 @@ fn dfp_field(field: &str) -> String {
 }
 
 async fn remove(
-    State((s, _, _)): State<(Shared, Option<Ipv4Addr>, Certs)>,
+    State((s, _, _)): State<(Shared, Balancer, Certs)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let name = match service_name(&params) {
@@ -776,7 +796,7 @@ async fn remove(
 /// `config`: a text rendering of what lb routes (DFP shows its HAProxy file), or with
 /// `type=json` every service keyed by name, as DFP answers.
 async fn config(
-    State((s, _, _)): State<(Shared, Option<Ipv4Addr>, Certs)>,
+    State((s, _, _)): State<(Shared, Balancer, Certs)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let json = match params.get("type").map(String::as_str) {
@@ -809,7 +829,7 @@ async fn config(
 }
 
 /// `reload`: the store listed again and applied, as at start.
-async fn reload(State((s, _, _)): State<(Shared, Option<Ipv4Addr>, Certs)>) -> Response {
+async fn reload(State((s, _, _)): State<(Shared, Balancer, Certs)>) -> Response {
     if tokio::time::timeout(RELOAD_WAIT, s.reload()).await.is_err() {
         let message = "the store could not be listed again in time; lb keeps what it has";
         return nok(StatusCode::SERVICE_UNAVAILABLE, "", message).into_response();
@@ -867,8 +887,17 @@ async fn ping() -> Response {
     (StatusCode::OK, Json(json!({"Status": "OK"}))).into_response()
 }
 
-/// The DFP endpoints; `address` is the balancer's own, the VIP of `reqMode=tcp` services.
-pub fn router(state: Shared, address: Option<Ipv4Addr>, certs: Certs) -> Router {
+/// The balancer as DFP's parameters name it: its own address (the VIP of `reqMode=tcp`
+/// services, on `srcPort`), and the ports of its HTTP and HTTPS listeners.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Balancer {
+    pub address: Option<Ipv4Addr>,
+    pub http_port: Option<u16>,
+    pub https_port: Option<u16>,
+}
+
+/// The DFP endpoints.
+pub fn router(state: Shared, balancer: Balancer, certs: Certs) -> Router {
     let cert_routes = Router::new()
         .route("/v1/docker-flow-proxy/cert", axum::routing::put(put_cert))
         .route("/v1/docker-flow-proxy/certs", get(list_certs))
@@ -888,6 +917,6 @@ pub fn router(state: Shared, address: Option<Ipv4Addr>, certs: Certs) -> Router 
         )
         .route("/v1/docker-flow-proxy/config", get(config))
         .route("/v1/docker-flow-proxy/ping", get(ping))
-        .with_state((state, address, certs))
+        .with_state((state, balancer, certs))
         .merge(cert_routes)
 }
