@@ -766,6 +766,24 @@ fn dfp_several_domains_subdomains_by_algo_and_wildcard_domains_route_by_host() {
         ),
         (&json!(90_000), &json!(7_200_000))
     );
+    // DFP's view shows them as DFP keeps them.
+    let (_, config) = lb
+        .request("GET", "/v1/docker-flow-proxy/config?type=json", None)
+        .unwrap();
+    assert_eq!(
+        (
+            &config["slow"]["TimeoutServer"],
+            &config["slow"]["TimeoutTunnel"]
+        ),
+        (&json!("90"), &json!("7200"))
+    );
+    assert_eq!(
+        (
+            &config["zip"]["CompressionAlgo"],
+            &config["zip"]["CompressionType"]
+        ),
+        (&json!("gzip"), &json!("text/html text/plain"))
+    );
     lb.stop().unwrap();
 }
 
@@ -835,5 +853,9 @@ fn dfp_sticky_server_keeps_a_client_on_its_backend_by_a_cookie_lb_inserts() {
     assert!(set.is_some_and(|s| s.starts_with("go-demo=")));
     let (_, svc) = lb.request("GET", "/v1/services/go-demo", None).unwrap();
     assert_eq!(svc["http"]["sticky_cookie"], "go-demo");
+    let (_, config) = lb
+        .request("GET", "/v1/docker-flow-proxy/config?type=json", None)
+        .unwrap();
+    assert_eq!(config["go-demo"]["SessionType"], "sticky-server");
     lb.stop().unwrap();
 }

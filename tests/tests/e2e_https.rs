@@ -641,6 +641,7 @@ fn tls_passed_through_by_sni_while_other_names_are_terminated() {
         "serviceName=db2&reqMode=sni&serviceDomain=db2.example.test&srcPort=443&port=8443&backends={be}"
     ));
     assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["ServiceDest"][0]["ReqMode"], "sni", "{answer}");
     assert!(https_ok_within(
         &topo.client,
         &pki,

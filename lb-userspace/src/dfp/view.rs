@@ -22,7 +22,11 @@ pub(super) fn service(svc: &Service) -> Value {
     let route = svc.http.as_ref();
     let dest = json!({
         "Index": 0,
-        "ReqMode": if route.is_some() { "http" } else { "tcp" },
+        "ReqMode": match route {
+            Some(r) if r.tls_passthrough => "sni",
+            Some(_) => "http",
+            None => "tcp",
+        },
         "ServicePath": route.map(|r| r.paths.clone()).unwrap_or_default(),
         "ServicePathExclude": route.map(|r| r.paths_exclude.clone()).unwrap_or_default(),
         "ServiceDomain": route.map(|r| r.domains.clone()).unwrap_or_default(),
@@ -36,10 +40,18 @@ pub(super) fn service(svc: &Service) -> Value {
         // DFP's is a number, 0 for none.
         "SrcPort": svc.l4_vip().map_or(0, |v| v.port()),
     });
+    // DFP's timeouts are strings of seconds, empty for the default.
+    let seconds = |ms: Option<u64>| ms.map_or(String::new(), |ms| (ms / 1000).to_string());
+    let compression = route.and_then(|r| r.compression.as_ref());
     json!({
         "ServiceName": svc.name,
         "AclName": svc.name,
         "IsDefaultBackend": route.is_some_and(|r| r.default_backend),
+        "SessionType": if route.is_some_and(|r| r.sticky_cookie.is_some()) { "sticky-server" } else { "" },
+        "TimeoutServer": seconds(route.and_then(|r| r.server_timeout_ms)),
+        "TimeoutTunnel": seconds(route.and_then(|r| r.tunnel_timeout_ms)),
+        "CompressionAlgo": compression.map_or("", |c| c.algo.as_str()),
+        "CompressionType": compression.map_or(String::new(), |c| c.types.join(" ")),
         "ServiceDest": [dest],
         "Backends": svc.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
