@@ -138,13 +138,13 @@ impl Daemon {
             None => None,
             Some(addr) => Some((
                 addr,
-                TcpListener::bind(addr).await.with_context(|| {
+                listen(addr).with_context(|| {
                     format!("binding the HTTP listener to {addr} (--http; `--http off` for none)")
                 })?,
             )),
         };
         let https_listener = match config.https {
-            HttpsListen::At(addr) => Some(bind_https(addr).await?),
+            HttpsListen::At(addr) => Some(bind_https(addr)?),
             _ => None,
         };
         // Bound now, while lb may bind a port below 1024; listening once a certificate is
@@ -431,8 +431,8 @@ async fn open_store_keyspace(
     .await
 }
 
-async fn bind_https(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
+fn bind_https(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    listen(addr).with_context(|| {
         format!("binding the HTTPS listener to {addr} (--https; `--https off` for none)")
     })
 }
@@ -445,6 +445,16 @@ fn https_frontend(
         listener: Arc::new(listener.into_std()?),
         tls,
     })
+}
+
+/// The accept queue asked of the kernel, which caps it at `net.core.somaxconn` (4096 by
+/// default): a burst of connections larger than a small queue (tokio's 1024) would lose
+/// SYNs, and each client would wait a second for its retransmit.
+const LISTEN_BACKLOG: u32 = 65535;
+
+/// A listening socket at `addr`, with the full accept queue the host allows.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    reserve(addr)?.listen(LISTEN_BACKLOG)
 }
 
 /// A socket bound to `addr`, not yet listening: connections to it are refused.
@@ -472,7 +482,7 @@ async fn open_https_once_certified(
         () = certs.wait_for_one() => {}
         Ok(_) = passthrough.wait_for(|p| *p) => {}
     }
-    let opened = match socket.listen(1024) {
+    let opened = match socket.listen(LISTEN_BACKLOG) {
         Ok(listener) => https_frontend(listener, tls),
         Err(e) => Err(anyhow::Error::from(e).context(format!("listening on {addr} for HTTPS"))),
     };

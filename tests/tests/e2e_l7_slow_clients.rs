@@ -40,6 +40,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(9);
 /// Closed on time: within the timeout and this (lb looks at its connections four times
 /// per timeout, and the machine is shared).
 const MARGIN: Duration = Duration::from_secs(3);
+/// From the slow clients connected to wrk's start.
+const SETTLE: Duration = Duration::from_secs(1);
 /// Between two bytes of a slow head.
 const TRICKLE: Duration = Duration::from_secs(3);
 
@@ -157,6 +159,24 @@ fn fds(pid: u32) -> (usize, u64) {
     (open, max)
 }
 
+/// lb's CPU time so far (user and system), from /proc: the cost of a phase, which the
+/// shared machine does not blur as it does a rate.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // In USER_HZ, 100 a second on every Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 /// Lets this process open the client sockets (2,000 and more).
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -208,7 +228,12 @@ fn slow_clients_cost_wrk_little_and_are_closed_on_time() {
         close: false,
         tls: false,
     };
+    let cpu_per_request = |report: &lb_tests::wrk::WrkReport, cpu: Duration| {
+        cpu.as_secs_f64() * 1e6 / report.requests.max(1) as f64
+    };
+    let cpu = cpu_time(lb.pid());
     let before = wrk.run(&topo.client, listener(), &load).unwrap();
+    let cpu_before = cpu_time(lb.pid()) - cpu;
     assert_eq!(before.errors.total(), 0, "{}", before.errors);
 
     // The slow clients, on a runtime of their own inside the client's namespace: one task
@@ -243,14 +268,27 @@ fn slow_clients_cost_wrk_little_and_are_closed_on_time() {
             })
         })
     };
-    // All connected before wrk starts.
+    // All connected before wrk starts, and settled: the unread answers have filled the
+    // socket buffers between backend, lb and client (some 20 MB each), a one-off cost
+    // that is not the load being measured.
     let all = SLOW_HEADERS + SLOW_BODIES + UNREAD;
+    let connecting = Instant::now();
+    lb_tests::eventually(Duration::from_secs(5), || {
+        open.load(Ordering::Relaxed) == all
+    });
+    let connected = connecting.elapsed();
     assert!(
-        lb_tests::eventually(Duration::from_secs(10), || open.load(Ordering::Relaxed)
-            >= all * 9 / 10),
+        open.load(Ordering::Relaxed) >= all * 9 / 10,
         "only {} slow connections opened",
         open.load(Ordering::Relaxed)
     );
+    // The burst fits lb's accept queue: a SYN dropped for a full queue is sent again only
+    // a second later.
+    assert!(
+        connected < Duration::from_secs(1),
+        "{all} connections took {connected:?}: SYNs were dropped"
+    );
+    std::thread::sleep(SETTLE);
 
     // lb's descriptors, sampled while wrk runs.
     let sampling = Arc::new(AtomicBool::new(true));
@@ -267,12 +305,16 @@ fn slow_clients_cost_wrk_little_and_are_closed_on_time() {
         })
     };
     let slow_open_during = open.load(Ordering::Relaxed);
+    let cpu = cpu_time(lb.pid());
     let during = wrk.run(&topo.client, listener(), &load).unwrap();
+    let cpu_during = cpu_time(lb.pid()) - cpu;
     let slow_open_after = open.load(Ordering::Relaxed);
     sampling.store(false, Ordering::Relaxed);
     let (most_fds, fd_limit) = sampler.join().unwrap();
     let closed = slow.join().unwrap();
+    let cpu = cpu_time(lb.pid());
     let after = wrk.run(&topo.client, listener(), &load).unwrap();
+    let cpu_after = cpu_time(lb.pid()) - cpu;
 
     // wrk keeps 90 % of its rate (against the mean of the runs before and after, as the
     // machine is shared).
@@ -280,11 +322,14 @@ fn slow_clients_cost_wrk_little_and_are_closed_on_time() {
     eprintln!(
         "wrk alone {:.0} and {:.0} req/s, with {slow_open_during}..{slow_open_after} slow \
          clients {:.0} req/s; lb held at most {most_fds} fds of {fd_limit}; {} slow \
-         connections closed",
+         connections closed; they connected in {connected:?}; lb's CPU a request {:.1}, {:.1} and {:.1} us with them",
         before.rps(),
         after.rps(),
         during.rps(),
-        closed.len()
+        closed.len(),
+        cpu_per_request(&before, cpu_before),
+        cpu_per_request(&after, cpu_after),
+        cpu_per_request(&during, cpu_during),
     );
     assert!(
         slow_open_after >= all * 9 / 10,
