@@ -355,6 +355,11 @@ impl Controller {
     /// that breaks them refuses the service; a discovered one is skipped with a warning
     /// naming it), and its VIP and routes its own.
     pub fn admit(&self, svc: Service) -> Result<Service, ControlError> {
+        self.admit_among(svc, &[])
+    }
+
+    /// `admit`, the services in `replaced` left out of the comparison (see `check_group`).
+    fn admit_among(&self, svc: Service, replaced: &[String]) -> Result<Service, ControlError> {
         let svc = match svc.discovery {
             Some(_) => {
                 let kept = self.admit_instances(&svc, svc.backends.clone());
@@ -388,7 +393,7 @@ impl Controller {
                 svc
             }
         };
-        self.check_against_others(&svc)?;
+        self.check_against(&svc, replaced)?;
         Ok(svc)
     }
 
@@ -464,16 +469,21 @@ impl Controller {
         }
     }
 
-    /// Whether `svc` can be served beside the other services: its VIP and HTTP routes
-    /// are its own.
+    /// That `svc`'s VIP and routes are its own: no other service serves them, and its VIP
+    /// is no backend of a layer-4 service.
     pub fn check_against_others(&self, svc: &Service) -> Result<(), ControlError> {
+        self.check_against(svc, &[])
+    }
+
+    /// `check_against_others`, the services named in `replaced` left out: they are being
+    /// rewritten or removed in the same change.
+    fn check_against(&self, svc: &Service, replaced: &[String]) -> Result<(), ControlError> {
+        let counts = |other: &str| other != svc.name && !replaced.iter().any(|r| r == other);
         // Layer-4 backends are indexed; the scan names the service only on a hit.
         if let Some(vip) = svc.l4_vip()
             && self.backend_users.contains_key(vip.ip())
             && let Some(other) = self.services.values().find(|o| {
-                o.name != svc.name
-                    && o.http.is_none()
-                    && o.backends.iter().any(|b| b.ip() == vip.ip())
+                counts(&o.name) && o.http.is_none() && o.backends.iter().any(|b| b.ip() == vip.ip())
             })
         {
             return Err(ValidationError::new(
@@ -487,10 +497,7 @@ impl Controller {
             .into());
         }
         if let Some(vip) = svc.l4_vip()
-            && let Some(other) = self
-                .vips
-                .get(&(vip, svc.protocol))
-                .filter(|o| **o != svc.name)
+            && let Some(other) = self.vips.get(&(vip, svc.protocol)).filter(|o| counts(o))
         {
             return Err(ValidationError::new(
                 "vip",
@@ -501,41 +508,52 @@ impl Controller {
             )
             .into());
         }
-        if let Some(route) = &svc.http {
-            for other in self.services.values().filter(|o| o.name != svc.name) {
-                let Some(theirs) = &other.http else { continue };
-                if route.default_backend && theirs.default_backend {
-                    return Err(ValidationError::new(
-                        "http.default_backend",
-                        format!("service {:?} is the default backend already", other.name),
-                    )
-                    .into());
-                }
-                // Routes that ask different conditions of a request (headers, user
-                // agents) may share paths.
-                if route.shares_a_host(theirs)
-                    && route.conditions() == theirs.conditions()
-                    && let Some(p) = route.paths.iter().find(|p| theirs.paths.contains(p))
-                {
-                    return Err(ValidationError::new(
-                        "http.paths",
-                        format!("{p} on this domain is routed to service {:?}", other.name),
-                    )
-                    .into());
-                }
-                if let Some(d) = route.domains.iter().find(|d| theirs.domains.contains(d))
-                    && route.paths.is_empty()
-                    && theirs.paths.is_empty()
-                {
-                    return Err(ValidationError::new(
-                        "http.domain",
-                        format!("{d:?} is routed to service {:?}", other.name),
-                    )
-                    .into());
+        if svc.http.is_some() {
+            for other in self.services.values().filter(|o| counts(&o.name)) {
+                if let Some(e) = route_conflict(svc, other) {
+                    return Err(e.into());
                 }
             }
         }
         Ok(())
+    }
+
+    /// Several services checked to be written together (DFP's destinations of one
+    /// service), against the others and against each other; `replaced` are being
+    /// rewritten or removed by the same change. The first refused comes back with its
+    /// place in `group`.
+    pub fn check_group(
+        &self,
+        group: Vec<(String, ServiceSpec)>,
+        replaced: &[String],
+    ) -> Result<Vec<Service>, (usize, ControlError)> {
+        let mut checked: Vec<Service> = Vec::new();
+        for (i, (name, spec)) in group.into_iter().enumerate() {
+            let override_listener = spec.override_local_listener.unwrap_or(false);
+            let in_group = |e| (i, e);
+            let svc = spec
+                .validate_after(&name, self.services.get(&name))
+                .map_err(|e| in_group(e.into()))?;
+            let svc = self.admit_among(svc, replaced).map_err(in_group)?;
+            if !override_listener {
+                self.check_local_listener(&svc).map_err(in_group)?;
+            }
+            for earlier in &checked {
+                let same_vip = svc.l4_vip().is_some()
+                    && svc.l4_vip() == earlier.l4_vip()
+                    && svc.protocol == earlier.protocol;
+                if same_vip {
+                    let message =
+                        format!("is also the VIP of {:?}, in the same change", earlier.name);
+                    return Err(in_group(ValidationError::new("vip", message).into()));
+                }
+                if let Some(e) = route_conflict(&svc, earlier) {
+                    return Err(in_group(e.into()));
+                }
+            }
+            checked.push(svc);
+        }
+        Ok(checked)
     }
 
     /// From now until `resolve_deferred_neighbors`, new backends' next hops are collected
@@ -755,4 +773,36 @@ impl Controller {
     pub fn flood(&self) -> crate::dataplane::FloodView {
         self.dataplane.flood_view()
     }
+}
+/// How `svc`'s route collides with `other`'s, if it does: both the default backend, a
+/// path on a shared host under the same conditions, or a whole domain.
+fn route_conflict(svc: &Service, other: &Service) -> Option<ValidationError> {
+    let (route, theirs) = (svc.http.as_ref()?, other.http.as_ref()?);
+    if route.default_backend && theirs.default_backend {
+        return Some(ValidationError::new(
+            "http.default_backend",
+            format!("service {:?} is the default backend already", other.name),
+        ));
+    }
+    // Routes that ask different conditions of a request (headers, user agents) may share
+    // paths.
+    if route.shares_a_host(theirs)
+        && route.conditions() == theirs.conditions()
+        && let Some(p) = route.paths.iter().find(|p| theirs.paths.contains(p))
+    {
+        return Some(ValidationError::new(
+            "http.paths",
+            format!("{p} on this domain is routed to service {:?}", other.name),
+        ));
+    }
+    if let Some(d) = route.domains.iter().find(|d| theirs.domains.contains(d))
+        && route.paths.is_empty()
+        && theirs.paths.is_empty()
+    {
+        return Some(ValidationError::new(
+            "http.domain",
+            format!("{d:?} is routed to service {:?}", other.name),
+        ));
+    }
+    None
 }

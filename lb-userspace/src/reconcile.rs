@@ -296,6 +296,35 @@ impl Reconciler {
         }
     }
 
+    /// Checks several services meant to be written together (DFP's destinations of one
+    /// service) as `put` would, against the others and each other, writing nothing;
+    /// `replaced` are the services the change rewrites or removes. The first refused
+    /// comes back with its place in `group`.
+    pub async fn check_group(
+        &self,
+        group: Vec<(String, ServiceSpec)>,
+        replaced: Vec<String>,
+    ) -> Result<(), (usize, ReconcileError)> {
+        for (i, (name, spec)) in group.iter().enumerate() {
+            let valid = crate::model::validate_name(name).map_err(ControlError::from);
+            let discovery = spec
+                .discovery
+                .as_ref()
+                .map(DiscoverySpec::validate)
+                .transpose();
+            valid
+                .map_err(ReconcileError::from)
+                .and(discovery.map_err(ReconcileError::from))
+                .map_err(|e| (i, e))?;
+        }
+        let last = group.len().saturating_sub(1);
+        self.controller
+            .call(move |c| c.check_group(group, &replaced).map(drop))
+            .await
+            .map_err(|e| (last, e.into()))?
+            .map_err(|(i, e)| (i, e.into()))
+    }
+
     /// `PUT`: store, then maps. Nothing changes when it fails.
     pub async fn put(&self, name: &str, mut spec: ServiceSpec) -> Result<Service, ReconcileError> {
         let _one = self.writes.lock().await;

@@ -207,9 +207,9 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
             "timeoutServer",
         ),
         (
-            "reconfigure?serviceName=go-demo&servicePath.1=/demo&port.1=8080&backends=10.201.0.11",
+            "reconfigure?serviceName=go-demo&servicePath.1=/demo&port.1=8080&servicePath.3=/x&backends=10.201.0.11",
             400,
-            "port.1",
+            "servicePath.3",
         ),
         (
             "reconfigure?serviceName=go-demo&servicePath=/demo&pathType=path_reg&port=8080&backends=10.201.0.11",
@@ -858,4 +858,129 @@ fn dfp_sticky_server_keeps_a_client_on_its_backend_by_a_cookie_lb_inserts() {
         .unwrap();
     assert_eq!(config["go-demo"]["SessionType"], "sticky-server");
     lb.stop().unwrap();
+}
+
+#[test]
+fn dfp_indexed_destinations_are_served_each_and_removed_together() {
+    // One service, two ports of its instances: HTTP on 8080 under /app, and on 9090 a
+    // tcp destination on the balancer's port 5433 (DFP's `.N` forms).
+    let topo = Topology::one_armed(1).unwrap();
+    let _web = topo.start_backends(1, 8080, false).unwrap();
+    let other = topo.backend(0, 9090);
+    let _admin = lb_tests::servers::Backend::start(
+        &topo.backends[0],
+        "be0-9090",
+        SocketAddr::from(other),
+        None,
+    )
+    .unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let be = topo.backend_addrs[0];
+    let reconfigure = |q: &str| {
+        lb.request(
+            "GET",
+            &format!("/v1/docker-flow-proxy/reconfigure?serviceName=multi&backends={be}{q}"),
+            None,
+        )
+        .unwrap()
+    };
+    let get = |path: &str| {
+        let c = lb_tests::curl::curl(&topo.client, &[&format!("http://{}{path}", topo.vip)]);
+        (c.status, c.body)
+    };
+    let tcp = SocketAddr::from(([10, 201, 0, 1], 5433));
+
+    // The plain form first: one destination, the service itself.
+    let (code, body) = reconfigure("&servicePath=/old&port=8080");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(get("/old/x"), (200, "be0".to_string()));
+
+    // Then two indexed destinations; the plain `port` stands for the one `.1` leaves out.
+    let (code, body) =
+        reconfigure("&port=8080&servicePath.1=/app&reqMode.2=tcp&srcPort.2=5433&port.2=9090");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["ServiceName"], "multi");
+    let dests = body["ServiceDest"].as_array().unwrap();
+    assert_eq!(dests.len(), 2, "{body}");
+    assert_eq!(
+        (&dests[0]["Index"], &dests[0]["ReqMode"], &dests[0]["Port"]),
+        (&json!(1), &json!("http"), &json!("8080"))
+    );
+    assert_eq!(
+        (
+            &dests[1]["Index"],
+            &dests[1]["ReqMode"],
+            &dests[1]["SrcPort"]
+        ),
+        (&json!(2), &json!("tcp"), &json!(5433))
+    );
+    assert_eq!(get("/app/x"), (200, "be0".to_string()));
+    assert_eq!(http_get_once(&topo.client, tcp, T).unwrap(), "be0-9090");
+    // The plain destination is gone, replaced by the indexed ones: its path answers 503,
+    // as any removed service's does, with no backend behind it.
+    let old = get("/old/x");
+    assert_eq!(old.0, 503, "{old:?}");
+    // Each destination is a native service of its own.
+    let (code, native) = lb.request("GET", "/v1/services/multi.2", None).unwrap();
+    assert_eq!(
+        (code, native["vip"].as_str()),
+        (200, Some("10.201.0.1:5433"))
+    );
+    assert_eq!(
+        lb.request("GET", "/v1/services/multi", None).unwrap().0,
+        404
+    );
+    // DFP's configuration shows one service with both destinations.
+    let (_, config) = lb
+        .request("GET", "/v1/docker-flow-proxy/config?type=json", None)
+        .unwrap();
+    assert_eq!(config.as_object().unwrap().len(), 1, "{config}");
+    assert_eq!(config["multi"]["ServiceDest"].as_array().unwrap().len(), 2);
+
+    // A refused destination changes nothing, and is named as given: here `.2` asks for
+    // the path `.1` has.
+    let (code, body) = reconfigure("&port=8080&servicePath.1=/app&servicePath.2=/app");
+    assert_eq!(
+        (code, body["field"].as_str()),
+        (400, Some("servicePath.2")),
+        "{body}"
+    );
+    let (code, body) = reconfigure("&servicePath.1=/app&port.1=8080&port.2=zero&servicePath.2=/z");
+    assert_eq!(
+        (code, body["field"].as_str()),
+        (400, Some("port.2")),
+        "{body}"
+    );
+    let (code, body) = reconfigure("&port=8080&servicePath.1=/app&servicePath.3=/c");
+    assert_eq!(
+        (code, body["field"].as_str()),
+        (400, Some("servicePath.3")),
+        "{body}"
+    );
+    assert_eq!(get("/app/x"), (200, "be0".to_string()));
+    assert_eq!(http_get_once(&topo.client, tcp, T).unwrap(), "be0-9090");
+
+    // One destination fewer: `.2` goes.
+    let (code, body) = reconfigure("&port=8080&servicePath.1=/app");
+    assert_eq!(code, 200, "{body}");
+    assert!(http_get_once(&topo.client, tcp, Duration::from_millis(500)).is_err());
+    assert_eq!(
+        lb.request("GET", "/v1/services/multi.2", None).unwrap().0,
+        404
+    );
+
+    // remove takes the service with every destination.
+    let (code, body) = lb
+        .request(
+            "GET",
+            "/v1/docker-flow-proxy/remove?serviceName=multi",
+            None,
+        )
+        .unwrap();
+    assert_eq!((code, body["Message"].as_str()), (200, Some("")), "{body}");
+    assert_eq!(get("/app/x").0, 503);
+    assert_eq!(
+        lb.request("GET", "/v1/services/multi.1", None).unwrap().0,
+        404
+    );
 }

@@ -1,13 +1,14 @@
 //! The Docker Flow Proxy API, as a second view of lb's own model, so that deploy scripts
 //! written for DFP work unchanged: `reconfigure` and `remove` (query parameters, by GET,
 //! POST or PUT as DFP takes them), `reload`, `config` (text, or `type=json`), `ping`, and
-//! `cert` (PUT) and `certs` (see `api_certs`). A
-//! reconfigure becomes a `PUT` of a native service (stored like every other change);
-//! DFP's answers (`{"Status": "OK", ...}`) are kept, and errors also carry lb's `error`
+//! `cert` (PUT) and `certs` (see `api_certs`). A reconfigure becomes a `PUT` of a native
+//! service per destination (stored like every other change); DFP's answers (`{"Status": "OK", ...}`) are kept, and errors also carry lb's `error`
 //! and `field`.
 //!
 //! - `params`: DFP's documented parameters, and what lb does with each
+//! - `destinations`: several destinations of one service (`servicePath.1`, `port.1`...)
 //! - `view`: lb's services in DFP's shapes
+mod destinations;
 mod params;
 mod view;
 
@@ -25,7 +26,9 @@ use serde_json::json;
 use crate::{
     api_certs::Certs,
     controller::ControlError,
-    model::{DiscoverySpec, HeaderEdits, HttpSpec, PathRewrite, ServiceSpec, SniSpec, UserSpec},
+    model::{
+        DiscoverySpec, HeaderEdits, HttpSpec, PathRewrite, Service, ServiceSpec, SniSpec, UserSpec,
+    },
     reconcile::ReconcileError,
     web::Shared,
 };
@@ -686,10 +689,20 @@ async fn reconfigure(
     for param in &unknown {
         tracing::warn!(service = %name, %param, "reconfigure: not a Docker Flow Proxy parameter; ignored");
     }
-    let spec = match spec_of(&params, &name, &balancer) {
-        Ok(spec) => spec,
+    let dests = match destinations::destinations(&params) {
+        Ok(dests) => dests,
         Err(answer) => return answer.into_response(),
     };
+    let mut group = Vec::new();
+    for d in &dests {
+        let spec = params::check_destination(&d.params)
+            .and_then(|()| spec_of(&d.params, &name, &balancer))
+            .map_err(|e| d.named(e, &params));
+        match spec {
+            Ok(spec) => group.push((d.service_name(&name), spec)),
+            Err(answer) => return answer.into_response(),
+        }
+    }
     // serviceCert: checked before anything changes, stored under the service's name.
     let cert = match params.get("serviceCert").filter(|c| !c.is_empty()) {
         Some(pem) => match Certs::check(&name, pem, pem) {
@@ -701,16 +714,21 @@ async fn reconfigure(
         },
         None => None,
     };
-    let put = s.put(&name, spec).await;
-    if let (Ok(_), Some(cert)) = (&put, cert)
+    let written = write_destinations(&s, &name, &dests, group, &params).await;
+    if let (Ok(_), Some(cert)) = (&written, cert)
         && let Err(e) = certs.store(cert).await
     {
         let message = format!("serviceCert: the service is in place, its certificate is not: {e}");
         return nok(e.status(), "serviceCert", message).into_response();
     }
-    match put {
-        Ok(svc) => {
-            let mut body = view::service(&svc);
+    match written {
+        Ok(services) => {
+            let members: Vec<(u32, &Service)> = dests
+                .iter()
+                .zip(&services)
+                .map(|(d, svc)| (d.index.unwrap_or(0), svc))
+                .collect();
+            let mut body = view::service(&name, &members);
             body["Status"] = "OK".into();
             body["Message"] = "".into();
             if !unknown.is_empty() {
@@ -721,8 +739,71 @@ async fn reconfigure(
             }
             (StatusCode::OK, Json(body)).into_response()
         }
-        Err(e) => failure(e).into_response(),
+        Err(answer) => answer.into_response(),
     }
+}
+
+/// The lb services that serve DFP service `name`: itself and its destinations `name.N`.
+async fn members(s: &Shared, name: &str) -> Result<Vec<String>, Nok> {
+    let name = name.to_string();
+    let listed = s
+        .controller()
+        .call(move |c| {
+            c.list()
+                .into_iter()
+                .map(|svc| svc.name)
+                .filter(|n| destinations::member(&name, n).is_some())
+                .collect()
+        })
+        .await;
+    listed.map_err(|e| failure(e.into()))
+}
+
+/// Writes DFP service `name`'s destinations (`group`, one lb service each) and removes
+/// the destinations it had and no longer has. With several, all are checked first,
+/// against the other services and each other, so that a refused one changes nothing.
+async fn write_destinations(
+    s: &Shared,
+    name: &str,
+    dests: &[destinations::Destination],
+    group: Vec<(String, ServiceSpec)>,
+    given: &HashMap<String, String>,
+) -> Result<Vec<Service>, Nok> {
+    let had = members(s, name).await?;
+    let stale: Vec<&String> = had
+        .iter()
+        .filter(|n| !group.iter().any(|(g, _)| g == *n))
+        .collect();
+    if group.len() > 1 || !stale.is_empty() {
+        s.check_group(group.clone(), had.clone())
+            .await
+            .map_err(|(i, e)| dests[i].named(failure(e), given))?;
+    }
+    // Those no longer wanted go first: their paths or VIP may be the new ones'.
+    for n in stale {
+        match s.delete(n).await {
+            Ok(()) | Err(ReconcileError::Control(ControlError::NotFound(_))) => {}
+            Err(e) => return Err(failure(e)),
+        }
+    }
+    let mut written = Vec::new();
+    for (i, (n, spec)) in group.into_iter().enumerate() {
+        match s.put(&n, spec).await {
+            Ok(svc) => written.push(svc),
+            Err(e) => {
+                let mut answer = dests[i].named(failure(e), given);
+                if i > 0 {
+                    // Checked together a moment ago: another write came between.
+                    answer.message = format!(
+                        "{} (the destinations before it were written)",
+                        answer.message
+                    );
+                }
+                return Err(answer);
+            }
+        }
+    }
+    Ok(written)
 }
 
 fn failure(e: ReconcileError) -> Nok {
@@ -781,14 +862,24 @@ async fn remove(
         Ok(name) => name,
         Err(answer) => return answer.into_response(),
     };
-    let message = match s.delete(&name).await {
-        Ok(()) => String::new(),
-        // DFP answers OK for a service it does not have; scripts rely on that.
-        Err(ReconcileError::Control(ControlError::NotFound(_))) => {
-            format!("service {name} was not configured")
-        }
-        Err(e) => return failure(e).into_response(),
+    let had = match members(&s, &name).await {
+        Ok(had) => had,
+        Err(answer) => return answer.into_response(),
     };
+    // DFP answers OK for a service it does not have; scripts rely on that.
+    let message = if had.is_empty() {
+        format!("service {name} was not configured")
+    } else {
+        String::new()
+    };
+    // The service and every destination of it.
+    for n in &had {
+        match s.delete(n).await {
+            // Removed meanwhile by another request.
+            Ok(()) | Err(ReconcileError::Control(ControlError::NotFound(_))) => {}
+            Err(e) => return failure(e).into_response(),
+        }
+    }
     let body = json!({"Status": "OK", "Message": message, "ServiceName": name});
     (StatusCode::OK, Json(body)).into_response()
 }

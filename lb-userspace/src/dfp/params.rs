@@ -164,51 +164,55 @@ const PARAMS: &[Param] = &[
     p("backendExtra", false, Refused(NO_TEMPLATES)),
 ];
 
-/// The parameter `name` stands for, and whether it is an indexed (`name.N`) form.
-fn documented(name: &str) -> Option<(&'static Param, bool)> {
-    let (base, indexed) = match name.rsplit_once('.') {
-        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (base, true),
-        _ => (name, false),
+/// The parameter `name` stands for, and its index when it is an indexed (`name.N`) form,
+/// one of several destinations of the service.
+pub(super) fn documented(name: &str) -> Option<(&'static str, Option<u32>)> {
+    let (base, index) = match name.rsplit_once('.') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            (base, Some(n.parse().unwrap_or(u32::MAX)))
+        }
+        _ => (name, None),
     };
     let param = PARAMS.iter().find(|p| p.name == base)?;
     // `serviceName.1` is no DFP parameter.
-    (!indexed || param.indexed).then_some((param, indexed))
+    (index.is_none() || param.indexed).then_some((param.name, index))
 }
 
-/// Checks a reconfigure's parameters: the first (by name) that lb does not honour is
-/// refused; the names DFP does not document come back, to be ignored with a warning.
+/// Checks a reconfigure's parameter names: the first (by name) that lb does not honour
+/// is refused; the names DFP does not document come back, to be ignored with a warning.
 pub(super) fn check(params: &HashMap<String, String>) -> Result<Vec<String>, Nok> {
     let mut names: Vec<&String> = params.keys().collect();
     names.sort();
     let mut unknown = Vec::new();
     for name in names {
-        let Some((param, indexed)) = documented(name) else {
+        let Some((base, _)) = documented(name) else {
             unknown.push(name.clone());
             continue;
         };
-        if indexed {
-            return Err(refused(
-                name,
-                "several destinations of one service (the .N forms) are not supported by lb; \
-                 reconfigure one service per destination",
-            ));
-        }
+        let param = PARAMS.iter().find(|p| p.name == base).expect("documented");
         match param.support {
             Honoured | NoEffect(_) => {}
             Refused(instead) => return Err(refused(name, instead)),
         }
-        let sni = params.get("reqMode").is_some_and(|m| m == "sni");
-        if param.name == "pathType"
-            && params[name] != "path_beg"
-            && !(sni && params[name].starts_with("req_ssl_sni"))
-        {
-            return Err(refused(
-                name,
-                "lb matches path prefixes (path_beg), and server names with req_ssl_sni for reqMode=sni",
-            ));
-        }
     }
     Ok(unknown)
+}
+
+/// Checks one destination's parameters (its indexed ones in place of the plain ones):
+/// a `pathType` lb matches by.
+pub(super) fn check_destination(params: &HashMap<String, String>) -> Result<(), Nok> {
+    let sni = params.get("reqMode").is_some_and(|m| m == "sni");
+    match params.get("pathType") {
+        Some(path_type)
+            if path_type != "path_beg" && !(sni && path_type.starts_with("req_ssl_sni")) =>
+        {
+            Err(refused(
+                "pathType",
+                "lb matches path prefixes (path_beg), and server names with req_ssl_sni for reqMode=sni",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn refused(name: &str, instead: &str) -> Nok {
@@ -284,18 +288,19 @@ mod tests {
     }
 
     #[test]
-    fn indexed_destinations_are_refused_by_their_full_name() {
-        for name in ["servicePath.1", "port.2", "users.1"] {
-            let mut q = params(&DEMO);
-            q.insert(name.into(), "x".into());
-            let checked = check(&q);
-            if name == "users.1" {
-                // `users` has no indexed form: its `.1` is unknown, and ignored.
-                assert_eq!(checked.unwrap(), vec![name.to_string()]);
-            } else {
-                assert_eq!(checked.unwrap_err().field, name);
-            }
-        }
+    fn indexed_forms_are_known_by_their_base_name_and_index() {
+        assert_eq!(documented("servicePath.1"), Some(("servicePath", Some(1))));
+        assert_eq!(documented("port.12"), Some(("port", Some(12))));
+        assert_eq!(documented("port"), Some(("port", None)));
+        // `users` has no indexed form: its `.1` is no DFP parameter.
+        assert_eq!(documented("users.1"), None);
+        let mut q = params(&DEMO);
+        q.insert("servicePath.1".into(), "/a".into());
+        q.insert("users.1".into(), "x".into());
+        assert_eq!(check(&q).unwrap(), vec!["users.1".to_string()]);
+        // A refused parameter is refused in its indexed form too, by its full name.
+        q.insert("checkTcp.1".into(), "true".into());
+        assert_eq!(check(&q).unwrap_err().field, "checkTcp.1");
     }
 
     #[test]
@@ -315,6 +320,10 @@ mod tests {
     fn a_path_type_other_than_prefixes_is_refused() {
         let mut q = params(&DEMO);
         q.insert("pathType".into(), "path_reg".into());
-        assert_eq!(check(&q).unwrap_err().field, "pathType");
+        assert_eq!(check_destination(&q).unwrap_err().field, "pathType");
+        q.insert("pathType".into(), "req_ssl_sni -i -m beg".into());
+        assert!(check_destination(&q).is_err());
+        q.insert("reqMode".into(), "sni".into());
+        assert!(check_destination(&q).is_ok());
     }
 }

@@ -2,10 +2,15 @@
 //! `Service`, with one `ServiceDest` per destination) for `reconfigure`'s answer and
 //! `config?type=json`, keyed by name there as DFP keys it; and a text rendering for
 //! `config` without a type. lb adds `Backends`, the addresses it balances over.
-use std::{collections::BTreeSet, fmt::Write as _, net::SocketAddrV4};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::SocketAddrV4,
+};
 
 use serde_json::{Map, Value, json};
 
+use super::destinations::split;
 use crate::model::Service;
 
 /// The port the backends share, as DFP's `Port` (a string); empty when they differ.
@@ -17,11 +22,11 @@ fn port(svc: &Service) -> String {
     }
 }
 
-/// DFP's view of one service.
-pub(super) fn service(svc: &Service) -> Value {
+/// One destination as DFP shows it; lb adds `Backends`.
+fn destination(index: u32, svc: &Service) -> Value {
     let route = svc.http.as_ref();
-    let dest = json!({
-        "Index": 0,
+    json!({
+        "Index": index,
         "ReqMode": match route {
             Some(r) if r.tls_passthrough => "sni",
             Some(_) => "http",
@@ -39,29 +44,58 @@ pub(super) fn service(svc: &Service) -> Value {
         "Port": port(svc),
         // DFP's is a number, 0 for none.
         "SrcPort": svc.l4_vip().map_or(0, |v| v.port()),
-    });
+        "Backends": backends(svc),
+    })
+}
+
+fn backends(svc: &Service) -> Vec<String> {
+    svc.backends.iter().map(ToString::to_string).collect()
+}
+
+/// DFP's view of service `name`, served by `members` (lb services with their destination
+/// index; 0 for the plain one). The service-wide fields are the first member's.
+pub(super) fn service(name: &str, members: &[(u32, &Service)]) -> Value {
+    let first = members.first().map(|(_, svc)| *svc);
+    let route = first.and_then(|s| s.http.as_ref());
     // DFP's timeouts are strings of seconds, empty for the default.
     let seconds = |ms: Option<u64>| ms.map_or(String::new(), |ms| (ms / 1000).to_string());
     let compression = route.and_then(|r| r.compression.as_ref());
+    let mut all: Vec<String> = Vec::new();
+    for (_, svc) in members {
+        for b in backends(svc) {
+            if !all.contains(&b) {
+                all.push(b);
+            }
+        }
+    }
     json!({
-        "ServiceName": svc.name,
-        "AclName": svc.name,
+        "ServiceName": name,
+        "AclName": name,
         "IsDefaultBackend": route.is_some_and(|r| r.default_backend),
         "SessionType": if route.is_some_and(|r| r.sticky_cookie.is_some()) { "sticky-server" } else { "" },
         "TimeoutServer": seconds(route.and_then(|r| r.server_timeout_ms)),
         "TimeoutTunnel": seconds(route.and_then(|r| r.tunnel_timeout_ms)),
         "CompressionAlgo": compression.map_or("", |c| c.algo.as_str()),
         "CompressionType": compression.map_or(String::new(), |c| c.types.join(" ")),
-        "ServiceDest": [dest],
-        "Backends": svc.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "ServiceDest": members.iter().map(|(i, svc)| destination(*i, svc)).collect::<Vec<_>>(),
+        "Backends": all,
     })
 }
 
-/// `config?type=json`: every service, keyed by name.
+/// `config?type=json`: every service, keyed by its DFP name (`go-demo.2` is destination
+/// 2 of `go-demo`).
 pub(super) fn config(services: &[Service]) -> Value {
-    let map: Map<String, Value> = services
-        .iter()
-        .map(|s| (s.name.clone(), service(s)))
+    let mut groups: BTreeMap<&str, Vec<(u32, &Service)>> = BTreeMap::new();
+    for svc in services {
+        let (name, index) = split(&svc.name);
+        groups.entry(name).or_default().push((index, svc));
+    }
+    let map: Map<String, Value> = groups
+        .into_iter()
+        .map(|(name, mut members)| {
+            members.sort_by_key(|(i, _)| *i);
+            (name.to_string(), service(name, &members))
+        })
         .collect();
     Value::Object(map)
 }
