@@ -781,13 +781,35 @@ fn rewrite(r: &crate::model::HttpRoute) -> Option<Arc<l7::Rewrite>> {
             .iter()
             .filter_map(|p| {
                 Some(l7::PathRule {
-                    search: crate::model::path_regex(&p.search).ok()?,
+                    search: compiled(&p.search)?,
                     replace: p.replace.clone(),
                 })
             })
             .collect(),
     };
     (!rewrite.is_empty()).then(|| Arc::new(rewrite))
+}
+
+/// A path rewrite's pattern, compiled once: the routes are rebuilt whole on every change
+/// of an HTTP service or of a backend's health, and compiling every service's patterns
+/// each time would cost milliseconds per thousand services.
+fn compiled(pattern: &str) -> Option<regex::Regex> {
+    /// Patterns seen; cleared when it grows past this (those of removed services).
+    const MOST: usize = 4096;
+    static CACHE: std::sync::LazyLock<std::sync::Mutex<HashMap<String, regex::Regex>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(re) = cache.get(pattern) {
+        return Some(re.clone());
+    }
+    let re = crate::model::path_regex(pattern).ok()?;
+    if cache.len() >= MOST {
+        cache.clear();
+    }
+    cache.insert(pattern.to_string(), re.clone());
+    Some(re)
 }
 
 fn methods(names: &[String]) -> Vec<http::Method> {

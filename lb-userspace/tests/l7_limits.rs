@@ -846,3 +846,103 @@ async fn h2_rapid_reset_gets_the_connection_closed_and_counted() {
     // Far fewer than the 1,000 streams reached the backend.
     assert!(b.peak.load(Ordering::SeqCst) <= 100);
 }
+
+/// A TCP backend that echoes what it gets, for TLS passed through (lb never reads it).
+async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The ClientHello a TLS client asking for `name` sends first.
+fn client_hello(name: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_passed_through_holds_its_place_under_the_backend_s_cap() {
+    let echo = tcp_echo().await;
+    let limits = Limits {
+        max_connections_per_backend: 1,
+        ..Limits::default()
+    };
+    let proxy = Proxy::new(config(limits));
+    proxy.set_routes(vec![Route {
+        service: "db".into(),
+        backends: vec![echo],
+        domains: vec!["db.test".into()],
+        tls_passthrough: true,
+        ..Route::default()
+    }]);
+    // The HTTPS listener, with a certificate for the names it would terminate.
+    let cert = rcgen::generate_simple_self_signed(vec!["web.test".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frontend = lb::l7::HttpsFrontend {
+        listener: Arc::new(listener),
+        tls: Arc::new(tls),
+    };
+    let (_keep, https) = tokio::sync::watch::channel(Some(frontend));
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(proxy.clone().serve(
+        lb::l7::Frontends { http: None, https },
+        async move {
+            let _ = stopped.await;
+        },
+        lb::supervise::Supervisor::default(),
+    ));
+    let hello = client_hello("db.test");
+    let passed = || async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        let mut echoed = vec![0u8; hello.len()];
+        let read = timeout(T, s.read_exact(&mut echoed)).await.unwrap();
+        (s, read.is_ok() && echoed == hello)
+    };
+    let open = || proxy.stats().backend_connections[&echo.to_string()];
+    // The first passes through whole (the echo sends the hello back) and holds the place.
+    let (first, ok) = passed().await;
+    assert!(ok, "the hello did not come back through");
+    assert_eq!(open(), 1);
+    // The second finds the backend at its cap: closed, and counted.
+    let (_second, ok) = passed().await;
+    assert!(!ok, "a second tunnel went past the cap of one");
+    assert_eq!(proxy.stats().refused["backend_connections"], 1);
+    // Once the first ends, its place is given back and the next passes.
+    drop(first);
+    assert!(
+        eventually(|| open() == 0).await,
+        "the tunnel's place was never given back"
+    );
+    let (_third, ok) = passed().await;
+    assert!(ok);
+}

@@ -421,8 +421,8 @@ impl Backend {
     }
 
     /// A place for one more connection: at the cap, the oldest idle one of any worker's
-    /// pool is closed to make room.
-    fn slot(&self) -> Result<ConnSlot, UpstreamError> {
+    /// pool is closed to make room. Also held by TLS passed through to it.
+    pub(crate) fn slot(&self) -> Result<ConnSlot, UpstreamError> {
         if let Some(slot) = self.connections.take() {
             return Ok(slot);
         }

@@ -2,7 +2,10 @@
 //! the certificate checked against the system's roots or a route's own CA, or not at all
 //! when the route says so. HTTP/1.1 inside, or HTTP/2 for routes whose backends speak it
 //! (ALPN says which).
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, LazyLock},
+};
 
 use rustls::{
     DigitallySignedStruct, SignatureScheme,
@@ -10,6 +13,15 @@ use rustls::{
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
     pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
 };
+
+/// The system's roots, read once (the first route that checks against them): reading
+/// them takes milliseconds, and every write of a service and every rebuild of the routes
+/// would pay it again. A change of the host's roots is seen at lb's next start.
+static SYSTEM_ROOTS: LazyLock<rustls::RootCertStore> = LazyLock::new(|| {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    roots
+});
 
 /// How a route's backends are reached over TLS.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -55,9 +67,7 @@ impl BackendTls {
                         return Err("ca: no certificate in it".into());
                     }
                 }
-                None => {
-                    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-                }
+                None => roots = SYSTEM_ROOTS.clone(),
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         } else {

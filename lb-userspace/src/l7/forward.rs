@@ -222,8 +222,11 @@ impl Proxy {
                     return self.answer(StatusCode::SERVICE_UNAVAILABLE, text);
                 }
                 if matches!(e, UpstreamError::Tls(..)) {
-                    // A setting to mend (a certificate lb does not trust): said loudly.
-                    tracing::warn!(%service, error = %e, "backend TLS failed");
+                    // A setting to mend (a certificate lb does not trust): said loudly,
+                    // but not once per request.
+                    if let Some(unsaid) = tls_failures_to_say() {
+                        tracing::warn!(%service, error = %e, more_since_last_said = unsaid, "backend TLS failed");
+                    }
                 } else {
                     tracing::debug!(%service, error = %e, "backend failed");
                 }
@@ -520,4 +523,42 @@ async fn tunnel(
         proxy.refusals.count(Refusal::TunnelTimeout);
     }
     drop((lease, slot));
+}
+
+/// At most one warning of failed backend TLS per this long: a route whose backends lb
+/// does not trust fails every request, and a line each would flood the log.
+const TLS_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether a backend TLS failure is to be warned of now, and how many were not since the
+/// last warning.
+fn tls_failures_to_say() -> Option<u64> {
+    use std::sync::{
+        LazyLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    };
+    static START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+    // Milliseconds since START of the last warning, plus one (0: none yet).
+    static SAID: AtomicU64 = AtomicU64::new(0);
+    static UNSAID: AtomicU64 = AtomicU64::new(0);
+    let now = u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+    let said = SAID.load(Relaxed);
+    let due = said == 0 || now.saturating_sub(said) >= TLS_WARN_EVERY.as_millis() as u64;
+    if due && SAID.compare_exchange(said, now, Relaxed, Relaxed).is_ok() {
+        Some(UNSAID.swap(0, Relaxed))
+    } else {
+        UNSAID.fetch_add(1, Relaxed);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_tls_failures_are_warned_of_once_in_a_while_with_the_count_between() {
+        assert_eq!(tls_failures_to_say(), Some(0));
+        assert_eq!(tls_failures_to_say(), None);
+        assert_eq!(tls_failures_to_say(), None);
+    }
 }

@@ -21,6 +21,7 @@ pub(crate) async fn serve(
 ) -> Option<TcpStream> {
     let limits = &proxy.config.limits;
     let name = sni::peek_server_name(&stream, limits.header_timeout).await?;
+    // The routes as they are now, after the wait for the hello.
     let table = proxy.table();
     let Some(t) = table.passthrough(&name) else {
         return Some(stream);
@@ -33,23 +34,45 @@ pub(crate) async fn serve(
     };
     let mut lease = Lease::new(table.clone(), t, b);
     let mut upstream = None;
-    // A backend that cannot be reached gets a second, as for HTTP requests.
+    let mut full = false;
+    // A backend that cannot be reached, or is at its connection cap, gets a second, as
+    // for HTTP requests.
     for attempt in 0..2 {
         let addr = lease.backend().addr;
-        match tokio::time::timeout(proxy.config.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                upstream = Some(s);
-                break;
+        match lease.backend().slot() {
+            // The tunnel holds its place under the backend's cap while it lasts.
+            Ok(slot) => {
+                match tokio::time::timeout(proxy.config.connect_timeout, TcpStream::connect(addr))
+                    .await
+                {
+                    Ok(Ok(s)) => {
+                        upstream = Some((s, slot));
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, error = %e, "passing TLS through: connecting");
+                    }
+                    Err(_) => tracing::debug!(%addr, "passing TLS through: connect timed out"),
+                }
             }
-            Ok(Err(e)) => tracing::debug!(%addr, error = %e, "passing TLS through: connecting"),
-            Err(_) => tracing::debug!(%addr, "passing TLS through: connect timed out"),
+            Err(e) => {
+                full = true;
+                tracing::debug!(%addr, error = %e, "passing TLS through");
+            }
         }
         match lease.redispatch() {
             Some(other) if attempt == 0 => lease = other,
             _ => break,
         }
     }
-    let mut upstream = upstream?;
+    let Some((mut upstream, _slot)) = upstream else {
+        if full {
+            proxy
+                .refusals
+                .count(super::limits::Refusal::BackendConnections);
+        }
+        return None;
+    };
     let _ = upstream.set_nodelay(true);
     let mut stream = stream;
     let idle = target.timeouts.tunnel.unwrap_or(limits.tunnel_timeout);

@@ -12,6 +12,8 @@ const HANDSHAKE: u8 = 22;
 const CLIENT_HELLO: u8 = 1;
 const SERVER_NAME: u16 = 0;
 const HOST_NAME: u8 = 0;
+/// The first peek's size: a typical ClientHello is well under it.
+const FIRST_PEEK: usize = 2048;
 
 /// What the bytes seen so far tell.
 #[derive(Debug, PartialEq, Eq)]
@@ -103,7 +105,8 @@ fn hello_name(record: &[u8]) -> Option<String> {
 /// The name the client on `stream` asks for, peeked (left on the socket) within
 /// `within`; none if it sends no TLS, names nothing, or takes too long.
 pub(crate) async fn peek_server_name(stream: &TcpStream, within: Duration) -> Option<String> {
-    let mut buf = vec![0u8; RECORD_HEADER + usize::from(u16::MAX)];
+    // Most hellos fit; a larger one (post-quantum key shares) grows it to its record.
+    let mut buf = vec![0u8; FIRST_PEEK];
     let peeked = tokio::time::timeout(within, async {
         loop {
             let n = stream.peek(&mut buf).await.ok()?;
@@ -111,6 +114,7 @@ pub(crate) async fn peek_server_name(stream: &TcpStream, within: Duration) -> Op
                 Parsed::Name(name) => return name,
                 // Closed.
                 Parsed::Need(_) if n == 0 => return None,
+                Parsed::Need(len) if len > buf.len() => buf.resize(len, 0),
                 // peek answers at once while any byte is there: wait for the rest.
                 Parsed::Need(_) => tokio::time::sleep(Duration::from_millis(2)).await,
             }
@@ -125,9 +129,19 @@ mod tests {
 
     /// A ClientHello record naming `name` (or none), with a few other extensions.
     fn hello(name: Option<&str>) -> Vec<u8> {
+        padded_hello(name, 0)
+    }
+
+    /// `hello`, made `pad` bytes longer by a padding extension before the name.
+    fn padded_hello(name: Option<&str>, pad: u16) -> Vec<u8> {
         let mut ext = Vec::new();
         // supported_versions, before the name.
         ext.extend_from_slice(&[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
+        if pad > 0 {
+            ext.extend_from_slice(&21u16.to_be_bytes());
+            ext.extend_from_slice(&pad.to_be_bytes());
+            ext.extend(std::iter::repeat_n(0, usize::from(pad)));
+        }
         if let Some(name) = name {
             let n = name.len() as u16;
             ext.extend_from_slice(&0u16.to_be_bytes());
@@ -179,6 +193,29 @@ mod tests {
                 bad[i] ^= flip;
                 let _ = parse(&bad);
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hello_larger_than_the_first_peek_is_read_whole_off_a_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for pad in [0, 6000] {
+            let record = padded_hello(Some("big.example.com"), pad);
+            assert_eq!(record.len() > FIRST_PEEK, pad > 0);
+            let client = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                // In two parts, as a slow client would.
+                c.write_all(&record[..50]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                c.write_all(&record[50..]).await.unwrap();
+                c
+            });
+            let (server, _) = listener.accept().await.unwrap();
+            let name = peek_server_name(&server, Duration::from_secs(5)).await;
+            assert_eq!(name.as_deref(), Some("big.example.com"), "pad {pad}");
+            drop(client.await.unwrap());
         }
     }
 }
