@@ -217,8 +217,22 @@ impl Client {
     }
 
     async fn get(&mut self, host: &str, path: &str) -> (StatusCode, HeaderMap, String) {
-        let req = Request::get(path)
-            .header("host", host)
+        let (status, headers, body) = self.get_with(host, path, &[]).await;
+        (status, headers, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// A GET with `headers` besides Host; the body as it came.
+    async fn get_with(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, Bytes) {
+        let mut req = Request::get(path).header("host", host);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req
             .body(Empty::new().map_err(|e| match e {}).boxed())
             .unwrap();
         let resp = self.send(req).await;
@@ -228,11 +242,7 @@ impl Client {
             .unwrap()
             .unwrap()
             .to_bytes();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8(body.to_vec()).unwrap(),
-        )
+        (parts.status, parts.headers, body)
     }
 }
 
@@ -1218,22 +1228,12 @@ async fn responses_of_listed_types_are_gzipped_for_clients_that_accept_it() {
     });
     let p = start(config(), vec![r]).await;
     let fetch = |path: &'static str, accept: Option<&'static str>| async move {
-        let mut c = Client::connect(p.addr).await;
-        let mut req = Request::get(path).header("host", "h");
-        if let Some(a) = accept {
-            req = req.header("accept-encoding", a);
-        }
-        let req = req
-            .body(Empty::new().map_err(|e| match e {}).boxed())
-            .unwrap();
-        let resp = c.send(req).await;
-        let (parts, body) = resp.into_parts();
-        let body = timeout(T, body.collect())
+        let accept: Vec<_> = accept.map(|a| ("accept-encoding", a)).into_iter().collect();
+        let (_, headers, body) = Client::connect(p.addr)
             .await
-            .unwrap()
-            .unwrap()
-            .to_bytes();
-        (parts.headers, body)
+            .get_with("h", path, &accept)
+            .await;
+        (headers, body)
     };
     let (headers, body) = fetch("/page", Some("gzip, deflate")).await;
     assert_eq!(headers["content-encoding"], "gzip");
