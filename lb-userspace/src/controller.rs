@@ -774,6 +774,7 @@ impl Controller {
         self.dataplane.flood_view()
     }
 }
+
 /// How `svc`'s route collides with `other`'s, if it does: both the default backend, a
 /// path on a shared host under the same conditions, or a whole domain.
 fn route_conflict(svc: &Service, other: &Service) -> Option<ValidationError> {
