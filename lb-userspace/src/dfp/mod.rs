@@ -2,8 +2,8 @@
 //! written for DFP work unchanged: `reconfigure` and `remove` (query parameters, by GET,
 //! POST or PUT as DFP takes them), `reload`, `config` (text, or `type=json`), `ping`, and
 //! `cert` (PUT) and `certs` (see `api_certs`). A reconfigure becomes a `PUT` of a native
-//! service per destination (stored like every other change); DFP's answers (`{"Status": "OK", ...}`) are kept, and errors also carry lb's `error`
-//! and `field`.
+//! service per destination (stored like every other change); DFP's answers
+//! (`{"Status": "OK", ...}`) are kept, and errors also carry lb's `error` and `field`.
 //!
 //! - `params`: DFP's documented parameters, and what lb does with each
 //! - `destinations`: several destinations of one service (`servicePath.1`, `port.1`...)
