@@ -140,13 +140,7 @@ pub(super) fn split(service: &str) -> (&str, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::dfp::query as params;
 
     #[test]
     fn plain_parameters_are_one_destination() {

@@ -64,6 +64,15 @@ fn nok(status: StatusCode, field: &str, message: impl Into<String>) -> Nok {
     }
 }
 
+/// Query parameters from pairs, for the tests.
+#[cfg(test)]
+fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// A comma-separated parameter as a list (empty items dropped).
 fn list(params: &HashMap<String, String>, name: &str) -> Vec<String> {
     params

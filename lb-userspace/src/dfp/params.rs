@@ -166,7 +166,7 @@ const PARAMS: &[Param] = &[
 
 /// The parameter `name` stands for, and its index when it is an indexed (`name.N`) form,
 /// one of several destinations of the service.
-pub(super) fn documented(name: &str) -> Option<(&'static str, Option<u32>)> {
+fn lookup(name: &str) -> Option<(&'static Param, Option<u32>)> {
     let (base, index) = match name.rsplit_once('.') {
         Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
             (base, Some(n.parse().unwrap_or(u32::MAX)))
@@ -175,7 +175,12 @@ pub(super) fn documented(name: &str) -> Option<(&'static str, Option<u32>)> {
     };
     let param = PARAMS.iter().find(|p| p.name == base)?;
     // `serviceName.1` is no DFP parameter.
-    (index.is_none() || param.indexed).then_some((param.name, index))
+    (index.is_none() || param.indexed).then_some((param, index))
+}
+
+/// [`lookup`]'s answer by the parameter's plain name.
+pub(super) fn documented(name: &str) -> Option<(&'static str, Option<u32>)> {
+    lookup(name).map(|(param, index)| (param.name, index))
 }
 
 /// Checks a reconfigure's parameter names: the first (by name) that lb does not honour
@@ -185,11 +190,10 @@ pub(super) fn check(params: &HashMap<String, String>) -> Result<Vec<String>, Nok
     names.sort();
     let mut unknown = Vec::new();
     for name in names {
-        let Some((base, _)) = documented(name) else {
+        let Some((param, _)) = lookup(name) else {
             unknown.push(name.clone());
             continue;
         };
-        let param = PARAMS.iter().find(|p| p.name == base).expect("documented");
         match param.support {
             Honoured | NoEffect(_) => {}
             Refused(instead) => return Err(refused(name, instead)),
@@ -229,13 +233,7 @@ fn refused(name: &str, instead: &str) -> Nok {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::dfp::query as params;
 
     const DEMO: [(&str, &str); 4] = [
         ("serviceName", "go-demo"),
