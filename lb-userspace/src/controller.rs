@@ -128,6 +128,9 @@ pub struct Controller {
     /// The HTTP and HTTPS listeners' ports and the local addresses each listens on (read
     /// at start).
     http_listeners: Vec<(u16, Vec<Ipv4Addr>)>,
+    /// The `--http` listener's address: routes with a port of their own (`http.port`)
+    /// listen on its address; its own port is the same as none.
+    http_frontend: Option<std::net::SocketAddr>,
     /// What backends may not be (lb itself), with the host's addresses kept current.
     rules: AddressRules,
 }
@@ -155,6 +158,7 @@ impl Controller {
             http_routes: None,
             removed_http: std::collections::VecDeque::new(),
             http_listeners: Vec::new(),
+            http_frontend: None,
             rules: AddressRules::default(),
         }
     }
@@ -214,6 +218,11 @@ impl Controller {
         self.http_listeners.push((addr.port(), local));
     }
 
+    /// lb's `--http` listener: where routes with a port of their own listen too.
+    pub fn set_http_frontend(&mut self, addr: std::net::SocketAddr) {
+        self.http_frontend = Some(addr);
+    }
+
     fn shadows_http_listener(&self, vip: SocketAddrV4) -> bool {
         self.http_listeners
             .iter()
@@ -257,7 +266,8 @@ impl Controller {
             let g = gone.http.as_ref().expect("http");
             live.iter().any(|l| {
                 let r = l.service.http.as_ref().expect("http");
-                r.shares_a_host(g)
+                r.port == g.port
+                    && r.shares_a_host(g)
                     && (r.paths.iter().any(|p| g.paths.contains(p))
                         || (r.paths.is_empty() && g.paths.is_empty())
                         || (r.default_backend && g.default_backend))
@@ -348,6 +358,7 @@ impl Controller {
         if !override_listener {
             self.check_local_listener(&svc)?;
         }
+        self.check_http_port(&svc)?;
         Ok(svc)
     }
 
@@ -359,7 +370,13 @@ impl Controller {
     }
 
     /// `admit`, the services in `replaced` left out of the comparison (see `check_group`).
-    fn admit_among(&self, svc: Service, replaced: &[String]) -> Result<Service, ControlError> {
+    fn admit_among(&self, mut svc: Service, replaced: &[String]) -> Result<Service, ControlError> {
+        // The `--http` listener's own port is no port of the route's own.
+        if let (Some(route), Some(main)) = (svc.http.as_mut(), self.http_frontend)
+            && route.port == Some(main.port())
+        {
+            route.port = None;
+        }
         let svc = match svc.discovery {
             Some(_) => {
                 let kept = self.admit_instances(&svc, svc.backends.clone());
@@ -469,6 +486,41 @@ impl Controller {
         }
     }
 
+    /// That lb can serve `svc`'s route on its own port (`http.port`): there is an `--http`
+    /// listener whose address it takes, the port is not lb's HTTPS listener's, and lb
+    /// listens there already (another route's) or could (nothing else holds the port, and
+    /// lb may bind it).
+    fn check_http_port(&self, svc: &Service) -> Result<(), ControlError> {
+        let Some(port) = svc.http.as_ref().and_then(|r| r.port) else {
+            return Ok(());
+        };
+        let refused = |why: String| ValidationError::new("http.port", format!("{port}: {why}"));
+        let Some(main) = self.http_frontend else {
+            let why = "lb's --http listener is off, and a route's own port listens on its address";
+            return Err(refused(why.into()).into());
+        };
+        if self.http_listeners.iter().any(|(p, _)| *p == port) {
+            return Err(refused("is the port of lb's HTTPS listener (--https)".into()).into());
+        }
+        let open = self
+            .services
+            .values()
+            .any(|s| s.http.as_ref().is_some_and(|r| r.port == Some(port)));
+        if open {
+            return Ok(());
+        }
+        let addr = std::net::SocketAddr::new(main.ip(), port);
+        match crate::listen::reserve(addr) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                Err(ControlError::LocalListener(refused(format!(
+                    "lb cannot listen on {addr}: another socket holds it ({e})"
+                ))))
+            }
+            Err(e) => Err(refused(format!("lb cannot listen on {addr}: {e}")).into()),
+        }
+    }
+
     /// That `svc`'s VIP and routes are its own: no other service serves them, and its VIP
     /// is no backend of a layer-4 service.
     pub fn check_against_others(&self, svc: &Service) -> Result<(), ControlError> {
@@ -538,6 +590,7 @@ impl Controller {
             if !override_listener {
                 self.check_local_listener(&svc).map_err(in_group)?;
             }
+            self.check_http_port(&svc).map_err(in_group)?;
             for earlier in &checked {
                 let same_vip = svc.l4_vip().is_some()
                     && svc.l4_vip() == earlier.l4_vip()
@@ -775,10 +828,14 @@ impl Controller {
     }
 }
 
-/// How `svc`'s route collides with `other`'s, if it does: both the default backend, a
-/// path on a shared host under the same conditions, or a whole domain.
+/// How `svc`'s route collides with `other`'s, if it does (on the same listener): both the
+/// default backend, a path on a shared host under the same conditions, or a whole domain.
 fn route_conflict(svc: &Service, other: &Service) -> Option<ValidationError> {
     let (route, theirs) = (svc.http.as_ref()?, other.http.as_ref()?);
+    // Each HTTP listener routes on its own.
+    if route.port != theirs.port {
+        return None;
+    }
     if route.default_backend && theirs.default_backend {
         return Some(ValidationError::new(
             "http.default_backend",

@@ -25,7 +25,11 @@ use crate::{
     api_listen::{self, ApiListen, ApiListener},
     controller::{Controller, HttpService},
     dataplane::{Dataplane, Limits, Settings},
-    discovery, l7, net,
+    discovery,
+    http_ports::HttpPorts,
+    l7,
+    listen::{LISTEN_BACKLOG, listen, reserve},
+    net,
     owner::ControllerHandle,
     reconcile::Reconciler,
     retry::{Backoff, until_ok},
@@ -181,6 +185,9 @@ impl Daemon {
         {
             controller.add_http_listener(addr);
         }
+        if let Some((addr, _)) = &http_listener {
+            controller.set_http_frontend(*addr);
+        }
         controller.set_address_rules(address_rules(&config)?);
         let controller = ControllerHandle::start(controller);
         let supervisor = Supervisor::default();
@@ -252,9 +259,21 @@ impl Daemon {
                 ..l7::ProxyConfig::default()
             });
             let routes = engine.clone();
+            // Routes with ports of their own listen on the --http listener's address.
+            let (http_ports, port_listeners) = match &http_listener {
+                Some((addr, _)) => {
+                    let (ports, listeners) =
+                        HttpPorts::new(addr.ip(), tokio::runtime::Handle::current());
+                    (Some(ports), listeners)
+                }
+                None => (None, watch::channel(l7::PortListeners::new()).1),
+            };
             controller
                 .call(move |c| {
                     c.set_http_routes(Box::new(move |services| {
+                        if let Some(ports) = &http_ports {
+                            ports.follow(&own_ports(&services));
+                        }
                         routes.set_routes(services.iter().map(route).collect());
                         passthrough.send_if_modified(|held| {
                             let now = services.iter().any(|s| {
@@ -302,6 +321,7 @@ impl Daemon {
                     listener
                 }),
                 https: https_rx,
+                ports: port_listeners,
             };
             http = Some(supervisor.spawn(
                 "http listener",
@@ -445,27 +465,6 @@ fn https_frontend(
         listener: Arc::new(listener.into_std()?),
         tls,
     })
-}
-
-/// The accept queue asked of the kernel, which caps it at `net.core.somaxconn` (4096 by
-/// default): a burst of connections larger than a small queue (tokio's 1024) would lose
-/// SYNs, and each client would wait a second for its retransmit.
-const LISTEN_BACKLOG: u32 = 65535;
-
-/// A listening socket at `addr`, with the full accept queue the host allows.
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    reserve(addr)?.listen(LISTEN_BACKLOG)
-}
-
-/// A socket bound to `addr`, not yet listening: connections to it are refused.
-fn reserve(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    Ok(socket)
 }
 
 /// Listens on the HTTPS socket bound at start once there is a certificate to serve, or a
@@ -691,6 +690,15 @@ fn acme_domains(services: &[HttpService]) -> BTreeSet<String> {
 }
 
 /// The proxy's route for an HTTP service.
+/// The ports of their own the live HTTP routes ask for.
+fn own_ports(services: &[HttpService]) -> BTreeSet<u16> {
+    services
+        .iter()
+        .filter(|s| !s.removed)
+        .filter_map(|s| s.service.http.as_ref()?.port)
+        .collect()
+}
+
 fn route(s: &HttpService) -> l7::Route {
     let r = s.service.http.as_ref().expect("an HTTP service");
     l7::Route {
@@ -755,6 +763,7 @@ fn route(s: &HttpService) -> l7::Route {
             .as_ref()
             .map(crate::model::SniSpec::to_l7)
             .unwrap_or_default(),
+        port: r.port,
     }
 }
 

@@ -90,7 +90,7 @@ pub struct ServiceSpec {
 /// "sni": {"match": "beg", "values": ["test."]}, "match_headers": {"X-Version": "3"},
 /// "match_user_agents": ["googlebot"], "redirect_from": ["www.example.com"],
 /// "server_timeout_ms": 20000, "tunnel_timeout_ms": 3600000, "sticky_cookie": "SERVERID",
-/// "compression": {"algo": "gzip", "types": ["text/html"]}}`
+/// "compression": {"algo": "gzip", "types": ["text/html"]}, "port": 8081}`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -122,6 +122,7 @@ pub struct HttpSpec {
     pub tunnel_timeout_ms: Option<u64>,
     pub sticky_cookie: Option<String>,
     pub compression: Option<CompressionSpec>,
+    pub port: Option<u16>,
 }
 
 /// `"sni": {"match": "beg", "values": ["test."]}`: the server names a `tls_passthrough`
@@ -535,6 +536,12 @@ pub struct HttpRoute {
     /// Responses gzipped for clients that accept it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<CompressionSpec>,
+    /// Served on a plain HTTP listener of its own at this port (on the `--http`
+    /// listener's address), opened while a route asks for it, instead of on the `--http`
+    /// and HTTPS listeners (DFP's `srcPort`). The `--http` listener's own port is the same
+    /// as none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// `"compression": {"algo": "gzip", "types": ["text/html", "text/"]}`: responses of these
@@ -886,6 +893,7 @@ impl HttpSpec {
                     .collect();
                 c
             }),
+            port: self.port,
             backend_protocol: match self.backend_protocol.as_deref() {
                 None | Some("http1") => BackendProtocol::Http1,
                 Some("h2") => BackendProtocol::H2,
@@ -1038,6 +1046,22 @@ impl HttpRoute {
                     format!("http.match_user_agents[{i}]"),
                     "is empty",
                 ));
+            }
+        }
+        if let Some(port) = self.port {
+            let why = if port == 0 {
+                Some("is a port from 1 to 65535")
+            } else if self.tls_passthrough {
+                Some("TLS passed through is served on lb's HTTPS listener only")
+            } else if self.https_only || self.deny_http {
+                Some(
+                    "a route on a port of its own is served there over plain HTTP only: https_only and deny_http would leave it unreachable",
+                )
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ValidationError::new("http.port", format!("{port}: {why}")));
             }
         }
         if let Some(sni) = &self.sni {
@@ -1796,6 +1820,33 @@ mod tests {
         };
         assert!(pass(None).validate().is_ok());
         assert_eq!(field(pass(Some(1000))), "http.tls_passthrough");
+    }
+
+    #[test]
+    fn a_route_s_own_port_is_served_in_the_clear_only() {
+        let on = |port: u16, edit: fn(&mut HttpSpec)| {
+            let mut spec = HttpSpec {
+                paths: Some(vec!["/r".into()]),
+                port: Some(port),
+                ..HttpSpec::default()
+            };
+            edit(&mut spec);
+            spec.validate()
+        };
+        assert_eq!(on(8081, |_| {}).unwrap().port, Some(8081));
+        let refused = |r: Result<HttpRoute, ValidationError>| r.unwrap_err().field;
+        assert_eq!(refused(on(0, |_| {})), "http.port");
+        assert_eq!(
+            refused(on(8081, |s| s.https_only = Some(true))),
+            "http.port"
+        );
+        assert_eq!(refused(on(8081, |s| s.deny_http = Some(true))), "http.port");
+        let passthrough = on(8443, |s| {
+            s.paths = None;
+            s.domain = Some(vec!["db.test".into()]);
+            s.tls_passthrough = Some(true);
+        });
+        assert_eq!(refused(passthrough), "http.port");
     }
 
     #[test]

@@ -15,11 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use caps::{CapSet, Capability, CapsHashSet};
 
-/// What lb's running parts use: map reads and writes (`CAP_BPF`), and neighbour entries
-/// and interface settings (`CAP_NET_ADMIN`). The listeners are bound, the maps and links
-/// pinned and bpffs mounted before the daemon has started, so nothing else is needed
-/// after: not even `CAP_NET_BIND_SERVICE`.
-pub const RUNNING: &[Capability] = &[Capability::CAP_BPF, Capability::CAP_NET_ADMIN];
+/// What lb's running parts use: map reads and writes (`CAP_BPF`), neighbour entries and
+/// interface settings (`CAP_NET_ADMIN`), and the HTTP listeners routes open on ports of
+/// their own while lb runs (`http.port`, DFP's `srcPort`), which may be below 1024
+/// (`CAP_NET_BIND_SERVICE`). The maps and links are pinned and bpffs mounted before the
+/// daemon has started, so nothing else is needed after.
+pub const RUNNING: &[Capability] = &[
+    Capability::CAP_BPF,
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_NET_BIND_SERVICE,
+];
 
 /// What a thread that parses client HTTP keeps: nothing. Its listening socket is bound
 /// before it starts, and it only reads and writes sockets.

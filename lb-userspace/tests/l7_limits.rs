@@ -914,7 +914,11 @@ async fn tls_passed_through_holds_its_place_under_the_backend_s_cap() {
     let (_keep, https) = tokio::sync::watch::channel(Some(frontend));
     let (_stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(proxy.clone().serve(
-        lb::l7::Frontends { http: None, https },
+        lb::l7::Frontends {
+            http: None,
+            https,
+            ports: tokio::sync::watch::channel(lb::l7::PortListeners::new()).1,
+        },
         async move {
             let _ = stopped.await;
         },

@@ -185,10 +185,15 @@ fn dfp_errors_are_its_documented_statuses_and_change_nothing() {
             400,
             "denyHttp",
         ),
-        // An HTTP service on a port lb has no HTTP listener on would be served nowhere.
         (
-            "reconfigure?serviceName=go-demo&servicePath=/demo&srcPort=8081&port=8080&backends=10.201.0.11",
+            "reconfigure?serviceName=go-demo&servicePath=/demo&srcPort=eighty&port=8080&backends=10.201.0.11",
             400,
+            "srcPort",
+        ),
+        // A listener of its own where lb's API listens: lb could not listen there.
+        (
+            "reconfigure?serviceName=go-demo&servicePath=/demo&srcPort=9090&port=8080&backends=10.201.0.11",
+            409,
             "srcPort",
         ),
         (
@@ -983,4 +988,94 @@ fn dfp_indexed_destinations_are_served_each_and_removed_together() {
         lb.request("GET", "/v1/services/multi.1", None).unwrap().0,
         404
     );
+}
+
+#[test]
+fn dfp_src_port_serves_http_destinations_on_listeners_of_their_own() {
+    // DFP opens a frontend per `srcPort`: lb opens an HTTP listener on that port while a
+    // route asks for it. Two services share the path /demo, one on lb's HTTP port 80 and
+    // one on 8081, each with its own backend.
+    let topo = Topology::one_armed(1).unwrap();
+    let _web = topo.start_backends(1, 8080, false).unwrap();
+    let _admin = lb_tests::servers::Backend::start(
+        &topo.backends[0],
+        "be0-9090",
+        SocketAddr::from(topo.backend(0, 9090)),
+        None,
+    )
+    .unwrap();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let be = topo.backend_addrs[0];
+    let reconfigure = |name: &str, q: &str| {
+        lb.request(
+            "GET",
+            &format!("/v1/docker-flow-proxy/reconfigure?serviceName={name}&backends={be}{q}"),
+            None,
+        )
+        .unwrap()
+    };
+    let get = |port: u16, path: &str| {
+        let c = lb_tests::curl::curl(
+            &topo.client,
+            &[&format!("http://{}:{port}{path}", topo.vip)],
+        );
+        (c.status, c.body)
+    };
+    let refused = |port: u16| {
+        let addr = SocketAddr::from((topo.vip, port));
+        http_get_once(&topo.client, addr, Duration::from_millis(500)).is_err()
+    };
+
+    let (code, body) = reconfigure("side", "&servicePath=/demo&srcPort=8081&port=8080");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = reconfigure("main", "&servicePath=/demo&srcPort=80&port=9090");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(get(8081, "/demo/x"), (200, "be0".to_string()));
+    assert_eq!(get(80, "/demo/x"), (200, "be0-9090".to_string()));
+    // Natively, `http.port`; the --http listener's own port is stored as none.
+    let (_, side) = lb.request("GET", "/v1/services/side", None).unwrap();
+    assert_eq!(side["http"]["port"], 8081, "{side}");
+    let (_, main) = lb.request("GET", "/v1/services/main", None).unwrap();
+    assert!(main["http"].get("port").is_none(), "{main}");
+    let (_, config) = lb
+        .request("GET", "/v1/docker-flow-proxy/config?type=json", None)
+        .unwrap();
+    assert_eq!(
+        config["side"]["ServiceDest"][0]["SrcPort"], 8081,
+        "{config}"
+    );
+
+    // A path taken on the same port is refused and changes nothing.
+    let (code, body) = reconfigure("dup", "&servicePath=/demo&srcPort=8081&port=9090");
+    assert_eq!(
+        (code, body["field"].as_str()),
+        (400, Some("servicePath")),
+        "{body}"
+    );
+    assert_eq!(get(8081, "/demo/x"), (200, "be0".to_string()));
+
+    // DFP's indexed form: one destination per port; each port routes only its own.
+    let (code, body) = reconfigure(
+        "multi",
+        "&servicePath.1=/a&srcPort.1=8082&port.1=8080&servicePath.2=/b&port.2=9090",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(get(8082, "/a"), (200, "be0".to_string()));
+    assert_eq!(get(80, "/b"), (200, "be0-9090".to_string()));
+    assert_eq!(get(8082, "/b").0, 404);
+    assert_eq!(get(80, "/a").0, 404);
+
+    // Moved to another port: the old one closes once no route asks for it.
+    let (code, body) = reconfigure("side", "&servicePath=/demo&srcPort=8083&port=8080");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(get(8083, "/demo/x"), (200, "be0".to_string()));
+    assert!(refused(8081), "8081 still listens");
+    // Removed: its port closes too; the others stay.
+    let (code, _) = lb
+        .request("GET", "/v1/docker-flow-proxy/remove?serviceName=side", None)
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(refused(8083), "8083 still listens");
+    assert_eq!(get(8082, "/a"), (200, "be0".to_string()));
+    assert_eq!(get(80, "/demo/x"), (200, "be0-9090".to_string()));
 }

@@ -1,9 +1,9 @@
 //! Least privilege, as the kernel reports it: once `lb run` has started, none of its
-//! threads holds more than CAP_BPF and CAP_NET_ADMIN (effective, permitted or bounding)
-//! nor may gain any by exec (no_new_privs), the HTTP workers, which parse what clients
-//! send, hold nothing at all, and lb still does
-//! everything a running balancer does with what it kept: new services, health changes,
-//! forwarding at layer 4 and layer 7.
+//! threads holds more than CAP_BPF, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (effective,
+//! permitted or bounding) nor may gain any by exec (no_new_privs), the HTTP workers, which
+//! parse what clients send, hold nothing at all, and lb still does everything a running
+//! balancer does with what it kept: new services, health changes, forwarding at layer 4
+//! and layer 7, a route on a port of its own below 1024.
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use lb_tests::{
@@ -15,6 +15,7 @@ use lb_tests::{
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(3);
+const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_BPF: u32 = 39;
 
@@ -63,7 +64,7 @@ fn threads(pid: u32) -> Vec<ThreadCaps> {
 }
 
 #[test]
-fn a_running_lb_keeps_only_bpf_and_net_admin_and_its_http_workers_nothing() {
+fn a_running_lb_keeps_only_bpf_net_admin_and_net_bind_service_and_its_http_workers_nothing() {
     let topo = Topology::two_armed(2).unwrap();
     let mut backends = topo.start_backends(2, 8080, false).unwrap();
     let listener = SocketAddr::from(([10, 202, 1, 1], 80));
@@ -74,7 +75,7 @@ fn a_running_lb_keeps_only_bpf_and_net_admin_and_its_http_workers_nothing() {
     )
     .unwrap();
 
-    let kept = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
+    let kept = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_NET_BIND_SERVICE);
     // The HTTP workers start with the listener; the runtime's blocking threads come and go.
     let mut seen = Vec::new();
     assert!(
@@ -155,6 +156,18 @@ fn a_running_lb_keeps_only_bpf_and_net_admin_and_its_http_workers_nothing() {
         answer == (200, "be0".into())
     });
     assert!(served, "{answer:?}\n{}", lb.log_text());
+    // A route on a port of its own below 1024, opened long after the start.
+    lb.put_service(
+        "side",
+        &json!({"http": {"paths": ["/side"], "port": 81}, "backends": [topo.backend(0, 8080).to_string()]}),
+    )
+    .unwrap();
+    let mut c = HttpConn::connect(&topo.client, SocketAddr::from(([10, 202, 1, 1], 81)), T)
+        .unwrap_or_else(|e| panic!("port 81: {e:#}\n{}", lb.log_text()));
+    assert_eq!(
+        c.send("GET", "/side", "lb", b"").unwrap(),
+        (200, "be0".into())
+    );
 }
 
 /// What a systemd unit must grant (the README's `CapabilityBoundingSet=`) is enough: lb

@@ -123,10 +123,7 @@ fn spec_of(
     let port = port_param(params)?;
     let mut spec = ServiceSpec::default();
     match params.get("reqMode").map_or("http", String::as_str) {
-        "http" => {
-            on_listener(params, balancer.http_port, "--http")?;
-            spec.http = Some(http_route(params)?);
-        }
+        "http" => spec.http = Some(http_route(params, balancer.http_port)?),
         "tcp" => {
             spec.vip = Some(tcp_vip(params, port, balancer.address)?);
             spec.protocol = Some("tcp".into());
@@ -206,10 +203,30 @@ fn dns_discovery(
     })
 }
 
-/// Checks that `srcPort`, if given, is the port of lb's one listener for the mode (`flag`
-/// names it): DFP opens a frontend per port, lb serves HTTP on one listener and HTTPS on
-/// another, so any other port is refused rather than served where the client does not
-/// look.
+/// The port of its own an http destination is served on (`http.port`): its `srcPort`,
+/// unless that is lb's `--http` listener's (or none is given). As DFP's frontend per
+/// port, lb opens a listener there.
+fn own_port(params: &HashMap<String, String>, http_port: Option<u16>) -> Result<Option<u16>, Nok> {
+    let Some(src) = params
+        .get("srcPort")
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(None);
+    };
+    match src.parse::<u16>() {
+        Ok(port) if port != 0 => Ok((Some(port) != http_port).then_some(port)),
+        _ => Err(nok(
+            StatusCode::BAD_REQUEST,
+            "srcPort",
+            format!("srcPort: {src:?} is not a port (1-65535)"),
+        )),
+    }
+}
+
+/// Checks that `srcPort`, if given, is the port of lb's listener for the mode (`flag`
+/// names it): TLS passed through is served on lb's one HTTPS listener, so any other port
+/// is refused rather than served where the client does not look.
 fn on_listener(
     params: &HashMap<String, String>,
     listener: Option<u16>,
@@ -224,9 +241,9 @@ fn on_listener(
     };
     let message = match listener {
         Some(port) if src.parse() == Ok(port) => return Ok(()),
-        Some(port) => format!(
-            "srcPort: {src}: lb serves this mode on its {flag} listener, port {port}; a listener per service port is not supported"
-        ),
+        Some(port) => {
+            format!("srcPort: {src}: lb serves this mode on its {flag} listener, port {port}")
+        }
         None => format!("srcPort: {src}: lb's {flag} listener is off"),
     };
     Err(nok(StatusCode::BAD_REQUEST, "srcPort", message))
@@ -418,8 +435,9 @@ fn port_param(params: &HashMap<String, String>) -> Result<Option<&str>, Nok> {
 
 /// The route of a `reqMode=http` service: `servicePath`, `serviceDomain`,
 /// `servicePathExclude`, `isDefaultBackend`, `allowedMethods`, `deniedMethods`,
-/// `httpsOnly`, `httpsRedirectCode` and `denyHttp`.
-fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
+/// `httpsOnly`, `httpsRedirectCode`, `denyHttp`, `srcPort` (`http_port`: lb's `--http`
+/// listener's) and the rest.
+fn http_route(params: &HashMap<String, String>, http_port: Option<u16>) -> Result<HttpSpec, Nok> {
     let paths = list(params, "servicePath");
     let domains = service_domains(params, false)?;
     let default_backend = flag(params, "isDefaultBackend")?;
@@ -467,6 +485,7 @@ fn http_route(params: &HashMap<String, String>) -> Result<HttpSpec, Nok> {
         server_timeout_ms: seconds_param(params, "timeoutServer")?,
         tunnel_timeout_ms: seconds_param(params, "timeoutTunnel")?,
         compression: compression(params)?,
+        port: own_port(params, http_port)?,
         // DFP's own: the cookie is named after the service; any other type is none.
         sticky_cookie: (params.get("sessionType").map(String::as_str) == Some("sticky-server"))
             .then(|| params.get("serviceName").cloned())
@@ -853,7 +872,7 @@ fn dfp_field(field: &str) -> String {
         ["http", "sticky_cookie"] => "sessionType",
         ["http", "compression", "algo"] => "compressionAlgo",
         ["http", "compression", ..] => "compressionType",
-        ["vip", ..] => "srcPort",
+        ["vip", ..] | ["http", "port"] => "srcPort",
         ["backends", ..] => "backends",
         ["discovery", "port"] => "port",
         ["discovery", "service"] => "serviceName",

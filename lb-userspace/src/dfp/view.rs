@@ -43,7 +43,7 @@ fn destination(index: u32, svc: &Service) -> Value {
         "DenyHttp": route.is_some_and(|r| r.deny_http),
         "Port": port(svc),
         // DFP's is a number, 0 for none.
-        "SrcPort": svc.l4_vip().map_or(0, |v| v.port()),
+        "SrcPort": svc.l4_vip().map(|v| v.port()).or(route.and_then(|r| r.port)).unwrap_or(0),
         "Backends": backends(svc),
     })
 }

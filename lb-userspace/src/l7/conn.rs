@@ -48,6 +48,9 @@ pub(crate) struct Conn {
     pub client_trusted: bool,
     /// Whether the client came over TLS (lb's HTTPS listener).
     pub https: bool,
+    /// The port of the route's own HTTP listener the client came in on (none: the main
+    /// HTTP or the HTTPS listener): which routes it may take.
+    pub port: Option<u16>,
     activity: Activity,
     /// Set by a request whose upgrade the backend accepted; run once hyper lets go of
     /// the connection.
@@ -97,6 +100,17 @@ impl Drop for Active {
     }
 }
 
+/// The listener a client connection came in on.
+#[derive(Clone)]
+pub(crate) enum Via {
+    /// The main HTTP listener.
+    Http,
+    /// The HTTPS listener, with its TLS.
+    Https(TlsAcceptor),
+    /// The HTTP listener that routes have on this port of their own.
+    Port(u16),
+}
+
 /// Serves one client connection to its end: closed by the client, idle for too long, a
 /// request head late (HTTP/1.1; h2: its first stream), a response it stopped reading,
 /// closed gracefully once `drain` turns true, or upgraded and then tunnelled to its end.
@@ -106,12 +120,12 @@ pub(crate) async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     drain: watch::Receiver<bool>,
-    tls: Option<TlsAcceptor>,
+    via: Via,
 ) {
     let _ = stream.set_nodelay(true);
     let accepted = Instant::now();
-    let Some(tls) = tls else {
-        return serve_http(proxy, builder, stream, peer, drain, accepted, false).await;
+    let Via::Https(tls) = &via else {
+        return serve_http(proxy, builder, stream, peer, drain, accepted, &via).await;
     };
     // A TLS service named by the ClientHello is passed through, not terminated.
     let stream = if proxy.table().has_passthrough() {
@@ -125,7 +139,7 @@ pub(crate) async fn serve_connection(
     // The handshake counts against the time to the first request head.
     let handshake = tokio::time::timeout(proxy.config.limits.header_timeout, tls.accept(stream));
     match handshake.await {
-        Ok(Ok(stream)) => serve_http(proxy, builder, stream, peer, drain, accepted, true).await,
+        Ok(Ok(stream)) => serve_http(proxy, builder, stream, peer, drain, accepted, &via).await,
         Ok(Err(e)) => {
             proxy.refusals.count(Refusal::TlsHandshake);
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
@@ -145,7 +159,7 @@ async fn serve_http<S>(
     peer: SocketAddr,
     mut drain: watch::Receiver<bool>,
     accepted: Instant,
-    https: bool,
+    via: &Via,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -156,7 +170,11 @@ async fn serve_http<S>(
         proxy,
         client_ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header"),
         client_trusted,
-        https,
+        https: matches!(via, Via::Https(_)),
+        port: match via {
+            Via::Port(port) => Some(*port),
+            Via::Http | Via::Https(_) => None,
+        },
         activity: Activity::default(),
         tunnel: Mutex::new(None),
     });

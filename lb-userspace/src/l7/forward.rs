@@ -69,10 +69,10 @@ impl Proxy {
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
             let path = normalized.as_deref().unwrap_or(req.uri().path());
-            if let Some(to) = table.redirect(host) {
+            if let Some(to) = table.redirect(conn.port, host) {
                 return self.redirect(StatusCode::MOVED_PERMANENTLY, conn.https, to, req.uri());
             }
-            let Some(t) = table.lookup(host, path, req.headers()) else {
+            let Some(t) = table.lookup(conn.port, host, path, req.headers()) else {
                 return self.answer(StatusCode::NOT_FOUND, format!("no route for {path}\n"));
             };
             let target = table.target(t);

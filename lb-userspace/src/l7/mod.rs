@@ -69,7 +69,7 @@ pub use headers::{TrustedProxies, parse_cidr};
 pub use limits::{Limits, raise_fd_limit};
 pub use rewrite::{HeaderRules, PathRule, Rewrite};
 pub use routes::{Balance, DomainPattern, PlainHttp, Route, RouteTimeouts, SniPattern};
-pub use server::{Frontends, HttpsFrontend};
+pub use server::{Frontends, HttpsFrontend, PortListeners};
 pub use stats::ProxyStats;
 
 use coarse_timeout::CoarseTimeout;

@@ -80,6 +80,9 @@ pub struct Route {
     pub sticky_cookie: Option<String>,
     /// Responses gzipped for clients that accept it (DFP's `compressionAlgo`).
     pub compress: Option<Compress>,
+    /// Served only on the plain HTTP listener at this port (DFP's `srcPort`), not on the
+    /// main HTTP and HTTPS listeners.
+    pub port: Option<u16>,
 }
 
 /// A route's own timeouts, in place of the proxy's (none: the proxy's).
@@ -266,6 +269,22 @@ impl Tier {
 #[derive(Default)]
 pub(crate) struct Table {
     targets: Vec<Target>,
+    /// The routes of the main HTTP and the HTTPS listeners.
+    main: Router,
+    /// The routes of each HTTP listener a route has on a port of its own.
+    ports: HashMap<u16, Router>,
+    /// TLS passed through by SNI: lower-case domain (for `*.domain`, the parent) -> its
+    /// route.
+    passthrough_exact: HashMap<Box<str>, usize>,
+    passthrough_wildcard: HashMap<Box<str>, usize>,
+    /// Patterns, tried in turn after the names.
+    passthrough_patterns: Vec<(SniMatcher, usize)>,
+}
+
+/// What routes the requests of one listener: hosts, then paths, then the default; and the
+/// hosts redirected.
+#[derive(Default)]
+struct Router {
     /// Lower-case domain -> its routes.
     exact: HashMap<Box<str>, Tier>,
     /// "example.com" for "*.example.com" -> its routes.
@@ -274,12 +293,6 @@ pub(crate) struct Table {
     suffixes: Vec<(Box<str>, Tier)>,
     any_host: Tier,
     default: Option<usize>,
-    /// TLS passed through by SNI: lower-case domain (for `*.domain`, the parent) -> its
-    /// route.
-    passthrough_exact: HashMap<Box<str>, usize>,
-    passthrough_wildcard: HashMap<Box<str>, usize>,
-    /// Patterns, tried in turn after the names.
-    passthrough_patterns: Vec<(SniMatcher, usize)>,
     /// Lower-case host -> the domain its requests are redirected to.
     redirects: HashMap<Box<str>, Box<str>>,
 }
@@ -455,16 +468,20 @@ impl Table {
                 table.add_passthrough(route, index);
                 continue;
             }
+            let router = match route.port {
+                None => &mut table.main,
+                Some(port) => table.ports.entry(port).or_default(),
+            };
             if let Some(to) = route.domains.first() {
                 for from in &route.redirect_from {
-                    table
+                    router
                         .redirects
                         .entry(from.to_ascii_lowercase().into())
                         .or_insert_with(|| to.as_str().into());
                 }
             }
-            if route.default_backend && table.default.is_none() {
-                table.default = Some(index);
+            if route.default_backend && router.default.is_none() {
+                router.default = Some(index);
             }
             let prefixes: Vec<String> = if route.paths.is_empty() {
                 vec![String::new()]
@@ -472,27 +489,52 @@ impl Table {
                 route.paths.iter().map(|p| normalized_prefix(p)).collect()
             };
             if route.domains.is_empty() {
-                table.any_host.push_all(&prefixes, index);
+                router.any_host.push_all(&prefixes, index);
             }
             for domain in &route.domains {
-                table.tier(domain).push_all(&prefixes, index);
+                router.tier(domain).push_all(&prefixes, index);
             }
         }
-        table
-            .suffixes
-            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
-        for tier in table
-            .exact
-            .values_mut()
-            .chain(table.wildcard.values_mut())
-            .chain(table.suffixes.iter_mut().map(|(_, tier)| tier))
-            .chain([&mut table.any_host])
-        {
-            tier.sort(&table.targets);
+        let targets = &table.targets;
+        for router in std::iter::once(&mut table.main).chain(table.ports.values_mut()) {
+            router.sort(targets);
         }
         table
     }
 
+    pub fn target(&self, index: usize) -> &Target {
+        &self.targets[index]
+    }
+
+    /// What routes the requests of the listener at `port` (none: the main HTTP and the
+    /// HTTPS listeners); none when no route is on it (any longer).
+    fn router(&self, port: Option<u16>) -> Option<&Router> {
+        match port {
+            None => Some(&self.main),
+            Some(port) => self.ports.get(&port),
+        }
+    }
+
+    /// The domain requests for `host` on the listener at `port` are redirected to, if any.
+    pub fn redirect(&self, port: Option<u16>, host: Option<&str>) -> Option<&str> {
+        self.router(port)?.redirect(host)
+    }
+
+    /// The route for a request that came in on the listener at `port` (see
+    /// [`Router::lookup`]).
+    pub fn lookup(
+        &self,
+        port: Option<u16>,
+        host: Option<&str>,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<usize> {
+        self.router(port)?
+            .lookup(&self.targets, host, path, headers)
+    }
+}
+
+impl Router {
     /// The routes of hosts `domain` matches.
     fn tier(&mut self, domain: &str) -> &mut Tier {
         let domain = domain.to_ascii_lowercase();
@@ -512,10 +554,70 @@ impl Table {
         }
     }
 
-    pub fn target(&self, index: usize) -> &Target {
-        &self.targets[index]
+    /// Orders every tier's entries (see [`Tier::sort`]), and the suffixes longest first.
+    fn sort(&mut self, targets: &[Target]) {
+        self.suffixes
+            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        for tier in self
+            .exact
+            .values_mut()
+            .chain(self.wildcard.values_mut())
+            .chain(self.suffixes.iter_mut().map(|(_, tier)| tier))
+            .chain([&mut self.any_host])
+        {
+            tier.sort(targets);
+        }
     }
 
+    /// The domain requests for `host` are redirected to, if any.
+    fn redirect(&self, host: Option<&str>) -> Option<&str> {
+        if self.redirects.is_empty() {
+            return None;
+        }
+        let mut buf = [0u8; 256];
+        let host = normalize_host(host?, &mut buf)?;
+        self.redirects.get(host).map(|to| &**to)
+    }
+
+    /// The route for a request. Host rules rank first (exact domain, then the closest
+    /// `*.` wildcard, then the longest `*` suffix, then routes for any host), and within
+    /// a rank the longest path prefix wins; a rank none of whose prefixes fits gives way
+    /// to the next. Then the default.
+    fn lookup(
+        &self,
+        targets: &[Target],
+        host: Option<&str>,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<usize> {
+        let mut found = None;
+        if !(self.exact.is_empty() && self.wildcard.is_empty() && self.suffixes.is_empty()) {
+            let mut buf = [0u8; 256];
+            if let Some(host) = host.and_then(|h| normalize_host(h, &mut buf)) {
+                found = self
+                    .exact
+                    .get(host)
+                    .and_then(|tier| tier.find(targets, path, headers))
+                    .or_else(|| {
+                        parents(host).find_map(|parent| {
+                            self.wildcard.get(parent)?.find(targets, path, headers)
+                        })
+                    })
+                    .or_else(|| {
+                        self.suffixes
+                            .iter()
+                            .filter(|(suffix, _)| host.ends_with(&**suffix))
+                            .find_map(|(_, tier)| tier.find(targets, path, headers))
+                    });
+            }
+        }
+        found
+            .or_else(|| self.any_host.find(targets, path, headers))
+            .or(self.default)
+    }
+}
+
+impl Table {
     fn add_passthrough(&mut self, route: &Route, index: usize) {
         for d in route.domains.iter().map(|d| d.to_ascii_lowercase()) {
             match DomainPattern::parse(&d) {
@@ -578,53 +680,6 @@ impl Table {
                     .map(|&(_, t)| t)
             })
     }
-
-    /// The domain requests for `host` are redirected to, if any.
-    pub fn redirect(&self, host: Option<&str>) -> Option<&str> {
-        if self.redirects.is_empty() {
-            return None;
-        }
-        let mut buf = [0u8; 256];
-        let host = normalize_host(host?, &mut buf)?;
-        self.redirects.get(host).map(|to| &**to)
-    }
-
-    /// The route for a request. Host rules rank first (exact domain, then the closest
-    /// `*.` wildcard, then the longest `*` suffix, then routes for any host), and within
-    /// a rank the longest path prefix wins; a rank none of whose prefixes fits gives way
-    /// to the next. Then the default.
-    pub fn lookup(
-        &self,
-        host: Option<&str>,
-        path: &str,
-        headers: &http::HeaderMap,
-    ) -> Option<usize> {
-        let targets = &self.targets;
-        let mut found = None;
-        if !(self.exact.is_empty() && self.wildcard.is_empty() && self.suffixes.is_empty()) {
-            let mut buf = [0u8; 256];
-            if let Some(host) = host.and_then(|h| normalize_host(h, &mut buf)) {
-                found = self
-                    .exact
-                    .get(host)
-                    .and_then(|tier| tier.find(targets, path, headers))
-                    .or_else(|| {
-                        parents(host).find_map(|parent| {
-                            self.wildcard.get(parent)?.find(targets, path, headers)
-                        })
-                    })
-                    .or_else(|| {
-                        self.suffixes
-                            .iter()
-                            .filter(|(suffix, _)| host.ends_with(&**suffix))
-                            .find_map(|(_, tier)| tier.find(targets, path, headers))
-                    });
-            }
-        }
-        found
-            .or_else(|| self.any_host.find(targets, path, headers))
-            .or(self.default)
-    }
 }
 
 /// A configured prefix in the form request paths are matched in: `/%7Euser` must match
@@ -682,7 +737,7 @@ mod tests {
     }
 
     fn pick(table: &Table, host: &str, path: &str) -> Option<String> {
-        let t = table.lookup(Some(host), path, &http::HeaderMap::new())?;
+        let t = table.lookup(None, Some(host), path, &http::HeaderMap::new())?;
         Some(table.target(t).service.to_string())
     }
 
@@ -738,9 +793,41 @@ mod tests {
         assert_eq!(pick(&table, "example.com", "/y"), None);
         assert_eq!(pick(&table, "[::1]:80", "/x").as_deref(), Some("any"));
         let any = table
-            .lookup(None, "/x", &http::HeaderMap::new())
+            .lookup(None, None, "/x", &http::HeaderMap::new())
             .map(|t| &*table.target(t).service);
         assert_eq!(any, Some("any"));
+    }
+
+    #[test]
+    fn each_listener_routes_on_its_own() {
+        let on = |port: Option<u16>, mut r: Route| {
+            r.port = port;
+            r
+        };
+        let mut redirected = route("moved", Some("new.example.com"), &["/"]);
+        redirected.redirect_from = vec!["old.example.com".into()];
+        let table = build(vec![
+            route("main", None, &["/demo"]),
+            on(Some(8081), route("side", None, &["/demo"])),
+            on(Some(8081), route("side-default", None, &["/other"])),
+            on(Some(8082), redirected),
+        ]);
+        let at = |port, path| {
+            let t = table.lookup(port, Some("example.com"), path, &http::HeaderMap::new())?;
+            Some(table.target(t).service.to_string())
+        };
+        assert_eq!(at(None, "/demo").as_deref(), Some("main"));
+        assert_eq!(at(Some(8081), "/demo").as_deref(), Some("side"));
+        assert_eq!(at(Some(8081), "/other").as_deref(), Some("side-default"));
+        // Nothing leaks between listeners, nor to a port no route is on (any more).
+        assert_eq!(at(None, "/other"), None);
+        assert_eq!(at(Some(8081), "/nothing"), None);
+        assert_eq!(at(Some(9999), "/demo"), None);
+        assert_eq!(
+            table.redirect(Some(8082), Some("old.example.com")),
+            Some("new.example.com")
+        );
+        assert_eq!(table.redirect(None, Some("old.example.com")), None);
     }
 
     #[test]
@@ -855,7 +942,7 @@ mod tests {
         assert_eq!(to("x.myfoobar.org").as_deref(), Some("tail"));
         // Plain HTTP to the passthrough name reaches the HTTP route, not the TLS one.
         let http = table
-            .lookup(Some("db.example.com"), "/x", &http::HeaderMap::new())
+            .lookup(None, Some("db.example.com"), "/x", &http::HeaderMap::new())
             .unwrap();
         assert_eq!(&*table.target(http).service, "web");
     }

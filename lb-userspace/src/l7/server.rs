@@ -13,6 +13,7 @@
 //! than the least busy worker passes a new connection on to it, so keep-alive clients
 //! spread evenly over the workers whichever thread happened to wake for them.
 use std::{
+    collections::BTreeMap,
     future::Future,
     net::SocketAddr,
     sync::{
@@ -37,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     Proxy,
     backend::TICKS_PER_IDLE,
-    conn::serve_connection,
+    conn::{Via, serve_connection},
     give_way,
     limits::{Admitted, H2_MAX_ERROR_RESETS, H2_MAX_PENDING_RESETS, MIN_HEADER_BUFFER},
     worker,
@@ -48,20 +49,20 @@ use crate::supervise::{Supervisor, panic_message};
 const GRACE: Duration = Duration::from_secs(5);
 
 /// A connection accepted by one worker and served by another, with its place under the
-/// connection caps (and its TLS, from the HTTPS listener).
-type Handed = (
-    std::net::TcpStream,
-    SocketAddr,
-    Admitted,
-    Option<TlsAcceptor>,
-);
+/// connection caps and the listener it came in on.
+type Handed = (std::net::TcpStream, SocketAddr, Admitted, Via);
 
-/// What the workers accept on: the HTTP listener, and the HTTPS one, which may open later
-/// (when the first certificate comes).
+/// What the workers accept on: the HTTP listener, the HTTPS one, which may open later
+/// (when the first certificate comes), and the HTTP listeners routes have on ports of
+/// their own, which open and close as routes ask.
 pub struct Frontends {
     pub http: Option<TcpListener>,
     pub https: watch::Receiver<Option<HttpsFrontend>>,
+    pub ports: watch::Receiver<PortListeners>,
 }
+
+/// The HTTP listeners routes have on ports of their own, by port.
+pub type PortListeners = BTreeMap<u16, Arc<std::net::TcpListener>>;
 
 impl Frontends {
     /// Plain HTTP on `listener` only.
@@ -69,8 +70,41 @@ impl Frontends {
         Self {
             http: Some(listener),
             https: watch::channel(None).1,
+            ports: watch::channel(PortListeners::new()).1,
         }
     }
+}
+
+/// A connection accepted on a route's own port, by one of a worker's accept tasks.
+type PortAccepted = (TcpStream, SocketAddr, u16);
+
+/// Accepts on each of `listeners` (a worker's own handles on them) until the returned
+/// tasks are dropped, sending what comes to `to`.
+fn accept_on_ports(listeners: &PortListeners, to: &mpsc::Sender<PortAccepted>) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    for (&port, listener) in listeners {
+        let listener = match listener.try_clone().and_then(TcpListener::from_std) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(port, error = %e, "taking the HTTP listener of a route's own port");
+                continue;
+            }
+        };
+        let to = to.clone();
+        tasks.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        if to.send((stream, peer, port)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            }
+        });
+    }
+    tasks
 }
 
 /// The HTTPS listener and its TLS settings.
@@ -166,6 +200,7 @@ impl Proxy {
                 peers: peers.clone(),
                 drain: drain_rx.clone(),
                 https: frontends.https.clone(),
+                ports: frontends.ports.clone(),
             };
             let exit = exit.clone();
             let spawned = clone_listener(listener.as_ref()).and_then(|listener| {
@@ -222,6 +257,7 @@ struct Worker {
     peers: Arc<Peers>,
     drain: watch::Receiver<bool>,
     https: watch::Receiver<Option<HttpsFrontend>>,
+    ports: watch::Receiver<PortListeners>,
 }
 
 impl Worker {
@@ -250,6 +286,11 @@ impl Worker {
         let mut https_rx = self.https.clone();
         let mut https = https_listener(&mut https_rx)?;
         let mut https_open = true;
+        // The routes' own ports, each accepted on by a task of this worker's.
+        let mut ports_rx = self.ports.clone();
+        let (port_tx, mut port_accepted) = mpsc::channel::<PortAccepted>(64);
+        let mut port_accepts = accept_on_ports(&ports_rx.borrow_and_update(), &port_tx);
+        let mut ports_open = true;
         let builder = Arc::new(self.builder());
         // This worker's clock for the backends' response timeout; ends with the runtime.
         let proxy = self.proxy.clone();
@@ -262,22 +303,36 @@ impl Worker {
         loop {
             tokio::select! {
                 _ = &mut draining => break,
-                accepted = accept(http.as_ref()) => {
-                    self.accepted(accepted, None, &mut conns, &builder).await;
-                }
-                accepted = accept(https.as_ref().map(|(l, _)| l)) => {
-                    let tls = https.as_ref().map(|(_, tls)| tls.clone());
-                    self.accepted(accepted, tls, &mut conns, &builder).await;
+                accepted = accept(http.as_ref()) => match accepted {
+                    Ok((stream, peer)) => self.accepted(stream, peer, Via::Http, &mut conns, &builder),
+                    Err(e) => accept_failed(e).await,
+                },
+                accepted = accept(https.as_ref().map(|(l, _)| l)) => match (accepted, &https) {
+                    (Ok((stream, peer)), Some((_, tls))) => {
+                        let via = Via::Https(tls.clone());
+                        self.accepted(stream, peer, via, &mut conns, &builder);
+                    }
+                    (Ok(_), None) => {}
+                    (Err(e), _) => accept_failed(e).await,
+                },
+                Some((stream, peer, port)) = port_accepted.recv() => {
+                    self.accepted(stream, peer, Via::Port(port), &mut conns, &builder);
                 }
                 changed = https_rx.changed(), if https_open => match changed {
                     Ok(()) => https = https_listener(&mut https_rx)?,
                     Err(_) => https_open = false,
                 },
-                Some((stream, peer, admitted, tls)) = inbox.recv() => {
+                changed = ports_rx.changed(), if ports_open => match changed {
+                    // The old tasks end as they are dropped, and with them this worker's
+                    // handles on ports no route asks for any more.
+                    Ok(()) => port_accepts = accept_on_ports(&ports_rx.borrow_and_update(), &port_tx),
+                    Err(_) => ports_open = false,
+                },
+                Some((stream, peer, admitted, via)) = inbox.recv() => {
                     // Already counted in this worker's load by the one that passed it on.
                     match TcpStream::from_std(stream) {
                         Ok(stream) => {
-                            self.spawn(&mut conns, &builder, stream, peer, admitted, tls);
+                            self.spawn(&mut conns, &builder, stream, peer, admitted, via);
                         }
                         Err(e) => {
                             self.peers.load[self.index].fetch_sub(1, Ordering::Relaxed);
@@ -288,7 +343,7 @@ impl Worker {
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
-        drop((http, https));
+        drop((http, https, port_accepts));
         let finished =
             tokio::time::timeout(GRACE, async { while conns.join_next().await.is_some() {} }).await;
         if finished.is_err() {
@@ -331,28 +386,25 @@ impl Worker {
         builder
     }
 
-    /// A connection accepted (over TLS with `tls`): admitted under the caps, then served
-    /// here or passed on.
-    async fn accepted(
+    /// A connection accepted `via` one of the listeners: admitted under the caps, then
+    /// served here or passed on.
+    fn accepted(
         &self,
-        accepted: std::io::Result<(TcpStream, SocketAddr)>,
-        tls: Option<TlsAcceptor>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        via: Via,
         conns: &mut JoinSet<()>,
         builder: &Arc<auto::Builder<TokioExecutor>>,
     ) {
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => return accept_failed(e).await,
-        };
         // Above a cap: closed at once (dropped), which costs the least.
         let admitted = self.proxy.caps.admit(peer.ip()).map_err(|why| {
             self.proxy.refusals.count(why);
             tracing::debug!(client = %peer, refused = why.name(), "connection refused");
         });
         if let Ok(admitted) = admitted
-            && let Some((stream, admitted, tls)) = self.pass_on(stream, peer, admitted, tls)
+            && let Some((stream, admitted, via)) = self.pass_on(stream, peer, admitted, via)
         {
-            self.spawn(conns, builder, stream, peer, admitted, tls);
+            self.spawn(conns, builder, stream, peer, admitted, via);
         }
     }
 
@@ -363,18 +415,18 @@ impl Worker {
         stream: TcpStream,
         peer: SocketAddr,
         admitted: Admitted,
-        tls: Option<TlsAcceptor>,
-    ) -> Option<(TcpStream, Admitted, Option<TlsAcceptor>)> {
+        via: Via,
+    ) -> Option<(TcpStream, Admitted, Via)> {
         let to = self.peers.claim(self.index);
         if to == self.index {
-            return Some((stream, admitted, tls));
+            return Some((stream, admitted, via));
         }
         let load = &self.peers.load[to];
         match stream.into_std() {
             Ok(stream) => {
                 // The other worker gone (shutting down): nobody serves it.
                 if self.peers.inbox[to]
-                    .send((stream, peer, admitted, tls))
+                    .send((stream, peer, admitted, via))
                     .is_err()
                 {
                     load.fetch_sub(1, Ordering::Relaxed);
@@ -396,13 +448,13 @@ impl Worker {
         stream: TcpStream,
         peer: SocketAddr,
         admitted: Admitted,
-        tls: Option<TlsAcceptor>,
+        via: Via,
     ) {
         let (proxy, builder, drain) = (self.proxy.clone(), builder.clone(), self.drain.clone());
         let peers = self.peers.clone();
         let index = self.index;
         conns.spawn(async move {
-            serve_connection(proxy, &builder, stream, peer, drain, tls).await;
+            serve_connection(proxy, &builder, stream, peer, drain, via).await;
             drop(admitted);
             peers.load[index].fetch_sub(1, Ordering::Relaxed);
         });

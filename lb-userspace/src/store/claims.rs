@@ -70,52 +70,56 @@ impl Claim {
     /// The path prefix `path` on `domain` (any host when none):
     /// `path/example.com:%2Fdemo`, `path/*:%2Fdemo`.
     pub fn http_path(domain: Option<&str>, path: &str) -> Self {
-        let host = domain.unwrap_or("*");
-        let encoded = utf8_percent_encode(path, PATH_KEEP);
-        let on = domain.map_or_else(|| "any host".to_string(), ToString::to_string);
-        Self::new(
-            "path",
-            format!("{host}:{encoded}"),
-            "http.paths",
-            format!("{path} on {on}"),
-        )
+        Self::http_path_when(domain, path, "", None)
     }
 
     /// As [`http_path`](Self::http_path), for requests that also meet `conditions`
-    /// (none: any request): `path/example.com:%2Fdemo%3Fx-version%3A%203`.
-    pub fn http_path_when(domain: Option<&str>, path: &str, conditions: &str) -> Self {
-        let claim = Self::http_path(domain, path);
-        if conditions.is_empty() {
-            return claim;
-        }
-        let on = domain.unwrap_or("any host");
-        let host = domain.unwrap_or("*");
-        let encoded = utf8_percent_encode(&format!("{path}?{conditions}"), PATH_KEEP).to_string();
-        Self::new(
-            "path",
-            format!("{host}:{encoded}"),
-            "http.paths",
-            format!("{path} on {on} when {conditions}"),
-        )
+    /// (none: any request), on lb's HTTP listener at `port` (none: the `--http` one):
+    /// `path/example.com:%2Fdemo%3Fx-version%3A%203`, `path/example.com:8081:%2Fdemo`.
+    pub fn http_path_when(
+        domain: Option<&str>,
+        path: &str,
+        conditions: &str,
+        port: Option<u16>,
+    ) -> Self {
+        let host = on_port(domain.unwrap_or("*"), port);
+        let on = in_words(domain.unwrap_or("any host"), port);
+        let (id, what) = if conditions.is_empty() {
+            (path.to_string(), format!("{path} on {on}"))
+        } else {
+            (
+                format!("{path}?{conditions}"),
+                format!("{path} on {on} when {conditions}"),
+            )
+        };
+        let encoded = utf8_percent_encode(&id, PATH_KEEP);
+        Self::new("path", format!("{host}:{encoded}"), "http.paths", what)
     }
 
-    /// Every path of `domain`, for a route with a domain and no paths: `domain/example.com`.
-    pub fn http_domain(domain: &str) -> Self {
+    /// Every path of `domain`, for a route with a domain and no paths, on lb's HTTP
+    /// listener at `port` (none: the `--http` one): `domain/example.com`,
+    /// `domain/example.com:8081`.
+    pub fn http_domain(domain: &str, port: Option<u16>) -> Self {
         Self::new(
             "domain",
-            domain.to_string(),
+            on_port(domain, port),
             "http.domain",
-            format!("every path on {domain}"),
+            format!("every path on {}", in_words(domain, port)),
         )
     }
 
-    /// The default backend (there is one): `default/backend`.
-    pub fn default_backend() -> Self {
+    /// The default backend (there is one per HTTP listener): `default/backend`,
+    /// `default/backend:8081`.
+    pub fn default_backend(port: Option<u16>) -> Self {
+        let what = match port {
+            None => "the default backend".to_string(),
+            Some(p) => format!("the default backend on port {p}"),
+        };
         Self::new(
             "default",
-            "backend".to_string(),
+            on_port("backend", port),
             "http.default_backend",
-            "the default backend".to_string(),
+            what,
         )
     }
 
@@ -132,6 +136,23 @@ impl Claim {
     /// What is claimed, in words.
     pub fn what(&self) -> &str {
         &self.what
+    }
+}
+
+/// `name`, or `name:port` for a route on an HTTP listener of its own (neither a host
+/// name nor a percent-encoded path holds a ':').
+fn on_port(name: &str, port: Option<u16>) -> String {
+    match port {
+        None => name.to_string(),
+        Some(p) => format!("{name}:{p}"),
+    }
+}
+
+/// `host`, and the port when it is one of its own, for errors.
+fn in_words(host: &str, port: Option<u16>) -> String {
+    match port {
+        None => host.to_string(),
+        Some(p) => format!("{host} on port {p}"),
     }
 }
 
@@ -153,16 +174,16 @@ pub fn claims_of(svc: &Service) -> Vec<Claim> {
         };
         for host in hosts {
             for p in &route.paths {
-                claims.push(Claim::http_path_when(host, p, &conditions));
+                claims.push(Claim::http_path_when(host, p, &conditions, route.port));
             }
             if let Some(d) = host
                 && route.paths.is_empty()
             {
-                claims.push(Claim::http_domain(d));
+                claims.push(Claim::http_domain(d, route.port));
             }
         }
         if route.default_backend {
-            claims.push(Claim::default_backend());
+            claims.push(Claim::default_backend(route.port));
         }
     }
     claims.sort();
@@ -338,12 +359,36 @@ mod tests {
     }
 
     #[test]
+    fn a_route_on_a_port_of_its_own_claims_on_that_port_only() {
+        let on_8081 = service(serde_json::json!({
+            "http": {"paths": ["/demo"], "domain": "example.com", "default_backend": true, "port": 8081},
+            "backends": ["10.0.1.1:80"]
+        }));
+        assert_eq!(
+            keys(&claims_of(&on_8081)),
+            ["default/backend:8081", "path/example.com:8081:%2Fdemo"]
+        );
+        let any_host = service(serde_json::json!({
+            "http": {"paths": ["/x"], "port": 8081}, "backends": ["10.0.1.1:80"]
+        }));
+        assert_eq!(keys(&claims_of(&any_host)), ["path/*:8081:%2Fx"]);
+        assert_eq!(
+            claims_of(&any_host)[0].what(),
+            "/x on any host on port 8081"
+        );
+        let domain_only = service(serde_json::json!({
+            "http": {"domain": "example.com", "port": 8081}, "backends": ["10.0.1.1:80"]
+        }));
+        assert_eq!(keys(&claims_of(&domain_only)), ["domain/example.com:8081"]);
+    }
+
+    #[test]
     fn a_long_route_claims_a_hash_of_fixed_length() {
         let long = format!("/{}", "a".repeat(1000));
         // A route with conditions claims its paths under them: no clash with the same
         // paths asking nothing.
-        let plain = Claim::http_path_when(Some("example.com"), "/demo", "");
-        let v2 = Claim::http_path_when(Some("example.com"), "/demo", "x-version: 2");
+        let plain = Claim::http_path_when(Some("example.com"), "/demo", "", None);
+        let v2 = Claim::http_path_when(Some("example.com"), "/demo", "x-version: 2", None);
         assert_eq!(plain, Claim::http_path(Some("example.com"), "/demo"));
         assert_eq!(v2.key(), "path/example.com:%2Fdemo%3Fx-version%3A%202");
         assert_ne!(plain.key(), v2.key());
