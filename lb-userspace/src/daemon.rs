@@ -689,7 +689,6 @@ fn acme_domains(services: &[HttpService]) -> BTreeSet<String> {
         .collect()
 }
 
-/// The proxy's route for an HTTP service.
 /// The ports of their own the live HTTP routes ask for.
 fn own_ports(services: &[HttpService]) -> BTreeSet<u16> {
     services
@@ -699,6 +698,7 @@ fn own_ports(services: &[HttpService]) -> BTreeSet<u16> {
         .collect()
 }
 
+/// The proxy's route for an HTTP service.
 fn route(s: &HttpService) -> l7::Route {
     let r = s.service.http.as_ref().expect("an HTTP service");
     l7::Route {
