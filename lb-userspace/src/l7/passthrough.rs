@@ -34,6 +34,8 @@ pub(crate) async fn serve(
     };
     let mut lease = Lease::new(table.clone(), t, b);
     let mut upstream = None;
+    // Whether the last backend tried was at its cap: what the refusal is counted as, as
+    // for HTTP requests.
     let mut full = false;
     // A backend that cannot be reached, or is at its connection cap, gets a second, as
     // for HTTP requests.
@@ -42,6 +44,7 @@ pub(crate) async fn serve(
         match lease.backend().slot() {
             // The tunnel holds its place under the backend's cap while it lasts.
             Ok(slot) => {
+                full = false;
                 match tokio::time::timeout(proxy.config.connect_timeout, TcpStream::connect(addr))
                     .await
                 {
