@@ -72,12 +72,16 @@ impl HttpPorts {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_port_opens_with_its_first_route_and_closes_with_its_last() {
-        let (ports, workers) = HttpPorts::new(
+    fn on_loopback() -> (HttpPorts, watch::Receiver<PortListeners>) {
+        HttpPorts::new(
             IpAddr::from([127, 0, 0, 1]),
             tokio::runtime::Handle::current(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_port_opens_with_its_first_route_and_closes_with_its_last() {
+        let (ports, workers) = on_loopback();
         // A port the kernel picks, known free.
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = free.local_addr().unwrap().port();
@@ -102,10 +106,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_port_that_cannot_be_opened_is_left_out_and_tried_again() {
-        let (ports, workers) = HttpPorts::new(
-            IpAddr::from([127, 0, 0, 1]),
-            tokio::runtime::Handle::current(),
-        );
+        let (ports, workers) = on_loopback();
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = taken.local_addr().unwrap().port();
         ports.follow(&BTreeSet::from([port]));

@@ -532,6 +532,69 @@ impl Table {
         self.router(port)?
             .lookup(&self.targets, host, path, headers)
     }
+
+    fn add_passthrough(&mut self, route: &Route, index: usize) {
+        for d in route.domains.iter().map(|d| d.to_ascii_lowercase()) {
+            match DomainPattern::parse(&d) {
+                DomainPattern::Exact(name) => {
+                    self.passthrough_exact.entry(name.into()).or_insert(index);
+                }
+                DomainPattern::Subdomains(parent) => {
+                    self.passthrough_wildcard
+                        .entry(parent.into())
+                        .or_insert(index);
+                }
+                DomainPattern::EndsWith(suffix) => self
+                    .passthrough_patterns
+                    .push((SniMatcher::Ends(suffix.into()), index)),
+            }
+        }
+        for pattern in &route.sni {
+            let matcher = match pattern {
+                SniPattern::Exact(name) => {
+                    self.passthrough_exact
+                        .entry(name.as_str().into())
+                        .or_insert(index);
+                    continue;
+                }
+                SniPattern::Begins(p) => SniMatcher::Begins(p.as_str().into()),
+                SniPattern::Ends(p) => SniMatcher::Ends(p.as_str().into()),
+                SniPattern::Regex(r) => match regex::Regex::new(r) {
+                    Ok(r) => SniMatcher::Regex(r),
+                    Err(e) => {
+                        tracing::error!(service = %route.service, "sni regex: {e}");
+                        continue;
+                    }
+                },
+            };
+            self.passthrough_patterns.push((matcher, index));
+        }
+    }
+
+    /// Whether any route passes TLS through (else the HTTPS listener need not look at
+    /// the ClientHello).
+    pub fn has_passthrough(&self) -> bool {
+        !(self.passthrough_exact.is_empty()
+            && self.passthrough_wildcard.is_empty()
+            && self.passthrough_patterns.is_empty())
+    }
+
+    /// The route that TLS naming `server_name` (lower case) is passed through to: the
+    /// exact name, else the closest wildcard, else the first pattern that matches.
+    pub fn passthrough(&self, server_name: &str) -> Option<usize> {
+        self.passthrough_exact
+            .get(server_name)
+            .copied()
+            .or_else(|| {
+                parents(server_name).find_map(|p| self.passthrough_wildcard.get(p).copied())
+            })
+            .or_else(|| {
+                self.passthrough_patterns
+                    .iter()
+                    .find(|(m, _)| m.matches(server_name))
+                    .map(|&(_, t)| t)
+            })
+    }
 }
 
 impl Router {
@@ -614,71 +677,6 @@ impl Router {
         found
             .or_else(|| self.any_host.find(targets, path, headers))
             .or(self.default)
-    }
-}
-
-impl Table {
-    fn add_passthrough(&mut self, route: &Route, index: usize) {
-        for d in route.domains.iter().map(|d| d.to_ascii_lowercase()) {
-            match DomainPattern::parse(&d) {
-                DomainPattern::Exact(name) => {
-                    self.passthrough_exact.entry(name.into()).or_insert(index);
-                }
-                DomainPattern::Subdomains(parent) => {
-                    self.passthrough_wildcard
-                        .entry(parent.into())
-                        .or_insert(index);
-                }
-                DomainPattern::EndsWith(suffix) => self
-                    .passthrough_patterns
-                    .push((SniMatcher::Ends(suffix.into()), index)),
-            }
-        }
-        for pattern in &route.sni {
-            let matcher = match pattern {
-                SniPattern::Exact(name) => {
-                    self.passthrough_exact
-                        .entry(name.as_str().into())
-                        .or_insert(index);
-                    continue;
-                }
-                SniPattern::Begins(p) => SniMatcher::Begins(p.as_str().into()),
-                SniPattern::Ends(p) => SniMatcher::Ends(p.as_str().into()),
-                SniPattern::Regex(r) => match regex::Regex::new(r) {
-                    Ok(r) => SniMatcher::Regex(r),
-                    Err(e) => {
-                        tracing::error!(service = %route.service, "sni regex: {e}");
-                        continue;
-                    }
-                },
-            };
-            self.passthrough_patterns.push((matcher, index));
-        }
-    }
-
-    /// Whether any route passes TLS through (else the HTTPS listener need not look at
-    /// the ClientHello).
-    pub fn has_passthrough(&self) -> bool {
-        !(self.passthrough_exact.is_empty()
-            && self.passthrough_wildcard.is_empty()
-            && self.passthrough_patterns.is_empty())
-    }
-
-    /// The route that TLS naming `server_name` (lower case) is passed through to: the
-    /// exact name, else the closest wildcard, else the first pattern that matches.
-    pub fn passthrough(&self, server_name: &str) -> Option<usize> {
-        self.passthrough_exact
-            .get(server_name)
-            .copied()
-            .or_else(|| {
-                parents(server_name).find_map(|p| self.passthrough_wildcard.get(p).copied())
-            })
-            .or_else(|| {
-                self.passthrough_patterns
-                    .iter()
-                    .find(|(m, _)| m.matches(server_name))
-                    .map(|&(_, t)| t)
-            })
     }
 }
 

@@ -111,15 +111,11 @@ impl Claim {
     /// The default backend (there is one per HTTP listener): `default/backend`,
     /// `default/backend:8081`.
     pub fn default_backend(port: Option<u16>) -> Self {
-        let what = match port {
-            None => "the default backend".to_string(),
-            Some(p) => format!("the default backend on port {p}"),
-        };
         Self::new(
             "default",
             on_port("backend", port),
             "http.default_backend",
-            what,
+            in_words("the default backend", port),
         )
     }
 
@@ -148,11 +144,11 @@ fn on_port(name: &str, port: Option<u16>) -> String {
     }
 }
 
-/// `host`, and the port when it is one of its own, for errors.
-fn in_words(host: &str, port: Option<u16>) -> String {
+/// `name`, and the port when it is one of its own, for errors.
+fn in_words(name: &str, port: Option<u16>) -> String {
     match port {
-        None => host.to_string(),
-        Some(p) => format!("{host} on port {p}"),
+        None => name.to_string(),
+        Some(p) => format!("{name} on port {p}"),
     }
 }
 
