@@ -90,6 +90,11 @@ assert_layout!(IfaceAddrs, size = 36, align = 2);
 /// GRO on.
 pub const IFACE_TX_BY_REDIRECT: u8 = 1;
 
+/// `NextHop::flags` only: the FIB knows the route but not the next hop's MAC yet. The frame
+/// goes to the kernel to be sent (`kernel_hop` in the XDP program), and the hop is never
+/// kept (its `expires` is 0).
+pub const HOP_VIA_KERNEL: u8 = 0x80;
+
 /// Key of `fib_cache`: a destination as routed for packets arriving on `ifindex`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -40,10 +40,43 @@ pub fn is_prime(n: u32) -> bool {
     true
 }
 
+/// The largest weight a backend may have (HAProxy's bound).
+pub const MAX_WEIGHT: u32 = 256;
+
 /// Builds a table of `size` slots (a prime larger than the backend count) over `backends`.
 /// Each slot holds an index into `backends` as given; the result does not depend on the
 /// order of `backends`, only on the set.
 pub fn build_table(backends: &[SocketAddrV4], size: u32) -> Vec<u32> {
+    let weighted: Vec<(SocketAddrV4, u32)> = backends.iter().map(|&b| (b, 1)).collect();
+    build_weighted(&weighted, size)
+}
+
+/// Each backend's number of slots in a table of `size`: its weight's share, rounded by
+/// largest remainder (ties to canonical order), so every count is within one slot of the
+/// exact share and they add up to `size`. All zero when every weight is.
+fn quotas(weights: &[u32], size: u32) -> Vec<u64> {
+    let total: u64 = weights.iter().map(|&w| w as u64).sum();
+    if total == 0 {
+        return vec![0; weights.len()];
+    }
+    let exact = |w: u32| size as u64 * w as u64;
+    let mut quota: Vec<u64> = weights.iter().map(|&w| exact(w) / total).collect();
+    let short = size as u64 - quota.iter().sum::<u64>();
+    let mut by_remainder: Vec<usize> = (0..weights.len()).collect();
+    // Stable: equal remainders keep canonical order.
+    by_remainder.sort_by_key(|&r| std::cmp::Reverse(exact(weights[r]) % total));
+    for &r in by_remainder.iter().take(short as usize) {
+        quota[r] += 1;
+    }
+    quota
+}
+
+/// [`build_table`] with a weight per backend: each gets a share of the slots proportional
+/// to its weight, within one slot; weight 0 gets none. Backends take turns in proportion
+/// to their weights (a turn each when the weights are equal, which is plain Maglev), each
+/// taking the next free slot of its own permutation, until it holds its quota. Empty when
+/// no backend has a weight.
+pub fn build_weighted(backends: &[(SocketAddrV4, u32)], size: u32) -> Vec<u32> {
     let n = backends.len();
     if n == 0 {
         return Vec::new();
@@ -55,11 +88,17 @@ pub fn build_table(backends: &[SocketAddrV4], size: u32) -> Vec<u32> {
     let m = size as u64;
     // Canonical order: sorted by address and port.
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (backends[i].ip().octets(), backends[i].port()));
+    order.sort_by_key(|&i| (backends[i].0.ip().octets(), backends[i].0.port()));
+    let weights: Vec<u32> = order.iter().map(|&i| backends[i].1).collect();
+    let quota = quotas(&weights, size);
+    if quota.iter().all(|&q| q == 0) {
+        return Vec::new();
+    }
+    let max_weight = weights.iter().copied().max().unwrap_or(1) as u64;
     let perms: Vec<(u64, u64)> = order
         .iter()
         .map(|&i| {
-            let b = backends[i];
+            let b = backends[i].0;
             let mut key = [0u8; 6];
             key[..4].copy_from_slice(&b.ip().octets());
             key[4..].copy_from_slice(&b.port().to_be_bytes());
@@ -69,20 +108,27 @@ pub fn build_table(backends: &[SocketAddrV4], size: u32) -> Vec<u32> {
         })
         .collect();
     let mut next = vec![0u64; n];
+    let mut credit = vec![0u64; n];
+    let mut held = vec![0u64; n];
     let mut table = vec![u32::MAX; size as usize];
     let mut filled = 0usize;
     'fill: loop {
         for (rank, &(offset, skip)) in perms.iter().enumerate() {
-            let mut slot = (offset + next[rank] * skip) % m;
-            while table[slot as usize] != u32::MAX {
+            credit[rank] += weights[rank] as u64;
+            while credit[rank] >= max_weight && held[rank] < quota[rank] {
+                credit[rank] -= max_weight;
+                let mut slot = (offset + next[rank] * skip) % m;
+                while table[slot as usize] != u32::MAX {
+                    next[rank] += 1;
+                    slot = (offset + next[rank] * skip) % m;
+                }
+                table[slot as usize] = order[rank] as u32;
                 next[rank] += 1;
-                slot = (offset + next[rank] * skip) % m;
-            }
-            table[slot as usize] = order[rank] as u32;
-            next[rank] += 1;
-            filled += 1;
-            if filled == size as usize {
-                break 'fill;
+                held[rank] += 1;
+                filled += 1;
+                if filled == size as usize {
+                    break 'fill;
+                }
             }
         }
     }
@@ -192,6 +238,69 @@ mod tests {
                 "n={n}: moved {moved} other slots"
             );
         }
+    }
+
+    #[test]
+    fn weighted_shares_are_within_one_slot_of_the_weights() {
+        let cases: [&[u32]; 6] = [
+            &[1, 2],
+            &[1, 1, 2, 4],
+            &[3, 0, 5],
+            &[256, 1, 1, 1, 7],
+            &[10, 20, 30, 40, 50, 60, 70],
+            &[0, 0, 1],
+        ];
+        for weights in cases {
+            let b = backends(weights.len());
+            let weighted: Vec<_> = b.iter().copied().zip(weights.iter().copied()).collect();
+            for size in [251, 1021, 65537] {
+                let table = build_weighted(&weighted, size);
+                assert!(!table.contains(&u32::MAX));
+                let total: u32 = weights.iter().sum();
+                for (i, c) in shares(&table, b.len()).into_iter().enumerate() {
+                    let exact = size as f64 * weights[i] as f64 / total as f64;
+                    assert!(
+                        (c as f64 - exact).abs() < 1.0,
+                        "{weights:?} size {size}: backend {i} has {c} slots, exact share {exact:.2}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn equal_weights_are_plain_maglev() {
+        let b = backends(9);
+        let plain = build_table(&b, 1021);
+        let weighted: Vec<_> = b.iter().map(|&a| (a, 5)).collect();
+        assert_eq!(build_weighted(&weighted, 1021), plain);
+    }
+
+    #[test]
+    fn no_weight_at_all_is_an_empty_table() {
+        let b = backends(3);
+        let weighted: Vec<_> = b.iter().map(|&a| (a, 0)).collect();
+        assert!(build_weighted(&weighted, 251).is_empty());
+    }
+
+    #[test]
+    fn a_weight_change_moves_only_a_few_other_slots() {
+        // One backend of ten going from weight 1 to 2 takes about 1/11 of the table; the
+        // others should mostly lose slots to it, not to each other.
+        let b = backends(10);
+        let before: Vec<_> = b.iter().map(|&a| (a, 2)).collect();
+        let mut after = before.clone();
+        after[3].1 = 4;
+        let (t1, t2) = (build_weighted(&before, 1021), build_weighted(&after, 1021));
+        let among_others = t1
+            .iter()
+            .zip(&t2)
+            .filter(|&(&x, &y)| x != y && y != 3)
+            .count();
+        assert!(
+            among_others <= 1021 / 10,
+            "{among_others} slots moved among the others"
+        );
     }
 
     #[test]

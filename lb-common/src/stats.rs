@@ -23,8 +23,8 @@ pub enum DropReason {
     NoBackend = 2,
     /// `bpf_fib_lookup` found no usable route to the backend or client.
     NoRoute = 3,
-    /// The next hop's MAC address is not known yet (the daemon keeps backends' next hops
-    /// resolved; a client's is learnt from its own ARP).
+    /// The next hop's MAC address is not known yet, and the frame could not be handed to
+    /// the kernel to resolve it (a driver without XDP metadata).
     NoNeighbor = 4,
     /// The packet is larger than the egress MTU.
     FragNeeded = 5,

@@ -8,11 +8,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    config::{Config, FIB_CACHE_TTL_S, FibKey, IFACE_TX_BY_REDIRECT, NextHop},
+    config::{Config, FIB_CACHE_TTL_S, FibKey, HOP_VIA_KERNEL, IFACE_TX_BY_REDIRECT, NextHop},
     stats::DropReason,
 };
 
-use crate::{maps, parse::Packet};
+use crate::{kernel_hop, maps, parse::Packet};
 
 const AF_INET: u8 = 2;
 
@@ -90,7 +90,9 @@ pub fn lookup(
     }
     let hop = fib(ctx, pkt, src, dst, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
     // A full cache only costs speed, never correctness.
-    let _ = maps::fib_cache.insert(&key, &hop, 0);
+    if hop.flags & HOP_VIA_KERNEL == 0 {
+        let _ = maps::fib_cache.insert(&key, &hop, 0);
+    }
     Ok(hop)
 }
 
@@ -128,37 +130,41 @@ fn fib(
             0,
         )
     } as u32;
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            // No address on the egress interface: a new flow there is dropped.
-            // SAFETY: the program never inserts into or removes from `iface_addrs`, and its
-            // elements are preallocated: the value stays valid for the run.
-            let (src_addr, snat_count, flags) = match unsafe { maps::iface_addrs.get(&p.ifindex) } {
-                Some(a) if a.count > 0 => (a.addrs[0], a.count, a.flags),
-                Some(a) => ([0; 4], 0, a.flags),
-                None => ([0; 4], 0, 0),
-            };
-            Ok(NextHop {
-                ifindex: p.ifindex,
-                max_len: pkt.ip_len,
-                smac: p.smac,
-                dmac: p.dmac,
-                src_addr,
-                snat_count,
-                flags,
-                expires,
-            })
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbor),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::FragNeeded),
-        _ => Err(DropReason::NoRoute),
-    }
+    // A route without the next hop's MAC (the FIB still names the egress interface): the
+    // kernel sends the frame and resolves the neighbour, and the hop is asked for again.
+    let (flags, expires) = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => (0, expires),
+        BPF_FIB_LKUP_RET_NO_NEIGH => (HOP_VIA_KERNEL, 0),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::FragNeeded),
+        _ => return Err(DropReason::NoRoute),
+    };
+    // No address on the egress interface: a new flow there is dropped.
+    // SAFETY: the program never inserts into or removes from `iface_addrs`, and its
+    // elements are preallocated: the value stays valid for the run.
+    let (src_addr, snat_count, iface_flags) = match unsafe { maps::iface_addrs.get(&p.ifindex) } {
+        Some(a) if a.count > 0 => (a.addrs[0], a.count, a.flags),
+        Some(a) => ([0; 4], 0, a.flags),
+        None => ([0; 4], 0, 0),
+    };
+    Ok(NextHop {
+        ifindex: p.ifindex,
+        max_len: pkt.ip_len,
+        smac: p.smac,
+        dmac: p.dmac,
+        src_addr,
+        snat_count,
+        flags: iface_flags | flags,
+        expires,
+    })
 }
 
 /// Puts the next hop's MACs on the frame and sends it: back out of the same interface
 /// with `XDP_TX`, or to another one with `XDP_REDIRECT`.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> u32 {
+    if hop.flags & HOP_VIA_KERNEL != 0 {
+        return kernel_hop::send_via_kernel(ctx, hop.ifindex);
+    }
     put_macs(pkt.eth(), hop);
     verdict(ctx, hop)
 }
@@ -166,6 +172,9 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> u32 {
 /// [`send`] for a frame lb rewrote whole (its earlier pointers no longer hold).
 #[inline(always)]
 pub fn send_rewritten(ctx: &XdpContext, hop: &NextHop) -> Result<u32, DropReason> {
+    if hop.flags & HOP_VIA_KERNEL != 0 {
+        return Ok(kernel_hop::send_via_kernel(ctx, hop.ifindex));
+    }
     let eth: *mut [u8; 14] = crate::parse::ptr_at(ctx, 0)?;
     put_macs(eth as *mut u8, hop);
     Ok(verdict(ctx, hop))

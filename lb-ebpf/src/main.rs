@@ -15,6 +15,7 @@ mod emit;
 mod flood;
 mod flows;
 mod forward;
+mod kernel_hop;
 mod maps;
 mod nat;
 mod next;
@@ -28,7 +29,11 @@ mod tcpopt;
 mod track;
 mod vips;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{
     config::Config,
     flow::{
@@ -50,6 +55,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             xdp_action::XDP_DROP
         }
     }
+}
+
+/// tc ingress beside `lb_xdp`: sends the frames XDP handed up for want of a next hop's MAC
+/// (see `kernel_hop`).
+#[classifier]
+pub fn lb_kernel_hop(ctx: TcContext) -> i32 {
+    kernel_hop::from_xdp(&ctx)
 }
 
 /// Does nothing but pass: the floor that benchmarks subtract.

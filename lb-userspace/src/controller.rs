@@ -47,6 +47,13 @@ impl From<Counters> for CounterView {
 #[derive(Debug, Serialize)]
 pub struct BackendView {
     pub address: String,
+    /// Its share of the Maglev table, relative to the others'.
+    pub weight: u32,
+    /// "active", or "draining" (no new flows).
+    pub state: crate::backend_entry::AdminState,
+    /// Flows tracked to it (layer-4 services), as of the last sweep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u32>,
     #[serde(flatten)]
     pub counters: CounterView,
     /// "up" or "down", from this node's health checks.
@@ -802,13 +809,18 @@ impl Controller {
                     .and_then(|h| h.get(addr))
                     .cloned()
                     .unwrap_or_else(BackendHealth::up_now);
+                let options = service.options(addr);
+                let snat_ports = ports.iter().find(|(a, _)| a == addr).map(|(_, p)| *p);
                 BackendView {
                     address: addr.to_string(),
+                    weight: options.weight,
+                    state: options.state,
+                    flows: snat_ports.map(|p| p.in_use),
                     counters: c.into(),
                     health: if h.up { "up" } else { "down" },
                     since: humantime::format_rfc3339_millis(h.since).to_string(),
                     reason: h.reason,
-                    snat_ports: ports.iter().find(|(a, _)| a == addr).map(|(_, p)| *p),
+                    snat_ports,
                 }
             })
             .collect();

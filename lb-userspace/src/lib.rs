@@ -6,6 +6,7 @@ pub mod api;
 pub mod api_auth;
 pub mod api_certs;
 pub mod api_listen;
+pub mod backend_entry;
 pub mod consul_http;
 pub mod controller;
 pub mod daemon;

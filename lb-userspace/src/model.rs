@@ -2,12 +2,15 @@
 //! it comes from [`ServiceSpec::validate`] (the API's strings, parsed, defaults filled in)
 //! or from typed values passed through [`Service::checked`] (a stored document); both end in
 //! the same checks.
-use std::{collections::HashSet, net::SocketAddrV4};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddrV4,
+};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, maglev};
 use serde::{Deserialize, Serialize};
 
-use crate::l7::DomainPattern;
+use crate::{backend_entry::BackendOptions, l7::DomainPattern};
 
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_BACKENDS: usize = 4096;
@@ -60,7 +63,8 @@ impl Protocol {
 pub struct ServiceSpec {
     pub vip: Option<String>,
     pub protocol: Option<String>,
-    pub backends: Option<Vec<String>>,
+    /// Each `"ip:port"` or `{"address", "weight", "state"}` (see `backend_entry`).
+    pub backends: Option<Vec<serde_json::Value>>,
     /// Maglev table size; a prime. Default: grows with the backend count.
     pub table_size: Option<u32>,
     /// Where the backends come from, instead of `backends`.
@@ -1265,27 +1269,52 @@ impl Discovery {
 
 /// A validated service: layer 4 (a VIP balanced by XDP) or HTTP (a route on the `--http`
 /// listener).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
     /// None for an HTTP service.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub vip: Option<SocketAddrV4>,
     pub protocol: Protocol,
     /// With `discovery`: the instances found now.
     pub backends: Vec<SocketAddrV4>,
+    /// Weights and states that are not the default (weight 1, active), by backend.
+    pub backend_options: BTreeMap<SocketAddrV4, BackendOptions>,
     /// The Maglev table size of a layer-4 service (0 for HTTP).
-    #[serde(skip_serializing_if = "is_zero")]
     pub table_size: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpRoute>,
     pub check: Check,
 }
 
-fn is_zero(v: &u32) -> bool {
-    *v == 0
+/// As the API shows it and takes it back: `backends` items carry their options
+/// (`backend_entry::to_value`), and fields that do not apply are left out.
+impl Serialize for Service {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("name", &self.name)?;
+        if let Some(vip) = &self.vip {
+            m.serialize_entry("vip", vip)?;
+        }
+        m.serialize_entry("protocol", &self.protocol)?;
+        let backends: Vec<serde_json::Value> = self
+            .backends
+            .iter()
+            .map(|&a| crate::backend_entry::to_value(a, &self.options(&a)))
+            .collect();
+        m.serialize_entry("backends", &backends)?;
+        if self.table_size != 0 {
+            m.serialize_entry("table_size", &self.table_size)?;
+        }
+        if let Some(d) = &self.discovery {
+            m.serialize_entry("discovery", d)?;
+        }
+        if let Some(h) = &self.http {
+            m.serialize_entry("http", h)?;
+        }
+        m.serialize_entry("check", &self.check)?;
+        m.end()
+    }
 }
 
 impl Service {
@@ -1294,6 +1323,11 @@ impl Service {
         self.check
             .port
             .filter(|_| self.check.kind != CheckKind::None)
+    }
+
+    /// Backend `addr`'s weight and state.
+    pub fn options(&self, addr: &SocketAddrV4) -> BackendOptions {
+        self.backend_options.get(addr).copied().unwrap_or_default()
     }
 
     /// The VIP of a layer-4 service (validation guarantees one).
@@ -1366,6 +1400,27 @@ impl Service {
                     format!("{addr} is listed twice"),
                 ));
             }
+        }
+        if let Some(addr) = self
+            .backend_options
+            .keys()
+            .find(|a| !self.backends.contains(a))
+        {
+            return Err(ValidationError::new(
+                "backends",
+                format!("options for {addr}, which is not a backend"),
+            ));
+        }
+        if (http.is_some() || discovery.is_some())
+            && let Some(i) = self
+                .backends
+                .iter()
+                .position(|a| self.backend_options.contains_key(a))
+        {
+            return Err(ValidationError::new(
+                format!("backends[{i}]"),
+                "weight and state apply to listed backends of layer-4 services only",
+            ));
         }
         let m = self.table_size;
         if http.is_some() && m != 0 {
@@ -1510,10 +1565,11 @@ impl ServiceSpec {
                 ));
             }
             // Filled in below, from what the source lists.
-            Vec::new()
+            (Vec::new(), BTreeMap::new())
         } else {
             self.listed_backends()?
         };
+        let (backends, backend_options) = backends;
         let check = check.unwrap_or_else(|| Check::default_for(protocol));
         let table_size = if http.is_some() || discovery.is_some() {
             0
@@ -1526,6 +1582,7 @@ impl ServiceSpec {
             vip,
             protocol,
             backends,
+            backend_options,
             table_size,
             discovery,
             http,
@@ -1538,8 +1595,12 @@ impl ServiceSpec {
         .checked()
     }
 
-    /// The `backends` list given, parsed (the list itself is checked with the service).
-    fn listed_backends(&self) -> Result<Vec<SocketAddrV4>, ValidationError> {
+    /// The `backends` list given, parsed, with the options of those given as objects (the
+    /// list itself is checked with the service).
+    #[allow(clippy::type_complexity)]
+    fn listed_backends(
+        &self,
+    ) -> Result<(Vec<SocketAddrV4>, BTreeMap<SocketAddrV4, BackendOptions>), ValidationError> {
         let raw = self
             .backends
             .as_deref()
@@ -1550,10 +1611,16 @@ impl ServiceSpec {
                 format!("at most {MAX_BACKENDS} backends"),
             ));
         }
-        raw.iter()
-            .enumerate()
-            .map(|(i, b)| parse_addr(&format!("backends[{i}]"), b))
-            .collect()
+        let mut backends = Vec::with_capacity(raw.len());
+        let mut options = BTreeMap::new();
+        for (i, item) in raw.iter().enumerate() {
+            let (addr, o) = crate::backend_entry::parse(i, item, parse_addr)?;
+            backends.push(addr);
+            if !o.is_default() {
+                options.insert(addr, o);
+            }
+        }
+        Ok((backends, options))
     }
 }
 
@@ -1599,12 +1666,7 @@ mod tests {
         ServiceSpec {
             vip: Some(vip.into()),
             protocol: Some(proto.into()),
-            backends: Some(
-                backends
-                    .iter()
-                    .map(std::string::ToString::to_string)
-                    .collect(),
-            ),
+            backends: Some(backends.iter().map(|&b| b.into()).collect()),
             ..ServiceSpec::default()
         }
     }
@@ -1918,5 +1980,50 @@ mod tests {
         let mut s = discovered("etcd", &[]);
         s.backends = Some(vec!["10.0.1.1:1".into()]);
         assert_eq!(field_of(s.validate("a")), "backends");
+    }
+
+    #[test]
+    fn weighted_and_draining_backends_are_kept_and_shown_as_given() {
+        let mut s = spec("10.0.0.1:80", "tcp", &["10.0.1.1:80"]);
+        s.backends.as_mut().unwrap().extend([
+            serde_json::json!({"address": "10.0.1.2:80", "weight": 3}),
+            serde_json::json!({"address": "10.0.1.3:80", "weight": 2, "state": "draining"}),
+        ]);
+        let svc = s.validate("web").unwrap();
+        assert_eq!(svc.options(&"10.0.1.1:80".parse().unwrap()).weight, 1);
+        assert_eq!(svc.options(&"10.0.1.2:80".parse().unwrap()).weight, 3);
+        assert_eq!(
+            svc.options(&"10.0.1.3:80".parse().unwrap()).table_weight(),
+            0
+        );
+        let shown = serde_json::to_value(&svc).unwrap();
+        assert_eq!(
+            shown["backends"],
+            serde_json::json!([
+                "10.0.1.1:80",
+                {"address": "10.0.1.2:80", "weight": 3},
+                {"address": "10.0.1.3:80", "weight": 2, "state": "draining"},
+            ])
+        );
+        // What GET shows, PUT takes back unchanged.
+        let mut shown = shown;
+        shown.as_object_mut().unwrap().remove("name");
+        let again: ServiceSpec = serde_json::from_value(shown).unwrap();
+        assert_eq!(again.validate("web").unwrap(), svc);
+    }
+
+    #[test]
+    fn weights_apply_to_layer4_services_only() {
+        let mut s = spec("10.0.0.1:80", "tcp", &[]);
+        s.vip = None;
+        s.backends = Some(vec![
+            serde_json::json!({"address": "10.0.1.2:80", "weight": 3}),
+        ]);
+        s.http = Some(HttpSpec {
+            paths: Some(vec!["/demo".into()]),
+            ..HttpSpec::default()
+        });
+        let e = s.validate("web").unwrap_err();
+        assert_eq!(e.field, "backends[0]", "{e}");
     }
 }

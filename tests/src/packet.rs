@@ -185,12 +185,7 @@ impl PacketLab {
         let spec = ServiceSpec {
             vip: Some(vip.into()),
             protocol: Some(protocol.into()),
-            backends: Some(
-                backends
-                    .iter()
-                    .map(std::string::ToString::to_string)
-                    .collect(),
-            ),
+            backends: Some(backends.iter().map(|&b| b.into()).collect()),
             table_size: None,
             ..Default::default()
         };

@@ -258,3 +258,179 @@ fn deleted_service_is_no_longer_forwarded() {
     );
     assert_eq!(lb.request("GET", "/v1/services/dns", None).unwrap().0, 404);
 }
+
+/// A fresh node has never spoken to the client, so no neighbour entry holds its next
+/// hop's MAC: the replies toward it must still leave from the first one (handed to the
+/// kernel, which resolves the neighbour). The client knows lb's MAC statically, so it
+/// never ARPs lb (which would teach lb its MAC); lb's entry for it is deleted.
+fn fresh_node_answers_a_client_it_has_no_neighbour_for(
+    topo: Topology,
+    client: &str,
+    gateway: &str,
+) {
+    let _backends = start_backends(&topo, 8080);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[0, 1, 2], 8080))
+        .unwrap();
+    let lb_mac = topo.lb.mac("eth0").unwrap();
+    let lb_mac: Vec<String> = lb_mac.iter().map(|b| format!("{b:02x}")).collect();
+    topo.client
+        .ip(&format!(
+            "neigh replace {gateway} lladdr {} dev eth0 nud permanent",
+            lb_mac.join(":")
+        ))
+        .unwrap();
+    let _ = topo.lb.ip(&format!("neigh del {client} dev eth0"));
+    assert_eq!(
+        topo.lb
+            .ip(&format!("neigh show to {client}"))
+            .unwrap()
+            .trim(),
+        "",
+        "lb still has a neighbour entry for the client"
+    );
+    let retransmits_before = topo.client.syn_retransmits();
+    for i in 0..20 {
+        http_get_once(&topo.client, topo.vip(80).into(), T)
+            .unwrap_or_else(|e| panic!("connection {i}: {e:#}\n{}", diagnose(&topo, &lb)));
+    }
+    assert_eq!(
+        topo.client.syn_retransmits(),
+        retransmits_before,
+        "a reply was lost: the client sent a SYN again\n{}",
+        diagnose(&topo, &lb)
+    );
+    let (_, stats) = lb.request("GET", "/v1/stats", None).unwrap();
+    assert_eq!(stats["drops"]["no_neighbor"], 0, "{stats}");
+    // The kernel resolved the client's next hop on the way: later replies go from XDP.
+    assert_ne!(
+        topo.lb
+            .ip(&format!("neigh show to {client}"))
+            .unwrap()
+            .trim(),
+        "",
+        "the kernel never resolved the client"
+    );
+}
+
+#[test]
+fn one_armed_fresh_node_answers_a_client_it_has_no_neighbour_for() {
+    fresh_node_answers_a_client_it_has_no_neighbour_for(
+        Topology::one_armed(3).unwrap(),
+        "10.201.0.10",
+        "10.201.0.1",
+    );
+}
+
+#[test]
+fn two_armed_fresh_node_answers_a_client_it_has_no_neighbour_for() {
+    fresh_node_answers_a_client_it_has_no_neighbour_for(
+        Topology::two_armed(3).unwrap(),
+        "10.202.1.10",
+        "10.202.1.1",
+    );
+}
+
+/// Weighted Maglev end to end: over 3,000 connections each backend's share is within 3
+/// points of its weight's share, and the API shows the weights and tracked flows.
+#[test]
+fn connections_follow_the_backends_weights() {
+    let topo = Topology::two_armed(3).unwrap();
+    let _backends = start_backends(&topo, 8080);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let weights = [1u32, 2, 3];
+    let backends: Vec<serde_json::Value> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| json!({"address": topo.backend(i, 8080).to_string(), "weight": w}))
+        .collect();
+    lb.put_service(
+        "web",
+        &json!({"vip": topo.vip(80).to_string(), "backends": backends}),
+    )
+    .unwrap();
+    let n = 3000;
+    let counts = spread(&topo, &lb, topo.vip(80).into(), n);
+    let total: u32 = weights.iter().sum();
+    for (i, w) in weights.iter().enumerate() {
+        let got = *counts.get(&format!("be{i}")).unwrap_or(&0) as f64 / n as f64;
+        let want = *w as f64 / total as f64;
+        assert!(
+            (got - want).abs() <= 0.03,
+            "be{i} (weight {w}) got {:.1}% of connections, its weight's share is {:.1}%: {counts:?}",
+            got * 100.0,
+            want * 100.0
+        );
+    }
+    let (_, view) = lb.request("GET", "/v1/services/web", None).unwrap();
+    assert_eq!(view["backends"][2]["weight"], 3, "{view}");
+    for (i, b) in view["backend_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(b["weight"], weights[i], "{view}");
+        assert_eq!(b["state"], "active", "{view}");
+    }
+}
+
+/// A draining backend (`"state": "draining"`, or weight 0) keeps its established
+/// connections, request after request, and gets no new one.
+#[test]
+fn a_draining_backend_keeps_its_connections_and_gets_no_new_one() {
+    let topo = Topology::one_armed(3).unwrap();
+    let _backends = start_backends(&topo, 8080);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    lb.put_service("web", &service(&topo, 80, "tcp", &[1], 8080))
+        .unwrap();
+    let mut conns: Vec<HttpConn> = (0..10)
+        .map(|_| HttpConn::connect(&topo.client, topo.vip(80).into(), T).unwrap())
+        .collect();
+    for c in &mut conns {
+        assert_eq!(c.get().unwrap(), "be1");
+    }
+    for drained in [
+        json!({"address": topo.backend(1, 8080).to_string(), "state": "draining"}),
+        json!({"address": topo.backend(1, 8080).to_string(), "weight": 0}),
+    ] {
+        let backends = json!([
+            topo.backend(0, 8080).to_string(),
+            drained,
+            topo.backend(2, 8080).to_string()
+        ]);
+        lb.put_service(
+            "web",
+            &json!({"vip": topo.vip(80).to_string(), "backends": backends}),
+        )
+        .unwrap();
+        let counts = spread(&topo, &lb, topo.vip(80).into(), 100);
+        assert!(
+            !counts.contains_key("be1"),
+            "a draining backend got new connections ({drained}): {counts:?}"
+        );
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        for (i, c) in conns.iter_mut().enumerate() {
+            let who = c
+                .get()
+                .unwrap_or_else(|e| panic!("connection {i} ({drained}): {e:#}"));
+            assert_eq!(who, "be1", "connection {i} left its draining backend");
+        }
+    }
+    let (_, view) = lb.request("GET", "/v1/services/web", None).unwrap();
+    let drained = &view["backend_counters"][1];
+    assert_eq!(drained["weight"], 0, "{view}");
+    // The sweep counts the ten connections within a second or so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, view) = lb.request("GET", "/v1/services/web", None).unwrap();
+        if view["backend_counters"][1]["flows"] == 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the draining backend's tracked flows: {view}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -36,7 +36,7 @@ fn ten_thousand_services_of_ten_backends_fit_in_a_few_hundred_mib() {
                 SocketAddrV4::new(Ipv4Addr::new(10, 99, (s >> 8) as u8, s as u8), 80).to_string(),
             ),
             protocol: Some("tcp".into()),
-            backends: Some((0..BACKENDS).map(backend).collect()),
+            backends: Some((0..BACKENDS).map(|i| backend(i).into()).collect()),
             table_size: None,
             ..Default::default()
         };

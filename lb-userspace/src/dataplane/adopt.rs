@@ -131,6 +131,7 @@ impl Dataplane {
             backends,
             table,
             full_table: Vec::new(),
+            weights: Default::default(),
         })
     }
 

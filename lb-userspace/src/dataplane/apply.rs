@@ -31,18 +31,34 @@ pub struct Installed {
     /// The table of all the backends, down or not (what `table` is made from on a health
     /// change); empty for a table adopted from an earlier daemon.
     pub full_table: Vec<u32>,
+    /// The table weights that are not 1 (0 for a draining backend).
+    pub weights: Weights,
 }
 
-/// The Maglev table of `backends`: backend id per slot (0 in every slot when there are none).
-pub fn full_table(backends: &[(SocketAddrV4, u32)], size: u32) -> Vec<u32> {
-    if backends.is_empty() {
+/// Backends' table weights where they are not 1.
+pub type Weights = std::collections::BTreeMap<SocketAddrV4, u32>;
+
+/// The table weights of `svc`'s backends, where not 1.
+pub fn weights_of(svc: &Service) -> Weights {
+    svc.backend_options
+        .iter()
+        .map(|(&a, o)| (a, o.table_weight()))
+        .filter(|&(_, w)| w != 1)
+        .collect()
+}
+
+/// The weighted Maglev table of `backends`: backend id per slot (0 in every slot when
+/// none has a weight).
+pub fn full_table(backends: &[(SocketAddrV4, u32)], weights: &Weights, size: u32) -> Vec<u32> {
+    let weighted: Vec<(SocketAddrV4, u32)> = backends
+        .iter()
+        .map(|&(a, _)| (a, weights.get(&a).copied().unwrap_or(1)))
+        .collect();
+    let table = maglev::build_weighted(&weighted, size);
+    if table.is_empty() {
         return vec![0; size as usize];
     }
-    let addrs: Vec<SocketAddrV4> = backends.iter().map(|&(a, _)| a).collect();
-    maglev::build_table(&addrs, size)
-        .into_iter()
-        .map(|i| backends[i as usize].1)
-        .collect()
+    table.into_iter().map(|i| backends[i as usize].1).collect()
 }
 
 /// `full` (the table of all `backends`) with those in `down` taken out: the slots of a down
@@ -54,6 +70,7 @@ pub fn full_table(backends: &[(SocketAddrV4, u32)], size: u32) -> Vec<u32> {
 pub fn table_for(
     full: &[u32],
     backends: &[(SocketAddrV4, u32)],
+    weights: &Weights,
     down: &HashSet<SocketAddrV4>,
     size: u32,
 ) -> Vec<u32> {
@@ -65,7 +82,7 @@ pub fn table_for(
         .copied()
         .partition(|(a, _)| down.contains(a));
     let fallen: HashSet<u32> = fallen.into_iter().map(|(_, id)| id).collect();
-    let sub = full_table(&healthy, size);
+    let sub = full_table(&healthy, weights, size);
     full.iter()
         .zip(sub)
         .map(|(&f, s)| if fallen.contains(&f) { s } else { f })
@@ -151,9 +168,11 @@ impl Dataplane {
         let Some(adopted) = self.claim_adopted(&key) else {
             return self.upsert_over(svc, key, None, down).map(|()| Vec::new());
         };
+        // A backend with no weight has no slot in any table: its absence says nothing.
         let missing: Vec<SocketAddrV4> = svc
             .backends
             .iter()
+            .filter(|b| svc.options(b).table_weight() > 0)
             .filter(|b| !adopted.backends.iter().any(|(a, _)| a == *b))
             .copied()
             .collect();
@@ -208,8 +227,9 @@ impl Dataplane {
             self.zero_counters(Some(id), None)?;
         }
         let backends = self.write_backends(svc, old, down)?;
-        let full = full_table(&backends, svc.table_size);
-        let table = table_for(&full, &backends, down, svc.table_size);
+        let weights = weights_of(svc);
+        let full = full_table(&backends, &weights, svc.table_size);
+        let table = table_for(&full, &backends, &weights, down, svc.table_size);
         let in_place = old
             .filter(|o| o.table_offset == region)
             .map(|o| &o.table[..]);
@@ -239,6 +259,7 @@ impl Dataplane {
                 backends,
                 table,
                 full_table: full,
+                weights,
             },
         );
         Ok(())
@@ -421,7 +442,13 @@ impl Dataplane {
         // Rising: usable before the table points at it. Falling: out of the table before
         // it turns inactive, so that re-balanced flows cannot pick it again.
         let rose = self.write_health(&inst.backends, down, true)?;
-        let table = table_for(&inst.full_table, &inst.backends, down, inst.table_size);
+        let table = table_for(
+            &inst.full_table,
+            &inst.backends,
+            &inst.weights,
+            down,
+            inst.table_size,
+        );
         let moved = table != inst.table;
         self.write_table(inst.table_offset, &table, Some(&inst.table));
         let fell = self.write_health(&inst.backends, down, false)?;
@@ -469,9 +496,10 @@ mod tests {
             .map(|i| (SocketAddrV4::new([10, 0, 0, i as u8].into(), 80), i))
             .collect();
         let size = 509;
-        let full = full_table(&backends, size);
+        let none = Weights::new();
+        let full = full_table(&backends, &none, size);
         let fallen = backends[2].0;
-        let without = table_for(&full, &backends, &HashSet::from([fallen]), size);
+        let without = table_for(&full, &backends, &none, &HashSet::from([fallen]), size);
         assert!(!without.contains(&3), "the fallen backend has no slot");
         for (slot, (&before, &after)) in full.iter().zip(&without).enumerate() {
             if before != 3 {
@@ -489,10 +517,10 @@ mod tests {
         // Nobody healthy: no backend in any slot.
         let all: HashSet<SocketAddrV4> = backends.iter().map(|b| b.0).collect();
         assert!(
-            table_for(&full, &backends, &all, size)
+            table_for(&full, &backends, &none, &all, size)
                 .iter()
                 .all(|&id| id == 0)
         );
-        assert!(full_table(&[], size).iter().all(|&id| id == 0));
+        assert!(full_table(&[], &none, size).iter().all(|&id| id == 0));
     }
 }

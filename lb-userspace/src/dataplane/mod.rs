@@ -23,8 +23,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
-        ProgramError, Xdp, XdpMode,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
@@ -51,6 +52,9 @@ pub const PASS_PROGRAM: &str = "lb_pass";
 pub const TX_PROGRAM: &str = "lb_tx";
 /// The sweep the daemon runs once a second (see `sweep`).
 pub const SWEEP_PROGRAM: &str = "lb_sweep";
+/// tc ingress beside the XDP program: sends the frames XDP hands up for want of a next
+/// hop's MAC through the kernel's neighbour layer.
+pub const KERNEL_HOP_PROGRAM: &str = "lb_kernel_hop";
 
 /// Every map, by the name it has in the object and under the pin directory.
 pub use names::ALL as MAPS;
@@ -72,9 +76,9 @@ pub enum DataplaneError {
     NotBpffs(PathBuf),
     #[error("{0} is in use by another lb (choose another --bpffs)")]
     InUse(PathBuf),
-    #[error("attaching XDP to {iface}: {source}")]
+    #[error("attaching lb's programs to {iface}: {source}")]
     Attach { iface: String, source: ProgramError },
-    #[error("the XDP link on {iface}: {source}")]
+    #[error("a link on {iface}: {source}")]
     Link { iface: String, source: LinkError },
     #[error("no interface named {0}")]
     NoInterface(String),
@@ -362,6 +366,11 @@ impl Dataplane {
                 .try_into()?;
             prog.load()?;
         }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(KERNEL_HOP_PROGRAM)
+            .ok_or(DataplaneError::Missing(KERNEL_HOP_PROGRAM))?
+            .try_into()?;
+        prog.load()?;
         let mut dataplane = Self {
             services: take(&mut ebpf, names::SERVICES)?,
             vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
@@ -534,11 +543,12 @@ impl Dataplane {
 
     /// Attaches the program to `iface` (native XDP where the driver has it) through a
     /// pinned link. When an earlier daemon's link is pinned for it, the program is swapped
-    /// in through that link instead: atomically, so no packet goes unhandled.
+    /// in through that link instead: atomically, so no packet goes unhandled. The tc
+    /// ingress program that sends what XDP hands up for want of a neighbour
+    /// ([`KERNEL_HOP_PROGRAM`]) is attached beside it the same way.
     pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
         let ifindex = nix::net::if_::if_nametoindex(iface)
             .map_err(|_| DataplaneError::NoInterface(iface.to_string()))?;
-        let pin = pins::link_pin(&self.pin_dir, ifindex);
         let link_err = |source| DataplaneError::Link {
             iface: iface.to_string(),
             source,
@@ -547,28 +557,56 @@ impl Dataplane {
             iface: iface.to_string(),
             source,
         };
+        let pin_err = |path: &Path, e: aya::pin::PinError| DataplaneError::Pin {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        };
+
+        let pin = pins::link_pin(&self.pin_dir, ifindex);
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(PROGRAM)
             .ok_or(DataplaneError::Missing(PROGRAM))?
             .try_into()?;
-        if let Some(link) = pins::open_link(&pin, ifindex) {
+        if let Some(link) = pins::open_link(&pin, pins::LinkKind::Xdp, ifindex) {
             let link = XdpLink::try_from(link).map_err(link_err)?;
             let id = prog.attach_to_link(link).map_err(attach_err)?;
             let link = FdLink::try_from(prog.take_link(id)?).map_err(link_err)?;
             tracing::info!(iface, "replaced the program on the pinned XDP link");
             self.links.push((ifindex, link));
-            return Ok(());
+        } else {
+            // A pin for a device that is gone (the index was reused) holds a dead link.
+            let _ = std::fs::remove_file(&pin);
+            let id = prog.attach(iface, XdpMode::Default).map_err(attach_err)?;
+            let link = FdLink::try_from(prog.take_link(id)?).map_err(link_err)?;
+            let pinned = link.pin(&pin).map_err(|e| pin_err(&pin, e))?;
+            self.links.push((ifindex, pinned.into()));
         }
-        // A pin for a device that is gone (the index was reused) holds a dead link.
-        let _ = std::fs::remove_file(&pin);
-        let id = prog.attach(iface, XdpMode::Default).map_err(attach_err)?;
-        let link = FdLink::try_from(prog.take_link(id)?).map_err(link_err)?;
-        let pinned = link.pin(&pin).map_err(|e| DataplaneError::Pin {
-            path: pin.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        self.links.push((ifindex, pinned.into()));
+
+        let pin = pins::tc_link_pin(&self.pin_dir, ifindex);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(KERNEL_HOP_PROGRAM)
+            .ok_or(DataplaneError::Missing(KERNEL_HOP_PROGRAM))?
+            .try_into()?;
+        if let Some(link) = pins::open_link(&pin, pins::LinkKind::Tcx, ifindex) {
+            let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
+            let id = prog.attach_to_link(link).map_err(attach_err)?;
+            let link = FdLink::try_from(prog.take_link(id)?).map_err(link_err)?;
+            self.links.push((ifindex, link));
+        } else {
+            let _ = std::fs::remove_file(&pin);
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(attach_err)?;
+            let link = FdLink::try_from(prog.take_link(id)?).map_err(link_err)?;
+            let pinned = link.pin(&pin).map_err(|e| pin_err(&pin, e))?;
+            self.links.push((ifindex, pinned.into()));
+        }
         Ok(())
     }
 

@@ -20,7 +20,12 @@ pub fn link_pin(dir: &Path, ifindex: u32) -> PathBuf {
     dir.join(format!("xdp_link_if{ifindex}"))
 }
 
-/// Every link pin under `dir`, with its interface index.
+/// The pin of the tc ingress link beside it (see `lb_kernel_hop` in the XDP program).
+pub fn tc_link_pin(dir: &Path, ifindex: u32) -> PathBuf {
+    dir.join(format!("tc_link_if{ifindex}"))
+}
+
+/// Every link pin under `dir` (XDP and tc), with its interface index.
 pub fn link_pins(dir: &Path) -> Vec<(u32, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -29,7 +34,11 @@ pub fn link_pins(dir: &Path) -> Vec<(u32, PathBuf)> {
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let ifindex = name.strip_prefix("xdp_link_if")?.parse().ok()?;
+            let ifindex = ["xdp_link_if", "tc_link_if"]
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))?
+                .parse()
+                .ok()?;
             Some((ifindex, e.path()))
         })
         .collect()
@@ -152,12 +161,20 @@ fn check(dir: &Path, limits: &Limits) -> Result<(), PinError> {
     Ok(())
 }
 
-/// The interface index the XDP link pinned at `pin` is attached to (from
-/// `bpf_link_info.xdp.ifindex`, which aya does not expose), or `None` when it is not an
-/// XDP link or its device is gone.
-fn pinned_link_ifindex(pin: &Path) -> Option<u32> {
+/// The kinds of link lb pins, as `bpf_link_info.type` numbers them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum LinkKind {
+    Xdp = 6,
+    Tcx = 11,
+}
+
+/// The interface index the link of `kind` pinned at `pin` is attached to (from
+/// `bpf_link_info.xdp.ifindex` or `.tcx.ifindex`, which aya does not expose), or `None`
+/// when it is another kind of link or its device is gone.
+fn pinned_link_ifindex(pin: &Path, kind: LinkKind) -> Option<u32> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then a union aligned to 8 whose
-    // xdp member starts with ifindex.
+    // xdp and tcx members both start with ifindex.
     #[allow(dead_code)]
     #[repr(C, align(8))]
     struct LinkInfo {
@@ -182,7 +199,6 @@ fn pinned_link_ifindex(pin: &Path) -> Option<u32> {
     }
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_TYPE_XDP: u32 = 6;
     let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
     let mut get = ObjGet {
         pathname: path.as_ptr() as u64,
@@ -221,12 +237,12 @@ fn pinned_link_ifindex(pin: &Path) -> Option<u32> {
             std::mem::size_of::<InfoByFd>(),
         )
     };
-    (rc == 0 && info.kind == BPF_LINK_TYPE_XDP && info.ifindex != 0).then_some(info.ifindex)
+    (rc == 0 && info.kind == kind as u32 && info.ifindex != 0).then_some(info.ifindex)
 }
 
-/// Opens the link pinned at `pin` if it is an XDP link still attached to `ifindex`.
-pub fn open_link(pin: &Path, ifindex: u32) -> Option<FdLink> {
-    if pinned_link_ifindex(pin) != Some(ifindex) {
+/// Opens the link pinned at `pin` if it is a link of `kind` still attached to `ifindex`.
+pub fn open_link(pin: &Path, kind: LinkKind, ifindex: u32) -> Option<FdLink> {
+    if pinned_link_ifindex(pin, kind) != Some(ifindex) {
         return None;
     }
     Some(PinnedLink::from_pin(pin).ok()?.into())

@@ -144,7 +144,12 @@ fn spec_of(
     }
     match (list(params, "backends"), params.get("discovery")) {
         (backends, None) if !backends.is_empty() => {
-            spec.backends = Some(with_ports(backends, port)?);
+            spec.backends = Some(
+                with_ports(backends, port)?
+                    .into_iter()
+                    .map(serde_json::Value::String)
+                    .collect(),
+            );
         }
         (backends, Some(kind)) if backends.is_empty() => {
             spec.discovery = Some(DiscoverySpec {

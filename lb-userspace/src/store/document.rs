@@ -2,11 +2,14 @@
 //! field names are the API's, written out here rather than derived from Rust names. A
 //! restore reads it straight into a [`Service`] (through the same checks as the API's),
 //! not back through the API's spec.
-use std::net::SocketAddrV4;
+use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Check, Discovery, HttpRoute, Protocol, Service, ValidationError};
+use crate::{
+    backend_entry::BackendOptions,
+    model::{Check, Discovery, HttpRoute, Protocol, Service, ValidationError},
+};
 
 pub const SCHEMA: u32 = 1;
 
@@ -23,6 +26,13 @@ pub struct StoredService {
     /// Empty when `discovery` names where they come from: each node follows the source.
     #[serde(rename = "backends")]
     pub backends: Vec<SocketAddrV4>,
+    /// Weights and states of the backends that are not the default (weight 1, active).
+    #[serde(
+        rename = "backend_options",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub backend_options: BTreeMap<SocketAddrV4, BackendOptions>,
     /// 0 for an HTTP service, and for one whose table follows its discovered instances.
     #[serde(rename = "table_size", default)]
     pub table_size: u32,
@@ -58,6 +68,7 @@ impl StoredService {
             } else {
                 svc.backends.clone()
             },
+            backend_options: svc.backend_options.clone(),
             table_size: if discovered { 0 } else { svc.table_size },
             discovery: svc.discovery.clone(),
             http: svc.http.clone(),
@@ -90,6 +101,7 @@ impl StoredService {
             vip: self.vip,
             protocol: self.protocol,
             backends: self.backends,
+            backend_options: self.backend_options,
             table_size: self.table_size,
             discovery: self.discovery,
             http: self.http,
@@ -195,5 +207,30 @@ mod tests {
         assert!(e.to_string().starts_with("vip:"), "{e}");
         let e = parse(r#"{"schema": 1, "vip": "10.0.0.1:80", "protocol": "tcp", "backends": ["10.0.1.1:80"], "table_size": 251, "check": {"kind": "http", "interval_ms": 1000, "timeout_ms": 500, "rise": 2, "fall": 3}}"#).unwrap_err();
         assert!(e.to_string().starts_with("check.path:"), "{e}");
+    }
+
+    #[test]
+    fn weights_and_states_are_stored_and_restored() {
+        let spec: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "vip": "10.0.0.100:80",
+            "backends": ["10.0.1.1:80", {"address": "10.0.1.2:80", "weight": 4, "state": "draining"}],
+        }))
+        .unwrap();
+        let svc = spec.validate("web").unwrap();
+        let bytes = StoredService::of(&svc).to_bytes();
+        let doc = StoredService::parse(&bytes).unwrap();
+        assert_eq!(doc.backend_options.len(), 1);
+        assert_eq!(doc.into_service("web", None).unwrap(), svc);
+        // A service without options stores none (what older lbs read).
+        let plain: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "vip": "10.0.0.100:80", "backends": ["10.0.1.1:80"],
+        }))
+        .unwrap();
+        let bytes = StoredService::of(&plain.validate("web").unwrap()).to_bytes();
+        assert!(
+            !String::from_utf8(bytes)
+                .unwrap()
+                .contains("backend_options")
+        );
     }
 }

@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
             let spec = ServiceSpec {
                 vip: Some("10.70.0.100:80".into()),
                 protocol: Some("udp".into()),
-                backends: Some(vec![format!("10.{}.{}.{}:53", 103, 200, i % 250)]),
+                backends: Some(vec![format!("10.{}.{}.{}:53", 103, 200, i % 250).into()]),
                 table_size: None,
             ..Default::default()
             };
