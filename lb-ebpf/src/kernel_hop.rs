@@ -40,7 +40,12 @@ pub fn send_via_kernel(ctx: &XdpContext, ifindex: u32) -> u32 {
         return crate::next::drop(DropReason::NoNeighbor);
     }
     // SAFETY: checked above against the start of the frame, which bounds the metadata.
-    unsafe { (meta as *mut Meta).write_unaligned(Meta { magic: MAGIC, ifindex }) };
+    unsafe {
+        (meta as *mut Meta).write_unaligned(Meta {
+            magic: MAGIC,
+            ifindex,
+        });
+    }
     xdp_action::XDP_PASS
 }
 
@@ -52,12 +57,12 @@ pub fn from_xdp(ctx: &TcContext) -> i32 {
     // SAFETY: the context's fields, which the kernel fills for every tc program.
     let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
     if meta + META_LEN > data {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: checked above against the start of the frame, which bounds the metadata.
     let m = unsafe { (meta as *const Meta).read_unaligned() };
     if m.magic != MAGIC {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: a BPF helper call with an interface index and no parameter block: the kernel
     // routes the frame by its own header and resolves the next hop itself.
