@@ -335,7 +335,15 @@ impl Dataplane {
     fn unpin_all(pin_dir: &Path) -> usize {
         let mut removed = 0;
         for (_, pin) in pins::link_pins(pin_dir) {
-            removed += std::fs::remove_file(pin).is_ok() as usize;
+            // Held across the unpin and closed after it: the kernel frees a link whose last
+            // reference an unpin drops later, from a workqueue, but detaches it at once when
+            // that reference goes with a close. So the program is off the interface when
+            // this returns.
+            let held = aya::programs::links::PinnedLink::from_pin(&pin)
+                .ok()
+                .map(FdLink::from);
+            removed += std::fs::remove_file(&pin).is_ok() as usize;
+            drop(held);
         }
         for name in MAPS {
             removed += std::fs::remove_file(pin_dir.join(name)).is_ok() as usize;
