@@ -14,6 +14,7 @@ pub mod flood;
 pub mod flow;
 pub mod flowtab;
 pub mod hash;
+pub mod kernel_hop;
 #[cfg(any(feature = "user", test))]
 pub mod maglev;
 pub mod ports;

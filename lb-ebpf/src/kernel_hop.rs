@@ -10,20 +10,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect_neigh, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
-use lb_common::stats::DropReason;
+use lb_common::{kernel_hop::KernelHopMeta as Meta, stats::DropReason};
 
-/// What XDP leaves in front of the frame for the tc program.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Meta {
-    /// [`MAGIC`]: metadata lb wrote, not some other program's.
-    magic: u32,
-    /// Where the frame leaves.
-    ifindex: u32,
-}
-
-const MAGIC: u32 = 0x6c62_6e68; // "lbnh"
-const META_LEN: usize = core::mem::size_of::<Meta>();
+const META_LEN: usize = Meta::LEN;
 
 /// Hands the rewritten frame to the kernel, to be sent out of `ifindex` once its next hop
 /// is resolved. The last thing done with a frame: its packet pointers are stale after.
@@ -41,10 +30,7 @@ pub fn send_via_kernel(ctx: &XdpContext, ifindex: u32) -> u32 {
     }
     // SAFETY: checked above against the start of the frame, which bounds the metadata.
     unsafe {
-        (meta as *mut Meta).write_unaligned(Meta {
-            magic: MAGIC,
-            ifindex,
-        });
+        (meta as *mut Meta).write_unaligned(Meta::new(ifindex));
     }
     xdp_action::XDP_PASS
 }
@@ -61,7 +47,7 @@ pub fn from_xdp(ctx: &TcContext) -> i32 {
     }
     // SAFETY: checked above against the start of the frame, which bounds the metadata.
     let m = unsafe { (meta as *const Meta).read_unaligned() };
-    if m.magic != MAGIC {
+    if m.magic != Meta::MAGIC {
         return TC_ACT_OK;
     }
     // SAFETY: a BPF helper call with an interface index and no parameter block: the kernel

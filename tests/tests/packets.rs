@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use lb::dataplane::Limits;
-use lb_common::{IPPROTO_TCP, stats::DropReason};
+use lb_common::{IPPROTO_TCP, kernel_hop::KernelHopMeta, stats::DropReason};
 use lb_tests::packet::*;
 
 const SNAT: (u16, u16) = (61000, 65535);
@@ -245,6 +245,55 @@ fn new_flow_established_flow_and_reply_are_rewritten_exactly() {
         ..reply
     };
     assert_eq!(lab.run(lab.v0, &stray.bytes()), (XDP_PASS, stray.bytes()));
+}
+
+/// A fresh node has no neighbour entry for a client that it never spoke to: the reply is
+/// rewritten as usual and handed to the kernel (XDP_PASS with lb's metadata naming the
+/// egress interface), whose tc program sends it through the neighbour layer; once the
+/// kernel has the entry, XDP sends the next reply itself.
+#[test]
+fn a_reply_toward_a_client_without_a_neighbour_entry_is_handed_to_the_kernel() {
+    let lab = web_lab();
+    let stranger = Ipv4Addr::new(10, 70, 0, 60);
+    let syn = Frame {
+        src: stranger,
+        src_mac: mac(60),
+        ..to_vip(SYN, b"")
+    };
+    assert_eq!(lab.run(lab.v0, &syn.bytes()).0, XDP_TX);
+    let (key, _) = lab.reverse(stranger, CLIENT_PORT).expect("SNAT port taken");
+    let backend = Ipv4Addr::from(key.src_addr);
+    let reply = syn_ack(backend, key.dst_port);
+    let expected = Frame {
+        src_mac: mac(0x01),
+        dst_mac: mac(60),
+        src: VIP,
+        dst: stranger,
+        ttl: 63,
+        sport: 80,
+        dport: CLIENT_PORT,
+        ..reply.clone()
+    }
+    .bytes();
+
+    let (verdict, out) = lab.run(lab.v0, &reply.bytes());
+    assert_eq!(verdict, XDP_PASS);
+    let (meta, frame) = KernelHopMeta::split(&out).expect("lb's metadata in front");
+    assert_eq!(meta.ifindex, lab.v0);
+    // The kernel writes the Ethernet header when it has resolved the next hop.
+    assert_eq!(frame[14..], expected[14..], "the rewritten packet");
+    assert_eq!(lab.drops(DropReason::NoNeighbor), 0);
+
+    lab.ns
+        .ip(&format!(
+            "neigh replace {stranger} lladdr 02:00:00:00:00:3c dev v0 nud reachable"
+        ))
+        .unwrap();
+    assert_eq!(
+        lab.run(lab.v0, &reply.bytes()),
+        (XDP_TX, expected),
+        "once the kernel knows the neighbour"
+    );
 }
 
 #[test]
