@@ -94,6 +94,11 @@ pub struct ServiceInfo {
 }
 assert_layout!(ServiceInfo, size = 16, align = 4);
 
+/// `ServiceInfo::flags`: new flows are balanced by the client's address alone (its port
+/// left out of the hash), so one client's connections all reach the same backend while
+/// the table stands (Katran's `HASH_NO_SRC_PORT`).
+pub const SERVICE_HASH_SRC_IP: u32 = 1;
+
 /// `Backend::flags`: the backend may receive new flows and keeps its tracked ones.
 pub const BACKEND_ACTIVE: u32 = 1;
 

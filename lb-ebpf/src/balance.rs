@@ -27,6 +27,9 @@ use crate::{
 pub struct Flow {
     pub key: FlowKey,
     pub hash: u64,
+    /// What picks its backend: `hash`, or the hash without the client's port for a
+    /// service balanced by client address.
+    pub pick: u64,
     pub svc: ServiceInfo,
     /// TCP: the SYN's sequence number and timestamp (`SynProbe::NONE` for UDP, and for a
     /// tracked flow re-balanced mid-stream).
@@ -56,17 +59,18 @@ pub struct Target {
     hop: NextHop,
 }
 
-/// The flow's backend and the way to it, in the scratch space (the stack has no room).
+/// The flow's backend (by its `pick` hash) and the way to it, in the scratch space (the
+/// stack has no room).
 #[inline(always)]
 fn target(
     ctx: &XdpContext,
     pkt: &Packet,
     svc: &ServiceInfo,
-    hash: u64,
+    pick: u64,
     now: u64,
     cfg: &Config,
 ) -> Result<&'static Target, DropReason> {
-    let (id, backend) = select::pick(svc, slot_hash(hash)).ok_or(DropReason::NoBackend)?;
+    let (id, backend) = select::pick(svc, slot_hash(pick)).ok_or(DropReason::NoBackend)?;
     let hop = forward::backend_hop(ctx, pkt, id, backend.addr, now, cfg)?;
     if hop.src_addr == [0; 4] {
         return Err(DropReason::NoSnatAddress);
@@ -106,7 +110,7 @@ fn try_new_flow(
         return Err(DropReason::TtlExceeded);
     }
     let now = track::now();
-    let t = target(ctx, pkt, &f.svc, f.hash, now, cfg)?;
+    let t = target(ctx, pkt, &f.svc, f.pick, now, cfg)?;
     // Built in the per-CPU scratch map: the stack has no room for it.
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
     let to = Assignment {
@@ -304,7 +308,7 @@ fn try_cookie_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, 
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;
     let f = &scratch.flow;
     let answer = &scratch.answer;
-    let t = target(ctx, pkt, &f.svc, f.hash, now, cfg)?;
+    let t = target(ctx, pkt, &f.svc, f.pick, now, cfg)?;
     let to = Assignment {
         service_id: f.svc.id,
         backend_id: t.id,

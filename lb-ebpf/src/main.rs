@@ -40,7 +40,7 @@ use lb_common::{
         CONN_BACKEND_OPEN, CONN_SLOW, CONN_SYNPROXY, Conn, FlowKey, PROBE_SYN, PROBE_TS, SynProbe,
     },
     hash::{flow_hash, slot_hash},
-    service::{ServiceInfo, ServiceKey},
+    service::{SERVICE_HASH_SRC_IP, ServiceInfo, ServiceKey},
     stats::DropReason,
 };
 
@@ -231,6 +231,7 @@ fn leave_flow(
     let f = balance::flow_slot().ok_or(DropReason::MapUpdate)?;
     f.key = *flow;
     f.hash = hash(flow, cfg);
+    f.pick = pick_hash(flow, svc, f.hash, cfg);
     f.svc = *svc;
     f.syn = syn;
     f.rebalanced = rebalanced;
@@ -244,6 +245,25 @@ fn hash(flow: &FlowKey, cfg: &Config) -> u64 {
         flow.src_addr,
         flow.dst_addr,
         flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    )
+}
+
+/// The hash that picks a new flow's backend: the flow's own `hash`, or, for a service
+/// balanced by client address, one without the client's port. Not inlined: a second
+/// SipHash state in its callers' frames overflows the verifier's 512-byte stack on the
+/// deepest call chain.
+#[inline(never)]
+fn pick_hash(flow: &FlowKey, svc: &ServiceInfo, hash: u64, cfg: &Config) -> u64 {
+    if svc.flags & SERVICE_HASH_SRC_IP == 0 {
+        return hash;
+    }
+    flow_hash(
+        cfg.flow_key,
+        flow.src_addr,
+        flow.dst_addr,
+        0,
         flow.dst_port,
         flow.proto,
     )
@@ -279,8 +299,8 @@ fn try_syn(
         {
             return Ok(next::TRACKED);
         }
-        let (id, _) =
-            select::pick(&svc, slot_hash(hash(flow, cfg))).ok_or(DropReason::NoBackend)?;
+        let pick = pick_hash(flow, &svc, hash(flow, cfg), cfg);
+        let (id, _) = select::pick(&svc, slot_hash(pick)).ok_or(DropReason::NoBackend)?;
         maps::scratch_space()
             .ok_or(DropReason::MapUpdate)?
             .cookie_backend = id;

@@ -56,6 +56,36 @@ impl Protocol {
     }
 }
 
+/// What picks a layer-4 service's backend for a new flow (`"hash"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlowHash {
+    /// Addresses, ports and protocol: connections spread one by one.
+    #[default]
+    #[serde(rename = "5tuple")]
+    FiveTuple,
+    /// The client's address without its port: one client's connections all reach the same
+    /// backend while the table stands (client affinity).
+    #[serde(rename = "src_ip")]
+    SrcIp,
+}
+
+impl FlowHash {
+    fn parse(value: &str) -> Result<Self, ValidationError> {
+        match value {
+            "5tuple" => Ok(Self::FiveTuple),
+            "src_ip" => Ok(Self::SrcIp),
+            other => Err(ValidationError::new(
+                "hash",
+                format!("{other:?} is not 5tuple or src_ip"),
+            )),
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// The body of `PUT /v1/services/{name}`, as sent. Fields are strings so that a bad value
 /// gets an error naming its field rather than a generic parse error.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -67,6 +97,8 @@ pub struct ServiceSpec {
     pub backends: Option<Vec<serde_json::Value>>,
     /// Maglev table size; a prime. Default: grows with the backend count.
     pub table_size: Option<u32>,
+    /// `"5tuple"` (default) or `"src_ip"`: see [`FlowHash`].
+    pub hash: Option<String>,
     /// Where the backends come from, instead of `backends`.
     pub discovery: Option<DiscoverySpec>,
     /// The instances discovery found (filled in by lb, never sent).
@@ -1281,6 +1313,7 @@ pub struct Service {
     pub backend_options: BTreeMap<SocketAddrV4, BackendOptions>,
     /// The Maglev table size of a layer-4 service (0 for HTTP).
     pub table_size: u32,
+    pub hash: FlowHash,
     pub discovery: Option<Discovery>,
     pub http: Option<HttpRoute>,
     pub check: Check,
@@ -1305,6 +1338,9 @@ impl Serialize for Service {
         m.serialize_entry("backends", &backends)?;
         if self.table_size != 0 {
             m.serialize_entry("table_size", &self.table_size)?;
+        }
+        if !self.hash.is_default() {
+            m.serialize_entry("hash", &self.hash)?;
         }
         if let Some(d) = &self.discovery {
             m.serialize_entry("discovery", d)?;
@@ -1546,6 +1582,16 @@ impl ServiceSpec {
                 "applies to layer-4 services only",
             ));
         }
+        let hash = match (&http, self.hash.as_deref()) {
+            (_, None) => FlowHash::default(),
+            (None, Some(h)) => FlowHash::parse(h)?,
+            (Some(_), Some(_)) => {
+                return Err(ValidationError::new(
+                    "hash",
+                    "applies to layer-4 services only",
+                ));
+            }
+        };
         let discovery = self
             .discovery
             .as_ref()
@@ -1584,6 +1630,7 @@ impl ServiceSpec {
             backends,
             backend_options,
             table_size,
+            hash,
             discovery,
             http,
             check,
@@ -1753,6 +1800,31 @@ mod tests {
         let mut s = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]);
         s.table_size = Some(1000);
         assert_eq!(field_of(s.validate("a")), "table_size");
+    }
+
+    #[test]
+    fn a_layer_4_service_is_hashed_by_its_5_tuple_or_its_clients_address() {
+        let plain = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]);
+        let svc = plain.clone().validate("a").unwrap();
+        assert_eq!(svc.hash, FlowHash::FiveTuple);
+        assert!(serde_json::to_value(&svc).unwrap().get("hash").is_none());
+        let mut sticky = plain.clone();
+        sticky.hash = Some("src_ip".into());
+        let svc = sticky.validate("a").unwrap();
+        assert_eq!(svc.hash, FlowHash::SrcIp);
+        assert_eq!(serde_json::to_value(&svc).unwrap()["hash"], "src_ip");
+        let mut bad = plain;
+        bad.hash = Some("source".into());
+        let e = bad.validate("a").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.contains("5tuple or src_ip")),
+            ("hash", true)
+        );
+        let http: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "backends": ["10.0.1.1:80"], "http": {"paths": ["/a"]}, "hash": "src_ip"
+        }))
+        .unwrap();
+        assert_eq!(field_of(http.validate("a")), "hash");
     }
 
     #[test]

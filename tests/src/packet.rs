@@ -182,13 +182,19 @@ impl PacketLab {
     }
 
     pub fn service(&mut self, name: &str, vip: &str, protocol: &str, backends: &[&str]) -> Service {
-        let spec = ServiceSpec {
-            vip: Some(vip.into()),
-            protocol: Some(protocol.into()),
-            backends: Some(backends.iter().map(|&b| b.into()).collect()),
-            table_size: None,
-            ..Default::default()
-        };
+        self.service_as(
+            name,
+            ServiceSpec {
+                vip: Some(vip.into()),
+                protocol: Some(protocol.into()),
+                backends: Some(backends.iter().map(|&b| b.into()).collect()),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Installs the service `spec` describes.
+    pub fn service_as(&mut self, name: &str, spec: ServiceSpec) -> Service {
         let svc = spec.validate(name).expect("valid service");
         self.dataplane
             .upsert(&svc, &Default::default())

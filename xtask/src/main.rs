@@ -56,6 +56,19 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` and returns what it printed on standard output.
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// Cargo on nightly in the eBPF crate, as its build needs it.
 fn ebpf_cargo(args: &[&str]) -> Command {
     let mut c = Command::new("cargo");
@@ -130,15 +143,29 @@ fn privileged_suites(filter: Option<&str>) -> anyhow::Result<()> {
         "lb-tests",
         "--no-run",
     ]))?;
+    let listed = output(
+        cargo(&["test", "--release", "-p", "lb-tests", "--test"]).args([
+            suites::BINARY,
+            "--",
+            "--list",
+            "--format",
+            "terse",
+        ]),
+    )?;
     for suite in suites::names(&root())? {
         let mut c = cargo(&["test", "--release", "-p", "lb-tests"]);
         match &suite {
-            None => c.args(["--lib", "--bins"]),
-            Some(name) => c.args(["--test", name]),
-        };
-        c.args(["--", "--test-threads=1"]);
-        if let Some(f) = filter {
-            c.arg(f);
+            None => {
+                c.args(["--lib", "--bins", "--", "--test-threads=1"]);
+                c.args(filter);
+            }
+            Some(name) => {
+                let Some(tests) = suites::selection(name, filter, &listed) else {
+                    continue;
+                };
+                c.args(["--test", suites::BINARY, "--", "--test-threads=1"]);
+                c.args(tests);
+            }
         }
         c.env("LB_BIN", root().join("target/release/lb"));
         suites::run_limited(&mut c, suites::SUITE_LIMIT)?;

@@ -45,14 +45,18 @@ fn catch_interrupts() -> anyhow::Result<()> {
     installed.clone().map_err(anyhow::Error::msg)
 }
 
-/// The suites: `lb-tests`' own unit tests (`None`), then each file of `tests/tests`.
+/// The test binary that holds every suite, one module each (`tests/tests/suites`).
+pub const BINARY: &str = "suites";
+
+/// The suites: `lb-tests`' own unit tests (`None`), then each module of [`BINARY`].
 pub fn names(root: &Path) -> anyhow::Result<Vec<Option<String>>> {
-    let mut files: Vec<String> = std::fs::read_dir(root.join("tests/tests"))?
+    let mut files: Vec<String> = std::fs::read_dir(root.join("tests/tests").join(BINARY))?
         .flatten()
         .filter_map(|e| {
             e.file_name()
                 .to_string_lossy()
                 .strip_suffix(".rs")
+                .filter(|&m| m != "main")
                 .map(str::to_string)
         })
         .collect();
@@ -60,6 +64,26 @@ pub fn names(root: &Path) -> anyhow::Result<Vec<Option<String>>> {
     Ok(std::iter::once(None)
         .chain(files.into_iter().map(Some))
         .collect())
+}
+
+/// Which tests of `suite` to run, as arguments to its test binary: the tests of `listed`
+/// (the binary's `--list --format terse` output) in that module, those whose names
+/// contain `filter` if one is given, by exact name (`None` when there are none). By exact
+/// name because libtest's filters match anywhere in a name (`fuzz::` would take
+/// `store_fuzz::` too) and any one of several suffices.
+pub fn selection(suite: &str, filter: Option<&str>, listed: &str) -> Option<Vec<String>> {
+    let prefix = format!("{suite}::");
+    let chosen: Vec<String> = listed
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|name| name.starts_with(&prefix) && filter.is_none_or(|f| name.contains(f)))
+        .map(str::to_string)
+        .collect();
+    (!chosen.is_empty()).then(|| {
+        std::iter::once("--exact".to_string())
+            .chain(chosen)
+            .collect()
+    })
 }
 
 /// Runs `cmd` (one suite) in a process group of its own; the whole group is killed when it
@@ -130,10 +154,35 @@ mod tests {
     }
 
     #[test]
-    fn the_suites_are_the_unit_tests_then_each_test_file() {
+    fn a_suite_is_its_modules_tests_by_exact_name() {
+        let listed = "fuzz::random: test\nstore_fuzz::garbage: test\nfuzz::cookies: test\n\
+                      fuzz::bench: benchmark\n";
+        let exact = |names: &[&str]| {
+            Some(
+                std::iter::once("--exact")
+                    .chain(names.iter().copied())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            selection("fuzz", None, listed),
+            exact(&["fuzz::random", "fuzz::cookies"])
+        );
+        assert_eq!(
+            selection("fuzz", Some("cook"), listed),
+            exact(&["fuzz::cookies"])
+        );
+        assert_eq!(selection("fuzz", Some("nothing"), listed), None);
+        assert_eq!(selection("e2e_api", None, listed), None);
+    }
+
+    #[test]
+    fn the_suites_are_the_unit_tests_then_each_module() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let names = names(root).unwrap();
         assert_eq!(names[0], None);
         assert!(names.contains(&Some("e2e_churn".to_string())), "{names:?}");
+        assert!(!names.contains(&Some("main".to_string())), "{names:?}");
     }
 }

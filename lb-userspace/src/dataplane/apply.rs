@@ -10,12 +10,12 @@ use lb_common::{
     config::NextHop,
     maglev,
     ports::BackendState,
-    service::{BACKEND_ACTIVE, Backend, FilterSlot, ServiceInfo, ServiceKey},
+    service::{BACKEND_ACTIVE, Backend, FilterSlot, SERVICE_HASH_SRC_IP, ServiceInfo, ServiceKey},
     stats::Counters,
 };
 
 use super::{Dataplane, DataplaneError};
-use crate::model::Service;
+use crate::model::{FlowHash, Service};
 
 /// What a service occupies in the maps.
 #[derive(Debug, Clone)]
@@ -241,7 +241,10 @@ impl Dataplane {
                 id,
                 table_offset: region,
                 table_size: svc.table_size,
-                flags: 0,
+                flags: match svc.hash {
+                    FlowHash::FiveTuple => 0,
+                    FlowHash::SrcIp => SERVICE_HASH_SRC_IP,
+                },
             },
         )?;
         if let Some(o) = old {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     backend_entry::BackendOptions,
-    model::{Check, Discovery, HttpRoute, Protocol, Service, ValidationError},
+    model::{Check, Discovery, FlowHash, HttpRoute, Protocol, Service, ValidationError},
 };
 
 pub const SCHEMA: u32 = 1;
@@ -36,6 +36,8 @@ pub struct StoredService {
     /// 0 for an HTTP service, and for one whose table follows its discovered instances.
     #[serde(rename = "table_size", default)]
     pub table_size: u32,
+    #[serde(rename = "hash", default, skip_serializing_if = "FlowHash::is_default")]
+    pub hash: FlowHash,
     #[serde(rename = "discovery", default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
     #[serde(rename = "http", default, skip_serializing_if = "Option::is_none")]
@@ -70,6 +72,7 @@ impl StoredService {
             },
             backend_options: svc.backend_options.clone(),
             table_size: if discovered { 0 } else { svc.table_size },
+            hash: svc.hash,
             discovery: svc.discovery.clone(),
             http: svc.http.clone(),
             check: Some(svc.check.clone()),
@@ -103,6 +106,7 @@ impl StoredService {
             backends: self.backends,
             backend_options: self.backend_options,
             table_size: self.table_size,
+            hash: self.hash,
             discovery: self.discovery,
             http: self.http,
             check: self
@@ -133,6 +137,9 @@ mod tests {
                 "vip": "10.0.0.100:80", "protocol": "udp",
                 "backends": ["10.0.1.1:53", "10.0.1.2:53"], "table_size": 1021,
                 "check": {"kind": "tcp", "interval_ms": 500, "rise": 1, "fall": 5}
+            })),
+            service(serde_json::json!({
+                "vip": "10.0.0.100:80", "backends": ["10.0.1.1:80"], "hash": "src_ip"
             })),
             service(serde_json::json!({
                 "http": {"paths": ["/demo/"], "domain": "Example.com", "balance": "least_outstanding"},

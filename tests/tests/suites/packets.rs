@@ -296,6 +296,50 @@ fn a_reply_toward_a_client_without_a_neighbour_entry_is_handed_to_the_kernel() {
     );
 }
 
+/// `"hash": "src_ip"`: every connection of one client reaches one backend, whatever its
+/// port; other clients still spread over the backends, and a "5tuple" service (the
+/// default) spreads one client's connections.
+#[test]
+fn a_service_hashed_by_client_address_sends_each_clients_connections_to_one_backend() {
+    let mut lab = lab();
+    let spec = |vip: &str, hash: Option<&str>| lb::model::ServiceSpec {
+        vip: Some(vip.into()),
+        protocol: Some("tcp".into()),
+        backends: Some(WEB_BACKENDS.iter().map(|&b| b.into()).collect()),
+        hash: hash.map(str::to_string),
+        ..Default::default()
+    };
+    lab.service_as("sticky", spec("10.70.0.100:80", Some("src_ip")));
+    lab.service_as("spread", spec("10.70.0.100:81", None));
+    let backend_of = |client: Ipv4Addr, sport: u16, dport: u16| {
+        let syn = Frame {
+            src: client,
+            sport,
+            dport,
+            ..to_vip(SYN, b"")
+        };
+        let (verdict, out) = lab.run(lab.v0, &syn.bytes());
+        assert_eq!(verdict, XDP_TX, "SYN from {client}:{sport} to port {dport}");
+        backend_and_port(&out).0
+    };
+    let mut per_client = std::collections::BTreeSet::new();
+    for c in 20..80u8 {
+        let client = Ipv4Addr::new(10, 70, 0, c);
+        let mine: std::collections::BTreeSet<Ipv4Addr> =
+            (0..8).map(|i| backend_of(client, 41000 + i, 80)).collect();
+        assert_eq!(mine.len(), 1, "{client}'s connections went to {mine:?}");
+        per_client.extend(mine);
+    }
+    assert_eq!(per_client.len(), 3, "clients spread over every backend");
+    let spread: std::collections::BTreeSet<Ipv4Addr> =
+        (0..24).map(|i| backend_of(CLIENT, 42000 + i, 81)).collect();
+    assert_eq!(
+        spread.len(),
+        3,
+        "a 5tuple service spreads one client's connections"
+    );
+}
+
 #[test]
 fn egress_on_another_interface_is_redirected_with_that_interfaces_address() {
     let mut lab = lab();

@@ -578,7 +578,7 @@ async fn consul_store_keeps_the_contract() {
 
 /// The same contract against a real Consul agent: `LB_TEST_CONSUL=host:port` names one
 /// (and `LB_TEST_CONSUL_TOKEN` its ACL token, if it needs one). Debian has no Consul, so
-/// it runs only when asked: `cargo test -p lb-tests --test store_contract -- --ignored
+/// it runs only when asked: `cargo test -p lb-tests --test suites -- --ignored
 /// real_agent`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs a real Consul agent: set LB_TEST_CONSUL=host:port and run with --ignored"]
