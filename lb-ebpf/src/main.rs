@@ -251,14 +251,20 @@ fn hash(flow: &FlowKey, cfg: &Config) -> u64 {
 }
 
 /// The hash that picks a new flow's backend: the flow's own `hash`, or, for a service
-/// balanced by client address, one without the client's port. Not inlined: a second
-/// SipHash state in its callers' frames overflows the verifier's 512-byte stack on the
-/// deepest call chain.
-#[inline(never)]
+/// balanced by client address, one without the client's port.
+#[inline(always)]
 fn pick_hash(flow: &FlowKey, svc: &ServiceInfo, hash: u64, cfg: &Config) -> u64 {
     if svc.flags & SERVICE_HASH_SRC_IP == 0 {
         return hash;
     }
+    client_hash(flow, cfg)
+}
+
+/// The flow's hash with the client's port left out. Not inlined: a second SipHash state in
+/// its callers' frames overflows the verifier's 512-byte stack on the deepest call chain
+/// (and only services hashed by client address pay for the call).
+#[inline(never)]
+fn client_hash(flow: &FlowKey, cfg: &Config) -> u64 {
     flow_hash(
         cfg.flow_key,
         flow.src_addr,
