@@ -4,7 +4,7 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
@@ -116,12 +116,39 @@ async fn with_controller<T: Send + 'static>(
     Ok(answer?)
 }
 
+/// `PUT`'s one parameter: `drain=false` cuts the backends the write leaves out at once,
+/// rather than letting their tracked flows finish (`drain=true`, the default).
+fn parse_put_query(query: Option<&str>) -> Result<bool, ApiError> {
+    let bad = |field: &str, message: &str| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("{field}: {message}"),
+        field: Some(field.to_string()),
+    };
+    let mut drain = true;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("drain", "true") => drain = true,
+            ("drain", "false") => drain = false,
+            ("drain", _) => return Err(bad("drain", "must be true or false")),
+            (other, _) => return Err(bad(other, "is not a parameter of PUT (drain)")),
+        }
+    }
+    Ok(drain)
+}
+
 async fn put_service(
     State(s): State<Shared>,
     Path(name): Path<String>,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let spec = parse_spec(&body)?;
+    let drain = parse_put_query(query.as_deref())?;
+    let mut spec = parse_spec(&body)?;
+    spec.cut_removed = !drain;
     let svc = s.put(&name, spec).await?;
     Ok(Json(svc).into_response())
 }
@@ -265,5 +292,16 @@ mod tests {
                 "stopped: http worker 1: it panicked: boom; store: it stopped".into()
             )
         );
+    }
+
+    #[test]
+    fn a_put_drains_removed_backends_unless_told_not_to() {
+        let drain = |q: Option<&str>| parse_put_query(q).map_err(|e| e.field.unwrap());
+        assert_eq!(drain(None), Ok(true));
+        assert_eq!(drain(Some("")), Ok(true));
+        assert_eq!(drain(Some("drain=true")), Ok(true));
+        assert_eq!(drain(Some("drain=false")), Ok(false));
+        assert_eq!(drain(Some("drain=no")), Err("drain".into()));
+        assert_eq!(drain(Some("drain=false&force=1")), Err("force".into()));
     }
 }

@@ -56,9 +56,14 @@ pub struct BackendView {
     pub flows: Option<u32>,
     #[serde(flatten)]
     pub counters: CounterView,
-    /// "up" or "down", from this node's health checks.
+    /// "up" or "down", from this node's health checks; "unchecked" for a backend removed
+    /// and still draining.
     pub health: &'static str,
-    /// When it last changed (RFC 3339), or when the backend was added.
+    /// A removed backend still draining: seconds until its remaining flows are cut.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_left_s: Option<u64>,
+    /// When it last changed (RFC 3339), or when the backend was added (removed, for a
+    /// draining one).
     pub since: String,
     /// Why the check that took it down failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,6 +124,9 @@ pub struct Controller {
     vip_addrs: HashMap<Ipv4Addr, usize>,
     /// Backend address -> how many layer-4 services use it (for next-hop upkeep).
     backend_users: HashMap<Ipv4Addr, usize>,
+    /// Service -> the backend addresses it counts in `backend_users`: its backends' and
+    /// those still draining.
+    held: HashMap<String, HashSet<Ipv4Addr>>,
     dataplane: Dataplane,
     neighbors: NextHops,
     /// While set, next hops of new backends are collected rather than resolved one
@@ -157,6 +165,7 @@ impl Controller {
             vips: HashMap::new(),
             vip_addrs: HashMap::new(),
             backend_users: HashMap::new(),
+            held: HashMap::new(),
             dataplane,
             neighbors: NextHops::default(),
             deferred: None,
@@ -636,7 +645,7 @@ impl Controller {
     /// Makes the data plane serve `svc` (already checked).
     pub fn apply(&mut self, svc: Service) -> Result<Service, ControlError> {
         let previous = self.services.get(&svc.name).cloned();
-        let old = previous.as_ref().map(ips).unwrap_or_default();
+        let old = self.held.get(&svc.name).cloned().unwrap_or_default();
         let new_ips = ips(&svc);
         let first_users: Vec<Ipv4Addr> = new_ips
             .iter()
@@ -677,10 +686,7 @@ impl Controller {
                 return Err(e.into());
             }
         };
-        for ip in new_ips.difference(&old) {
-            *self.backend_users.entry(*ip).or_default() += 1;
-        }
-        self.release_backends(old.difference(&new_ips).copied().collect());
+        self.hold_backends(&svc.name, new_ips);
         if let Some(previous) = &previous
             && let Some(vip) = previous.l4_vip()
         {
@@ -712,6 +718,32 @@ impl Controller {
             self.http_changed();
         }
         Ok(svc)
+    }
+
+    /// Makes service `name` hold the next hops of `ips` and of its draining backends, and
+    /// no others.
+    fn hold_backends(&mut self, name: &str, mut ips: HashSet<Ipv4Addr>) {
+        if let Some(inst) = self.dataplane.installed(name) {
+            ips.extend(inst.draining.iter().map(|d| *d.addr.ip()));
+        }
+        let old = self.held.remove(name).unwrap_or_default();
+        for ip in ips.difference(&old) {
+            *self.backend_users.entry(*ip).or_default() += 1;
+        }
+        self.release_backends(old.difference(&ips).copied().collect());
+        if !ips.is_empty() {
+            self.held.insert(name.to_string(), ips);
+        }
+    }
+
+    /// Retires the draining backends that are done (no flows left, or out of time), and
+    /// lets go of next hops only they needed.
+    pub fn end_drains(&mut self) -> Result<(), crate::dataplane::DataplaneError> {
+        for name in self.dataplane.end_drains(std::time::Instant::now())? {
+            let ips = self.services.get(&name).map(ips).unwrap_or_default();
+            self.hold_backends(&name, ips);
+        }
+        Ok(())
     }
 
     /// Drops one use of each of `gone`; next hops no service needs any more are let go.
@@ -761,7 +793,7 @@ impl Controller {
         if let Some(vip) = svc.l4_vip() {
             self.remove_vip(vip, svc.protocol);
         }
-        self.release_backends(ips(&svc).into_iter().collect());
+        self.hold_backends(name, HashSet::new());
         self.health.remove(name);
         if let Some(checker) = &mut self.checker {
             checker.stop(name);
@@ -818,17 +850,51 @@ impl Controller {
                     flows: snat_ports.map(|p| p.in_use),
                     counters: c.into(),
                     health: if h.up { "up" } else { "down" },
+                    drain_left_s: None,
                     since: humantime::format_rfc3339_millis(h.since).to_string(),
                     reason: h.reason,
                     snat_ports,
                 }
             })
+            .chain(self.draining_views(name, &per_backend, &ports))
             .collect();
         Ok(ServiceView {
             service,
             counters: counters.into(),
             backend_counters,
         })
+    }
+
+    /// The backends of service `name` that a write removed and that still drain.
+    fn draining_views(
+        &self,
+        name: &str,
+        per_backend: &[(SocketAddrV4, lb_common::stats::Counters)],
+        ports: &[(SocketAddrV4, crate::dataplane::PortUse)],
+    ) -> Vec<BackendView> {
+        let Some(inst) = self.dataplane.installed(name) else {
+            return Vec::new();
+        };
+        let now = std::time::Instant::now();
+        inst.draining
+            .iter()
+            .map(|d| {
+                let counters = per_backend.iter().find(|(a, _)| *a == d.addr);
+                let snat_ports = ports.iter().find(|(a, _)| *a == d.addr).map(|(_, p)| *p);
+                BackendView {
+                    address: d.addr.to_string(),
+                    weight: 0,
+                    state: crate::backend_entry::AdminState::Draining,
+                    flows: snat_ports.map(|p| p.in_use),
+                    counters: counters.map(|(_, c)| *c).unwrap_or_default().into(),
+                    health: "unchecked",
+                    drain_left_s: Some(d.until.saturating_duration_since(now).as_secs()),
+                    since: humantime::format_rfc3339_millis(d.began).to_string(),
+                    reason: None,
+                    snat_ports,
+                }
+            })
+            .collect()
     }
 
     pub fn drops(&self) -> Vec<(DropReason, u64)> {

@@ -657,7 +657,8 @@ async fn follow_addresses(controller: ControllerHandle, wanted: Vec<Ipv4Addr>) {
     }
 }
 
-/// Once a second, flows that are over leave the maps and their ports go back.
+/// Once a second, flows that are over leave the maps and their ports go back, and
+/// draining backends whose flows are all over (or out of time) are retired.
 async fn sweep(controller: ControllerHandle) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     for n in 0u64.. {
@@ -667,7 +668,8 @@ async fn sweep(controller: ControllerHandle) {
                 if n % 60 == 59 {
                     c.dataplane().forget_port_tables()?;
                 }
-                c.dataplane().sweep()
+                c.dataplane().sweep()?;
+                c.end_drains()
             })
             .await;
         match swept {

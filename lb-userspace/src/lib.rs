@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod dfp;
 pub mod discovery;
+pub mod drain;
 pub mod health;
 pub mod host_sockets;
 pub mod http_ports;

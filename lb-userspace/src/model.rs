@@ -10,7 +10,7 @@ use std::{
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, maglev};
 use serde::{Deserialize, Serialize};
 
-use crate::{backend_entry::BackendOptions, l7::DomainPattern};
+use crate::{backend_entry::BackendOptions, drain::Drain, l7::DomainPattern};
 
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_BACKENDS: usize = 4096;
@@ -99,11 +99,20 @@ pub struct ServiceSpec {
     pub table_size: Option<u32>,
     /// `"5tuple"` (default) or `"src_ip"`: see [`FlowHash`].
     pub hash: Option<String>,
+    /// Seconds a backend left out of `backends` keeps its tracked flows (see `drain`).
+    pub drain_timeout_s: Option<u32>,
+    /// `"drain"` (default) or `"shutdown"`: what a backend its check takes down does with
+    /// its tracked flows.
+    pub on_down: Option<String>,
     /// Where the backends come from, instead of `backends`.
     pub discovery: Option<DiscoverySpec>,
     /// The instances discovery found (filled in by lb, never sent).
     #[serde(skip)]
     pub discovered: Option<Vec<SocketAddrV4>>,
+    /// The backends this write leaves out are cut at once, not drained (`?drain=false`,
+    /// never in the body).
+    #[serde(skip)]
+    pub cut_removed: bool,
     /// Makes this an HTTP service, routed by path and host on the `--http` listener.
     pub http: Option<HttpSpec>,
     /// How backends are checked (default: a TCP connect every 2 s, rise 2, fall 3).
@@ -1314,6 +1323,11 @@ pub struct Service {
     /// The Maglev table size of a layer-4 service (0 for HTTP).
     pub table_size: u32,
     pub hash: FlowHash,
+    pub drain: Drain,
+    /// The write that made this removed the backends it left out at once, without
+    /// draining (`PUT ...?drain=false`). A property of the write, not of the service: not
+    /// shown, but stored so that every node cuts them too.
+    pub cut_removed: bool,
     pub discovery: Option<Discovery>,
     pub http: Option<HttpRoute>,
     pub check: Check,
@@ -1341,6 +1355,12 @@ impl Serialize for Service {
         }
         if !self.hash.is_default() {
             m.serialize_entry("hash", &self.hash)?;
+        }
+        if !Drain::is_default_timeout(&self.drain.timeout_s) {
+            m.serialize_entry("drain_timeout_s", &self.drain.timeout_s)?;
+        }
+        if !Drain::is_default_on_down(&self.drain.on_down) {
+            m.serialize_entry("on_down", &self.drain.on_down)?;
         }
         if let Some(d) = &self.discovery {
             m.serialize_entry("discovery", d)?;
@@ -1478,10 +1498,18 @@ impl Service {
                 ),
             ));
         }
+        if http.is_some() && self.drain != Drain::default() {
+            return Err(ValidationError::new(
+                "drain_timeout_s",
+                "drain_timeout_s and on_down apply to layer-4 services only",
+            ));
+        }
+        let drain = self.drain.checked()?;
         Ok(Self {
             http,
             check,
             discovery,
+            drain,
             ..self
         })
     }
@@ -1592,6 +1620,11 @@ impl ServiceSpec {
                 ));
             }
         };
+        let drain = Drain::from_fields(
+            self.drain_timeout_s,
+            self.on_down.as_deref(),
+            http.is_none(),
+        )?;
         let discovery = self
             .discovery
             .as_ref()
@@ -1631,6 +1664,8 @@ impl ServiceSpec {
             backend_options,
             table_size,
             hash,
+            drain,
+            cut_removed: self.cut_removed && http.is_none(),
             discovery,
             http,
             check,
@@ -1825,6 +1860,40 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(field_of(http.validate("a")), "hash");
+    }
+
+    #[test]
+    fn the_drain_policy_is_shown_and_taken_back_when_not_the_default() {
+        let plain = spec("10.0.0.100:80", "tcp", &["10.0.1.1:1"]);
+        let svc = plain.clone().validate("a").unwrap();
+        assert_eq!(svc.drain, Drain::default());
+        let shown = serde_json::to_value(&svc).unwrap();
+        assert!(shown.get("drain_timeout_s").is_none() && shown.get("on_down").is_none());
+        let mut quick = plain;
+        quick.drain_timeout_s = Some(10);
+        quick.on_down = Some("shutdown".into());
+        let svc = quick.validate("a").unwrap();
+        let shown = serde_json::to_value(&svc).unwrap();
+        assert_eq!(
+            (&shown["drain_timeout_s"], &shown["on_down"]),
+            (&10.into(), &"shutdown".into())
+        );
+        let back: ServiceSpec = serde_json::from_value(
+            shown
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| *k != "name")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(back.validate("a").unwrap(), svc);
+        let http: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "backends": ["10.0.1.1:80"], "http": {"paths": ["/a"]}, "on_down": "shutdown"
+        }))
+        .unwrap();
+        assert_eq!(field_of(http.validate("a")), "on_down");
     }
 
     #[test]

@@ -132,6 +132,9 @@ impl Dataplane {
             table,
             full_table: Vec::new(),
             weights: Default::default(),
+            // What drained before the restart is not known: it ends when its id is reused.
+            draining: Vec::new(),
+            on_down: Default::default(),
         })
     }
 

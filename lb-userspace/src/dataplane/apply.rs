@@ -14,8 +14,11 @@ use lb_common::{
     stats::Counters,
 };
 
-use super::{Dataplane, DataplaneError};
-use crate::model::{FlowHash, Service};
+use super::{Dataplane, DataplaneError, drain::Draining};
+use crate::{
+    drain::OnDown,
+    model::{FlowHash, Service},
+};
 
 /// What a service occupies in the maps.
 #[derive(Debug, Clone)]
@@ -33,6 +36,30 @@ pub struct Installed {
     pub full_table: Vec<u32>,
     /// The table weights that are not 1 (0 for a draining backend).
     pub weights: Weights,
+    /// Backends a write left out that keep their tracked flows for now: active, in no
+    /// table slot, their ids still theirs.
+    pub draining: Vec<Draining>,
+    /// Whether a backend its check takes down keeps its tracked flows.
+    pub on_down: OnDown,
+}
+
+impl Installed {
+    /// The id of backend `addr`, listed or draining.
+    pub fn id_of(&self, addr: &SocketAddrV4) -> Option<u32> {
+        self.backends
+            .iter()
+            .find(|(a, _)| a == addr)
+            .map(|&(_, id)| id)
+            .or_else(|| self.draining.iter().find(|d| d.addr == *addr).map(|d| d.id))
+    }
+
+    /// Every backend id it holds, listed or draining.
+    pub fn backend_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.backends
+            .iter()
+            .map(|&(_, id)| id)
+            .chain(self.draining.iter().map(|d| d.id))
+    }
 }
 
 /// Backends' table weights where they are not 1.
@@ -247,11 +274,15 @@ impl Dataplane {
                 },
             },
         )?;
-        if let Some(o) = old {
-            self.retire_unused(svc, o, region)?;
+        let draining = match old {
+            Some(o) => self.leave_unused(svc, o, region)?,
+            None => Vec::new(),
+        };
+        // Kept backends that are down turn inactive once the table no longer names them,
+        // unless they keep their flows.
+        if svc.drain.on_down == OnDown::Shutdown {
+            self.write_health(&backends, down, false)?;
         }
-        // Kept backends that are down turn inactive once the table no longer names them.
-        self.write_health(&backends, down, false)?;
         self.installed.insert(
             svc.name.clone(),
             Installed {
@@ -263,6 +294,8 @@ impl Dataplane {
                 table,
                 full_table: full,
                 weights,
+                draining,
+                on_down: svc.drain.on_down,
             },
         );
         Ok(())
@@ -286,7 +319,7 @@ impl Dataplane {
         let needed = svc
             .backends
             .iter()
-            .filter(|b| !old.is_some_and(|o| o.backends.iter().any(|(a, _)| a == *b)))
+            .filter(|b| old.is_none_or(|o| o.id_of(b).is_none()))
             .count();
         if needed as u32 > self.backend_ids.available() {
             return Err(DataplaneError::Full(format!(
@@ -305,8 +338,8 @@ impl Dataplane {
         }
     }
 
-    /// Backend ids for `svc`'s backends: kept for those `old` had, new ones (written, and
-    /// active unless in `down`) for the others. Kept backends that are up are made active
+    /// Backend ids for `svc`'s backends: kept for those `old` had (draining ones too), new
+    /// ones (written, and active unless in `down`) for the others. Kept backends that are up are made active
     /// here, before the table can name them.
     fn write_backends(
         &mut self,
@@ -317,7 +350,7 @@ impl Dataplane {
         let mut backends = Vec::with_capacity(svc.backends.len());
         let mut kept = Vec::new();
         for &addr in &svc.backends {
-            if let Some(&(_, bid)) = old.and_then(|o| o.backends.iter().find(|(a, _)| *a == addr)) {
+            if let Some(bid) = old.and_then(|o| o.id_of(&addr)) {
                 backends.push((addr, bid));
                 kept.push((addr, bid));
                 continue;
@@ -412,22 +445,48 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Retires what `old` had and `svc`, now at table `region`, does not.
-    fn retire_unused(
+    /// Lets go of what `old` had and `svc`, now at table `region`, does not. Backends
+    /// left out drain (they keep their tracked flows, up to `svc`'s drain timeout) unless
+    /// the write cut them or they are inactive already; those draining before go on
+    /// unless listed again. Returns the backends draining now.
+    fn leave_unused(
         &mut self,
         svc: &Service,
         old: &Installed,
         region: u32,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<Vec<Draining>, DataplaneError> {
+        let cut = svc.cut_removed || svc.drain.timeout_s == 0;
+        let until =
+            std::time::Instant::now() + std::time::Duration::from_secs(svc.drain.timeout_s.into());
+        let sweep = self.sweeps();
+        let mut draining = Vec::new();
         for &(addr, bid) in &old.backends {
-            if !svc.backends.contains(&addr) {
+            if svc.backends.contains(&addr) {
+                continue;
+            }
+            if cut || !self.backends.get(&bid, 0)?.is_active() {
                 self.retire_backend(bid)?;
+            } else {
+                draining.push(Draining::new(addr, bid, until, sweep));
+            }
+        }
+        for d in &old.draining {
+            if svc.backends.contains(&d.addr) {
+                continue;
+            }
+            if cut {
+                self.retire_backend(d.id)?;
+            } else {
+                draining.push(Draining {
+                    until: d.until.min(until),
+                    ..*d
+                });
             }
         }
         if old.table_offset != region {
             self.slots.release(old.table_offset, old.table_size);
         }
-        Ok(())
+        Ok(draining)
     }
 
     /// Makes the table and active flags of service `name` match `down`, its backends that
@@ -445,6 +504,7 @@ impl Dataplane {
         // Rising: usable before the table points at it. Falling: out of the table before
         // it turns inactive, so that re-balanced flows cannot pick it again.
         let rose = self.write_health(&inst.backends, down, true)?;
+        // Falling under `on_down: drain`, it stays active: its tracked flows keep it.
         let table = table_for(
             &inst.full_table,
             &inst.backends,
@@ -454,7 +514,10 @@ impl Dataplane {
         );
         let moved = table != inst.table;
         self.write_table(inst.table_offset, &table, Some(&inst.table));
-        let fell = self.write_health(&inst.backends, down, false)?;
+        let fell = match inst.on_down {
+            OnDown::Shutdown => self.write_health(&inst.backends, down, false)?,
+            OnDown::Drain => false,
+        };
         self.installed.get_mut(name).expect("installed above").table = table;
         Ok(rose || moved || fell)
     }
@@ -480,7 +543,7 @@ impl Dataplane {
         self.filter_add(&inst.key, -1)?;
         self.services.remove(&inst.key)?;
         self.installed.remove(name);
-        for &(_, bid) in &inst.backends {
+        for bid in inst.backend_ids() {
             self.retire_backend(bid)?;
         }
         self.slots.release(inst.table_offset, inst.table_size);

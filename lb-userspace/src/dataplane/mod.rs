@@ -5,6 +5,7 @@
 mod adopt;
 mod apply;
 mod clock;
+mod drain;
 mod ids;
 mod maglev_array;
 pub mod names;
@@ -39,6 +40,7 @@ use lb_common::{
 };
 
 pub use apply::Installed;
+pub use drain::Draining;
 use ids::IdAllocator;
 use slots::SlotAllocator;
 pub use sweep::{FloodView, PortUse};
@@ -689,10 +691,13 @@ impl Dataplane {
             .get(&inst.id, 0)
             .map(Self::sum)
             .unwrap_or_default();
+        let draining = inst.draining.iter().map(|d| (d.addr, d.id));
         let backends = inst
             .backends
             .iter()
-            .map(|&(addr, id)| {
+            .copied()
+            .chain(draining)
+            .map(|(addr, id)| {
                 (
                     addr,
                     self.backend_stats

@@ -61,7 +61,11 @@ impl Dataplane {
         let live: std::collections::HashSet<([u8; 4], u16)> = self
             .installed
             .values()
-            .flat_map(|i| i.backends.iter().map(|(a, _)| (a.ip().octets(), a.port())))
+            .flat_map(|i| {
+                let draining = i.draining.iter().map(|d| d.addr);
+                i.backends.iter().map(|(a, _)| *a).chain(draining)
+            })
+            .map(|a| (a.ip().octets(), a.port()))
             .collect();
         let stale: Vec<lb_common::ports::PortTableKey> = self
             .port_tables
@@ -98,13 +102,16 @@ impl Dataplane {
         }
     }
 
-    /// The ports each backend of service `name` holds.
+    /// The ports each backend of service `name` holds, draining ones too.
     pub fn port_uses(&self, name: &str) -> Option<Vec<(std::net::SocketAddrV4, PortUse)>> {
         let inst = self.installed.get(name)?;
+        let draining = inst.draining.iter().map(|d| (d.addr, d.id));
         Some(
             inst.backends
                 .iter()
-                .map(|&(addr, id)| (addr, self.port_use(id)))
+                .copied()
+                .chain(draining)
+                .map(|(addr, id)| (addr, self.port_use(id)))
                 .collect(),
         )
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     backend_entry::BackendOptions,
+    drain::{Drain, OnDown},
     model::{Check, Discovery, FlowHash, HttpRoute, Protocol, Service, ValidationError},
 };
 
@@ -38,6 +39,21 @@ pub struct StoredService {
     pub table_size: u32,
     #[serde(rename = "hash", default, skip_serializing_if = "FlowHash::is_default")]
     pub hash: FlowHash,
+    #[serde(
+        rename = "drain_timeout_s",
+        default = "default_drain_timeout",
+        skip_serializing_if = "Drain::is_default_timeout"
+    )]
+    pub drain_timeout_s: u32,
+    #[serde(
+        rename = "on_down",
+        default,
+        skip_serializing_if = "Drain::is_default_on_down"
+    )]
+    pub on_down: OnDown,
+    /// The write removed the backends it left out without draining them.
+    #[serde(rename = "cut_removed", default, skip_serializing_if = "is_false")]
+    pub cut_removed: bool,
     #[serde(rename = "discovery", default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
     #[serde(rename = "http", default, skip_serializing_if = "Option::is_none")]
@@ -45,6 +61,14 @@ pub struct StoredService {
     /// None: the default check for the protocol.
     #[serde(rename = "check", default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
+}
+
+fn default_drain_timeout() -> u32 {
+    crate::drain::DEFAULT_TIMEOUT_S
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// A stored entry lb cannot use.
@@ -73,6 +97,9 @@ impl StoredService {
             backend_options: svc.backend_options.clone(),
             table_size: if discovered { 0 } else { svc.table_size },
             hash: svc.hash,
+            drain_timeout_s: svc.drain.timeout_s,
+            on_down: svc.drain.on_down,
+            cut_removed: svc.cut_removed,
             discovery: svc.discovery.clone(),
             http: svc.http.clone(),
             check: Some(svc.check.clone()),
@@ -107,6 +134,11 @@ impl StoredService {
             backend_options: self.backend_options,
             table_size: self.table_size,
             hash: self.hash,
+            drain: Drain {
+                timeout_s: self.drain_timeout_s,
+                on_down: self.on_down,
+            },
+            cut_removed: self.cut_removed,
             discovery: self.discovery,
             http: self.http,
             check: self
@@ -141,6 +173,14 @@ mod tests {
             service(serde_json::json!({
                 "vip": "10.0.0.100:80", "backends": ["10.0.1.1:80"], "hash": "src_ip"
             })),
+            service(serde_json::json!({
+                "vip": "10.0.0.100:80", "backends": ["10.0.1.1:80"],
+                "drain_timeout_s": 30, "on_down": "shutdown"
+            })),
+            Service {
+                cut_removed: true,
+                ..service(serde_json::json!({"vip": "10.0.0.100:80", "backends": ["10.0.1.1:80"]}))
+            },
             service(serde_json::json!({
                 "http": {"paths": ["/demo/"], "domain": "Example.com", "balance": "least_outstanding"},
                 "backends": ["10.0.1.1:8080"],

@@ -194,10 +194,23 @@ fn two_armed_udp_service_works() {
     udp_service_works(Topology::two_armed(3).unwrap());
 }
 
-/// A flow whose own backend is removed is balanced again on its next packet, instead
-/// of being sent to a backend that is gone.
+/// `PUT` with `?drain=false`: the backends it leaves out are cut at once.
+fn put_cutting(lb: &LbProcess, name: &str, body: &serde_json::Value) {
+    let (status, answer) = lb
+        .request(
+            "PUT",
+            &format!("/v1/services/{name}?drain=false"),
+            Some(&body.to_string()),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// A flow whose own backend is removed keeps it while it drains (the default); removed
+/// with `?drain=false`, it is balanced again on its next packet instead of being sent to
+/// a backend that is gone.
 #[test]
-fn flow_of_a_removed_backend_is_rebalanced() {
+fn flow_of_a_removed_backend_is_rebalanced_when_cut() {
     let topo = Topology::two_armed(3).unwrap();
     let _backends = start_backends(&topo, 5353);
     let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
@@ -220,6 +233,8 @@ fn flow_of_a_removed_backend_is_rebalanced() {
     let rest: Vec<usize> = (0..3).filter(|&i| i != index).collect();
     lb.put_service("dns", &service(&topo, 53, "udp", &rest, 5353))
         .unwrap();
+    assert_eq!(ask(), first, "the flow left its backend while it drains");
+    put_cutting(&lb, "dns", &service(&topo, 53, "udp", &rest, 5353));
     let second = ask();
     assert_ne!(second, first, "the flow still reached its removed backend");
     assert_eq!(
@@ -432,5 +447,129 @@ fn a_draining_backend_keeps_its_connections_and_gets_no_new_one() {
             "the draining backend's tracked flows: {view}"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Backend `addr` of service `name` as `GET /v1/services/{name}` shows it, if listed.
+fn backend_view(lb: &LbProcess, name: &str, addr: &str) -> Option<serde_json::Value> {
+    let (_, view) = lb
+        .request("GET", &format!("/v1/services/{name}"), None)
+        .unwrap();
+    view["backend_counters"]
+        .as_array()?
+        .iter()
+        .find(|b| b["address"] == addr)
+        .cloned()
+}
+
+/// `n` keep-alive connections, each answered by be1.
+fn connections_to_be1(topo: &Topology, n: usize) -> Vec<HttpConn> {
+    (0..n)
+        .map(|i| {
+            let mut c = HttpConn::connect(&topo.client, topo.vip(80).into(), T).unwrap();
+            assert_eq!(c.get().unwrap(), "be1", "connection {i}");
+            c
+        })
+        .collect()
+}
+
+/// A backend a write leaves out drains by default: its connections keep going, request
+/// after request, no new one reaches it, the API shows it draining with its flows, and
+/// it is retired once they end. `?drain=false` cuts at once; `drain_timeout_s` ends a
+/// drain whose connections outlive it.
+#[test]
+fn a_removed_backend_drains_until_its_connections_end_or_its_time_is_up() {
+    let topo = Topology::one_armed(3).unwrap();
+    let _backends = start_backends(&topo, 8080);
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let be1 = topo.backend(1, 8080).to_string();
+    let vip: SocketAddr = topo.vip(80).into();
+    let only_be1 = service(&topo, 80, "tcp", &[1], 8080);
+    let rest = service(&topo, 80, "tcp", &[0, 2], 8080);
+
+    lb.put_service("web", &only_be1).unwrap();
+    let mut conns = connections_to_be1(&topo, 10);
+    lb.put_service("web", &rest).unwrap();
+    let counts = spread(&topo, &lb, vip, 100);
+    assert!(
+        !counts.contains_key("be1"),
+        "a removed backend got new connections: {counts:?}"
+    );
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    for (i, c) in conns.iter_mut().enumerate() {
+        let who = c
+            .get()
+            .unwrap_or_else(|e| panic!("connection {i} broke while draining: {e:#}"));
+        assert_eq!(who, "be1", "connection {i} left its draining backend");
+    }
+    assert!(
+        lb_tests::eventually(Duration::from_secs(5), || {
+            backend_view(&lb, "web", &be1).is_some_and(|b| b["flows"] == 10)
+        }),
+        "the draining backend's flows: {:?}",
+        backend_view(&lb, "web", &be1)
+    );
+    let view = backend_view(&lb, "web", &be1).unwrap();
+    assert_eq!(
+        (&view["state"], &view["weight"], &view["health"]),
+        (&json!("draining"), &json!(0), &json!("unchecked")),
+        "{view}"
+    );
+    let left = view["drain_left_s"].as_u64().unwrap();
+    assert!((290..=300).contains(&left), "{view}");
+    // The service as written does not list it.
+    let (_, svc) = lb.request("GET", "/v1/services/web", None).unwrap();
+    assert_eq!(svc["backends"], rest["backends"], "{svc}");
+    // Its connections close: the next sweeps find no flow of its own and retire it.
+    drop(conns);
+    assert!(
+        lb_tests::eventually(Duration::from_secs(10), || backend_view(&lb, "web", &be1)
+            .is_none()),
+        "still draining after its connections closed: {:?}",
+        backend_view(&lb, "web", &be1)
+    );
+    assert!(lb.log_text().contains("backend drained"));
+
+    // `?drain=false`: cut at once, its connections are balanced again on their next
+    // packet (to backends that know nothing of them: they are reset).
+    lb.put_service("web", &only_be1).unwrap();
+    let mut conns = connections_to_be1(&topo, 5);
+    put_cutting(&lb, "web", &rest);
+    assert!(
+        backend_view(&lb, "web", &be1).is_none(),
+        "a cut backend drains"
+    );
+    for (i, c) in conns.iter_mut().enumerate() {
+        let answer = c.get();
+        assert!(
+            answer.is_err(),
+            "connection {i} still answered after a cut: {answer:?}"
+        );
+    }
+
+    // A drain that outlives its timeout is cut when the time is up.
+    let with_timeout = |mut body: serde_json::Value| {
+        body["drain_timeout_s"] = json!(2);
+        body
+    };
+    lb.put_service("web", &with_timeout(only_be1.clone()))
+        .unwrap();
+    let mut conns = connections_to_be1(&topo, 5);
+    lb.put_service("web", &with_timeout(rest.clone())).unwrap();
+    let view = backend_view(&lb, "web", &be1).expect("draining");
+    assert!(view["drain_left_s"].as_u64().unwrap() <= 2, "{view}");
+    assert_eq!(conns[0].get().unwrap(), "be1");
+    assert!(
+        lb_tests::eventually(Duration::from_secs(6), || backend_view(&lb, "web", &be1)
+            .is_none()),
+        "still draining past its timeout: {:?}",
+        backend_view(&lb, "web", &be1)
+    );
+    for (i, c) in conns.iter_mut().enumerate() {
+        let answer = c.get();
+        assert!(
+            answer.is_err(),
+            "connection {i} still answered past the drain timeout: {answer:?}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::{
 use lb_tests::{
     eventually,
     lbproc::LbProcess,
-    servers::{Backend, ClientLoad, http_get_once},
+    servers::{Backend, ClientLoad, HttpConn, http_get_once},
     topology::Topology,
 };
 use serde_json::{Value, json};
@@ -148,4 +148,71 @@ fn a_failing_backend_leaves_the_maglev_table_and_returns() {
     let (seen, failed) = answering(60);
     assert_eq!(failed, 0);
     assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+/// A backend its check takes down keeps its established connections by default
+/// (`"on_down": "drain"`, HAProxy's default): they still reach it while no new one does.
+/// With `"on_down": "shutdown"` they are balanced again at once.
+#[test]
+fn a_backend_taken_down_keeps_its_connections_unless_on_down_is_shutdown() {
+    let topo = Topology::two_armed(3).unwrap();
+    // The service on 8080; the check on 8081, a listener of its own that can fail alone.
+    let _served: Vec<Backend> = (0..3)
+        .map(|i| topo.start_backend(i, 8080, false).unwrap())
+        .collect();
+    let mut checked: Vec<Option<Backend>> = (0..3)
+        .map(|i| Some(topo.start_backend(i, 8081, false).unwrap()))
+        .collect();
+    let lb = LbProcess::start(&topo.lb, &topo.lb_ifaces, &[]).unwrap();
+    let all: Vec<String> = (0..3).map(|i| topo.backend(i, 8080).to_string()).collect();
+    let check = json!({"kind": "tcp", "port": 8081, "interval_ms": 200, "timeout_ms": 150, "rise": 2, "fall": 2});
+    let body = json!({"vip": topo.vip(80).to_string(), "backends": all, "check": check});
+    lb.put_service("web", &body).unwrap();
+    let vip = SocketAddr::from(topo.vip(80));
+    let mut on_be1: Vec<HttpConn> = Vec::new();
+    for _ in 0..60 {
+        let mut c = HttpConn::connect(&topo.client, vip, T).unwrap();
+        if c.get().unwrap() == "be1" {
+            on_be1.push(c);
+        }
+    }
+    assert!(
+        on_be1.len() >= 5,
+        "{} connections reached be1",
+        on_be1.len()
+    );
+
+    checked[1] = None;
+    assert!(
+        eventually(Duration::from_secs(5), || backend_view(&lb, "web", &all[1])
+            ["health"]
+            == "down"),
+        "{:?}",
+        health(&lb, "web")
+    );
+    for (i, c) in on_be1.iter_mut().enumerate() {
+        let who = c
+            .get()
+            .unwrap_or_else(|e| panic!("connection {i} to the down backend broke: {e:#}"));
+        assert_eq!(who, "be1", "connection {i} left its backend");
+    }
+    for i in 0..40 {
+        let who = http_get_once(&topo.client, vip, T).unwrap();
+        assert_ne!(who, "be1", "new connection {i} reached the down backend");
+    }
+
+    // The same service with "on_down": "shutdown": the down backend's connections are
+    // balanced again (to backends that reset them).
+    let mut shutdown = body.clone();
+    shutdown["on_down"] = json!("shutdown");
+    lb.put_service("web", &shutdown).unwrap();
+    for (i, c) in on_be1.iter_mut().enumerate() {
+        let answer = c.get();
+        assert!(
+            answer.is_err(),
+            "connection {i} still reached the down backend: {answer:?}"
+        );
+    }
+    let (_, view) = lb.request("GET", "/v1/services/web", None).unwrap();
+    assert_eq!(view["on_down"], "shutdown", "{view}");
 }

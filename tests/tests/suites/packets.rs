@@ -630,11 +630,111 @@ fn a_flow_keeps_its_backend_until_that_backend_is_removed() {
             .snat_port,
         first.snat_port
     );
-    // Removing its own backend balances it again on the next packet.
+    // Removing its own backend drains it: the flow keeps it, a new flow cannot have it.
     lab.service("web", "10.70.0.100:80", "tcp", &[others[0]]);
+    let (verdict, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
+    assert_eq!((verdict, dst_of(&out)), (XDP_TX, backend));
+    for sport in CLIENT_PORT + 1..CLIENT_PORT + 20 {
+        let (other, _) = open(&mut lab, sport);
+        assert_eq!(
+            other.to_string() + ":8080",
+            others[0],
+            "a new flow from {sport}"
+        );
+    }
+    // The sweep counts its flow: it drains until its time is up, then the flow is
+    // balanced again on its next packet.
+    // The sweep counts the flows: the backend removed first, which has none, is retired;
+    // this one drains until its time is up, then the flow is balanced again on its next
+    // packet.
+    let draining = |lab: &PacketLab| -> Vec<Ipv4Addr> {
+        let inst = lab.dataplane.installed("web").unwrap();
+        inst.draining.iter().map(|d| *d.addr.ip()).collect()
+    };
+    assert_eq!(draining(&lab).len(), 2);
+    let now = std::time::Instant::now();
+    lab.dataplane.sweep().unwrap();
+    assert_eq!(lab.dataplane.end_drains(now).unwrap(), ["web"]);
+    assert_eq!(draining(&lab), [backend]);
+    let (_, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
+    assert_eq!(
+        dst_of(&out),
+        backend,
+        "the flow left its backend while it drains"
+    );
+    let after = now + std::time::Duration::from_secs(301);
+    assert_eq!(lab.dataplane.end_drains(after).unwrap(), ["web"]);
+    assert!(draining(&lab).is_empty());
     let (verdict, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
     assert_eq!(verdict, XDP_TX);
     assert_eq!(dst_of(&out).to_string() + ":8080", others[0]);
+}
+
+#[test]
+fn a_drained_backend_is_retired_once_the_sweep_finds_no_flow_of_its_own() {
+    let mut lab = web_lab();
+    let (backend, _) = open(&mut lab, CLIENT_PORT);
+    // The client's ACK ends the handshake (a reset is then taken whatever its sequence).
+    lab.run(lab.v0, &to_vip(ACK, b"").bytes());
+    let rest: Vec<&str> = WEB_BACKENDS
+        .iter()
+        .copied()
+        .filter(|b| !b.starts_with(&format!("{backend}:")))
+        .collect();
+    lab.service("web", "10.70.0.100:80", "tcp", &rest);
+    let installed = |lab: &PacketLab| lab.dataplane.installed("web").unwrap().draining.len();
+    assert_eq!(installed(&lab), 1);
+    lab.dataplane.sweep().unwrap();
+    assert!(
+        lab.dataplane
+            .end_drains(std::time::Instant::now())
+            .unwrap()
+            .is_empty()
+    );
+    // The client resets its connection: the next sweep counts no live flow.
+    let rst = L4::Tcp {
+        syn: false,
+        ack: true,
+        fin: false,
+        rst: true,
+    };
+    let (_, out) = lab.run(lab.v0, &to_vip(rst, b"").bytes());
+    assert_eq!(
+        backend_and_port(&out).0,
+        backend,
+        "the reset reaches its backend"
+    );
+    lab.dataplane.sweep().unwrap();
+    assert_eq!(
+        lab.dataplane.end_drains(std::time::Instant::now()).unwrap(),
+        ["web"]
+    );
+    assert_eq!(installed(&lab), 0);
+}
+
+#[test]
+fn a_write_that_cuts_removed_backends_balances_their_flows_again_at_once() {
+    let mut lab = web_lab();
+    let (backend, _) = open(&mut lab, CLIENT_PORT);
+    let rest: Vec<serde_json::Value> = WEB_BACKENDS
+        .iter()
+        .filter(|b| !b.starts_with(&format!("{backend}:")))
+        .map(|&b| b.into())
+        .collect();
+    lab.service_as(
+        "web",
+        lb::model::ServiceSpec {
+            vip: Some("10.70.0.100:80".into()),
+            backends: Some(rest.clone()),
+            cut_removed: true,
+            ..Default::default()
+        },
+    );
+    assert!(lab.dataplane.installed("web").unwrap().draining.is_empty());
+    let (verdict, out) = lab.run(lab.v0, &to_vip(ACK, b"x").bytes());
+    assert_eq!(verdict, XDP_TX);
+    let moved = backend_and_port(&out).0;
+    assert!(rest.contains(&format!("{moved}:8080").into()), "{moved}");
 }
 
 #[test]
