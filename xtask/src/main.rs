@@ -152,6 +152,8 @@ fn privileged_suites(filter: Option<&str>) -> anyhow::Result<()> {
             "terse",
         ]),
     )?;
+    // Every suite runs even after one fails, so that a red run shows all that is wrong.
+    let mut failed = Vec::new();
     for suite in suites::names(&listed) {
         let mut c = cargo(&["test", "--release", "-p", "lb-tests"]);
         match &suite {
@@ -168,7 +170,16 @@ fn privileged_suites(filter: Option<&str>) -> anyhow::Result<()> {
             }
         }
         c.env("LB_BIN", root().join("target/release/lb"));
-        suites::run_limited(&mut c, suites::SUITE_LIMIT)?;
+        if let Err(e) = suites::run_limited(&mut c, suites::SUITE_LIMIT) {
+            eprintln!(
+                "xtask: suite {} failed: {e:#}",
+                suite.as_deref().unwrap_or("test kit")
+            );
+            failed.push(suite.unwrap_or_else(|| "test kit".into()));
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("failed suites: {}", failed.join(", "));
     }
     Ok(())
 }

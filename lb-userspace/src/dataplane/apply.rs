@@ -339,8 +339,8 @@ impl Dataplane {
     }
 
     /// Backend ids for `svc`'s backends: kept for those `old` had (draining ones too), new
-    /// ones (written, and active unless in `down`) for the others. Kept backends that are up are made active
-    /// here, before the table can name them.
+    /// ones (written, and active unless in `down`) for the others. Kept backends that are
+    /// up are made active here, before the table can name them.
     fn write_backends(
         &mut self,
         svc: &Service,
@@ -490,8 +490,9 @@ impl Dataplane {
     }
 
     /// Makes the table and active flags of service `name` match `down`, its backends that
-    /// are down: those that fall leave the table (their tracked flows are balanced again on
-    /// their next packet), those that rise take back their own slots. Whether anything
+    /// are down: those that fall leave the table (their tracked flows keep them, or under
+    /// `on_down: shutdown` are balanced again on their next packet), those that rise take
+    /// back their own slots. Whether anything
     /// changed.
     pub fn set_health(
         &mut self,
@@ -502,9 +503,9 @@ impl Dataplane {
             return Ok(false);
         };
         // Rising: usable before the table points at it. Falling: out of the table before
-        // it turns inactive, so that re-balanced flows cannot pick it again.
+        // it turns inactive (under `on_down: shutdown`; under `drain` it stays active, for
+        // its tracked flows), so that re-balanced flows cannot pick it again.
         let rose = self.write_health(&inst.backends, down, true)?;
-        // Falling under `on_down: drain`, it stays active: its tracked flows keep it.
         let table = table_for(
             &inst.full_table,
             &inst.backends,

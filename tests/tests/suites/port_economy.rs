@@ -741,8 +741,8 @@ fn a_handshake_the_client_never_completes_is_not_kept_alive_by_the_backends_retr
 #[test]
 fn a_syn_of_a_flow_that_must_move_or_expired_begins_a_handshake() {
     // In cookie mode a SYN on a live tracked flow goes to that flow; if its backend went
-    // away, it is balanced again as what it is, a SYN: its flow has a handshake's
-    // timeout, not an established connection's hour.
+    // away (cut, not draining), it is balanced again as what it is, a SYN: its flow has a
+    // handshake's timeout, not an established connection's hour.
     let mut lab = lab_with((61000, 61100), CookieMode::Always, 4096);
     let syn = Seg::linux_syn(client(CLIENT_PORT, SYN, 1000, 0).frame, 1000, 5000);
     let sa = seen(&lab.run(lab.v0, &syn.bytes()).1);
@@ -752,7 +752,15 @@ fn a_syn_of_a_flow_that_must_move_or_expired_begins_a_handshake() {
         sa.ts.unwrap().0,
     );
     assert_eq!(seen(&lab.run(lab.v0, &ack.bytes()).1).dst, BACKEND);
-    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.12:8080"]);
+    lab.service_as(
+        "web",
+        lb::model::ServiceSpec {
+            vip: Some("10.70.0.100:80".into()),
+            backends: Some(vec!["10.70.0.12:8080".into()]),
+            cut_removed: true,
+            ..Default::default()
+        },
+    );
     let syn2 = Seg::linux_syn(client(CLIENT_PORT, SYN, 50_000, 0).frame, 50_000, 6000);
     let (v, out) = lab.run(lab.v0, &syn2.bytes());
     assert_eq!(v, XDP_TX);
