@@ -95,6 +95,10 @@ pub const IFACE_TX_BY_REDIRECT: u8 = 1;
 /// kept (its `expires` is 0).
 pub const HOP_VIA_KERNEL: u8 = 0x80;
 
+/// `NextHop::flags` only: the destination is reached through a gateway, not on the
+/// egress interface's own segment (a `dsr-l2` backend must be on it).
+pub const HOP_VIA_GATEWAY: u8 = 0x40;
+
 /// Key of `fib_cache`: a destination as routed for packets arriving on `ifindex`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

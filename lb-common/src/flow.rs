@@ -60,6 +60,14 @@ pub const CONN_RESET: u16 = 8;
 pub const CONN_SYNPROXY: u16 = 16;
 /// `CONN_SYNPROXY`: the backend answered lb's SYN; the deltas hold.
 pub const CONN_BACKEND_OPEN: u16 = 32;
+/// A direct-server-return flow (`SERVICE_DSR_IPIP` or `SERVICE_DSR_L2`): it holds no port,
+/// lb sees only the client's side, and a FIN or RST from the client only shortens its
+/// timeout (`CONN_CLIENT_FIN`).
+pub const CONN_DIRECT_IPIP: u16 = 64;
+pub const CONN_DIRECT_L2: u16 = 128;
+pub const CONN_DIRECT: u16 = CONN_DIRECT_IPIP | CONN_DIRECT_L2;
+/// `CONN_DIRECT_IPIP` with a per-flow outer source (`SERVICE_DSR_SPREAD_SOURCE`).
+pub const CONN_SPREAD_SOURCE: u16 = 256;
 pub const CONN_CLOSING: u16 = CONN_CLIENT_FIN | CONN_BACKEND_FIN | CONN_RESET;
 /// Flags whose packets leave the fast path: state to follow, or fields to translate.
 pub const CONN_SLOW: u16 = CONN_HANDSHAKE | CONN_CLOSING | CONN_SYNPROXY;

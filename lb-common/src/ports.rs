@@ -106,7 +106,8 @@ pub const fn first_free(word: u64, from: u32, valid: u32) -> Option<u32> {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendState {
-    /// Ports held by live flows, over every SNAT address, as of the last sweep.
+    /// Ports held by live flows, over every SNAT address, as of the last sweep; for a
+    /// direct-server-return backend, whose flows hold none, its live flows.
     pub ports_in_use: u32,
     /// Ports whose last flow the backend closed first, in its TIME_WAIT.
     pub ports_time_wait: u32,

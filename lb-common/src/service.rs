@@ -98,6 +98,16 @@ assert_layout!(ServiceInfo, size = 16, align = 4);
 /// left out of the hash), so one client's connections all reach the same backend while
 /// the table stands (Katran's `HASH_NO_SRC_PORT`).
 pub const SERVICE_HASH_SRC_IP: u32 = 1;
+/// `ServiceInfo::flags`: direct server return through an IPIP tunnel. The client's packet
+/// goes to the backend whole, inside an outer IPv4 header addressed to it; the backend
+/// answers the client itself. No SNAT port, no reverse entry.
+pub const SERVICE_DSR_IPIP: u32 = 2;
+/// Direct server return on the balancer's own segment: only the destination MAC changes.
+pub const SERVICE_DSR_L2: u32 = 4;
+/// With `SERVICE_DSR_IPIP`: the outer source is made per flow from the client's address
+/// and port (in 172.16.0.0/16, as Katran does), so that a backend's NIC spreads the
+/// tunnel's packets over its queues; without it, it is the balancer's own address.
+pub const SERVICE_DSR_SPREAD_SOURCE: u32 = 8;
 
 /// `Backend::flags`: the backend may receive new flows and keeps its tracked ones.
 pub const BACKEND_ACTIVE: u32 = 1;

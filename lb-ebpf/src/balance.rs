@@ -71,7 +71,7 @@ fn target(
     cfg: &Config,
 ) -> Result<&'static Target, DropReason> {
     let (id, backend) = select::pick(svc, slot_hash(pick)).ok_or(DropReason::NoBackend)?;
-    let hop = forward::backend_hop(ctx, pkt, id, backend.addr, now, cfg)?;
+    let hop = forward::backend_hop(ctx, pkt, pkt.ip_len, id, backend.addr, now, cfg)?;
     if hop.src_addr == [0; 4] {
         return Err(DropReason::NoSnatAddress);
     }
@@ -91,6 +91,9 @@ pub fn new_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> u32 {
     let Some(f) = flow_slot() else {
         return next::drop(DropReason::MapUpdate);
     };
+    if crate::direct::is_direct(&f.svc) {
+        return next::DIRECT_FLOW;
+    }
     match try_new_flow(ctx, pkt, f, cfg) {
         Ok(Outcome::Sent(v)) => v,
         Ok(Outcome::Tracked) => next::TRACKED,

@@ -33,13 +33,13 @@ pub struct Segment {
 }
 
 #[inline(always)]
-fn sum_words(sum: u32, bytes: &[u8; 4]) -> u32 {
+pub fn sum_words(sum: u32, bytes: &[u8; 4]) -> u32 {
     sum + u16::from_ne_bytes([bytes[0], bytes[1]]) as u32
         + u16::from_ne_bytes([bytes[2], bytes[3]]) as u32
 }
 
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)

@@ -8,7 +8,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    config::{Config, FIB_CACHE_TTL_S, FibKey, HOP_VIA_KERNEL, IFACE_TX_BY_REDIRECT, NextHop},
+    config::{
+        Config, FIB_CACHE_TTL_S, FibKey, HOP_VIA_GATEWAY, HOP_VIA_KERNEL, IFACE_TX_BY_REDIRECT,
+        NextHop,
+    },
     stats::DropReason,
 };
 
@@ -16,20 +19,22 @@ use crate::{kernel_hop, maps, parse::Packet};
 
 const AF_INET: u8 = 2;
 
-/// Whether a remembered next hop may still be used for `pkt`: not expired, and the packet
-/// no larger than one the FIB accepted for the egress MTU.
+/// Whether a remembered next hop may still be used for a packet of IP length `len`: not
+/// expired, and no larger than one the FIB accepted for the egress MTU.
 #[inline(always)]
-pub fn fresh(hop: &NextHop, pkt: &Packet, now: u64) -> bool {
-    hop.expires > now && pkt.ip_len <= hop.max_len
+pub fn fresh(hop: &NextHop, len: u16, now: u64) -> bool {
+    hop.expires > now && len <= hop.max_len
 }
 
-/// The next hop to backend `id` at `addr`: from `backend_hops` while that is fresh, else
-/// from the FIB (and then kept there). Shared by all the backend's flows, so it is usually
-/// in the cache.
+/// The next hop to backend `id` at `addr` for a packet of IP length `len` as it will
+/// leave (with any encapsulation): from `backend_hops` while that is fresh, else from the
+/// FIB (and then kept there). Shared by all the backend's flows, so it is usually in the
+/// cache.
 #[inline(always)]
 pub fn backend_hop(
     ctx: &XdpContext,
     pkt: &Packet,
+    len: u16,
     id: u32,
     addr: [u8; 4],
     now: u64,
@@ -41,10 +46,17 @@ pub fn backend_hop(
     // SAFETY: non-null from the lookup; array values live as long as the map. All CPUs
     // share it and may rewrite it at once (see below).
     let kept = unsafe { &mut *kept };
-    if fresh(kept, pkt, now) {
+    if fresh(kept, len, now) {
         return Ok(kept);
     }
-    let hop = fib(ctx, pkt, [0; 4], addr, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
+    let hop = fib(
+        ctx,
+        pkt,
+        len,
+        [0; 4],
+        addr,
+        now + cfg.jiffies(FIB_CACHE_TTL_S),
+    )?;
     // Shared by all CPUs: invalidated first and made valid last, so that a reader who
     // checks it after the rewrite began never takes it for fresh. Volatile stores: plain
     // ones were reordered, and the first dropped as dead, by the compiler.
@@ -84,11 +96,18 @@ pub fn lookup(
     // SAFETY: LRU elements are preallocated, so the value stays valid for the run, and it
     // is copied out before the insert below. Another CPU's insert may recycle it meanwhile.
     if let Some(e) = unsafe { maps::fib_cache.get(&key) }
-        && fresh(e, pkt, now)
+        && fresh(e, pkt.ip_len, now)
     {
         return Ok(*e);
     }
-    let hop = fib(ctx, pkt, src, dst, now + cfg.jiffies(FIB_CACHE_TTL_S))?;
+    let hop = fib(
+        ctx,
+        pkt,
+        pkt.ip_len,
+        src,
+        dst,
+        now + cfg.jiffies(FIB_CACHE_TTL_S),
+    )?;
     // A full cache only costs speed, never correctness.
     if hop.flags & HOP_VIA_KERNEL == 0 {
         let _ = maps::fib_cache.insert(&key, &hop, 0);
@@ -97,12 +116,15 @@ pub fn lookup(
 }
 
 /// Asks the FIB for the route from `src` to `dst` of a packet that came in on the
-/// context's interface; the answer may be kept until `expires`. The parameter block lives
-/// in the per-CPU scratch map, not on the stack.
+/// context's interface and leaves `len` bytes long (IP); the answer may be kept until
+/// `expires`. The parameter block lives in the per-CPU scratch map, not on the stack.
+/// Too large for the route's MTU: `FragNeeded`, with that MTU left in the scratch space
+/// for the ICMP answer (`icmp::too_big`).
 #[inline(always)]
 fn fib(
     ctx: &XdpContext,
     pkt: &Packet,
+    len: u16,
     src: [u8; 4],
     dst: [u8; 4],
     expires: u64,
@@ -114,7 +136,7 @@ fn fib(
     p.l4_protocol = pkt.proto;
     p.sport = 0;
     p.dport = 0;
-    p.__bindgen_anon_1.tot_len = pkt.ip_len;
+    p.__bindgen_anon_1.tot_len = len;
     p.ifindex = ctx.ingress_ifindex() as u32;
     p.__bindgen_anon_2.tos = 0;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
@@ -132,12 +154,21 @@ fn fib(
     } as u32;
     // A route without the next hop's MAC (the FIB still names the egress interface): the
     // kernel sends the frame and resolves the neighbour, and the hop is asked for again.
-    let (flags, expires) = match rc {
+    let (mut flags, expires) = match rc {
         BPF_FIB_LKUP_RET_SUCCESS => (0, expires),
         BPF_FIB_LKUP_RET_NO_NEIGH => (HOP_VIA_KERNEL, 0),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::FragNeeded),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: on this answer the helper wrote the route's MTU over `tot_len`.
+            scratch.too_big_mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            return Err(DropReason::FragNeeded);
+        }
         _ => return Err(DropReason::NoRoute),
     };
+    // The helper puts the gateway's address in place of the destination's.
+    // SAFETY: an IPv4 lookup writes and reads the IPv4 member.
+    if unsafe { p.__bindgen_anon_4.ipv4_dst } != u32::from_ne_bytes(dst) {
+        flags |= HOP_VIA_GATEWAY;
+    }
     // No address on the egress interface: a new flow there is dropped.
     // SAFETY: the program never inserts into or removes from `iface_addrs`, and its
     // elements are preallocated: the value stays valid for the run.
@@ -148,7 +179,7 @@ fn fib(
     };
     Ok(NextHop {
         ifindex: p.ifindex,
-        max_len: pkt.ip_len,
+        max_len: len,
         smac: p.smac,
         dmac: p.dmac,
         src_addr,

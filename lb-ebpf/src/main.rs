@@ -3,7 +3,9 @@
 //! Packet path: parse -> a reply to a port lb holds? (reverse NAT, `reply`) -> VIP filter
 //! -> SYN: a new flow (`balance`), or lb's own SYN-ACK in cookie mode | a tracked flow:
 //! keep its backend | another TCP packet: a cookie's answer, else dropped | UDP: a new flow
-//! -> SNAT port (`ports`) -> rewrite -> next hop -> `XDP_TX` / `XDP_REDIRECT`. Each step
+//! -> SNAT port (`ports`) -> rewrite -> next hop -> `XDP_TX` / `XDP_REDIRECT`; a flow of a
+//! direct-server-return service instead goes to its backend unchanged (`direct`), and a
+//! packet too large for its route is answered (`icmp`). Each step
 //! is a sub-program called from here, one after another (`next`), and counts its own drops.
 #![no_std]
 #![no_main]
@@ -11,10 +13,12 @@
 
 mod balance;
 mod cookie;
+mod direct;
 mod emit;
 mod flood;
 mod flows;
 mod forward;
+mod icmp;
 mod kernel_hop;
 mod maps;
 mod nat;
@@ -37,7 +41,8 @@ use aya_ebpf::{
 use lb_common::{
     config::Config,
     flow::{
-        CONN_BACKEND_OPEN, CONN_SLOW, CONN_SYNPROXY, Conn, FlowKey, PROBE_SYN, PROBE_TS, SynProbe,
+        CONN_BACKEND_OPEN, CONN_DIRECT, CONN_SLOW, CONN_SYNPROXY, Conn, FlowKey, PROBE_SYN,
+        PROBE_TS, SynProbe,
     },
     hash::{flow_hash, slot_hash},
     service::{SERVICE_HASH_SRC_IP, ServiceInfo, ServiceKey},
@@ -49,6 +54,7 @@ use crate::parse::{Packet, Parsed};
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match try_lb_xdp(&ctx) {
+        Ok(next::TOO_BIG) | Err(DropReason::FragNeeded) => icmp::too_big(&ctx),
         Ok(action) => action,
         Err(reason) => {
             stats::count_drop(reason);
@@ -191,6 +197,9 @@ fn then(
     if v == next::NEW_FLOW {
         v = balance::new_flow(ctx, pkt, cfg);
     }
+    if v == next::DIRECT_FLOW || v == next::DIRECT_SEND {
+        v = direct::step(ctx, pkt, v, cfg);
+    }
     if v == next::OPEN_COOKIE {
         v = balance::cookie_flow(ctx, pkt, cfg);
     }
@@ -201,7 +210,7 @@ fn then(
         }
     }
     // Only a SYN's first step may hand the packet to a tracked flow.
-    if v > xdp_action::XDP_REDIRECT {
+    if v > xdp_action::XDP_REDIRECT && v != next::TOO_BIG {
         return next::drop(DropReason::MapUpdate);
     }
     v
@@ -296,7 +305,8 @@ fn try_syn(
     };
     let now = track::now();
     flood::count_syn(now, cfg);
-    if flood::cookies(cfg) {
+    // lb never sees a direct flow's backend answer, so it cannot stand in for it.
+    if flood::cookies(cfg) && !direct::is_direct(&svc) {
         // A retry of a handshake begun before, or a SYN on a live connection, goes on.
         if let Some(c) = flows::get(flow, cfg)
             // SAFETY: `flows::get` returned a non-null `conntrack` slot; array values live
@@ -371,6 +381,11 @@ fn try_unknown_tcp(
     let Some(svc) = (unsafe { maps::services.get(key) }) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    // A direct flow lb does not know goes where the table says: another node carried it
+    // until now, and picked the same backend.
+    if direct::is_direct(svc) {
+        return Ok(flow_to_balance(flow, svc, SynProbe::NONE, false, cfg));
+    }
     if !pkt.plain_ack() {
         return Err(DropReason::UnknownFlow);
     }
@@ -500,11 +515,14 @@ fn try_tracked(
         // Its backend is gone, or it expired: balance it again, and track it at once.
         _ => return Ok(next::REBALANCE),
     };
+    if c.flags & CONN_DIRECT != 0 {
+        return direct::tracked(pkt, c, &backend, now, cfg);
+    }
     // A FIN or reset of any flow, and every segment of a flow in its handshake or close.
     if (c.flags & CONN_SLOW != 0 || pkt.closes()) && seen & SEEN_SLOW == 0 {
         return Ok(next::SLOW);
     }
-    let hop = forward::backend_hop(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
+    let hop = forward::backend_hop(ctx, pkt, pkt.ip_len, c.backend_id, backend.addr, now, cfg)?;
     track::touch(c, now, cfg);
     nat::rewrite(pkt, c.snat_addr, c.snat_port, backend.addr, backend.port);
     stats::count(c.service_id, c.backend_id, pkt.ip_len as u64);
@@ -549,7 +567,7 @@ fn try_slow(
         // SAFETY: `parse` checked the IP header against data_end, and the verifier refuses
         // a packet pointer kept across a resize.
         let ttl = unsafe { (*pkt.ip).ttl } - 1;
-        let hop = forward::backend_hop(ctx, pkt, c.backend_id, backend.addr, now, cfg)?;
+        let hop = forward::backend_hop(ctx, pkt, pkt.ip_len, c.backend_id, backend.addr, now, cfg)?;
         cookie::syn_to_backend(ctx, c, backend, ttl)?;
         return forward::send_rewritten(ctx, hop).map(Some);
     }

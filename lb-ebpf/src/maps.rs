@@ -117,6 +117,9 @@ pub struct Scratch {
     pub answer: crate::cookie::Answer,
     /// The backend a cookie SYN-ACK speaks for.
     pub cookie_backend: u32,
+    pub direct: crate::direct::Chosen,
+    /// The MTU a "fragmentation needed" answer advertises (see `icmp::too_big`).
+    pub too_big_mtu: u16,
     /// Never written: all zeroes.
     pub empty_table: PortTable,
 }

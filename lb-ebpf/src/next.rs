@@ -41,9 +41,24 @@ pub const COOKIE_ACK: u32 = u32::MAX - 10;
 /// A SYN in cookie mode: `cookie_syn` (in `main`) answers it.
 pub const COOKIE_SYN: u32 = u32::MAX - 8;
 
-/// Counts a drop and answers its verdict.
+/// A new flow of a direct-server-return service, left in the scratch space:
+/// `direct::new_flow` balances it.
+pub const DIRECT_FLOW: u32 = u32::MAX - 11;
+
+/// A direct flow's backend was chosen (in the scratch space): `direct::send` sends it.
+pub const DIRECT_SEND: u32 = u32::MAX - 13;
+
+/// The packet is larger than its route's MTU (the MTU to advertise is in the scratch
+/// space): `icmp::too_big` answers the sender, from the top of the program.
+pub const TOO_BIG: u32 = u32::MAX - 12;
+
+/// Counts a drop and answers its verdict; a packet too large for its route instead gets
+/// [`TOO_BIG`] (the answer counts it if it cannot be sent).
 #[inline(always)]
 pub fn drop(reason: DropReason) -> u32 {
+    if matches!(reason, DropReason::FragNeeded) {
+        return TOO_BIG;
+    }
     stats::count_drop(reason);
     xdp_action::XDP_DROP
 }

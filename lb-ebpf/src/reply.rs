@@ -38,7 +38,7 @@ fn try_reply(
     // preallocated: valid for the run even if another CPU removes the entry.
     let r = unsafe { &mut *rev };
     let now = track::now();
-    if !forward::fresh(&r.hop, pkt, now) && seen & SEEN_ROUTE == 0 {
+    if !forward::fresh(&r.hop, pkt.ip_len, now) && seen & SEEN_ROUTE == 0 {
         return Ok(crate::next::ROUTE);
     }
     if seen & SEEN_HANDSHAKE == 0

@@ -14,8 +14,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     config::Config,
-    flow::{FlowKey, NatReverse, state},
+    flow::{CONN_DIRECT, FlowKey, NatReverse, state},
     flowtab,
+    ports::BackendState,
 };
 
 use crate::{flood, flows, maps, ports, track};
@@ -32,12 +33,10 @@ struct Sweep {
     range: u32,
 }
 
-/// Counts the port held through `r` for its backend.
+/// Backend `id`'s counts, zeroed on this sweep's first visit.
 #[inline(always)]
-fn count(r: &NatReverse, s: &mut Sweep) {
-    let Some(b) = maps::backend_state.get_ptr_mut(r.backend_id) else {
-        return;
-    };
+fn counts(id: u32, s: &Sweep) -> Option<&'static mut BackendState> {
+    let b = maps::backend_state.get_ptr_mut(id)?;
     // SAFETY: non-null from the lookup; array values live as long as the map. The packet
     // path may write other fields of it (the MSS) meanwhile.
     let b = unsafe { &mut *b };
@@ -46,6 +45,15 @@ fn count(r: &NatReverse, s: &mut Sweep) {
         b.ports_in_use = 0;
         b.ports_time_wait = 0;
     }
+    Some(b)
+}
+
+/// Counts the port held through `r` for its backend.
+#[inline(always)]
+fn count(r: &NatReverse, s: &mut Sweep) {
+    let Some(b) = counts(r.backend_id, s) else {
+        return;
+    };
     if r.state == state::TIME_WAIT {
         b.ports_time_wait += 1;
         return;
@@ -156,12 +164,18 @@ fn sweep_slot(i: u32, mask: u32, s: &mut Sweep) {
     if st == flowtab::slot::EMPTY {
         return;
     }
-    if st == flowtab::slot::LIVE
-        && slot.conn.expired(slot.proto, s.now, &s.cfg)
-        && flows::set_state(slot, flowtab::slot::LIVE, flowtab::slot::DEAD)
-    {
-        s.removed += 1;
-        st = flowtab::slot::DEAD;
+    if st == flowtab::slot::LIVE {
+        if !slot.conn.expired(slot.proto, s.now, &s.cfg) {
+            // A direct flow holds no port: it is counted here, among its backend's.
+            if slot.conn.flags & CONN_DIRECT != 0
+                && let Some(b) = counts(slot.conn.backend_id, s)
+            {
+                b.ports_in_use += 1;
+            }
+        } else if flows::set_state(slot, flowtab::slot::LIVE, flowtab::slot::DEAD) {
+            s.removed += 1;
+            st = flowtab::slot::DEAD;
+        }
     }
     if st != flowtab::slot::DEAD {
         return;

@@ -40,7 +40,40 @@ enum Command {
     Run(RunArgs),
     /// Detach the XDP program and remove the pinned maps a stopped `lb run` left behind.
     Down(DownArgs),
+    /// On a backend of "forwarding": "dsr" services: attach lb's decapsulation program,
+    /// which strips the outer header of lb's IPIP packets for these VIPs (needs root).
+    #[command(after_help = BACKEND_HELP)]
+    Backend(BackendArgs),
 }
+
+#[derive(Args)]
+struct BackendArgs {
+    /// Interface the balancer's packets arrive on; repeat for several.
+    #[arg(long = "iface", value_name = "IF", required_unless_present = "down")]
+    ifaces: Vec<String>,
+    /// A VIP this backend serves (its address, no port); repeat for several. Packets for
+    /// other addresses pass untouched.
+    #[arg(long = "vip", value_name = "ADDR", required_unless_present = "down")]
+    vips: Vec<std::net::Ipv4Addr>,
+    /// The bpffs directory the program's link and VIP map are pinned under.
+    #[arg(long, default_value = "/sys/fs/bpf/lb-backend", value_name = "DIR")]
+    bpffs: PathBuf,
+    /// Detach the program and remove its pins.
+    #[arg(long, conflicts_with_all = ["ifaces", "vips"])]
+    down: bool,
+}
+
+const BACKEND_HELP: &str = "\
+The program stays attached after the command exits (its link is pinned); run it again with
+the full list to change the VIPs or interfaces (swapped in atomically), or --down to remove it.
+
+The backend must also hold each VIP on a local device, and answer clients directly:
+  ip addr add VIP/32 dev lo
+  sysctl -w net.ipv4.conf.all.rp_filter=2    (only where the route back to clients is
+                                             not through IF, which strict mode requires)
+With the kernel's ipip module, a tunnel device does the same without this program:
+  ip link add name ipip0 type ipip external && ip link set ipip0 up
+  ip addr add 127.0.0.42/32 dev ipip0 && ip addr add VIP/32 dev lo";
 
 #[derive(Args)]
 struct DownArgs {
@@ -596,6 +629,36 @@ fn down(args: DownArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn backend(args: BackendArgs) -> anyhow::Result<()> {
+    if args.down {
+        let removed = lb::decap::remove(&args.bpffs)?;
+        eprintln!(
+            "lb: detached the decapsulation program and removed {removed} pins under {}",
+            args.bpffs.display()
+        );
+        return Ok(());
+    }
+    let detached = lb::decap::install(&args.bpffs, &args.ifaces, &args.vips)?;
+    let vips: Vec<String> = args.vips.iter().map(ToString::to_string).collect();
+    eprintln!(
+        "lb: decapsulating IPIP for {} on {} (pinned under {}{})",
+        vips.join(", "),
+        args.ifaces.join(", "),
+        args.bpffs.display(),
+        if detached > 0 {
+            format!("; detached from {detached} other interfaces")
+        } else {
+            String::new()
+        }
+    );
+    for vip in lb::decap::vips_not_held(&args.vips) {
+        eprintln!(
+            "lb: warning: no interface holds {vip}: its packets are dropped by the stack until it does (ip addr add {vip}/32 dev lo)"
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -618,6 +681,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
         Command::Down(args) => down(args),
+        Command::Backend(args) => backend(args),
     };
     if let Err(e) = result {
         // One line; a kernel refusal carries the verifier's log, which goes to the debug log.
@@ -646,7 +710,7 @@ mod tests {
         }
         match Cli::parse_from(argv).command {
             Command::Run(a) => a,
-            Command::Down(_) => unreachable!("parsed a run command"),
+            Command::Down(_) | Command::Backend(_) => unreachable!("parsed a run command"),
         }
     }
 

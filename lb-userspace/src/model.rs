@@ -10,7 +10,12 @@ use std::{
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, maglev};
 use serde::{Deserialize, Serialize};
 
-use crate::{backend_entry::BackendOptions, drain::Drain, l7::DomainPattern};
+use crate::{
+    backend_entry::BackendOptions,
+    drain::Drain,
+    forwarding::{EncapSource, Forwarding},
+    l7::DomainPattern,
+};
 
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_BACKENDS: usize = 4096;
@@ -104,6 +109,10 @@ pub struct ServiceSpec {
     /// `"drain"` (default) or `"shutdown"`: what a backend its check takes down does with
     /// its tracked flows.
     pub on_down: Option<String>,
+    /// `"nat"` (default), `"dsr"` or `"dsr-l2"`: see `forwarding`.
+    pub forwarding: Option<String>,
+    /// `"balancer"` (default) or `"per_flow"`: the outer source of a `dsr` service.
+    pub encap_source: Option<String>,
     /// Where the backends come from, instead of `backends`.
     pub discovery: Option<DiscoverySpec>,
     /// The instances discovery found (filled in by lb, never sent).
@@ -1324,6 +1333,8 @@ pub struct Service {
     pub table_size: u32,
     pub hash: FlowHash,
     pub drain: Drain,
+    pub forwarding: Forwarding,
+    pub encap_source: EncapSource,
     /// The write that made this removed the backends it left out at once, without
     /// draining (`PUT ...?drain=false`). A property of the write, not of the service: not
     /// shown, but stored so that every node cuts them too.
@@ -1361,6 +1372,12 @@ impl Serialize for Service {
         }
         if !Drain::is_default_on_down(&self.drain.on_down) {
             m.serialize_entry("on_down", &self.drain.on_down)?;
+        }
+        if !self.forwarding.is_default() {
+            m.serialize_entry("forwarding", &self.forwarding)?;
+        }
+        if !self.encap_source.is_default() {
+            m.serialize_entry("encap_source", &self.encap_source)?;
         }
         if let Some(d) = &self.discovery {
             m.serialize_entry("discovery", d)?;
@@ -1625,6 +1642,11 @@ impl ServiceSpec {
             self.on_down.as_deref(),
             http.is_none(),
         )?;
+        let (forwarding, encap_source) = Forwarding::from_fields(
+            self.forwarding.as_deref(),
+            self.encap_source.as_deref(),
+            http.is_none(),
+        )?;
         let discovery = self
             .discovery
             .as_ref()
@@ -1665,6 +1687,8 @@ impl ServiceSpec {
             table_size,
             hash,
             drain,
+            forwarding,
+            encap_source,
             cut_removed: self.cut_removed && http.is_none(),
             discovery,
             http,

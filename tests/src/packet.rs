@@ -211,20 +211,7 @@ impl PacketLab {
         packet: &[u8],
     ) -> anyhow::Result<(u32, Vec<u8>, u64)> {
         let prog = self.dataplane.program(program).context("program")?;
-        let mut out = vec![0u8; packet.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        // The kernel wants data_end to be the packet's length.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        opts.repeat = 1;
-        let r = prog.test_run(opts)?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out, r.duration.as_nanos() as u64))
+        test_run(prog, ingress, packet)
     }
 
     pub fn run(&self, ingress: u32, packet: &[u8]) -> (u32, Vec<u8>) {
@@ -342,4 +329,27 @@ impl PacketLab {
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, n)| n)
     }
+}
+
+/// Runs XDP program `prog` once on `packet` as if it arrived on ifindex `ingress`: verdict,
+/// the packet as the program left it, and the run time the kernel measured (ns).
+pub fn test_run(
+    prog: &aya::programs::Xdp,
+    ingress: u32,
+    packet: &[u8],
+) -> anyhow::Result<(u32, Vec<u8>, u64)> {
+    let mut out = vec![0u8; packet.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    // The kernel wants data_end to be the packet's length.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = 1;
+    let r = prog.test_run(opts)?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out, r.duration.as_nanos() as u64))
 }

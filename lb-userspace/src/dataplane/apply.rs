@@ -268,10 +268,11 @@ impl Dataplane {
                 id,
                 table_offset: region,
                 table_size: svc.table_size,
-                flags: match svc.hash {
-                    FlowHash::FiveTuple => 0,
-                    FlowHash::SrcIp => SERVICE_HASH_SRC_IP,
-                },
+                flags: svc.forwarding.flags(svc.encap_source)
+                    | match svc.hash {
+                        FlowHash::FiveTuple => 0,
+                        FlowHash::SrcIp => SERVICE_HASH_SRC_IP,
+                    },
             },
         )?;
         let draining = match old {

@@ -9,7 +9,7 @@ mod drain;
 mod ids;
 mod maglev_array;
 pub mod names;
-mod pins;
+pub(crate) mod pins;
 mod slots;
 mod sweep;
 
@@ -200,7 +200,7 @@ pub struct Dataplane {
     _lock: std::fs::File,
 }
 
-fn is_bpffs(dir: &Path) -> bool {
+pub(crate) fn is_bpffs(dir: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let Ok(path) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return false;
@@ -213,7 +213,7 @@ fn is_bpffs(dir: &Path) -> bool {
 
 /// Mounts bpffs on /sys/fs/bpf, as systemd does at boot, when `dir` is under it and
 /// nothing is mounted there (containers and minimal hosts).
-fn mount_bpffs_if_missing(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn mount_bpffs_if_missing(dir: &Path) -> std::io::Result<()> {
     let root = Path::new("/sys/fs/bpf");
     if !dir.starts_with(root) || is_bpffs(root) || !root.is_dir() {
         return Ok(());

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     backend_entry::BackendOptions,
     drain::{Drain, OnDown},
+    forwarding::{EncapSource, Forwarding},
     model::{Check, Discovery, FlowHash, HttpRoute, Protocol, Service, ValidationError},
 };
 
@@ -51,6 +52,18 @@ pub struct StoredService {
         skip_serializing_if = "Drain::is_default_on_down"
     )]
     pub on_down: OnDown,
+    #[serde(
+        rename = "forwarding",
+        default,
+        skip_serializing_if = "Forwarding::is_default"
+    )]
+    pub forwarding: Forwarding,
+    #[serde(
+        rename = "encap_source",
+        default,
+        skip_serializing_if = "EncapSource::is_default"
+    )]
+    pub encap_source: EncapSource,
     /// The write removed the backends it left out without draining them.
     #[serde(rename = "cut_removed", default, skip_serializing_if = "is_false")]
     pub cut_removed: bool,
@@ -99,6 +112,8 @@ impl StoredService {
             hash: svc.hash,
             drain_timeout_s: svc.drain.timeout_s,
             on_down: svc.drain.on_down,
+            forwarding: svc.forwarding,
+            encap_source: svc.encap_source,
             cut_removed: svc.cut_removed,
             discovery: svc.discovery.clone(),
             http: svc.http.clone(),
@@ -138,6 +153,8 @@ impl StoredService {
                 timeout_s: self.drain_timeout_s,
                 on_down: self.on_down,
             },
+            forwarding: self.forwarding,
+            encap_source: self.encap_source,
             cut_removed: self.cut_removed,
             discovery: self.discovery,
             http: self.http,
@@ -176,6 +193,13 @@ mod tests {
             service(serde_json::json!({
                 "vip": "10.0.0.100:80", "backends": ["10.0.1.1:80"],
                 "drain_timeout_s": 30, "on_down": "shutdown"
+            })),
+            service(serde_json::json!({
+                "vip": "10.0.0.100:80", "backends": ["10.0.1.1:80"],
+                "forwarding": "dsr", "encap_source": "per_flow"
+            })),
+            service(serde_json::json!({
+                "vip": "10.0.0.100:80", "backends": ["10.0.1.1:80"], "forwarding": "dsr-l2"
             })),
             Service {
                 cut_removed: true,

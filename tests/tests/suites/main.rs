@@ -3,12 +3,14 @@
 //! on 2 cores, against 4 for this one.
 //! `cargo xtask test` still runs each suite in a process of its own (its tests by exact
 //! name), one test at a time.
+mod direct_packets;
 mod e2e_acme;
 mod e2e_address_rules;
 mod e2e_api;
 mod e2e_api_security;
 mod e2e_churn;
 mod e2e_dfp;
+mod e2e_direct;
 mod e2e_discovery;
 mod e2e_flood;
 mod e2e_forwarding;
