@@ -90,7 +90,6 @@ pub fn step(ctx: &XdpContext, pkt: &Packet, v: u32, cfg: &Config) -> u32 {
 
 /// Balances the new flow in the scratch space and tracks it: `next::DIRECT_SEND`, its
 /// choice left for [`try_send`].
-
 #[inline(always)]
 fn try_new_flow(pkt: &Packet, cfg: &Config) -> Result<u32, DropReason> {
     let scratch = maps::scratch_space().ok_or(DropReason::MapUpdate)?;

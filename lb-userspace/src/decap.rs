@@ -162,7 +162,11 @@ pub fn vips_not_held(vips: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
     let held: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
         .map(|addrs| {
             addrs
-                .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+                .filter_map(|a| {
+                    a.address?
+                        .as_sockaddr_in()
+                        .map(nix::sys::socket::SockaddrIn::ip)
+                })
                 .collect()
         })
         .unwrap_or_default();

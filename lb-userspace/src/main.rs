@@ -92,6 +92,8 @@ The API (JSON):
          \"path_rewrite\": [{\"search\": \"^/demo/\", \"replace\": \"/\"}], \"allowed_methods\": [\"GET\"],
          \"tls\": {\"acme\": true} (a certificate for its domain, with --acme-directory)
          health checks: \"check\": {\"kind\": \"http\", \"path\": \"/health\", \"interval_ms\": 1000, \"rise\": 2, \"fall\": 3}
+         a layer-4 service may return directly: \"forwarding\": \"dsr\" (IPIP; backends run `lb
+         backend` or an ipip device) or \"dsr-l2\" (backends on lb's segment); default \"nat\"
   GET    /v1/services[/NAME]    DELETE /v1/services/NAME    GET /v1/stats
   PUT    /v1/certs/NAME  {\"cert\": PEM chain, \"key\": PEM key} (or one PEM with both): served on --https
   GET    /v1/certs[/NAME] (never the key)    DELETE /v1/certs/NAME
