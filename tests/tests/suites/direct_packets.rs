@@ -290,8 +290,13 @@ fn full_sized(df: bool) -> Vec<u8> {
 }
 
 fn full_sized_as(l4: L4, df: bool) -> Vec<u8> {
-    let mut b = to_vip(l4, CLIENT_PORT, &[7u8; 1460]).bytes();
+    let b = to_vip(l4, CLIENT_PORT, &[7u8; 1460]).bytes();
     assert_eq!(b.len(), 14 + 1500);
+    with_df(b, df)
+}
+
+/// Frame `b` with its DF bit set as `df` says (and its IP checksum to match).
+fn with_df(mut b: Vec<u8>, df: bool) -> Vec<u8> {
     let flags = if df { 0x40 } else { 0 };
     if b[20] & 0x40 != flags {
         b[20] = (b[20] & !0x40) | flags;
@@ -397,4 +402,54 @@ fn the_backends_decapsulation_program_hands_the_clients_packet_to_the_stack() {
         let (v, out, _) = test_run(prog, lab.v0, &frame).unwrap();
         assert_eq!((v, out), (XDP_PASS, frame));
     }
+}
+
+#[test]
+fn a_backends_reply_too_large_for_the_route_to_the_client_gets_fragmentation_needed() {
+    // The backend is lb's NAT peer: it hears "fragmentation needed" from lb's SNAT address,
+    // about its own packet, and lowers its path MTU toward that address. (A route's MTU
+    // binds forwarded packets only when locked, for the kernel's forwarding as for XDP.)
+    let mut lab = lab();
+    lab.ns
+        .ip("route add 10.70.0.10/32 dev v0 mtu lock 1400")
+        .unwrap();
+    lab.service("web", "10.70.0.100:80", "tcp", &["10.70.0.11:8080"]);
+    let (v, _) = lab.run(lab.v0, &to_vip(SYN, CLIENT_PORT, b"").bytes());
+    assert_eq!(v, XDP_TX);
+    let (key, _) = lab.reverse(CLIENT, CLIENT_PORT).expect("a SNAT port");
+    let from_backend = |l4: L4, payload: &[u8]| Frame {
+        src_mac: mac(11),
+        dst_mac: mac(0x01),
+        src: BACKENDS[0],
+        dst: LB0,
+        ttl: 64,
+        sport: 8080,
+        dport: key.dst_port,
+        l4,
+        payload: payload.to_vec(),
+    };
+    let syn_ack = L4::Tcp {
+        syn: true,
+        ack: true,
+        fin: false,
+        rst: false,
+    };
+    assert_eq!(
+        lab.run(lab.v0, &from_backend(syn_ack, b"").bytes()).0,
+        XDP_TX
+    );
+    assert_eq!(
+        lab.run(lab.v0, &to_vip(ACK, CLIENT_PORT, b"").bytes()).0,
+        XDP_TX
+    );
+    // A reply that fits goes to the client; a full-sized one is answered.
+    assert_eq!(
+        lab.run(lab.v0, &from_backend(ACK, &[7u8; 1360]).bytes()).0,
+        XDP_TX
+    );
+    let big = with_df(from_backend(ACK, &[7u8; 1460]).bytes(), true);
+    let (v, out) = lab.run(lab.v0, &big);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out, too_big_answer(&big, 1400));
+    assert_eq!(lab.drops(DropReason::FragNeeded), 1);
 }
