@@ -49,7 +49,8 @@ fn backends_on(
     Ok((nss, addrs))
 }
 
-fn plug(seg: &Netns, ns: &Netns, port: &str, addr: &str) -> anyhow::Result<()> {
+/// Plugs `ns` into the bridge in `seg` (its `eth0`, port `port`), addressed `addr`.
+pub fn plug(seg: &Netns, ns: &Netns, port: &str, addr: &str) -> anyhow::Result<()> {
     veth(ns, "eth0", seg, port)?;
     seg.ip(&format!("link set {port} master br0"))?;
     ns.ip(&format!("addr add {addr} dev eth0"))?;

@@ -8,7 +8,7 @@ use lb_tests::{
     lbproc::{LbProcess, lb_bin},
     netns::Netns,
     servers::{Backend, HttpConn, http_get_once},
-    topology::Topology,
+    topology::{Topology, plug},
     unique,
 };
 use serde_json::json;
@@ -59,20 +59,25 @@ struct DirectSetup {
     _decap: Vec<Decap>,
 }
 
+/// Sets backend `ns` up to answer clients directly, as the README says: the VIP on `lo`,
+/// no ARP answers for it, and `route` (`NET via GW`) back to the clients.
+fn answer_directly(ns: &Netns, vip: &str, route: &str) {
+    ns.ip(&format!("addr add {vip}/32 dev lo")).unwrap();
+    ns.sh(
+        "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
+         net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2",
+    )
+    .unwrap();
+    ns.ip(&format!("route add {route}")).unwrap();
+}
+
 fn direct_setup(mode: &str, backends: usize) -> DirectSetup {
     let topo = Topology::two_armed(backends).unwrap();
     let vip = topo.vip.to_string();
     let mut servers = Vec::new();
     let mut decap = Vec::new();
     for (i, ns) in topo.backends.iter().enumerate() {
-        ns.ip(&format!("addr add {vip}/32 dev lo")).unwrap();
-        ns.ip("link set lo up").unwrap();
-        ns.sh(
-            "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
-             net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2",
-        )
-        .unwrap();
-        ns.ip("route add 10.202.1.0/24 via 10.202.2.1").unwrap();
+        answer_directly(ns, &vip, "10.202.1.0/24 via 10.202.2.1");
         servers.push(
             Backend::start(ns, &format!("be{i}"), "0.0.0.0:80".parse().unwrap(), None).unwrap(),
         );
@@ -211,18 +216,12 @@ struct Ecmp {
 
 const ECMP_VIP: &str = "10.212.9.100";
 
-fn plug(seg: &Netns, ns: &Netns, port: &str, addr: &str) {
-    lb_tests::netns::veth(ns, "eth0", seg, port).unwrap();
-    seg.ip(&format!("link set {port} master br0")).unwrap();
-    ns.ip(&format!("addr add {addr} dev eth0")).unwrap();
-}
-
 fn ecmp(backends: usize) -> Ecmp {
     let seg = Netns::new(&unique("lbt-seg")).unwrap();
     seg.ip("link add br0 type bridge").unwrap();
     seg.ip("link set br0 up").unwrap();
     let router = Netns::new(&unique("lbt-rt")).unwrap();
-    plug(&seg, &router, "p-rt", "10.212.0.1/24");
+    plug(&seg, &router, "p-rt", "10.212.0.1/24").unwrap();
     let client = Netns::new(&unique("lbt-cl")).unwrap();
     lb_tests::netns::veth(&client, "eth0", &router, "eth1").unwrap();
     client.ip("addr add 10.212.1.10/24 dev eth0").unwrap();
@@ -239,7 +238,8 @@ fn ecmp(backends: usize) -> Ecmp {
                 &ns,
                 &format!("p-lb{k}"),
                 &format!("10.212.0.{}/24", 2 + k),
-            );
+            )
+            .unwrap();
             ns.ip("route add default via 10.212.0.1").unwrap();
             Some(ns)
         })
@@ -257,14 +257,9 @@ fn ecmp(backends: usize) -> Ecmp {
                 &ns,
                 &format!("p-b{i}"),
                 &format!("10.212.0.{}/24", 11 + i),
-            );
-            ns.ip(&format!("addr add {ECMP_VIP}/32 dev lo")).unwrap();
-            ns.sh(
-                "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
-                 net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2",
             )
             .unwrap();
-            ns.ip("route add 10.212.1.0/24 via 10.212.0.1").unwrap();
+            answer_directly(&ns, ECMP_VIP, "10.212.1.0/24 via 10.212.0.1");
             ns
         })
         .collect();
